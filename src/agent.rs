@@ -1,0 +1,1 @@
+//! Wiring, lifecycle, shutdown, reload and systemd notify (see issue 7).

@@ -1,0 +1,1 @@
+//! The TOML configuration schema (see issue 7).

@@ -1,0 +1,1 @@
+//! field (see ARCHITECTURE.md).

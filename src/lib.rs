@@ -1,0 +1,24 @@
+//! fieldbridge: an edge data-collection agent for Raspberry Pi-class gateways.
+//!
+//! # Layout
+//!
+//! | module | owns |
+//! |---|---|
+//! | [`mqtt`] | the MQTT 3.1.1/5.0 wire protocol: packets, codec, topics; no I/O |
+//! | [`broker`] | the local LAN broker: listeners, sessions, subscriptions, retained store, auth, `$SYS` |
+//! | [`uplink`] | the upstream MQTT client: connection state machine, inflight window, reconnect, TLS |
+//! | [`store`] | the SQLite store-and-forward queue |
+//! | [`field`] | Modbus RTU/TCP and serial-line buses, read plans, decoding, scheduling |
+//! | [`config`] | the TOML schema, defaults and validation with precise errors |
+//! | [`agent`] | wiring, lifecycle, shutdown, reload, systemd notify |
+//!
+//! See `ARCHITECTURE.md` for the data flow and the invariants across modules.
+#![cfg_attr(not(test), deny(clippy::unwrap_used))]
+
+pub mod agent;
+pub mod broker;
+pub mod config;
+pub mod field;
+pub mod mqtt;
+pub mod store;
+pub mod uplink;

@@ -1,0 +1,5 @@
+//! The `fieldbridge` command line.
+
+fn main() {
+    println!("fieldbridge {}", env!("CARGO_PKG_VERSION"));
+}

@@ -1,0 +1,18 @@
+//! The MQTT 3.1.1 and 5.0 wire protocol, with no I/O.
+//!
+//! Shared by the upstream client (`uplink`) and the local broker (`broker`).
+//!
+//! Invariants:
+//! - Decoding reads from a `BytesMut`. `Ok(None)` means "need more bytes" and consumes
+//!   nothing; `Ok(Some(packet))` consumes exactly that packet's bytes; `Err` means the
+//!   stream is malformed and the connection must be closed.
+//! - The maximum packet size is checked from the fixed header, before the body is
+//!   buffered or anything is allocated for it.
+//! - No input makes the decoder panic.
+
+pub mod codec;
+pub mod packet;
+pub mod topic;
+
+pub use codec::{check, decode, encode, Error, FixedHeader};
+pub use packet::*;

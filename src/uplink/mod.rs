@@ -1,0 +1,1 @@
+//! uplink (see ARCHITECTURE.md).
