@@ -89,7 +89,8 @@ mod tests {
     fn jitter_spreads_delays() {
         let mut seen = std::collections::HashSet::new();
         for seed in 0..20 {
-            let mut backoff = Backoff::with_rng(ms(1_000), ms(60_000), fastrand::Rng::with_seed(seed));
+            let mut backoff =
+                Backoff::with_rng(ms(1_000), ms(60_000), fastrand::Rng::with_seed(seed));
             for _ in 0..4 {
                 backoff.next_delay();
             }

@@ -304,10 +304,7 @@ impl UplinkConfig {
         if self.backoff_max_ms < self.backoff_min_ms {
             bad(
                 "backoff_max_ms",
-                format!(
-                    "must not be below backoff_min_ms ({})",
-                    self.backoff_min_ms
-                ),
+                format!("must not be below backoff_min_ms ({})", self.backoff_min_ms),
             );
         }
         if self.replay_rate_limit == Some(0) {
@@ -376,9 +373,7 @@ impl UplinkConfig {
                 source_name: format!("environment variable {name}"),
                 reason: "it is not set".to_owned(),
             })?;
-            return Ok(Some(Password(Bytes::from(
-                value.into_encoded_bytes(),
-            ))));
+            return Ok(Some(Password(Bytes::from(value.into_encoded_bytes()))));
         }
         Ok(None)
     }
@@ -490,7 +485,10 @@ mod tests {
     #[test]
     fn url_forms() {
         let url = BrokerUrl::parse("mqtt://broker.example.com").unwrap();
-        assert_eq!((url.tls, url.host.as_str(), url.port), (false, "broker.example.com", 1883));
+        assert_eq!(
+            (url.tls, url.host.as_str(), url.port),
+            (false, "broker.example.com", 1883)
+        );
         let url = BrokerUrl::parse("mqtts://broker.example.com/").unwrap();
         assert_eq!((url.tls, url.port), (true, 8883));
         let url = BrokerUrl::parse("mqtts://10.0.0.1:443").unwrap();
@@ -629,7 +627,10 @@ mod tests {
         config.password_file = None;
         config.password_env = Some("FIELDBRIDGE_TEST_UNSET_PASSWORD_VARIABLE".into());
         let err = config.password().unwrap_err().to_string();
-        assert!(err.contains("FIELDBRIDGE_TEST_UNSET_PASSWORD_VARIABLE"), "{err}");
+        assert!(
+            err.contains("FIELDBRIDGE_TEST_UNSET_PASSWORD_VARIABLE"),
+            "{err}"
+        );
         assert!(err.contains("not set"), "{err}");
 
         config.password_env = Some("PATH".into());

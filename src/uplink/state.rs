@@ -29,7 +29,7 @@
 //!   up to the broker's topic alias maximum.
 
 use std::collections::{HashMap, HashSet, VecDeque};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -38,7 +38,7 @@ use tokio::time::Instant;
 
 use crate::mqtt::{
     self, Ack, ConnAck, Connect, Disconnect, Packet, Properties, Protocol, Publish, QoS,
-    ReasonCode, Subscribe, SubscriptionOptions, Subscription, Will,
+    ReasonCode, Subscribe, Subscription, SubscriptionOptions, Will,
 };
 use crate::store::Stored;
 
@@ -119,7 +119,7 @@ pub enum Effect {
     /// Persist the QoS 2 flow state of a row, then call [`Session::flow_persisted`].
     PersistFlow { id: i64, pkid: u16, pubrec: bool },
     /// A message on one of the configured subscriptions.
-    Incoming(Publish),
+    Incoming(Box<Publish>),
 }
 
 /// The message a slot carries.
@@ -237,7 +237,9 @@ pub fn pkid_for_row(id: i64) -> u16 {
 
 /// The packet id of a row: the one persisted with it, or the one its row id gives.
 fn row_pkid(row: &Stored) -> u16 {
-    row.pkid.filter(|&p| p != 0).unwrap_or_else(|| pkid_for_row(row.id))
+    row.pkid
+        .filter(|&p| p != 0)
+        .unwrap_or_else(|| pkid_for_row(row.id))
 }
 
 /// Bytes of a PUBLISH as encoded, for the broker's maximum packet size.
@@ -456,7 +458,8 @@ impl Session {
             self.session_continuous = false;
             self.incoming_rel.clear();
         }
-        self.slots.retain(|_, slot| matches!(slot.origin, Origin::Row(_)));
+        self.slots
+            .retain(|_, slot| matches!(slot.origin, Origin::Row(_)));
         self.publish_status(Origin::Birth, now);
         if !self.config.subscribe.is_empty() {
             let pkid = self.free_pkid();
@@ -844,7 +847,10 @@ impl Session {
             v5,
             alias.is_some(),
         );
-        let max = self.limits.maximum_packet_size.min(MAX_REMAINING_LENGTH + 5);
+        let max = self
+            .limits
+            .maximum_packet_size
+            .min(MAX_REMAINING_LENGTH + 5);
         if size > max {
             if let Some((_, true)) = alias {
                 self.aliases.forget(&message.topic);
@@ -857,8 +863,10 @@ impl Session {
             }
             return false;
         }
-        let mut properties = Properties::default();
-        properties.topic_alias = alias.map(|(alias, _)| alias);
+        let properties = Properties {
+            topic_alias: alias.map(|(alias, _)| alias),
+            ..Properties::default()
+        };
         self.send(
             Packet::Publish(Publish {
                 dup,
@@ -1004,10 +1012,10 @@ impl Session {
 
     fn on_publish(&mut self, publish: Publish, now: Instant) -> Result<(), Error> {
         match publish.qos {
-            QoS::AtMostOnce => self.effects.push_back(Effect::Incoming(publish)),
+            QoS::AtMostOnce => self.effects.push_back(Effect::Incoming(Box::new(publish))),
             QoS::AtLeastOnce => {
                 let pkid = publish.pkid;
-                self.effects.push_back(Effect::Incoming(publish));
+                self.effects.push_back(Effect::Incoming(Box::new(publish)));
                 self.send(Packet::PubAck(Ack::new(pkid)), now);
             }
             QoS::ExactlyOnce => {
@@ -1020,7 +1028,7 @@ impl Session {
                         ));
                     }
                     self.incoming_rel.insert(pkid);
-                    self.effects.push_back(Effect::Incoming(publish));
+                    self.effects.push_back(Effect::Incoming(Box::new(publish)));
                 }
                 self.send(Packet::PubRec(Ack::new(pkid)), now);
             }

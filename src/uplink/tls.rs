@@ -30,7 +30,12 @@ fn open(path: &Path, what: &str) -> Result<BufReader<File>, Error> {
 fn read_certs(path: &Path, what: &str) -> Result<Vec<CertificateDer<'static>>, Error> {
     let certs = rustls_pemfile::certs(&mut open(path, what)?)
         .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| tls_error(format!("the {what} {} is not valid PEM: {e}", path.display())))?;
+        .map_err(|e| {
+            tls_error(format!(
+                "the {what} {} is not valid PEM: {e}",
+                path.display()
+            ))
+        })?;
     if certs.is_empty() {
         return Err(tls_error(format!(
             "the {what} {} holds no PEM certificate",
@@ -170,7 +175,10 @@ mod tests {
             ..TlsConfig::default()
         };
         let err = client_config(&missing).unwrap_err().to_string();
-        assert!(err.contains("missing.pem") && err.contains("CA file"), "{err}");
+        assert!(
+            err.contains("missing.pem") && err.contains("CA file"),
+            "{err}"
+        );
 
         let empty = TlsConfig {
             ca_file: Some(files.path("empty.pem")),
