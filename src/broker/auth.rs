@@ -118,7 +118,10 @@ impl Hash {
                     hash,
                 })
             }
-            _ => Err("expected a `$7$` or `$6$` hash (use mosquitto_passwd or `fieldbridge passwd`)".into()),
+            _ => Err(
+                "expected a `$7$` or `$6$` hash (use mosquitto_passwd or `fieldbridge passwd`)"
+                    .into(),
+            ),
         }
     }
 
@@ -244,7 +247,7 @@ impl Acl {
         })
     }
 
-    fn parse(text: &str) -> Result<Acl, (usize, String)> {
+    pub(crate) fn parse(text: &str) -> Result<Acl, (usize, String)> {
         let mut acl = Acl::default();
         let mut user: Option<String> = None;
         for (n, line) in text.lines().enumerate() {
@@ -296,7 +299,11 @@ impl Acl {
 
     /// Calls `f` with every rule that applies to `who`, patterns substituted; stops when
     /// `f` returns `Some`.
-    fn scan<T>(&self, who: Identity<'_>, mut f: impl FnMut(Access, &str) -> Option<T>) -> Option<T> {
+    fn scan<T>(
+        &self,
+        who: Identity<'_>,
+        mut f: impl FnMut(Access, &str) -> Option<T>,
+    ) -> Option<T> {
         let own = match who.username {
             Some(user) => self.users.get(user).map(Vec::as_slice).unwrap_or(&[]),
             None => &self.anonymous,
@@ -435,7 +442,11 @@ impl Policy {
     }
 
     /// Checks CONNECT credentials.
-    pub fn authenticate(&self, username: Option<&str>, password: Option<&[u8]>) -> Result<(), Refusal> {
+    pub fn authenticate(
+        &self,
+        username: Option<&str>,
+        password: Option<&[u8]>,
+    ) -> Result<(), Refusal> {
         match (username, &self.passwords) {
             (None, _) if self.anonymous_allowed => Ok(()),
             (None, _) => Err(Refusal::NotAuthorized),
@@ -509,7 +520,11 @@ mod tests {
         let mut digest = Sha512::new();
         digest.update(b"pw");
         digest.update(salt);
-        let line = format!("bob:$6${}${}", B64.encode(salt), B64.encode(digest.finalize()));
+        let line = format!(
+            "bob:$6${}${}",
+            B64.encode(salt),
+            B64.encode(digest.finalize())
+        );
         let file = PasswordFile::parse(&line).unwrap();
         assert!(file.verify("bob", b"pw"));
         assert!(!file.verify("bob", b"pw2"));
@@ -575,7 +590,10 @@ pattern read users/%u/#
         assert!(acl.can_publish(bob, "clients/b1/status"));
         assert!(!acl.can_publish(bob, "clients/a1/status"));
         assert!(acl.can_subscribe(bob, "users/bob/#"));
-        assert!(!acl.can_subscribe(anon, "users/+/x"), "%u never matches anonymous");
+        assert!(
+            !acl.can_subscribe(anon, "users/+/x"),
+            "%u never matches anonymous"
+        );
     }
 
     #[test]

@@ -173,10 +173,7 @@ impl BrokerConfig {
             }
         }
         if self.max_connections == 0 {
-            problems.push(Invalid::new(
-                "broker.max_connections",
-                "must be at least 1",
-            ));
+            problems.push(Invalid::new("broker.max_connections", "must be at least 1"));
         }
         if !(MIN_PACKET_SIZE..=MAX_PACKET_SIZE).contains(&self.max_packet_size) {
             problems.push(Invalid::new(
@@ -246,10 +243,9 @@ mod tests {
     fn password_file_closes_anonymous_access_even_on_loopback() {
         let config: BrokerConfig = toml::from_str(r#"password_file = "/etc/fb/passwd""#).unwrap();
         assert!(!config.anonymous_allowed());
-        let config: BrokerConfig = toml::from_str(
-            "allow_anonymous = true\n[[listeners]]\nbind = \"0.0.0.0:1883\"\n",
-        )
-        .unwrap();
+        let config: BrokerConfig =
+            toml::from_str("allow_anonymous = true\n[[listeners]]\nbind = \"0.0.0.0:1883\"\n")
+                .unwrap();
         assert!(config.anonymous_allowed());
         assert!(config.validate().is_empty());
     }

@@ -124,7 +124,11 @@ impl Conn {
     /// Handles CONNECT: checks credentials and limits, opens or takes over the session,
     /// writes CONNACK (and the messages a resumed session still owes). `None` when the
     /// client was refused; the CONNACK saying why is in `out`.
-    pub async fn connect(router: &Arc<Router>, mut connect: Connect, out: &mut BytesMut) -> Option<Conn> {
+    pub async fn connect(
+        router: &Arc<Router>,
+        mut connect: Connect,
+        out: &mut BytesMut,
+    ) -> Option<Conn> {
         let protocol = connect.protocol;
         let settings = &router.settings;
         let (policy, policy_generation) = router.policy();
@@ -353,9 +357,9 @@ impl Conn {
                     client_id: &self.session.mailbox.client_id.clone(),
                     username: self.username.as_deref(),
                 };
-                let reasons = self
-                    .router
-                    .subscribe(&mut self.session, who, &policy, &sub.filters, sub_id);
+                let reasons =
+                    self.router
+                        .subscribe(&mut self.session, who, &policy, &sub.filters, sub_id);
                 let ack = SubAck {
                     pkid: sub.pkid,
                     reasons,
@@ -376,10 +380,9 @@ impl Conn {
             Packet::Disconnect(d) => self.on_disconnect(&d),
             Packet::Connect(_) => Err(Close::Protocol(ReasonCode::PROTOCOL_ERROR)),
             Packet::Auth(_) => Err(Close::Protocol(ReasonCode::PROTOCOL_ERROR)),
-            Packet::ConnAck(_)
-            | Packet::SubAck(_)
-            | Packet::UnsubAck(_)
-            | Packet::PingResp => Err(Close::Protocol(ReasonCode::PROTOCOL_ERROR)),
+            Packet::ConnAck(_) | Packet::SubAck(_) | Packet::UnsubAck(_) | Packet::PingResp => {
+                Err(Close::Protocol(ReasonCode::PROTOCOL_ERROR))
+            }
         }
     }
 
@@ -431,7 +434,8 @@ impl Conn {
             }
         }
         self.refresh_policy();
-        let allowed = !self.policy.restricts_publish() || self.policy.can_publish(self.who(), &p.topic);
+        let allowed =
+            !self.policy.restricts_publish() || self.policy.can_publish(self.who(), &p.topic);
         let mut reason = ReasonCode::SUCCESS;
         if allowed {
             let now = Instant::now();
@@ -484,7 +488,11 @@ impl Conn {
         while out.len() < budget {
             match queue.items.front() {
                 None => break,
-                Some(d) if d.qos != QoS::AtMostOnce && self.session.inflight.len() >= self.window => break,
+                Some(d)
+                    if d.qos != QoS::AtMostOnce && self.session.inflight.len() >= self.window =>
+                {
+                    break
+                }
                 Some(_) => {}
             }
             let Some(d) = queue.pop() else { break };
@@ -508,14 +516,21 @@ impl Conn {
 
     /// Appends one PUBLISH; drops (and counts) it when it exceeds the client's maximum.
     /// True when it was written.
-    fn write_publish(&mut self, d: &Delivery, pkid: u16, dup: bool, now: Instant, out: &mut BytesMut) -> bool {
+    fn write_publish(
+        &mut self,
+        d: &Delivery,
+        pkid: u16,
+        dup: bool,
+        now: Instant,
+        out: &mut BytesMut,
+    ) -> bool {
         match &d.wire {
             Some(wire) if d.wire_protocol == self.protocol => {
                 if wire.len() > self.max_out_packet {
                     Counters::add(&self.router.counters.dropped, 1);
                     return false;
                 }
-                wire.write(pkid, dup, out);
+                wire.write_with_retain(pkid, dup, d.retain, out);
             }
             _ => {
                 let mut publish = d.msg.to_publish(d.qos, d.retain, &d.sub_ids, now);
@@ -567,9 +582,17 @@ impl Conn {
                 retain: w.retain,
                 origin: self.session.mailbox.id,
             };
-            (msg, if self.protocol == Protocol::V5 { delay } else { 0 })
+            (
+                msg,
+                if self.protocol == Protocol::V5 {
+                    delay
+                } else {
+                    0
+                },
+            )
         });
         tracing::info!(client_id = %self.client_id(), reason = ?why, will = will.is_some(), "client disconnected");
-        self.router.close_session(self.session, self.generation, will);
+        self.router
+            .close_session(self.session, self.generation, will);
     }
 }

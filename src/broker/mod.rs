@@ -37,6 +37,9 @@ mod session;
 mod sys;
 mod tree;
 
+#[cfg(test)]
+mod tests;
+
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -141,7 +144,10 @@ fn tls_acceptor(addr: SocketAddr, tls: &TlsListenerConfig) -> Result<TlsAcceptor
         .collect::<Result<Vec<_>, _>>()
         .map_err(|e| err(format!("{}: {e}", tls.cert_file.display())))?;
     if certs.is_empty() {
-        return Err(err(format!("{} holds no certificate", tls.cert_file.display())));
+        return Err(err(format!(
+            "{} holds no certificate",
+            tls.cert_file.display()
+        )));
     }
     let key = rustls_pemfile::private_key(&mut key_pem.as_slice())
         .map_err(|e| err(format!("{}: {e}", tls.key_file.display())))?
@@ -165,10 +171,16 @@ impl Broker {
     /// # Errors
     /// When the configuration is invalid, a file cannot be loaded, or a listener cannot
     /// be bound.
-    pub async fn start(config: BrokerConfig, protected_prefixes: Vec<String>) -> Result<BrokerHandle, Error> {
+    pub async fn start(
+        config: BrokerConfig,
+        protected_prefixes: Vec<String>,
+    ) -> Result<BrokerHandle, Error> {
         let problems = config.validate();
         if !problems.is_empty() {
-            let text: Vec<String> = problems.iter().map(|p| format!("{}: {}", p.key, p.message)).collect();
+            let text: Vec<String> = problems
+                .iter()
+                .map(|p| format!("{}: {}", p.key, p.message))
+                .collect();
             return Err(Error::Config(text.join("; ")));
         }
         let policy = load_policy(&config, protected_prefixes.clone()).await?;
@@ -182,7 +194,11 @@ impl Broker {
             }
             None => (None, persist::Loaded::default()),
         };
-        let router = Arc::new(Router::new(Settings::from_config(&config), policy, persister));
+        let router = Arc::new(Router::new(
+            Settings::from_config(&config),
+            policy,
+            persister,
+        ));
         let (retained, sessions) = (loaded.retained.len(), loaded.sessions.len());
         for msg in loaded.retained {
             router.restore_retained(msg);
@@ -196,11 +212,21 @@ impl Broker {
 
         let mut bound = Vec::new();
         for l in &config.listeners {
-            let tls = l.tls.as_ref().map(|t| tls_acceptor(l.bind, t)).transpose()?;
+            let tls = l
+                .tls
+                .as_ref()
+                .map(|t| tls_acceptor(l.bind, t))
+                .transpose()?;
             let listener = TcpListener::bind(l.bind)
                 .await
-                .map_err(|source| Error::Bind { addr: l.bind, source })?;
-            let addr = listener.local_addr().map_err(|source| Error::Bind { addr: l.bind, source })?;
+                .map_err(|source| Error::Bind {
+                    addr: l.bind,
+                    source,
+                })?;
+            let addr = listener.local_addr().map_err(|source| Error::Bind {
+                addr: l.bind,
+                source,
+            })?;
             bound.push((listener, tls, addr));
         }
         let cancel = CancellationToken::new();
@@ -239,10 +265,12 @@ async fn load_policy(config: &BrokerConfig, protected: Vec<String>) -> Result<Po
     let passwords = config.password_file.clone();
     let acl = config.acl_file.clone();
     let anonymous = config.anonymous_allowed();
-    tokio::task::spawn_blocking(move || Policy::load(passwords.as_deref(), acl.as_deref(), anonymous, protected))
-        .await
-        .map_err(|e| Error::Config(format!("policy loader failed: {e}")))?
-        .map_err(Error::from)
+    tokio::task::spawn_blocking(move || {
+        Policy::load(passwords.as_deref(), acl.as_deref(), anonymous, protected)
+    })
+    .await
+    .map_err(|e| Error::Config(format!("policy loader failed: {e}")))?
+    .map_err(Error::from)
 }
 
 impl BrokerHandle {

@@ -91,7 +91,7 @@ pub(crate) fn snapshot(session: &Session) -> SessionSnapshot {
     let mut queued: Vec<QueuedRecord> = session
         .inflight
         .iter()
-        .filter_map(|(pkid, slot)| {
+        .map(|(pkid, slot)| {
             let delivery = match slot {
                 Slot::Sent(d) => d.clone(),
                 // The message itself is delivered; only its id must be released. A
@@ -111,17 +111,21 @@ pub(crate) fn snapshot(session: &Session) -> SessionSnapshot {
                     Box::new([]),
                 ),
             };
-            Some(QueuedRecord {
+            QueuedRecord {
                 delivery,
                 pkid: Some((*pkid, slot.clone())),
-            })
+            }
         })
         .collect();
     queued.extend(session.mailbox.lock().items.iter().map(|d| QueuedRecord {
         delivery: d.clone(),
         pkid: None,
     }));
-    (session.client_id().clone(), SessionRecord::of(session), queued)
+    (
+        session.client_id().clone(),
+        SessionRecord::of(session),
+        queued,
+    )
 }
 
 #[derive(Default)]
@@ -298,7 +302,8 @@ impl Persister {
             });
         }
         conn.execute_batch(SCHEMA).map_err(sqlite)?;
-        conn.execute_batch("PRAGMA user_version = 1").map_err(sqlite)?;
+        conn.execute_batch("PRAGMA user_version = 1")
+            .map_err(sqlite)?;
         let loaded = load(&conn).map_err(sqlite)?;
         conn.execute("DELETE FROM queued", []).map_err(sqlite)?;
 
@@ -352,11 +357,7 @@ impl Persister {
             pending.stop = true;
         }
         self.shared.wake.notify_one();
-        let thread = self
-            .thread
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .take();
+        let thread = self.thread.lock().unwrap_or_else(|e| e.into_inner()).take();
         if let Some(thread) = thread {
             if thread.join().is_err() {
                 tracing::error!("persistence writer panicked");
@@ -432,7 +433,11 @@ fn commit(conn: &mut Connection, batch: &Pending) -> rusqlite::Result<()> {
     tx.commit()
 }
 
-fn write_session(tx: &rusqlite::Transaction<'_>, client_id: &str, record: Option<&SessionRecord>) -> rusqlite::Result<()> {
+fn write_session(
+    tx: &rusqlite::Transaction<'_>,
+    client_id: &str,
+    record: Option<&SessionRecord>,
+) -> rusqlite::Result<()> {
     tx.prepare_cached("DELETE FROM queued WHERE client_id = ?1")?
         .execute([client_id])?;
     match record {
@@ -466,17 +471,22 @@ fn load(conn: &Connection) -> rusqlite::Result<Loaded> {
     let mut loaded = Loaded::default();
     let now = Instant::now();
     let mut stmt = conn.prepare("SELECT message, expires_at_ms FROM retained")?;
-    let rows = stmt.query_map([], |r| Ok((r.get::<_, Vec<u8>>(0)?, r.get::<_, Option<i64>>(1)?)))?;
+    let rows = stmt.query_map([], |r| {
+        Ok((r.get::<_, Vec<u8>>(0)?, r.get::<_, Option<i64>>(1)?))
+    })?;
     for row in rows {
         let (blob, expires) = row?;
         match decode_message(&blob, expires) {
             Some(msg) if !msg.expired(now) => loaded.retained.push(msg),
             Some(_) => {}
-            None => tracing::warn!("skipping an unreadable retained message in the persistence file"),
+            None => {
+                tracing::warn!("skipping an unreadable retained message in the persistence file")
+            }
         }
     }
 
-    let mut stmt = conn.prepare("SELECT client_id, protocol, expiry, subscriptions, incoming FROM sessions")?;
+    let mut stmt =
+        conn.prepare("SELECT client_id, protocol, expiry, subscriptions, incoming FROM sessions")?;
     let rows = stmt.query_map([], |r| {
         Ok((
             r.get::<_, String>(0)?,
@@ -580,9 +590,13 @@ mod tests {
         let path = dir.path().join("broker.db");
         {
             let conn = Connection::open(&path).unwrap();
-            conn.execute_batch("CREATE TABLE x (y); PRAGMA user_version = 7").unwrap();
+            conn.execute_batch("CREATE TABLE x (y); PRAGMA user_version = 7")
+                .unwrap();
         }
         let err = Persister::open(&path).unwrap_err();
-        assert!(matches!(err, PersistError::Version { found: 7, .. }), "{err}");
+        assert!(
+            matches!(err, PersistError::Version { found: 7, .. }),
+            "{err}"
+        );
     }
 }

@@ -200,7 +200,10 @@ mod tests {
         assert_eq!(matched(&s, "a/#"), ["a", "a/b", "a/b/c", "a/x/c"]);
         assert_eq!(matched(&s, "a/+/c"), ["a/b/c", "a/x/c"]);
         assert_eq!(matched(&s, "+/b"), ["a/b", "b/b"]);
-        assert_eq!(matched(&s, "#"), ["/lead", "a", "a/b", "a/b/c", "a/x/c", "b/b"]);
+        assert_eq!(
+            matched(&s, "#"),
+            ["/lead", "a", "a/b", "a/b/c", "a/x/c", "b/b"]
+        );
         assert_eq!(matched(&s, "+"), ["a"]);
         assert_eq!(matched(&s, "+/lead"), ["/lead"]);
         assert_eq!(matched(&s, "$SYS/#"), ["$SYS/up"]);

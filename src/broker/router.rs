@@ -213,7 +213,8 @@ impl Router {
         targets.sort_unstable_by_key(|t| t.0.id);
 
         let now = Instant::now();
-        let mut forms: [Option<EncodedPublish>; 12] = Default::default();
+        // By protocol and QoS; the retain flag is patched per delivery.
+        let mut forms: [Option<EncodedPublish>; 6] = Default::default();
         let mut queued = 0;
         let mut dropped = 0;
         let mut i = 0;
@@ -236,12 +237,12 @@ impl Router {
             // 3.1.1 clears the retain flag on live deliveries; 5.0 keeps it on request.
             let retain = msg.retain && rap && protocol == Protocol::V5;
             let mut delivery = Delivery::new(msg.clone(), qos, retain, ids.into_boxed_slice());
-            let particular =
-                protocol == Protocol::V5 && (!delivery.sub_ids.is_empty() || msg.expires_at.is_some());
+            let particular = protocol == Protocol::V5
+                && (!delivery.sub_ids.is_empty() || msg.expires_at.is_some());
             if !particular {
-                let form = usize::from(protocol == Protocol::V5) * 6 + qos as usize * 2 + usize::from(retain);
+                let form = usize::from(protocol == Protocol::V5) * 3 + qos as usize;
                 if forms[form].is_none() {
-                    let publish = msg.to_publish(qos, retain, &[], now);
+                    let publish = msg.to_publish(qos, false, &[], now);
                     match EncodedPublish::new(&publish, protocol) {
                         Ok(encoded) => forms[form] = Some(encoded),
                         Err(e) => {
@@ -311,7 +312,9 @@ impl Router {
                 codes.push(ReasonCode::TOPIC_FILTER_INVALID);
                 continue;
             };
-            if topic::validate_topic_filter(filter).is_err() || (group.is_some() && s.options.no_local) {
+            if topic::validate_topic_filter(filter).is_err()
+                || (group.is_some() && s.options.no_local)
+            {
                 codes.push(ReasonCode::TOPIC_FILTER_INVALID);
                 continue;
             }
@@ -348,7 +351,11 @@ impl Router {
             }
         }
         self.persist_session(session);
-        let ids: Box<[u32]> = if sub_id == 0 { Box::new([]) } else { Box::new([sub_id]) };
+        let ids: Box<[u32]> = if sub_id == 0 {
+            Box::new([])
+        } else {
+            Box::new([sub_id])
+        };
         for (msg, qos) in retained {
             let d = Delivery::new(msg, qos, true, ids.clone());
             session.mailbox.push(d, self.settings.limits, false);
@@ -399,7 +406,12 @@ impl Router {
     /// Gives the session of `client_id` to a new connection: continues it (unless
     /// `clean_start`) or starts a new one, taking it over from a connection that still
     /// holds it.
-    pub async fn open_session(&self, client_id: &str, clean_start: bool, protocol: Protocol) -> Opened {
+    pub async fn open_session(
+        &self,
+        client_id: &str,
+        clean_start: bool,
+        protocol: Protocol,
+    ) -> Opened {
         let mut waited = false;
         loop {
             let wait = {
@@ -427,7 +439,10 @@ impl Router {
                         } else {
                             drop(sessions);
                             if pending_will.is_some() {
-                                tracing::debug!(client_id, "session resumed within the will delay; will cancelled");
+                                tracing::debug!(
+                                    client_id,
+                                    "session resumed within the will delay; will cancelled"
+                                );
                             }
                         }
                         session.mailbox.lock().clear_kick();
@@ -444,7 +459,10 @@ impl Router {
                         // The old connection did not let go in time: give up on its
                         // state and start afresh.
                         // Its subscriptions leave the tree when it finally closes.
-                        tracing::warn!(client_id, "previous connection did not release its session; starting a new one");
+                        tracing::warn!(
+                            client_id,
+                            "previous connection did not release its session; starting a new one"
+                        );
                         sessions.remove(client_id);
                         continue;
                     }
@@ -524,7 +542,12 @@ impl Router {
         let client_id = session.client_id().clone();
         let mut sessions = self.sessions();
         let slot = match sessions.get_mut(&client_id) {
-            Some(slot) if slot.generation == generation && Arc::ptr_eq(&slot.mailbox, &session.mailbox) => slot,
+            Some(slot)
+                if slot.generation == generation
+                    && Arc::ptr_eq(&slot.mailbox, &session.mailbox) =>
+            {
+                slot
+            }
             _ => {
                 // Replaced after a takeover timeout: this state is stale.
                 drop(sessions);
@@ -543,8 +566,8 @@ impl Router {
             return;
         }
         let expiry = session.expiry.min(self.settings.max_session_expiry);
-        slot.expires_at =
-            (expiry != NEVER_EXPIRES).then(|| Instant::now() + Duration::from_secs(u64::from(expiry)));
+        slot.expires_at = (expiry != NEVER_EXPIRES)
+            .then(|| Instant::now() + Duration::from_secs(u64::from(expiry)));
         if kicked == Some(Kick::Shutdown) {
             // Kept for the persistence snapshot; no will on our own shutdown.
             slot.parked = Some(session);
@@ -608,7 +631,12 @@ impl Router {
     }
 
     /// Restores a persisted session as parked.
-    pub fn restore_session(&self, client_id: &str, record: SessionRecord, queued: Vec<super::persist::QueuedRecord>) {
+    pub fn restore_session(
+        &self,
+        client_id: &str,
+        record: SessionRecord,
+        queued: Vec<super::persist::QueuedRecord>,
+    ) {
         let mailbox = self.new_mailbox(client_id.into(), record.protocol);
         let mut session = Session::new(mailbox.clone());
         session.expiry = record.expiry;
@@ -688,7 +716,10 @@ impl Router {
         let c = &self.counters;
         let (sessions, connected) = {
             let sessions = self.sessions();
-            (sessions.len(), sessions.values().filter(|s| s.parked.is_none()).count())
+            (
+                sessions.len(),
+                sessions.values().filter(|s| s.parked.is_none()).count(),
+            )
         };
         BrokerStats {
             clients_connected: connected,
@@ -714,11 +745,5 @@ pub(crate) fn split_shared(filter: &str) -> Option<(Option<&str>, &str)> {
         return Some((None, filter));
     }
     let shared = topic::parse_shared(filter)?;
-    let group: &str = &shared.group[..];
-    let inner: &str = &shared.filter[..];
-    // Borrow from `filter` itself so the parts outlive `shared`.
-    let group_at = "$share/".len();
-    let group = &filter[group_at..group_at + group.len()];
-    let inner = &filter[filter.len() - inner.len()..];
-    Some((Some(group), inner))
+    Some((Some(shared.group), shared.filter))
 }

@@ -159,8 +159,14 @@ where
         _ => {}
     }
     conn.goodbye(why, &mut wbuf);
-    Counters::add(&router.counters.messages_received, std::mem::take(&mut conn.received));
-    Counters::add(&router.counters.messages_sent, std::mem::take(&mut conn.sent));
+    Counters::add(
+        &router.counters.messages_received,
+        std::mem::take(&mut conn.received),
+    );
+    Counters::add(
+        &router.counters.messages_sent,
+        std::mem::take(&mut conn.sent),
+    );
     // Let go of the session first: a connection taking it over is waiting.
     conn.close(why);
     if why != Close::Lost && !wbuf.is_empty() {
@@ -178,7 +184,11 @@ enum ConnectError {
 }
 
 /// Reads until a whole first packet is buffered; it must be CONNECT.
-async fn read_connect<S>(stream: &mut S, rbuf: &mut BytesMut, max: usize) -> Result<mqtt::Connect, ConnectError>
+async fn read_connect<S>(
+    stream: &mut S,
+    rbuf: &mut BytesMut,
+    max: usize,
+) -> Result<mqtt::Connect, ConnectError>
 where
     S: AsyncRead + Unpin,
 {
@@ -250,10 +260,16 @@ where
             }
         }
         if conn.sent > 0 {
-            Counters::add(&router.counters.messages_sent, std::mem::take(&mut conn.sent));
+            Counters::add(
+                &router.counters.messages_sent,
+                std::mem::take(&mut conn.sent),
+            );
         }
         if conn.received > 0 {
-            Counters::add(&router.counters.messages_received, std::mem::take(&mut conn.received));
+            Counters::add(
+                &router.counters.messages_received,
+                std::mem::take(&mut conn.received),
+            );
         }
 
         let reading = wbuf.len() < READ_PAUSE;

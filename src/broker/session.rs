@@ -345,7 +345,6 @@ impl Inflight {
     pub fn iter(&self) -> impl Iterator<Item = &(u16, Slot)> {
         self.slots.iter()
     }
-
 }
 
 /// One subscription as the session remembers it.
@@ -416,17 +415,32 @@ mod tests {
             max_bytes: 1000,
         };
         for _ in 0..3 {
-            assert_eq!(mailbox.push(delivery(QoS::AtMostOnce), limits, true), Pushed::Queued);
+            assert_eq!(
+                mailbox.push(delivery(QoS::AtMostOnce), limits, true),
+                Pushed::Queued
+            );
         }
-        assert_eq!(mailbox.push(delivery(QoS::AtLeastOnce), limits, true), Pushed::Dropped);
-        assert_eq!(mailbox.push(delivery(QoS::AtLeastOnce), limits, false), Pushed::Queued);
+        assert_eq!(
+            mailbox.push(delivery(QoS::AtLeastOnce), limits, true),
+            Pushed::Dropped
+        );
+        assert_eq!(
+            mailbox.push(delivery(QoS::AtLeastOnce), limits, false),
+            Pushed::Queued
+        );
         let tight = Limits {
             max_messages: 100,
             max_bytes: 4 * 11 + 5,
         };
-        assert_eq!(mailbox.push(delivery(QoS::AtLeastOnce), tight, true), Pushed::Dropped);
+        assert_eq!(
+            mailbox.push(delivery(QoS::AtLeastOnce), tight, true),
+            Pushed::Dropped
+        );
         assert!(mailbox.lock().pop().is_some());
-        assert_eq!(mailbox.push(delivery(QoS::AtLeastOnce), tight, true), Pushed::Queued);
+        assert_eq!(
+            mailbox.push(delivery(QoS::AtLeastOnce), tight, true),
+            Pushed::Queued
+        );
         assert_eq!(mailbox.lock().items.len(), 4);
     }
 
@@ -437,8 +451,14 @@ mod tests {
             max_messages: 10,
             max_bytes: 1000,
         };
-        assert_eq!(mailbox.push(delivery(QoS::AtMostOnce), limits, true), Pushed::Skipped);
-        assert_eq!(mailbox.push(delivery(QoS::ExactlyOnce), limits, true), Pushed::Queued);
+        assert_eq!(
+            mailbox.push(delivery(QoS::AtMostOnce), limits, true),
+            Pushed::Skipped
+        );
+        assert_eq!(
+            mailbox.push(delivery(QoS::ExactlyOnce), limits, true),
+            Pushed::Queued
+        );
     }
 
     #[test]

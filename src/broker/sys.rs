@@ -22,17 +22,38 @@ const HOUSEKEEPING: Duration = Duration::from_secs(1);
 /// The `$SYS` topics and their values for `stats`.
 pub(crate) fn sys_values(stats: &BrokerStats) -> Vec<(&'static str, String)> {
     vec![
-        ("$SYS/broker/version", format!("fieldbridge {}", env!("CARGO_PKG_VERSION"))),
-        ("$SYS/broker/uptime", format!("{} seconds", stats.uptime.as_secs())),
-        ("$SYS/broker/clients/connected", stats.clients_connected.to_string()),
+        (
+            "$SYS/broker/version",
+            format!("fieldbridge {}", env!("CARGO_PKG_VERSION")),
+        ),
+        (
+            "$SYS/broker/uptime",
+            format!("{} seconds", stats.uptime.as_secs()),
+        ),
+        (
+            "$SYS/broker/clients/connected",
+            stats.clients_connected.to_string(),
+        ),
         ("$SYS/broker/clients/total", stats.sessions.to_string()),
-        ("$SYS/broker/messages/received", stats.messages_received.to_string()),
+        (
+            "$SYS/broker/messages/received",
+            stats.messages_received.to_string(),
+        ),
         ("$SYS/broker/messages/sent", stats.messages_sent.to_string()),
         ("$SYS/broker/messages/dropped", stats.dropped.to_string()),
-        ("$SYS/broker/bytes/received", stats.bytes_received.to_string()),
+        (
+            "$SYS/broker/bytes/received",
+            stats.bytes_received.to_string(),
+        ),
         ("$SYS/broker/bytes/sent", stats.bytes_sent.to_string()),
-        ("$SYS/broker/subscriptions/count", stats.subscriptions.to_string()),
-        ("$SYS/broker/retained messages/count", stats.retained.to_string()),
+        (
+            "$SYS/broker/subscriptions/count",
+            stats.subscriptions.to_string(),
+        ),
+        (
+            "$SYS/broker/retained messages/count",
+            stats.retained.to_string(),
+        ),
     ]
 }
 
@@ -52,7 +73,11 @@ pub(crate) fn publish_sys(router: &Router) {
 }
 
 /// Runs housekeeping and `$SYS` updates until cancelled.
-pub(crate) async fn maintenance(router: Arc<Router>, sys_interval: Duration, cancel: CancellationToken) {
+pub(crate) async fn maintenance(
+    router: Arc<Router>,
+    sys_interval: Duration,
+    cancel: CancellationToken,
+) {
     let mut tick = tokio::time::interval(HOUSEKEEPING);
     tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
     let mut next_sys = Instant::now();

@@ -164,7 +164,10 @@ impl<T> Default for Node<T> {
 
 impl<T: Owner> Node<T> {
     fn is_empty(&self) -> bool {
-        self.children.is_empty() && self.plus.is_none() && self.here.is_none() && self.hash.is_none()
+        self.children.is_empty()
+            && self.plus.is_none()
+            && self.here.is_none()
+            && self.hash.is_none()
     }
 
     fn walk(
@@ -257,7 +260,11 @@ impl<T: Owner> Node<T> {
     }
 }
 
-fn remove_from<T: Owner>(slot: &mut Option<Box<Entries<T>>>, group: Option<&str>, owner: &T) -> bool {
+fn remove_from<T: Owner>(
+    slot: &mut Option<Box<Entries<T>>>,
+    group: Option<&str>,
+    owner: &T,
+) -> bool {
     let Some(entries) = slot else {
         return false;
     };
