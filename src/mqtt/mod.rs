@@ -9,10 +9,13 @@
 //! - The maximum packet size is checked from the fixed header, before the body is
 //!   buffered or anything is allocated for it.
 //! - No input makes the decoder panic.
+//! - Whatever `encode` accepts, `decode` accepts back as the same packet (5.0-only
+//!   fields aside when the version is 3.1.1).
 
 pub mod codec;
 pub mod packet;
+mod properties;
 pub mod topic;
 
-pub use codec::{check, decode, encode, Error, FixedHeader};
+pub use codec::{check, decode, encode, EncodedPublish, Error, FixedHeader, MAX_REMAINING_LENGTH};
 pub use packet::*;
