@@ -274,8 +274,12 @@ impl Db {
         if free <= keep || free * 4 < total {
             return Ok(false);
         }
-        self.conn
-            .execute_batch(&format!("PRAGMA incremental_vacuum({})", free - keep))?;
+        // Each step frees one page: step it to the end.
+        let mut vacuum = self
+            .conn
+            .prepare(&format!("PRAGMA incremental_vacuum({})", free - keep))?;
+        let mut steps = vacuum.query([])?;
+        while steps.next()?.is_some() {}
         Ok(true)
     }
 

@@ -329,3 +329,236 @@ async fn disk_full_with_drop_oldest_evicts_old_periodic_rows_to_store_new_ones()
     assert_eq!(out.len() as u64 + stats.dropped.disk_full, 41);
     queue.close().await.expect("close");
 }
+
+mod model {
+    //! Model-based test: random sequences of append, next, ack, release, set_flow,
+    //! close + reopen and crash + reopen against a plain in-memory model. Nothing
+    //! accepted is lost, queue order is kept, nothing is handed out twice within a
+    //! session, and after a crash only rows whose ack was not yet committed come back.
+
+    use std::collections::{BTreeMap, BTreeSet};
+
+    use proptest::prelude::*;
+
+    use super::*;
+
+    #[derive(Debug, Clone)]
+    enum Op {
+        Append(Vec<(u8, u8)>),
+        Next(usize, bool),
+        Ack(Vec<usize>),
+        Release(Vec<usize>),
+        SetFlow(usize, u16, bool),
+        Reopen,
+        Crash,
+    }
+
+    fn op() -> impl Strategy<Value = Op> {
+        prop_oneof![
+            4 => prop::collection::vec((0u8..3, 0u8..3), 1..6).prop_map(Op::Append),
+            4 => (1usize..8, any::<bool>()).prop_map(|(n, newest)| Op::Next(n, newest)),
+            3 => prop::collection::vec(any::<usize>(), 1..4).prop_map(Op::Ack),
+            2 => prop::collection::vec(any::<usize>(), 1..4).prop_map(Op::Release),
+            2 => (any::<usize>(), 1u16.., any::<bool>()).prop_map(|(i, p, r)| Op::SetFlow(i, p, r)),
+            1 => Just(Op::Reopen),
+            1 => Just(Op::Crash),
+        ]
+    }
+
+    #[derive(Debug, Clone, PartialEq)]
+    struct Row {
+        message: Message,
+        pkid: Option<u16>,
+        pubrec: bool,
+    }
+
+    #[derive(Default)]
+    struct Model {
+        /// Committed and not acknowledged.
+        rows: BTreeMap<i64, Row>,
+        in_flight: BTreeSet<i64>,
+        /// Acknowledged, but the delete may not be committed yet.
+        acked: BTreeMap<i64, Row>,
+        serial: u32,
+    }
+
+    impl Model {
+        fn pick(&self, i: usize) -> Option<i64> {
+            let n = self.in_flight.len();
+            (n > 0).then(|| *self.in_flight.iter().nth(i % n).expect("index below len"))
+        }
+
+        fn pending(&self) -> Vec<i64> {
+            self.rows
+                .keys()
+                .filter(|id| !self.in_flight.contains(id))
+                .copied()
+                .collect()
+        }
+    }
+
+    fn check(stored: &Stored, row: &Row) {
+        assert_eq!(&stored.message, &row.message, "row {}", stored.id);
+        assert_eq!(
+            (stored.pkid, stored.pubrec),
+            (row.pkid, row.pubrec),
+            "flow of row {}",
+            stored.id
+        );
+    }
+
+    async fn run(ops: Vec<Op>) {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let cfg = StoreConfig {
+            commit_interval_ms: 1,
+            ..config(&dir.path().join("q.db"))
+        };
+        let mut queue = Queue::open(cfg.clone()).expect("open");
+        let mut model = Model::default();
+        let mut last_id = 0;
+        for op in ops {
+            match op {
+                Op::Append(spec) => {
+                    let batch: Vec<Message> = spec
+                        .iter()
+                        .map(|&(topic, class)| {
+                            model.serial += 1;
+                            let priority = [Priority::Periodic, Priority::Event, Priority::Alarm]
+                                [class as usize];
+                            let mut m = message(&format!("t/{topic}"), model.serial, priority);
+                            m.qos = QoS::from_u8(class).expect("0..3");
+                            m.retain = topic == 1;
+                            m
+                        })
+                        .collect();
+                    let ids = queue.append(batch.clone()).await.expect("append");
+                    assert_eq!(ids.len(), batch.len());
+                    let floor = model
+                        .rows
+                        .keys()
+                        .chain(model.acked.keys())
+                        .max()
+                        .copied()
+                        .unwrap_or(0)
+                        .max(last_id);
+                    assert!(ids[0] > floor, "ids grow: {ids:?} after {floor}");
+                    assert!(ids.windows(2).all(|w| w[0] < w[1]));
+                    last_id = *ids.last().expect("non-empty");
+                    for (id, message) in ids.into_iter().zip(batch) {
+                        model.rows.insert(
+                            id,
+                            Row {
+                                message,
+                                pkid: None,
+                                pubrec: false,
+                            },
+                        );
+                    }
+                }
+                Op::Next(max, newest) => {
+                    let order = if newest {
+                        DrainOrder::NewestFirst
+                    } else {
+                        DrainOrder::OldestFirst
+                    };
+                    let got = queue.next(max, order).await.expect("next");
+                    let pending = model.pending();
+                    let want: Vec<i64> = if newest {
+                        pending[pending.len().saturating_sub(max)..].to_vec()
+                    } else {
+                        pending.into_iter().take(max).collect()
+                    };
+                    assert_eq!(got.iter().map(|s| s.id).collect::<Vec<_>>(), want);
+                    for stored in &got {
+                        check(stored, &model.rows[&stored.id]);
+                        model.in_flight.insert(stored.id);
+                    }
+                }
+                Op::Ack(picks) => {
+                    let ids: BTreeSet<i64> = picks.iter().filter_map(|&i| model.pick(i)).collect();
+                    queue.ack(ids.iter().copied().collect()).await.expect("ack");
+                    for id in ids {
+                        model.in_flight.remove(&id);
+                        let row = model.rows.remove(&id).expect("acked rows are stored");
+                        model.acked.insert(id, row);
+                    }
+                }
+                Op::Release(picks) => {
+                    let ids: BTreeSet<i64> = picks.iter().filter_map(|&i| model.pick(i)).collect();
+                    queue
+                        .release(ids.iter().copied().collect())
+                        .await
+                        .expect("release");
+                    for id in ids {
+                        model.in_flight.remove(&id);
+                    }
+                }
+                Op::SetFlow(i, pkid, pubrec) => {
+                    if let Some(id) = model.pick(i) {
+                        queue.set_flow(id, pkid, pubrec).await.expect("set_flow");
+                        let row = model.rows.get_mut(&id).expect("in flight rows are stored");
+                        row.pkid = Some(pkid);
+                        row.pubrec = pubrec;
+                    }
+                }
+                Op::Reopen => {
+                    queue.close().await.expect("close");
+                    queue = Queue::open(cfg.clone()).expect("reopen");
+                    model.acked.clear();
+                    model.in_flight.clear();
+                    let stats = queue.stats().await.expect("stats");
+                    assert_eq!(stats.depth, model.rows.len() as u64);
+                    assert_eq!(stats.pending, stats.depth);
+                }
+                Op::Crash => {
+                    queue.crash().await;
+                    queue = Queue::open(cfg.clone()).expect("reopen after crash");
+                    model.in_flight.clear();
+                    // Everything comes back pending; acks not yet committed may undo.
+                    let all = queue
+                        .next(usize::MAX, DrainOrder::OldestFirst)
+                        .await
+                        .expect("next");
+                    let ids: Vec<i64> = all.iter().map(|s| s.id).collect();
+                    assert!(
+                        ids.windows(2).all(|w| w[0] < w[1]),
+                        "queue order after crash"
+                    );
+                    let got: BTreeSet<i64> = ids.iter().copied().collect();
+                    for id in model.rows.keys() {
+                        assert!(got.contains(id), "committed row {id} lost in a crash");
+                    }
+                    for stored in &all {
+                        match (model.rows.get(&stored.id), model.acked.get(&stored.id)) {
+                            (Some(row), _) | (None, Some(row)) => check(stored, row),
+                            (None, None) => panic!("row {} came back from nowhere", stored.id),
+                        }
+                    }
+                    let acked = std::mem::take(&mut model.acked);
+                    for (id, row) in acked {
+                        if got.contains(&id) {
+                            model.rows.insert(id, row);
+                        }
+                    }
+                    queue.release(ids).await.expect("release");
+                }
+            }
+            let stats = queue.stats().await.expect("stats");
+            assert_eq!(stats.in_flight, model.in_flight.len() as u64);
+        }
+        queue.close().await.expect("close");
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 48, ..ProptestConfig::default() })]
+
+        #[test]
+        fn queue_matches_the_model(ops in prop::collection::vec(op(), 1..40)) {
+            tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("runtime")
+                .block_on(run(ops));
+        }
+    }
+}
