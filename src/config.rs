@@ -26,6 +26,7 @@ use std::path::{Path, PathBuf};
 use serde::Deserialize;
 
 use crate::mqtt::QoS;
+use crate::store::StoreConfig;
 
 /// One semantic problem in a config section, found after deserialization.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -58,7 +59,7 @@ pub struct Config {
     pub broker: Option<toml::Table>,
     /// `[store]`: the store-and-forward queue, opened only when there is an upstream.
     #[serde(default)]
-    pub store: Option<toml::Table>,
+    pub store: StoreConfig,
     /// `[upstream]`: the upstream MQTT connection. Absent: LAN-only.
     #[serde(default)]
     pub upstream: Option<toml::Table>,
@@ -179,6 +180,7 @@ impl Config {
     /// Problems across all sections, each with its dotted key path.
     pub fn validate(&self) -> Vec<Invalid> {
         let mut problems = self.agent.validate();
+        problems.extend(self.store.validate());
         if self.broker.is_none() && self.bus.is_empty() && self.upstream.is_none() {
             problems.push(Invalid::new(
                 "",

@@ -198,3 +198,61 @@ fn missing_config_file_is_a_clear_error() {
         text(&output)
     );
 }
+
+#[test]
+fn queue_stats_reads_a_real_store_without_the_agent() {
+    use fieldbridge::mqtt::QoS;
+    use fieldbridge::store::{Message, Priority, Queue, StoreConfig};
+
+    let dir = tempfile::tempdir().expect("temp dir");
+    let db = dir.path().join("queue.db");
+    let now_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock after 1970")
+        .as_millis() as i64;
+    let runtime = tokio::runtime::Runtime::new().expect("runtime");
+    runtime.block_on(async {
+        let queue = Queue::open(StoreConfig {
+            path: db.clone(),
+            ..StoreConfig::default()
+        })
+        .expect("open store");
+        let messages = (0..3)
+            .map(|i| Message {
+                topic: format!("site/gw/meter/p{i}"),
+                payload: bytes::Bytes::from_static(b"{\"value\":1}"),
+                qos: QoS::AtLeastOnce,
+                retain: false,
+                created_ms: now_ms,
+                priority: Priority::Periodic,
+            })
+            .collect();
+        queue.append(messages).await.expect("append");
+        queue.close().await.expect("close");
+    });
+
+    let output = fieldbridge()
+        .args(["queue", "stats", "--db"])
+        .arg(&db)
+        .output()
+        .expect("run fieldbridge queue stats");
+    assert!(output.status.success(), "{}", text(&output));
+    let stats: serde_json::Value = serde_json::from_slice(&output.stdout).expect("stats are JSON");
+    assert_eq!(stats["depth"], 3, "{stats}");
+    assert_eq!(stats["appended"], 3, "{stats}");
+
+    // Through a config file naming the database.
+    let config = dir.path().join("fieldbridge.toml");
+    std::fs::write(
+        &config,
+        format!("[broker]\n[store]\npath = {:?}\n", db.display().to_string()),
+    )
+    .expect("write config");
+    let output = fieldbridge()
+        .args(["queue", "stats", "--config"])
+        .arg(&config)
+        .output()
+        .expect("run fieldbridge queue stats");
+    assert!(output.status.success(), "{}", text(&output));
+    assert!(String::from_utf8_lossy(&output.stdout).contains("\"depth\": 3"));
+}

@@ -1,0 +1,123 @@
+//! The `[store]` section of the configuration.
+
+use std::path::PathBuf;
+
+use serde::Deserialize;
+
+use crate::config::Invalid;
+
+/// How hard SQLite pushes each commit to the storage medium.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Synchronous {
+    /// WAL with `synchronous = NORMAL`: a committed append survives a crash or kill of
+    /// the process; a power cut may lose the commits made since the last checkpoint
+    /// (at most ~10 s), but never corrupts the file. No fsync per commit, so it is the
+    /// flash-friendly choice.
+    #[default]
+    Normal,
+    /// WAL with `synchronous = FULL`: the WAL is fsynced on every commit, so a committed
+    /// append also survives a power cut. Costs one fsync per group commit.
+    Full,
+}
+
+/// What gives way when a retention limit is reached. In both cases periodic values go
+/// before events, and events before alarms.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DropPolicy {
+    /// Keep the newest data: the oldest undelivered rows of the lowest priority go.
+    #[default]
+    DropOldest,
+    /// Keep the backlog: the newest rows of the lowest priority go, which is usually
+    /// the batch being appended.
+    DropNewest,
+}
+
+/// `[store]`: the SQLite store-and-forward queue.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct StoreConfig {
+    /// Database file; its directory is created if missing. `-wal` and `-shm` files live
+    /// beside it. Default `/var/lib/fieldbridge/queue.db`.
+    pub path: PathBuf,
+    /// Group commit: appended readings are written in one transaction at most this many
+    /// milliseconds after the first of them arrived. Bounds commits per second, hence
+    /// flash wear. Default 100.
+    pub commit_interval_ms: u64,
+    /// Group commit: a transaction is written at once when this many rows are waiting.
+    /// Default 1000.
+    pub commit_max_rows: usize,
+    /// `normal` (default) or `full`; see [`Synchronous`].
+    pub synchronous: Synchronous,
+    /// Most bytes of stored messages (topic + payload + a fixed per-row overhead of
+    /// [`ROW_OVERHEAD_BYTES`](super::ROW_OVERHEAD_BYTES)). Default 256 MiB.
+    pub max_bytes: u64,
+    /// Most stored messages. Default 5,000,000.
+    pub max_rows: u64,
+    /// Messages older than this (by their creation time) are dropped. Default 604800
+    /// (7 days).
+    pub max_age_secs: u64,
+    /// `drop_oldest` (default) or `drop_newest`; see [`DropPolicy`].
+    pub policy: DropPolicy,
+    /// While the disk is full or read-only, appended messages wait in memory, up to
+    /// this many rows; beyond it the drop policy applies. Default 100,000.
+    pub memory_buffer_rows: usize,
+}
+
+impl Default for StoreConfig {
+    fn default() -> StoreConfig {
+        StoreConfig {
+            path: PathBuf::from("/var/lib/fieldbridge/queue.db"),
+            commit_interval_ms: 100,
+            commit_max_rows: 1000,
+            synchronous: Synchronous::Normal,
+            max_bytes: 256 * 1024 * 1024,
+            max_rows: 5_000_000,
+            max_age_secs: 7 * 24 * 3600,
+            policy: DropPolicy::DropOldest,
+            memory_buffer_rows: 100_000,
+        }
+    }
+}
+
+impl StoreConfig {
+    /// Semantic problems, with key paths under `store.`.
+    pub fn validate(&self) -> Vec<Invalid> {
+        let mut problems = Vec::new();
+        if self.path.as_os_str().is_empty() {
+            problems.push(Invalid::new("store.path", "must name a database file"));
+        }
+        if !(1..=60_000).contains(&self.commit_interval_ms) {
+            problems.push(Invalid::new(
+                "store.commit_interval_ms",
+                "must be between 1 and 60000 milliseconds",
+            ));
+        }
+        if !(1..=1_000_000).contains(&self.commit_max_rows) {
+            problems.push(Invalid::new(
+                "store.commit_max_rows",
+                "must be between 1 and 1000000",
+            ));
+        }
+        if self.max_bytes < 64 * 1024 {
+            problems.push(Invalid::new(
+                "store.max_bytes",
+                "must be at least 65536 (64 KiB)",
+            ));
+        }
+        if self.max_rows == 0 {
+            problems.push(Invalid::new("store.max_rows", "must be at least 1"));
+        }
+        if self.max_age_secs == 0 {
+            problems.push(Invalid::new("store.max_age_secs", "must be at least 1"));
+        }
+        if self.memory_buffer_rows == 0 {
+            problems.push(Invalid::new(
+                "store.memory_buffer_rows",
+                "must be at least 1",
+            ));
+        }
+        problems
+    }
+}

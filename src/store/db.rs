@@ -1,0 +1,450 @@
+//! The SQLite file: opening (with the corrupt-file path), schema, row mapping, counters,
+//! checkpoints and incremental vacuum. Synchronous; used only by the queue's thread and
+//! by [`read_stats`].
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use rusqlite::{params, Connection, ErrorCode, OpenFlags, OptionalExtension, Row};
+
+use super::{DropCounts, Error, Message, Priority, Stats, Stored, Synchronous};
+use crate::mqtt::QoS;
+
+/// `PRAGMA user_version` of the format this build writes.
+const FORMAT_VERSION: i64 = 1;
+
+const SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS message (
+    id INTEGER PRIMARY KEY,
+    topic TEXT NOT NULL,
+    payload BLOB NOT NULL,
+    qos INTEGER NOT NULL,
+    retain INTEGER NOT NULL,
+    created_ms INTEGER NOT NULL,
+    priority INTEGER NOT NULL,
+    size INTEGER NOT NULL,
+    pkid INTEGER,
+    pubrec INTEGER NOT NULL DEFAULT 0
+);
+CREATE TABLE IF NOT EXISTS counter (
+    name TEXT PRIMARY KEY,
+    value INTEGER NOT NULL
+) WITHOUT ROWID;
+";
+
+/// Columns read by [`stored_from_row`], in order.
+pub(super) const STORED_COLUMNS: &str =
+    "id, topic, payload, qos, retain, created_ms, priority, pkid, pubrec";
+
+/// How long a statement waits for a lock held by another connection (a `read_stats`
+/// reader, or a second agent started by mistake).
+const BUSY_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Persistent counters, as stored in the `counter` table.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub(super) struct Counters {
+    pub appended: u64,
+    pub delivered: u64,
+    pub dropped: DropCounts,
+    pub commits: u64,
+    pub commit_failures: u64,
+    pub bytes_written: u64,
+    /// The next row id to hand out, so ids keep growing across restarts.
+    pub next_id: i64,
+}
+
+impl Counters {
+    fn pairs(&self) -> [(&'static str, i64); 12] {
+        let c = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
+        [
+            ("appended", c(self.appended)),
+            ("delivered", c(self.delivered)),
+            ("dropped_max_rows", c(self.dropped.max_rows)),
+            ("dropped_max_bytes", c(self.dropped.max_bytes)),
+            ("dropped_max_age", c(self.dropped.max_age)),
+            ("dropped_disk_full", c(self.dropped.disk_full)),
+            ("dropped_shutdown", c(self.dropped.shutdown)),
+            ("commits", c(self.commits)),
+            ("commit_failures", c(self.commit_failures)),
+            ("bytes_written", c(self.bytes_written)),
+            ("next_id", self.next_id),
+            ("format", FORMAT_VERSION),
+        ]
+    }
+
+    fn set(&mut self, name: &str, value: i64) {
+        let v = u64::try_from(value).unwrap_or(0);
+        match name {
+            "appended" => self.appended = v,
+            "delivered" => self.delivered = v,
+            "dropped_max_rows" => self.dropped.max_rows = v,
+            "dropped_max_bytes" => self.dropped.max_bytes = v,
+            "dropped_max_age" => self.dropped.max_age = v,
+            "dropped_disk_full" => self.dropped.disk_full = v,
+            "dropped_shutdown" => self.dropped.shutdown = v,
+            "commits" => self.commits = v,
+            "commit_failures" => self.commit_failures = v,
+            "bytes_written" => self.bytes_written = v,
+            "next_id" => self.next_id = value,
+            _ => {}
+        }
+    }
+
+    pub fn load(conn: &Connection) -> Result<Counters, rusqlite::Error> {
+        let mut counters = Counters::default();
+        let mut stmt = conn.prepare("SELECT name, value FROM counter")?;
+        let mut rows = stmt.query([])?;
+        while let Some(row) = rows.next()? {
+            let name: String = row.get(0)?;
+            counters.set(&name, row.get(1)?);
+        }
+        Ok(counters)
+    }
+
+    pub fn store(&self, conn: &Connection) -> Result<(), rusqlite::Error> {
+        let mut stmt =
+            conn.prepare_cached("INSERT OR REPLACE INTO counter (name, value) VALUES (?1, ?2)")?;
+        for (name, value) in self.pairs() {
+            stmt.execute(params![name, value])?;
+        }
+        Ok(())
+    }
+}
+
+/// An open queue database.
+pub(super) struct Db {
+    pub conn: Connection,
+    pub path: PathBuf,
+    pub page_size: u64,
+    /// Whether the file was created with `auto_vacuum = INCREMENTAL`.
+    pub incremental_vacuum: bool,
+    /// WAL frames already counted in `bytes_written` since the WAL last restarted.
+    wal_frames_seen: u64,
+    /// Frames already counted as copied by checkpoints since the WAL last restarted.
+    ckpt_frames_seen: u64,
+}
+
+/// Whether an error means the file is not a usable SQLite database.
+fn is_corruption(error: &Error) -> bool {
+    match error {
+        Error::Sqlite(e) => matches!(
+            e.sqlite_error_code(),
+            Some(ErrorCode::DatabaseCorrupt | ErrorCode::NotADatabase)
+        ),
+        Error::Corrupt(_) => true,
+        _ => false,
+    }
+}
+
+impl Db {
+    /// Opens (or creates) the queue file; a corrupt file is moved aside and replaced by a
+    /// fresh one.
+    pub fn open(path: &Path, synchronous: Synchronous) -> Result<Db, Error> {
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir).map_err(|source| Error::Io {
+                path: dir.to_path_buf(),
+                source,
+            })?;
+        }
+        match Db::try_open(path, synchronous) {
+            Err(error) if is_corruption(&error) => {
+                let aside = move_aside(path)?;
+                tracing::error!(
+                    path = %path.display(),
+                    moved_to = %aside.display(),
+                    %error,
+                    "queue database is corrupt: moved aside for forensics, starting a fresh one; \
+                     its undelivered readings are not forwarded"
+                );
+                Db::try_open(path, synchronous)
+            }
+            other => other,
+        }
+    }
+
+    fn try_open(path: &Path, synchronous: Synchronous) -> Result<Db, Error> {
+        let conn = Connection::open(path)?;
+        conn.busy_timeout(BUSY_TIMEOUT)?;
+        let check: String = conn.query_row("PRAGMA quick_check(1)", [], |r| r.get(0))?;
+        if check != "ok" {
+            return Err(Error::Corrupt(check));
+        }
+        let version: i64 = conn.query_row("PRAGMA user_version", [], |r| r.get(0))?;
+        if version > FORMAT_VERSION {
+            return Err(Error::NewerFormat {
+                path: path.to_path_buf(),
+                found: version,
+                supported: FORMAT_VERSION,
+            });
+        }
+        let page_count: i64 = conn.query_row("PRAGMA page_count", [], |r| r.get(0))?;
+        if page_count == 0 {
+            // Only takes effect before the first table exists.
+            conn.execute_batch("PRAGMA auto_vacuum = INCREMENTAL")?;
+        }
+        let mode: String = conn.query_row("PRAGMA journal_mode = WAL", [], |r| r.get(0))?;
+        if !mode.eq_ignore_ascii_case("wal") {
+            tracing::warn!(path = %path.display(), %mode, "queue database could not switch to WAL");
+        }
+        conn.execute_batch(match synchronous {
+            Synchronous::Normal => "PRAGMA synchronous = NORMAL",
+            Synchronous::Full => "PRAGMA synchronous = FULL",
+        })?;
+        // The queue checkpoints itself, so it can count the bytes written; the WAL is
+        // truncated back to 4 MiB after a checkpoint that let it grow beyond.
+        conn.execute_batch("PRAGMA wal_autocheckpoint = 0; PRAGMA journal_size_limit = 4194304;")?;
+        conn.execute_batch(SCHEMA)?;
+        conn.execute_batch(&format!("PRAGMA user_version = {FORMAT_VERSION}"))?;
+        let page_size: i64 = conn.query_row("PRAGMA page_size", [], |r| r.get(0))?;
+        let auto_vacuum: i64 = conn.query_row("PRAGMA auto_vacuum", [], |r| r.get(0))?;
+        Ok(Db {
+            conn,
+            path: path.to_path_buf(),
+            page_size: u64::try_from(page_size).unwrap_or(4096),
+            incremental_vacuum: auto_vacuum == 2,
+            wal_frames_seen: 0,
+            ckpt_frames_seen: 0,
+        })
+    }
+
+    /// Rows and bytes stored, and the largest id.
+    pub fn totals(&self) -> Result<(u64, u64, i64), rusqlite::Error> {
+        self.conn.query_row(
+            "SELECT COUNT(*), COALESCE(SUM(size), 0), COALESCE(MAX(id), 0) FROM message",
+            [],
+            |r| {
+                Ok((
+                    u64::try_from(r.get::<_, i64>(0)?).unwrap_or(0),
+                    u64::try_from(r.get::<_, i64>(1)?).unwrap_or(0),
+                    r.get(2)?,
+                ))
+            },
+        )
+    }
+
+    /// Creation time of the first row in queue order.
+    pub fn first_created_ms(&self) -> Result<Option<i64>, rusqlite::Error> {
+        first_created_ms(&self.conn)
+    }
+
+    /// Runs a passive checkpoint and returns the bytes written since the last one: new
+    /// WAL frames plus the frames copied into the database file.
+    pub fn checkpoint(&mut self) -> Result<u64, rusqlite::Error> {
+        let (busy, log, done): (i64, i64, i64) =
+            self.conn
+                .query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |r| {
+                    Ok((r.get(0)?, r.get(1)?, r.get(2)?))
+                })?;
+        let log = u64::try_from(log).unwrap_or(0);
+        let done = u64::try_from(done).unwrap_or(0);
+        // A WAL that restarted since the last look has fewer frames than counted then.
+        let new_frames = if log >= self.wal_frames_seen {
+            log - self.wal_frames_seen
+        } else {
+            log
+        };
+        let copied = if done >= self.ckpt_frames_seen {
+            done - self.ckpt_frames_seen
+        } else {
+            done
+        };
+        if busy == 0 && log > 0 && done == log {
+            // Fully checkpointed: the next write starts the WAL over.
+            self.wal_frames_seen = 0;
+            self.ckpt_frames_seen = 0;
+        } else {
+            self.wal_frames_seen = log;
+            self.ckpt_frames_seen = done;
+        }
+        Ok(new_frames * (self.page_size + 24) + copied * self.page_size)
+    }
+
+    /// Gives free pages back to the filesystem when they are many: after a long outage
+    /// drained, the file shrinks again. Keeps 1 MiB of free pages to reuse.
+    pub fn vacuum_if_worth_it(&mut self) -> Result<bool, rusqlite::Error> {
+        if !self.incremental_vacuum {
+            return Ok(false);
+        }
+        let free: i64 = self
+            .conn
+            .query_row("PRAGMA freelist_count", [], |r| r.get(0))?;
+        let total: i64 = self.conn.query_row("PRAGMA page_count", [], |r| r.get(0))?;
+        let keep = i64::try_from((1 << 20) / self.page_size.max(512)).unwrap_or(256);
+        if free <= keep || free * 4 < total {
+            return Ok(false);
+        }
+        // Each step frees one page: step it to the end.
+        let mut vacuum = self
+            .conn
+            .prepare(&format!("PRAGMA incremental_vacuum({})", free - keep))?;
+        let mut steps = vacuum.query([])?;
+        while steps.next()?.is_some() {}
+        Ok(true)
+    }
+
+    pub fn file_bytes(&self) -> u64 {
+        file_bytes(&self.path)
+    }
+}
+
+pub(super) fn first_created_ms(conn: &Connection) -> Result<Option<i64>, rusqlite::Error> {
+    conn.query_row(
+        "SELECT created_ms FROM message ORDER BY id LIMIT 1",
+        [],
+        |r| r.get(0),
+    )
+    .optional()
+}
+
+fn file_bytes(path: &Path) -> u64 {
+    let size = |p: &Path| std::fs::metadata(p).map(|m| m.len()).unwrap_or(0);
+    size(path) + size(&sidecar(path, "-wal"))
+}
+
+fn sidecar(path: &Path, suffix: &str) -> PathBuf {
+    let mut name = path.as_os_str().to_owned();
+    name.push(suffix);
+    PathBuf::from(name)
+}
+
+/// Moves a corrupt database (and its WAL) aside under a timestamped name.
+fn move_aside(path: &Path) -> Result<PathBuf, Error> {
+    let stamp = utc_stamp(SystemTime::now());
+    let mut aside = sidecar(path, &format!(".corrupt-{stamp}"));
+    let mut n = 1;
+    while aside.exists() {
+        aside = sidecar(path, &format!(".corrupt-{stamp}-{n}"));
+        n += 1;
+    }
+    let io = |p: &Path| {
+        let path = p.to_path_buf();
+        move |source| Error::Io { path, source }
+    };
+    std::fs::rename(path, &aside).map_err(io(path))?;
+    let wal = sidecar(path, "-wal");
+    if wal.exists() {
+        std::fs::rename(&wal, sidecar(&aside, "-wal")).map_err(io(&wal))?;
+    }
+    let shm = sidecar(path, "-shm");
+    if shm.exists() {
+        std::fs::remove_file(&shm).map_err(io(&shm))?;
+    }
+    Ok(aside)
+}
+
+/// `YYYYMMDDTHHMMSSZ` in UTC.
+fn utc_stamp(time: SystemTime) -> String {
+    let secs = time
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    let days = i64::try_from(secs / 86_400).unwrap_or(0);
+    let rem = secs % 86_400;
+    // Civil-from-days (Howard Hinnant's algorithm).
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!(
+        "{year:04}{month:02}{day:02}T{:02}{:02}{:02}Z",
+        rem / 3600,
+        rem / 60 % 60,
+        rem % 60
+    )
+}
+
+pub(super) fn priority_from_db(value: i64) -> Priority {
+    match value {
+        1 => Priority::Event,
+        2 => Priority::Alarm,
+        _ => Priority::Periodic,
+    }
+}
+
+/// Maps a row selected with [`STORED_COLUMNS`]. Out-of-range values (a file written by
+/// something else) are clamped rather than blocking the queue.
+pub(super) fn stored_from_row(row: &Row<'_>) -> Result<Stored, rusqlite::Error> {
+    let qos: i64 = row.get(3)?;
+    let pkid: Option<i64> = row.get(7)?;
+    Ok(Stored {
+        id: row.get(0)?,
+        message: Message {
+            topic: row.get(1)?,
+            payload: Bytes::from(row.get::<_, Vec<u8>>(2)?),
+            qos: u8::try_from(qos)
+                .ok()
+                .and_then(QoS::from_u8)
+                .unwrap_or(QoS::AtLeastOnce),
+            retain: row.get(4)?,
+            created_ms: row.get(5)?,
+            priority: priority_from_db(row.get(6)?),
+        },
+        pkid: pkid.and_then(|p| u16::try_from(p).ok()),
+        pubrec: row.get(8)?,
+    })
+}
+
+pub(super) fn age_ms(now_ms: i64, created_ms: i64) -> u64 {
+    u64::try_from(now_ms.saturating_sub(created_ms)).unwrap_or(0)
+}
+
+pub(super) fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+        .unwrap_or(0)
+}
+
+pub(super) fn read_stats(path: &Path) -> Result<Stats, Error> {
+    if !path.exists() {
+        return Err(Error::Io {
+            path: path.to_path_buf(),
+            source: std::io::Error::from(std::io::ErrorKind::NotFound),
+        });
+    }
+    let conn = Connection::open_with_flags(
+        path,
+        OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+    )?;
+    conn.busy_timeout(BUSY_TIMEOUT)?;
+    let (depth, bytes): (i64, i64) = conn.query_row(
+        "SELECT COUNT(*), COALESCE(SUM(size), 0) FROM message",
+        [],
+        |r| Ok((r.get(0)?, r.get(1)?)),
+    )?;
+    let counters = Counters::load(&conn)?;
+    let depth = u64::try_from(depth).unwrap_or(0);
+    Ok(Stats {
+        depth,
+        pending: depth,
+        in_flight: 0,
+        bytes: u64::try_from(bytes).unwrap_or(0),
+        oldest_age_ms: first_created_ms(&conn)?.map(|c| age_ms(now_ms(), c)),
+        buffered: 0,
+        appended: counters.appended,
+        delivered: counters.delivered,
+        dropped: counters.dropped,
+        commits: counters.commits,
+        commit_failures: counters.commit_failures,
+        bytes_written: counters.bytes_written,
+        file_bytes: file_bytes(path),
+    })
+}
+
+#[cfg(test)]
+mod unit {
+    use super::*;
+
+    #[test]
+    fn utc_stamp_formats_known_instants() {
+        assert_eq!(utc_stamp(UNIX_EPOCH), "19700101T000000Z");
+        let t = UNIX_EPOCH + Duration::from_secs(1_709_210_096); // 2024-02-29 12:34:56
+        assert_eq!(utc_stamp(t), "20240229T123456Z");
+    }
+}

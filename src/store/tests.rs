@@ -1,0 +1,564 @@
+//! Queue tests on a real SQLite file in a temp dir. The test-only commands (`crash`,
+//! `set_max_page_count`) reach into the store thread for faults a real part cannot
+//! produce on demand.
+
+use std::path::Path;
+
+use bytes::Bytes;
+
+use super::*;
+use crate::mqtt::QoS;
+
+fn config(path: &Path) -> StoreConfig {
+    StoreConfig {
+        path: path.to_path_buf(),
+        commit_interval_ms: 2,
+        ..StoreConfig::default()
+    }
+}
+
+fn message(topic: &str, n: u32, priority: Priority) -> Message {
+    Message {
+        topic: topic.to_string(),
+        payload: Bytes::from(n.to_be_bytes().to_vec()),
+        qos: QoS::AtLeastOnce,
+        retain: false,
+        created_ms: db::now_ms(),
+        priority,
+    }
+}
+
+fn batch(topic: &str, range: std::ops::Range<u32>) -> Vec<Message> {
+    range
+        .map(|n| message(topic, n, Priority::Periodic))
+        .collect()
+}
+
+fn numbers(stored: &[Stored]) -> Vec<u32> {
+    stored
+        .iter()
+        .map(|s| u32::from_be_bytes(s.message.payload[..4].try_into().expect("4 bytes")))
+        .collect()
+}
+
+#[tokio::test]
+async fn appended_rows_are_handed_out_in_order_and_deleted_only_by_ack() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let queue = Queue::open(config(&dir.path().join("q.db"))).expect("open");
+    let ids = queue.append(batch("a", 0..10)).await.expect("append");
+    assert_eq!(ids.len(), 10);
+    assert!(ids.windows(2).all(|w| w[0] < w[1]));
+
+    let first = queue.next(4, DrainOrder::OldestFirst).await.expect("next");
+    assert_eq!(numbers(&first), vec![0, 1, 2, 3]);
+    assert_eq!(first[0].id, ids[0]);
+    let second = queue.next(4, DrainOrder::OldestFirst).await.expect("next");
+    assert_eq!(numbers(&second), vec![4, 5, 6, 7]);
+
+    queue
+        .ack(first.iter().map(|s| s.id).collect())
+        .await
+        .expect("ack");
+    queue
+        .release(second.iter().map(|s| s.id).collect())
+        .await
+        .expect("release");
+    let again = queue
+        .next(100, DrainOrder::OldestFirst)
+        .await
+        .expect("next");
+    assert_eq!(numbers(&again), vec![4, 5, 6, 7, 8, 9]);
+
+    let stats = queue.stats().await.expect("stats");
+    assert_eq!(stats.in_flight, 6);
+    queue.close().await.expect("close");
+
+    let queue = Queue::open(config(&dir.path().join("q.db"))).expect("reopen");
+    let stats = queue.stats().await.expect("stats");
+    assert_eq!(
+        (
+            stats.depth,
+            stats.in_flight,
+            stats.appended,
+            stats.delivered
+        ),
+        (6, 0, 10, 4)
+    );
+    let left = queue
+        .next(100, DrainOrder::OldestFirst)
+        .await
+        .expect("next");
+    assert_eq!(
+        numbers(&left),
+        vec![4, 5, 6, 7, 8, 9],
+        "in flight at close is pending again"
+    );
+    queue.close().await.expect("close");
+}
+
+#[tokio::test]
+async fn newest_first_hands_out_the_newest_rows_in_append_order() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let queue = Queue::open(config(&dir.path().join("q.db"))).expect("open");
+    queue.append(batch("a", 0..10)).await.expect("append");
+    let newest = queue.next(3, DrainOrder::NewestFirst).await.expect("next");
+    assert_eq!(numbers(&newest), vec![7, 8, 9]);
+    let newest = queue.next(3, DrainOrder::NewestFirst).await.expect("next");
+    assert_eq!(numbers(&newest), vec![4, 5, 6]);
+    let oldest = queue
+        .next(100, DrainOrder::OldestFirst)
+        .await
+        .expect("next");
+    assert_eq!(numbers(&oldest), vec![0, 1, 2, 3]);
+    queue.close().await.expect("close");
+}
+
+#[tokio::test]
+async fn flow_state_survives_a_restart_for_qos2_resumption() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("q.db");
+    let queue = Queue::open(config(&path)).expect("open");
+    queue.append(batch("a", 0..3)).await.expect("append");
+    let out = queue.next(3, DrainOrder::OldestFirst).await.expect("next");
+    assert!(out.iter().all(|s| s.pkid.is_none() && !s.pubrec));
+    queue
+        .set_flow(out[0].id, 17, false)
+        .await
+        .expect("set_flow");
+    queue.set_flow(out[1].id, 18, true).await.expect("set_flow");
+    queue.crash().await;
+
+    let queue = Queue::open(config(&path)).expect("reopen");
+    let out = queue.next(3, DrainOrder::OldestFirst).await.expect("next");
+    let flows: Vec<_> = out.iter().map(|s| (s.pkid, s.pubrec)).collect();
+    assert_eq!(
+        flows,
+        vec![(Some(17), false), (Some(18), true), (None, false)]
+    );
+    queue
+        .release(out.iter().map(|s| s.id).collect())
+        .await
+        .expect("release");
+    let again = queue.next(1, DrainOrder::OldestFirst).await.expect("next");
+    assert_eq!(again[0].pkid, Some(17), "release keeps the flow state");
+    queue.close().await.expect("close");
+}
+
+#[tokio::test]
+async fn pending_watch_changes_on_commit_and_release() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let queue = Queue::open(config(&dir.path().join("q.db"))).expect("open");
+    let mut pending = queue.pending();
+    assert_eq!(*pending.borrow_and_update(), 0);
+    queue.append(batch("a", 0..5)).await.expect("append");
+    assert!(pending.has_changed().expect("sender alive"));
+    assert_eq!(*pending.borrow_and_update(), 5);
+    let out = queue.next(5, DrainOrder::OldestFirst).await.expect("next");
+    assert!(!pending.has_changed().expect("sender alive"));
+    queue.release(vec![out[0].id]).await.expect("release");
+    assert!(pending.has_changed().expect("sender alive"));
+    assert_eq!(*pending.borrow_and_update(), 1);
+    queue.close().await.expect("close");
+}
+
+#[tokio::test]
+async fn a_closed_queue_hands_an_append_its_batch_back() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let queue = Queue::open(config(&dir.path().join("q.db"))).expect("open");
+    let other = queue.clone();
+    queue.close().await.expect("close");
+    match other.append(batch("a", 0..2)).await {
+        Err(Error::Closed(back)) => assert_eq!(back.len(), 2),
+        other => panic!("expected Closed with the batch, got {other:?}"),
+    }
+    assert!(matches!(other.stats().await, Err(Error::Closed(_))));
+}
+
+#[test]
+fn config_defaults_and_validation_use_key_paths() {
+    let parsed: StoreConfig = toml::from_str("").expect("empty section");
+    assert_eq!(parsed, StoreConfig::default());
+    assert!(parsed.validate().is_empty());
+    let parsed: StoreConfig =
+        toml::from_str("policy = \"drop_newest\"\nsynchronous = \"full\"\nmax_rows = 0\n")
+            .expect("parse");
+    assert_eq!(parsed.policy, DropPolicy::DropNewest);
+    assert_eq!(parsed.synchronous, Synchronous::Full);
+    let keys: Vec<String> = parsed.validate().into_iter().map(|p| p.key).collect();
+    assert_eq!(keys, vec!["store.max_rows"]);
+    assert!(toml::from_str::<StoreConfig>("max_rowz = 1").is_err());
+}
+
+fn big(topic: &str, n: u32, priority: Priority) -> Message {
+    let mut m = message(topic, n, priority);
+    let mut payload = n.to_be_bytes().to_vec();
+    payload.resize(2000, 0xA5);
+    m.payload = Bytes::from(payload);
+    m
+}
+
+/// Polls the queue's stats until `check` holds, or panics after 10 s.
+async fn wait_stats(queue: &Queue, what: &str, check: impl Fn(&Stats) -> bool) -> Stats {
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let stats = queue.stats().await.expect("stats");
+        if check(&stats) {
+            return stats;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting for {what}: {stats:?}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    }
+}
+
+#[tokio::test]
+async fn disk_full_holds_batches_in_memory_drops_newest_beyond_and_recovers() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let queue = Queue::open(StoreConfig {
+        memory_buffer_rows: 20,
+        policy: DropPolicy::DropNewest,
+        ..config(&dir.path().join("q.db"))
+    })
+    .expect("open");
+    queue
+        .append(vec![big("a", 0, Priority::Periodic)])
+        .await
+        .expect("append");
+    // Lower than the file: SQLite caps the file at its current size.
+    queue.set_max_page_count(1).await.expect("max_page_count");
+
+    let held = {
+        let queue = queue.clone();
+        tokio::spawn(async move {
+            queue
+                .append((1..11).map(|n| big("a", n, Priority::Periodic)).collect())
+                .await
+        })
+    };
+    wait_stats(&queue, "a failed commit", |s| {
+        s.commit_failures >= 1 && s.buffered == 10
+    })
+    .await;
+    let held2 = {
+        let queue = queue.clone();
+        tokio::spawn(async move {
+            queue
+                .append((11..21).map(|n| big("a", n, Priority::Event)).collect())
+                .await
+        })
+    };
+    wait_stats(&queue, "second batch buffered", |s| s.buffered == 20).await;
+    // Over the memory bound: drop_newest refuses the newest batch of the lowest class.
+    match queue
+        .append((21..24).map(|n| big("a", n, Priority::Periodic)).collect())
+        .await
+    {
+        Err(Error::Dropped {
+            rows: 3,
+            reason: DropReason::DiskFull,
+        }) => {}
+        other => panic!("expected the newest periodic batch dropped, got {other:?}"),
+    }
+    assert!(
+        !held.is_finished(),
+        "an append resolves only once committed"
+    );
+
+    queue
+        .set_max_page_count(1 << 20)
+        .await
+        .expect("space returns");
+    let ids1 = held
+        .await
+        .expect("task")
+        .expect("committed after space returned");
+    let ids2 = held2
+        .await
+        .expect("task")
+        .expect("committed after space returned");
+    assert_eq!((ids1.len(), ids2.len()), (10, 10));
+    let out = queue
+        .next(100, DrainOrder::OldestFirst)
+        .await
+        .expect("next");
+    assert_eq!(numbers(&out), (0..21).collect::<Vec<_>>());
+    let stats = queue.stats().await.expect("stats");
+    assert_eq!(stats.dropped.disk_full, 3);
+    assert_eq!(stats.buffered, 0);
+    queue.close().await.expect("close");
+}
+
+#[tokio::test]
+async fn disk_full_with_drop_oldest_evicts_old_periodic_rows_to_store_new_ones() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let queue = Queue::open(StoreConfig {
+        memory_buffer_rows: 5,
+        ..config(&dir.path().join("q.db"))
+    })
+    .expect("open");
+    queue
+        .append(vec![big("alarm", 0, Priority::Alarm)])
+        .await
+        .expect("append");
+    queue
+        .append((1..31).map(|n| big("a", n, Priority::Periodic)).collect())
+        .await
+        .expect("append");
+    queue.set_max_page_count(1).await.expect("max_page_count");
+
+    let new: Vec<Message> = (100..110)
+        .map(|n| big("a", n, Priority::Periodic))
+        .collect();
+    let ids = queue
+        .append(new)
+        .await
+        .expect("stored after evicting old rows");
+    assert_eq!(ids.len(), 10);
+    let stats = queue.stats().await.expect("stats");
+    assert!(stats.dropped.disk_full >= 10, "{stats:?}");
+    assert!(stats.commit_failures >= 1);
+    let out = queue
+        .next(1000, DrainOrder::OldestFirst)
+        .await
+        .expect("next");
+    let got = numbers(&out);
+    assert_eq!(got[0], 0, "the alarm outlives periodic rows");
+    assert!(got.ends_with(&(100..110).collect::<Vec<_>>()), "{got:?}");
+    assert_eq!(out.len() as u64 + stats.dropped.disk_full, 41);
+    queue.close().await.expect("close");
+}
+
+mod model {
+    //! Model-based test: random sequences of append, next, ack, release, set_flow,
+    //! close + reopen and crash + reopen against a plain in-memory model. Nothing
+    //! accepted is lost, queue order is kept, nothing is handed out twice within a
+    //! session, and after a crash only rows whose ack was not yet committed come back.
+
+    use std::collections::{BTreeMap, BTreeSet};
+
+    use proptest::prelude::*;
+
+    use super::*;
+
+    #[derive(Debug, Clone)]
+    enum Op {
+        Append(Vec<(u8, u8)>),
+        Next(usize, bool),
+        Ack(Vec<usize>),
+        Release(Vec<usize>),
+        SetFlow(usize, u16, bool),
+        Reopen,
+        Crash,
+    }
+
+    fn op() -> impl Strategy<Value = Op> {
+        prop_oneof![
+            4 => prop::collection::vec((0u8..3, 0u8..3), 1..6).prop_map(Op::Append),
+            4 => (1usize..8, any::<bool>()).prop_map(|(n, newest)| Op::Next(n, newest)),
+            3 => prop::collection::vec(any::<usize>(), 1..4).prop_map(Op::Ack),
+            2 => prop::collection::vec(any::<usize>(), 1..4).prop_map(Op::Release),
+            2 => (any::<usize>(), 1u16.., any::<bool>()).prop_map(|(i, p, r)| Op::SetFlow(i, p, r)),
+            1 => Just(Op::Reopen),
+            1 => Just(Op::Crash),
+        ]
+    }
+
+    #[derive(Debug, Clone, PartialEq)]
+    struct Row {
+        message: Message,
+        pkid: Option<u16>,
+        pubrec: bool,
+    }
+
+    #[derive(Default)]
+    struct Model {
+        /// Committed and not acknowledged.
+        rows: BTreeMap<i64, Row>,
+        in_flight: BTreeSet<i64>,
+        /// Acknowledged, but the delete may not be committed yet.
+        acked: BTreeMap<i64, Row>,
+        serial: u32,
+    }
+
+    impl Model {
+        fn pick(&self, i: usize) -> Option<i64> {
+            let n = self.in_flight.len();
+            (n > 0).then(|| *self.in_flight.iter().nth(i % n).expect("index below len"))
+        }
+
+        fn pending(&self) -> Vec<i64> {
+            self.rows
+                .keys()
+                .filter(|id| !self.in_flight.contains(id))
+                .copied()
+                .collect()
+        }
+    }
+
+    fn check(stored: &Stored, row: &Row) {
+        assert_eq!(&stored.message, &row.message, "row {}", stored.id);
+        assert_eq!(
+            (stored.pkid, stored.pubrec),
+            (row.pkid, row.pubrec),
+            "flow of row {}",
+            stored.id
+        );
+    }
+
+    async fn run(ops: Vec<Op>) {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let cfg = StoreConfig {
+            commit_interval_ms: 1,
+            ..config(&dir.path().join("q.db"))
+        };
+        let mut queue = Queue::open(cfg.clone()).expect("open");
+        let mut model = Model::default();
+        let mut last_id = 0;
+        for op in ops {
+            match op {
+                Op::Append(spec) => {
+                    let batch: Vec<Message> = spec
+                        .iter()
+                        .map(|&(topic, class)| {
+                            model.serial += 1;
+                            let priority = [Priority::Periodic, Priority::Event, Priority::Alarm]
+                                [class as usize];
+                            let mut m = message(&format!("t/{topic}"), model.serial, priority);
+                            m.qos = QoS::from_u8(class).expect("0..3");
+                            m.retain = topic == 1;
+                            m
+                        })
+                        .collect();
+                    let ids = queue.append(batch.clone()).await.expect("append");
+                    assert_eq!(ids.len(), batch.len());
+                    let floor = model
+                        .rows
+                        .keys()
+                        .chain(model.acked.keys())
+                        .max()
+                        .copied()
+                        .unwrap_or(0)
+                        .max(last_id);
+                    assert!(ids[0] > floor, "ids grow: {ids:?} after {floor}");
+                    assert!(ids.windows(2).all(|w| w[0] < w[1]));
+                    last_id = *ids.last().expect("non-empty");
+                    for (id, message) in ids.into_iter().zip(batch) {
+                        model.rows.insert(
+                            id,
+                            Row {
+                                message,
+                                pkid: None,
+                                pubrec: false,
+                            },
+                        );
+                    }
+                }
+                Op::Next(max, newest) => {
+                    let order = if newest {
+                        DrainOrder::NewestFirst
+                    } else {
+                        DrainOrder::OldestFirst
+                    };
+                    let got = queue.next(max, order).await.expect("next");
+                    let pending = model.pending();
+                    let want: Vec<i64> = if newest {
+                        pending[pending.len().saturating_sub(max)..].to_vec()
+                    } else {
+                        pending.into_iter().take(max).collect()
+                    };
+                    assert_eq!(got.iter().map(|s| s.id).collect::<Vec<_>>(), want);
+                    for stored in &got {
+                        check(stored, &model.rows[&stored.id]);
+                        model.in_flight.insert(stored.id);
+                    }
+                }
+                Op::Ack(picks) => {
+                    let ids: BTreeSet<i64> = picks.iter().filter_map(|&i| model.pick(i)).collect();
+                    queue.ack(ids.iter().copied().collect()).await.expect("ack");
+                    for id in ids {
+                        model.in_flight.remove(&id);
+                        let row = model.rows.remove(&id).expect("acked rows are stored");
+                        model.acked.insert(id, row);
+                    }
+                }
+                Op::Release(picks) => {
+                    let ids: BTreeSet<i64> = picks.iter().filter_map(|&i| model.pick(i)).collect();
+                    queue
+                        .release(ids.iter().copied().collect())
+                        .await
+                        .expect("release");
+                    for id in ids {
+                        model.in_flight.remove(&id);
+                    }
+                }
+                Op::SetFlow(i, pkid, pubrec) => {
+                    if let Some(id) = model.pick(i) {
+                        queue.set_flow(id, pkid, pubrec).await.expect("set_flow");
+                        let row = model.rows.get_mut(&id).expect("in flight rows are stored");
+                        row.pkid = Some(pkid);
+                        row.pubrec = pubrec;
+                    }
+                }
+                Op::Reopen => {
+                    queue.close().await.expect("close");
+                    queue = Queue::open(cfg.clone()).expect("reopen");
+                    model.acked.clear();
+                    model.in_flight.clear();
+                    let stats = queue.stats().await.expect("stats");
+                    assert_eq!(stats.depth, model.rows.len() as u64);
+                    assert_eq!(stats.pending, stats.depth);
+                }
+                Op::Crash => {
+                    queue.crash().await;
+                    queue = Queue::open(cfg.clone()).expect("reopen after crash");
+                    model.in_flight.clear();
+                    // Everything comes back pending; acks not yet committed may undo.
+                    let all = queue
+                        .next(usize::MAX, DrainOrder::OldestFirst)
+                        .await
+                        .expect("next");
+                    let ids: Vec<i64> = all.iter().map(|s| s.id).collect();
+                    assert!(
+                        ids.windows(2).all(|w| w[0] < w[1]),
+                        "queue order after crash"
+                    );
+                    let got: BTreeSet<i64> = ids.iter().copied().collect();
+                    for id in model.rows.keys() {
+                        assert!(got.contains(id), "committed row {id} lost in a crash");
+                    }
+                    for stored in &all {
+                        match (model.rows.get(&stored.id), model.acked.get(&stored.id)) {
+                            (Some(row), _) | (None, Some(row)) => check(stored, row),
+                            (None, None) => panic!("row {} came back from nowhere", stored.id),
+                        }
+                    }
+                    let acked = std::mem::take(&mut model.acked);
+                    for (id, row) in acked {
+                        if got.contains(&id) {
+                            model.rows.insert(id, row);
+                        }
+                    }
+                    queue.release(ids).await.expect("release");
+                }
+            }
+            let stats = queue.stats().await.expect("stats");
+            assert_eq!(stats.in_flight, model.in_flight.len() as u64);
+        }
+        queue.close().await.expect("close");
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 48, ..ProptestConfig::default() })]
+
+        #[test]
+        fn queue_matches_the_model(ops in prop::collection::vec(op(), 1..40)) {
+            tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("runtime")
+                .block_on(run(ops));
+        }
+    }
+}

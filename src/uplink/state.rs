@@ -1,0 +1,1042 @@
+//! The client's MQTT session state, with no I/O: packets and store rows go in, packets
+//! to write and store effects come out.
+//!
+//! The event loop (`connection.rs`) owns the socket and the store; it feeds this state
+//! with what it read ([`Session::handle`]), with rows fetched from the store
+//! ([`Session::offer`]) and with the clock ([`Session::on_timer`]), then writes
+//! [`Session::take_outbox`] and carries out [`Session::take_effects`].
+//!
+//! Invariants:
+//! - A row leaves the inflight window only through [`Effect::Delete`] (PUBACK for QoS 1,
+//!   PUBCOMP for QoS 2, written for QoS 0) or [`Effect::Drop`] (a message the broker can
+//!   never take: too large, invalid topic, refused with an error reason code). Nothing
+//!   else deletes a row.
+//! - Inflight slots are indexed by packet id and survive reconnects: the flows the
+//!   broker's session holds are resumed (PUBLISH with DUP, or PUBREL) before any new
+//!   packet id is handed out. If the broker answers `session present = 0` every slot
+//!   starts over as a fresh PUBLISH.
+//! - A QoS 2 row's packet id is a function of its row id (`pkid_for_row`), so a flow
+//!   interrupted by a crash before anything was persisted resumes under the same id and
+//!   the broker deduplicates it. PUBREL goes out only after the store has persisted
+//!   `pubrec` ([`Effect::PersistFlow`] then [`Session::flow_persisted`]); that record is
+//!   what makes QoS 2 exactly-once across a restart of the process.
+//! - Persisted flow state is trusted only while the broker session it was recorded in
+//!   lives: after `session present = 0` a row that comes back with `pubrec` is first reset
+//!   in the store, then published afresh (never released into a session that forgot it).
+//! - The number of QoS 1/2 publishes on the wire never exceeds the broker's receive
+//!   maximum; the window for new rows is the configured size capped by it.
+//! - Topic aliases (5.0) live for one network connection and are handed out first come,
+//!   up to the broker's topic alias maximum.
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use tokio::time::Instant;
+
+use crate::mqtt::{
+    self, Ack, ConnAck, Connect, Disconnect, Packet, Properties, Protocol, Publish, QoS,
+    ReasonCode, Subscribe, Subscription, SubscriptionOptions, Will,
+};
+use crate::store::Stored;
+
+use super::config::Password;
+use super::{Counters, Error};
+
+/// Largest remaining length MQTT can express.
+const MAX_REMAINING_LENGTH: usize = 268_435_455;
+
+/// Largest inflight window: packet ids left over serve status messages and SUBSCRIBE.
+pub const MAX_WINDOW: u16 = 65_000;
+
+/// Settings of the session, fixed for the life of the uplink.
+#[derive(Debug, Clone)]
+pub struct SessionConfig {
+    pub protocol: Protocol,
+    pub client_id: String,
+    pub username: Option<String>,
+    pub keep_alive: u16,
+    /// 5.0 session expiry interval sent in CONNECT.
+    pub session_expiry: u32,
+    /// The configured inflight window.
+    pub inflight: u16,
+    pub status_topic: String,
+    pub online_payload: Bytes,
+    pub offline_payload: Bytes,
+    pub subscribe: Vec<String>,
+    /// Largest packet we accept (announced to a 5.0 broker).
+    pub max_incoming_packet: u32,
+    /// How many unacknowledged QoS 1/2 publishes the broker may send us.
+    pub incoming_receive_maximum: u16,
+}
+
+/// What the broker announced in CONNACK (5.0) or the 3.1.1 defaults.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BrokerLimits {
+    pub receive_maximum: u16,
+    /// Largest packet the broker accepts, in bytes.
+    pub maximum_packet_size: usize,
+    pub maximum_qos: QoS,
+    pub retain_available: bool,
+    pub topic_alias_maximum: u16,
+    /// Keepalive in effect: ours, or the broker's override.
+    pub keep_alive: u16,
+}
+
+impl BrokerLimits {
+    fn defaults(keep_alive: u16) -> BrokerLimits {
+        BrokerLimits {
+            receive_maximum: u16::MAX,
+            maximum_packet_size: MAX_REMAINING_LENGTH + 5,
+            maximum_qos: QoS::ExactlyOnce,
+            retain_available: true,
+            topic_alias_maximum: 0,
+            keep_alive,
+        }
+    }
+}
+
+/// Why a row was deleted without the broker having accepted it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DropReason {
+    /// Larger than the broker's maximum packet size.
+    TooLarge { size: usize, max: usize },
+    /// The topic is not a valid MQTT topic name.
+    InvalidTopic(mqtt::Error),
+    /// The broker answered with an error reason code (5.0).
+    Rejected(ReasonCode),
+}
+
+/// Work for the event loop, in the order it must happen.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Effect {
+    /// The row is delivered: delete it from the store.
+    Delete(i64),
+    /// The row can never be delivered: delete it and count why.
+    Drop { id: i64, reason: DropReason },
+    /// Persist the QoS 2 flow state of a row, then call [`Session::flow_persisted`].
+    PersistFlow { id: i64, pkid: u16, pubrec: bool },
+    /// A message on one of the configured subscriptions.
+    Incoming(Box<Publish>),
+}
+
+/// The message a slot carries.
+#[derive(Debug, Clone)]
+struct Outgoing {
+    topic: String,
+    payload: Bytes,
+    qos: QoS,
+    retain: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Origin {
+    Row(i64),
+    Birth,
+    Offline,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Stage {
+    /// PUBLISH to (re)send or sent; waiting for PUBACK or PUBREC.
+    Publish,
+    /// PUBREC received; `pubrec` is being persisted before PUBREL may go out.
+    Persisting,
+    /// PUBREL to (re)send or sent; waiting for PUBCOMP.
+    Release,
+    /// A stale persisted `pubrec` is being cleared before a fresh PUBLISH.
+    Resetting,
+}
+
+#[derive(Debug, Clone)]
+struct Slot {
+    /// Order of first transmission; resends keep it.
+    seq: u64,
+    origin: Origin,
+    message: Outgoing,
+    stage: Stage,
+    /// Sent (or resent) on the current connection, so it counts against the broker's
+    /// receive maximum.
+    on_wire: bool,
+    /// Sent before, on an earlier connection or by an earlier process: set DUP.
+    sent_before: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    Disconnected,
+    AwaitConnAck,
+    Connected,
+}
+
+/// 5.0 topic aliases for one connection.
+#[derive(Debug, Default)]
+struct TopicAliases {
+    maximum: u16,
+    by_topic: HashMap<String, u16>,
+}
+
+impl TopicAliases {
+    fn reset(&mut self, maximum: u16) {
+        self.maximum = maximum;
+        self.by_topic.clear();
+    }
+
+    /// The alias for `topic` and whether it is new (the packet must carry the topic).
+    fn lookup(&mut self, topic: &str) -> Option<(u16, bool)> {
+        if let Some(&alias) = self.by_topic.get(topic) {
+            return Some((alias, false));
+        }
+        let next = u16::try_from(self.by_topic.len() + 1).ok()?;
+        if next > self.maximum {
+            return None;
+        }
+        self.by_topic.insert(topic.to_owned(), next);
+        Some((next, true))
+    }
+
+    fn forget(&mut self, topic: &str) {
+        self.by_topic.remove(topic);
+    }
+}
+
+/// Keepalive bookkeeping for one connection.
+#[derive(Debug, Clone, Copy)]
+struct Keepalive {
+    interval: Duration,
+    last_sent: Instant,
+    last_received: Instant,
+    ping_sent: Option<Instant>,
+}
+
+impl Keepalive {
+    fn new(interval: Duration, now: Instant) -> Keepalive {
+        Keepalive {
+            interval,
+            last_sent: now,
+            last_received: now,
+            ping_sent: None,
+        }
+    }
+
+    fn deadline(&self) -> Instant {
+        match self.ping_sent {
+            Some(at) => at + self.interval,
+            None => self.last_sent.min(self.last_received) + self.interval,
+        }
+    }
+}
+
+/// The packet id a QoS 2 row is published under unless the store holds another one.
+pub fn pkid_for_row(id: i64) -> u16 {
+    // Row ids start at 1; packet ids run 1..=65535.
+    u16::try_from((id - 1).rem_euclid(65_535) + 1).unwrap_or(1)
+}
+
+/// The packet id of a row: the one persisted with it, or the one its row id gives.
+fn row_pkid(row: &Stored) -> u16 {
+    row.pkid
+        .filter(|&p| p != 0)
+        .unwrap_or_else(|| pkid_for_row(row.id))
+}
+
+/// Bytes of a PUBLISH as encoded, for the broker's maximum packet size.
+fn publish_size(topic_len: usize, qos: QoS, payload_len: usize, v5: bool, alias: bool) -> usize {
+    let props = if alias { 3 } else { 0 };
+    let props_total = if v5 { var_int_len(props) + props } else { 0 };
+    let pkid = if qos == QoS::AtMostOnce { 0 } else { 2 };
+    let remaining = 2 + topic_len + pkid + props_total + payload_len;
+    1 + var_int_len(remaining) + remaining
+}
+
+fn var_int_len(n: usize) -> usize {
+    match n {
+        0..=127 => 1,
+        128..=16_383 => 2,
+        16_384..=2_097_151 => 3,
+        _ => 4,
+    }
+}
+
+/// The upstream session: inflight window, flows, aliases, keepalive.
+#[derive(Debug)]
+pub struct Session {
+    config: SessionConfig,
+    stats: Arc<Counters>,
+    phase: Phase,
+    limits: BrokerLimits,
+    /// False once any CONNACK said `session present = 0`: flow state persisted before
+    /// that is stale.
+    session_continuous: bool,
+    /// Will flags the broker refused (0x9A / 0x9B), remembered for the next CONNECT.
+    will_retain: bool,
+    will_qos: QoS,
+    slots: HashMap<u16, Slot>,
+    seq: u64,
+    on_wire: usize,
+    /// QoS 2 rows whose packet id is taken by another slot; they wait for it.
+    deferred: VecDeque<Stored>,
+    /// Slots to (re)transmit once the broker's receive maximum allows, by `seq`.
+    waiting: VecDeque<u16>,
+    /// Incoming QoS 2 packet ids whose PUBREL has not arrived.
+    incoming_rel: HashSet<u16>,
+    aliases: TopicAliases,
+    keepalive: Option<Keepalive>,
+    next_status_pkid: u16,
+    subscribe_pkid: Option<u16>,
+    /// Reason codes already logged on this connection (one line per reason).
+    logged_rejections: HashSet<u8>,
+    outbox: Vec<Packet>,
+    effects: VecDeque<Effect>,
+}
+
+impl Session {
+    pub fn new(config: SessionConfig, stats: Arc<Counters>) -> Session {
+        let limits = BrokerLimits::defaults(config.keep_alive);
+        Session {
+            config,
+            stats,
+            phase: Phase::Disconnected,
+            limits,
+            session_continuous: true,
+            will_retain: true,
+            will_qos: QoS::AtLeastOnce,
+            slots: HashMap::new(),
+            seq: 0,
+            on_wire: 0,
+            deferred: VecDeque::new(),
+            waiting: VecDeque::new(),
+            incoming_rel: HashSet::new(),
+            aliases: TopicAliases::default(),
+            keepalive: None,
+            next_status_pkid: u16::MAX,
+            subscribe_pkid: None,
+            logged_rejections: HashSet::new(),
+            outbox: Vec::new(),
+            effects: VecDeque::new(),
+        }
+    }
+
+    /// The CONNECT packet for a new connection: persistent session, will, credentials.
+    pub fn connect(&mut self, password: Option<Password>) -> Packet {
+        self.phase = Phase::AwaitConnAck;
+        let v5 = self.config.protocol == Protocol::V5;
+        let mut properties = Properties::default();
+        if v5 {
+            properties.session_expiry_interval = Some(self.config.session_expiry);
+            properties.receive_maximum = Some(self.config.incoming_receive_maximum);
+            properties.maximum_packet_size = Some(self.config.max_incoming_packet);
+        }
+        Packet::Connect(Connect {
+            protocol: self.config.protocol,
+            clean_start: false,
+            keep_alive: self.config.keep_alive,
+            client_id: self.config.client_id.clone(),
+            will: Some(Will {
+                topic: self.config.status_topic.clone(),
+                payload: self.config.offline_payload.clone(),
+                qos: self.will_qos,
+                retain: self.will_retain,
+                properties: Properties::default(),
+            }),
+            username: self.config.username.clone(),
+            password: password.map(Password::into_bytes),
+            properties,
+        })
+    }
+
+    /// Feeds one packet read from the broker.
+    ///
+    /// # Errors
+    /// The connection must be closed: CONNACK refused, DISCONNECT from the broker, or a
+    /// packet that breaks the protocol.
+    pub fn handle(&mut self, packet: Packet, now: Instant) -> Result<(), Error> {
+        if let Some(keepalive) = &mut self.keepalive {
+            keepalive.last_received = now;
+        }
+        match packet {
+            Packet::ConnAck(ack) => self.on_connack(ack, now),
+            _ if self.phase != Phase::Connected => Err(Error::Protocol(
+                "the broker sent a packet before CONNACK".to_owned(),
+            )),
+            Packet::PubAck(ack) => {
+                self.on_puback(ack, now);
+                Ok(())
+            }
+            Packet::PubRec(ack) => {
+                self.on_pubrec(ack, now);
+                Ok(())
+            }
+            Packet::PubComp(ack) => {
+                self.on_pubcomp(ack, now);
+                Ok(())
+            }
+            Packet::PubRel(ack) => {
+                self.incoming_rel.remove(&ack.pkid);
+                self.send(Packet::PubComp(Ack::new(ack.pkid)), now);
+                Ok(())
+            }
+            Packet::Publish(publish) => self.on_publish(publish, now),
+            Packet::SubAck(ack) => {
+                if self.subscribe_pkid == Some(ack.pkid) {
+                    self.subscribe_pkid = None;
+                    for (filter, code) in self.config.subscribe.iter().zip(&ack.reasons) {
+                        if !code.is_success() {
+                            tracing::warn!(
+                                filter,
+                                reason = code.0,
+                                "the upstream broker refused a subscription"
+                            );
+                        }
+                    }
+                }
+                Ok(())
+            }
+            Packet::PingResp => {
+                if let Some(keepalive) = &mut self.keepalive {
+                    keepalive.ping_sent = None;
+                }
+                Ok(())
+            }
+            Packet::Disconnect(Disconnect { reason, properties }) => Err(Error::ServerDisconnect {
+                code: reason.0,
+                reason: properties.reason_string.unwrap_or_default(),
+            }),
+            Packet::UnsubAck(_) => Ok(()),
+            Packet::Auth(_) => Err(Error::Protocol(
+                "the broker started enhanced authentication, which is not configured".to_owned(),
+            )),
+            Packet::Connect(_)
+            | Packet::Subscribe(_)
+            | Packet::Unsubscribe(_)
+            | Packet::PingReq => Err(Error::Protocol(
+                "the broker sent a packet only clients send".to_owned(),
+            )),
+        }
+    }
+
+    fn on_connack(&mut self, ack: ConnAck, now: Instant) -> Result<(), Error> {
+        if self.phase != Phase::AwaitConnAck {
+            return Err(Error::Protocol("a second CONNACK".to_owned()));
+        }
+        if !ack.code.is_success() {
+            self.phase = Phase::Disconnected;
+            match ack.code {
+                ReasonCode::RETAIN_NOT_SUPPORTED => self.will_retain = false,
+                ReasonCode::QOS_NOT_SUPPORTED => self.will_qos = QoS::AtMostOnce,
+                _ => {}
+            }
+            return Err(Error::Refused {
+                code: ack.code.0,
+                reason: ack.properties.reason_string.unwrap_or_default(),
+            });
+        }
+        let p = &ack.properties;
+        let keep_alive = p.server_keep_alive.unwrap_or(self.config.keep_alive);
+        self.limits = BrokerLimits {
+            receive_maximum: p.receive_maximum.filter(|&m| m > 0).unwrap_or(u16::MAX),
+            maximum_packet_size: p
+                .maximum_packet_size
+                .map_or(MAX_REMAINING_LENGTH + 5, |m| m as usize),
+            maximum_qos: p
+                .maximum_qos
+                .and_then(QoS::from_u8)
+                .unwrap_or(QoS::ExactlyOnce),
+            retain_available: p.retain_available.unwrap_or(true),
+            topic_alias_maximum: p.topic_alias_maximum.unwrap_or(0),
+            keep_alive,
+        };
+        self.phase = Phase::Connected;
+        self.aliases.reset(self.limits.topic_alias_maximum);
+        self.logged_rejections.clear();
+        self.keepalive =
+            (keep_alive > 0).then(|| Keepalive::new(Duration::from_secs(keep_alive.into()), now));
+        self.on_wire = 0;
+        if !ack.session_present {
+            self.session_continuous = false;
+            self.incoming_rel.clear();
+        }
+        self.slots
+            .retain(|_, slot| matches!(slot.origin, Origin::Row(_)));
+        self.publish_status(Origin::Birth, now);
+        if !self.config.subscribe.is_empty() {
+            let pkid = self.free_pkid();
+            self.subscribe_pkid = Some(pkid);
+            let filters = self
+                .config
+                .subscribe
+                .iter()
+                .map(|filter| Subscription {
+                    filter: filter.clone(),
+                    options: SubscriptionOptions {
+                        qos: QoS::AtLeastOnce,
+                        ..SubscriptionOptions::default()
+                    },
+                })
+                .collect();
+            self.send(
+                Packet::Subscribe(Subscribe {
+                    pkid,
+                    filters,
+                    properties: Properties::default(),
+                }),
+                now,
+            );
+        }
+        let mut resend: Vec<(u64, u16)> = self
+            .slots
+            .iter()
+            .filter(|(_, slot)| matches!(slot.origin, Origin::Row(_)))
+            .map(|(&pkid, slot)| (slot.seq, pkid))
+            .collect();
+        resend.sort_unstable();
+        self.waiting = resend.into_iter().map(|(_, pkid)| pkid).collect();
+        if !ack.session_present {
+            for &pkid in &self.waiting {
+                let Some(slot) = self.slots.get_mut(&pkid) else {
+                    continue;
+                };
+                slot.sent_before = false;
+                if let (Stage::Release | Stage::Persisting, Origin::Row(id)) =
+                    (slot.stage, slot.origin)
+                {
+                    slot.stage = Stage::Resetting;
+                    self.effects.push_back(Effect::PersistFlow {
+                        id,
+                        pkid,
+                        pubrec: false,
+                    });
+                }
+            }
+        }
+        self.transmit_waiting(now);
+        self.retry_deferred(now);
+        Ok(())
+    }
+
+    /// The connection is gone. Slots stay for the next connection; aliases and
+    /// keepalive die with this one.
+    pub fn disconnected(&mut self) {
+        self.phase = Phase::Disconnected;
+        self.keepalive = None;
+        self.on_wire = 0;
+        self.subscribe_pkid = None;
+        self.waiting.clear();
+        self.outbox.clear();
+        for slot in self.slots.values_mut() {
+            if slot.on_wire {
+                slot.sent_before = true;
+            }
+            slot.on_wire = false;
+        }
+    }
+
+    /// True between a successful CONNACK and the loss of the connection.
+    pub fn is_connected(&self) -> bool {
+        self.phase == Phase::Connected
+    }
+
+    /// What the broker announced on the current (or last) connection.
+    pub fn limits(&self) -> BrokerLimits {
+        self.limits
+    }
+
+    /// How many more rows [`Session::offer`] may take now.
+    pub fn room(&self) -> usize {
+        if self.phase != Phase::Connected {
+            return 0;
+        }
+        let window = usize::from(
+            self.config
+                .inflight
+                .min(self.limits.receive_maximum)
+                .min(MAX_WINDOW),
+        );
+        window.saturating_sub(self.slots.len() + self.deferred.len())
+    }
+
+    /// Rows the session holds (in the window or deferred), for release on shutdown.
+    pub fn held_rows(&self) -> Vec<i64> {
+        let mut rows: Vec<(u64, i64)> = self
+            .slots
+            .values()
+            .filter_map(|slot| match slot.origin {
+                Origin::Row(id) => Some((slot.seq, id)),
+                _ => None,
+            })
+            .collect();
+        rows.sort_unstable();
+        rows.into_iter()
+            .map(|(_, id)| id)
+            .chain(self.deferred.iter().map(|row| row.id))
+            .collect()
+    }
+
+    /// Takes a row fetched from the store into the window and publishes it (or its
+    /// PUBREL, when its QoS 2 flow resumes past PUBREC).
+    pub fn offer(&mut self, row: Stored, now: Instant) {
+        if let Err(e) = mqtt::topic::validate_topic_name(&row.message.topic) {
+            self.effects.push_back(Effect::Drop {
+                id: row.id,
+                reason: DropReason::InvalidTopic(e),
+            });
+            return;
+        }
+        let qos = row.message.qos.min(self.limits.maximum_qos);
+        let message = Outgoing {
+            topic: row.message.topic.clone(),
+            payload: row.message.payload.clone(),
+            qos,
+            retain: row.message.retain && self.limits.retain_available,
+        };
+        let resumable = self.session_continuous && row.pkid.is_some_and(|p| p != 0);
+        if qos == QoS::AtMostOnce && !(row.pubrec && resumable) {
+            if self.publish_now(&message, 0, false, Some(row.id), now) {
+                self.stats.published.fetch_add(1, Ordering::Relaxed);
+                self.effects.push_back(Effect::Delete(row.id));
+            }
+            return;
+        }
+        let pkid = row_pkid(&row);
+        let pkid = if !self.pkid_in_use(pkid) {
+            pkid
+        } else if qos == QoS::AtLeastOnce && !row.pubrec {
+            self.free_pkid()
+        } else {
+            // The broker may hold a QoS 2 flow under this id; wait for our slot with
+            // the same id to finish rather than collide.
+            self.deferred.push_back(row);
+            return;
+        };
+        let stage = match (row.pubrec, resumable) {
+            (true, true) => Stage::Release,
+            (true, false) => Stage::Resetting,
+            (false, _) => Stage::Publish,
+        };
+        self.seq += 1;
+        self.slots.insert(
+            pkid,
+            Slot {
+                seq: self.seq,
+                origin: Origin::Row(row.id),
+                message,
+                stage,
+                on_wire: false,
+                sent_before: resumable,
+            },
+        );
+        if stage == Stage::Resetting {
+            self.effects.push_back(Effect::PersistFlow {
+                id: row.id,
+                pkid,
+                pubrec: false,
+            });
+            return;
+        }
+        if self.can_transmit() {
+            self.transmit(pkid, now);
+        } else {
+            self.waiting.push_back(pkid);
+        }
+    }
+
+    /// The store has persisted what [`Effect::PersistFlow`] asked for.
+    pub fn flow_persisted(&mut self, pkid: u16, pubrec: bool, now: Instant) {
+        let Some(slot) = self.slots.get_mut(&pkid) else {
+            return;
+        };
+        match (slot.stage, pubrec) {
+            (Stage::Persisting, true) => slot.stage = Stage::Release,
+            (Stage::Resetting, false) => {
+                slot.stage = Stage::Publish;
+                slot.sent_before = false;
+            }
+            _ => return,
+        }
+        if self.phase != Phase::Connected {
+            return;
+        }
+        if slot.on_wire && slot.stage == Stage::Release {
+            self.send(Packet::PubRel(Ack::new(pkid)), now);
+        } else if self.can_transmit() {
+            self.transmit(pkid, now);
+        } else {
+            self.waiting.push_back(pkid);
+        }
+    }
+
+    /// Publishes the offline status (graceful shutdown); its packet id, to wait for
+    /// with [`Session::is_pending`]. `None` when not connected or it cannot be sent.
+    pub fn publish_offline(&mut self, now: Instant) -> Option<u16> {
+        if self.phase != Phase::Connected {
+            return None;
+        }
+        self.publish_status(Origin::Offline, now)
+    }
+
+    /// Whether the slot `pkid` still waits for its acknowledgement.
+    pub fn is_pending(&self, pkid: u16) -> bool {
+        self.slots.contains_key(&pkid)
+    }
+
+    /// The DISCONNECT of a graceful shutdown (the broker discards the will).
+    pub fn disconnect(&mut self) -> Packet {
+        self.phase = Phase::Disconnected;
+        Packet::Disconnect(Disconnect::default())
+    }
+
+    /// When [`Session::on_timer`] must run next.
+    pub fn next_timer(&self) -> Option<Instant> {
+        self.keepalive.map(|k| k.deadline())
+    }
+
+    /// Sends PINGREQ when the connection has been quiet for the keepalive interval.
+    ///
+    /// # Errors
+    /// [`Error::PingTimeout`] when a PINGREQ got no answer within the interval: the
+    /// connection is half-open.
+    pub fn on_timer(&mut self, now: Instant) -> Result<(), Error> {
+        let Some(keepalive) = self.keepalive else {
+            return Ok(());
+        };
+        if now < keepalive.deadline() {
+            return Ok(());
+        }
+        if keepalive.ping_sent.is_some() {
+            return Err(Error::PingTimeout(keepalive.interval));
+        }
+        self.send(Packet::PingReq, now);
+        if let Some(keepalive) = &mut self.keepalive {
+            keepalive.ping_sent = Some(now);
+        }
+        Ok(())
+    }
+
+    /// Packets to write, in order.
+    pub fn take_outbox(&mut self) -> std::vec::Drain<'_, Packet> {
+        self.outbox.drain(..)
+    }
+
+    /// Store work, in order.
+    pub fn take_effects(&mut self) -> std::collections::vec_deque::Drain<'_, Effect> {
+        self.effects.drain(..)
+    }
+
+    fn send(&mut self, packet: Packet, now: Instant) {
+        self.outbox.push(packet);
+        if let Some(keepalive) = &mut self.keepalive {
+            keepalive.last_sent = now;
+        }
+    }
+
+    fn can_transmit(&self) -> bool {
+        self.on_wire < usize::from(self.limits.receive_maximum)
+    }
+
+    fn pkid_in_use(&self, pkid: u16) -> bool {
+        self.slots.contains_key(&pkid) || self.subscribe_pkid == Some(pkid)
+    }
+
+    /// A packet id nothing uses, for colliding QoS 1 rows, status messages and
+    /// SUBSCRIBE. Counting down from 65535 keeps clear of the ids young row ids map to.
+    /// The loop ends: the window holds fewer than 65535 slots.
+    fn free_pkid(&mut self) -> u16 {
+        loop {
+            let pkid = self.next_status_pkid;
+            self.next_status_pkid = match self.next_status_pkid {
+                1 => u16::MAX,
+                n => n - 1,
+            };
+            if !self.pkid_in_use(pkid) {
+                return pkid;
+            }
+        }
+    }
+
+    fn publish_status(&mut self, origin: Origin, now: Instant) -> Option<u16> {
+        let payload = match origin {
+            Origin::Offline => self.config.offline_payload.clone(),
+            _ => self.config.online_payload.clone(),
+        };
+        let message = Outgoing {
+            topic: self.config.status_topic.clone(),
+            payload,
+            qos: QoS::AtLeastOnce.min(self.limits.maximum_qos),
+            retain: self.limits.retain_available,
+        };
+        if message.qos == QoS::AtMostOnce {
+            self.publish_now(&message, 0, false, None, now);
+            return None;
+        }
+        let pkid = self.free_pkid();
+        self.seq += 1;
+        self.slots.insert(
+            pkid,
+            Slot {
+                seq: self.seq,
+                origin,
+                message,
+                stage: Stage::Publish,
+                on_wire: false,
+                sent_before: false,
+            },
+        );
+        self.transmit(pkid, now);
+        self.slots.contains_key(&pkid).then_some(pkid)
+    }
+
+    /// Puts a slot's next packet on the wire.
+    fn transmit(&mut self, pkid: u16, now: Instant) {
+        let Some(slot) = self.slots.get(&pkid) else {
+            return;
+        };
+        match slot.stage {
+            Stage::Publish => {
+                let (message, dup, origin) = (slot.message.clone(), slot.sent_before, slot.origin);
+                let row = match origin {
+                    Origin::Row(id) => Some(id),
+                    _ => None,
+                };
+                if !self.publish_now(&message, pkid, dup, row, now) {
+                    self.slots.remove(&pkid);
+                    self.retry_deferred(now);
+                    return;
+                }
+                let counter = if dup {
+                    &self.stats.resent
+                } else {
+                    &self.stats.published
+                };
+                counter.fetch_add(1, Ordering::Relaxed);
+            }
+            Stage::Release => self.send(Packet::PubRel(Ack::new(pkid)), now),
+            Stage::Persisting | Stage::Resetting => return,
+        }
+        if let Some(slot) = self.slots.get_mut(&pkid) {
+            slot.on_wire = true;
+            self.on_wire += 1;
+        }
+    }
+
+    /// Builds and queues a PUBLISH, with a topic alias when one fits. False (and the
+    /// row dropped) when it exceeds the broker's maximum packet size.
+    fn publish_now(
+        &mut self,
+        message: &Outgoing,
+        pkid: u16,
+        dup: bool,
+        row: Option<i64>,
+        now: Instant,
+    ) -> bool {
+        let v5 = self.config.protocol == Protocol::V5;
+        let alias = if v5 {
+            self.aliases.lookup(&message.topic)
+        } else {
+            None
+        };
+        let topic_len = match alias {
+            Some((_, false)) => 0,
+            _ => message.topic.len(),
+        };
+        let size = publish_size(
+            topic_len,
+            message.qos,
+            message.payload.len(),
+            v5,
+            alias.is_some(),
+        );
+        let max = self
+            .limits
+            .maximum_packet_size
+            .min(MAX_REMAINING_LENGTH + 5);
+        if size > max {
+            if let Some((_, true)) = alias {
+                self.aliases.forget(&message.topic);
+            }
+            if let Some(id) = row {
+                self.effects.push_back(Effect::Drop {
+                    id,
+                    reason: DropReason::TooLarge { size, max },
+                });
+            }
+            return false;
+        }
+        let properties = Properties {
+            topic_alias: alias.map(|(alias, _)| alias),
+            ..Properties::default()
+        };
+        self.send(
+            Packet::Publish(Publish {
+                dup,
+                qos: message.qos,
+                retain: message.retain,
+                topic: if topic_len == 0 {
+                    String::new()
+                } else {
+                    message.topic.clone()
+                },
+                pkid,
+                payload: message.payload.clone(),
+                properties,
+            }),
+            now,
+        );
+        true
+    }
+
+    fn transmit_waiting(&mut self, now: Instant) {
+        while self.can_transmit() {
+            let Some(pkid) = self.waiting.pop_front() else {
+                break;
+            };
+            self.transmit(pkid, now);
+        }
+    }
+
+    fn retry_deferred(&mut self, now: Instant) {
+        for _ in 0..self.deferred.len() {
+            let Some(row) = self.deferred.pop_front() else {
+                break;
+            };
+            if self.pkid_in_use(row_pkid(&row)) {
+                self.deferred.push_back(row);
+            } else {
+                self.offer(row, now);
+            }
+        }
+    }
+
+    /// Removes a finished slot and lets waiting work move up.
+    fn finish(&mut self, pkid: u16, now: Instant) -> Option<Slot> {
+        let slot = self.slots.remove(&pkid)?;
+        if slot.on_wire {
+            self.on_wire -= 1;
+        }
+        self.transmit_waiting(now);
+        self.retry_deferred(now);
+        Some(slot)
+    }
+
+    fn row_done(&mut self, slot: &Slot, code: ReasonCode) {
+        let Origin::Row(id) = slot.origin else {
+            return;
+        };
+        if code.is_success() {
+            self.effects.push_back(Effect::Delete(id));
+            return;
+        }
+        if self.logged_rejections.insert(code.0) {
+            tracing::warn!(
+                topic = %slot.message.topic,
+                reason = code.0,
+                "the upstream broker refused a message; such messages are dropped and counted"
+            );
+        }
+        self.effects.push_back(Effect::Drop {
+            id,
+            reason: DropReason::Rejected(code),
+        });
+    }
+
+    fn on_puback(&mut self, ack: Ack, now: Instant) {
+        let expected = self.slots.get(&ack.pkid).is_some_and(|slot| {
+            slot.on_wire && slot.stage == Stage::Publish && slot.message.qos == QoS::AtLeastOnce
+        });
+        if !expected {
+            tracing::debug!(pkid = ack.pkid, "PUBACK for no QoS 1 publish in flight");
+            return;
+        }
+        if let Some(slot) = self.finish(ack.pkid, now) {
+            self.row_done(&slot, ack.reason);
+        }
+    }
+
+    fn on_pubrec(&mut self, ack: Ack, now: Instant) {
+        let Some(slot) = self.slots.get_mut(&ack.pkid) else {
+            // Let the broker finish a flow we no longer know.
+            let mut rel = Ack::new(ack.pkid);
+            if self.config.protocol == Protocol::V5 {
+                rel.reason = ReasonCode::PACKET_IDENTIFIER_NOT_FOUND;
+            }
+            self.send(Packet::PubRel(rel), now);
+            return;
+        };
+        match slot.stage {
+            Stage::Publish if slot.on_wire && slot.message.qos == QoS::ExactlyOnce => {
+                if !ack.reason.is_success() {
+                    if let Some(slot) = self.finish(ack.pkid, now) {
+                        self.row_done(&slot, ack.reason);
+                    }
+                    return;
+                }
+                slot.stage = Stage::Persisting;
+                if let Origin::Row(id) = slot.origin {
+                    self.effects.push_back(Effect::PersistFlow {
+                        id,
+                        pkid: ack.pkid,
+                        pubrec: true,
+                    });
+                }
+            }
+            Stage::Release if slot.on_wire => self.send(Packet::PubRel(Ack::new(ack.pkid)), now),
+            _ => tracing::debug!(pkid = ack.pkid, "PUBREC out of order, ignored"),
+        }
+    }
+
+    fn on_pubcomp(&mut self, ack: Ack, now: Instant) {
+        let expected = self
+            .slots
+            .get(&ack.pkid)
+            .is_some_and(|slot| slot.on_wire && slot.stage == Stage::Release);
+        if !expected {
+            tracing::debug!(pkid = ack.pkid, "PUBCOMP for no PUBREL in flight");
+            return;
+        }
+        if ack.reason == ReasonCode::PACKET_IDENTIFIER_NOT_FOUND
+            && self.logged_rejections.insert(ack.reason.0)
+        {
+            tracing::warn!(
+                pkid = ack.pkid,
+                "the upstream broker had no record of a QoS 2 flow being released; its \
+                 session state was lost"
+            );
+        }
+        if let Some(slot) = self.finish(ack.pkid, now) {
+            // Whatever the reason code, the flow is over and the broker has the message
+            // or never will: PUBCOMP ends it.
+            self.row_done(&slot, ReasonCode::SUCCESS);
+        }
+    }
+
+    fn on_publish(&mut self, publish: Publish, now: Instant) -> Result<(), Error> {
+        match publish.qos {
+            QoS::AtMostOnce => self.effects.push_back(Effect::Incoming(Box::new(publish))),
+            QoS::AtLeastOnce => {
+                let pkid = publish.pkid;
+                self.effects.push_back(Effect::Incoming(Box::new(publish)));
+                self.send(Packet::PubAck(Ack::new(pkid)), now);
+            }
+            QoS::ExactlyOnce => {
+                let pkid = publish.pkid;
+                if !self.incoming_rel.contains(&pkid) {
+                    if self.incoming_rel.len() >= usize::from(self.config.incoming_receive_maximum)
+                    {
+                        return Err(Error::Protocol(
+                            "the broker exceeded our receive maximum".to_owned(),
+                        ));
+                    }
+                    self.incoming_rel.insert(pkid);
+                    self.effects.push_back(Effect::Incoming(Box::new(publish)));
+                }
+                self.send(Packet::PubRec(Ack::new(pkid)), now);
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+#[path = "state_tests.rs"]
+mod tests;
