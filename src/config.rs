@@ -27,6 +27,7 @@ use serde::Deserialize;
 
 use crate::mqtt::QoS;
 use crate::store::StoreConfig;
+use crate::uplink::UplinkConfig;
 
 /// One semantic problem in a config section, found after deserialization.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -62,7 +63,7 @@ pub struct Config {
     pub store: StoreConfig,
     /// `[upstream]`: the upstream MQTT connection. Absent: LAN-only.
     #[serde(default)]
-    pub upstream: Option<toml::Table>,
+    pub upstream: Option<UplinkConfig>,
     /// `[[bus]]`: field buses with their devices.
     #[serde(default)]
     pub bus: Vec<toml::Table>,
@@ -181,6 +182,9 @@ impl Config {
     pub fn validate(&self) -> Vec<Invalid> {
         let mut problems = self.agent.validate();
         problems.extend(self.store.validate());
+        if let Some(upstream) = &self.upstream {
+            problems.extend(upstream.validate());
+        }
         if self.broker.is_none() && self.bus.is_empty() && self.upstream.is_none() {
             problems.push(Invalid::new(
                 "",

@@ -256,3 +256,18 @@ fn queue_stats_reads_a_real_store_without_the_agent() {
     assert!(output.status.success(), "{}", text(&output));
     assert!(String::from_utf8_lossy(&output.stdout).contains("\"depth\": 3"));
 }
+
+#[test]
+fn a_problem_found_by_another_section_points_at_its_key() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let path = dir.path().join("upstream.toml");
+    std::fs::write(&path, "[upstream]\nurl = \"http://broker.example:1883\"\n").expect("write");
+    let output = check_config(&path);
+    assert!(!output.status.success(), "{}", text(&output));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains(&format!("{}:2:7: upstream.url: ", path.display())),
+        "{}",
+        text(&output)
+    );
+}
