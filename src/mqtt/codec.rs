@@ -1034,8 +1034,9 @@ fn encode_ack(byte1: u8, a: &Ack, v5: bool, ctx: &Ctx, out: &mut BytesMut) -> Re
     Ok(())
 }
 
-/// DISCONNECT and AUTH: empty in 3.1.1; in 5.0 the shortest form that carries the
-/// reason code and properties.
+/// DISCONNECT and AUTH: empty in 3.1.1; in 5.0 empty for success without properties,
+/// otherwise reason code and property length. The spec also allows a lone reason code,
+/// but some clients (rumqttc 0.24) cannot read that form, and it saves one byte.
 fn encode_reason_tail(
     byte1: u8,
     reason: ReasonCode,
@@ -1050,17 +1051,12 @@ fn encode_reason_tail(
     check_reason(reason, ctx)?;
     let (props, props_total) = props_len(p, ctx.place, v5)?;
     if props == 0 && reason == ReasonCode::SUCCESS {
-        put_header(out, byte1, 0)
-    } else if props == 0 {
-        put_header(out, byte1, 1)?;
-        out.put_u8(reason.0);
-        Ok(())
-    } else {
-        put_header(out, byte1, 1 + props_total)?;
-        out.put_u8(reason.0);
-        properties::write(p, props, out);
-        Ok(())
+        return put_header(out, byte1, 0);
     }
+    put_header(out, byte1, 1 + props_total)?;
+    out.put_u8(reason.0);
+    properties::write(p, props, out);
+    Ok(())
 }
 
 fn encode_subscribe(s: &Subscribe, v5: bool, out: &mut BytesMut) -> Result<(), Error> {

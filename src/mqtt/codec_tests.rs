@@ -833,6 +833,20 @@ fn v5_acks_use_the_shortest_form() {
         ])
     );
     round_trip(Packet::Disconnect(d.clone()), Protocol::V5);
+    // DISCONNECT with a reason always carries the property length (rumqttc 0.24 cannot
+    // read the lone reason code), but the lone form is accepted.
+    let taken_over = Disconnect {
+        reason: ReasonCode::SESSION_TAKEN_OVER,
+        properties: Properties::default(),
+    };
+    assert_eq!(
+        enc(&Packet::Disconnect(taken_over.clone()), Protocol::V5),
+        Ok(vec![0xE0, 0x02, 0x8E, 0x00])
+    );
+    assert_eq!(
+        dec5(&[0xE0, 0x01, 0x8E]),
+        Ok(Some(Packet::Disconnect(taken_over)))
+    );
     // 3.1.1 DISCONNECT carries nothing.
     assert_eq!(
         enc(&Packet::Disconnect(d), Protocol::V311),
