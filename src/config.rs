@@ -25,8 +25,10 @@ use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
+use crate::field::{BusConfig, FieldConfig, ProfileConfig};
 use crate::mqtt::QoS;
 use crate::store::StoreConfig;
+use crate::uplink::UplinkConfig;
 
 /// One semantic problem in a config section, found after deserialization.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -48,27 +50,38 @@ impl Invalid {
 }
 
 /// The whole configuration file.
-#[derive(Debug, Clone, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[derive(Debug, Clone, Default)]
 pub struct Config {
     /// `[agent]`: always present in effect; every key has a default.
-    #[serde(default)]
     pub agent: AgentConfig,
     /// `[broker]`: the local LAN broker. Absent: no local broker.
-    #[serde(default)]
     pub broker: Option<toml::Table>,
     /// `[store]`: the store-and-forward queue, opened only when there is an upstream.
-    #[serde(default)]
     pub store: StoreConfig,
     /// `[upstream]`: the upstream MQTT connection. Absent: LAN-only.
+    pub upstream: Option<UplinkConfig>,
+    /// `[[bus]]` and `[profile.NAME]`: the field devices.
+    pub field: FieldConfig,
+    /// The document as parsed, to tell which sections a reload changed.
+    pub raw: toml::Table,
+}
+
+/// The file's top level as serde sees it; [`Config`] regroups the field sections.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct File {
     #[serde(default)]
-    pub upstream: Option<toml::Table>,
-    /// `[[bus]]`: field buses with their devices.
+    agent: AgentConfig,
     #[serde(default)]
-    pub bus: Vec<toml::Table>,
-    /// `[profile.NAME]`: point lists shared by devices of one model.
+    broker: Option<toml::Table>,
     #[serde(default)]
-    pub profile: BTreeMap<String, toml::Table>,
+    store: StoreConfig,
+    #[serde(default)]
+    upstream: Option<UplinkConfig>,
+    #[serde(default)]
+    bus: Vec<BusConfig>,
+    #[serde(default)]
+    profile: BTreeMap<String, ProfileConfig>,
 }
 
 /// `[agent]`: how the parts are wired together.
@@ -177,11 +190,20 @@ impl AgentConfig {
 }
 
 impl Config {
+    /// Whether the top-level `section` differs between the two files.
+    pub fn section_changed(&self, other: &Config, section: &str) -> bool {
+        self.raw.get(section) != other.raw.get(section)
+    }
+
     /// Problems across all sections, each with its dotted key path.
     pub fn validate(&self) -> Vec<Invalid> {
         let mut problems = self.agent.validate();
         problems.extend(self.store.validate());
-        if self.broker.is_none() && self.bus.is_empty() && self.upstream.is_none() {
+        if let Some(upstream) = &self.upstream {
+            problems.extend(upstream.validate());
+        }
+        problems.extend(self.field.validate());
+        if self.broker.is_none() && self.field.buses.is_empty() && self.upstream.is_none() {
             problems.push(Invalid::new(
                 "",
                 "nothing to run: configure a [broker], an [upstream] or at least one [[bus]]",
@@ -280,8 +302,8 @@ pub fn parse(file: &str, text: &str) -> Result<Config, Error> {
         }
     };
     let entries = Entries::of(&doc);
-    let config: Config = match toml::from_str(text) {
-        Ok(config) => config,
+    let parsed: File = match toml::from_str(text) {
+        Ok(parsed) => parsed,
         Err(err) => {
             let span = err.span().unwrap_or(0..0);
             let key = entries.key_at(&span).unwrap_or_default();
@@ -296,6 +318,17 @@ pub fn parse(file: &str, text: &str) -> Result<Config, Error> {
                 }],
             });
         }
+    };
+    let config = Config {
+        agent: parsed.agent,
+        broker: parsed.broker,
+        store: parsed.store,
+        upstream: parsed.upstream,
+        field: FieldConfig {
+            buses: parsed.bus,
+            profiles: parsed.profile,
+        },
+        raw: toml::from_str(text).unwrap_or_default(),
     };
     let invalid = config.validate();
     if invalid.is_empty() {

@@ -7,7 +7,7 @@ use std::process::ExitCode;
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 
-use fieldbridge::{config, store};
+use fieldbridge::{config, field, store};
 
 /// Where the Debian package and the systemd unit put the configuration.
 const DEFAULT_CONFIG: &str = "/etc/fieldbridge/fieldbridge.toml";
@@ -27,6 +27,9 @@ enum Command {
         #[arg(short, long, default_value = DEFAULT_CONFIG)]
         config: PathBuf,
     },
+    /// Read registers from a Modbus device and print every decoding of them (types ×
+    /// byte orders), plus the TOML for the chosen one.
+    Probe(ProbeArgs),
     /// Inspect the store-and-forward queue.
     Queue {
         #[command(subcommand)]
@@ -50,10 +53,57 @@ struct QueueArgs {
     db: Option<PathBuf>,
 }
 
+#[derive(Args)]
+#[command(group(clap::ArgGroup::new("transport").required(true).args(["tcp", "rtu"])))]
+struct ProbeArgs {
+    /// Modbus TCP device: HOST or HOST:PORT (port 502 by default).
+    #[arg(long, value_name = "HOST[:PORT]")]
+    tcp: Option<String>,
+    /// RTU frames over TCP (serial device servers) instead of Modbus TCP.
+    #[arg(long, requires = "tcp")]
+    rtu_over_tcp: bool,
+    /// Modbus RTU on a serial port, e.g. /dev/ttyUSB0.
+    #[arg(long, value_name = "DEVICE")]
+    rtu: Option<String>,
+    #[arg(long, default_value_t = 9600)]
+    baud: u32,
+    /// none, even or odd.
+    #[arg(long, default_value = "even")]
+    parity: String,
+    #[arg(long, default_value_t = 8)]
+    data_bits: u8,
+    #[arg(long, default_value_t = 1)]
+    stop_bits: u8,
+    /// Unit (slave) id.
+    #[arg(long, default_value_t = 1)]
+    unit: u8,
+    /// coil, discrete, input or holding.
+    #[arg(long)]
+    kind: String,
+    /// 0-based protocol address of the first register (holding 0 = 40001).
+    #[arg(long)]
+    address: u16,
+    /// Registers (or bits) to read.
+    #[arg(long, default_value_t = 4)]
+    count: u16,
+    #[arg(long, default_value_t = 1000)]
+    timeout_ms: u64,
+    /// Pick the decoding whose value is closest to this (e.g. what the display shows).
+    #[arg(long, conflicts_with = "data_type")]
+    expect: Option<f64>,
+    /// Pick this type (u16, i32, f32, …) for the TOML snippet; needs --order.
+    #[arg(long = "type", requires = "order")]
+    data_type: Option<String>,
+    /// ABCD, BADC, CDAB or DCBA.
+    #[arg(long, requires = "data_type")]
+    order: Option<String>,
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::CheckConfig { config } => check_config(&config),
+        Command::Probe(args) => probe(&args),
         Command::Queue {
             command: QueueCommand::Stats(args),
         } => queue_stats(&args),
@@ -81,10 +131,40 @@ fn check_config(path: &Path) -> anyhow::Result<()> {
         }
     );
     match &config.upstream {
-        Some(_) => println!("upstream: yes, store {}", config.store.path.display()),
+        Some(upstream) => {
+            println!("upstream: {}", upstream.url);
+            println!("store: {}", config.store.path.display());
+        }
         None => println!("upstream: none (LAN-only, no store)"),
     }
-    println!("buses: {}", config.bus.len());
+    println!();
+    println!("topics:");
+    println!("  {prefix}/status");
+    println!("  {prefix}/health");
+    for bus in &config.field.buses {
+        for device in &bus.devices {
+            let profile = device
+                .profile
+                .as_ref()
+                .and_then(|name| config.field.profiles.get(name))
+                .map(|profile| profile.points.as_slice())
+                .unwrap_or_default();
+            println!("  {prefix}/{}/status", device.name);
+            if device.batch {
+                println!("  {prefix}/{}", device.name);
+            }
+            for point in profile.iter().chain(&device.points) {
+                match &point.topic {
+                    Some(topic) => println!("  {topic}"),
+                    None => println!("  {prefix}/{}/{}", device.name, point.name),
+                }
+            }
+        }
+    }
+    if !config.field.buses.is_empty() {
+        println!();
+        print!("{}", field::describe_plans(&config.field));
+    }
     Ok(())
 }
 
@@ -96,5 +176,69 @@ fn queue_stats(args: &QueueArgs) -> anyhow::Result<()> {
     let stats = store::read_stats(&path)
         .with_context(|| format!("cannot read queue statistics from {}", path.display()))?;
     println!("{}", serde_json::to_string_pretty(&stats)?);
+    Ok(())
+}
+
+/// Parses a config-file word (`holding`, `f32`, `CDAB`, `even`) with the same serde
+/// names the config file uses.
+fn from_name<T: serde::de::DeserializeOwned>(what: &str, name: &str) -> anyhow::Result<T> {
+    use serde::de::IntoDeserializer;
+    let deserializer: serde::de::value::StrDeserializer<'_, serde::de::value::Error> =
+        name.into_deserializer();
+    T::deserialize(deserializer).map_err(|err| anyhow::anyhow!("--{what} {name:?}: {err}"))
+}
+
+fn probe(args: &ProbeArgs) -> anyhow::Result<()> {
+    let transport = match (&args.tcp, &args.rtu) {
+        (Some(tcp), _) => {
+            let (host, port) = match tcp.rsplit_once(':') {
+                Some((host, port)) => (
+                    host.to_string(),
+                    port.parse()
+                        .with_context(|| format!("--tcp {tcp:?}: bad port"))?,
+                ),
+                None => (tcp.clone(), 502),
+            };
+            field::ProbeTransport::Tcp {
+                host,
+                port,
+                framing: if args.rtu_over_tcp {
+                    field::config::Framing::Rtu
+                } else {
+                    field::config::Framing::Tcp
+                },
+            }
+        }
+        (None, Some(port)) => field::ProbeTransport::Rtu {
+            port: port.clone(),
+            baud: args.baud,
+            parity: from_name("parity", &args.parity)?,
+            data_bits: args.data_bits,
+            stop_bits: args.stop_bits,
+        },
+        (None, None) => anyhow::bail!("give --tcp HOST[:PORT] or --rtu DEVICE"),
+    };
+    let choose = match (&args.data_type, &args.order) {
+        (Some(data_type), Some(order)) => {
+            Some((from_name("type", data_type)?, from_name("order", order)?))
+        }
+        _ => None,
+    };
+    let target = field::ProbeTarget {
+        transport,
+        unit_id: args.unit,
+        kind: from_name("kind", &args.kind)?,
+        address: args.address,
+        count: args.count,
+        timeout: std::time::Duration::from_millis(args.timeout_ms),
+        expect: args.expect,
+        choose,
+    };
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?;
+    let report = runtime.block_on(field::probe(&target))?;
+    print!("{report}");
     Ok(())
 }

@@ -256,3 +256,85 @@ fn queue_stats_reads_a_real_store_without_the_agent() {
     assert!(output.status.success(), "{}", text(&output));
     assert!(String::from_utf8_lossy(&output.stdout).contains("\"depth\": 3"));
 }
+
+#[test]
+fn a_problem_found_by_another_section_points_at_its_key() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let path = dir.path().join("upstream.toml");
+    std::fs::write(&path, "[upstream]\nurl = \"http://broker.example:1883\"\n").expect("write");
+    let output = check_config(&path);
+    assert!(!output.status.success(), "{}", text(&output));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains(&format!("{}:2:7: upstream.url: ", path.display())),
+        "{}",
+        text(&output)
+    );
+}
+
+#[test]
+fn check_config_prints_topics_and_read_plans() {
+    let output = check_config(&repo().join("config/sdm630-rs485.toml"));
+    assert!(output.status.success(), "{}", text(&output));
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let host = fieldbridge::config::hostname();
+    for expected in [
+        format!("site/{host}/status"),
+        format!("site/{host}/meter2/status"),
+        format!("site/{host}/meter1/voltage_l1"),
+        format!("site/{host}/meter2/export_energy"),
+        "device \"meter1\" (unit 1): 10 points, 3 requests per poll".to_string(),
+        "fc04 input 0..=11".to_string(),
+    ] {
+        assert!(
+            stdout.contains(&expected),
+            "missing {expected:?} in:\n{stdout}"
+        );
+    }
+}
+
+#[test]
+fn probe_reads_an_independent_slave_and_finds_the_byte_order() {
+    // 123.456 as f32 in CDAB (word-swapped) order: 0x42F6E979 -> words E979, 42F6.
+    let slave = common::slave::Slave::tcp(&serde_json::json!({
+        "units": {"1": {"holding": {"10": [0xE979, 0x42F6]}}}
+    }));
+    let output = fieldbridge()
+        .args(["probe", "--tcp"])
+        .arg(format!("127.0.0.1:{}", slave.port()))
+        .args([
+            "--kind",
+            "holding",
+            "--address",
+            "10",
+            "--count",
+            "2",
+            "--expect",
+            "123.456",
+        ])
+        .output()
+        .expect("run fieldbridge probe");
+    assert!(output.status.success(), "{}", text(&output));
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(stdout.contains("CDAB"), "{stdout}");
+    assert!(stdout.contains("123.45"), "{stdout}");
+
+    let output = fieldbridge()
+        .args([
+            "probe",
+            "--tcp",
+            "127.0.0.1:1",
+            "--kind",
+            "register",
+            "--address",
+            "0",
+        ])
+        .output()
+        .expect("run fieldbridge probe");
+    assert!(!output.status.success(), "{}", text(&output));
+    assert!(
+        String::from_utf8_lossy(&output.stderr).contains("--kind \"register\""),
+        "{}",
+        text(&output)
+    );
+}

@@ -74,7 +74,7 @@ pub async fn run_watchdog(interval: Duration, loops: Vec<Heartbeat>, stop: Cance
             () = stop.cancelled() => return,
             _ = ticker.tick() => {}
         }
-        match loops.iter().find(|beat| beat.age() > period) {
+        match first_stalled(&loops, period) {
             Some(stuck) => {
                 if stalled != Some(stuck.name) {
                     tracing::error!(
@@ -95,6 +95,11 @@ pub async fn run_watchdog(interval: Duration, loops: Vec<Heartbeat>, stop: Cance
     }
 }
 
+/// The first loop that has not beaten within `limit`, if any.
+fn first_stalled(loops: &[Heartbeat], limit: Duration) -> Option<&Heartbeat> {
+    loops.iter().find(|beat| beat.age() > limit)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -107,5 +112,25 @@ mod tests {
         assert_eq!(beat.age(), Duration::from_secs(3));
         beat.beat();
         assert_eq!(beat.age(), Duration::ZERO);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_silent_loop_withholds_the_ping_until_it_beats_again() {
+        let pipeline = Heartbeat::new("pipeline");
+        let health = Heartbeat::new("health");
+        let loops = [pipeline.clone(), health.clone()];
+        let limit = Duration::from_secs(15);
+        pipeline.beat();
+        health.beat();
+        assert!(first_stalled(&loops, limit).is_none());
+
+        tokio::time::advance(Duration::from_secs(10)).await;
+        health.beat();
+        tokio::time::advance(Duration::from_secs(10)).await;
+        let stalled = first_stalled(&loops, limit).expect("pipeline is silent");
+        assert_eq!(stalled.name, "pipeline");
+
+        pipeline.beat();
+        assert!(first_stalled(&loops, limit).is_none());
     }
 }

@@ -1,0 +1,1301 @@
+//! The `[[bus]]` and `[profile.NAME]` sections of the configuration file.
+//!
+//! ```toml
+//! [[bus]]
+//! name = "rs485"            # required; unique; used in logs
+//! kind = "rtu"              # "rtu" | "tcp" | "lines"
+//! port = "/dev/ttyUSB0"     # rtu/lines: serial device path; tcp: TCP port number (default 502)
+//! baud = 9600               # rtu/lines; default 9600
+//! parity = "even"           # rtu/lines: "none" | "even" | "odd"; default "even" for rtu (the Modbus spec's), "none" for lines
+//! data_bits = 8             # rtu/lines: 7 or 8; default 8
+//! stop_bits = 1             # rtu/lines: 1 or 2; default 1
+//! # inter_frame_ms = 4.0    # rtu (and tcp with framing = "rtu"): silence between frames;
+//!                           # default 3.5 characters at `baud`, 1.75 ms above 19200 baud
+//!
+//!   [[bus.device]]
+//!   name = "meter1"         # required; unique across all buses; topic level
+//!   unit_id = 1             # Modbus unit (slave) id; default 1 (rtu: 1..=247)
+//!   poll_interval_ms = 1000 # default 1000
+//!   timeout_ms = 1000       # per request; default 1000 (lines stream mode: longest silence, default 10000)
+//!   retries = 1             # extra attempts after a timeout or CRC error; default 1
+//!   profile = "sdm630"      # optional: points from [profile.sdm630]
+//!   max_gap = 10            # unused registers (bits for coils/discrete) a request may span to join two points; default 10
+//!   max_registers_per_request = 125  # default 125 (the protocol's limit)
+//!   max_bits_per_request = 2000      # default 2000 (the protocol's limit)
+//!   batch = false           # also send all points of a poll as one JSON message; default false
+//!   quarantine_after = 3    # consecutive failed polls before quarantine; default 3
+//!   backoff_max_ms = 60000  # cap of the quarantine retry interval; default 60000
+//!
+//!     [[bus.device.point]]  # points may also come from the profile
+//!     name = "voltage"
+//!     kind = "input"        # "coil" | "discrete" | "input" | "holding"
+//!     address = 0           # 0-based protocol address (holding 0 = "40001" in 1-based manuals)
+//!     type = "f32"          # bool bit u16 i16 u32 i32 u64 i64 f32 f64 string; default bool for
+//!                           # coil/discrete, u16 for registers, f64 for lines
+//!     order = "ABCD"        # ABCD | BADC | CDAB | DCBA; default ABCD
+//!
+//! [profile.sdm630]
+//!   [[profile.sdm630.point]]
+//!   name = "voltage_l1"
+//!   unit = "V"
+//!   kind = "input"
+//!   address = 0
+//!   type = "f32"
+//! ```
+//!
+//! Point keys: `name` (required), `unit` (none), `kind` (required on Modbus buses),
+//! `address` (required on Modbus buses), `type`, `order`, `bit` (for `type = "bit"`,
+//! 0..=15, 0 = least significant), `registers` (for `type = "string"`), `scale` (1.0),
+//! `offset` (0.0), `deadband` (none: publish every poll), `deadband_percent` (none),
+//! `heartbeat_secs` (60, with a deadband: publish at least this often; 0 = never),
+//! `topic` (none: `{prefix}/{device}/{point}`; set: used verbatim), `field` (lines: the
+//! regex capture group or key to read; default the point's name).
+//!
+//! Lines bus keys: `mode` ("stream": the device talks on its own, default; "poll": send
+//! each device's `request` and read one line), `max_line` (bytes, default 256),
+//! `checksum` ("none", default; "nmea": `$...*hh` with the XOR of the bytes between `$`
+//! and `*`). Lines device keys: `request` (poll mode: text to send, e.g. "R\r\n"),
+//! `regex` (named captures; without it, lines are parsed as `key=value` pairs separated
+//! by spaces, commas or semicolons).
+//!
+//! Addresses are 0-based protocol addresses everywhere: in this file, in errors, in logs
+//! and in `probe` output. It is the number on the wire, so it is the one convention that
+//! cannot be off by one; messages add the 1-based "Modicon" number (40001…) as a hint.
+//!
+//! Invariant: [`FieldConfig::validate`] returning no problems means [`super::resolve`]
+//! succeeds and every device's read plan fits the protocol's limits.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+
+use serde::Deserialize;
+
+use super::decode::{ByteOrder, DataType, RegisterKind};
+use crate::config::Invalid;
+
+/// The field side of the configuration: buses with their devices, and point profiles.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FieldConfig {
+    /// `[[bus]]` tables, polled in parallel, one task each. Default: none.
+    #[serde(default, rename = "bus")]
+    pub buses: Vec<BusConfig>,
+    /// `[profile.NAME]` tables: point lists shared by devices of one model. Default: none.
+    #[serde(default, rename = "profile")]
+    pub profiles: BTreeMap<String, ProfileConfig>,
+}
+
+/// What a bus talks over.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BusKind {
+    /// Modbus RTU on a serial port (RS-485/RS-232).
+    Rtu,
+    /// Modbus over TCP (or RTU frames over TCP, for serial servers).
+    Tcp,
+    /// ASCII line sensors on a serial port.
+    Lines,
+}
+
+/// Serial parity.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Parity {
+    None,
+    Even,
+    Odd,
+}
+
+/// Framing on a TCP bus.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Framing {
+    /// Modbus TCP (MBAP header).
+    #[default]
+    Tcp,
+    /// RTU frames (with CRC) tunnelled over TCP, as serial device servers do.
+    Rtu,
+}
+
+/// How a lines bus gets its lines.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LineMode {
+    #[default]
+    Stream,
+    Poll,
+}
+
+/// Line checksum check.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Checksum {
+    #[default]
+    None,
+    /// NMEA 0183: `$BODY*hh`, hh = XOR of the BODY bytes in hex.
+    Nmea,
+}
+
+/// `port`: a device path on serial buses, a number on TCP buses.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(untagged)]
+pub enum PortSetting {
+    Number(i64),
+    Path(String),
+}
+
+/// One `[[bus]]` table. Keys that do not apply to `kind` are rejected by validation.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BusConfig {
+    /// Required, unique among buses.
+    pub name: String,
+    /// Required: `rtu`, `tcp` or `lines`.
+    pub kind: BusKind,
+    /// rtu/lines: serial device path (required). tcp: port number, default 502.
+    pub port: Option<PortSetting>,
+    /// tcp: host name or address (required).
+    pub host: Option<String>,
+    /// tcp: `tcp` (default) or `rtu` (RTU frames over TCP).
+    pub framing: Option<Framing>,
+    /// rtu/lines: default 9600.
+    pub baud: Option<u32>,
+    /// rtu/lines: default `even` on rtu (the Modbus spec's default), `none` on lines.
+    pub parity: Option<Parity>,
+    /// rtu/lines: 7 or 8, default 8.
+    pub data_bits: Option<u8>,
+    /// rtu/lines: 1 or 2, default 1.
+    pub stop_bits: Option<u8>,
+    /// rtu (or tcp with `framing = "rtu"`): silence between frames in ms; default 3.5
+    /// character times at `baud`, or 1.75 ms above 19200 baud (Modbus over serial line
+    /// spec, 2.5.1.1). For RTU over TCP the default is 0.
+    pub inter_frame_ms: Option<f64>,
+    /// tcp: connect timeout in ms, default 3000.
+    pub connect_timeout_ms: Option<u64>,
+    /// lines: `stream` (default) or `poll`.
+    pub mode: Option<LineMode>,
+    /// lines: longest accepted line in bytes, default 256; longer lines count as garbage.
+    pub max_line: Option<usize>,
+    /// lines: `none` (default) or `nmea`.
+    pub checksum: Option<Checksum>,
+    /// `[[bus.device]]` tables. Default: none.
+    #[serde(default, rename = "device")]
+    pub devices: Vec<DeviceConfig>,
+}
+
+/// One `[[bus.device]]` table.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DeviceConfig {
+    /// Required; unique across all buses; the middle level of the topic.
+    pub name: String,
+    /// Modbus unit id, default 1. RTU: 1..=247 (0 is broadcast, which has no answers).
+    #[serde(default = "default_unit_id")]
+    pub unit_id: u8,
+    /// Default 1000.
+    #[serde(default = "default_poll_interval_ms")]
+    pub poll_interval_ms: u64,
+    /// Per request. Default 1000; on a stream-mode lines bus, the longest silence before
+    /// the points go bad with quality `timeout`, default 10000.
+    pub timeout_ms: Option<u64>,
+    /// Extra attempts after a timeout or a corrupted answer, default 1.
+    #[serde(default = "default_retries")]
+    pub retries: u32,
+    /// Name of a `[profile.NAME]` whose points this device has. Default: none.
+    pub profile: Option<String>,
+    /// Unused registers (bits, for coils/discrete inputs) one request may span to join
+    /// two points, default 10.
+    #[serde(default = "default_max_gap")]
+    pub max_gap: u16,
+    /// 1..=125, default 125; lower it for devices that cannot answer 125 registers.
+    #[serde(default = "default_max_registers")]
+    pub max_registers_per_request: u16,
+    /// 1..=2000, default 2000.
+    #[serde(default = "default_max_bits")]
+    pub max_bits_per_request: u16,
+    /// Also send all points of each poll as one JSON message. Default false.
+    #[serde(default)]
+    pub batch: bool,
+    /// Consecutive failed polls after which the device is quarantined, default 3.
+    #[serde(default = "default_quarantine_after")]
+    pub quarantine_after: u32,
+    /// Longest interval between retries of a quarantined device, ms, default 60000.
+    #[serde(default = "default_backoff_max_ms")]
+    pub backoff_max_ms: u64,
+    /// lines, poll mode: the request to send (TOML escapes such as "\r\n" work).
+    pub request: Option<String>,
+    /// lines: a regex with named captures; without it lines are `key=value` pairs.
+    pub regex: Option<String>,
+    /// `[[bus.device.point]]` tables, added to the profile's points. Default: none.
+    #[serde(default, rename = "point")]
+    pub points: Vec<PointConfig>,
+}
+
+/// One `[profile.NAME]` table.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ProfileConfig {
+    /// Free text for people, e.g. the device model. Default: none.
+    pub description: Option<String>,
+    /// `[[profile.NAME.point]]` tables. Default: none.
+    #[serde(default, rename = "point")]
+    pub points: Vec<PointConfig>,
+}
+
+/// One point (in a device or a profile).
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PointConfig {
+    /// Required; unique within its device; the last level of the topic.
+    pub name: String,
+    /// Engineering unit for the payload, e.g. "V". Default: none.
+    pub unit: Option<String>,
+    /// Modbus: required.
+    pub kind: Option<RegisterKind>,
+    /// Modbus: required; 0-based protocol address, 0..=65535.
+    pub address: Option<u32>,
+    /// Default `bool` on coil/discrete, `u16` on registers, `f64` on lines.
+    #[serde(rename = "type")]
+    pub data_type: Option<DataType>,
+    /// Default ABCD.
+    pub order: Option<ByteOrder>,
+    /// For `type = "bit"`: 0..=15.
+    pub bit: Option<u8>,
+    /// For `type = "string"`: register count, 1..=125.
+    pub registers: Option<u16>,
+    /// Default 1.0: value = raw × scale + offset.
+    #[serde(default = "default_scale")]
+    pub scale: f64,
+    /// Default 0.0.
+    #[serde(default)]
+    pub offset: f64,
+    /// Publish only when the value moved more than this since the last publish (or the
+    /// quality changed, or the heartbeat is due). Default: none, publish every poll.
+    pub deadband: Option<f64>,
+    /// Like `deadband`, relative to the last published value. Default: none.
+    pub deadband_percent: Option<f64>,
+    /// With a deadband: publish at least every N seconds even if unchanged. Default 60;
+    /// 0 disables the heartbeat.
+    #[serde(default = "default_heartbeat_secs")]
+    pub heartbeat_secs: u64,
+    /// Topic used verbatim instead of `{prefix}/{device}/{point}`. Default: none.
+    pub topic: Option<String>,
+    /// lines: capture group or key to read. Default: the point's name.
+    pub field: Option<String>,
+}
+
+fn default_unit_id() -> u8 {
+    1
+}
+fn default_poll_interval_ms() -> u64 {
+    1000
+}
+fn default_retries() -> u32 {
+    1
+}
+fn default_max_gap() -> u16 {
+    10
+}
+fn default_max_registers() -> u16 {
+    MAX_REGISTERS
+}
+fn default_max_bits() -> u16 {
+    MAX_BITS
+}
+fn default_quarantine_after() -> u32 {
+    3
+}
+fn default_backoff_max_ms() -> u64 {
+    60_000
+}
+fn default_scale() -> f64 {
+    1.0
+}
+fn default_heartbeat_secs() -> u64 {
+    60
+}
+
+/// The protocol's limit on registers per read request (functions 0x03/0x04).
+pub const MAX_REGISTERS: u16 = 125;
+/// The protocol's limit on bits per read request (functions 0x01/0x02).
+pub const MAX_BITS: u16 = 2000;
+/// Default request timeout.
+pub const DEFAULT_TIMEOUT_MS: u64 = 1000;
+/// Default silence limit of a stream-mode line sensor.
+pub const DEFAULT_STREAM_TIMEOUT_MS: u64 = 10_000;
+
+impl BusConfig {
+    pub fn baud(&self) -> u32 {
+        self.baud.unwrap_or(9600)
+    }
+
+    pub fn parity(&self) -> Parity {
+        self.parity.unwrap_or(match self.kind {
+            BusKind::Lines => Parity::None,
+            _ => Parity::Even,
+        })
+    }
+
+    pub fn data_bits(&self) -> u8 {
+        self.data_bits.unwrap_or(8)
+    }
+
+    pub fn stop_bits(&self) -> u8 {
+        self.stop_bits.unwrap_or(1)
+    }
+
+    pub fn framing(&self) -> Framing {
+        self.framing.unwrap_or_default()
+    }
+
+    pub fn mode(&self) -> LineMode {
+        self.mode.unwrap_or_default()
+    }
+
+    pub fn max_line(&self) -> usize {
+        self.max_line.unwrap_or(256)
+    }
+
+    pub fn checksum(&self) -> Checksum {
+        self.checksum.unwrap_or_default()
+    }
+
+    pub fn connect_timeout_ms(&self) -> u64 {
+        self.connect_timeout_ms.unwrap_or(3000)
+    }
+
+    /// The serial device path (rtu/lines), if configured as a path.
+    pub fn serial_path(&self) -> Option<&str> {
+        match &self.port {
+            Some(PortSetting::Path(p)) => Some(p),
+            _ => None,
+        }
+    }
+
+    /// The TCP port (tcp), default 502.
+    pub fn tcp_port(&self) -> Option<u16> {
+        match &self.port {
+            None => Some(502),
+            Some(PortSetting::Number(n)) => u16::try_from(*n).ok().filter(|p| *p != 0),
+            Some(PortSetting::Path(_)) => None,
+        }
+    }
+
+    /// Bits on the wire per character: start + data + parity + stop.
+    pub fn bits_per_char(&self) -> u32 {
+        let parity = u32::from(self.parity() != Parity::None);
+        1 + u32::from(self.data_bits()) + parity + u32::from(self.stop_bits())
+    }
+
+    /// The inter-frame silence: configured, or 3.5 characters (1.75 ms above 19200 baud).
+    pub fn inter_frame(&self) -> std::time::Duration {
+        if let Some(ms) = self.inter_frame_ms {
+            return std::time::Duration::from_secs_f64(ms.max(0.0) / 1000.0);
+        }
+        match self.kind {
+            BusKind::Tcp => std::time::Duration::ZERO,
+            _ => inter_frame_default(self.baud(), self.bits_per_char()),
+        }
+    }
+}
+
+/// The Modbus default silence: 3.5 character times, fixed at 1.75 ms above 19200 baud.
+pub fn inter_frame_default(baud: u32, bits_per_char: u32) -> std::time::Duration {
+    if baud > 19_200 || baud == 0 {
+        return std::time::Duration::from_micros(1750);
+    }
+    std::time::Duration::from_secs_f64(3.5 * f64::from(bits_per_char) / f64::from(baud))
+}
+
+impl DeviceConfig {
+    pub fn timeout_ms(&self, bus: &BusConfig) -> u64 {
+        self.timeout_ms.unwrap_or(
+            if bus.kind == BusKind::Lines && bus.mode() == LineMode::Stream {
+                DEFAULT_STREAM_TIMEOUT_MS
+            } else {
+                DEFAULT_TIMEOUT_MS
+            },
+        )
+    }
+}
+
+impl PointConfig {
+    /// The data type with its default filled in for `kind` (or for a lines bus).
+    pub fn data_type_or_default(&self) -> DataType {
+        self.data_type.unwrap_or(match self.kind {
+            Some(k) if k.is_bit() => DataType::Bool,
+            Some(_) => DataType::U16,
+            None => DataType::F64,
+        })
+    }
+
+    /// The register (or bit) count this point reads.
+    pub fn width(&self) -> u16 {
+        match self.kind {
+            Some(k) if k.is_bit() => 1,
+            _ => self
+                .data_type_or_default()
+                .registers(self.registers.unwrap_or(1)),
+        }
+    }
+
+    /// The capture/key name on a lines bus.
+    pub fn field(&self) -> &str {
+        self.field.as_deref().unwrap_or(&self.name)
+    }
+}
+
+/// A name usable as one MQTT topic level and in logs.
+fn check_name(problems: &mut Vec<Invalid>, key: String, name: &str) {
+    if name.is_empty() {
+        problems.push(Invalid::new(key, "must not be empty"));
+    } else if name.contains(['/', '+', '#', '\0']) || name.trim() != name {
+        problems.push(Invalid::new(
+            key,
+            format!(
+                "{name:?} cannot be a topic level: no '/', '+', '#', NUL or surrounding spaces"
+            ),
+        ));
+    }
+}
+
+fn check_topic(problems: &mut Vec<Invalid>, key: String, topic: &str) {
+    if topic.is_empty() || topic.contains(['+', '#', '\0']) || topic.len() > 65_535 {
+        problems.push(Invalid::new(
+            key,
+            format!("{topic:?} is not a topic name: non-empty, no wildcards ('+', '#')"),
+        ));
+    }
+}
+
+impl FieldConfig {
+    /// Every semantic problem, with dotted key paths (`bus[0].device[2].unit_id`,
+    /// `profile.sdm630.point[3].address`). Empty means the configuration can run.
+    pub fn validate(&self) -> Vec<Invalid> {
+        let mut problems = Vec::new();
+        for (name, profile) in &self.profiles {
+            let key = format!("profile.{name}");
+            check_name(&mut problems, key.clone(), name);
+            if profile.points.is_empty() {
+                problems.push(Invalid::new(
+                    format!("{key}.point"),
+                    "a profile needs at least one point",
+                ));
+            }
+        }
+        let mut bus_names = HashSet::new();
+        let mut device_names: HashMap<&str, String> = HashMap::new();
+        for (b, bus) in self.buses.iter().enumerate() {
+            let bkey = format!("bus[{b}]");
+            if bus.name.is_empty() {
+                problems.push(Invalid::new(format!("{bkey}.name"), "must not be empty"));
+            } else if !bus_names.insert(bus.name.as_str()) {
+                problems.push(Invalid::new(
+                    format!("{bkey}.name"),
+                    format!("bus name {:?} is used twice", bus.name),
+                ));
+            }
+            validate_bus(&mut problems, &bkey, bus);
+            if bus.devices.is_empty() {
+                problems.push(Invalid::new(
+                    format!("{bkey}.device"),
+                    "a bus needs at least one device",
+                ));
+            }
+            for (d, device) in bus.devices.iter().enumerate() {
+                let dkey = format!("{bkey}.device[{d}]");
+                check_name(&mut problems, format!("{dkey}.name"), &device.name);
+                if let Some(first) = device_names.insert(device.name.as_str(), dkey.clone()) {
+                    problems.push(Invalid::new(
+                        format!("{dkey}.name"),
+                        format!(
+                            "device name {:?} is already used by {first}; topics need unique device names",
+                            device.name
+                        ),
+                    ));
+                }
+                self.validate_device(&mut problems, &dkey, bus, device);
+            }
+        }
+        problems
+    }
+
+    fn validate_device(
+        &self,
+        problems: &mut Vec<Invalid>,
+        dkey: &str,
+        bus: &BusConfig,
+        device: &DeviceConfig,
+    ) {
+        let modbus = bus.kind != BusKind::Lines;
+        if device.poll_interval_ms == 0 {
+            problems.push(Invalid::new(
+                format!("{dkey}.poll_interval_ms"),
+                "must be at least 1",
+            ));
+        }
+        if device.timeout_ms == Some(0) {
+            problems.push(Invalid::new(
+                format!("{dkey}.timeout_ms"),
+                "must be at least 1",
+            ));
+        }
+        if device.retries > 10 {
+            problems.push(Invalid::new(format!("{dkey}.retries"), "at most 10"));
+        }
+        if device.quarantine_after == 0 {
+            problems.push(Invalid::new(
+                format!("{dkey}.quarantine_after"),
+                "must be at least 1",
+            ));
+        }
+        if device.backoff_max_ms == 0 {
+            problems.push(Invalid::new(
+                format!("{dkey}.backoff_max_ms"),
+                "must be at least 1",
+            ));
+        }
+        if modbus {
+            if bus.kind == BusKind::Rtu && !(1..=247).contains(&device.unit_id) {
+                problems.push(Invalid::new(
+                    format!("{dkey}.unit_id"),
+                    format!("{} is not a unit id on a serial bus: 1..=247 (0 is broadcast, which has no answers)", device.unit_id),
+                ));
+            }
+            if !(1..=MAX_REGISTERS).contains(&device.max_registers_per_request) {
+                problems.push(Invalid::new(
+                    format!("{dkey}.max_registers_per_request"),
+                    format!("must be 1..={MAX_REGISTERS}"),
+                ));
+            }
+            if !(1..=MAX_BITS).contains(&device.max_bits_per_request) {
+                problems.push(Invalid::new(
+                    format!("{dkey}.max_bits_per_request"),
+                    format!("must be 1..={MAX_BITS}"),
+                ));
+            }
+            for key in [
+                ("request", device.request.is_some()),
+                ("regex", device.regex.is_some()),
+            ] {
+                if key.1 {
+                    problems.push(Invalid::new(
+                        format!("{dkey}.{}", key.0),
+                        "applies only to lines buses",
+                    ));
+                }
+            }
+        } else {
+            validate_lines_device(problems, dkey, bus, device);
+        }
+
+        // The device's points: profile first, then its own, with the key each came from.
+        let mut points: Vec<(String, &PointConfig)> = Vec::new();
+        if let Some(profile) = &device.profile {
+            match self.profiles.get(profile) {
+                Some(p) => points.extend(
+                    p.points
+                        .iter()
+                        .enumerate()
+                        .map(|(i, pt)| (format!("profile.{profile}.point[{i}]"), pt)),
+                ),
+                None => problems.push(Invalid::new(
+                    format!("{dkey}.profile"),
+                    format!(
+                        "no profile named {profile:?}; defined: {}",
+                        if self.profiles.is_empty() {
+                            "none".to_string()
+                        } else {
+                            self.profiles.keys().cloned().collect::<Vec<_>>().join(", ")
+                        }
+                    ),
+                )),
+            }
+        }
+        points.extend(
+            device
+                .points
+                .iter()
+                .enumerate()
+                .map(|(i, pt)| (format!("{dkey}.point[{i}]"), pt)),
+        );
+        let unknown_profile = device
+            .profile
+            .as_ref()
+            .is_some_and(|p| !self.profiles.contains_key(p));
+        if points.is_empty() && !unknown_profile {
+            problems.push(Invalid::new(
+                format!("{dkey}.point"),
+                "a device needs at least one point (its own or from a profile)",
+            ));
+        }
+        let mut names: HashMap<&str, &str> = HashMap::new();
+        for (pkey, point) in &points {
+            check_name(problems, format!("{pkey}.name"), &point.name);
+            if let Some(first) = names.insert(point.name.as_str(), pkey.as_str()) {
+                problems.push(Invalid::new(
+                    format!("{pkey}.name"),
+                    format!(
+                        "point name {:?} is already used by {first} in device {:?}",
+                        point.name, device.name
+                    ),
+                ));
+            }
+            validate_point(problems, pkey, bus.kind, device, point);
+        }
+        if modbus {
+            check_overlaps(problems, device, &points);
+        } else if let Some(re) = device
+            .regex
+            .as_deref()
+            .and_then(|r| regex_lite::Regex::new(r).ok())
+        {
+            let names: HashSet<&str> = re.capture_names().flatten().collect();
+            for (pkey, p) in &points {
+                if !names.contains(p.field()) {
+                    problems.push(Invalid::new(
+                        format!("{pkey}.field"),
+                        format!("the regex has no capture named {:?}", p.field()),
+                    ));
+                }
+            }
+        }
+    }
+}
+
+fn validate_bus(problems: &mut Vec<Invalid>, bkey: &str, bus: &BusConfig) {
+    let serial = matches!(bus.kind, BusKind::Rtu | BusKind::Lines);
+    let not_for = |problems: &mut Vec<Invalid>, key: &str, set: bool, applies: &str| {
+        if set {
+            problems.push(Invalid::new(
+                format!("{bkey}.{key}"),
+                format!("applies only to {applies} buses"),
+            ));
+        }
+    };
+    if serial {
+        match &bus.port {
+            Some(PortSetting::Path(p)) if !p.is_empty() => {}
+            _ => problems.push(Invalid::new(
+                format!("{bkey}.port"),
+                "a serial bus needs `port`, the device path, e.g. \"/dev/ttyUSB0\"",
+            )),
+        }
+        if bus.baud() == 0 {
+            problems.push(Invalid::new(format!("{bkey}.baud"), "must be at least 1"));
+        }
+        if !matches!(bus.data_bits(), 7 | 8) {
+            problems.push(Invalid::new(format!("{bkey}.data_bits"), "must be 7 or 8"));
+        }
+        if !matches!(bus.stop_bits(), 1 | 2) {
+            problems.push(Invalid::new(format!("{bkey}.stop_bits"), "must be 1 or 2"));
+        }
+        not_for(problems, "host", bus.host.is_some(), "tcp");
+        not_for(problems, "framing", bus.framing.is_some(), "tcp");
+        not_for(
+            problems,
+            "connect_timeout_ms",
+            bus.connect_timeout_ms.is_some(),
+            "tcp",
+        );
+    } else {
+        if bus.host.as_deref().map_or(true, str::is_empty) {
+            problems.push(Invalid::new(
+                format!("{bkey}.host"),
+                "a tcp bus needs `host`",
+            ));
+        }
+        if bus.tcp_port().is_none() {
+            problems.push(Invalid::new(
+                format!("{bkey}.port"),
+                "a tcp bus's port is a number 1..=65535",
+            ));
+        }
+        for (key, set) in [
+            ("baud", bus.baud.is_some()),
+            ("parity", bus.parity.is_some()),
+            ("data_bits", bus.data_bits.is_some()),
+            ("stop_bits", bus.stop_bits.is_some()),
+        ] {
+            not_for(problems, key, set, "rtu and lines");
+        }
+        if bus.inter_frame_ms.is_some() && bus.framing() != Framing::Rtu {
+            problems.push(Invalid::new(
+                format!("{bkey}.inter_frame_ms"),
+                "applies only to rtu buses and tcp buses with framing = \"rtu\"",
+            ));
+        }
+    }
+    if let Some(ms) = bus.inter_frame_ms {
+        if !(0.0..=1000.0).contains(&ms) {
+            problems.push(Invalid::new(
+                format!("{bkey}.inter_frame_ms"),
+                "must be 0..=1000",
+            ));
+        }
+    }
+    if bus.kind != BusKind::Lines {
+        not_for(problems, "mode", bus.mode.is_some(), "lines");
+        not_for(problems, "max_line", bus.max_line.is_some(), "lines");
+        not_for(problems, "checksum", bus.checksum.is_some(), "lines");
+    } else {
+        if bus.inter_frame_ms.is_some() {
+            problems.push(Invalid::new(
+                format!("{bkey}.inter_frame_ms"),
+                "applies only to Modbus buses",
+            ));
+        }
+        if !(8..=65_536).contains(&bus.max_line()) {
+            problems.push(Invalid::new(
+                format!("{bkey}.max_line"),
+                "must be 8..=65536",
+            ));
+        }
+        if bus.mode() == LineMode::Stream && bus.devices.len() > 1 {
+            problems.push(Invalid::new(
+                format!("{bkey}.device"),
+                "a stream-mode lines bus carries one device (its port talks on its own); use mode = \"poll\" for several",
+            ));
+        }
+    }
+}
+
+fn validate_lines_device(
+    problems: &mut Vec<Invalid>,
+    dkey: &str,
+    bus: &BusConfig,
+    device: &DeviceConfig,
+) {
+    match (bus.mode(), &device.request) {
+        (LineMode::Poll, None) => problems.push(Invalid::new(
+            format!("{dkey}.request"),
+            "a poll-mode lines device needs `request`, the text to send",
+        )),
+        (LineMode::Stream, Some(_)) => problems.push(Invalid::new(
+            format!("{dkey}.request"),
+            "applies only to poll-mode lines buses",
+        )),
+        (LineMode::Poll, Some(r)) if r.is_empty() || r.len() > 1024 => problems.push(Invalid::new(
+            format!("{dkey}.request"),
+            "must be 1..=1024 bytes",
+        )),
+        _ => {}
+    }
+    if let Some(re) = &device.regex {
+        match regex_lite::Regex::new(re) {
+            Err(e) => problems.push(Invalid::new(
+                format!("{dkey}.regex"),
+                format!("not a valid regex: {e}"),
+            )),
+            Ok(re) => {
+                let names: HashSet<&str> = re.capture_names().flatten().collect();
+                if names.is_empty() {
+                    problems.push(Invalid::new(
+                        format!("{dkey}.regex"),
+                        "needs named captures, e.g. (?P<temp>[-0-9.]+)",
+                    ));
+                }
+            }
+        }
+    }
+    for (key, set) in [
+        ("unit_id", device.unit_id != default_unit_id()),
+        ("max_gap", device.max_gap != default_max_gap()),
+        (
+            "max_registers_per_request",
+            device.max_registers_per_request != MAX_REGISTERS,
+        ),
+        (
+            "max_bits_per_request",
+            device.max_bits_per_request != MAX_BITS,
+        ),
+    ] {
+        if set {
+            problems.push(Invalid::new(
+                format!("{dkey}.{key}"),
+                "applies only to Modbus buses",
+            ));
+        }
+    }
+}
+
+fn validate_point(
+    problems: &mut Vec<Invalid>,
+    pkey: &str,
+    bus: BusKind,
+    device: &DeviceConfig,
+    p: &PointConfig,
+) {
+    let t = p.data_type_or_default();
+    if bus == BusKind::Lines {
+        for (key, set) in [
+            ("kind", p.kind.is_some()),
+            ("address", p.address.is_some()),
+            ("order", p.order.is_some()),
+            ("bit", p.bit.is_some()),
+            ("registers", p.registers.is_some()),
+        ] {
+            if set {
+                problems.push(Invalid::new(
+                    format!("{pkey}.{key}"),
+                    "applies only to Modbus points",
+                ));
+            }
+        }
+        if t == DataType::Bit {
+            problems.push(Invalid::new(
+                format!("{pkey}.type"),
+                "\"bit\" applies only to Modbus registers",
+            ));
+        }
+    } else {
+        if p.field.is_some() {
+            problems.push(Invalid::new(
+                format!("{pkey}.field"),
+                "applies only to lines buses",
+            ));
+        }
+        let Some(kind) = p.kind else {
+            problems.push(Invalid::new(
+                format!("{pkey}.kind"),
+                "a Modbus point needs `kind`: \"coil\", \"discrete\", \"input\" or \"holding\"",
+            ));
+            return;
+        };
+        let Some(address) = p.address else {
+            problems.push(Invalid::new(
+                format!("{pkey}.address"),
+                "a Modbus point needs `address` (0-based protocol address)",
+            ));
+            return;
+        };
+        if kind.is_bit() && t != DataType::Bool {
+            problems.push(Invalid::new(
+                format!("{pkey}.type"),
+                format!("a {} is one bit: type must be \"bool\"", kind.name()),
+            ));
+        }
+        match (t, p.bit) {
+            (DataType::Bit, None) => problems.push(Invalid::new(
+                format!("{pkey}.bit"),
+                "type \"bit\" needs `bit` (0..=15)",
+            )),
+            (DataType::Bit, Some(b)) if b > 15 => problems.push(Invalid::new(
+                format!("{pkey}.bit"),
+                "must be 0..=15 (0 = least significant)",
+            )),
+            (DataType::Bit, Some(_)) => {}
+            (_, Some(_)) => problems.push(Invalid::new(
+                format!("{pkey}.bit"),
+                "applies only to type \"bit\"",
+            )),
+            (_, None) => {}
+        }
+        match (t, p.registers) {
+            (DataType::String, None) => problems.push(Invalid::new(
+                format!("{pkey}.registers"),
+                "type \"string\" needs `registers`, its length in registers",
+            )),
+            (DataType::String, Some(n)) if n == 0 || n > MAX_REGISTERS => {
+                problems.push(Invalid::new(
+                    format!("{pkey}.registers"),
+                    format!("must be 1..={MAX_REGISTERS}"),
+                ))
+            }
+            (DataType::String, Some(_)) => {}
+            (_, Some(_)) => problems.push(Invalid::new(
+                format!("{pkey}.registers"),
+                "applies only to type \"string\"",
+            )),
+            (_, None) => {}
+        }
+        let width = u32::from(p.width());
+        if address > 65_535 {
+            problems.push(Invalid::new(
+                format!("{pkey}.address"),
+                format!("{address} is out of range: addresses are 0-based protocol addresses 0..=65535 (write 40001 as 0)"),
+            ));
+        } else if address + width - 1 > 65_535 {
+            problems.push(Invalid::new(
+                format!("{pkey}.address"),
+                format!(
+                    "a {} at {address} needs {width} registers and runs past 65535",
+                    t.name()
+                ),
+            ));
+        }
+        let limit = if kind.is_bit() {
+            device.max_bits_per_request
+        } else {
+            device.max_registers_per_request
+        };
+        if width > u32::from(limit) {
+            problems.push(Invalid::new(
+                format!("{pkey}.registers"),
+                format!("{width} registers do not fit in one request of this device (max_registers_per_request = {limit})"),
+            ));
+        }
+    }
+    if !t.is_numeric() && (p.scale != 1.0 || p.offset != 0.0) {
+        problems.push(Invalid::new(
+            format!("{pkey}.scale"),
+            format!("scale and offset do not apply to type \"{}\"", t.name()),
+        ));
+    }
+    if !p.scale.is_finite() || !p.offset.is_finite() {
+        problems.push(Invalid::new(
+            format!("{pkey}.scale"),
+            "scale and offset must be finite numbers",
+        ));
+    }
+    if p.deadband.is_some() && p.deadband_percent.is_some() {
+        problems.push(Invalid::new(
+            format!("{pkey}.deadband_percent"),
+            "set `deadband` or `deadband_percent`, not both",
+        ));
+    }
+    for (key, v) in [
+        ("deadband", p.deadband),
+        ("deadband_percent", p.deadband_percent),
+    ] {
+        if let Some(v) = v {
+            if !(v.is_finite() && v >= 0.0) {
+                problems.push(Invalid::new(
+                    format!("{pkey}.{key}"),
+                    "must be a number ≥ 0",
+                ));
+            }
+        }
+    }
+    if let Some(topic) = &p.topic {
+        check_topic(problems, format!("{pkey}.topic"), topic);
+    }
+}
+
+/// Two points of one device must not share registers, except different bits of one
+/// register (`type = "bit"`). Reports at the later point.
+fn check_overlaps(
+    problems: &mut Vec<Invalid>,
+    device: &DeviceConfig,
+    points: &[(String, &PointConfig)],
+) {
+    /// Where one point sits, and where it came from for the message.
+    struct Span<'a> {
+        kind: RegisterKind,
+        start: u32,
+        end: u32,
+        bit: Option<u8>,
+        name: &'a str,
+        key: &'a str,
+    }
+    let mut spans: Vec<Span<'_>> = points
+        .iter()
+        .filter_map(|(key, p)| {
+            let kind = p.kind?;
+            let start = p.address?;
+            let is_bit = p.data_type_or_default() == DataType::Bit;
+            Some(Span {
+                kind,
+                start,
+                end: start + u32::from(p.width()) - 1,
+                bit: if is_bit { p.bit } else { None },
+                name: p.name.as_str(),
+                key: key.as_str(),
+            })
+        })
+        .collect();
+    spans.sort_by_key(|s| (s.kind, s.start, s.end));
+    for pair in spans.windows(2) {
+        let (a, b) = (&pair[0], &pair[1]);
+        if a.kind != b.kind || b.start > a.end {
+            continue;
+        }
+        // Different bits of one register are meant to share it.
+        if a.start == b.start && a.bit.is_some() && b.bit.is_some() && a.bit != b.bit {
+            continue;
+        }
+        problems.push(Invalid::new(
+            format!("{}.address", b.key),
+            format!(
+                "{} {} overlaps point {:?} ({} {}..={}) in device {:?}",
+                b.kind.name(),
+                b.start,
+                a.name,
+                a.kind.name(),
+                a.start,
+                a.end,
+                device.name
+            ),
+        ));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> FieldConfig {
+        toml::from_str(text).unwrap()
+    }
+
+    fn keys(c: &FieldConfig) -> Vec<String> {
+        c.validate().into_iter().map(|i| i.key).collect()
+    }
+
+    const GOOD: &str = r#"
+        [[bus]]
+        name = "rs485"
+        kind = "rtu"
+        port = "/dev/ttyUSB0"
+        baud = 19200
+
+        [[bus.device]]
+        name = "meter1"
+        unit_id = 1
+        profile = "sdm630"
+
+        [[bus.device]]
+        name = "meter2"
+        unit_id = 2
+        profile = "sdm630"
+        [[bus.device.point]]
+        name = "status"
+        kind = "coil"
+        address = 0
+
+        [[bus]]
+        name = "plc"
+        kind = "tcp"
+        host = "127.0.0.1"
+        port = 5020
+        [[bus.device]]
+        name = "plc1"
+        unit_id = 255
+        [[bus.device.point]]
+        name = "name"
+        kind = "holding"
+        address = 10
+        type = "string"
+        registers = 8
+        [[bus.device.point]]
+        name = "run"
+        kind = "holding"
+        address = 20
+        type = "bit"
+        bit = 0
+        [[bus.device.point]]
+        name = "fault"
+        kind = "holding"
+        address = 20
+        type = "bit"
+        bit = 1
+
+        [[bus]]
+        name = "weather"
+        kind = "lines"
+        port = "/dev/ttyUSB1"
+        [[bus.device]]
+        name = "ws1"
+        regex = 'T=(?P<temp>[-0-9.]+)'
+        [[bus.device.point]]
+        name = "temperature"
+        field = "temp"
+        unit = "°C"
+
+        [profile.sdm630]
+        description = "Eastron SDM630"
+        [[profile.sdm630.point]]
+        name = "voltage_l1"
+        unit = "V"
+        kind = "input"
+        address = 0
+        type = "f32"
+        [[profile.sdm630.point]]
+        name = "energy"
+        unit = "kWh"
+        kind = "input"
+        address = 342
+        type = "f32"
+        deadband = 0.01
+    "#;
+
+    #[test]
+    fn a_good_config_has_no_problems_and_defaults() {
+        let c = parse(GOOD);
+        assert_eq!(c.validate(), vec![]);
+        assert_eq!(c.buses.len(), 3);
+        let rtu = &c.buses[0];
+        assert_eq!(rtu.parity(), Parity::Even);
+        assert_eq!(rtu.bits_per_char(), 11);
+        assert_eq!(rtu.devices[0].poll_interval_ms, 1000);
+        assert_eq!(rtu.devices[0].timeout_ms(rtu), 1000);
+        assert_eq!(c.buses[2].parity(), Parity::None);
+        assert_eq!(
+            c.buses[2].devices[0].timeout_ms(&c.buses[2]),
+            DEFAULT_STREAM_TIMEOUT_MS
+        );
+        assert_eq!(c.buses[1].tcp_port(), Some(5020));
+        assert_eq!(c.profiles["sdm630"].points[1].heartbeat_secs, 60);
+    }
+
+    #[test]
+    fn inter_frame_silence_follows_the_spec() {
+        let mut c = parse(GOOD);
+        let bus = &mut c.buses[0];
+        // 19200 baud, 11 bits per char: 3.5 × 11 / 19200 s ≈ 2.005 ms.
+        let t = bus.inter_frame();
+        assert!(
+            (t.as_secs_f64() - 3.5 * 11.0 / 19200.0).abs() < 1e-9,
+            "{t:?}"
+        );
+        bus.baud = Some(115_200);
+        assert_eq!(bus.inter_frame(), std::time::Duration::from_micros(1750));
+        bus.inter_frame_ms = Some(5.0);
+        assert_eq!(bus.inter_frame(), std::time::Duration::from_millis(5));
+    }
+
+    #[test]
+    fn unknown_keys_are_rejected_with_their_line() {
+        let err = toml::from_str::<FieldConfig>(
+            "[[bus]]\nname = \"a\"\nkind = \"tcp\"\nhost = \"x\"\nbaudrate = 9600\n",
+        )
+        .unwrap_err();
+        let msg = err.to_string();
+        assert!(msg.contains("baudrate") && msg.contains("line 5"), "{msg}");
+        let err = toml::from_str::<FieldConfig>(
+            "[profile.p]\n[[profile.p.point]]\nname = \"a\"\nkind = \"holding\"\naddress = 1\nscael = 2.0\n",
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("scael"), "{err}");
+    }
+
+    #[test]
+    fn overlaps_and_out_of_range_are_found() {
+        let c = parse(
+            r#"
+            [[bus]]
+            name = "b"
+            kind = "tcp"
+            host = "h"
+            [[bus.device]]
+            name = "d"
+            [[bus.device.point]]
+            name = "a"
+            kind = "holding"
+            address = 0
+            type = "f32"
+            [[bus.device.point]]
+            name = "b"
+            kind = "holding"
+            address = 1
+            [[bus.device.point]]
+            name = "c"
+            kind = "input"
+            address = 65535
+            type = "u32"
+            [[bus.device.point]]
+            name = "d"
+            kind = "input"
+            address = 70000
+            [[bus.device.point]]
+            name = "e"
+            kind = "coil"
+            address = 1
+            type = "u16"
+            "#,
+        );
+        let problems = c.validate();
+        let keys: Vec<&str> = problems.iter().map(|p| p.key.as_str()).collect();
+        assert_eq!(
+            keys,
+            vec![
+                "bus[0].device[0].point[2].address",
+                "bus[0].device[0].point[3].address",
+                "bus[0].device[0].point[4].type",
+                "bus[0].device[0].point[1].address",
+            ],
+            "{problems:#?}"
+        );
+        assert!(
+            problems[1].message.contains("0-based"),
+            "{}",
+            problems[1].message
+        );
+        assert!(
+            problems[3].message.contains("overlaps point \"a\""),
+            "{}",
+            problems[3].message
+        );
+    }
+
+    #[test]
+    fn unknown_profiles_and_duplicate_names_are_found() {
+        let mut c = parse(GOOD);
+        c.buses[0].devices[1].profile = Some("sdm360".into());
+        c.buses[1].devices[0].name = "meter1".into();
+        c.buses[0].devices[1].points[0].name = "voltage_l1".into();
+        c.buses[0].devices[0]
+            .points
+            .push(c.profiles["sdm630"].points[0].clone());
+        let problems = c.validate();
+        let keys: Vec<&str> = problems.iter().map(|p| p.key.as_str()).collect();
+        assert_eq!(
+            keys,
+            vec![
+                "bus[0].device[0].point[0].name",
+                "bus[0].device[0].point[0].address",
+                "bus[0].device[1].profile",
+                "bus[1].device[0].name",
+            ],
+            "{problems:#?}"
+        );
+        assert!(problems[2].message.contains("sdm630"));
+    }
+
+    #[test]
+    fn profile_point_problems_point_at_the_profile() {
+        let mut c = parse(GOOD);
+        c.profiles.get_mut("sdm630").unwrap().points[0].address = Some(65_535);
+        assert_eq!(
+            keys(&c),
+            vec![
+                "profile.sdm630.point[0].address",
+                "profile.sdm630.point[0].address"
+            ]
+        );
+    }
+
+    #[test]
+    fn keys_of_other_bus_kinds_are_rejected() {
+        let mut c = parse(GOOD);
+        c.buses[0].host = Some("x".into());
+        c.buses[1].baud = Some(9600);
+        c.buses[2].devices[0].unit_id = 3;
+        c.buses[0].devices[0].unit_id = 0;
+        assert_eq!(
+            keys(&c),
+            vec![
+                "bus[0].host",
+                "bus[0].device[0].unit_id",
+                "bus[1].baud",
+                "bus[2].device[0].unit_id",
+            ]
+        );
+    }
+
+    #[test]
+    fn lines_devices_are_checked() {
+        let mut c = parse(GOOD);
+        c.buses[2].devices[0].points[0].field = Some("humidity".into());
+        c.buses[2].mode = Some(LineMode::Poll);
+        assert_eq!(
+            keys(&c),
+            vec![
+                "bus[2].device[0].request",
+                "bus[2].device[0].point[0].field"
+            ]
+        );
+        c.buses[2].devices[0].regex = Some("(unclosed".into());
+        c.buses[2].devices[0].request = Some("R\r\n".into());
+        assert_eq!(keys(&c), vec!["bus[2].device[0].regex"]);
+    }
+}

@@ -1,0 +1,383 @@
+//! `fieldbridge probe`: read a register range once and show every way to decode it, so the
+//! right type and byte order can be picked by eye (or by an expected value) instead of by
+//! trial and error, plus the TOML for the chosen decoding.
+//!
+//! Addresses in and out are 0-based protocol addresses, like the configuration's; the
+//! 1-based "Modicon" number is shown beside them as a hint.
+
+use std::fmt::Write as _;
+use std::time::Duration;
+
+use super::config::{Framing, Parity};
+use super::decode::{ByteOrder, Codec, DataType, RegisterKind};
+use super::link::{Endpoint, Link, ModbusLink, ReadError, Words};
+use super::Error;
+
+/// Where and what to read.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ProbeTarget {
+    pub transport: ProbeTransport,
+    /// Modbus unit id (default 1 in the CLI).
+    pub unit_id: u8,
+    pub kind: RegisterKind,
+    /// 0-based protocol address of the first register.
+    pub address: u16,
+    /// Registers (or bits) to read: 1..=125 (2000 for bits).
+    pub count: u16,
+    pub timeout: Duration,
+    /// Pick the decoding whose value is closest to this.
+    pub expect: Option<f64>,
+    /// Or pick this type and order (at `address`).
+    pub choose: Option<(DataType, ByteOrder)>,
+}
+
+/// How to reach the device.
+#[derive(Debug, Clone, PartialEq)]
+pub enum ProbeTransport {
+    Tcp {
+        host: String,
+        port: u16,
+        framing: Framing,
+    },
+    Rtu {
+        port: String,
+        baud: u32,
+        parity: Parity,
+        data_bits: u8,
+        stop_bits: u8,
+    },
+}
+
+/// Reads the range and renders the report.
+///
+/// # Errors
+/// [`Error::Probe`] if the device cannot be reached or refuses the read.
+pub async fn probe(target: &ProbeTarget) -> Result<String, Error> {
+    let limit = if target.kind.is_bit() { 2000 } else { 125 };
+    if target.count == 0 || target.count > limit {
+        return Err(Error::Probe(format!("count must be 1..={limit}")));
+    }
+    if u32::from(target.address) + u32::from(target.count) - 1 > 65_535 {
+        return Err(Error::Probe("the range runs past address 65535".into()));
+    }
+    let (endpoint, silence) = match &target.transport {
+        ProbeTransport::Tcp {
+            host,
+            port,
+            framing,
+        } => (
+            Endpoint::Tcp {
+                host: host.clone(),
+                port: *port,
+                framing: *framing,
+                connect_timeout: target.timeout,
+            },
+            Duration::ZERO,
+        ),
+        ProbeTransport::Rtu {
+            port,
+            baud,
+            parity,
+            data_bits,
+            stop_bits,
+        } => {
+            let bits = 1
+                + u32::from(*data_bits)
+                + u32::from(*parity != Parity::None)
+                + u32::from(*stop_bits);
+            (
+                Endpoint::Serial {
+                    path: port.clone(),
+                    baud: *baud,
+                    parity: *parity,
+                    data_bits: *data_bits,
+                    stop_bits: *stop_bits,
+                },
+                super::config::inter_frame_default(*baud, bits),
+            )
+        }
+    };
+    let mut link = ModbusLink::new(endpoint.clone(), silence);
+    let words = link
+        .read(target.unit_id, target.kind, target.address, target.count, target.timeout)
+        .await
+        .map_err(|e| match e {
+            ReadError::Exception(code) => Error::Probe(format!(
+                "unit {} answered exception {code:#04x} for {} {}..={} (0-based protocol addresses; {} in 1-based notation){}",
+                target.unit_id,
+                target.kind.name(),
+                target.address,
+                u32::from(target.address) + u32::from(target.count) - 1,
+                target.kind.modicon(target.address),
+                if code == 2 { ": illegal data address — if the manual says 4xxxx/3xxxx, subtract 40001/30001" } else { "" }
+            )),
+            other => Error::Probe(format!("{endpoint}: {other}")),
+        })?;
+    Ok(render(target, &words))
+}
+
+/// The report for words already read (separate from I/O so it can be tested).
+pub fn render(target: &ProbeTarget, words: &Words) -> String {
+    let mut out = String::new();
+    let last = u32::from(target.address) + u32::from(target.count) - 1;
+    let _ = writeln!(
+        out,
+        "unit {}, {} {}..={} (0-based protocol addresses, as in the config; {}..={} in 1-based notation)",
+        target.unit_id,
+        target.kind.name(),
+        target.address,
+        last,
+        target.kind.modicon(target.address),
+        target.kind.modicon(u16::try_from(last).unwrap_or(u16::MAX)),
+    );
+    let regs = match words {
+        Words::Bits(bits) => {
+            out.push_str("\naddress  value\n");
+            for (i, b) in bits.iter().enumerate() {
+                let _ = writeln!(
+                    out,
+                    "{:<8} {}",
+                    u32::from(target.address) + i as u32,
+                    u8::from(*b)
+                );
+            }
+            let _ = write!(
+                out,
+                "\n{}",
+                snippet(
+                    target.kind,
+                    target.address,
+                    DataType::Bool,
+                    ByteOrder::ABCD,
+                    1
+                )
+            );
+            return out;
+        }
+        Words::Registers(r) => r,
+    };
+    out.push_str("\naddress  hex     u16     i16     ascii\n");
+    for (i, w) in regs.iter().enumerate() {
+        let ascii: String = w
+            .to_be_bytes()
+            .iter()
+            .map(|b| {
+                if b.is_ascii_graphic() || *b == b' ' {
+                    char::from(*b)
+                } else {
+                    '.'
+                }
+            })
+            .collect();
+        let _ = writeln!(
+            out,
+            "{:<8} {:#06x}  {:<7} {:<7} {ascii}",
+            u32::from(target.address) + i as u32,
+            w,
+            w,
+            *w as i16,
+        );
+    }
+    let mut best: Option<(f64, DataType, ByteOrder, u16)> = None;
+    for (t, width) in [
+        (DataType::F32, 2),
+        (DataType::U32, 2),
+        (DataType::I32, 2),
+        (DataType::F64, 4),
+        (DataType::U64, 4),
+        (DataType::I64, 4),
+    ] {
+        if regs.len() < width {
+            continue;
+        }
+        let _ = writeln!(
+            out,
+            "\n{:<4} at    ABCD                  BADC                  CDAB                  DCBA",
+            t.name()
+        );
+        for start in 0..=regs.len() - width {
+            let address = target.address + start as u16;
+            let _ = write!(out, "{:<9} ", address);
+            for order in ByteOrder::ALL {
+                let value = Codec::new(t, order).decode_registers(&regs[start..]);
+                let text = match &value {
+                    Ok(v) => v.to_string(),
+                    Err(_) => "-".into(),
+                };
+                let _ = write!(out, "{text:<21} ");
+                if let (Some(expect), Ok(v)) = (target.expect, &value) {
+                    if let Some(x) = v.as_f64() {
+                        let err = (x - expect).abs() / expect.abs().max(1e-9);
+                        if best.is_none_or_worse(err) {
+                            best = Some((err, t, order, address));
+                        }
+                    }
+                }
+            }
+            out.push('\n');
+        }
+    }
+    if let Some(expect) = target.expect {
+        for (start, w) in regs.iter().enumerate() {
+            let address = target.address + start as u16;
+            for (t, v) in [
+                (DataType::U16, f64::from(*w)),
+                (DataType::I16, f64::from(*w as i16)),
+            ] {
+                let err = (v - expect).abs() / expect.abs().max(1e-9);
+                if best.is_none_or_worse(err) {
+                    best = Some((err, t, ByteOrder::ABCD, address));
+                }
+            }
+        }
+    }
+    if regs.len() >= 2 {
+        let _ = writeln!(
+            out,
+            "\nstring ({} registers)  ABCD: {:?}  BADC: {:?}",
+            regs.len(),
+            string_of(regs, ByteOrder::ABCD),
+            string_of(regs, ByteOrder::BADC)
+        );
+    }
+    out.push('\n');
+    let (t, order, address) = match (target.choose, best, target.expect) {
+        (Some((t, order)), _, _) => (t, order, target.address),
+        (None, Some((err, t, order, address)), Some(expect)) => {
+            let _ = writeln!(
+                out,
+                "closest to {expect}: {} {} at {address} (off by {:.3}%)",
+                t.name(),
+                order.name(),
+                err * 100.0
+            );
+            (t, order, address)
+        }
+        _ => {
+            out.push_str("# pass an expected value (or a type and order) to choose; the first row is shown\n");
+            (
+                if regs.len() >= 2 {
+                    DataType::F32
+                } else {
+                    DataType::U16
+                },
+                ByteOrder::ABCD,
+                target.address,
+            )
+        }
+    };
+    let width = if t == DataType::String {
+        regs.len() as u16
+    } else {
+        1
+    };
+    out.push_str(&snippet(target.kind, address, t, order, width));
+    out
+}
+
+trait Worse {
+    fn is_none_or_worse(&self, err: f64) -> bool;
+}
+
+impl Worse for Option<(f64, DataType, ByteOrder, u16)> {
+    fn is_none_or_worse(&self, err: f64) -> bool {
+        self.as_ref().map_or(true, |(best, ..)| err < *best)
+    }
+}
+
+fn string_of(regs: &[u16], order: ByteOrder) -> String {
+    let mut c = Codec::new(DataType::String, order);
+    c.string_registers = u16::try_from(regs.len()).unwrap_or(u16::MAX);
+    c.decode_registers(regs)
+        .map(|v| v.to_string().trim_matches('"').to_string())
+        .unwrap_or_default()
+}
+
+fn snippet(
+    kind: RegisterKind,
+    address: u16,
+    t: DataType,
+    order: ByteOrder,
+    string_registers: u16,
+) -> String {
+    let mut s = format!(
+        "[[bus.device.point]]\nname = \"value\"\nkind = \"{}\"\naddress = {address}  # 0-based protocol address ({} in 1-based notation)\ntype = \"{}\"\n",
+        kind.name(),
+        kind.modicon(address),
+        t.name(),
+    );
+    if matches!(
+        t,
+        DataType::U32
+            | DataType::I32
+            | DataType::F32
+            | DataType::U64
+            | DataType::I64
+            | DataType::F64
+    ) || order != ByteOrder::ABCD
+    {
+        let _ = writeln!(s, "order = \"{}\"", order.name());
+    }
+    if t == DataType::String {
+        let _ = writeln!(s, "registers = {string_registers}");
+    }
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn target() -> ProbeTarget {
+        ProbeTarget {
+            transport: ProbeTransport::Tcp {
+                host: "127.0.0.1".into(),
+                port: 502,
+                framing: Framing::Tcp,
+            },
+            unit_id: 1,
+            kind: RegisterKind::Holding,
+            address: 100,
+            count: 4,
+            timeout: Duration::from_secs(1),
+            expect: Some(123.456),
+            choose: None,
+        }
+    }
+
+    #[test]
+    fn the_expected_value_picks_type_order_and_address() {
+        // f32 123.456 word-swapped at 101, between two unrelated registers.
+        let words = Words::Registers(vec![7, 0xE979, 0x42F6, 9]);
+        let report = render(&target(), &words);
+        assert!(
+            report.contains("closest to 123.456: f32 CDAB at 101"),
+            "{report}"
+        );
+        assert!(
+            report
+                .contains("address = 101  # 0-based protocol address (40102 in 1-based notation)"),
+            "{report}"
+        );
+        assert!(report.contains("order = \"CDAB\""), "{report}");
+        assert!(
+            report.contains("40101..=40104 in 1-based notation"),
+            "{report}"
+        );
+    }
+
+    #[test]
+    fn a_chosen_decoding_gives_its_snippet_and_bits_print_as_bits() {
+        let mut t = target();
+        t.expect = None;
+        t.choose = Some((DataType::I16, ByteOrder::ABCD));
+        let report = render(&t, &Words::Registers(vec![0xFFFF, 1, 2, 3]));
+        assert!(report.contains("type = \"i16\""), "{report}");
+        assert!(!report.contains("order ="), "{report}");
+        t.kind = RegisterKind::Coil;
+        t.count = 2;
+        let report = render(&t, &Words::Bits(vec![true, false]));
+        assert!(report.contains("100      1\n101      0"), "{report}");
+        assert!(report.contains("type = \"bool\""), "{report}");
+    }
+}
