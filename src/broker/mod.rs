@@ -1,1 +1,342 @@
-//! broker (see ARCHITECTURE.md).
+//! The built-in MQTT broker (3.1.1 and 5.0) serving LAN subscribers, also usable on its
+//! own.
+//!
+//! # Layout
+//!
+//! | file | owns |
+//! |---|---|
+//! | `config.rs` | the `[broker]` section |
+//! | `server.rs` | listeners, TLS, the socket task of each connection |
+//! | `conn.rs` | the protocol of one connection, no I/O (CONNECT to DISCONNECT) |
+//! | `router.rs` | shared state: routing, sessions, takeover, wills, counters |
+//! | `session.rs` | messages, mailboxes (per-client bounded queues), inflight window |
+//! | `tree.rs` | the subscription tree (`+`, `#`, shared groups) |
+//! | `retained.rs` | retained messages by topic level |
+//! | `auth.rs` | password file, ACL file, protected topic trees |
+//! | `persist.rs` | SQLite persistence of retained messages and sessions |
+//! | `sys.rs` | `$SYS` topics and housekeeping |
+//!
+//! # Invariants
+//!
+//! - Publishers never wait for subscribers: routing pushes into bounded per-client
+//!   mailboxes; what does not fit is dropped and counted in [`BrokerStats::dropped`].
+//! - Every resource is bounded: connections, packet size, queued messages and bytes
+//!   per client, inflight window, topic aliases.
+//! - LAN clients may read the protected topic trees but may publish into them only
+//!   with an ACL write grant; [`BrokerHandle::publish`] (the agent) always may.
+//! - A malformed packet or protocol error closes that one connection.
+
+mod auth;
+mod config;
+mod conn;
+mod persist;
+mod retained;
+mod router;
+mod server;
+mod session;
+mod sys;
+mod tree;
+
+#[cfg(test)]
+mod tests;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
+use tokio_rustls::TlsAcceptor;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+pub use auth::{passwd_line, AuthError};
+pub use config::{BrokerConfig, ListenerConfig, TlsListenerConfig};
+pub use persist::PersistError;
+
+use auth::Policy;
+use persist::Persister;
+use router::{Router, Settings};
+use session::{Kick, Message};
+
+use crate::mqtt::{topic, QoS};
+
+/// The broker cannot start or reload.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("TLS listener {addr}: {message}")]
+    Tls { addr: SocketAddr, message: String },
+    #[error(transparent)]
+    Auth(#[from] AuthError),
+    #[error(transparent)]
+    Persist(#[from] PersistError),
+    #[error("invalid broker configuration: {0}")]
+    Config(String),
+}
+
+/// A snapshot of the broker's counters.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct BrokerStats {
+    /// Clients connected now.
+    pub clients_connected: usize,
+    /// Sessions, connected or not (persistent ones wait offline).
+    pub sessions: usize,
+    /// PUBLISH packets received from clients.
+    pub messages_received: u64,
+    /// PUBLISH packets sent to clients.
+    pub messages_sent: u64,
+    pub bytes_received: u64,
+    pub bytes_sent: u64,
+    /// Subscriptions in the tree.
+    pub subscriptions: usize,
+    /// Retained messages stored.
+    pub retained: usize,
+    /// Messages dropped because a client's queue was full (or a message was larger than
+    /// the client accepts).
+    pub dropped: u64,
+    /// Queued messages dropped because their expiry interval passed.
+    pub expired: u64,
+    /// PUBLISH packets refused by the ACL or the protected topic trees.
+    pub denied: u64,
+    pub uptime: Duration,
+}
+
+/// The broker. See [`Broker::start`].
+pub struct Broker;
+
+struct Inner {
+    router: Arc<Router>,
+    addrs: Vec<SocketAddr>,
+    cancel: CancellationToken,
+    tracker: TaskTracker,
+    config: BrokerConfig,
+    protected: Vec<String>,
+}
+
+/// A running broker. Cheap to clone.
+#[derive(Clone)]
+pub struct BrokerHandle {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for BrokerHandle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("BrokerHandle")
+            .field("addrs", &self.inner.addrs)
+            .finish_non_exhaustive()
+    }
+}
+
+fn tls_acceptor(addr: SocketAddr, tls: &TlsListenerConfig) -> Result<TlsAcceptor, Error> {
+    let err = |message: String| Error::Tls { addr, message };
+    let read = |path: &std::path::Path| {
+        std::fs::read(path).map_err(|e| err(format!("cannot read {}: {e}", path.display())))
+    };
+    let cert_pem = read(&tls.cert_file)?;
+    let key_pem = read(&tls.key_file)?;
+    let certs = rustls_pemfile::certs(&mut cert_pem.as_slice())
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| err(format!("{}: {e}", tls.cert_file.display())))?;
+    if certs.is_empty() {
+        return Err(err(format!(
+            "{} holds no certificate",
+            tls.cert_file.display()
+        )));
+    }
+    let key = rustls_pemfile::private_key(&mut key_pem.as_slice())
+        .map_err(|e| err(format!("{}: {e}", tls.key_file.display())))?
+        .ok_or_else(|| err(format!("{} holds no private key", tls.key_file.display())))?;
+    let config = rustls::ServerConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .map_err(|e| err(e.to_string()))?
+    .with_no_client_auth()
+    .with_single_cert(certs, key)
+    .map_err(|e| err(e.to_string()))?;
+    Ok(TlsAcceptor::from(Arc::new(config)))
+}
+
+impl Broker {
+    /// Loads the password, ACL and persistence files, binds every listener and starts
+    /// serving; returns once listening. `protected_prefixes` are topic trees LAN clients
+    /// may read but not publish into (unless the ACL grants write).
+    ///
+    /// # Errors
+    /// When the configuration is invalid, a file cannot be loaded, or a listener cannot
+    /// be bound.
+    pub async fn start(
+        config: BrokerConfig,
+        protected_prefixes: Vec<String>,
+    ) -> Result<BrokerHandle, Error> {
+        let problems = config.validate();
+        if !problems.is_empty() {
+            let text: Vec<String> = problems
+                .iter()
+                .map(|p| format!("{}: {}", p.key, p.message))
+                .collect();
+            return Err(Error::Config(text.join("; ")));
+        }
+        let policy = load_policy(&config, protected_prefixes.clone()).await?;
+        let (persister, loaded) = match &config.persistence_path {
+            Some(path) => {
+                let path = path.clone();
+                let (p, l) = tokio::task::spawn_blocking(move || Persister::open(&path))
+                    .await
+                    .map_err(|e| Error::Config(format!("persistence loader failed: {e}")))??;
+                (Some(p), l)
+            }
+            None => (None, persist::Loaded::default()),
+        };
+        let router = Arc::new(Router::new(
+            Settings::from_config(&config),
+            policy,
+            persister,
+        ));
+        let (retained, sessions) = (loaded.retained.len(), loaded.sessions.len());
+        for msg in loaded.retained {
+            router.restore_retained(msg);
+        }
+        for (client_id, record, queued) in loaded.sessions {
+            router.restore_session(&client_id, record, queued);
+        }
+        if config.persistence_path.is_some() {
+            tracing::info!(retained, sessions, "restored broker state");
+        }
+
+        let mut bound = Vec::new();
+        for l in &config.listeners {
+            let tls = l
+                .tls
+                .as_ref()
+                .map(|t| tls_acceptor(l.bind, t))
+                .transpose()?;
+            let listener = TcpListener::bind(l.bind)
+                .await
+                .map_err(|source| Error::Bind {
+                    addr: l.bind,
+                    source,
+                })?;
+            let addr = listener.local_addr().map_err(|source| Error::Bind {
+                addr: l.bind,
+                source,
+            })?;
+            bound.push((listener, tls, addr));
+        }
+        let cancel = CancellationToken::new();
+        let tracker = TaskTracker::new();
+        let shared = server::Shared {
+            router: router.clone(),
+            slots: Arc::new(Semaphore::new(config.max_connections)),
+            cancel: cancel.clone(),
+            tracker: tracker.clone(),
+        };
+        let mut addrs = Vec::new();
+        for (listener, tls, addr) in bound {
+            tracing::info!(%addr, tls = tls.is_some(), anonymous = config.anonymous_allowed(), "broker listening");
+            addrs.push(addr);
+            tracker.spawn(server::accept_loop(listener, tls, shared.clone()));
+        }
+        tracker.spawn(sys::maintenance(
+            router.clone(),
+            Duration::from_secs(config.sys_interval_secs),
+            cancel.clone(),
+        ));
+        Ok(BrokerHandle {
+            inner: Arc::new(Inner {
+                router,
+                addrs,
+                cancel,
+                tracker,
+                config,
+                protected: protected_prefixes,
+            }),
+        })
+    }
+}
+
+async fn load_policy(config: &BrokerConfig, protected: Vec<String>) -> Result<Policy, Error> {
+    let passwords = config.password_file.clone();
+    let acl = config.acl_file.clone();
+    let anonymous = config.anonymous_allowed();
+    tokio::task::spawn_blocking(move || {
+        Policy::load(passwords.as_deref(), acl.as_deref(), anonymous, protected)
+    })
+    .await
+    .map_err(|e| Error::Config(format!("policy loader failed: {e}")))?
+    .map_err(Error::from)
+}
+
+impl BrokerHandle {
+    /// The addresses actually bound (port 0 in the configuration resolved).
+    pub fn local_addrs(&self) -> Vec<SocketAddr> {
+        self.inner.addrs.clone()
+    }
+
+    /// Publishes from inside the process (the agent's readings): no TCP hop, no access
+    /// check, and it never waits on slow subscribers. An invalid topic name is logged and
+    /// dropped.
+    pub fn publish(&self, topic: &str, payload: Bytes, qos: QoS, retain: bool) {
+        if topic::validate_topic_name(topic).is_err() {
+            tracing::warn!(topic, "in-process publish to an invalid topic name dropped");
+            return;
+        }
+        self.inner.router.publish(Message {
+            topic: topic.to_string(),
+            payload,
+            qos,
+            retain,
+            properties: None,
+            expires_at: None,
+            origin: 0,
+        });
+    }
+
+    /// Re-reads the password and ACL files (SIGHUP). On error the old ones stay in force.
+    ///
+    /// # Errors
+    /// When a file cannot be read or parsed.
+    pub async fn reload_auth(&self) -> Result<(), Error> {
+        let policy = load_policy(&self.inner.config, self.inner.protected.clone()).await?;
+        self.inner.router.set_policy(policy);
+        tracing::info!("password and ACL files reloaded");
+        Ok(())
+    }
+
+    /// The broker's counters now.
+    pub fn stats(&self) -> BrokerStats {
+        self.inner.router.stats()
+    }
+
+    /// Stops the listeners, disconnects every client, writes the persistence snapshot
+    /// and waits for every task.
+    pub async fn shutdown(self) {
+        let inner = &self.inner;
+        inner.cancel.cancel();
+        inner.router.cancel.cancel();
+        inner.router.kick_all(Kick::Shutdown);
+        inner.tracker.close();
+        inner.tracker.wait().await;
+        let router = inner.router.clone();
+        if router.persister().is_some() {
+            let written = tokio::task::spawn_blocking(move || {
+                let mut snapshot = Vec::new();
+                router.for_each_parked(|s| snapshot.push(persist::snapshot(s)));
+                if let Some(p) = router.persister() {
+                    p.close(snapshot);
+                }
+            })
+            .await;
+            if written.is_err() {
+                tracing::error!("persistence snapshot failed");
+            }
+        }
+        tracing::info!("broker stopped");
+    }
+}

@@ -1,1 +1,229 @@
-//! (placeholder: filled in by the work that needs it)
+//! Real MQTT clients for tests: `mosquitto_sub` / `mosquitto_pub` from the
+//! mosquitto-clients package, and Python scripts using paho-mqtt
+//! (`tests/fixtures/*.py`), spawned with their output collected and every wait bounded.
+//!
+//! `mosquitto_sub` runs with `-d`, so the helper can tell when its SUBACK arrived
+//! ([`Sub::wait_subscribed`]) instead of sleeping; debug lines are kept apart from the
+//! message lines the test asserts on.
+
+use std::io::{BufRead, BufReader, Read};
+use std::path::PathBuf;
+use std::process::{Child, Command, ExitStatus, Output, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use super::util::{tool, wait_for};
+
+/// How long a client gets to finish a short job (connect, publish, disconnect).
+pub const CLIENT_TIMEOUT: Duration = Duration::from_secs(10);
+
+#[derive(Default)]
+struct Collected {
+    messages: Vec<String>,
+    debug: Vec<String>,
+    stderr: String,
+}
+
+/// A running `mosquitto_sub`.
+pub struct Sub {
+    child: Child,
+    collected: Arc<Mutex<Collected>>,
+}
+
+fn is_debug(line: &str) -> bool {
+    line.starts_with("Client ") || line.starts_with("Subscribed (mid")
+}
+
+impl Sub {
+    /// Starts `mosquitto_sub -h 127.0.0.1 -p PORT -d ARGS...`, line-buffered (its
+    /// stdout is a pipe, where stdio would otherwise hold lines back).
+    pub fn start(port: u16, args: &[&str]) -> Sub {
+        let mut child = Command::new(tool("stdbuf", "coreutils"))
+            .arg("-oL")
+            .arg(tool("mosquitto_sub", "mosquitto-clients"))
+            .args(["-h", "127.0.0.1", "-p", &port.to_string(), "-d"])
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn mosquitto_sub");
+        let collected = Arc::new(Mutex::new(Collected::default()));
+        let stdout = child.stdout.take().expect("piped stdout");
+        let sink = collected.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines() {
+                let Ok(line) = line else { break };
+                let mut c = sink.lock().unwrap();
+                if is_debug(&line) {
+                    c.debug.push(line);
+                } else {
+                    c.messages.push(line);
+                }
+            }
+        });
+        let mut stderr = child.stderr.take().expect("piped stderr");
+        let sink = collected.clone();
+        std::thread::spawn(move || {
+            let mut text = String::new();
+            let _ = stderr.read_to_string(&mut text);
+            sink.lock().unwrap().stderr = text;
+        });
+        Sub { child, collected }
+    }
+
+    /// Waits for the SUBACK; returns the granted QoS / reason codes as printed
+    /// (`"1"`, `"0, 2"`, `"128"`).
+    pub fn wait_subscribed(&self, timeout: Duration) -> String {
+        wait_for(
+            &format!("mosquitto_sub's SUBACK ({})", self.describe()),
+            timeout,
+            || {
+                let c = self.collected.lock().unwrap();
+                c.debug
+                    .iter()
+                    .find_map(|l| l.strip_prefix("Subscribed (mid: "))
+                    .and_then(|rest| rest.split_once("): "))
+                    .map(|(_, granted)| granted.to_string())
+            },
+        )
+    }
+
+    /// Waits until at least `n` message lines arrived; returns all of them.
+    pub fn wait_messages(&self, n: usize, timeout: Duration) -> Vec<String> {
+        wait_for(
+            &format!("{n} messages ({})", self.describe()),
+            timeout,
+            || {
+                let c = self.collected.lock().unwrap();
+                (c.messages.len() >= n).then(|| c.messages.clone())
+            },
+        )
+    }
+
+    /// The message lines so far.
+    pub fn messages(&self) -> Vec<String> {
+        self.collected.lock().unwrap().messages.clone()
+    }
+
+    /// The `-d` debug lines so far.
+    pub fn debug(&self) -> Vec<String> {
+        self.collected.lock().unwrap().debug.clone()
+    }
+
+    /// What it wrote to stderr (complete once it exited).
+    pub fn stderr(&self) -> String {
+        self.collected.lock().unwrap().stderr.clone()
+    }
+
+    /// Waits for the process to exit by itself (`-C`, `-W`, refused connection).
+    pub fn wait_exit(&mut self, timeout: Duration) -> ExitStatus {
+        let child = &mut self.child;
+        wait_for("mosquitto_sub to exit", timeout, || {
+            child.try_wait().ok().flatten()
+        })
+    }
+
+    /// Kills it with SIGKILL (no DISCONNECT: the broker sees a lost connection).
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    fn describe(&self) -> String {
+        let c = self.collected.lock().unwrap();
+        format!(
+            "messages so far: {:?}, last debug lines: {:?}, stderr: {:?}",
+            c.messages,
+            c.debug.iter().rev().take(4).collect::<Vec<_>>(),
+            c.stderr
+        )
+    }
+}
+
+impl Drop for Sub {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// Runs a short-lived client to completion, killing it after `CLIENT_TIMEOUT`.
+pub fn run_bounded(mut command: Command) -> Output {
+    let mut child = command
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("spawn {command:?}: {e}"));
+    let finished = {
+        let deadline = std::time::Instant::now() + CLIENT_TIMEOUT;
+        loop {
+            if child.try_wait().ok().flatten().is_some() {
+                break true;
+            }
+            if std::time::Instant::now() >= deadline {
+                break false;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    };
+    if !finished {
+        let _ = child.kill();
+    }
+    let output = child.wait_with_output().expect("collect output");
+    assert!(
+        finished,
+        "{command:?} did not finish within {CLIENT_TIMEOUT:?}: {output:?}"
+    );
+    output
+}
+
+/// Runs `mosquitto_pub -h 127.0.0.1 -p PORT ARGS...` and returns its output.
+pub fn mosquitto_pub(port: u16, args: &[&str]) -> Output {
+    let mut command = Command::new(tool("mosquitto_pub", "mosquitto-clients"));
+    command
+        .args(["-h", "127.0.0.1", "-p", &port.to_string()])
+        .args(args);
+    run_bounded(command)
+}
+
+/// As [`mosquitto_pub`], asserting that it succeeded.
+pub fn publish(port: u16, args: &[&str]) {
+    let output = mosquitto_pub(port, args);
+    assert!(
+        output.status.success(),
+        "mosquitto_pub {args:?} failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+}
+
+/// Path of a Python fixture in `tests/fixtures`.
+pub fn fixture(name: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures")
+        .join(name)
+}
+
+/// Runs `python3 tests/fixtures/SCRIPT ARGS...`; panics with its output unless it
+/// exits 0. Returns stdout.
+pub fn python(script: &str, args: &[&str]) -> String {
+    let python = tool("python3", "python3");
+    let check = Command::new(&python)
+        .args(["-c", "import paho.mqtt"])
+        .output()
+        .expect("run python3");
+    assert!(
+        check.status.success(),
+        "paho-mqtt is missing: pip install -r scripts/requirements-test.txt (scripts/test.sh does)"
+    );
+    let mut command = Command::new(python);
+    command.arg(fixture(script)).args(args);
+    let output = run_bounded(command);
+    let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
+    assert!(
+        output.status.success(),
+        "{script} {args:?} failed\nstdout:\n{stdout}\nstderr:\n{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    stdout
+}

@@ -1,0 +1,289 @@
+//! The `[broker]` section of the configuration.
+//!
+//! Every field has a default, so an empty `[broker]` section runs a broker on
+//! `127.0.0.1:1883` that accepts anonymous clients (every listener is loopback).
+//! [`BrokerConfig::validate`] reports semantic problems with their key paths; the
+//! agent's config module turns them into file positions.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use serde::Deserialize;
+
+use crate::config::Invalid;
+
+/// Settings of the built-in broker. Names follow mosquitto's where one exists.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct BrokerConfig {
+    /// Addresses to serve. Default: one plain listener on `127.0.0.1:1883`.
+    pub listeners: Vec<ListenerConfig>,
+    /// Whether clients without a user name may connect. Default (unset): only when every
+    /// listener is on a loopback address and no `password_file` is set (mosquitto 2.0).
+    pub allow_anonymous: Option<bool>,
+    /// A mosquitto password file (`user:$7$…` lines, as written by `mosquitto_passwd` or
+    /// `fieldbridge passwd`). Default: none.
+    pub password_file: Option<PathBuf>,
+    /// A mosquitto ACL file (`user`, `topic`, `pattern` lines). Default: none, every
+    /// client may read and write every topic outside the protected sensor tree.
+    pub acl_file: Option<PathBuf>,
+    /// SQLite file holding retained messages and persistent sessions. Default: none
+    /// (nothing survives a restart).
+    pub persistence_path: Option<PathBuf>,
+    /// Connections served at once; more are closed right after accept. Default: 1024.
+    pub max_connections: usize,
+    /// Largest packet accepted from a client, in bytes (advertised to 5.0 clients).
+    /// Default: 1 MiB.
+    pub max_packet_size: u32,
+    /// Messages queued per client (online or offline) beyond its inflight window; more
+    /// are dropped and counted. Default: 1000 (mosquitto's default).
+    pub max_queued_messages: usize,
+    /// Payload bytes queued per client; more are dropped and counted. Default: 1 MiB.
+    pub max_queued_bytes: usize,
+    /// QoS 1 and 2 messages in flight to one client, and the receive maximum advertised
+    /// to 5.0 clients. Default: 20 (mosquitto's default).
+    pub max_inflight_messages: u16,
+    /// Seconds a new TCP connection may take to send CONNECT. Default: 10.
+    pub connect_timeout_secs: u64,
+    /// Largest keepalive granted, in seconds. A 5.0 client asking for more (or for none)
+    /// is told this value; a 3.1.1 client asking for more is refused. Default: unset.
+    pub max_keep_alive: Option<u16>,
+    /// Seconds between `$SYS/broker/...` updates; 0 disables them. Default: 10.
+    pub sys_interval_secs: u64,
+    /// Upper bound on how long an offline persistent session is kept, in seconds
+    /// (3.1.1 sessions and 5.0 session expiry intervals alike). Default: unset (a 3.1.1
+    /// persistent session never expires, a 5.0 one when its interval says so).
+    pub persistent_session_expiry_secs: Option<u64>,
+    /// Topic aliases a 5.0 client may use towards the broker. Default: 10.
+    pub max_topic_alias: u16,
+}
+
+/// One listening socket.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ListenerConfig {
+    /// Address and port, e.g. `"0.0.0.0:1883"`. Port 0 picks a free port.
+    pub bind: SocketAddr,
+    /// Serve MQTT over TLS on this listener. Default: plain TCP.
+    #[serde(default)]
+    pub tls: Option<TlsListenerConfig>,
+}
+
+/// Certificate and key of a TLS listener (PEM files).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsListenerConfig {
+    /// The certificate chain, leaf first.
+    pub cert_file: PathBuf,
+    /// The private key (PKCS#8, PKCS#1 or SEC1).
+    pub key_file: PathBuf,
+}
+
+impl Default for BrokerConfig {
+    fn default() -> BrokerConfig {
+        BrokerConfig {
+            listeners: vec![ListenerConfig {
+                bind: SocketAddr::from(([127, 0, 0, 1], 1883)),
+                tls: None,
+            }],
+            allow_anonymous: None,
+            password_file: None,
+            acl_file: None,
+            persistence_path: None,
+            max_connections: 1024,
+            max_packet_size: 1024 * 1024,
+            max_queued_messages: 1000,
+            max_queued_bytes: 1024 * 1024,
+            max_inflight_messages: 20,
+            connect_timeout_secs: 10,
+            max_keep_alive: None,
+            sys_interval_secs: 10,
+            persistent_session_expiry_secs: None,
+            max_topic_alias: 10,
+        }
+    }
+}
+
+/// The smallest packet size a 5.0 client can be held to (CONNACK with properties).
+const MIN_PACKET_SIZE: u32 = 128;
+/// The largest remaining length MQTT can express, plus the five-byte fixed header.
+const MAX_PACKET_SIZE: u32 = 268_435_455 + 5;
+
+impl BrokerConfig {
+    /// Whether clients without credentials may connect (see `allow_anonymous`).
+    pub fn anonymous_allowed(&self) -> bool {
+        match self.allow_anonymous {
+            Some(allowed) => allowed,
+            None => {
+                self.password_file.is_none()
+                    && self.listeners.iter().all(|l| l.bind.ip().is_loopback())
+            }
+        }
+    }
+
+    /// Semantic problems, with key paths below `broker.`.
+    pub fn validate(&self) -> Vec<Invalid> {
+        let mut problems = Vec::new();
+        let mut seen = Vec::new();
+        for (i, listener) in self.listeners.iter().enumerate() {
+            let key = format!("broker.listeners[{i}]");
+            if listener.bind.port() != 0 && seen.contains(&listener.bind) {
+                problems.push(Invalid::new(
+                    format!("{key}.bind"),
+                    format!("{} is listed twice", listener.bind),
+                ));
+            }
+            seen.push(listener.bind);
+            if let Some(tls) = &listener.tls {
+                if tls.cert_file.as_os_str().is_empty() {
+                    problems.push(Invalid::new(
+                        format!("{key}.tls.cert_file"),
+                        "a TLS listener needs a certificate file",
+                    ));
+                }
+                if tls.key_file.as_os_str().is_empty() {
+                    problems.push(Invalid::new(
+                        format!("{key}.tls.key_file"),
+                        "a TLS listener needs a private key file",
+                    ));
+                }
+            }
+        }
+        if self.listeners.is_empty() {
+            problems.push(Invalid::new(
+                "broker.listeners",
+                "the broker needs at least one listener",
+            ));
+        }
+        if self.allow_anonymous.is_none() && self.password_file.is_none() {
+            if let Some(i) = self
+                .listeners
+                .iter()
+                .position(|l| !l.bind.ip().is_loopback())
+            {
+                problems.push(Invalid::new(
+                    format!("broker.listeners[{i}].bind"),
+                    format!(
+                        "{} is reachable from the network but no password_file is set, so \
+                         every client would be refused; set password_file, or \
+                         allow_anonymous = true to let anyone on the LAN in",
+                        self.listeners[i].bind
+                    ),
+                ));
+            }
+        }
+        if self.max_connections == 0 {
+            problems.push(Invalid::new("broker.max_connections", "must be at least 1"));
+        }
+        if !(MIN_PACKET_SIZE..=MAX_PACKET_SIZE).contains(&self.max_packet_size) {
+            problems.push(Invalid::new(
+                "broker.max_packet_size",
+                format!("must be between {MIN_PACKET_SIZE} and {MAX_PACKET_SIZE} bytes"),
+            ));
+        }
+        if self.max_inflight_messages == 0 {
+            problems.push(Invalid::new(
+                "broker.max_inflight_messages",
+                "must be at least 1",
+            ));
+        }
+        if self.connect_timeout_secs == 0 {
+            problems.push(Invalid::new(
+                "broker.connect_timeout_secs",
+                "must be at least 1 second",
+            ));
+        }
+        if self.max_keep_alive == Some(0) {
+            problems.push(Invalid::new(
+                "broker.max_keep_alive",
+                "must be at least 1 second (leave it unset for no limit)",
+            ));
+        }
+        problems
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn empty_section_is_a_loopback_broker_open_to_anonymous_clients() {
+        let config: BrokerConfig = toml::from_str("").unwrap();
+        assert_eq!(config, BrokerConfig::default());
+        assert_eq!(config.listeners[0].bind, "127.0.0.1:1883".parse().unwrap());
+        assert!(config.anonymous_allowed());
+        assert!(config.validate().is_empty());
+    }
+
+    #[test]
+    fn unknown_keys_are_rejected() {
+        let err = toml::from_str::<BrokerConfig>("max_conections = 3").unwrap_err();
+        assert!(err.to_string().contains("max_conections"), "{err}");
+    }
+
+    #[test]
+    fn lan_listener_without_credentials_is_reported() {
+        let config: BrokerConfig = toml::from_str(
+            r#"
+            [[listeners]]
+            bind = "127.0.0.1:1883"
+            [[listeners]]
+            bind = "0.0.0.0:1883"
+            "#,
+        )
+        .unwrap();
+        assert!(!config.anonymous_allowed());
+        let problems = config.validate();
+        assert_eq!(problems.len(), 1, "{problems:?}");
+        assert_eq!(problems[0].key, "broker.listeners[1].bind");
+    }
+
+    #[test]
+    fn password_file_closes_anonymous_access_even_on_loopback() {
+        let config: BrokerConfig = toml::from_str(r#"password_file = "/etc/fb/passwd""#).unwrap();
+        assert!(!config.anonymous_allowed());
+        let config: BrokerConfig =
+            toml::from_str("allow_anonymous = true\n[[listeners]]\nbind = \"0.0.0.0:1883\"\n")
+                .unwrap();
+        assert!(config.anonymous_allowed());
+        assert!(config.validate().is_empty());
+    }
+
+    #[test]
+    fn limits_are_checked_with_their_key_paths() {
+        let config = BrokerConfig {
+            max_connections: 0,
+            max_packet_size: 10,
+            max_inflight_messages: 0,
+            connect_timeout_secs: 0,
+            max_keep_alive: Some(0),
+            ..BrokerConfig::default()
+        };
+        let keys: Vec<_> = config.validate().into_iter().map(|p| p.key).collect();
+        assert_eq!(
+            keys,
+            [
+                "broker.max_connections",
+                "broker.max_packet_size",
+                "broker.max_inflight_messages",
+                "broker.connect_timeout_secs",
+                "broker.max_keep_alive"
+            ]
+        );
+    }
+
+    #[test]
+    fn tls_listener_parses() {
+        let config: BrokerConfig = toml::from_str(
+            r#"
+            [[listeners]]
+            bind = "127.0.0.1:8883"
+            tls = { cert_file = "/etc/fb/cert.pem", key_file = "/etc/fb/key.pem" }
+            "#,
+        )
+        .unwrap();
+        let tls = config.listeners[0].tls.as_ref().unwrap();
+        assert_eq!(tls.key_file, PathBuf::from("/etc/fb/key.pem"));
+    }
+}

@@ -1,0 +1,598 @@
+//! The protocol of one client connection, with no I/O: packets in, bytes out.
+//!
+//! The socket task ([`super::server`]) decodes packets, hands them to [`Conn::handle`],
+//! asks [`Conn::drain`] for queued messages, and writes whatever was appended to its
+//! output buffer. Everything here can be driven by a test without sockets.
+//!
+//! Invariants:
+//! - At most `window` QoS 1/2 messages are unacknowledged towards the client (its 5.0
+//!   receive maximum, capped by `max_inflight_messages`); QoS 0 messages behind them
+//!   wait, so the order of messages is the order of the mailbox.
+//! - An inbound QoS 2 message is routed once: its packet id is kept until PUBREL, and a
+//!   repeated PUBLISH with that id is only acknowledged again.
+//! - On resume, unacknowledged messages go out first, in their original order, with
+//!   DUP set (and PUBREL for those already received).
+//! - A message larger than the client's 5.0 maximum packet size is dropped, counted.
+//! - Access is checked against the current policy; a reload is picked up at the next
+//!   packet.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::BytesMut;
+use tokio::time::Instant;
+
+use super::auth::{Identity, Policy, Refusal};
+use super::router::{Counters, Router};
+use super::session::{Delivery, Kick, Message, Session, Slot, NEVER_EXPIRES};
+use crate::mqtt::{
+    self, Ack, ConnAck, Connect, Disconnect, Packet, Properties, Protocol, Publish, QoS,
+    ReasonCode, SubAck, UnsubAck, Will,
+};
+
+/// Why a connection ends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Close {
+    /// DISCONNECT from the client: the will is discarded.
+    Normal,
+    /// 5.0 DISCONNECT with reason 0x04: the will is published.
+    WithWill,
+    /// The client broke the protocol; a 5.0 client is told this reason.
+    Protocol(ReasonCode),
+    /// The broker ends the connection (takeover, shutdown).
+    Kicked(Kick),
+    /// Nothing received within 1.5 times the keepalive.
+    KeepAliveTimeout,
+    /// The network connection failed or the client closed it.
+    Lost,
+}
+
+impl Close {
+    /// The DISCONNECT reason sent to a 5.0 client, if any.
+    pub fn reason(self) -> Option<ReasonCode> {
+        match self {
+            Close::Protocol(code) => Some(code),
+            Close::Kicked(Kick::TakenOver) => Some(ReasonCode::SESSION_TAKEN_OVER),
+            Close::Kicked(Kick::Shutdown) => Some(ReasonCode::SERVER_SHUTTING_DOWN),
+            Close::KeepAliveTimeout => Some(ReasonCode::KEEP_ALIVE_TIMEOUT),
+            Close::Normal | Close::WithWill | Close::Lost => None,
+        }
+    }
+}
+
+/// A connected client.
+#[derive(Debug)]
+pub(crate) struct Conn {
+    router: Arc<Router>,
+    session: Session,
+    generation: u64,
+    protocol: Protocol,
+    username: Option<String>,
+    keep_alive: u16,
+    will: Option<Will>,
+    /// Inbound topic aliases (5.0), index = alias - 1.
+    aliases: Vec<Option<String>>,
+    window: usize,
+    max_out_packet: usize,
+    policy: Arc<Policy>,
+    policy_generation: u64,
+    /// Messages received and sent since the counters were last flushed.
+    pub received: u64,
+    pub sent: u64,
+}
+
+/// The CONNACK refusing `code`.
+fn refusal(code: ReasonCode) -> Packet {
+    Packet::ConnAck(ConnAck {
+        session_present: false,
+        code,
+        properties: Properties::default(),
+    })
+}
+
+fn write(packet: &Packet, protocol: Protocol, out: &mut BytesMut) -> Result<(), Close> {
+    mqtt::encode(packet, protocol, out).map_err(|e| {
+        tracing::warn!(error = %e, "cannot encode a packet for the client");
+        Close::Protocol(ReasonCode::IMPLEMENTATION_SPECIFIC_ERROR)
+    })
+}
+
+/// A client id for a client that sent none.
+fn assign_client_id() -> String {
+    format!("fb-{:016x}", fastrand::u64(..))
+}
+
+/// 5.0 properties a PUBLISH forwards to subscribers; `None` when there are none.
+fn forwarded(p: &Properties) -> Option<Box<Properties>> {
+    let kept = Properties {
+        payload_format_indicator: p.payload_format_indicator,
+        content_type: p.content_type.clone(),
+        response_topic: p.response_topic.clone(),
+        correlation_data: p.correlation_data.clone(),
+        user_properties: p.user_properties.clone(),
+        ..Properties::default()
+    };
+    (!kept.is_empty()).then(|| Box::new(kept))
+}
+
+fn expires_at(p: &Properties, now: Instant) -> Option<Instant> {
+    p.message_expiry_interval
+        .map(|s| now + Duration::from_secs(u64::from(s)))
+}
+
+impl Conn {
+    /// Handles CONNECT: checks credentials and limits, opens or takes over the session,
+    /// writes CONNACK (and the messages a resumed session still owes). `None` when the
+    /// client was refused; the CONNACK saying why is in `out`.
+    pub async fn connect(
+        router: &Arc<Router>,
+        mut connect: Connect,
+        out: &mut BytesMut,
+    ) -> Option<Conn> {
+        let protocol = connect.protocol;
+        let settings = &router.settings;
+        let (policy, policy_generation) = router.policy();
+        let refuse = |code: ReasonCode, out: &mut BytesMut| {
+            let _ = write(&refusal(code), protocol, out);
+            None
+        };
+        if connect.properties.authentication_method.is_some() {
+            return refuse(ReasonCode::BAD_AUTHENTICATION_METHOD, out);
+        }
+        if connect.properties.receive_maximum == Some(0)
+            || connect.properties.maximum_packet_size == Some(0)
+        {
+            return refuse(ReasonCode::PROTOCOL_ERROR, out);
+        }
+        let mut properties = Properties::default();
+        if connect.client_id.is_empty() {
+            if protocol == Protocol::V311 && !connect.clean_start {
+                return refuse(ReasonCode::CLIENT_IDENTIFIER_NOT_VALID, out);
+            }
+            connect.client_id = assign_client_id();
+            if protocol == Protocol::V5 {
+                properties.assigned_client_identifier = Some(connect.client_id.clone());
+            }
+        }
+        let mut keep_alive = connect.keep_alive;
+        if let Some(max) = settings.max_keep_alive {
+            if keep_alive == 0 || keep_alive > max {
+                if protocol == Protocol::V311 {
+                    // 3.1.1 cannot be told another keepalive (mosquitto does the same).
+                    return refuse(ReasonCode::CLIENT_IDENTIFIER_NOT_VALID, out);
+                }
+                keep_alive = max;
+                properties.server_keep_alive = Some(max);
+            }
+        }
+        let password = connect.password.as_deref();
+        match policy.authenticate(connect.username.as_deref(), password) {
+            Ok(()) => {}
+            Err(refused) => {
+                tracing::info!(client_id = %connect.client_id, username = connect.username.as_deref().unwrap_or(""), ?refused, "connection refused");
+                let code = match refused {
+                    Refusal::BadCredentials => ReasonCode::BAD_USER_NAME_OR_PASSWORD,
+                    Refusal::NotAuthorized => ReasonCode::NOT_AUTHORIZED,
+                };
+                return refuse(code, out);
+            }
+        }
+        if let Some(will) = &connect.will {
+            let who = Identity {
+                client_id: &connect.client_id,
+                username: connect.username.as_deref(),
+            };
+            if mqtt::topic::validate_topic_name(&will.topic).is_err() {
+                return refuse(ReasonCode::TOPIC_NAME_INVALID, out);
+            }
+            if policy.restricts_publish() && !policy.can_publish(who, &will.topic) {
+                tracing::info!(client_id = %connect.client_id, topic = %will.topic, "will topic denied");
+                return refuse(ReasonCode::NOT_AUTHORIZED, out);
+            }
+        }
+
+        let expiry = match protocol {
+            Protocol::V311 if connect.clean_start => 0,
+            Protocol::V311 => NEVER_EXPIRES,
+            Protocol::V5 => connect.properties.session_expiry_interval.unwrap_or(0),
+        };
+        let capped = expiry.min(settings.max_session_expiry);
+        if capped != expiry && protocol == Protocol::V5 {
+            properties.session_expiry_interval = Some(capped);
+        }
+
+        let opened = router
+            .open_session(&connect.client_id, connect.clean_start, protocol)
+            .await;
+        let mut session = opened.session;
+        session.expiry = capped;
+        if protocol == Protocol::V5 {
+            properties.receive_maximum = Some(settings.max_inflight);
+            properties.maximum_packet_size = Some(settings.max_packet_size);
+            properties.topic_alias_maximum = Some(settings.max_topic_alias);
+        }
+        let connack = Packet::ConnAck(ConnAck {
+            session_present: opened.present,
+            code: ReasonCode::SUCCESS,
+            properties,
+        });
+        let window = usize::from(
+            connect
+                .properties
+                .receive_maximum
+                .unwrap_or(u16::MAX)
+                .min(settings.max_inflight),
+        );
+        let max_out_packet = connect
+            .properties
+            .maximum_packet_size
+            .map_or(usize::MAX, |m| m as usize);
+        tracing::info!(
+            client_id = %connect.client_id,
+            protocol = protocol.level(),
+            clean_start = connect.clean_start,
+            session_present = opened.present,
+            keep_alive,
+            "client connected"
+        );
+        let mut conn = Conn {
+            router: router.clone(),
+            session,
+            generation: opened.generation,
+            protocol,
+            username: connect.username,
+            keep_alive,
+            will: connect.will,
+            aliases: Vec::new(),
+            window,
+            max_out_packet,
+            policy,
+            policy_generation,
+            received: 0,
+            sent: 0,
+        };
+        if write(&connack, protocol, out).is_err() {
+            conn.close(Close::Lost);
+            return None;
+        }
+        conn.resend(out);
+        Some(conn)
+    }
+
+    pub fn client_id(&self) -> &str {
+        self.session.client_id()
+    }
+
+    pub fn protocol(&self) -> Protocol {
+        self.protocol
+    }
+
+    /// Closes the connection when nothing arrives for this long.
+    pub fn keep_alive_timeout(&self) -> Option<Duration> {
+        (self.keep_alive > 0).then(|| Duration::from_millis(u64::from(self.keep_alive) * 1500))
+    }
+
+    /// The mailbox, to wait for messages.
+    pub fn mailbox(&self) -> &Arc<super::session::Mailbox> {
+        &self.session.mailbox
+    }
+
+    fn who(&self) -> Identity<'_> {
+        Identity {
+            client_id: self.session.client_id(),
+            username: self.username.as_deref(),
+        }
+    }
+
+    fn refresh_policy(&mut self) {
+        let generation = self.router.policy_generation();
+        if generation != self.policy_generation {
+            (self.policy, self.policy_generation) = self.router.policy();
+        }
+    }
+
+    /// Resends what the session still owes the client, oldest first.
+    fn resend(&mut self, out: &mut BytesMut) {
+        let now = Instant::now();
+        let slots: Vec<(u16, Slot)> = self.session.inflight.iter().cloned().collect();
+        for (pkid, slot) in slots {
+            match slot {
+                Slot::Sent(d) => {
+                    if !self.write_publish(&d, pkid, true, now, out) {
+                        self.session.inflight.remove(pkid);
+                    }
+                }
+                Slot::Released => {
+                    let _ = write(&Packet::PubRel(Ack::new(pkid)), self.protocol, out);
+                }
+            }
+        }
+    }
+
+    /// Handles one packet from the client.
+    pub fn handle(&mut self, packet: Packet, out: &mut BytesMut) -> Result<(), Close> {
+        match packet {
+            Packet::Publish(p) => self.on_publish(p, out),
+            Packet::PubAck(ack) => {
+                if !self.session.inflight.puback(ack.pkid) {
+                    tracing::debug!(client_id = %self.client_id(), pkid = ack.pkid, "PUBACK for no message");
+                }
+                Ok(())
+            }
+            Packet::PubRec(ack) => {
+                if !ack.reason.is_success() {
+                    self.session.inflight.remove(ack.pkid);
+                    return Ok(());
+                }
+                let mut rel = Ack::new(ack.pkid);
+                if !self.session.inflight.pubrec(ack.pkid) {
+                    rel.reason = ReasonCode::PACKET_IDENTIFIER_NOT_FOUND;
+                }
+                write(&Packet::PubRel(rel), self.protocol, out)
+            }
+            Packet::PubComp(ack) => {
+                self.session.inflight.complete(ack.pkid);
+                Ok(())
+            }
+            Packet::PubRel(ack) => {
+                let mut comp = Ack::new(ack.pkid);
+                match self.session.incoming.iter().position(|p| *p == ack.pkid) {
+                    Some(at) => {
+                        self.session.incoming.swap_remove(at);
+                    }
+                    None => comp.reason = ReasonCode::PACKET_IDENTIFIER_NOT_FOUND,
+                }
+                write(&Packet::PubComp(comp), self.protocol, out)
+            }
+            Packet::Subscribe(sub) => {
+                self.refresh_policy();
+                let sub_id = sub
+                    .properties
+                    .subscription_identifiers
+                    .first()
+                    .copied()
+                    .unwrap_or(0);
+                let policy = self.policy.clone();
+                let who = Identity {
+                    client_id: &self.session.mailbox.client_id.clone(),
+                    username: self.username.as_deref(),
+                };
+                let reasons =
+                    self.router
+                        .subscribe(&mut self.session, who, &policy, &sub.filters, sub_id);
+                let ack = SubAck {
+                    pkid: sub.pkid,
+                    reasons,
+                    properties: Properties::default(),
+                };
+                write(&Packet::SubAck(ack), self.protocol, out)
+            }
+            Packet::Unsubscribe(unsub) => {
+                let reasons = self.router.unsubscribe(&mut self.session, &unsub);
+                let ack = UnsubAck {
+                    pkid: unsub.pkid,
+                    reasons,
+                    properties: Properties::default(),
+                };
+                write(&Packet::UnsubAck(ack), self.protocol, out)
+            }
+            Packet::PingReq => write(&Packet::PingResp, self.protocol, out),
+            Packet::Disconnect(d) => self.on_disconnect(&d),
+            Packet::Connect(_) => Err(Close::Protocol(ReasonCode::PROTOCOL_ERROR)),
+            Packet::Auth(_) => Err(Close::Protocol(ReasonCode::PROTOCOL_ERROR)),
+            Packet::ConnAck(_) | Packet::SubAck(_) | Packet::UnsubAck(_) | Packet::PingResp => {
+                Err(Close::Protocol(ReasonCode::PROTOCOL_ERROR))
+            }
+        }
+    }
+
+    fn on_disconnect(&mut self, d: &Disconnect) -> Result<(), Close> {
+        if let Some(expiry) = d.properties.session_expiry_interval {
+            if self.session.expiry == 0 && expiry != 0 {
+                return Err(Close::Protocol(ReasonCode::PROTOCOL_ERROR));
+            }
+            self.session.expiry = expiry.min(self.router.settings.max_session_expiry);
+        }
+        if d.reason == ReasonCode::DISCONNECT_WITH_WILL {
+            Err(Close::WithWill)
+        } else {
+            Err(Close::Normal)
+        }
+    }
+
+    fn on_publish(&mut self, mut p: Publish, out: &mut BytesMut) -> Result<(), Close> {
+        if let Some(alias) = p.properties.topic_alias {
+            if alias == 0 || alias > self.router.settings.max_topic_alias {
+                return Err(Close::Protocol(ReasonCode::TOPIC_ALIAS_INVALID));
+            }
+            let at = usize::from(alias - 1);
+            if p.topic.is_empty() {
+                match self.aliases.get(at).and_then(Option::as_ref) {
+                    Some(topic) => p.topic.clone_from(topic),
+                    None => return Err(Close::Protocol(ReasonCode::PROTOCOL_ERROR)),
+                }
+            } else {
+                if self.aliases.len() <= at {
+                    self.aliases.resize(at + 1, None);
+                }
+                self.aliases[at] = Some(p.topic.clone());
+            }
+        }
+        if mqtt::topic::validate_topic_name(&p.topic).is_err() {
+            return Err(Close::Protocol(ReasonCode::TOPIC_NAME_INVALID));
+        }
+        self.received += 1;
+        if p.qos == QoS::ExactlyOnce {
+            if self.session.incoming.contains(&p.pkid) {
+                // A resend of a message routed already.
+                return write(&Packet::PubRec(Ack::new(p.pkid)), self.protocol, out);
+            }
+            if self.protocol == Protocol::V5
+                && self.session.incoming.len() >= usize::from(self.router.settings.max_inflight)
+            {
+                return Err(Close::Protocol(ReasonCode::RECEIVE_MAXIMUM_EXCEEDED));
+            }
+        }
+        self.refresh_policy();
+        let allowed =
+            !self.policy.restricts_publish() || self.policy.can_publish(self.who(), &p.topic);
+        let mut reason = ReasonCode::SUCCESS;
+        if allowed {
+            let now = Instant::now();
+            let msg = Message {
+                expires_at: expires_at(&p.properties, now),
+                properties: forwarded(&p.properties),
+                topic: p.topic,
+                payload: p.payload,
+                qos: p.qos,
+                retain: p.retain,
+                origin: self.session.mailbox.id,
+            };
+            if self.router.publish(msg) == 0 {
+                reason = ReasonCode::NO_MATCHING_SUBSCRIBERS;
+            }
+        } else {
+            tracing::debug!(client_id = %self.client_id(), topic = %p.topic, "publish denied");
+            Counters::add(&self.router.counters.denied, 1);
+            reason = ReasonCode::NOT_AUTHORIZED;
+        }
+        let ack = Ack {
+            pkid: p.pkid,
+            reason,
+            properties: Properties::default(),
+        };
+        match p.qos {
+            QoS::AtMostOnce => Ok(()),
+            QoS::AtLeastOnce => write(&Packet::PubAck(ack), self.protocol, out),
+            QoS::ExactlyOnce => {
+                // A 5.0 refusal ends the flow at PUBREC; 3.1.1 cannot refuse, so the flow
+                // runs as usual with nothing delivered.
+                if allowed || self.protocol == Protocol::V311 {
+                    self.session.incoming.push(p.pkid);
+                }
+                write(&Packet::PubRec(ack), self.protocol, out)
+            }
+        }
+    }
+
+    /// Appends queued messages to `out` while the inflight window has room and `out` is
+    /// shorter than `budget`. An error when the broker wants this connection gone.
+    pub fn drain(&mut self, out: &mut BytesMut, budget: usize) -> Result<(), Close> {
+        let mailbox = self.session.mailbox.clone();
+        let mut queue = mailbox.lock();
+        if let Some(kick) = queue.kick() {
+            return Err(Close::Kicked(kick));
+        }
+        let now = Instant::now();
+        let mut expired = 0;
+        while out.len() < budget {
+            match queue.items.front() {
+                None => break,
+                Some(d)
+                    if d.qos != QoS::AtMostOnce && self.session.inflight.len() >= self.window =>
+                {
+                    break
+                }
+                Some(_) => {}
+            }
+            let Some(d) = queue.pop() else { break };
+            if d.msg.expired(now) {
+                expired += 1;
+                continue;
+            }
+            if d.qos == QoS::AtMostOnce {
+                self.write_publish(&d, 0, false, now, out);
+            } else {
+                let pkid = self.session.inflight.next_id();
+                if self.write_publish(&d, pkid, false, now, out) {
+                    self.session.inflight.push(pkid, Slot::Sent(d));
+                }
+            }
+        }
+        drop(queue);
+        Counters::add(&self.router.counters.expired, expired);
+        Ok(())
+    }
+
+    /// Appends one PUBLISH; drops (and counts) it when it exceeds the client's maximum.
+    /// True when it was written.
+    fn write_publish(
+        &mut self,
+        d: &Delivery,
+        pkid: u16,
+        dup: bool,
+        now: Instant,
+        out: &mut BytesMut,
+    ) -> bool {
+        match &d.wire {
+            Some(wire) if d.wire_protocol == self.protocol => {
+                if wire.len() > self.max_out_packet {
+                    Counters::add(&self.router.counters.dropped, 1);
+                    return false;
+                }
+                wire.write_with_retain(pkid, dup, d.retain, out);
+            }
+            _ => {
+                let mut publish = d.msg.to_publish(d.qos, d.retain, &d.sub_ids, now);
+                publish.pkid = pkid;
+                publish.dup = dup;
+                let start = out.len();
+                if write(&Packet::Publish(publish), self.protocol, out).is_err()
+                    || out.len() - start > self.max_out_packet
+                {
+                    out.truncate(start);
+                    Counters::add(&self.router.counters.dropped, 1);
+                    return false;
+                }
+            }
+        }
+        self.sent += 1;
+        true
+    }
+
+    /// Appends the DISCONNECT a 5.0 client gets for `why`.
+    pub fn goodbye(&self, why: Close, out: &mut BytesMut) {
+        if self.protocol == Protocol::V5 {
+            if let Some(reason) = why.reason() {
+                let d = Disconnect {
+                    reason,
+                    properties: Properties::default(),
+                };
+                let _ = write(&Packet::Disconnect(d), self.protocol, out);
+            }
+        }
+    }
+
+    /// Ends the connection: parks or ends the session, publishes the will if `why` calls
+    /// for it.
+    pub fn close(mut self, why: Close) {
+        let will = match why {
+            Close::Normal => None,
+            _ => self.will.take(),
+        };
+        let will = will.map(|w| {
+            let delay = w.properties.will_delay_interval.unwrap_or(0);
+            let now = Instant::now();
+            let msg = Message {
+                expires_at: expires_at(&w.properties, now),
+                properties: forwarded(&w.properties),
+                topic: w.topic,
+                payload: w.payload,
+                qos: w.qos,
+                retain: w.retain,
+                origin: self.session.mailbox.id,
+            };
+            (
+                msg,
+                if self.protocol == Protocol::V5 {
+                    delay
+                } else {
+                    0
+                },
+            )
+        });
+        tracing::info!(client_id = %self.client_id(), reason = ?why, will = will.is_some(), "client disconnected");
+        self.router
+            .close_session(self.session, self.generation, will);
+    }
+}

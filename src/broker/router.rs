@@ -1,0 +1,749 @@
+//! The shared state of the broker: subscription tree, retained store, session registry,
+//! access policy and counters. Connections and the in-process publisher call into it;
+//! it does no socket I/O.
+//!
+//! Invariants:
+//! - Routing a message never waits on a subscriber: it matches under a read lock of the
+//!   tree, releases it, then pushes into each target's bounded mailbox.
+//! - A client gets one copy of a message however many of its filters match, at the
+//!   highest granted QoS, with every matching subscription identifier (3.1.1 requires
+//!   it, 5.0 allows it). A shared group contributes one member per message.
+//! - Every session is in the registry under its client id: online (owned by exactly one
+//!   connection) or parked (owned by the registry). Its subscriptions are in the tree as
+//!   long as the session exists, so an offline persistent session keeps queueing.
+//! - A pending will lives in the registry slot of its session; it is published by its
+//!   delay timer, by the end of the session (expiry or a clean start), or cancelled when
+//!   the session is resumed.
+//! - A message is encoded once per distinct wire form (protocol, QoS, retain) and the
+//!   bytes are shared among subscribers.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, RwLock, RwLockReadGuard, RwLockWriteGuard};
+use std::time::Duration;
+
+use tokio::sync::oneshot;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use super::auth::{Identity, Policy};
+use super::config::BrokerConfig;
+use super::persist::{Persister, SessionRecord};
+use super::retained::RetainedStore;
+use super::session::{
+    Delivery, Kick, Limits, Mailbox, Message, Pushed, Session, SubRecord, Target, NEVER_EXPIRES,
+};
+use super::tree::{Subscriber, SubscriptionTree};
+use super::BrokerStats;
+use crate::mqtt::topic;
+use crate::mqtt::{
+    EncodedPublish, Protocol, QoS, ReasonCode, RetainHandling, Subscription, Unsubscribe,
+};
+
+/// Settings the connections read, taken from the configuration.
+#[derive(Debug, Clone)]
+pub(crate) struct Settings {
+    pub limits: Limits,
+    pub max_inflight: u16,
+    pub max_packet_size: u32,
+    pub max_topic_alias: u16,
+    pub max_keep_alive: Option<u16>,
+    pub connect_timeout: Duration,
+    /// Cap on session expiry, seconds.
+    pub max_session_expiry: u32,
+}
+
+impl Settings {
+    pub fn from_config(config: &BrokerConfig) -> Settings {
+        Settings {
+            limits: Limits {
+                max_messages: config.max_queued_messages,
+                max_bytes: config.max_queued_bytes,
+            },
+            max_inflight: config.max_inflight_messages,
+            max_packet_size: config.max_packet_size,
+            max_topic_alias: config.max_topic_alias,
+            max_keep_alive: config.max_keep_alive,
+            connect_timeout: Duration::from_secs(config.connect_timeout_secs),
+            max_session_expiry: config
+                .persistent_session_expiry_secs
+                .map_or(NEVER_EXPIRES, |s| u32::try_from(s).unwrap_or(NEVER_EXPIRES)),
+        }
+    }
+}
+
+/// Counters behind [`BrokerStats`]. Connections add in batches.
+#[derive(Debug, Default)]
+pub(crate) struct Counters {
+    pub messages_received: AtomicU64,
+    pub messages_sent: AtomicU64,
+    pub bytes_received: AtomicU64,
+    pub bytes_sent: AtomicU64,
+    pub dropped: AtomicU64,
+    pub expired: AtomicU64,
+    pub denied: AtomicU64,
+}
+
+impl Counters {
+    pub fn add(counter: &AtomicU64, n: u64) {
+        if n > 0 {
+            counter.fetch_add(n, Ordering::Relaxed);
+        }
+    }
+}
+
+/// The registry entry of one session.
+#[derive(Debug)]
+struct SessionSlot {
+    mailbox: Arc<Mailbox>,
+    /// `Some` while no connection owns the session.
+    parked: Option<Session>,
+    /// Bumped each time a connection takes the session.
+    generation: u64,
+    /// When a parked session ends.
+    expires_at: Option<Instant>,
+    /// The will of the last connection, waiting for its delay.
+    will: Option<Arc<Message>>,
+    /// Connections waiting for the session to be parked (takeover).
+    waiters: Vec<oneshot::Sender<()>>,
+}
+
+/// A session handed to a connection.
+#[derive(Debug)]
+pub(crate) struct Opened {
+    pub session: Session,
+    /// The session existed and is continued.
+    pub present: bool,
+    pub generation: u64,
+}
+
+/// How long a new connection waits for the one it takes over to let go.
+const TAKEOVER_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// The broker's shared state.
+#[derive(Debug)]
+pub(crate) struct Router {
+    pub settings: Settings,
+    tree: RwLock<SubscriptionTree<Target>>,
+    retained: RwLock<RetainedStore<Arc<Message>>>,
+    sessions: Mutex<HashMap<Arc<str>, SessionSlot>>,
+    policy: RwLock<Arc<Policy>>,
+    policy_generation: AtomicU64,
+    pub counters: Counters,
+    persister: Option<Persister>,
+    next_id: AtomicU64,
+    started: Instant,
+    /// Cancels pending will timers on shutdown.
+    pub cancel: CancellationToken,
+}
+
+fn read<T>(lock: &RwLock<T>) -> RwLockReadGuard<'_, T> {
+    // The guarded structures stay consistent across a panic in a reader.
+    lock.read().unwrap_or_else(|e| e.into_inner())
+}
+
+fn write<T>(lock: &RwLock<T>) -> RwLockWriteGuard<'_, T> {
+    lock.write().unwrap_or_else(|e| e.into_inner())
+}
+
+impl Router {
+    pub fn new(settings: Settings, policy: Policy, persister: Option<Persister>) -> Router {
+        Router {
+            settings,
+            tree: RwLock::default(),
+            retained: RwLock::default(),
+            sessions: Mutex::default(),
+            policy: RwLock::new(Arc::new(policy)),
+            policy_generation: AtomicU64::new(0),
+            counters: Counters::default(),
+            persister,
+            next_id: AtomicU64::new(1),
+            started: Instant::now(),
+            cancel: CancellationToken::new(),
+        }
+    }
+
+    fn sessions(&self) -> MutexGuard<'_, HashMap<Arc<str>, SessionSlot>> {
+        self.sessions.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The current access policy and its generation.
+    pub fn policy(&self) -> (Arc<Policy>, u64) {
+        let policy = read(&self.policy).clone();
+        (policy, self.policy_generation.load(Ordering::Acquire))
+    }
+
+    /// The generation of the current policy (cheap check for a reload).
+    pub fn policy_generation(&self) -> u64 {
+        self.policy_generation.load(Ordering::Acquire)
+    }
+
+    pub fn set_policy(&self, policy: Policy) {
+        *write(&self.policy) = Arc::new(policy);
+        self.policy_generation.fetch_add(1, Ordering::AcqRel);
+    }
+
+    fn new_mailbox(&self, client_id: Arc<str>, protocol: Protocol) -> Arc<Mailbox> {
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        Arc::new(Mailbox::new(id, client_id, protocol))
+    }
+
+    /// Routes `msg` to every matching subscriber and stores it if retained. Returns the
+    /// number of clients it was queued for.
+    pub fn publish(&self, msg: Message) -> usize {
+        let msg = Arc::new(msg);
+        if msg.retain {
+            self.store_retained(&msg);
+        }
+        let mut targets: Vec<(Arc<Mailbox>, QoS, bool, u32)> = Vec::new();
+        read(&self.tree).for_each_match(&msg.topic, |sub, shared| {
+            if sub.options.no_local && !shared && sub.owner.0.id == msg.origin {
+                return;
+            }
+            targets.push((
+                sub.owner.0.clone(),
+                sub.options.qos.min(msg.qos),
+                sub.options.retain_as_published,
+                sub.id,
+            ));
+        });
+        if targets.is_empty() {
+            return 0;
+        }
+        targets.sort_unstable_by_key(|t| t.0.id);
+
+        let now = Instant::now();
+        // By protocol and QoS; the retain flag is patched per delivery.
+        let mut forms: [Option<EncodedPublish>; 6] = Default::default();
+        let mut queued = 0;
+        let mut dropped = 0;
+        let mut i = 0;
+        while i < targets.len() {
+            let (mailbox, mut qos, mut rap, id) = targets[i].clone();
+            let mut ids: Vec<u32> = Vec::new();
+            if id != 0 {
+                ids.push(id);
+            }
+            i += 1;
+            while i < targets.len() && targets[i].0.id == mailbox.id {
+                qos = qos.max(targets[i].1);
+                rap |= targets[i].2;
+                if targets[i].3 != 0 {
+                    ids.push(targets[i].3);
+                }
+                i += 1;
+            }
+            let protocol = mailbox.protocol();
+            // 3.1.1 clears the retain flag on live deliveries; 5.0 keeps it on request.
+            let retain = msg.retain && rap && protocol == Protocol::V5;
+            let mut delivery = Delivery::new(msg.clone(), qos, retain, ids.into_boxed_slice());
+            let particular = protocol == Protocol::V5
+                && (!delivery.sub_ids.is_empty() || msg.expires_at.is_some());
+            if !particular {
+                let form = usize::from(protocol == Protocol::V5) * 3 + qos as usize;
+                if forms[form].is_none() {
+                    let publish = msg.to_publish(qos, false, &[], now);
+                    match EncodedPublish::new(&publish, protocol) {
+                        Ok(encoded) => forms[form] = Some(encoded),
+                        Err(e) => {
+                            tracing::warn!(topic = %msg.topic, error = %e, "cannot encode message");
+                            return queued;
+                        }
+                    }
+                }
+                delivery.wire.clone_from(&forms[form]);
+                delivery.wire_protocol = protocol;
+            }
+            match mailbox.push(delivery, self.settings.limits, true) {
+                Pushed::Queued => queued += 1,
+                Pushed::Dropped => dropped += 1,
+                Pushed::Skipped => {}
+            }
+        }
+        Counters::add(&self.counters.dropped, dropped);
+        queued
+    }
+
+    fn store_retained(&self, msg: &Arc<Message>) {
+        let stored = if msg.payload.is_empty() {
+            write(&self.retained).remove(&msg.topic);
+            None
+        } else {
+            // A copy, so the retained message does not pin the reader's whole buffer.
+            let own = Arc::new(Message {
+                topic: msg.topic.clone(),
+                payload: bytes::Bytes::copy_from_slice(&msg.payload),
+                qos: msg.qos,
+                retain: true,
+                properties: msg.properties.clone(),
+                expires_at: msg.expires_at,
+                origin: msg.origin,
+            });
+            write(&self.retained).insert(&msg.topic, own.clone());
+            Some(own)
+        };
+        if let Some(persister) = &self.persister {
+            if !msg.topic.starts_with('$') {
+                persister.retained(&msg.topic, stored);
+            }
+        }
+    }
+
+    /// Restores a retained message loaded from persistence.
+    pub fn restore_retained(&self, msg: Message) {
+        write(&self.retained).insert(&msg.topic.clone(), Arc::new(msg));
+    }
+
+    /// Handles the filters of a SUBSCRIBE; returns one reason code per filter and queues
+    /// the retained messages the subscriptions ask for.
+    pub fn subscribe(
+        &self,
+        session: &mut Session,
+        who: Identity<'_>,
+        policy: &Policy,
+        filters: &[Subscription],
+        sub_id: u32,
+    ) -> Vec<ReasonCode> {
+        let mut codes = Vec::with_capacity(filters.len());
+        let mut retained = Vec::new();
+        let now = Instant::now();
+        for s in filters {
+            let Some((group, filter)) = split_shared(&s.filter) else {
+                codes.push(ReasonCode::TOPIC_FILTER_INVALID);
+                continue;
+            };
+            if topic::validate_topic_filter(filter).is_err()
+                || (group.is_some() && s.options.no_local)
+            {
+                codes.push(ReasonCode::TOPIC_FILTER_INVALID);
+                continue;
+            }
+            if !policy.can_subscribe(who, filter) {
+                tracing::info!(client_id = who.client_id, filter = %s.filter, "subscription denied by the ACL");
+                codes.push(ReasonCode::NOT_AUTHORIZED);
+                continue;
+            }
+            let sub = Subscriber {
+                owner: Target(session.mailbox.clone()),
+                options: s.options,
+                id: sub_id,
+            };
+            let new = write(&self.tree).insert(filter, group, sub);
+            session.subscriptions.insert(
+                s.filter.clone(),
+                SubRecord {
+                    options: s.options,
+                    id: sub_id,
+                },
+            );
+            codes.push(ReasonCode(s.options.qos as u8));
+            let wanted = match s.options.retain_handling {
+                RetainHandling::SendAtSubscribe => true,
+                RetainHandling::SendIfNew => new,
+                RetainHandling::DoNotSend => false,
+            };
+            if wanted && group.is_none() {
+                read(&self.retained).for_each_match(filter, |msg| {
+                    if !msg.expired(now) {
+                        retained.push((msg.clone(), s.options.qos.min(msg.qos)));
+                    }
+                });
+            }
+        }
+        self.persist_session(session);
+        let ids: Box<[u32]> = if sub_id == 0 {
+            Box::new([])
+        } else {
+            Box::new([sub_id])
+        };
+        for (msg, qos) in retained {
+            let d = Delivery::new(msg, qos, true, ids.clone());
+            session.mailbox.push(d, self.settings.limits, false);
+        }
+        codes
+    }
+
+    /// Handles the filters of an UNSUBSCRIBE; one reason code per filter.
+    pub fn unsubscribe(&self, session: &mut Session, unsub: &Unsubscribe) -> Vec<ReasonCode> {
+        let target = Target(session.mailbox.clone());
+        let codes = unsub
+            .filters
+            .iter()
+            .map(|f| {
+                if session.subscriptions.remove(f).is_some() {
+                    if let Some((group, filter)) = split_shared(f) {
+                        write(&self.tree).remove(filter, group, &target);
+                    }
+                    ReasonCode::SUCCESS
+                } else {
+                    ReasonCode::NO_SUBSCRIPTION_EXISTED
+                }
+            })
+            .collect();
+        self.persist_session(session);
+        codes
+    }
+
+    fn persist_session(&self, session: &Session) {
+        if let Some(persister) = &self.persister {
+            if session.expiry > 0 {
+                persister.session(session.client_id(), Some(SessionRecord::of(session)));
+            }
+        }
+    }
+
+    /// Removes every subscription of a session that ends.
+    fn drop_subscriptions(&self, session: &Session) {
+        let target = Target(session.mailbox.clone());
+        let mut tree = write(&self.tree);
+        for filter in session.subscriptions.keys() {
+            if let Some((group, filter)) = split_shared(filter) {
+                tree.remove(filter, group, &target);
+            }
+        }
+    }
+
+    /// Gives the session of `client_id` to a new connection: continues it (unless
+    /// `clean_start`) or starts a new one, taking it over from a connection that still
+    /// holds it.
+    pub async fn open_session(
+        &self,
+        client_id: &str,
+        clean_start: bool,
+        protocol: Protocol,
+    ) -> Opened {
+        let mut waited = false;
+        loop {
+            let wait = {
+                let mut sessions = self.sessions();
+                match sessions.get_mut(client_id) {
+                    Some(slot) if slot.parked.is_none() && !waited => {
+                        slot.mailbox.kick(Kick::TakenOver);
+                        let (tx, rx) = oneshot::channel();
+                        slot.waiters.push(tx);
+                        Some(rx)
+                    }
+                    Some(slot) if slot.parked.is_some() => {
+                        let mut session = slot.parked.take().expect("checked above");
+                        slot.generation += 1;
+                        slot.expires_at = None;
+                        let pending_will = slot.will.take();
+                        let generation = slot.generation;
+                        let present = !clean_start;
+                        if clean_start {
+                            let fresh = self.new_mailbox(client_id.into(), protocol);
+                            slot.mailbox = fresh.clone();
+                            drop(sessions);
+                            self.end_session(&session, pending_will, true);
+                            session = Session::new(fresh);
+                        } else {
+                            drop(sessions);
+                            if pending_will.is_some() {
+                                tracing::debug!(
+                                    client_id,
+                                    "session resumed within the will delay; will cancelled"
+                                );
+                            }
+                        }
+                        session.mailbox.lock().clear_kick();
+                        session.mailbox.set_protocol(protocol);
+                        session.mailbox.set_online(true);
+                        self.kick_if_stopping(&session.mailbox);
+                        return Opened {
+                            session,
+                            present,
+                            generation,
+                        };
+                    }
+                    Some(_) => {
+                        // The old connection did not let go in time: give up on its
+                        // state and start afresh.
+                        // Its subscriptions leave the tree when it finally closes.
+                        tracing::warn!(
+                            client_id,
+                            "previous connection did not release its session; starting a new one"
+                        );
+                        sessions.remove(client_id);
+                        continue;
+                    }
+                    None => {
+                        let mailbox = self.new_mailbox(client_id.into(), protocol);
+                        mailbox.set_online(true);
+                        sessions.insert(
+                            mailbox.client_id.clone(),
+                            SessionSlot {
+                                mailbox: mailbox.clone(),
+                                parked: None,
+                                generation: 1,
+                                expires_at: None,
+                                will: None,
+                                waiters: Vec::new(),
+                            },
+                        );
+                        drop(sessions);
+                        self.kick_if_stopping(&mailbox);
+                        return Opened {
+                            session: Session::new(mailbox),
+                            present: false,
+                            generation: 1,
+                        };
+                    }
+                }
+            };
+            if let Some(rx) = wait {
+                // Either the old connection parks its session or the wait times out; both
+                // continue the loop.
+                let _ = tokio::time::timeout(TAKEOVER_TIMEOUT, rx).await;
+                waited = true;
+            }
+        }
+    }
+
+    /// Ends a session for good: subscriptions gone, persistence cleared, will sent.
+    /// `forget` also removes it from persistence (false for a stale session whose client
+    /// id already belongs to a newer one).
+    fn end_session(&self, session: &Session, will: Option<Arc<Message>>, forget: bool) {
+        self.drop_subscriptions(session);
+        let queued = session.mailbox.lock().items.len();
+        if queued > 0 {
+            tracing::debug!(client_id = %session.client_id(), queued, "session ended with queued messages");
+        }
+        if let (Some(persister), true) = (&self.persister, forget) {
+            persister.session(session.client_id(), None);
+        }
+        if let Some(will) = will {
+            self.publish_will(will);
+        }
+    }
+
+    fn publish_will(&self, will: Arc<Message>) {
+        tracing::debug!(topic = %will.topic, "publishing will");
+        let msg = Arc::try_unwrap(will).unwrap_or_else(|shared| Message {
+            topic: shared.topic.clone(),
+            payload: shared.payload.clone(),
+            qos: shared.qos,
+            retain: shared.retain,
+            properties: shared.properties.clone(),
+            expires_at: shared.expires_at,
+            origin: shared.origin,
+        });
+        self.publish(msg);
+    }
+
+    /// A connection lets go of its session. `will` is the will to publish (abnormal
+    /// end), with its delay in seconds.
+    pub fn close_session(
+        self: &Arc<Self>,
+        session: Session,
+        generation: u64,
+        will: Option<(Message, u32)>,
+    ) {
+        session.mailbox.set_online(false);
+        let client_id = session.client_id().clone();
+        let mut sessions = self.sessions();
+        let slot = match sessions.get_mut(&client_id) {
+            Some(slot)
+                if slot.generation == generation
+                    && Arc::ptr_eq(&slot.mailbox, &session.mailbox) =>
+            {
+                slot
+            }
+            _ => {
+                // Replaced after a takeover timeout: this state is stale.
+                drop(sessions);
+                self.end_session(&session, will.map(|(w, _)| Arc::new(w)), false);
+                return;
+            }
+        };
+        for waiter in slot.waiters.drain(..) {
+            let _ = waiter.send(());
+        }
+        let kicked = session.mailbox.lock().kick();
+        if session.expiry == 0 {
+            sessions.remove(&client_id);
+            drop(sessions);
+            self.end_session(&session, will.map(|(w, _)| Arc::new(w)), true);
+            return;
+        }
+        let expiry = session.expiry.min(self.settings.max_session_expiry);
+        slot.expires_at = (expiry != NEVER_EXPIRES)
+            .then(|| Instant::now() + Duration::from_secs(u64::from(expiry)));
+        if kicked == Some(Kick::Shutdown) {
+            // Kept for the persistence snapshot; no will on our own shutdown.
+            slot.parked = Some(session);
+            return;
+        }
+        self.persist_session(&session);
+        slot.parked = Some(session);
+        if let Some((will, delay)) = will {
+            let delay = delay.min(expiry);
+            if delay == 0 {
+                drop(sessions);
+                self.publish(will);
+            } else {
+                slot.will = Some(Arc::new(will));
+                drop(sessions);
+                let router = self.clone();
+                tokio::spawn(async move {
+                    tokio::select! {
+                        () = tokio::time::sleep(Duration::from_secs(u64::from(delay))) => router.fire_will(&client_id, generation),
+                        () = router.cancel.cancelled() => {}
+                    }
+                });
+            }
+        }
+    }
+
+    fn fire_will(&self, client_id: &str, generation: u64) {
+        let will = {
+            let mut sessions = self.sessions();
+            match sessions.get_mut(client_id) {
+                Some(slot) if slot.generation == generation => slot.will.take(),
+                _ => None,
+            }
+        };
+        if let Some(will) = will {
+            self.publish_will(will);
+        }
+    }
+
+    /// Ends parked sessions whose expiry passed and drops expired retained messages.
+    pub fn housekeeping(&self, now: Instant) {
+        let expired: Vec<SessionSlot> = {
+            let mut sessions = self.sessions();
+            let ids: Vec<Arc<str>> = sessions
+                .iter()
+                .filter(|(_, s)| s.parked.is_some() && s.expires_at.is_some_and(|at| at <= now))
+                .map(|(id, _)| id.clone())
+                .collect();
+            ids.iter().filter_map(|id| sessions.remove(id)).collect()
+        };
+        for mut slot in expired {
+            if let Some(session) = slot.parked.take() {
+                tracing::info!(client_id = %session.client_id(), "session expired");
+                self.end_session(&session, slot.will.take(), true);
+            }
+        }
+        let gone = write(&self.retained).retain(|m| !m.expired(now));
+        if gone > 0 {
+            tracing::debug!(gone, "expired retained messages dropped");
+        }
+    }
+
+    /// Restores a persisted session as parked.
+    pub fn restore_session(
+        &self,
+        client_id: &str,
+        record: SessionRecord,
+        queued: Vec<super::persist::QueuedRecord>,
+    ) {
+        let mailbox = self.new_mailbox(client_id.into(), record.protocol);
+        let mut session = Session::new(mailbox.clone());
+        session.expiry = record.expiry;
+        session.incoming = record.incoming;
+        {
+            let mut tree = write(&self.tree);
+            for (filter, sub) in record.subscriptions {
+                if let Some((group, f)) = split_shared(&filter) {
+                    tree.insert(
+                        f,
+                        group,
+                        Subscriber {
+                            owner: Target(mailbox.clone()),
+                            options: sub.options,
+                            id: sub.id,
+                        },
+                    );
+                }
+                session.subscriptions.insert(filter, sub);
+            }
+        }
+        for q in queued {
+            match q.pkid {
+                Some((pkid, slot)) => session.inflight.push(pkid, slot),
+                None => {
+                    mailbox.push(q.delivery, self.settings.limits, false);
+                }
+            }
+        }
+        let expires_at = (record.expiry != NEVER_EXPIRES)
+            .then(|| Instant::now() + Duration::from_secs(u64::from(record.expiry)));
+        self.sessions().insert(
+            mailbox.client_id.clone(),
+            SessionSlot {
+                mailbox,
+                parked: Some(session),
+                generation: 1,
+                expires_at,
+                will: None,
+                waiters: Vec::new(),
+            },
+        );
+    }
+
+    /// A session opened while the broker shuts down is closed at once.
+    fn kick_if_stopping(&self, mailbox: &Mailbox) {
+        if self.cancel.is_cancelled() {
+            mailbox.kick(Kick::Shutdown);
+        }
+    }
+
+    /// Kicks every connection with `why`.
+    pub fn kick_all(&self, why: Kick) {
+        for slot in self.sessions().values() {
+            if slot.parked.is_none() {
+                slot.mailbox.kick(why);
+            }
+        }
+    }
+
+    /// Calls `f` with every parked session (persistence snapshot on shutdown).
+    pub fn for_each_parked(&self, mut f: impl FnMut(&Session)) {
+        for slot in self.sessions().values() {
+            if let Some(session) = &slot.parked {
+                if session.expiry > 0 {
+                    f(session);
+                }
+            }
+        }
+    }
+
+    pub fn persister(&self) -> Option<&Persister> {
+        self.persister.as_ref()
+    }
+
+    pub fn stats(&self) -> BrokerStats {
+        let c = &self.counters;
+        let (sessions, connected) = {
+            let sessions = self.sessions();
+            (
+                sessions.len(),
+                sessions.values().filter(|s| s.parked.is_none()).count(),
+            )
+        };
+        BrokerStats {
+            clients_connected: connected,
+            sessions,
+            messages_received: c.messages_received.load(Ordering::Relaxed),
+            messages_sent: c.messages_sent.load(Ordering::Relaxed),
+            bytes_received: c.bytes_received.load(Ordering::Relaxed),
+            bytes_sent: c.bytes_sent.load(Ordering::Relaxed),
+            subscriptions: read(&self.tree).len(),
+            retained: read(&self.retained).len(),
+            dropped: c.dropped.load(Ordering::Relaxed),
+            expired: c.expired.load(Ordering::Relaxed),
+            denied: c.denied.load(Ordering::Relaxed),
+            uptime: self.started.elapsed(),
+        }
+    }
+}
+
+/// Splits `$share/group/filter` into its parts; a plain filter has no group. `None` for
+/// a malformed shared filter.
+pub(crate) fn split_shared(filter: &str) -> Option<(Option<&str>, &str)> {
+    if !filter.starts_with("$share/") {
+        return Some((None, filter));
+    }
+    let shared = topic::parse_shared(filter)?;
+    Some((Some(shared.group), shared.filter))
+}

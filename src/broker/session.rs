@@ -1,0 +1,513 @@
+//! Session state: messages, per-client mailboxes and the outbound inflight window.
+//!
+//! Invariants:
+//! - A [`Message`] is allocated once per PUBLISH and shared by every delivery of it.
+//! - A [`Mailbox`] is the only way messages reach a client, online or offline. It is
+//!   bounded by message count and payload bytes; a push over the bound drops the new
+//!   message and reports it (the router counts drops). QoS 0 messages for an offline
+//!   session are not queued. Retained messages sent on subscribe bypass the bound: they
+//!   are already bounded by the retained store, and a subscriber must get all of them.
+//! - Pushing never blocks on the client: it takes the mailbox lock for a queue
+//!   operation only, and wakes the connection when the queue turns non-empty.
+//! - [`Inflight`] holds at most the negotiated window of QoS 1/2 messages, in sending
+//!   order, each with its packet id; ids in the window are unique.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use bytes::Bytes;
+use tokio::sync::Notify;
+use tokio::time::Instant;
+
+use crate::mqtt::{EncodedPublish, Properties, Protocol, Publish, QoS, SubscriptionOptions};
+
+/// A published message as the router passes it on.
+#[derive(Debug)]
+pub(crate) struct Message {
+    pub topic: String,
+    pub payload: Bytes,
+    pub qos: QoS,
+    pub retain: bool,
+    /// 5.0 properties forwarded to subscribers (never a topic alias or subscription id).
+    pub properties: Option<Box<Properties>>,
+    /// From the message expiry interval.
+    pub expires_at: Option<Instant>,
+    /// The publishing session's mailbox id, 0 for the agent and the broker itself.
+    pub origin: u64,
+}
+
+impl Message {
+    /// Whether the message expired at `now`.
+    pub fn expired(&self, now: Instant) -> bool {
+        self.expires_at.is_some_and(|at| at <= now)
+    }
+
+    /// Bytes counted against a mailbox's byte bound.
+    pub fn size(&self) -> usize {
+        self.topic.len() + self.payload.len()
+    }
+
+    /// The PUBLISH to send for this message.
+    pub fn to_publish(&self, qos: QoS, retain: bool, sub_ids: &[u32], now: Instant) -> Publish {
+        let mut properties = self.properties.as_deref().cloned().unwrap_or_default();
+        if let Some(at) = self.expires_at {
+            // Rounded up so a message never looks expired before it is.
+            let left = at.saturating_duration_since(now);
+            let secs = left.as_secs() + u64::from(left.subsec_nanos() > 0);
+            properties.message_expiry_interval = Some(u32::try_from(secs).unwrap_or(u32::MAX));
+        }
+        properties.subscription_identifiers = sub_ids.to_vec();
+        Publish {
+            dup: false,
+            qos,
+            retain,
+            topic: self.topic.clone(),
+            pkid: 0,
+            payload: self.payload.clone(),
+            properties,
+        }
+    }
+}
+
+/// One message on its way to one client.
+#[derive(Debug, Clone)]
+pub(crate) struct Delivery {
+    pub msg: Arc<Message>,
+    /// Encoded for `wire_protocol` with this delivery's QoS and retain flag; `None`
+    /// when the wire form is particular to this client (subscription ids, expiry).
+    pub wire: Option<EncodedPublish>,
+    pub wire_protocol: Protocol,
+    pub qos: QoS,
+    pub retain: bool,
+    pub sub_ids: Box<[u32]>,
+}
+
+impl Delivery {
+    /// A delivery that is encoded when it is sent.
+    pub fn new(msg: Arc<Message>, qos: QoS, retain: bool, sub_ids: Box<[u32]>) -> Delivery {
+        Delivery {
+            msg,
+            wire: None,
+            wire_protocol: Protocol::V311,
+            qos,
+            retain,
+            sub_ids,
+        }
+    }
+}
+
+/// Why a connection must end although its client did nothing wrong.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Kick {
+    /// Another connection took the session over.
+    TakenOver,
+    /// The broker is shutting down.
+    Shutdown,
+}
+
+/// The bounds of a mailbox.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Limits {
+    pub max_messages: usize,
+    pub max_bytes: usize,
+}
+
+/// What became of a pushed message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Pushed {
+    Queued,
+    /// Over the bound: dropped, to be counted.
+    Dropped,
+    /// QoS 0 for an offline session: not queued, by design.
+    Skipped,
+}
+
+#[derive(Debug, Default)]
+pub(crate) struct Queue {
+    pub items: VecDeque<Delivery>,
+    bytes: usize,
+    kick: Option<Kick>,
+}
+
+impl Queue {
+    /// Takes the next delivery.
+    pub fn pop(&mut self) -> Option<Delivery> {
+        let d = self.items.pop_front()?;
+        self.bytes -= d.msg.size();
+        Some(d)
+    }
+
+    pub fn kick(&self) -> Option<Kick> {
+        self.kick
+    }
+
+    pub fn clear_kick(&mut self) {
+        self.kick = None;
+    }
+}
+
+/// The queue of messages for one session, shared by publishers and its connection.
+#[derive(Debug)]
+pub(crate) struct Mailbox {
+    /// Unique per session, never 0.
+    pub id: u64,
+    pub client_id: Arc<str>,
+    queue: Mutex<Queue>,
+    notify: Notify,
+    online: AtomicBool,
+    protocol: AtomicU8,
+}
+
+impl Mailbox {
+    pub fn new(id: u64, client_id: Arc<str>, protocol: Protocol) -> Mailbox {
+        Mailbox {
+            id,
+            client_id,
+            queue: Mutex::new(Queue::default()),
+            notify: Notify::new(),
+            online: AtomicBool::new(false),
+            protocol: AtomicU8::new(protocol.level()),
+        }
+    }
+
+    /// The queue, locked. Never held across an await.
+    pub fn lock(&self) -> MutexGuard<'_, Queue> {
+        // A panic while holding this lock leaves only a queue behind, still consistent
+        // for our use (every mutation is a single push or pop).
+        self.queue.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Queues `d` within `limits` (or beyond them when `bounded` is false).
+    pub fn push(&self, d: Delivery, limits: Limits, bounded: bool) -> Pushed {
+        let online = self.is_online();
+        if !online && d.qos == QoS::AtMostOnce {
+            return Pushed::Skipped;
+        }
+        let size = d.msg.size();
+        let was_empty;
+        {
+            let mut q = self.lock();
+            if bounded
+                && (q.items.len() >= limits.max_messages || q.bytes + size > limits.max_bytes)
+            {
+                return Pushed::Dropped;
+            }
+            was_empty = q.items.is_empty();
+            q.bytes += size;
+            q.items.push_back(d);
+        }
+        if was_empty && online {
+            self.notify.notify_one();
+        }
+        Pushed::Queued
+    }
+
+    /// Asks the connection serving this session to end.
+    pub fn kick(&self, why: Kick) {
+        self.lock().kick = Some(why);
+        self.notify.notify_one();
+    }
+
+    /// Wakes the connection (mailbox turned non-empty or was kicked).
+    pub fn notified(&self) -> tokio::sync::futures::Notified<'_> {
+        self.notify.notified()
+    }
+
+    pub fn is_online(&self) -> bool {
+        self.online.load(Ordering::Acquire)
+    }
+
+    pub fn set_online(&self, online: bool) {
+        self.online.store(online, Ordering::Release);
+    }
+
+    pub fn protocol(&self) -> Protocol {
+        if self.protocol.load(Ordering::Relaxed) == Protocol::V5.level() {
+            Protocol::V5
+        } else {
+            Protocol::V311
+        }
+    }
+
+    pub fn set_protocol(&self, protocol: Protocol) {
+        self.protocol.store(protocol.level(), Ordering::Relaxed);
+    }
+}
+
+/// A mailbox as an owner of subscriptions: equal when it is the same session.
+#[derive(Debug, Clone)]
+pub(crate) struct Target(pub Arc<Mailbox>);
+
+impl PartialEq for Target {
+    fn eq(&self, other: &Target) -> bool {
+        Arc::ptr_eq(&self.0, &other.0)
+    }
+}
+
+impl super::tree::Owner for Target {
+    fn is_online(&self) -> bool {
+        self.0.is_online()
+    }
+}
+
+/// Where an outbound QoS 1/2 message is in its flow.
+#[derive(Debug, Clone)]
+pub(crate) enum Slot {
+    /// Sent; waiting for PUBACK (QoS 1) or PUBREC (QoS 2).
+    Sent(Delivery),
+    /// PUBREL sent; waiting for PUBCOMP.
+    Released,
+}
+
+/// Outbound QoS 1/2 messages not yet acknowledged, in sending order.
+#[derive(Debug, Default)]
+pub(crate) struct Inflight {
+    slots: VecDeque<(u16, Slot)>,
+    last_pkid: u16,
+}
+
+impl Inflight {
+    pub fn len(&self) -> usize {
+        self.slots.len()
+    }
+
+    /// A packet id not in the window. The caller keeps the window far below 65535, so
+    /// one always exists.
+    pub fn next_id(&mut self) -> u16 {
+        loop {
+            self.last_pkid = self.last_pkid.checked_add(1).unwrap_or(1);
+            let id = self.last_pkid;
+            if !self.slots.iter().any(|(p, _)| *p == id) {
+                return id;
+            }
+        }
+    }
+
+    /// Records `slot` under `pkid` (from [`Inflight::next_id`], or loaded from
+    /// persistence), after the slots already there.
+    pub fn push(&mut self, pkid: u16, slot: Slot) {
+        self.slots.push_back((pkid, slot));
+    }
+
+    fn position(&self, pkid: u16) -> Option<usize> {
+        // Acknowledgements nearly always come in order: look at the front first.
+        match self.slots.front() {
+            Some((p, _)) if *p == pkid => Some(0),
+            _ => self.slots.iter().position(|(p, _)| *p == pkid),
+        }
+    }
+
+    /// PUBACK: frees the slot if it held a QoS 1 message.
+    pub fn puback(&mut self, pkid: u16) -> bool {
+        match self.position(pkid) {
+            Some(at) if matches!(&self.slots[at].1, Slot::Sent(d) if d.qos == QoS::AtLeastOnce) => {
+                self.slots.remove(at);
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// PUBREC: a QoS 2 message moves to `Released`. False when no such message.
+    pub fn pubrec(&mut self, pkid: u16) -> bool {
+        match self.position(pkid) {
+            Some(at) => match &self.slots[at].1 {
+                Slot::Sent(d) if d.qos == QoS::ExactlyOnce => {
+                    self.slots[at].1 = Slot::Released;
+                    true
+                }
+                Slot::Released => true,
+                Slot::Sent(_) => false,
+            },
+            None => false,
+        }
+    }
+
+    /// PUBCOMP: ends a QoS 2 flow whose PUBREL was sent.
+    pub fn complete(&mut self, pkid: u16) -> bool {
+        match self.position(pkid) {
+            Some(at) if matches!(self.slots[at].1, Slot::Released) => {
+                self.slots.remove(at);
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// Removes the slot of `pkid` whatever its state (a PUBREC refusing the message, or
+    /// a message that could not be sent).
+    pub fn remove(&mut self, pkid: u16) -> Option<Slot> {
+        let at = self.position(pkid)?;
+        self.slots.remove(at).map(|(_, slot)| slot)
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = &(u16, Slot)> {
+        self.slots.iter()
+    }
+}
+
+/// One subscription as the session remembers it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct SubRecord {
+    pub options: SubscriptionOptions,
+    pub id: u32,
+}
+
+/// Session expiry meaning "never".
+pub(crate) const NEVER_EXPIRES: u32 = u32::MAX;
+
+/// Everything about a client that outlives one connection.
+#[derive(Debug)]
+pub(crate) struct Session {
+    pub mailbox: Arc<Mailbox>,
+    /// By filter as subscribed, `$share/group/` included.
+    pub subscriptions: HashMap<String, SubRecord>,
+    pub inflight: Inflight,
+    /// Packet ids of inbound QoS 2 messages routed but not yet released.
+    pub incoming: Vec<u16>,
+    /// Seconds the session outlives its connection; [`NEVER_EXPIRES`] or 0.
+    pub expiry: u32,
+}
+
+impl Session {
+    pub fn new(mailbox: Arc<Mailbox>) -> Session {
+        Session {
+            mailbox,
+            subscriptions: HashMap::new(),
+            inflight: Inflight::default(),
+            incoming: Vec::new(),
+            expiry: 0,
+        }
+    }
+
+    pub fn client_id(&self) -> &Arc<str> {
+        &self.mailbox.client_id
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn msg(payload: &'static [u8]) -> Arc<Message> {
+        Arc::new(Message {
+            topic: "t".into(),
+            payload: Bytes::from_static(payload),
+            qos: QoS::AtLeastOnce,
+            retain: false,
+            properties: None,
+            expires_at: None,
+            origin: 0,
+        })
+    }
+
+    fn delivery(qos: QoS) -> Delivery {
+        Delivery::new(msg(b"0123456789"), qos, false, Box::new([]))
+    }
+
+    #[test]
+    fn mailbox_is_bounded_by_count_and_bytes() {
+        let mailbox = Mailbox::new(1, "c".into(), Protocol::V5);
+        mailbox.set_online(true);
+        let limits = Limits {
+            max_messages: 3,
+            max_bytes: 1000,
+        };
+        for _ in 0..3 {
+            assert_eq!(
+                mailbox.push(delivery(QoS::AtMostOnce), limits, true),
+                Pushed::Queued
+            );
+        }
+        assert_eq!(
+            mailbox.push(delivery(QoS::AtLeastOnce), limits, true),
+            Pushed::Dropped
+        );
+        assert_eq!(
+            mailbox.push(delivery(QoS::AtLeastOnce), limits, false),
+            Pushed::Queued
+        );
+        let tight = Limits {
+            max_messages: 100,
+            max_bytes: 4 * 11 + 5,
+        };
+        assert_eq!(
+            mailbox.push(delivery(QoS::AtLeastOnce), tight, true),
+            Pushed::Dropped
+        );
+        assert!(mailbox.lock().pop().is_some());
+        assert_eq!(
+            mailbox.push(delivery(QoS::AtLeastOnce), tight, true),
+            Pushed::Queued
+        );
+        assert_eq!(mailbox.lock().items.len(), 4);
+    }
+
+    #[test]
+    fn offline_mailbox_skips_qos0_and_keeps_qos1() {
+        let mailbox = Mailbox::new(1, "c".into(), Protocol::V311);
+        let limits = Limits {
+            max_messages: 10,
+            max_bytes: 1000,
+        };
+        assert_eq!(
+            mailbox.push(delivery(QoS::AtMostOnce), limits, true),
+            Pushed::Skipped
+        );
+        assert_eq!(
+            mailbox.push(delivery(QoS::ExactlyOnce), limits, true),
+            Pushed::Queued
+        );
+    }
+
+    #[test]
+    fn inflight_ids_are_unique_and_acks_match_the_flow() {
+        let mut inflight = Inflight {
+            last_pkid: 65534,
+            ..Inflight::default()
+        };
+        let mut insert = |slot| {
+            let id = inflight.next_id();
+            inflight.push(id, slot);
+            id
+        };
+        let a = insert(Slot::Sent(delivery(QoS::AtLeastOnce)));
+        let b = insert(Slot::Sent(delivery(QoS::ExactlyOnce)));
+        let c = insert(Slot::Sent(delivery(QoS::AtLeastOnce)));
+        assert_eq!((a, b, c), (65535, 1, 2), "wraps past 65535, never 0");
+        assert!(!inflight.puback(b), "PUBACK for a QoS 2 message");
+        assert!(!inflight.complete(b), "PUBCOMP before PUBREC");
+        assert!(inflight.puback(c), "out of order");
+        assert!(inflight.pubrec(b));
+        assert!(inflight.pubrec(b), "a repeated PUBREC is answered again");
+        assert!(inflight.complete(b));
+        assert!(!inflight.complete(b));
+        assert!(inflight.puback(a));
+        assert_eq!(inflight.len(), 0);
+        let d = inflight.next_id();
+        inflight.push(d, Slot::Sent(delivery(QoS::ExactlyOnce)));
+        assert!(inflight.remove(d).is_some(), "PUBREC with a failure code");
+        assert!(inflight.remove(d).is_none());
+
+        let mut i = Inflight::default();
+        i.push(1, Slot::Released);
+        i.push(2, Slot::Released);
+        assert_eq!(i.next_id(), 3, "skips ids in use");
+    }
+
+    #[test]
+    fn expiry_interval_counts_down_and_rounds_up() {
+        let now = Instant::now();
+        let mut m = Message {
+            expires_at: Some(now + std::time::Duration::from_millis(2500)),
+            ..Arc::try_unwrap(msg(b"x")).unwrap()
+        };
+        let p = m.to_publish(QoS::AtMostOnce, false, &[3], now);
+        assert_eq!(p.properties.message_expiry_interval, Some(3));
+        assert_eq!(p.properties.subscription_identifiers, [3]);
+        assert!(!m.expired(now));
+        m.expires_at = Some(now);
+        assert!(m.expired(now));
+    }
+}

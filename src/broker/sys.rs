@@ -1,0 +1,96 @@
+//! `$SYS/broker/...` topics and periodic housekeeping.
+//!
+//! The `$SYS` values are retained messages published by the broker itself every
+//! `sys_interval_secs` (mosquitto's topic names where they exist); they are not written
+//! to the persistence file. Housekeeping (ending expired sessions, dropping expired
+//! retained messages) runs every second.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use tokio::time::{Instant, MissedTickBehavior};
+use tokio_util::sync::CancellationToken;
+
+use super::router::Router;
+use super::session::Message;
+use super::BrokerStats;
+use crate::mqtt::QoS;
+
+const HOUSEKEEPING: Duration = Duration::from_secs(1);
+
+/// The `$SYS` topics and their values for `stats`.
+pub(crate) fn sys_values(stats: &BrokerStats) -> Vec<(&'static str, String)> {
+    vec![
+        (
+            "$SYS/broker/version",
+            format!("fieldbridge {}", env!("CARGO_PKG_VERSION")),
+        ),
+        (
+            "$SYS/broker/uptime",
+            format!("{} seconds", stats.uptime.as_secs()),
+        ),
+        (
+            "$SYS/broker/clients/connected",
+            stats.clients_connected.to_string(),
+        ),
+        ("$SYS/broker/clients/total", stats.sessions.to_string()),
+        (
+            "$SYS/broker/messages/received",
+            stats.messages_received.to_string(),
+        ),
+        ("$SYS/broker/messages/sent", stats.messages_sent.to_string()),
+        ("$SYS/broker/messages/dropped", stats.dropped.to_string()),
+        (
+            "$SYS/broker/bytes/received",
+            stats.bytes_received.to_string(),
+        ),
+        ("$SYS/broker/bytes/sent", stats.bytes_sent.to_string()),
+        (
+            "$SYS/broker/subscriptions/count",
+            stats.subscriptions.to_string(),
+        ),
+        (
+            "$SYS/broker/retained messages/count",
+            stats.retained.to_string(),
+        ),
+    ]
+}
+
+/// Publishes the `$SYS` topics once.
+pub(crate) fn publish_sys(router: &Router) {
+    for (topic, value) in sys_values(&router.stats()) {
+        router.publish(Message {
+            topic: topic.to_string(),
+            payload: Bytes::from(value),
+            qos: QoS::AtMostOnce,
+            retain: true,
+            properties: None,
+            expires_at: None,
+            origin: 0,
+        });
+    }
+}
+
+/// Runs housekeeping and `$SYS` updates until cancelled.
+pub(crate) async fn maintenance(
+    router: Arc<Router>,
+    sys_interval: Duration,
+    cancel: CancellationToken,
+) {
+    let mut tick = tokio::time::interval(HOUSEKEEPING);
+    tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
+    let mut next_sys = Instant::now();
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            () = cancel.cancelled() => return,
+        }
+        let now = Instant::now();
+        router.housekeeping(now);
+        if !sys_interval.is_zero() && now >= next_sys {
+            publish_sys(&router);
+            next_sys = now + sys_interval;
+        }
+    }
+}

@@ -1,0 +1,741 @@
+//! The session state machine driven packet by packet, without sockets: a [`Router`]
+//! shared by several [`Conn`]s, whose output is decoded back into packets.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+
+use super::auth::{Acl, Policy};
+use super::config::BrokerConfig;
+use super::conn::{Close, Conn};
+use super::router::{Router, Settings};
+use super::session::Kick;
+use crate::mqtt::*;
+
+fn router_with(config: BrokerConfig, policy: Policy) -> Arc<Router> {
+    Arc::new(Router::new(Settings::from_config(&config), policy, None))
+}
+
+fn router() -> Arc<Router> {
+    router_with(
+        BrokerConfig::default(),
+        Policy {
+            anonymous_allowed: true,
+            ..Policy::default()
+        },
+    )
+}
+
+struct Client {
+    conn: Option<Conn>,
+    protocol: Protocol,
+    out: BytesMut,
+}
+
+fn connect_packet(protocol: Protocol, id: &str) -> Connect {
+    Connect {
+        protocol,
+        clean_start: true,
+        keep_alive: 30,
+        client_id: id.into(),
+        ..Connect::default()
+    }
+}
+
+async fn open(router: &Arc<Router>, connect: Connect) -> (Client, ConnAck) {
+    let protocol = connect.protocol;
+    let mut out = BytesMut::new();
+    let conn = Conn::connect(router, connect, &mut out).await;
+    let mut client = Client {
+        conn,
+        protocol,
+        out,
+    };
+    let mut packets = client.decode();
+    assert!(!packets.is_empty(), "no CONNACK");
+    let Packet::ConnAck(ack) = packets.remove(0) else {
+        panic!("expected CONNACK first");
+    };
+    client.out.clear();
+    // A resumed session's resends follow the CONNACK; put them back for `recv`.
+    for p in packets {
+        encode(&p, protocol, &mut client.out).unwrap();
+    }
+    (client, ack)
+}
+
+async fn connect(router: &Arc<Router>, protocol: Protocol, id: &str) -> Client {
+    let (client, ack) = open(router, connect_packet(protocol, id)).await;
+    assert_eq!(ack.code, ReasonCode::SUCCESS);
+    client
+}
+
+impl Client {
+    fn conn(&mut self) -> &mut Conn {
+        self.conn.as_mut().expect("connected")
+    }
+
+    fn decode(&mut self) -> Vec<Packet> {
+        let mut packets = Vec::new();
+        while let Some(p) = decode(&mut self.out, self.protocol, usize::MAX).unwrap() {
+            packets.push(p);
+        }
+        assert!(self.out.is_empty(), "partial packet left");
+        packets
+    }
+
+    fn send(&mut self, packet: Packet) -> Result<(), Close> {
+        let mut out = std::mem::take(&mut self.out);
+        let result = self.conn().handle(packet, &mut out);
+        self.out = out;
+        result
+    }
+
+    /// Everything the broker has for this client now.
+    fn recv(&mut self) -> Vec<Packet> {
+        let mut out = std::mem::take(&mut self.out);
+        self.conn().drain(&mut out, usize::MAX).unwrap();
+        self.out = out;
+        self.decode()
+    }
+
+    fn subscribe(&mut self, filter: &str, qos: QoS) -> Vec<ReasonCode> {
+        self.subscribe_with(
+            filter,
+            SubscriptionOptions {
+                qos,
+                ..Default::default()
+            },
+            0,
+        )
+    }
+
+    fn subscribe_with(
+        &mut self,
+        filter: &str,
+        options: SubscriptionOptions,
+        id: u32,
+    ) -> Vec<ReasonCode> {
+        let mut properties = Properties::default();
+        if id != 0 {
+            properties.subscription_identifiers = vec![id];
+        }
+        self.send(Packet::Subscribe(Subscribe {
+            pkid: 1,
+            filters: vec![Subscription {
+                filter: filter.into(),
+                options,
+            }],
+            properties,
+        }))
+        .unwrap();
+        match self.decode().remove(0) {
+            Packet::SubAck(ack) => ack.reasons,
+            other => panic!("expected SUBACK, got {other:?}"),
+        }
+    }
+
+    fn publish(&mut self, topic: &str, payload: &'static [u8], qos: QoS, pkid: u16) -> Vec<Packet> {
+        self.publish_with(Publish {
+            qos,
+            topic: topic.into(),
+            pkid,
+            payload: Bytes::from_static(payload),
+            ..Publish::default()
+        })
+    }
+
+    fn publish_with(&mut self, p: Publish) -> Vec<Packet> {
+        self.send(Packet::Publish(p)).unwrap();
+        self.decode()
+    }
+
+    fn close(&mut self, why: Close) {
+        self.conn.take().expect("connected").close(why);
+    }
+}
+
+fn publishes(packets: &[Packet]) -> Vec<&Publish> {
+    packets
+        .iter()
+        .filter_map(|p| match p {
+            Packet::Publish(p) => Some(p),
+            _ => None,
+        })
+        .collect()
+}
+
+fn payloads(packets: &[Packet]) -> Vec<&[u8]> {
+    publishes(packets).iter().map(|p| &p.payload[..]).collect()
+}
+
+#[tokio::test]
+async fn qos_is_the_minimum_of_published_and_granted() {
+    let router = router();
+    for protocol in [Protocol::V311, Protocol::V5] {
+        let mut sub = connect(&router, protocol, "sub").await;
+        let mut publisher = connect(&router, protocol, "pub").await;
+        assert_eq!(
+            sub.subscribe("q/+", QoS::AtLeastOnce),
+            [ReasonCode::GRANTED_QOS_1]
+        );
+        assert!(publisher
+            .publish("q/0", b"0", QoS::AtMostOnce, 0)
+            .is_empty());
+        assert_eq!(
+            publisher.publish("q/1", b"1", QoS::AtLeastOnce, 7),
+            [Packet::PubAck(Ack::new(7))]
+        );
+        let rec = publisher.publish("q/2", b"2", QoS::ExactlyOnce, 8);
+        assert_eq!(rec, [Packet::PubRec(Ack::new(8))]);
+        let got = sub.recv();
+        let qos: Vec<QoS> = publishes(&got).iter().map(|p| p.qos).collect();
+        assert_eq!(qos, [QoS::AtMostOnce, QoS::AtLeastOnce, QoS::AtLeastOnce]);
+        assert_eq!(payloads(&got), [b"0", b"1", b"2"]);
+        sub.close(Close::Normal);
+        publisher.close(Close::Normal);
+    }
+}
+
+#[tokio::test]
+async fn overlapping_subscriptions_deliver_once_at_the_highest_qos_with_every_id() {
+    let router = router();
+    let mut sub = connect(&router, Protocol::V5, "sub").await;
+    let opts = |qos| SubscriptionOptions {
+        qos,
+        ..Default::default()
+    };
+    sub.subscribe_with("a/#", opts(QoS::AtMostOnce), 1);
+    sub.subscribe_with("a/+", opts(QoS::ExactlyOnce), 2);
+    let mut publisher = connect(&router, Protocol::V5, "pub").await;
+    publisher.publish("a/b", b"x", QoS::ExactlyOnce, 1);
+    let got = sub.recv();
+    let p = publishes(&got);
+    assert_eq!(p.len(), 1, "{got:?}");
+    assert_eq!(p[0].qos, QoS::ExactlyOnce);
+    let mut ids = p[0].properties.subscription_identifiers.clone();
+    ids.sort_unstable();
+    assert_eq!(ids, [1, 2]);
+}
+
+#[tokio::test]
+async fn inbound_qos2_is_routed_once_until_released() {
+    let router = router();
+    let mut sub = connect(&router, Protocol::V311, "sub").await;
+    sub.subscribe("t", QoS::AtMostOnce);
+    let mut publisher = connect(&router, Protocol::V311, "pub").await;
+    publisher.publish("t", b"once", QoS::ExactlyOnce, 5);
+    let dup = Publish {
+        dup: true,
+        qos: QoS::ExactlyOnce,
+        topic: "t".into(),
+        pkid: 5,
+        payload: Bytes::from_static(b"once"),
+        ..Publish::default()
+    };
+    assert_eq!(publisher.publish_with(dup), [Packet::PubRec(Ack::new(5))]);
+    assert_eq!(payloads(&sub.recv()), [b"once"]);
+    publisher.send(Packet::PubRel(Ack::new(5))).unwrap();
+    assert_eq!(publisher.decode(), [Packet::PubComp(Ack::new(5))]);
+    publisher.publish("t", b"again", QoS::ExactlyOnce, 5);
+    assert_eq!(
+        payloads(&sub.recv()),
+        [b"again"],
+        "a released id is a new message"
+    );
+}
+
+#[tokio::test]
+async fn outbound_qos2_flow_and_receive_maximum() {
+    let router = router();
+    let mut connect_v5 = connect_packet(Protocol::V5, "sub");
+    connect_v5.properties.receive_maximum = Some(2);
+    let (mut sub, ack) = open(&router, connect_v5).await;
+    assert_eq!(ack.properties.receive_maximum, Some(20));
+    assert_eq!(ack.properties.topic_alias_maximum, Some(10));
+    sub.subscribe("t", QoS::ExactlyOnce);
+    let mut publisher = connect(&router, Protocol::V5, "pub").await;
+    for (i, payload) in [b"1", b"2", b"3"].iter().enumerate() {
+        publisher.publish("t", *payload, QoS::ExactlyOnce, i as u16 + 1);
+    }
+    let got = sub.recv();
+    assert_eq!(payloads(&got), [b"1", b"2"], "window of two");
+    let first = publishes(&got)[0].pkid;
+    sub.send(Packet::PubRec(Ack::new(first))).unwrap();
+    assert_eq!(sub.decode(), [Packet::PubRel(Ack::new(first))]);
+    assert!(sub.recv().is_empty(), "slot held until PUBCOMP");
+    sub.send(Packet::PubComp(Ack::new(first))).unwrap();
+    assert_eq!(payloads(&sub.recv()), [b"3"]);
+}
+
+#[tokio::test]
+async fn persistent_session_queues_offline_and_resends_unacked_with_dup() {
+    let router = router();
+    let mut c = connect_packet(Protocol::V311, "keeper");
+    c.clean_start = false;
+    let (mut sub, ack) = open(&router, c.clone()).await;
+    assert!(!ack.session_present);
+    sub.subscribe("s/#", QoS::AtLeastOnce);
+    let mut publisher = connect(&router, Protocol::V311, "pub").await;
+    publisher.publish("s/1", b"sent", QoS::AtLeastOnce, 1);
+    let got = sub.recv();
+    let unacked = publishes(&got)[0].pkid;
+    sub.close(Close::Lost);
+
+    publisher.publish("s/2", b"queued", QoS::AtLeastOnce, 2);
+    publisher.publish("s/3", b"qos0 skipped", QoS::AtMostOnce, 0);
+    assert_eq!(router.stats().clients_connected, 1);
+    assert_eq!(router.stats().sessions, 2);
+
+    let (mut sub, ack) = open(&router, c).await;
+    assert!(ack.session_present);
+    let resent = sub.decode();
+    let p = publishes(&resent);
+    assert_eq!(
+        (p[0].pkid, p[0].dup, &p[0].payload[..]),
+        (unacked, true, &b"sent"[..])
+    );
+    assert_eq!(payloads(&sub.recv()), [b"queued"]);
+}
+
+#[tokio::test]
+async fn clean_start_discards_the_old_session() {
+    let router = router();
+    let mut c = connect_packet(Protocol::V5, "x");
+    c.clean_start = false;
+    c.properties.session_expiry_interval = Some(60);
+    let (mut sub, _) = open(&router, c.clone()).await;
+    sub.subscribe("t", QoS::AtLeastOnce);
+    sub.close(Close::Normal);
+    c.clean_start = true;
+    let (mut sub, ack) = open(&router, c).await;
+    assert!(!ack.session_present);
+    let mut publisher = connect(&router, Protocol::V5, "pub").await;
+    publisher.publish("t", b"m", QoS::AtLeastOnce, 1);
+    assert!(sub.recv().is_empty(), "old subscription gone");
+    assert_eq!(router.stats().subscriptions, 0);
+}
+
+#[tokio::test]
+async fn will_is_published_on_abnormal_close_only() {
+    let router = router();
+    let mut watcher = connect(&router, Protocol::V311, "watcher").await;
+    watcher.subscribe("will/#", QoS::AtLeastOnce);
+    for (why, expected) in [
+        (Close::Normal, false),
+        (Close::Lost, true),
+        (Close::WithWill, true),
+        (Close::KeepAliveTimeout, true),
+    ] {
+        let mut c = connect_packet(Protocol::V5, "mortal");
+        c.will = Some(Will {
+            topic: "will/mortal".into(),
+            payload: Bytes::from_static(b"gone"),
+            qos: QoS::AtLeastOnce,
+            ..Will::default()
+        });
+        let (mut client, _) = open(&router, c).await;
+        client.close(why);
+        let got = watcher.recv();
+        assert_eq!(!got.is_empty(), expected, "{why:?}: {got:?}");
+        for p in publishes(&got) {
+            watcher.send(Packet::PubAck(Ack::new(p.pkid))).unwrap();
+        }
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn will_delay_is_cancelled_by_resuming_the_session() {
+    let router = router();
+    let mut watcher = connect(&router, Protocol::V5, "watcher").await;
+    watcher.subscribe("will", QoS::AtMostOnce);
+    let mut c = connect_packet(Protocol::V5, "delayed");
+    c.clean_start = false;
+    c.properties.session_expiry_interval = Some(100);
+    c.will = Some(Will {
+        topic: "will".into(),
+        payload: Bytes::from_static(b"late"),
+        properties: Properties {
+            will_delay_interval: Some(10),
+            ..Properties::default()
+        },
+        ..Will::default()
+    });
+    let (mut client, _) = open(&router, c.clone()).await;
+    client.close(Close::Lost);
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    assert!(watcher.recv().is_empty(), "within the delay");
+    let (mut client, _) = open(&router, c.clone()).await;
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    assert!(watcher.recv().is_empty(), "resumed: cancelled");
+
+    client.close(Close::Lost);
+    tokio::time::sleep(Duration::from_secs(11)).await;
+    assert_eq!(payloads(&watcher.recv()), [b"late"]);
+}
+
+#[tokio::test]
+async fn takeover_kicks_the_old_connection() {
+    let router = router();
+    let mut first = connect(&router, Protocol::V5, "same").await;
+    let router2 = router.clone();
+    let second = tokio::spawn(async move {
+        let mut c = connect_packet(Protocol::V5, "same");
+        c.clean_start = false;
+        open(&router2, c).await
+    });
+    // The old connection notices on its next drain and lets go.
+    let why = loop {
+        tokio::task::yield_now().await;
+        let mut out = BytesMut::new();
+        if let Err(why) = first.conn().drain(&mut out, usize::MAX) {
+            break why;
+        }
+    };
+    assert_eq!(why, Close::Kicked(Kick::TakenOver));
+    assert_eq!(why.reason(), Some(ReasonCode::SESSION_TAKEN_OVER));
+    first.close(why);
+    let (_, ack) = second.await.unwrap();
+    assert_eq!(ack.code, ReasonCode::SUCCESS);
+}
+
+#[tokio::test]
+async fn retained_messages_follow_retain_handling() {
+    let router = router();
+    let mut publisher = connect(&router, Protocol::V5, "pub").await;
+    publisher.publish_with(Publish {
+        retain: true,
+        qos: QoS::AtLeastOnce,
+        pkid: 1,
+        topic: "r/a".into(),
+        payload: Bytes::from_static(b"last"),
+        ..Publish::default()
+    });
+    assert_eq!(router.stats().retained, 1);
+    let mut sub = connect(&router, Protocol::V5, "sub").await;
+    let opts = |rh| SubscriptionOptions {
+        qos: QoS::AtLeastOnce,
+        retain_handling: rh,
+        ..Default::default()
+    };
+    sub.subscribe_with("r/+", opts(RetainHandling::SendAtSubscribe), 0);
+    let got = sub.recv();
+    let p = publishes(&got);
+    assert_eq!((p.len(), p[0].retain), (1, true));
+    sub.send(Packet::PubAck(Ack::new(p[0].pkid))).unwrap();
+    sub.subscribe_with("r/+", opts(RetainHandling::SendIfNew), 0);
+    assert!(sub.recv().is_empty(), "not new");
+    sub.subscribe_with("r/#", opts(RetainHandling::DoNotSend), 0);
+    assert!(sub.recv().is_empty());
+
+    // A live retained message keeps its flag only with retain-as-published.
+    publisher.publish_with(Publish {
+        retain: true,
+        topic: "r/a".into(),
+        payload: Bytes::from_static(b"newer"),
+        ..Publish::default()
+    });
+    let got = sub.recv();
+    assert!(publishes(&got).iter().all(|p| !p.retain), "{got:?}");
+
+    publisher.publish_with(Publish {
+        retain: true,
+        topic: "r/a".into(),
+        ..Publish::default()
+    });
+    assert_eq!(router.stats().retained, 0, "empty payload clears");
+}
+
+#[tokio::test]
+async fn no_local_skips_own_messages() {
+    let router = router();
+    let mut c = connect(&router, Protocol::V5, "echo").await;
+    c.subscribe_with(
+        "t",
+        SubscriptionOptions {
+            no_local: true,
+            ..Default::default()
+        },
+        0,
+    );
+    c.publish("t", b"mine", QoS::AtMostOnce, 0);
+    assert!(c.recv().is_empty());
+    let mut other = connect(&router, Protocol::V5, "other").await;
+    other.publish("t", b"theirs", QoS::AtMostOnce, 0);
+    assert_eq!(payloads(&c.recv()), [b"theirs"]);
+}
+
+#[tokio::test]
+async fn topic_aliases_map_inbound_topics() {
+    let router = router();
+    let mut sub = connect(&router, Protocol::V5, "sub").await;
+    sub.subscribe("long/topic/name", QoS::AtMostOnce);
+    let mut publisher = connect(&router, Protocol::V5, "pub").await;
+    let with_alias = |topic: &str, payload: &'static [u8], alias| Publish {
+        topic: topic.into(),
+        payload: Bytes::from_static(payload),
+        properties: Properties {
+            topic_alias: Some(alias),
+            ..Properties::default()
+        },
+        ..Publish::default()
+    };
+    publisher.publish_with(with_alias("long/topic/name", b"1", 3));
+    publisher.publish_with(with_alias("", b"2", 3));
+    let got = sub.recv();
+    assert_eq!(payloads(&got), [b"1", b"2"]);
+    assert!(publishes(&got)
+        .iter()
+        .all(|p| p.properties.topic_alias.is_none()));
+    let unknown = publisher.send(Packet::Publish(with_alias("", b"3", 4)));
+    assert_eq!(unknown, Err(Close::Protocol(ReasonCode::PROTOCOL_ERROR)));
+    let too_big = publisher.send(Packet::Publish(with_alias("x", b"4", 11)));
+    assert_eq!(
+        too_big,
+        Err(Close::Protocol(ReasonCode::TOPIC_ALIAS_INVALID))
+    );
+}
+
+#[tokio::test]
+async fn v5_properties_pass_through() {
+    let router = router();
+    let mut sub = connect(&router, Protocol::V5, "sub").await;
+    sub.subscribe("req", QoS::AtMostOnce);
+    let mut publisher = connect(&router, Protocol::V5, "pub").await;
+    let properties = Properties {
+        payload_format_indicator: Some(1),
+        content_type: Some("text/plain".into()),
+        response_topic: Some("reply/here".into()),
+        correlation_data: Some(Bytes::from_static(b"\x01\x02")),
+        user_properties: vec![("k".into(), "v".into()), ("k".into(), "w".into())],
+        ..Properties::default()
+    };
+    publisher.publish_with(Publish {
+        topic: "req".into(),
+        payload: Bytes::from_static(b"?"),
+        properties: properties.clone(),
+        ..Publish::default()
+    });
+    let got = sub.recv();
+    assert_eq!(publishes(&got)[0].properties, properties);
+}
+
+#[tokio::test(start_paused = true)]
+async fn queued_messages_expire_and_the_interval_counts_down() {
+    let router = router();
+    let mut c = connect_packet(Protocol::V5, "slow");
+    c.clean_start = false;
+    c.properties.session_expiry_interval = Some(600);
+    let (mut sub, _) = open(&router, c.clone()).await;
+    sub.subscribe("e", QoS::AtLeastOnce);
+    sub.close(Close::Lost);
+    let mut publisher = connect(&router, Protocol::V5, "pub").await;
+    for (payload, expiry) in [(&b"short"[..], 5), (&b"long"[..], 100)] {
+        publisher.publish_with(Publish {
+            qos: QoS::AtLeastOnce,
+            pkid: 1,
+            topic: "e".into(),
+            payload: Bytes::from_static(payload),
+            properties: Properties {
+                message_expiry_interval: Some(expiry),
+                ..Properties::default()
+            },
+            ..Publish::default()
+        });
+    }
+    tokio::time::sleep(Duration::from_secs(30)).await;
+    let (mut sub, _) = open(&router, c).await;
+    let got = sub.recv();
+    let p = publishes(&got);
+    assert_eq!(payloads(&got), [b"long"]);
+    assert_eq!(p[0].properties.message_expiry_interval, Some(70));
+    assert_eq!(router.stats().expired, 1);
+}
+
+#[tokio::test]
+async fn a_subscriber_that_stops_reading_loses_messages_over_its_bound_only() {
+    let config = BrokerConfig {
+        max_queued_messages: 5,
+        ..BrokerConfig::default()
+    };
+    let router = router_with(
+        config,
+        Policy {
+            anonymous_allowed: true,
+            ..Policy::default()
+        },
+    );
+    let mut slow = connect(&router, Protocol::V311, "slow").await;
+    slow.subscribe("f", QoS::AtLeastOnce);
+    let mut fast = connect(&router, Protocol::V311, "fast").await;
+    fast.subscribe("f", QoS::AtLeastOnce);
+    let mut publisher = connect(&router, Protocol::V311, "pub").await;
+    for i in 0..10u16 {
+        assert_eq!(
+            publisher.publish("f", b"m", QoS::AtLeastOnce, i + 1),
+            [Packet::PubAck(Ack::new(i + 1))]
+        );
+        let got = fast.recv();
+        for p in publishes(&got) {
+            fast.send(Packet::PubAck(Ack::new(p.pkid))).unwrap();
+        }
+        assert_eq!(publishes(&got).len(), 1);
+    }
+    assert_eq!(router.stats().dropped, 5);
+    assert_eq!(publishes(&slow.recv()).len(), 5);
+}
+
+#[tokio::test]
+async fn shared_subscriptions_take_turns() {
+    let router = router();
+    let mut a = connect(&router, Protocol::V5, "a").await;
+    let mut b = connect(&router, Protocol::V5, "b").await;
+    a.subscribe("$share/g/jobs/+", QoS::AtMostOnce);
+    b.subscribe("$share/g/jobs/+", QoS::AtMostOnce);
+    assert_eq!(
+        a.subscribe("$share/g", QoS::AtMostOnce),
+        [ReasonCode::TOPIC_FILTER_INVALID]
+    );
+    let mut publisher = connect(&router, Protocol::V5, "pub").await;
+    for _ in 0..4 {
+        publisher.publish("jobs/x", b"j", QoS::AtMostOnce, 0);
+    }
+    assert_eq!((a.recv().len(), b.recv().len()), (2, 2));
+}
+
+#[tokio::test]
+async fn acl_and_protected_topics_refuse_with_reason_codes() {
+    let policy = Policy {
+        anonymous_allowed: true,
+        acl: Some(Acl::parse("topic read sensors/#\ntopic readwrite lab/#\n").unwrap()),
+        protected: vec!["sensors/gw".into()],
+        ..Policy::default()
+    };
+    let router = router_with(BrokerConfig::default(), policy);
+    let mut c = connect(&router, Protocol::V5, "lan").await;
+    assert_eq!(
+        c.subscribe("secret/#", QoS::AtMostOnce),
+        [ReasonCode::NOT_AUTHORIZED]
+    );
+    assert_eq!(
+        c.subscribe("sensors/#", QoS::AtMostOnce),
+        [ReasonCode::GRANTED_QOS_0]
+    );
+    let ack = c.publish("sensors/gw/t", b"spoof", QoS::AtLeastOnce, 1);
+    assert!(
+        matches!(&ack[..], [Packet::PubAck(a)] if a.reason == ReasonCode::NOT_AUTHORIZED),
+        "{ack:?}"
+    );
+    let rec = c.publish("sensors/gw/t", b"spoof", QoS::ExactlyOnce, 2);
+    assert!(
+        matches!(&rec[..], [Packet::PubRec(a)] if a.reason == ReasonCode::NOT_AUTHORIZED),
+        "{rec:?}"
+    );
+    assert!(c.recv().is_empty(), "nothing delivered");
+    assert_eq!(router.stats().denied, 2);
+    let ok = c.publish("lab/x", b"fine", QoS::AtLeastOnce, 3);
+    assert!(
+        matches!(&ok[..], [Packet::PubAck(a)] if a.reason.is_success()),
+        "{ok:?}"
+    );
+}
+
+#[tokio::test]
+async fn connect_refusals() {
+    let router = router_with(
+        BrokerConfig {
+            max_keep_alive: Some(60),
+            ..BrokerConfig::default()
+        },
+        Policy::default(),
+    );
+    // Anonymous not allowed by this policy.
+    let (c, ack) = open(&router, connect_packet(Protocol::V5, "anon")).await;
+    assert!(c.conn.is_none());
+    assert_eq!(ack.code, ReasonCode::NOT_AUTHORIZED);
+
+    let router = router_with(
+        BrokerConfig {
+            max_keep_alive: Some(60),
+            ..BrokerConfig::default()
+        },
+        Policy {
+            anonymous_allowed: true,
+            ..Policy::default()
+        },
+    );
+    let mut c = connect_packet(Protocol::V311, "");
+    c.clean_start = false;
+    let (_, ack) = open(&router, c).await;
+    assert_eq!(ack.code, ReasonCode::CLIENT_IDENTIFIER_NOT_VALID);
+
+    let mut c = connect_packet(Protocol::V5, "");
+    c.keep_alive = 600;
+    let (client, ack) = open(&router, c).await;
+    assert_eq!(ack.code, ReasonCode::SUCCESS);
+    assert!(ack.properties.assigned_client_identifier.is_some());
+    assert_eq!(ack.properties.server_keep_alive, Some(60));
+    assert_eq!(
+        client.conn.as_ref().unwrap().keep_alive_timeout(),
+        Some(Duration::from_secs(90))
+    );
+
+    let mut c = connect_packet(Protocol::V311, "slowpoke");
+    c.keep_alive = 600;
+    let (_, ack) = open(&router, c).await;
+    assert_eq!(
+        ack.code,
+        ReasonCode::CLIENT_IDENTIFIER_NOT_VALID,
+        "3.1.1 cannot be told"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn expired_sessions_end_and_leave_the_tree() {
+    let router = router();
+    let mut c = connect_packet(Protocol::V5, "brief");
+    c.clean_start = false;
+    c.properties.session_expiry_interval = Some(10);
+    let (mut sub, _) = open(&router, c).await;
+    sub.subscribe("x/#", QoS::AtLeastOnce);
+    sub.close(Close::Normal);
+    router.housekeeping(tokio::time::Instant::now());
+    assert_eq!(
+        (router.stats().sessions, router.stats().subscriptions),
+        (1, 1)
+    );
+    tokio::time::sleep(Duration::from_secs(11)).await;
+    router.housekeeping(tokio::time::Instant::now());
+    assert_eq!(
+        (router.stats().sessions, router.stats().subscriptions),
+        (0, 0)
+    );
+}
+
+#[tokio::test]
+async fn protocol_violations_close_with_a_reason() {
+    let router = router();
+    let mut c = connect(&router, Protocol::V5, "rude").await;
+    assert_eq!(
+        c.send(Packet::Connect(Connect::default())),
+        Err(Close::Protocol(ReasonCode::PROTOCOL_ERROR))
+    );
+    let mut out = BytesMut::new();
+    c.conn()
+        .goodbye(Close::Protocol(ReasonCode::PROTOCOL_ERROR), &mut out);
+    let d = decode(&mut out, Protocol::V5, usize::MAX).unwrap();
+    assert!(matches!(d, Some(Packet::Disconnect(d)) if d.reason == ReasonCode::PROTOCOL_ERROR));
+    // Session expiry may not be raised from zero at DISCONNECT.
+    let raise = Disconnect {
+        properties: Properties {
+            session_expiry_interval: Some(5),
+            ..Properties::default()
+        },
+        ..Disconnect::default()
+    };
+    assert_eq!(
+        c.send(Packet::Disconnect(raise)),
+        Err(Close::Protocol(ReasonCode::PROTOCOL_ERROR))
+    );
+}

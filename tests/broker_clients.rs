@@ -1,0 +1,536 @@
+//! The built-in broker against real clients: `mosquitto_sub`/`mosquitto_pub` speaking
+//! MQTT 3.1.1 and 5.0, and paho-mqtt (Python) as a second, independent client library.
+//!
+//! Each test starts the broker in-process on 127.0.0.1:0 with its own tokio runtime, so
+//! the test thread can block on the clients.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::path::Path;
+use std::process::Command;
+use std::time::Duration;
+
+use bytes::Bytes;
+use common::clients::{mosquitto_pub, publish, python, run_bounded, Sub};
+use common::util::{tool, wait_for};
+use fieldbridge::broker::{
+    Broker, BrokerConfig, BrokerHandle, BrokerStats, ListenerConfig, TlsListenerConfig,
+};
+use fieldbridge::mqtt::QoS;
+
+const WAIT: Duration = Duration::from_secs(10);
+const VERSIONS: [&str; 2] = ["mqttv311", "mqttv5"];
+
+struct TestBroker {
+    rt: tokio::runtime::Runtime,
+    handle: Option<BrokerHandle>,
+    port: u16,
+}
+
+impl TestBroker {
+    fn start(config: BrokerConfig) -> TestBroker {
+        TestBroker::start_protecting(config, Vec::new())
+    }
+
+    fn start_protecting(mut config: BrokerConfig, protected: Vec<String>) -> TestBroker {
+        if config.listeners.iter().all(|l| l.bind.port() == 1883) {
+            config.listeners = vec![ListenerConfig {
+                bind: "127.0.0.1:0".parse().unwrap(),
+                tls: None,
+            }];
+        }
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .unwrap();
+        let handle = rt
+            .block_on(Broker::start(config, protected))
+            .expect("broker starts");
+        let port = handle.local_addrs()[0].port();
+        TestBroker {
+            rt,
+            handle: Some(handle),
+            port,
+        }
+    }
+
+    fn handle(&self) -> &BrokerHandle {
+        self.handle.as_ref().expect("running")
+    }
+
+    fn stats(&self) -> BrokerStats {
+        self.handle().stats()
+    }
+
+    fn stop(&mut self) {
+        if let Some(handle) = self.handle.take() {
+            self.rt.block_on(handle.shutdown());
+        }
+    }
+
+    /// Starts mosquitto_sub and waits for its SUBACK.
+    fn sub(&self, args: &[&str]) -> Sub {
+        let sub = Sub::start(self.port, args);
+        sub.wait_subscribed(WAIT);
+        sub
+    }
+
+    fn publish(&self, args: &[&str]) {
+        publish(self.port, args);
+    }
+}
+
+impl Drop for TestBroker {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+fn sorted(mut v: Vec<String>) -> Vec<String> {
+    v.sort();
+    v
+}
+
+#[test]
+fn publish_subscribe_at_every_qos_in_both_versions() {
+    let broker = TestBroker::start(BrokerConfig::default());
+    for v in VERSIONS {
+        let sub = broker.sub(&["-V", v, "-q", "2", "-t", "q/#", "-F", "%q %t %p"]);
+        for pub_v in VERSIONS {
+            for qos in ["0", "1", "2"] {
+                broker.publish(&[
+                    "-V",
+                    pub_v,
+                    "-q",
+                    qos,
+                    "-t",
+                    &format!("q/{pub_v}"),
+                    "-m",
+                    qos,
+                ]);
+            }
+        }
+        let got = sub.wait_messages(6, WAIT);
+        assert_eq!(
+            got,
+            [
+                "0 q/mqttv311 0",
+                "1 q/mqttv311 1",
+                "2 q/mqttv311 2",
+                "0 q/mqttv5 0",
+                "1 q/mqttv5 1",
+                "2 q/mqttv5 2"
+            ],
+            "subscriber {v}: in order, at the published QoS"
+        );
+    }
+    // Granted QoS 1 caps delivery.
+    let sub = broker.sub(&["-V", "mqttv5", "-q", "1", "-t", "cap", "-F", "%q %p"]);
+    broker.publish(&["-q", "2", "-t", "cap", "-m", "x"]);
+    assert_eq!(sub.wait_messages(1, WAIT), ["1 x"]);
+    let stats = broker.stats();
+    assert!(
+        stats.messages_received >= 7 && stats.messages_sent >= 13,
+        "{stats:?}"
+    );
+}
+
+#[test]
+fn wildcards_and_sys_topics() {
+    let broker = TestBroker::start(BrokerConfig::default());
+    for v in VERSIONS {
+        let plus = broker.sub(&["-V", v, "-t", "a/+/c", "-v"]);
+        let hash = broker.sub(&["-V", v, "-t", "a/#", "-v"]);
+        let all = broker.sub(&["-V", v, "-t", "#", "-v"]);
+        for topic in ["a/b/c", "a/b/d", "a", "x/b/c", "a/b/c/d"] {
+            broker.publish(&["-V", v, "-t", topic, "-m", "m"]);
+        }
+        broker.publish(&["-V", v, "-t", "end", "-m", "m"]);
+        all.wait_messages(6, WAIT);
+        hash.wait_messages(4, WAIT);
+        assert_eq!(plus.wait_messages(1, WAIT), ["a/b/c m"]);
+        assert_eq!(
+            sorted(hash.messages()),
+            ["a m", "a/b/c m", "a/b/c/d m", "a/b/d m"]
+        );
+        assert!(
+            all.messages().iter().all(|m| !m.starts_with("$SYS")),
+            "# must not match $SYS: {:?}",
+            all.messages()
+        );
+    }
+    let sys = Sub::start(broker.port, &["-t", "$SYS/broker/uptime", "-C", "1", "-v"]);
+    assert!(sys.wait_messages(1, WAIT)[0].starts_with("$SYS/broker/uptime "));
+}
+
+#[test]
+fn retained_messages_survive_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = BrokerConfig {
+        persistence_path: Some(dir.path().join("broker.db")),
+        ..BrokerConfig::default()
+    };
+    let mut broker = TestBroker::start(config.clone());
+    broker.publish(&[
+        "-V", "mqttv311", "-r", "-q", "1", "-t", "site/t1", "-m", "21.5",
+    ]);
+    broker.publish(&["-V", "mqttv5", "-r", "-t", "site/t2", "-m", "old"]);
+    broker.publish(&[
+        "-V", "mqttv5", "-r", "-q", "2", "-t", "site/t2", "-m", "new",
+    ]);
+    broker.publish(&["-r", "-t", "site/gone", "-m", "x"]);
+    broker.publish(&["-r", "-t", "site/gone", "-n"]);
+    broker.handle().publish(
+        "site/agent",
+        Bytes::from_static(b"42"),
+        QoS::AtLeastOnce,
+        true,
+    );
+    let late = Sub::start(broker.port, &["-t", "site/#", "-F", "%r %t %p", "-C", "3"]);
+    assert_eq!(
+        sorted(late.wait_messages(3, WAIT)),
+        ["1 site/agent 42", "1 site/t1 21.5", "1 site/t2 new"]
+    );
+    broker.stop();
+
+    let broker = TestBroker::start(config);
+    assert_eq!(broker.stats().retained, 3);
+    for v in VERSIONS {
+        let sub = Sub::start(
+            broker.port,
+            &[
+                "-V",
+                v,
+                "-t",
+                "site/#",
+                "-F",
+                "%r %q %t %p",
+                "-q",
+                "2",
+                "-C",
+                "3",
+            ],
+        );
+        assert_eq!(
+            sorted(sub.wait_messages(3, WAIT)),
+            ["1 1 site/agent 42", "1 1 site/t1 21.5", "1 2 site/t2 new"],
+            "{v}: after a restart, at once, at the stored QoS"
+        );
+    }
+}
+
+#[test]
+fn will_is_sent_for_a_killed_client_not_for_a_clean_exit() {
+    let broker = TestBroker::start(BrokerConfig::default());
+    for v in VERSIONS {
+        let watcher = broker.sub(&["-V", v, "-t", "wills/#", "-v", "-q", "1"]);
+        let mut polite = broker.sub(&[
+            "-V",
+            v,
+            "-t",
+            "x",
+            "-C",
+            "1",
+            "--will-topic",
+            "wills/polite",
+            "--will-payload",
+            "polite",
+        ]);
+        broker.publish(&["-t", "x", "-m", "bye"]);
+        assert!(polite.wait_exit(WAIT).success());
+        let mut victim = broker.sub(&[
+            "-V",
+            v,
+            "-t",
+            "x",
+            "--will-topic",
+            "wills/victim",
+            "--will-payload",
+            "killed",
+            "--will-qos",
+            "1",
+        ]);
+        victim.kill();
+        assert_eq!(
+            watcher.wait_messages(1, WAIT),
+            ["wills/victim killed"],
+            "{v}"
+        );
+    }
+}
+
+#[test]
+fn persistent_sessions_queue_while_offline() {
+    let broker = TestBroker::start(BrokerConfig::default());
+    for v in VERSIONS {
+        let id = format!("keeper-{v}");
+        let mut args = vec!["-V", v, "-c", "-i", &id, "-q", "1", "-t", "inbox/#", "-v"];
+        if v == "mqttv5" {
+            args.extend(["-x", "300"]);
+        }
+        let mut first = broker.sub(&args);
+        first.kill();
+        wait_for("the session to go offline", WAIT, || {
+            (broker.stats().clients_connected == 0).then_some(())
+        });
+        for i in 1..=3 {
+            broker.publish(&["-q", "1", "-t", "inbox/a", "-m", &format!("offline {i}")]);
+        }
+        broker.publish(&["-q", "0", "-t", "inbox/a", "-m", "qos0 not queued"]);
+        broker.publish(&["-q", "2", "-t", "inbox/b", "-m", "last"]);
+        let back = Sub::start(broker.port, &args);
+        assert_eq!(
+            back.wait_messages(4, WAIT),
+            [
+                "inbox/a offline 1",
+                "inbox/a offline 2",
+                "inbox/a offline 3",
+                "inbox/b last"
+            ],
+            "{v}"
+        );
+    }
+}
+
+#[test]
+fn session_takeover_disconnects_the_old_client() {
+    let broker = TestBroker::start(BrokerConfig::default());
+    let mut old = broker.sub(&["-V", "mqttv5", "-i", "twin", "-t", "t"]);
+    let new = broker.sub(&["-V", "mqttv5", "-i", "twin", "-t", "t", "-v"]);
+    // mosquitto_sub exits when the broker disconnects it with "session taken over".
+    old.wait_exit(WAIT);
+    broker.publish(&["-t", "t", "-m", "to the new one"]);
+    assert_eq!(new.wait_messages(1, WAIT), ["t to the new one"]);
+    assert_eq!(
+        old.messages(),
+        ["Received DISCONNECT (142)"],
+        "session taken over (0x8E)"
+    );
+}
+
+fn password_file(dir: &Path) -> std::path::PathBuf {
+    let path = dir.join("passwd");
+    std::fs::write(&path, "").unwrap();
+    for (user, password) in [("alice", "wonderland"), ("bob", "builder")] {
+        let mut command = Command::new(tool("mosquitto_passwd", "mosquitto"));
+        command.args(["-b"]).arg(&path).args([user, password]);
+        assert!(run_bounded(command).status.success());
+    }
+    path
+}
+
+#[test]
+fn authentication_and_acl_denials() {
+    let dir = tempfile::tempdir().unwrap();
+    let acl = dir.path().join("acl");
+    std::fs::write(
+        &acl,
+        "user alice\ntopic readwrite lab/#\ntopic read sensors/#\n\nuser bob\ntopic read lab/#\ntopic read clients/#\n\npattern write clients/%u/status\n",
+    )
+    .unwrap();
+    let broker = TestBroker::start_protecting(
+        BrokerConfig {
+            password_file: Some(password_file(dir.path())),
+            acl_file: Some(acl),
+            ..BrokerConfig::default()
+        },
+        vec!["sensors/gw1".into()],
+    );
+    for v in VERSIONS {
+        let anonymous = mosquitto_pub(broker.port, &["-V", v, "-t", "lab/x", "-m", "m"]);
+        assert!(!anonymous.status.success(), "{v}: anonymous refused");
+        let wrong = mosquitto_pub(
+            broker.port,
+            &[
+                "-V", v, "-u", "alice", "-P", "nope", "-t", "lab/x", "-m", "m",
+            ],
+        );
+        assert!(!wrong.status.success(), "{v}: wrong password refused");
+        let stderr = String::from_utf8_lossy(&wrong.stderr).to_lowercase();
+        assert!(
+            stderr.contains("refused")
+                || stderr.contains("not authori")
+                || stderr.contains("bad user"),
+            "{stderr}"
+        );
+
+        let bob = ["-V", v, "-u", "bob", "-P", "builder"];
+        let denied = Sub::start(broker.port, &[&bob[..], &["-t", "sensors/#"]].concat());
+        let code = denied.wait_subscribed(WAIT);
+        assert!(
+            code == "128" || code == "135",
+            "{v}: SUBACK failure code, got {code}"
+        );
+
+        let watch = broker.sub(&[&bob[..], &["-t", "lab/#", "-t", "clients/#", "-v"]].concat());
+        let alice = ["-V", v, "-u", "alice", "-P", "wonderland"];
+        // Denied publishes are acknowledged (3.1.1 has no way to refuse) but not delivered.
+        let _ = mosquitto_pub(
+            broker.port,
+            &[&bob[..], &["-t", "lab/x", "-m", "bob may not"]].concat(),
+        );
+        let _ = mosquitto_pub(
+            broker.port,
+            &[&alice[..], &["-t", "sensors/gw1/t", "-m", "spoof"]].concat(),
+        );
+        publish(
+            broker.port,
+            &[&bob[..], &["-t", "clients/bob/status", "-m", "pattern ok"]].concat(),
+        );
+        publish(
+            broker.port,
+            &[&alice[..], &["-q", "1", "-t", "lab/x", "-m", "alice may"]].concat(),
+        );
+        assert_eq!(
+            watch.wait_messages(2, WAIT),
+            ["clients/bob/status pattern ok", "lab/x alice may"],
+            "{v}"
+        );
+    }
+    assert!(broker.stats().denied >= 4);
+    // The agent itself may always publish into its own tree.
+    let reader = broker.sub(&[
+        "-u",
+        "alice",
+        "-P",
+        "wonderland",
+        "-t",
+        "sensors/gw1/#",
+        "-v",
+    ]);
+    broker.handle().publish(
+        "sensors/gw1/t",
+        Bytes::from_static(b"20.1"),
+        QoS::AtMostOnce,
+        false,
+    );
+    assert_eq!(reader.wait_messages(1, WAIT), ["sensors/gw1/t 20.1"]);
+}
+
+#[test]
+fn reload_picks_up_a_new_password_file_and_keeps_the_old_on_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = password_file(dir.path());
+    let broker = TestBroker::start(BrokerConfig {
+        password_file: Some(path.clone()),
+        ..BrokerConfig::default()
+    });
+    let carol = ["-u", "carol", "-P", "c4r0l", "-t", "x", "-m", "m"];
+    assert!(!mosquitto_pub(broker.port, &carol).status.success());
+    std::fs::write(
+        &path,
+        fieldbridge::broker::passwd_line("carol", "c4r0l") + "\n",
+    )
+    .unwrap();
+    broker.rt.block_on(broker.handle().reload_auth()).unwrap();
+    publish(broker.port, &carol);
+    std::fs::write(&path, "carol:garbage\n").unwrap();
+    assert!(broker.rt.block_on(broker.handle().reload_auth()).is_err());
+    publish(broker.port, &carol);
+}
+
+#[test]
+fn a_malformed_packet_closes_only_that_connection() {
+    let broker = TestBroker::start(BrokerConfig {
+        connect_timeout_secs: 1,
+        ..BrokerConfig::default()
+    });
+    let sub = broker.sub(&["-t", "ok", "-v"]);
+    // CONNECT, then a PUBLISH whose remaining length claims more than its topic length
+    // can hold.
+    let mut raw = TcpStream::connect(("127.0.0.1", broker.port)).unwrap();
+    raw.set_read_timeout(Some(WAIT)).unwrap();
+    raw.write_all(&[0x10, 12, 0, 4, b'M', b'Q', b'T', b'T', 4, 2, 0, 60, 0, 0])
+        .unwrap();
+    let mut connack = [0u8; 4];
+    raw.read_exact(&mut connack).unwrap();
+    assert_eq!(connack, [0x20, 2, 0, 0]);
+    raw.write_all(&[0x30, 3, 0, 9, b'x']).unwrap();
+    let mut rest = Vec::new();
+    assert_eq!(
+        raw.read_to_end(&mut rest).unwrap(),
+        0,
+        "closed by the broker"
+    );
+
+    // Silent connection: closed after the connect timeout.
+    let mut silent = TcpStream::connect(("127.0.0.1", broker.port)).unwrap();
+    silent.set_read_timeout(Some(WAIT)).unwrap();
+    assert_eq!(silent.read(&mut [0u8; 1]).unwrap(), 0);
+
+    broker.publish(&["-t", "ok", "-m", "still fine"]);
+    assert_eq!(sub.wait_messages(1, WAIT), ["ok still fine"]);
+}
+
+#[test]
+fn connection_limit_and_tls_listener() {
+    let dir = tempfile::tempdir().unwrap();
+    let cert =
+        rcgen::generate_simple_self_signed(vec!["localhost".into(), "127.0.0.1".into()]).unwrap();
+    let (cert_file, key_file) = (dir.path().join("cert.pem"), dir.path().join("key.pem"));
+    std::fs::write(&cert_file, cert.cert.pem()).unwrap();
+    std::fs::write(&key_file, cert.key_pair.serialize_pem()).unwrap();
+    let broker = TestBroker::start(BrokerConfig {
+        listeners: vec![
+            ListenerConfig {
+                bind: "127.0.0.1:0".parse().unwrap(),
+                tls: None,
+            },
+            ListenerConfig {
+                bind: "127.0.0.1:0".parse().unwrap(),
+                tls: Some(TlsListenerConfig {
+                    cert_file: cert_file.clone(),
+                    key_file,
+                }),
+            },
+        ],
+        max_connections: 2,
+        ..BrokerConfig::default()
+    });
+    let tls_port = broker.handle().local_addrs()[1].port().to_string();
+    let cafile = cert_file.to_str().unwrap();
+    let sub = Sub::start(
+        broker.port,
+        &["-p", &tls_port, "--cafile", cafile, "-t", "tls", "-v"],
+    );
+    sub.wait_subscribed(WAIT);
+    let _second = broker.sub(&["-t", "other"]);
+    let third = mosquitto_pub(broker.port, &["-t", "tls", "-m", "over the limit"]);
+    assert!(!third.status.success(), "third connection refused");
+    drop(_second);
+    wait_for("a free connection slot", WAIT, || {
+        mosquitto_pub(
+            broker.port,
+            &[
+                "-p", &tls_port, "--cafile", cafile, "-t", "tls", "-m", "secure",
+            ],
+        )
+        .status
+        .success()
+        .then_some(())
+    });
+    assert_eq!(sub.wait_messages(1, WAIT), ["tls secure"]);
+}
+
+#[test]
+fn paho_qos2_flows_and_v5_features() {
+    let broker = TestBroker::start(BrokerConfig::default());
+    let port = broker.port.to_string();
+    for scenario in [
+        "qos2",
+        "properties",
+        "topic_alias",
+        "subscription_ids",
+        "no_local",
+        "retain_handling",
+        "shared",
+        "message_expiry",
+        "will_delay",
+    ] {
+        let out = python("paho_broker.py", &[&port, scenario]);
+        assert!(out.contains(&format!("{scenario}: ok")), "{out}");
+    }
+}
