@@ -1051,6 +1051,9 @@ impl Worker {
     }
 }
 
+/// A row chosen for a retention drop: id, size, why.
+type Victim = (i64, u64, DropReason);
+
 /// Rows to drop so the queue is within `max_age_secs`, `max_rows` and `max_bytes`,
 /// by the policy: lowest priority first, then oldest (`drop_oldest`) or newest
 /// (`drop_newest`). In-flight rows are never dropped.
@@ -1061,7 +1064,7 @@ fn retention_victims(
     mut scan_from: [i64; 3],
     mut rows: u64,
     mut bytes: u64,
-) -> Result<(Vec<(i64, u64, DropReason)>, [i64; 3]), rusqlite::Error> {
+) -> Result<(Vec<Victim>, [i64; 3]), rusqlite::Error> {
     let mut victims = Vec::new();
     let mut chosen = HashSet::new();
     let max_age_ms = i64::try_from(config.max_age_secs.saturating_mul(1000)).unwrap_or(i64::MAX);
