@@ -674,19 +674,18 @@ impl Worker {
     }
 
     /// Brings memory in line with a committed transaction and answers its waiters.
-    fn applied(&mut self, written: Written, work: Work) {
-        if work.inserts {
-            for (batch, ids) in self.batches.drain(..).zip(written.ids) {
-                if let Some(reply) = batch.reply {
-                    let _ = reply.send(Ok(ids));
-                }
-            }
+    /// The `pending` watch is updated before any waiter hears of the commit, so a
+    /// caller whose append resolved sees the new count.
+    fn applied(&mut self, mut written: Written, work: Work) {
+        let batches = if work.inserts {
             self.buffered_rows = 0;
-        }
+            std::mem::take(&mut self.batches)
+        } else {
+            VecDeque::new()
+        };
+        let flows = std::mem::take(&mut self.flows);
+        let ids = std::mem::take(&mut written.ids);
         self.acking.clear();
-        for flow in self.flows.drain(..) {
-            let _ = flow.reply.send(Ok(()));
-        }
         self.rows = (self.rows + written.added_rows).saturating_sub(written.removed_rows);
         self.bytes = (self.bytes + written.added_bytes).saturating_sub(written.removed_bytes);
         self.next_id = written.counters.next_id;
@@ -725,6 +724,14 @@ impl Worker {
         }
         if written.added_rows > 0 {
             self.pending.send_replace(self.pending_rows());
+        }
+        for (batch, ids) in batches.into_iter().zip(ids) {
+            if let Some(reply) = batch.reply {
+                let _ = reply.send(Ok(ids));
+            }
+        }
+        for flow in flows {
+            let _ = flow.reply.send(Ok(()));
         }
         self.commits_since_checkpoint += 1;
         self.wal_estimate += written.added_bytes + 2 * self.db.page_size;
