@@ -25,6 +25,7 @@ use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
+use crate::broker::BrokerConfig;
 use crate::field::{BusConfig, FieldConfig, ProfileConfig};
 use crate::mqtt::QoS;
 use crate::store::StoreConfig;
@@ -55,7 +56,7 @@ pub struct Config {
     /// `[agent]`: always present in effect; every key has a default.
     pub agent: AgentConfig,
     /// `[broker]`: the local LAN broker. Absent: no local broker.
-    pub broker: Option<toml::Table>,
+    pub broker: Option<BrokerConfig>,
     /// `[store]`: the store-and-forward queue, opened only when there is an upstream.
     pub store: StoreConfig,
     /// `[upstream]`: the upstream MQTT connection. Absent: LAN-only.
@@ -73,7 +74,7 @@ struct File {
     #[serde(default)]
     agent: AgentConfig,
     #[serde(default)]
-    broker: Option<toml::Table>,
+    broker: Option<BrokerConfig>,
     #[serde(default)]
     store: StoreConfig,
     #[serde(default)]
@@ -198,6 +199,9 @@ impl Config {
     /// Problems across all sections, each with its dotted key path.
     pub fn validate(&self) -> Vec<Invalid> {
         let mut problems = self.agent.validate();
+        if let Some(broker) = &self.broker {
+            problems.extend(broker.validate());
+        }
         problems.extend(self.store.validate());
         if let Some(upstream) = &self.upstream {
             problems.extend(upstream.validate());
