@@ -524,3 +524,65 @@ async fn a_corrupted_answer_on_the_serial_line_is_quality_crc() {
     assert_eq!(r.value, Some(Value::UInt(42)));
     run.stop().await;
 }
+
+/// Requests on a serial bus never overlap and keep the inter-frame silence: the fake
+/// device timestamps the end of each answer and the arrival of the next request. (A
+/// lower bound only, so a slow machine cannot make it fail.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_serial_bus_keeps_the_inter_frame_silence_between_devices() {
+    use std::io::{Read, Write};
+    use std::time::Instant;
+    let pty = PtyPair::new();
+    let mut config = format!(
+        "[[bus]]\nname = \"rs485\"\nkind = \"rtu\"\nport = \"{}\"\nbaud = 19200\ninter_frame_ms = 20\n",
+        pty.master_end().display()
+    );
+    for unit in [5, 6] {
+        config += &format!(
+            "[[bus.device]]\nname = \"m{unit}\"\nunit_id = {unit}\npoll_interval_ms = 10\n"
+        );
+        config += &point("v", "holding", 0, "");
+    }
+    let mut end = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(pty.slave_end())
+        .unwrap();
+    let gaps = Arc::new(std::sync::Mutex::new(Vec::<(u8, Duration)>::new()));
+    let seen = Arc::clone(&gaps);
+    std::thread::spawn(move || {
+        let mut request = [0u8; 8];
+        let mut answered_at: Option<Instant> = None;
+        while end.read_exact(&mut request[..1]).is_ok() {
+            let arrived = Instant::now();
+            if end.read_exact(&mut request[1..]).is_err() {
+                return;
+            }
+            if let Some(at) = answered_at {
+                seen.lock().unwrap().push((request[0], arrived - at));
+            }
+            let mut answer = vec![request[0], 0x03, 0x02, 0x00, request[0]];
+            answer.extend_from_slice(&crc16(&answer));
+            if end.write_all(&answer).and_then(|()| end.flush()).is_err() {
+                return;
+            }
+            answered_at = Some(Instant::now());
+        }
+    });
+    let mut run = Running::start(&config);
+    while gaps.lock().unwrap().len() < 12 {
+        run.reading("m6", "v", Quality::Good).await;
+    }
+    let gaps = gaps.lock().unwrap().clone();
+    assert!(
+        gaps.iter().any(|g| g.0 == 5) && gaps.iter().any(|g| g.0 == 6),
+        "{gaps:?}"
+    );
+    for (unit, gap) in gaps {
+        assert!(
+            gap >= Duration::from_millis(20),
+            "request to unit {unit} only {gap:?} after the last answer"
+        );
+    }
+    run.stop().await;
+}
