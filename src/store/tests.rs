@@ -592,6 +592,10 @@ mod model {
                         }
                     }
                     queue.release(ids).await.expect("release");
+                    // Ids of rows whose delete was committed may be handed out again
+                    // after a crash (the persisted id counter lags); harmless, since
+                    // in-flight state does not survive a crash either.
+                    last_id = 0;
                 }
             }
             let stats = queue.stats().await.expect("stats");
