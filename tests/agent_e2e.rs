@@ -314,7 +314,18 @@ fn values_arrive_on_both_brokers_retained_with_status_and_health() {
     assert!(report["uptime_secs"].is_u64(), "{report}");
     assert!(report["queue"]["depth"].is_u64(), "{report}");
     assert!(report["readings"]["per_sec"].is_number(), "{report}");
-    assert_eq!(report["buses"]["plant"]["meter"], "online", "{report}");
+    assert_eq!(
+        report["buses"]["plant"]["devices"]["meter"], "online",
+        "{report}"
+    );
+    assert!(
+        report["buses"]["plant"]["requests"].as_u64() > Some(0),
+        "{report}"
+    );
+    assert_eq!(report["upstream"]["state"], "connected", "{report}");
+    for dropped in ["store_refused", "queue", "upstream", "lan"] {
+        assert_eq!(report["dropped"][dropped], 0, "{report}");
+    }
     wait_for("a health report upstream", ARRIVE, || {
         up.messages()
             .iter()
@@ -619,6 +630,9 @@ fn no_loss_under_kill_9(qos: u8) {
     must_arrive.extend(queued_counter_values(&db));
     agent.launch();
 
+    // What can be read but not yet committed when kill -9 strikes: a couple of seconds
+    // of polls at most (the group commit runs every 20 ms).
+    let max_tail = (2000 / poll_ms).max(10);
     let check = |received: &[u64]| -> Result<(), String> {
         let got: BTreeSet<u64> = received.iter().copied().collect();
         let lost: Vec<u64> = must_arrive
@@ -637,9 +651,15 @@ fn no_loss_under_kill_9(qos: u8) {
             {
                 continue;
             }
-            // A hole is allowed only when it runs up to a kill boundary.
+            // A hole is allowed only when it runs up to a kill boundary (read, not yet
+            // committed when killed), or when it is the single poll the graceful stop
+            // interrupted (read from the slave, never handed to the pipeline).
             let hole_end = (value..end).find(|v| got.contains(v) || kill_boundaries.contains(v));
-            if !hole_end.is_some_and(|v| kill_boundaries.contains(&v)) {
+            let allowed = match hole_end {
+                Some(next) => kill_boundaries.contains(&next) && next - value <= max_tail,
+                None => value == end - 1,
+            };
+            if !allowed {
                 missing.push(value);
             }
         }
@@ -656,7 +676,8 @@ fn no_loss_under_kill_9(qos: u8) {
             Ok(()) => break received,
             Err(problem) if Instant::now() > deadline => panic!(
                 "{problem} (kill -9 after {kill_boundaries:?}, upstream restarts after \
-                 {restart_marks:?}, graceful stop after {end}; received {received:?})"
+                 {restart_marks:?}, graceful stop after {end}; {} received)",
+                received.len()
             ),
             Err(_) => std::thread::sleep(Duration::from_millis(50)),
         }

@@ -114,7 +114,7 @@ pub struct Agent {
     prefix: String,
     broker: Option<BrokerHandle>,
     queue: Option<Queue>,
-    uplink: Option<UplinkHandle>,
+    uplink: Option<Arc<UplinkHandle>>,
     events: mpsc::Sender<FieldEvent>,
     buses: Buses,
     bus_map: health::BusMap,
@@ -156,7 +156,7 @@ impl Agent {
             Some(upstream) => {
                 let queue = Queue::open(config.store.clone())?;
                 let uplink = Uplink::spawn(upstream.clone(), prefix.clone(), queue.clone())?;
-                (Some(queue), Some(uplink))
+                (Some(queue), Some(Arc::new(uplink)))
             }
             None => {
                 tracing::info!("no [upstream]: LAN-only, no store");
@@ -185,7 +185,7 @@ impl Agent {
 
         let resolved = field::resolve(&config.field)?;
         let supervisor_beat = Heartbeat::new("bus supervisor");
-        let bus_map: health::BusMap = Arc::new(Mutex::new(bus_map(&resolved)));
+        let bus_map: health::BusMap = Arc::new(Mutex::new(resolved.clone()));
         let buses = start_buses(resolved, events.clone(), supervisor_beat.clone());
 
         let background = CancellationToken::new();
@@ -198,7 +198,7 @@ impl Agent {
                 qos: config.agent.qos(),
                 broker: broker.clone(),
                 queue: queue.clone(),
-                uplink: uplink.as_ref().map(UplinkHandle::state),
+                uplink: uplink.clone(),
                 counters: counters.clone(),
                 devices,
                 buses: bus_map.clone(),
@@ -315,7 +315,7 @@ impl Agent {
             }
             self.buses.stop.cancel();
             if let Ok(mut map) = self.bus_map.lock() {
-                *map = bus_map(&resolved);
+                map.clone_from(&resolved);
             }
             let count = resolved.len();
             self.buses = start_buses(resolved, self.events.clone(), self.supervisor_beat.clone());
@@ -378,15 +378,23 @@ impl Agent {
             );
         }
         if let Some(uplink) = self.uplink {
-            // The uplink takes up to UPLINK_RELEASE_GRACE beyond its timeout to hand
-            // in-flight rows back to the store.
-            let left = deadline
-                .saturating_duration_since(Instant::now())
-                .saturating_sub(UPLINK_RELEASE_GRACE)
-                .max(Duration::from_millis(500));
-            match uplink.shutdown(left).await {
-                Ok(()) => tracing::info!("upstream disconnected"),
-                Err(err) => tracing::warn!(error = %err, "upstream did not disconnect cleanly"),
+            // The health task has ended, so this is the last reference.
+            match Arc::into_inner(uplink) {
+                Some(uplink) => {
+                    // The uplink takes up to UPLINK_RELEASE_GRACE beyond its timeout to
+                    // hand in-flight rows back to the store.
+                    let left = deadline
+                        .saturating_duration_since(Instant::now())
+                        .saturating_sub(UPLINK_RELEASE_GRACE)
+                        .max(Duration::from_millis(500));
+                    match uplink.shutdown(left).await {
+                        Ok(()) => tracing::info!("upstream disconnected"),
+                        Err(err) => {
+                            tracing::warn!(error = %err, "upstream did not disconnect cleanly")
+                        }
+                    }
+                }
+                None => tracing::error!("upstream still in use: stopped without DISCONNECT"),
             }
         }
         if let Some(broker) = self.broker {
@@ -409,13 +417,6 @@ impl Agent {
             "fieldbridge stopped"
         );
     }
-}
-
-fn bus_map(buses: &[ResolvedBus]) -> Vec<(String, Vec<String>)> {
-    buses
-        .iter()
-        .map(|bus| (bus.name().to_string(), bus.device_names()))
-        .collect()
 }
 
 /// Starts one supervised task per bus. The resolved buses keep their counters across
