@@ -51,6 +51,9 @@ use systemd::Heartbeat;
 /// Time the uplink may take beyond its shutdown timeout to return in-flight rows.
 const UPLINK_RELEASE_GRACE: Duration = Duration::from_secs(2);
 
+/// Time connected LAN clients get to receive the offline status before the broker stops.
+const LOCAL_FLUSH: Duration = Duration::from_millis(100);
+
 /// Why the agent could not start.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -170,6 +173,7 @@ impl Agent {
                 prefix: prefix.clone(),
                 qos: config.agent.qos(),
                 retain: config.agent.retain,
+                retain_upstream: config.agent.retain_upstream,
                 batch_max: config.agent.batch_max,
                 broker: broker.clone(),
                 queue: queue.clone(),
@@ -363,6 +367,16 @@ impl Agent {
             let _ = watchdog.await;
         }
 
+        // Offline goes to the local broker first, so LAN clients get it while the
+        // upstream takes its round trip for the offline acknowledgement.
+        if let Some(broker) = &self.broker {
+            broker.publish(
+                &format!("{}/status", self.prefix),
+                Bytes::from_static(b"offline"),
+                QoS::AtLeastOnce,
+                true,
+            );
+        }
         if let Some(uplink) = self.uplink {
             // The uplink takes up to UPLINK_RELEASE_GRACE beyond its timeout to hand
             // in-flight rows back to the store.
@@ -376,12 +390,12 @@ impl Agent {
             }
         }
         if let Some(broker) = self.broker {
-            broker.publish(
-                &format!("{}/status", self.prefix),
-                Bytes::from_static(b"offline"),
-                QoS::AtLeastOnce,
-                true,
-            );
+            // The broker closes connections at shutdown without writing what is still
+            // queued for them; a short, bounded pause lets connected LAN clients
+            // receive the offline status first.
+            if broker.stats().clients_connected > 0 {
+                tokio::time::sleep(LOCAL_FLUSH).await;
+            }
             broker.shutdown().await;
         }
         if let Some(queue) = self.queue {

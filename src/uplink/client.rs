@@ -8,11 +8,15 @@
 //!   leave rows marked in flight that no one sends).
 //! - Before the session is told the connection is gone, every store request has
 //!   completed, so nothing it produces leaks into the next connection.
+//! - Rows are read ahead of the window (a few windows' worth, at most 1000, held in
+//!   memory and returned to the store on shutdown), so store latency is off the critical path:
+//!   an acknowledgement frees a slot and the next row goes out in the same turn.
 //! - Writes are batched: everything the session queued after one event is encoded into
 //!   one buffer and written with one call, bounded by the keepalive interval.
 //! - One log line per state change (connected, lost, each backoff step), never one per
 //!   message.
 
+use std::collections::VecDeque;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::Ordering;
@@ -40,8 +44,10 @@ use super::{Counters, Error, LinkState};
 pub(super) const MAX_INCOMING_PACKET: u32 = 1 << 20;
 /// Capacity of the channel of incoming messages, and our receive maximum.
 pub(super) const INCOMING_CAPACITY: u16 = 64;
-/// Most rows asked of the store at once.
+/// Most rows asked of the store at once, and most rows read ahead.
 const FETCH_MAX: usize = 1_000;
+/// Read-ahead in windows, without a replay limit.
+const READ_AHEAD_WINDOWS: usize = 4;
 /// A connection that lasted this long resets the backoff; a broker that accepts and
 /// then drops us at once (two gateways sharing a client id) keeps backing off.
 const STABLE_CONNECTION: Duration = Duration::from_secs(10);
@@ -98,20 +104,15 @@ impl ReplayLimiter {
         self.last = now;
     }
 
-    /// Whole messages that may go now (0 while in debt).
-    fn available(&mut self, now: Instant) -> usize {
+    /// Whether one message may go now.
+    fn allows(&mut self, now: Instant) -> bool {
         self.refill(now);
-        if self.tokens >= 1.0 {
-            // Truncation is the point: whole messages only.
-            self.tokens as usize
-        } else {
-            0
-        }
+        self.tokens >= 1.0
     }
 
-    /// Spends `n` messages; may go into debt, which later fetches wait out.
-    fn spend(&mut self, n: usize) {
-        self.tokens -= n as f64;
+    /// Spends one message.
+    fn spend(&mut self) {
+        self.tokens -= 1.0;
     }
 
     /// When one message may go again.
@@ -127,6 +128,25 @@ async fn maybe<T>(future: &mut Option<BoxFuture<T>>) -> T {
         Some(f) => f.await,
         None => std::future::pending().await,
     }
+}
+
+/// Completes with the first of `futures` to finish (the oldest when several are
+/// ready) and removes it; pending forever when there are none. Dropping this future
+/// cancels nothing: the futures stay in the vector.
+async fn first_done<T>(futures: &mut Vec<BoxFuture<T>>) -> T {
+    if futures.is_empty() {
+        return std::future::pending().await;
+    }
+    std::future::poll_fn(|cx| {
+        for i in 0..futures.len() {
+            if let Poll::Ready(value) = futures[i].as_mut().poll(cx) {
+                drop(futures.remove(i));
+                return Poll::Ready(value);
+            }
+        }
+        Poll::Pending
+    })
+    .await
 }
 
 /// Runs futures concurrently, first polled in order (so store requests are queued in
@@ -173,10 +193,14 @@ struct StoreWork {
     /// The last fetch came back short: wait for the store to report new rows.
     drained: bool,
     pending: watch::Receiver<u64>,
+    /// Rows fetched and not yet offered to the session.
+    ready: VecDeque<Stored>,
     acks: Vec<i64>,
     acking: Option<BoxFuture<Result<(), store::Error>>>,
     flows: Vec<(i64, u16, bool)>,
-    persisting: Option<BoxFuture<Result<Persisted, store::Error>>>,
+    /// Flow batches being persisted. Several may run: the store thread takes requests
+    /// in order and answers them at its commits, so they finish in order.
+    persisting: Vec<BoxFuture<Result<Persisted, store::Error>>>,
 }
 
 impl StoreWork {
@@ -195,10 +219,10 @@ impl StoreWork {
             let queue = self.queue.clone();
             self.acking = Some(Box::pin(async move { queue.ack(ids).await }));
         }
-        if self.persisting.is_none() && !self.flows.is_empty() {
+        if !self.flows.is_empty() {
             let flows = std::mem::take(&mut self.flows);
             let queue = self.queue.clone();
-            self.persisting = Some(Box::pin(async move {
+            self.persisting.push(Box::pin(async move {
                 let done: Persisted = flows.iter().map(|&(_, p, r)| (p, r)).collect();
                 let calls = flows
                     .into_iter()
@@ -217,7 +241,15 @@ impl StoreWork {
     }
 
     fn busy(&self) -> bool {
-        self.fetch.is_some() || self.acking.is_some() || self.persisting.is_some()
+        self.fetch.is_some() || self.acking.is_some() || !self.persisting.is_empty()
+    }
+
+    /// Takes a fetch result into the read-ahead buffer.
+    fn fetched(&mut self, rows: Vec<Stored>) {
+        if rows.len() < self.fetch_asked {
+            self.drained = true;
+        }
+        self.ready.extend(rows);
     }
 }
 
@@ -236,8 +268,6 @@ pub(super) struct Client {
     limiter: Option<ReplayLimiter>,
     /// Wall clock at the last CONNACK: rows created before it are backlog.
     connected_at_ms: i64,
-    /// The last fetch held backlog rows, so the replay limit applies.
-    replaying: bool,
     too_large_logged: bool,
     incoming_drop_logged: bool,
 }
@@ -268,14 +298,14 @@ impl Client {
                 fetch_asked: 0,
                 drained: false,
                 pending,
+                ready: VecDeque::new(),
                 acks: Vec::new(),
                 acking: None,
                 flows: Vec::new(),
-                persisting: None,
+                persisting: Vec::new(),
             },
             limiter: None,
             connected_at_ms: 0,
-            replaying: true,
             too_large_logged: false,
             incoming_drop_logged: false,
             config,
@@ -370,7 +400,8 @@ impl Client {
             tracing::info!("uplink handle dropped; stopping without DISCONNECT");
         }
         self.settle().await;
-        let rows = self.session.held_rows();
+        let mut rows = self.session.held_rows();
+        rows.extend(self.store.ready.drain(..).map(|row| row.id));
         if !rows.is_empty() {
             if let Err(error) = self.store.queue.release(rows).await {
                 tracing::warn!(%error, "could not return in-flight rows to the store");
@@ -388,9 +419,7 @@ impl Client {
                 result = maybe(&mut self.store.fetch) => {
                     self.store.fetch = None;
                     if let Ok(rows) = result {
-                        for row in rows {
-                            self.session.offer(row, now);
-                        }
+                        self.store.fetched(rows);
                     }
                 }
                 result = maybe(&mut self.store.acking) => {
@@ -399,8 +428,7 @@ impl Client {
                         tracing::warn!(%error, "store ack failed");
                     }
                 }
-                result = maybe(&mut self.store.persisting) => {
-                    self.store.persisting = None;
+                result = first_done(&mut self.store.persisting) => {
                     if let Ok(done) = result {
                         for (pkid, pubrec) in done {
                             self.session.flow_persisted(pkid, pubrec, now);
@@ -485,7 +513,6 @@ impl Client {
     ) -> End {
         let limits = self.session.limits();
         self.connected_at_ms = wall_ms();
-        self.replaying = true;
         self.too_large_logged = false;
         self.limiter = self
             .config
@@ -524,26 +551,18 @@ impl Client {
         let mut wbuf = BytesMut::with_capacity(16 * 1024);
         let write_timeout = Duration::from_secs(self.session.limits().keep_alive.max(1).into());
         loop {
+            let now = Instant::now();
+            let throttled_until = self.feed(now);
             if let Err(error) = self.flush(stream, &mut wbuf, write_timeout).await {
                 return End::Lost(error);
             }
             self.apply_effects();
             self.store.start_writes();
-            let now = Instant::now();
-            let fetch = self.fetch_size(now);
-            if let Some(max) = fetch {
-                self.store.start_fetch(max);
-            }
+            self.start_fetch();
             let timer = self
                 .session
                 .next_timer()
                 .unwrap_or_else(|| now + Duration::from_secs(3600));
-            let throttled_until = match (&self.limiter, self.store.fetch.is_none()) {
-                (Some(limiter), true) if self.replaying && self.session.room() > 0 => {
-                    Some(limiter.ready_at())
-                }
-                _ => None,
-            };
             let drained = self.store.drained && self.store.fetch.is_none();
             rbuf.reserve(8 * 1024);
             tokio::select! {
@@ -562,7 +581,7 @@ impl Client {
                 result = maybe(&mut self.store.fetch) => {
                     self.store.fetch = None;
                     match result {
-                        Ok(rows) => self.offer_rows(rows),
+                        Ok(rows) => self.store.fetched(rows),
                         Err(error) => return End::Store(error),
                     }
                 }
@@ -572,8 +591,7 @@ impl Client {
                         return End::Store(error);
                     }
                 }
-                result = maybe(&mut self.store.persisting) => {
-                    self.store.persisting = None;
+                result = first_done(&mut self.store.persisting) => {
                     match result {
                         Ok(done) => {
                             let now = Instant::now();
@@ -600,52 +618,45 @@ impl Client {
         }
     }
 
-    /// How many rows to fetch now, if any.
-    fn fetch_size(&mut self, now: Instant) -> Option<usize> {
-        if self.store.fetch.is_some() || self.store.drained {
-            return None;
+    /// Reads ahead: four windows' worth (each `next` scans past the rows in flight, so
+    /// fewer, larger fetches cost less), but only one window under a replay limit, so
+    /// live rows never queue behind many throttled backlog rows.
+    fn start_fetch(&mut self) {
+        if self.store.fetch.is_some() || self.store.drained || !self.session.is_connected() {
+            return;
         }
-        let room = self.session.room().min(FETCH_MAX);
-        if room == 0 {
-            return None;
+        let window = usize::from(self.config.inflight);
+        let target = if self.limiter.is_some() {
+            window
+        } else {
+            window.saturating_mul(READ_AHEAD_WINDOWS)
         }
-        match &mut self.limiter {
-            Some(limiter) if self.replaying => match limiter.available(now) {
-                0 => None,
-                tokens => Some(room.min(tokens)),
-            },
-            _ => Some(room),
+        .min(FETCH_MAX);
+        if self.store.ready.len() * 2 <= target {
+            self.store.start_fetch(target - self.store.ready.len());
         }
     }
 
-    fn offer_rows(&mut self, rows: Vec<Stored>) {
-        if rows.len() < self.store.fetch_asked {
-            self.store.drained = true;
-        }
-        let backlog = rows
-            .iter()
-            .filter(|row| row.message.created_ms < self.connected_at_ms)
-            .count();
-        if let Some(limiter) = &mut self.limiter {
-            limiter.spend(backlog);
-        }
-        let replaying = backlog > 0;
-        if replaying != self.replaying && self.limiter.is_some() {
-            tracing::info!(
-                replaying,
-                "backlog replay rate limit {}",
-                if replaying {
-                    "applies"
-                } else {
-                    "lifted: live data"
+    /// Offers read-ahead rows while the window has room and the replay limit allows.
+    /// Returns when to try again if the limit holds rows back.
+    fn feed(&mut self, now: Instant) -> Option<Instant> {
+        while self.session.room() > 0 {
+            let Some(row) = self.store.ready.front() else {
+                break;
+            };
+            if let Some(limiter) = &mut self.limiter {
+                if row.message.created_ms < self.connected_at_ms {
+                    if !limiter.allows(now) {
+                        return Some(limiter.ready_at());
+                    }
+                    limiter.spend();
                 }
-            );
+            }
+            if let Some(row) = self.store.ready.pop_front() {
+                self.session.offer(row, now);
+            }
         }
-        self.replaying = replaying;
-        let now = Instant::now();
-        for row in rows {
-            self.session.offer(row, now);
-        }
+        None
     }
 
     fn decode_all(&mut self, rbuf: &mut BytesMut) -> Result<(), Error> {
