@@ -852,3 +852,77 @@ fn demo_starts_and_a_subscriber_receives_its_values() {
     });
     assert!(exit.success(), "demo exit {exit}");
 }
+
+/// Runs `fieldbridge passwd FILE USER` with the password on stdin.
+fn passwd(file: &Path, user: &str, password: &str) {
+    use std::io::Write;
+    let mut child = Command::new(env!("CARGO_BIN_EXE_fieldbridge"))
+        .arg("passwd")
+        .arg(file)
+        .arg(user)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn fieldbridge passwd");
+    child
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(format!("{password}\n").as_bytes())
+        .expect("write password");
+    let output = child.wait_with_output().expect("wait for passwd");
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+}
+
+#[test]
+fn passwd_files_work_in_mosquitto_and_sighup_reloads_them_in_the_broker() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let file = dir.path().join("passwd");
+    passwd(&file, "alice", "wonderland");
+
+    // The file is in mosquitto's own format: Debian's mosquitto accepts it.
+    let upstream = Mosquitto::start_with(common::mosquitto::Options {
+        extra: vec![format!("password_file {}", file.display())],
+        ..Default::default()
+    });
+    let login = |port: u16, user: &str, password: &str| {
+        common::clients::mosquitto_pub(
+            port,
+            &["-t", "auth/check", "-m", "x", "-u", user, "-P", password],
+        )
+        .status
+        .success()
+    };
+    assert!(login(upstream.port, "alice", "wonderland"));
+    assert!(!login(upstream.port, "alice", "looking-glass"));
+
+    // The built-in broker reads the same file, and re-reads it on SIGHUP.
+    let port = free_port();
+    let agent = Agent::start(
+        dir.path(),
+        &format!(
+            "[broker]\npassword_file = {:?}\n[[broker.listeners]]\nbind = \"127.0.0.1:{port}\"\n",
+            file.display().to_string()
+        ),
+    );
+    wait_for_port(port, START);
+    assert!(login(port, "alice", "wonderland"));
+    assert!(!login(port, "bob", "builder"));
+    assert!(
+        !login(port, "", ""),
+        "anonymous access must be off with a password file"
+    );
+
+    passwd(&file, "bob", "builder");
+    passwd(&file, "alice", "looking-glass");
+    agent.signal("HUP");
+    agent.wait_log("broker password and ACL files reloaded", 1);
+    assert!(login(port, "bob", "builder"));
+    assert!(login(port, "alice", "looking-glass"));
+    assert!(!login(port, "alice", "wonderland"));
+}
