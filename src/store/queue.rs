@@ -1,4 +1,14 @@
 //! The queue handle and the thread that owns the SQLite connection.
+//!
+//! Invariants (the module-level ones are in `store/mod.rs`):
+//! - Only the store thread touches the connection; handles talk to it through a channel
+//!   bounded by a semaphore of `CHANNEL_CAPACITY` slots.
+//! - Memory changes only after a transaction committed (`Worker::applied`); a failed
+//!   transaction leaves every buffer as it was, for the retry.
+//! - A row id in `in_flight` or `acking` is never handed out by `next` and never chosen
+//!   by a retention drop; `acking` rows are deleted by the next commit.
+//! - Values read back from the file (ids, sizes, counters) may have been written by
+//!   something else: they are clamped or saturated, never trusted not to overflow.
 
 use std::collections::{HashSet, VecDeque};
 use std::sync::mpsc::{self as std_mpsc, RecvTimeoutError};
@@ -406,7 +416,9 @@ impl Worker {
             first_dirty: None,
             rows,
             bytes,
-            next_id: (max_id + 1).max(counters.next_id).max(1),
+            // Ids come from the file: a row id of i64::MAX must not overflow here. Ids
+            // saturate, and an insert with a taken id fails and is retried like a full disk.
+            next_id: max_id.saturating_add(1).max(counters.next_id).max(1),
             counters,
             counters_saved: now,
             counters_dirty: false,
@@ -618,7 +630,7 @@ impl Worker {
                         i64::try_from(size).unwrap_or(i64::MAX),
                     ])?;
                     ids.push(next_id);
-                    next_id += 1;
+                    next_id = next_id.saturating_add(1);
                     written.added_rows += 1;
                     written.added_bytes += size;
                 }
@@ -1134,7 +1146,7 @@ fn retention_victims(
             victims.push((id, size, reason));
             if oldest {
                 // Skipped (in-flight) rows may be released later: scan them again.
-                scan_from[slot] = first_skipped.unwrap_or(id + 1);
+                scan_from[slot] = first_skipped.unwrap_or(id.saturating_add(1));
             }
             rows = rows.saturating_sub(1);
             bytes = bytes.saturating_sub(size);

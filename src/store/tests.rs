@@ -175,6 +175,27 @@ async fn a_closed_queue_hands_an_append_its_batch_back() {
     assert!(matches!(other.stats().await, Err(Error::Closed(_))));
 }
 
+#[tokio::test]
+async fn a_row_id_of_i64_max_in_the_file_is_not_an_overflow_panic() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("q.db");
+    let queue = Queue::open(config(&path)).expect("open");
+    queue.append(batch("a", 0..1)).await.expect("append");
+    queue.close().await.expect("close");
+    rusqlite::Connection::open(&path)
+        .expect("sqlite")
+        .execute_batch("UPDATE message SET id = 9223372036854775807")
+        .expect("rewrite the id");
+
+    let queue = Queue::open(config(&path)).expect("reopen");
+    let out = queue.next(10, DrainOrder::OldestFirst).await.expect("next");
+    assert_eq!(out.iter().map(|s| s.id).collect::<Vec<_>>(), vec![i64::MAX]);
+    queue.ack(vec![i64::MAX]).await.expect("ack");
+    let stats = wait_stats(&queue, "the ack committed", |s| s.depth == 0).await;
+    assert_eq!(stats.delivered, 1);
+    queue.close().await.expect("close");
+}
+
 #[test]
 fn config_defaults_and_validation_use_key_paths() {
     let parsed: StoreConfig = toml::from_str("").expect("empty section");
