@@ -25,6 +25,7 @@ use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
+use crate::broker::BrokerConfig;
 use crate::field::{BusConfig, FieldConfig, ProfileConfig};
 use crate::mqtt::QoS;
 use crate::store::StoreConfig;
@@ -55,7 +56,7 @@ pub struct Config {
     /// `[agent]`: always present in effect; every key has a default.
     pub agent: AgentConfig,
     /// `[broker]`: the local LAN broker. Absent: no local broker.
-    pub broker: Option<toml::Table>,
+    pub broker: Option<BrokerConfig>,
     /// `[store]`: the store-and-forward queue, opened only when there is an upstream.
     pub store: StoreConfig,
     /// `[upstream]`: the upstream MQTT connection. Absent: LAN-only.
@@ -73,7 +74,7 @@ struct File {
     #[serde(default)]
     agent: AgentConfig,
     #[serde(default)]
-    broker: Option<toml::Table>,
+    broker: Option<BrokerConfig>,
     #[serde(default)]
     store: StoreConfig,
     #[serde(default)]
@@ -102,6 +103,10 @@ pub struct AgentConfig {
     /// Readings retained on the local broker, so a new LAN subscriber gets the last
     /// value at once. Default true.
     pub retain: bool,
+    /// Readings also retained upstream. Default false: a backlog replayed after an
+    /// outage would otherwise overwrite the retained value once per queued reading, and
+    /// clouds that bill retained storage rarely want every reading kept.
+    pub retain_upstream: bool,
     /// Bound of the channel from the bus tasks to the pipeline, in readings. Default 4096.
     pub channel_capacity: usize,
     /// Most readings appended to the store in one call. Default 1024.
@@ -118,6 +123,7 @@ impl Default for AgentConfig {
             health_interval_secs: 30,
             qos: 1,
             retain: true,
+            retain_upstream: false,
             channel_capacity: 4096,
             batch_max: 1024,
             shutdown_timeout_ms: 4000,
@@ -198,6 +204,9 @@ impl Config {
     /// Problems across all sections, each with its dotted key path.
     pub fn validate(&self) -> Vec<Invalid> {
         let mut problems = self.agent.validate();
+        if let Some(broker) = &self.broker {
+            problems.extend(broker.validate());
+        }
         problems.extend(self.store.validate());
         if let Some(upstream) = &self.upstream {
             problems.extend(upstream.validate());

@@ -1,13 +1,14 @@
 //! The `fieldbridge` command line: a thin layer over the library; everything a test
 //! needs lives in the library.
 
+use std::io::{BufRead, IsTerminal, Write};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 
-use fieldbridge::{config, field, store};
+use fieldbridge::{agent, broker, config, field, store};
 
 /// Where the Debian package and the systemd unit put the configuration.
 const DEFAULT_CONFIG: &str = "/etc/fieldbridge/fieldbridge.toml";
@@ -21,6 +22,21 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Run the agent (the systemd service runs this).
+    Run {
+        /// Configuration file.
+        #[arg(short, long, default_value = DEFAULT_CONFIG)]
+        config: PathBuf,
+    },
+    /// Run on a built-in simulated Modbus device: no hardware, no config.
+    Demo {
+        /// Also forward readings to this upstream broker (mqtt:// or mqtts:// URL).
+        #[arg(long, value_name = "URL")]
+        upstream: Option<String>,
+        /// First port tried for the local broker; the next free one is taken.
+        #[arg(long, default_value_t = 1883)]
+        port: u16,
+    },
     /// Validate a configuration file, then print the devices, read plans and topics.
     CheckConfig {
         /// Configuration file.
@@ -34,6 +50,14 @@ enum Command {
     Queue {
         #[command(subcommand)]
         command: QueueCommand,
+    },
+    /// Add or replace a user in a mosquitto-format password file. The password is read
+    /// from standard input (one line; not echoed on a terminal).
+    Passwd {
+        /// Password file; created if missing.
+        file: PathBuf,
+        /// User name.
+        user: String,
     },
 }
 
@@ -102,7 +126,10 @@ struct ProbeArgs {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
+        Command::Run { config } => run(&config),
+        Command::Demo { upstream, port } => demo(upstream, port),
         Command::CheckConfig { config } => check_config(&config),
+        Command::Passwd { file, user } => passwd(&file, &user),
         Command::Probe(args) => probe(&args),
         Command::Queue {
             command: QueueCommand::Stats(args),
@@ -115,6 +142,43 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// Logs to stderr; under systemd (JOURNAL_STREAM set) without timestamps or colours,
+/// since the journal stamps every line itself. `RUST_LOG` overrides `level`.
+fn init_logging(level: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    if std::env::var_os("JOURNAL_STREAM").is_some() {
+        builder.without_time().with_ansi(false).init();
+    } else {
+        builder.with_ansi(std::io::stderr().is_terminal()).init();
+    }
+}
+
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")
+}
+
+fn run(path: &Path) -> anyhow::Result<()> {
+    let config = config::load(path)?;
+    init_logging(&config.agent.log_level);
+    tracing::info!(config = %path.display(), "starting");
+    runtime()?.block_on(agent::run(config, Some(path.to_path_buf())))?;
+    Ok(())
+}
+
+fn demo(upstream: Option<String>, port: u16) -> anyhow::Result<()> {
+    init_logging("info");
+    runtime()?.block_on(agent::demo::run(upstream, port))?;
+    Ok(())
 }
 
 fn check_config(path: &Path) -> anyhow::Result<()> {
@@ -177,6 +241,84 @@ fn queue_stats(args: &QueueArgs) -> anyhow::Result<()> {
         .with_context(|| format!("cannot read queue statistics from {}", path.display()))?;
     println!("{}", serde_json::to_string_pretty(&stats)?);
     Ok(())
+}
+
+fn passwd(file: &Path, user: &str) -> anyhow::Result<()> {
+    if user.is_empty() || user.contains(':') {
+        anyhow::bail!("user name must be non-empty and must not contain ':'");
+    }
+    let password = read_password()?;
+    if password.is_empty() {
+        anyhow::bail!("empty password");
+    }
+    let line = broker::passwd_line(user, &password);
+    let existing = match std::fs::read_to_string(file) {
+        Ok(text) => text,
+        Err(err) if err.kind() == std::io::ErrorKind::NotFound => String::new(),
+        Err(err) => return Err(err).with_context(|| format!("cannot read {}", file.display())),
+    };
+    let mut replaced = false;
+    let mut out = String::new();
+    for existing_line in existing.lines() {
+        if existing_line.split(':').next() == Some(user) {
+            out.push_str(&line);
+            replaced = true;
+        } else {
+            out.push_str(existing_line);
+        }
+        out.push('\n');
+    }
+    if !replaced {
+        out.push_str(&line);
+        out.push('\n');
+    }
+    write_private(file, &out).with_context(|| format!("cannot write {}", file.display()))?;
+    eprintln!(
+        "{} user {user} in {}",
+        if replaced { "updated" } else { "added" },
+        file.display()
+    );
+    Ok(())
+}
+
+/// Writes through a temporary file and a rename, with mode 0600 like mosquitto_passwd.
+fn write_private(file: &Path, text: &str) -> std::io::Result<()> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let tmp = file.with_extension("tmp");
+    let mut out = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&tmp)?;
+    out.write_all(text.as_bytes())?;
+    out.sync_all()?;
+    std::fs::rename(&tmp, file)
+}
+
+/// One line from stdin; on a terminal, prompted and not echoed (via `stty`).
+fn read_password() -> anyhow::Result<String> {
+    let stdin = std::io::stdin();
+    let terminal = stdin.is_terminal();
+    let stty = |arg: &str| {
+        std::process::Command::new("stty")
+            .arg(arg)
+            .stdin(std::process::Stdio::inherit())
+            .status()
+    };
+    if terminal {
+        eprint!("Password: ");
+        let _ = std::io::stderr().flush();
+        let _ = stty("-echo");
+    }
+    let mut line = String::new();
+    let read = stdin.lock().read_line(&mut line);
+    if terminal {
+        let _ = stty("echo");
+        eprintln!();
+    }
+    read.context("cannot read the password from standard input")?;
+    Ok(line.trim_end_matches(['\n', '\r']).to_string())
 }
 
 /// Parses a config-file word (`holding`, `f32`, `CDAB`, `even`) with the same serde

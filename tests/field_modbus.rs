@@ -3,6 +3,7 @@
 
 mod common;
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use common::slave::{PtyPair, Request, Slave};
@@ -444,5 +445,144 @@ async fn rtu_over_a_pty_and_a_serial_port_that_vanishes_and_returns() {
     let r = run.reading("meter", "count", Quality::Good).await;
     assert!(matches!(r.value, Some(Value::UInt(_))));
     run.state("meter", DeviceState::Online).await;
+    run.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rtu_frames_over_tcp_for_serial_device_servers() {
+    let slave = Slave::rtu_over_tcp(&types_image());
+    let config = format!(
+        "[[bus]]\nname = \"gw\"\nkind = \"tcp\"\nframing = \"rtu\"\nhost = \"127.0.0.1\"\nport = {}\n\
+         [[bus.device]]\nname = \"m\"\nunit_id = 1\n{}{}",
+        slave.port(),
+        point("f", "holding", 4, "type = \"f32\"\norder = \"CDAB\""),
+        point("i", "holding", 12, "type = \"i32\"\norder = \"DCBA\""),
+    );
+    let mut run = Running::start(&config);
+    assert_eq!(
+        run.values("m", &["f", "i"]).await,
+        vec![Value::Float(123.456), Value::Int(-123_456_789)]
+    );
+    run.stop().await;
+}
+
+/// CRC-16/MODBUS, written out here so the test does not trust the code under test.
+fn crc16(bytes: &[u8]) -> [u8; 2] {
+    let mut crc: u16 = 0xFFFF;
+    for b in bytes {
+        crc ^= u16::from(*b);
+        for _ in 0..8 {
+            crc = if crc & 1 == 1 {
+                (crc >> 1) ^ 0xA001
+            } else {
+                crc >> 1
+            };
+        }
+    }
+    crc.to_le_bytes()
+}
+
+/// A device with a noisy line answers with a broken CRC: quality `crc`, never the
+/// corrupted number. No real Modbus stack sends bad CRCs on purpose, so the test plays
+/// the device on the far end of the pty itself.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_corrupted_answer_on_the_serial_line_is_quality_crc() {
+    use std::io::{Read, Write};
+    let pty = PtyPair::new();
+    let config = format!(
+        "[[bus]]\nname = \"rs485\"\nkind = \"rtu\"\nport = \"{}\"\nbaud = 19200\n\
+         [[bus.device]]\nname = \"m\"\nunit_id = 5\npoll_interval_ms = 50\ntimeout_ms = 200\nretries = 0\n{}",
+        pty.master_end().display(),
+        point("v", "holding", 0, ""),
+    );
+    let mut end = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(pty.slave_end())
+        .unwrap();
+    let corrupt = Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let flag = Arc::clone(&corrupt);
+    std::thread::spawn(move || {
+        let mut request = [0u8; 8];
+        while end.read_exact(&mut request).is_ok() {
+            let mut answer = vec![5, 0x03, 0x02, 0x00, 0x2A];
+            let mut crc = crc16(&answer);
+            if flag.load(std::sync::atomic::Ordering::SeqCst) {
+                crc[0] ^= 0xFF;
+            }
+            answer.extend_from_slice(&crc);
+            if end.write_all(&answer).is_err() {
+                return;
+            }
+        }
+    });
+    let mut run = Running::start(&config);
+    let r = run.reading("m", "v", Quality::Crc).await;
+    assert_eq!(r.value, None);
+    corrupt.store(false, std::sync::atomic::Ordering::SeqCst);
+    let r = run.reading("m", "v", Quality::Good).await;
+    assert_eq!(r.value, Some(Value::UInt(42)));
+    run.stop().await;
+}
+
+/// Requests on a serial bus never overlap and keep the inter-frame silence: the fake
+/// device timestamps the end of each answer and the arrival of the next request. (A
+/// lower bound only, so a slow machine cannot make it fail.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_serial_bus_keeps_the_inter_frame_silence_between_devices() {
+    use std::io::{Read, Write};
+    use std::time::Instant;
+    let pty = PtyPair::new();
+    let mut config = format!(
+        "[[bus]]\nname = \"rs485\"\nkind = \"rtu\"\nport = \"{}\"\nbaud = 19200\ninter_frame_ms = 20\n",
+        pty.master_end().display()
+    );
+    for unit in [5, 6] {
+        config += &format!(
+            "[[bus.device]]\nname = \"m{unit}\"\nunit_id = {unit}\npoll_interval_ms = 10\n"
+        );
+        config += &point("v", "holding", 0, "");
+    }
+    let mut end = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(pty.slave_end())
+        .unwrap();
+    let gaps = Arc::new(std::sync::Mutex::new(Vec::<(u8, Duration)>::new()));
+    let seen = Arc::clone(&gaps);
+    std::thread::spawn(move || {
+        let mut request = [0u8; 8];
+        let mut answered_at: Option<Instant> = None;
+        while end.read_exact(&mut request[..1]).is_ok() {
+            let arrived = Instant::now();
+            if end.read_exact(&mut request[1..]).is_err() {
+                return;
+            }
+            if let Some(at) = answered_at {
+                seen.lock().unwrap().push((request[0], arrived - at));
+            }
+            let mut answer = vec![request[0], 0x03, 0x02, 0x00, request[0]];
+            answer.extend_from_slice(&crc16(&answer));
+            if end.write_all(&answer).and_then(|()| end.flush()).is_err() {
+                return;
+            }
+            answered_at = Some(Instant::now());
+        }
+    });
+    let mut run = Running::start(&config);
+    while gaps.lock().unwrap().len() < 12 {
+        run.reading("m6", "v", Quality::Good).await;
+    }
+    let gaps = gaps.lock().unwrap().clone();
+    assert!(
+        gaps.iter().any(|g| g.0 == 5) && gaps.iter().any(|g| g.0 == 6),
+        "{gaps:?}"
+    );
+    for (unit, gap) in gaps {
+        assert!(
+            gap >= Duration::from_millis(20),
+            "request to unit {unit} only {gap:?} after the last answer"
+        );
+    }
     run.stop().await;
 }

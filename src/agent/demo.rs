@@ -17,6 +17,7 @@
 
 use std::future::{ready, Ready};
 use std::net::SocketAddr;
+use std::path::Path;
 use std::time::Instant;
 
 use tokio::net::TcpListener;
@@ -24,6 +25,9 @@ use tokio::task::JoinHandle;
 use tokio_modbus::server::tcp::{accept_tcp_connection, Server};
 use tokio_modbus::{ExceptionCode, Request, Response, SlaveRequest};
 use tokio_util::sync::CancellationToken;
+
+/// Topic prefix of the demo.
+pub const DEMO_PREFIX: &str = "fieldbridge/demo";
 
 /// Registers of the simulated device, computed from the time since it started.
 #[derive(Debug, Clone, Copy)]
@@ -141,6 +145,138 @@ impl DemoServer {
             tracing::warn!(error = %err, "demo device task failed");
         }
     }
+}
+
+/// First port tried after `first` that nothing listens on, up to 100 further.
+fn free_broker_port(first: u16) -> std::io::Result<u16> {
+    for port in first..first.saturating_add(100) {
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return Ok(port);
+        }
+    }
+    Err(std::io::Error::new(
+        std::io::ErrorKind::AddrInUse,
+        format!("no free port in {first}..{}", first.saturating_add(100)),
+    ))
+}
+
+/// The demo's configuration: the simulated device at `device`, the local broker on
+/// `broker_port`, the store under `dir`, and an upstream when given.
+pub fn config_text(
+    device: SocketAddr,
+    broker_port: u16,
+    dir: &Path,
+    upstream: Option<&str>,
+) -> String {
+    let mut text = format!(
+        r#"[agent]
+prefix = "{DEMO_PREFIX}"
+health_interval_secs = 10
+
+[broker]
+[[broker.listeners]]
+bind = "127.0.0.1:{broker_port}"
+
+[store]
+path = {store:?}
+
+[[bus]]
+name = "demo"
+kind = "tcp"
+host = "{host}"
+port = {port}
+
+[[bus.device]]
+name = "sim"
+unit_id = 1
+poll_interval_ms = 1000
+
+[[bus.device.point]]
+name = "temperature"
+unit = "°C"
+kind = "input"
+address = 0
+type = "f32"
+
+[[bus.device.point]]
+name = "energy"
+unit = "Wh"
+kind = "input"
+address = 2
+type = "u32"
+
+[[bus.device.point]]
+name = "power"
+unit = "W"
+kind = "input"
+address = 4
+type = "u16"
+
+[[bus.device.point]]
+name = "running"
+kind = "discrete"
+address = 0
+
+[[bus.device.point]]
+name = "alarm"
+kind = "discrete"
+address = 1
+
+[[bus.device.point]]
+name = "door_open"
+kind = "discrete"
+address = 2
+"#,
+        store = dir.join("queue.db").display().to_string(),
+        host = device.ip(),
+        port = device.port(),
+    );
+    if let Some(url) = upstream {
+        text.push_str(&format!("\n[upstream]\nurl = {url:?}\n"));
+    }
+    text
+}
+
+/// `fieldbridge demo`: the simulated device, the local broker, a temporary store and
+/// an optional upstream, until SIGINT or SIGTERM.
+///
+/// # Errors
+/// A part cannot start (see [`super::run`]).
+pub async fn run(upstream: Option<String>, first_port: u16) -> Result<(), super::Error> {
+    let device = DemoServer::spawn(
+        TcpListener::bind("127.0.0.1:0")
+            .await
+            .map_err(super::Error::Io)?,
+    )
+    .map_err(super::Error::Io)?;
+    let port = free_broker_port(first_port).map_err(super::Error::Io)?;
+    let dir = std::env::temp_dir().join(format!("fieldbridge-demo-{}", std::process::id()));
+    let text = config_text(device.addr, port, &dir, upstream.as_deref());
+    let config = crate::config::parse("(demo)", &text)?;
+    println!(
+        "fieldbridge demo: simulated Modbus TCP device on {}",
+        device.addr
+    );
+    println!(
+        "local MQTT broker on 127.0.0.1:{port}; store in {}",
+        dir.display()
+    );
+    if let Some(url) = &upstream {
+        println!("forwarding to {url}");
+    }
+    println!();
+    println!("watch the values with:");
+    println!("    mosquitto_sub -h 127.0.0.1 -p {port} -t '{DEMO_PREFIX}/#' -v");
+    println!();
+    println!("stop with Ctrl-C");
+    let result = super::run(config, None).await;
+    device.stop().await;
+    if let Err(err) = std::fs::remove_dir_all(&dir) {
+        if err.kind() != std::io::ErrorKind::NotFound {
+            tracing::warn!(dir = %dir.display(), error = %err, "temporary store not removed");
+        }
+    }
+    result
 }
 
 #[cfg(test)]

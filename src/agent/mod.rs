@@ -1,6 +1,441 @@
-//! Wiring, lifecycle, shutdown, reload and systemd notify (see issue 7).
+//! Wiring, lifecycle, shutdown, reload and systemd notify.
+//!
+//! ```text
+//! bus tasks ──(bounded mpsc)──► pipeline ─┬─► local broker (in-process publish)
+//!  (supervised)                           └─► store ◄── uplink drains it
+//! health ──► local broker + store        signals ──► reload / shutdown
+//! ```
+//!
+//! Invariants:
+//! - Startup order: signals, local broker, store, uplink, pipeline, buses, health; then
+//!   READY=1 (the broker listens and the buses poll).
+//! - Shutdown order (SIGTERM/SIGINT): stop polling; let the pipeline commit what it
+//!   holds; publish `offline` and disconnect upstream; `offline` on the local broker;
+//!   stop the broker; close the store. The whole sequence is bounded by
+//!   `agent.shutdown_timeout_ms`.
+//! - A reload (SIGHUP) replaces the bus tasks and re-reads the broker's password and
+//!   ACL files; the store, the upstream session and the pipeline are never touched. A
+//!   new config that fails validation is rejected and the running one stays.
+//! - A panicking bus task is restarted with backoff by [`supervisor`]; it never ends
+//!   the agent.
 
 pub mod demo;
+mod health;
+mod pipeline;
 pub mod signals;
-pub mod supervisor;
+mod supervisor;
 pub mod systemd;
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use sd_notify::NotifyState;
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use crate::broker::{self, Broker, BrokerHandle};
+use crate::config::{self, Config};
+use crate::field::{self, FieldEvent, ResolvedBus};
+use crate::mqtt::QoS;
+use crate::store::{self, Queue};
+use crate::uplink::{self, Uplink, UplinkHandle};
+
+pub use pipeline::Counters;
+use signals::{Command, SignalListener};
+use systemd::Heartbeat;
+
+/// Time the uplink may take beyond its shutdown timeout to return in-flight rows.
+const UPLINK_RELEASE_GRACE: Duration = Duration::from_secs(2);
+
+/// Time connected LAN clients get to receive the offline status before the broker stops.
+const LOCAL_FLUSH: Duration = Duration::from_millis(100);
+
+/// Why the agent could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error(transparent)]
+    Config(#[from] config::Error),
+    #[error("local broker: {0}")]
+    Broker(#[from] broker::Error),
+    #[error("store: {0}")]
+    Store(#[from] store::Error),
+    #[error("upstream: {0}")]
+    Uplink(#[from] uplink::Error),
+    #[error(transparent)]
+    Field(#[from] field::Error),
+    #[error("{0}")]
+    Io(#[source] std::io::Error),
+    #[error("cannot install signal handlers: {0}")]
+    Signals(#[source] std::io::Error),
+}
+
+/// Runs the agent on `config` until SIGTERM or SIGINT. `config_path` is re-read on
+/// SIGHUP; without one (the demo) SIGHUP only logs.
+///
+/// # Errors
+/// A part that cannot start (broker port taken, store unreadable, bad TLS files);
+/// everything after startup is handled and logged, not returned.
+pub async fn run(config: Config, config_path: Option<PathBuf>) -> Result<(), Error> {
+    let (_signals, mut commands) = SignalListener::start().map_err(Error::Signals)?;
+    let mut agent = Agent::start(config).await?;
+    systemd::notify(NotifyState::Ready);
+    loop {
+        match commands.recv().await {
+            Some(Command::Reload) => match &config_path {
+                Some(path) => agent.reload(path).await,
+                None => tracing::warn!("SIGHUP ignored: no configuration file to reload"),
+            },
+            Some(Command::Shutdown(signal)) => {
+                tracing::info!(signal, "shutting down");
+                break;
+            }
+            None => break,
+        }
+    }
+    systemd::notify(NotifyState::Stopping);
+    agent.shutdown().await;
+    Ok(())
+}
+
+/// The bus tasks of one field configuration, under one supervisor.
+struct Buses {
+    stop: CancellationToken,
+    supervisor: JoinHandle<()>,
+}
+
+/// Everything [`run`] started.
+pub struct Agent {
+    started: Instant,
+    config: Config,
+    prefix: String,
+    broker: Option<BrokerHandle>,
+    queue: Option<Queue>,
+    uplink: Option<Arc<UplinkHandle>>,
+    events: mpsc::Sender<FieldEvent>,
+    buses: Buses,
+    bus_map: health::BusMap,
+    supervisor_beat: Heartbeat,
+    pipeline: JoinHandle<()>,
+    counters: Arc<Counters>,
+    background: CancellationToken,
+    health: JoinHandle<()>,
+    watchdog: Option<JoinHandle<()>>,
+}
+
+impl Agent {
+    /// Starts every configured part.
+    ///
+    /// # Errors
+    /// See [`run`].
+    pub async fn start(config: Config) -> Result<Agent, Error> {
+        let started = Instant::now();
+        let prefix = config.agent.resolved_prefix(&config::hostname());
+
+        let broker = match &config.broker {
+            Some(broker_config) => {
+                let handle = Broker::start(broker_config.clone(), vec![prefix.clone()]).await?;
+                for addr in handle.local_addrs() {
+                    tracing::info!(%addr, "local broker listening");
+                }
+                handle.publish(
+                    &format!("{prefix}/status"),
+                    Bytes::from_static(b"online"),
+                    QoS::AtLeastOnce,
+                    true,
+                );
+                Some(handle)
+            }
+            None => None,
+        };
+
+        let (queue, uplink) = match &config.upstream {
+            Some(upstream) => {
+                let queue = Queue::open(config.store.clone())?;
+                let uplink = Uplink::spawn(upstream.clone(), prefix.clone(), queue.clone())?;
+                (Some(queue), Some(Arc::new(uplink)))
+            }
+            None => {
+                tracing::info!("no [upstream]: LAN-only, no store");
+                (None, None)
+            }
+        };
+
+        let counters = Arc::new(Counters::default());
+        let devices: pipeline::DeviceStates = Arc::default();
+        let (events, events_rx) = mpsc::channel(config.agent.channel_capacity);
+        let pipeline_beat = Heartbeat::new("pipeline");
+        let pipeline = tokio::spawn(
+            pipeline::Pipeline {
+                prefix: prefix.clone(),
+                qos: config.agent.qos(),
+                retain: config.agent.retain,
+                retain_upstream: config.agent.retain_upstream,
+                batch_max: config.agent.batch_max,
+                broker: broker.clone(),
+                queue: queue.clone(),
+                counters: counters.clone(),
+                devices: devices.clone(),
+            }
+            .run(events_rx, pipeline_beat.clone()),
+        );
+
+        let resolved = field::resolve(&config.field)?;
+        let supervisor_beat = Heartbeat::new("bus supervisor");
+        let bus_map: health::BusMap = Arc::new(Mutex::new(resolved.clone()));
+        let buses = start_buses(resolved, events.clone(), supervisor_beat.clone());
+
+        let background = CancellationToken::new();
+        let health_beat = Heartbeat::new("health");
+        let health = tokio::spawn(
+            health::Health {
+                prefix: prefix.clone(),
+                started,
+                interval: Duration::from_secs(config.agent.health_interval_secs),
+                qos: config.agent.qos(),
+                broker: broker.clone(),
+                queue: queue.clone(),
+                uplink: uplink.clone(),
+                counters: counters.clone(),
+                devices,
+                buses: bus_map.clone(),
+            }
+            .run(background.clone(), health_beat.clone()),
+        );
+        let watchdog = systemd::watchdog_interval().map(|interval| {
+            tracing::info!(
+                interval_ms = interval.as_millis() as u64,
+                "systemd watchdog enabled"
+            );
+            tokio::spawn(systemd::run_watchdog(
+                interval,
+                vec![pipeline_beat, supervisor_beat.clone(), health_beat],
+                background.clone(),
+            ))
+        });
+
+        tracing::info!(
+            version = env!("CARGO_PKG_VERSION"),
+            %prefix,
+            broker = broker.is_some(),
+            upstream = uplink.is_some(),
+            buses = config.field.buses.len(),
+            "fieldbridge running"
+        );
+        Ok(Agent {
+            started,
+            config,
+            prefix,
+            broker,
+            queue,
+            uplink,
+            events,
+            buses,
+            bus_map,
+            supervisor_beat,
+            pipeline,
+            counters,
+            background,
+            health,
+            watchdog,
+        })
+    }
+
+    /// The local broker's listening addresses (empty without a broker).
+    pub fn broker_addrs(&self) -> Vec<std::net::SocketAddr> {
+        self.broker
+            .as_ref()
+            .map(|broker| broker.local_addrs())
+            .unwrap_or_default()
+    }
+
+    /// The pipeline's counters.
+    pub fn counters(&self) -> Arc<Counters> {
+        self.counters.clone()
+    }
+
+    /// Re-reads `path`; applies new device maps and the broker's password/ACL files.
+    pub async fn reload(&mut self, path: &Path) {
+        systemd::notify(NotifyState::Reloading);
+        match config::load(path) {
+            Err(err) => {
+                tracing::error!("reload rejected, the running configuration stays:\n{err}");
+            }
+            Ok(new) => self.apply(new).await,
+        }
+        systemd::notify(NotifyState::Ready);
+    }
+
+    async fn apply(&mut self, new: Config) {
+        for section in ["agent", "store", "upstream"] {
+            if self.config.section_changed(&new, section) {
+                tracing::warn!(
+                    section,
+                    "[{section}] changed: takes effect at the next restart"
+                );
+            }
+        }
+        if self.config.broker.as_ref().map(|b| &b.listeners)
+            != new.broker.as_ref().map(|b| &b.listeners)
+            || self.config.broker.is_some() != new.broker.is_some()
+        {
+            tracing::warn!("broker listeners changed: take effect at the next restart");
+        }
+        if let Some(broker) = &self.broker {
+            match broker.reload_auth().await {
+                Ok(()) => tracing::info!("broker password and ACL files reloaded"),
+                Err(err) => {
+                    tracing::error!(error = %err, "broker password/ACL reload failed; the old ones stay")
+                }
+            }
+        }
+        if self.config.section_changed(&new, "bus") || self.config.section_changed(&new, "profile")
+        {
+            let resolved = match field::resolve(&new.field) {
+                Ok(resolved) => resolved,
+                Err(err) => {
+                    tracing::error!(error = %err, "reload rejected: device maps do not resolve");
+                    return;
+                }
+            };
+            let old = std::mem::replace(
+                &mut self.buses,
+                start_buses(
+                    Vec::new(),
+                    self.events.clone(),
+                    self.supervisor_beat.clone(),
+                ),
+            );
+            old.stop.cancel();
+            if let Err(err) = old.supervisor.await {
+                tracing::error!(error = %err, "bus supervisor failed while stopping");
+            }
+            self.buses.stop.cancel();
+            if let Ok(mut map) = self.bus_map.lock() {
+                map.clone_from(&resolved);
+            }
+            let count = resolved.len();
+            self.buses = start_buses(resolved, self.events.clone(), self.supervisor_beat.clone());
+            tracing::info!(buses = count, "device maps reloaded");
+        } else {
+            tracing::info!("device maps unchanged");
+        }
+        // Keep what is running: only the parts applied above come from the new file.
+        self.config.field = new.field;
+        for section in ["bus", "profile"] {
+            match new.raw.get(section) {
+                Some(value) => self.config.raw.insert(section.to_string(), value.clone()),
+                None => self.config.raw.remove(section),
+            };
+        }
+        if let (Some(old), Some(new)) = (&mut self.config.broker, new.broker) {
+            old.password_file = new.password_file;
+            old.acl_file = new.acl_file;
+        }
+    }
+
+    /// The graceful shutdown; see the module invariants for the order.
+    pub async fn shutdown(self) {
+        let timeout = Duration::from_millis(self.config.agent.shutdown_timeout_ms);
+        let stopping = Instant::now();
+        let deadline = stopping + timeout;
+
+        self.buses.stop.cancel();
+        self.background.cancel();
+        if tokio::time::timeout_at(deadline, self.buses.supervisor)
+            .await
+            .is_err()
+        {
+            tracing::warn!("bus tasks did not stop in time");
+        }
+        drop(self.events);
+        let _ = tokio::time::timeout_at(deadline, self.health).await;
+        match tokio::time::timeout_at(deadline, self.pipeline).await {
+            Ok(_) => tracing::info!(
+                accepted = self
+                    .counters
+                    .accepted
+                    .load(std::sync::atomic::Ordering::Relaxed),
+                "pipeline committed"
+            ),
+            Err(_) => tracing::error!("pipeline did not finish committing in time"),
+        }
+        if let Some(watchdog) = self.watchdog {
+            let _ = watchdog.await;
+        }
+
+        // Offline goes to the local broker first, so LAN clients get it while the
+        // upstream takes its round trip for the offline acknowledgement.
+        if let Some(broker) = &self.broker {
+            broker.publish(
+                &format!("{}/status", self.prefix),
+                Bytes::from_static(b"offline"),
+                QoS::AtLeastOnce,
+                true,
+            );
+        }
+        if let Some(uplink) = self.uplink {
+            // The health task has ended, so this is the last reference.
+            match Arc::into_inner(uplink) {
+                Some(uplink) => {
+                    // The uplink takes up to UPLINK_RELEASE_GRACE beyond its timeout to
+                    // hand in-flight rows back to the store.
+                    let left = deadline
+                        .saturating_duration_since(Instant::now())
+                        .saturating_sub(UPLINK_RELEASE_GRACE)
+                        .max(Duration::from_millis(500));
+                    match uplink.shutdown(left).await {
+                        Ok(()) => tracing::info!("upstream disconnected"),
+                        Err(err) => {
+                            tracing::warn!(error = %err, "upstream did not disconnect cleanly")
+                        }
+                    }
+                }
+                None => tracing::error!("upstream still in use: stopped without DISCONNECT"),
+            }
+        }
+        if let Some(broker) = self.broker {
+            // The broker closes connections at shutdown without writing what is still
+            // queued for them; a short, bounded pause lets connected LAN clients
+            // receive the offline status first.
+            if broker.stats().clients_connected > 0 {
+                tokio::time::sleep(LOCAL_FLUSH).await;
+            }
+            broker.shutdown().await;
+        }
+        if let Some(queue) = self.queue {
+            if let Err(err) = queue.close().await {
+                tracing::error!(error = %err, "store did not close cleanly");
+            }
+        }
+        tracing::info!(
+            shutdown_ms = stopping.elapsed().as_millis() as u64,
+            uptime_secs = self.started.elapsed().as_secs(),
+            "fieldbridge stopped"
+        );
+    }
+}
+
+/// Starts one supervised task per bus. The resolved buses keep their counters across
+/// restarts of their task.
+fn start_buses(
+    buses: Vec<ResolvedBus>,
+    events: mpsc::Sender<FieldEvent>,
+    beat: Heartbeat,
+) -> Buses {
+    let stop = CancellationToken::new();
+    let names = buses.iter().map(|bus| bus.name().to_string()).collect();
+    let bus_stop = stop.clone();
+    let spawn = move |index: usize| {
+        Ok(field::spawn_bus(
+            &buses[index],
+            events.clone(),
+            bus_stop.clone(),
+        ))
+    };
+    let supervisor = tokio::spawn(supervisor::supervise(names, spawn, stop.clone(), beat));
+    Buses { stop, supervisor }
+}

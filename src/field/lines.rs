@@ -19,7 +19,7 @@ use tokio::sync::mpsc::Sender;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use super::bus::{send_all, DeviceRun, ResolvedBus, ResolvedDevice};
+use super::bus::{device_runs, next_due, send_all, DeviceRun, ResolvedBus, ResolvedDevice};
 use super::config::{Checksum, LineMode};
 use super::decode::{Codec, DataType};
 use super::link::{open_serial, ReadError};
@@ -503,23 +503,9 @@ async fn run_poll(
     tx: &Sender<FieldEvent>,
     shutdown: &CancellationToken,
 ) {
-    let anchor = Instant::now();
-    let mut runs: Vec<DeviceRun> = bus
-        .devices
-        .iter()
-        .map(|d| DeviceRun::new(d, anchor))
-        .collect();
+    let mut runs = device_runs(bus);
     let checksum = bus.config.checksum();
-    loop {
-        let Some(i) = (0..runs.len()).min_by_key(|&i| (runs[i].slot.next, i)) else {
-            shutdown.cancelled().await;
-            return;
-        };
-        tokio::select! {
-            biased;
-            _ = shutdown.cancelled() => return,
-            _ = tokio::time::sleep_until(runs[i].slot.next) => {}
-        }
+    while let Some(i) = next_due(&runs, shutdown).await {
         let started = now_ms();
         let run = &mut runs[i];
         let spec = run.spec.clone();

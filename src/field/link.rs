@@ -6,6 +6,10 @@
 //! - On a serial line, at least the inter-frame silence passes between the end of one
 //!   transaction (answer or timeout) and the next request.
 //! - A Modbus exception is an answer, not a fault: the connection stays up.
+//! - An answer is used only if it has exactly the requested register count (bits: at
+//!   least the requested count, padded to bytes). After a failed RTU transaction, input
+//!   that is already waiting is dropped before the next request, since RTU frames carry
+//!   no transaction id.
 //! - After a transport fault (I/O error, or on TCP a timeout or a mismatched answer,
 //!   after which the stream may hold a late reply) the connection is dropped and reopened
 //!   lazily, at most once per reconnect backoff, so a missing USB adapter or a refused
@@ -15,7 +19,7 @@ use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::task::{Context as TaskContext, Poll};
 use std::time::Duration;
@@ -149,13 +153,22 @@ pub fn open_serial(
         .open_native_async()
 }
 
-/// A stream that counts the bytes it delivers, so a timeout after garbage can be told
-/// from a timeout after silence (tokio-modbus resynchronises on a bad CRC by skipping
-/// bytes and keeps waiting, so a corrupted answer surfaces as a timeout).
+/// The shared side of an RTU stream: bytes received, and a request to drop stale input.
+#[derive(Debug, Default)]
+struct Wire {
+    received: AtomicU64,
+    flush: AtomicBool,
+}
+
+/// An RTU stream that counts the bytes it delivers, so a timeout after garbage can be
+/// told from a timeout after silence (tokio-modbus resynchronises on a bad CRC by
+/// skipping bytes and keeps waiting, so a corrupted answer surfaces as a timeout), and
+/// that can drop input left over from a failed transaction before the next request: RTU
+/// has no transaction id, so a late answer would otherwise be taken for the next one.
 #[derive(Debug)]
 struct Counted<T> {
     inner: T,
-    received: Arc<AtomicU64>,
+    wire: Arc<Wire>,
 }
 
 impl<T: AsyncRead + Unpin> AsyncRead for Counted<T> {
@@ -168,18 +181,35 @@ impl<T: AsyncRead + Unpin> AsyncRead for Counted<T> {
         let result = Pin::new(&mut self.inner).poll_read(cx, buf);
         let got = buf.filled().len() - before;
         if got > 0 {
-            self.received.fetch_add(got as u64, Ordering::Relaxed);
+            self.wire.received.fetch_add(got as u64, Ordering::Relaxed);
         }
         result
     }
 }
 
-impl<T: AsyncWrite + Unpin> AsyncWrite for Counted<T> {
+impl<T: AsyncRead + Unpin> Counted<T> {
+    /// Reads and drops whatever input is already there (never waits for more).
+    fn drain(&mut self, cx: &mut TaskContext<'_>) {
+        let mut scratch = [0u8; 256];
+        loop {
+            let mut buf = ReadBuf::new(&mut scratch);
+            match Pin::new(&mut self.inner).poll_read(cx, &mut buf) {
+                Poll::Ready(Ok(())) if !buf.filled().is_empty() => {}
+                _ => return,
+            }
+        }
+    }
+}
+
+impl<T: AsyncRead + AsyncWrite + Unpin> AsyncWrite for Counted<T> {
     fn poll_write(
         mut self: Pin<&mut Self>,
         cx: &mut TaskContext<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
+        if self.wire.flush.swap(false, Ordering::Relaxed) {
+            self.drain(cx);
+        }
         Pin::new(&mut self.inner).poll_write(cx, buf)
     }
 
@@ -201,7 +231,7 @@ pub struct ModbusLink {
     endpoint: Endpoint,
     silence: Duration,
     ctx: Option<Context>,
-    received: Arc<AtomicU64>,
+    wire: Arc<Wire>,
     /// End of the last transaction on the wire, for the inter-frame silence.
     quiet_since: Option<Instant>,
     next_connect: Instant,
@@ -216,7 +246,7 @@ impl ModbusLink {
             endpoint,
             silence,
             ctx: None,
-            received: Arc::new(AtomicU64::new(0)),
+            wire: Arc::new(Wire::default()),
             quiet_since: None,
             next_connect: Instant::now(),
             reconnect_wait: RECONNECT_MIN,
@@ -235,7 +265,7 @@ impl ModbusLink {
                     .unwrap_or_else(|| "reconnecting".into()),
             ));
         }
-        let result = open(self.endpoint.clone(), Arc::clone(&self.received)).await;
+        let result = open(self.endpoint.clone(), Arc::clone(&self.wire)).await;
         match result {
             Ok(ctx) => {
                 if self.last_error.take().is_some() {
@@ -261,7 +291,7 @@ impl ModbusLink {
 
 /// Opens the endpoint (a free function: the future must not borrow the link, whose
 /// client context is not `Sync`).
-async fn open(endpoint: Endpoint, received: Arc<AtomicU64>) -> Result<Context, String> {
+async fn open(endpoint: Endpoint, wire: Arc<Wire>) -> Result<Context, String> {
     match &endpoint {
         Endpoint::Serial {
             path,
@@ -272,10 +302,7 @@ async fn open(endpoint: Endpoint, received: Arc<AtomicU64>) -> Result<Context, S
         } => {
             let port = open_serial(path, *baud, *parity, *data_bits, *stop_bits)
                 .map_err(|e| format!("serial port {path}: {e}"))?;
-            let counted = Counted {
-                inner: port,
-                received,
-            };
+            let counted = Counted { inner: port, wire };
             Ok(tokio_modbus::client::rtu::attach(counted))
         }
         Endpoint::Tcp {
@@ -295,7 +322,7 @@ async fn open(endpoint: Endpoint, received: Arc<AtomicU64>) -> Result<Context, S
                 Framing::Tcp => tokio_modbus::client::tcp::attach(stream),
                 Framing::Rtu => tokio_modbus::client::rtu::attach(Counted {
                     inner: stream,
-                    received,
+                    wire,
                 }),
             })
         }
@@ -361,16 +388,16 @@ impl Link for ModbusLink {
                 tokio::time::sleep_until(quiet + self.silence).await;
             }
         }
-        let received_before = self.received.load(Ordering::Relaxed);
+        let received_before = self.wire.received.load(Ordering::Relaxed);
         let Some(ctx) = self.ctx.as_mut() else {
             return Err(ReadError::Disconnected("not connected".into()));
         };
         let outcome =
             tokio::time::timeout(timeout, Self::transact(ctx, unit, kind, start, count)).await;
         self.quiet_since = Some(Instant::now());
-        match outcome {
+        let result = match outcome {
             Err(_elapsed) => {
-                let garbage = self.received.load(Ordering::Relaxed) != received_before;
+                let garbage = self.wire.received.load(Ordering::Relaxed) != received_before;
                 if !rtu {
                     // A late MBAP answer would be read as the reply to the next request:
                     // start the next one on a fresh connection (quietly: the device, not
@@ -384,16 +411,18 @@ impl Link for ModbusLink {
                 }
             }
             Ok(Ok(Ok(words))) => {
-                let got = match &words {
-                    Words::Registers(r) => r.len(),
-                    Words::Bits(b) => b.len(),
+                // Registers must match exactly; bits come padded to whole bytes.
+                let (got, ok) = match &words {
+                    Words::Registers(r) => (r.len(), r.len() == usize::from(count)),
+                    Words::Bits(b) => (b.len(), b.len() >= usize::from(count)),
                 };
-                if got < usize::from(count) {
-                    return Err(ReadError::Protocol(format!(
+                if ok {
+                    Ok(words)
+                } else {
+                    Err(ReadError::Protocol(format!(
                         "{got} values for a request of {count}"
-                    )));
+                    )))
                 }
-                Ok(words)
             }
             Ok(Ok(Err(code))) => Err(ReadError::Exception(u8::from(code))),
             Ok(Err(tokio_modbus::Error::Protocol(e))) => {
@@ -405,12 +434,23 @@ impl Link for ModbusLink {
             Ok(Err(tokio_modbus::Error::Transport(e))) => {
                 if e.kind() == io::ErrorKind::InvalidData && rtu {
                     // Bad CRC or undecodable frame after tokio-modbus gave up resyncing.
-                    return Err(ReadError::Crc);
+                    Err(ReadError::Crc)
+                } else {
+                    let why = e.to_string();
+                    self.drop_connection(&why);
+                    Err(ReadError::Disconnected(why))
                 }
-                let why = e.to_string();
-                self.drop_connection(&why);
-                Err(ReadError::Disconnected(why))
             }
+        };
+        if rtu
+            && matches!(
+                result,
+                Err(ReadError::Timeout | ReadError::Crc | ReadError::Protocol(_))
+            )
+        {
+            // Whatever arrives late belongs to this failed transaction, not the next.
+            self.wire.flush.store(true, Ordering::Relaxed);
         }
+        result
     }
 }

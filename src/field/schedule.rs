@@ -129,7 +129,7 @@ impl Health {
         if self.state != Some(DeviceState::Quarantined) {
             return None;
         }
-        let doublings = (self.failures - self.quarantine_after).min(20) + 1;
+        let doublings = self.failures.saturating_sub(self.quarantine_after).min(20) + 1;
         Some(
             self.interval
                 .saturating_mul(1u32 << doublings)

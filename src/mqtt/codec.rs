@@ -7,6 +7,9 @@
 //!   buffer; then it takes exactly that packet off the front. PUBLISH payloads,
 //!   correlation and authentication data, will payloads and passwords are zero-copy
 //!   slices of the receive buffer; the only per-packet allocations are the strings.
+//!   Such a slice keeps the whole receive chunk alive, so whatever is held for long
+//!   (retained messages, offline queues) should be copied out with
+//!   `Bytes::copy_from_slice`.
 //! - Nothing in the body is trusted: every length is checked against what is left,
 //!   every field is validated as the spec requires, and trailing bytes are an error.
 //!   No input makes the decoder panic.
@@ -235,6 +238,9 @@ pub fn decode(
     let mut r = Reader {
         buf: frame.freeze(),
     };
+    if header.packet_type() == PUBLISH {
+        return decode_publish(header.flags(), r, version);
+    }
     let packet = decode_body(header.byte1, &mut r, version)?;
     r.finish()?;
     Ok(Some(packet))
@@ -243,9 +249,6 @@ pub fn decode(
 fn decode_body(byte1: u8, r: &mut Reader, version: Protocol) -> Result<Packet, Error> {
     let packet_type = byte1 >> 4;
     let flags = byte1 & 0x0F;
-    if packet_type == PUBLISH {
-        return decode_publish(flags, r, version).map(Packet::Publish);
-    }
     let required_flags = match packet_type {
         PUBREL | SUBSCRIBE | UNSUBSCRIBE => 0b0010,
         _ => 0,
@@ -407,31 +410,48 @@ fn connack_return_code(code: ReasonCode) -> Result<u8, Error> {
     })
 }
 
-fn decode_publish(flags: u8, r: &mut Reader, version: Protocol) -> Result<Publish, Error> {
+/// The hot path. A `Packet` is large (the property struct), so the result is built in
+/// the return slot rather than moved through layers of `Result`s; the 3.1.1 branch
+/// never touches property code. The payload is the rest of the frame, so nothing can
+/// trail it.
+fn decode_publish(flags: u8, mut r: Reader, version: Protocol) -> Result<Option<Packet>, Error> {
     let qos = QoS::from_u8((flags >> 1) & 0x03).ok_or(Error::InvalidQoS)?;
     let dup = flags & 0x08 != 0;
     if dup && qos == QoS::AtMostOnce {
         return Err(Error::DupWithQoS0);
     }
+    let retain = flags & 0x01 != 0;
     let topic = r.topic_name()?;
     let pkid = if qos == QoS::AtMostOnce { 0 } else { r.pkid()? };
-    let properties = if version == Protocol::V5 {
-        properties::decode(r, Place::PUBLISH)?
-    } else {
-        Properties::default()
-    };
-    if topic.is_empty() && properties.topic_alias.is_none() {
-        return Err(Error::EmptyTopicName);
+    if version == Protocol::V311 {
+        if topic.is_empty() {
+            return Err(Error::EmptyTopicName);
+        }
+        return Ok(Some(Packet::Publish(Publish {
+            dup,
+            qos,
+            retain,
+            topic,
+            pkid,
+            payload: r.rest(),
+            properties: Properties::default(),
+        })));
     }
-    Ok(Publish {
+    let mut publish = Publish {
         dup,
         qos,
-        retain: flags & 0x01 != 0,
+        retain,
         topic,
         pkid,
-        payload: r.rest(),
-        properties,
-    })
+        payload: Bytes::new(),
+        properties: Properties::default(),
+    };
+    properties::decode_into(&mut r, Place::PUBLISH, &mut publish.properties)?;
+    if publish.topic.is_empty() && publish.properties.topic_alias.is_none() {
+        return Err(Error::EmptyTopicName);
+    }
+    publish.payload = r.rest();
+    Ok(Some(Packet::Publish(publish)))
 }
 
 /// Reason codes a packet may carry, and the name and property place that go with it.

@@ -172,10 +172,21 @@ impl Place {
 
 /// Reads a property length and the properties that follow, as allowed at `place`.
 pub(crate) fn decode(r: &mut Reader, place: Place) -> Result<Properties, Error> {
-    let len = r.varint()? as usize;
     let mut props = Properties::default();
+    decode_into(r, place, &mut props)?;
+    Ok(props)
+}
+
+/// As [`decode`], into a default `props` that already sits where it belongs (the
+/// struct is large; PUBLISH avoids moving it).
+pub(crate) fn decode_into(
+    r: &mut Reader,
+    place: Place,
+    props: &mut Properties,
+) -> Result<(), Error> {
+    let len = r.varint()? as usize;
     if len == 0 {
-        return Ok(props);
+        return Ok(());
     }
     let mut r = r.sub(len)?;
     let mut seen = 0u64;
@@ -196,10 +207,9 @@ pub(crate) fn decode(r: &mut Reader, place: Place) -> Result<Properties, Error> 
             return Err(Error::DuplicateProperty(id));
         }
         seen |= bit;
-        read_one(&mut r, id, &mut props)?;
+        read_one(&mut r, id, props)?;
     }
-    check_values(&props)?;
-    Ok(props)
+    check_values(props)
 }
 
 const KNOWN: u64 = mask(&[

@@ -56,7 +56,9 @@ pub struct UplinkConfig {
     #[serde(default = "default_connect_timeout_secs")]
     pub connect_timeout_secs: u64,
     /// Maximum number of unacknowledged QoS 1/2 publishes; a 5.0 broker's receive
-    /// maximum lowers it. Default: 100.
+    /// maximum lowers it. Default: 20, mosquitto's default `max_inflight_messages`: a
+    /// 3.1.1 broker cannot announce its limit, and mosquitto drops a 3.1.1 client that
+    /// exceeds it with QoS 2 flows.
     #[serde(default = "default_inflight")]
     pub inflight: u16,
     /// 5.0: how long the broker keeps the session after the connection is lost, in
@@ -158,7 +160,7 @@ fn default_connect_timeout_secs() -> u64 {
     10
 }
 fn default_inflight() -> u16 {
-    100
+    20
 }
 fn default_session_expiry_secs() -> u32 {
     86_400
@@ -520,7 +522,7 @@ mod tests {
         let config: UplinkConfig = toml::from_str(r#"url = "mqtt://localhost""#).unwrap();
         assert_eq!(config, UplinkConfig::new("mqtt://localhost"));
         assert_eq!(config.keep_alive_secs, 30);
-        assert_eq!(config.inflight, 100);
+        assert_eq!(config.inflight, 20);
         assert_eq!(config.drain_order, DrainOrder::OldestFirst);
         assert!(config.validate().is_empty());
         assert_eq!(config.status_topic("site/gw1"), "site/gw1/status");

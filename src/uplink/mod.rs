@@ -8,6 +8,7 @@
 //! | `state.rs` | the session state with no I/O: CONNECT/CONNACK, inflight window, QoS 1/2 flows, resume, topic aliases, keepalive |
 //! | `backoff.rs` | reconnect delays with jitter and a cap |
 //! | `tls.rs` | the rustls client configuration |
+//! | `client.rs` | the connection task: connect, serve, reconnect; store requests |
 //!
 //! # Invariants
 //!
@@ -23,19 +24,177 @@
 //!   read from the broker.
 
 pub mod backoff;
+mod client;
 pub mod config;
 pub mod state;
 pub mod tls;
 
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
+use bytes::Bytes;
+use tokio::sync::{mpsc, oneshot, watch};
+use tokio::task::JoinHandle;
+use tracing::Instrument;
+
+use crate::mqtt::Publish;
+use crate::store::Queue;
+
 pub use config::{BrokerUrl, Password, ProtocolVersion, TlsConfig, UplinkConfig};
+
+/// Time the task gets beyond the shutdown timeout to return rows to the store.
+const RELEASE_GRACE: Duration = Duration::from_secs(2);
+
+/// Where the connection stands.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LinkState {
+    /// Resolving, connecting, handshaking or waiting for CONNACK.
+    Connecting { attempt: u32 },
+    /// CONNACK received; `session_present` as the broker said.
+    Connected { session_present: bool },
+    /// Waiting `delay` before attempt `attempt + 1` because of `error`.
+    Backoff {
+        attempt: u32,
+        delay: Duration,
+        error: String,
+    },
+    /// The uplink has stopped.
+    Stopped,
+}
+
+/// The upstream MQTT client.
+pub struct Uplink;
+
+impl Uplink {
+    /// Checks the config, reads the TLS files and spawns the connection task on the
+    /// current tokio runtime. `prefix` is the agent's topic prefix; the status topic is
+    /// `{prefix}/status` unless configured.
+    ///
+    /// # Errors
+    /// [`Error::Config`] for an invalid config, [`Error::Tls`] for unusable TLS files,
+    /// [`Error::Password`] when the password source cannot be read.
+    pub fn spawn(
+        config: UplinkConfig,
+        prefix: String,
+        queue: Queue,
+    ) -> Result<UplinkHandle, Error> {
+        let problems = config.validate();
+        if !problems.is_empty() {
+            let text: Vec<String> = problems
+                .iter()
+                .map(|p| format!("{}: {}", p.key, p.message))
+                .collect();
+            return Err(Error::Config(text.join("; ")));
+        }
+        let url = BrokerUrl::parse(&config.url).map_err(Error::Url)?;
+        let tls = if url.tls {
+            let client_config = tls::client_config(&config.tls)?;
+            let name = tls::server_name(&config.tls, &url.host)?;
+            Some((tokio_rustls::TlsConnector::from(client_config), name))
+        } else {
+            None
+        };
+        config.password()?;
+        let session_config = state::SessionConfig {
+            protocol: config.protocol.into(),
+            client_id: config.client_id(),
+            username: config.username.clone(),
+            keep_alive: config.keep_alive_secs,
+            session_expiry: config.session_expiry_secs,
+            inflight: config.inflight,
+            status_topic: config.status_topic(&prefix),
+            online_payload: Bytes::from(config.online_payload.clone()),
+            offline_payload: Bytes::from(config.offline_payload.clone()),
+            subscribe: config.subscribe.clone(),
+            max_incoming_packet: client::MAX_INCOMING_PACKET,
+            incoming_receive_maximum: client::INCOMING_CAPACITY,
+        };
+        let counters = Arc::new(Counters::default());
+        let (state_tx, state_rx) = watch::channel(LinkState::Connecting { attempt: 1 });
+        let (incoming_tx, incoming_rx) = mpsc::channel(usize::from(client::INCOMING_CAPACITY));
+        let (stop_tx, stop_rx) = oneshot::channel();
+        let span = tracing::info_span!(
+            "uplink",
+            url = %config.url,
+            client_id = %session_config.client_id
+        );
+        let session = state::Session::new(session_config, counters.clone());
+        let client = client::Client::new(
+            config,
+            url,
+            tls,
+            session,
+            counters.clone(),
+            state_tx,
+            incoming_tx,
+            queue,
+        );
+        let task = tokio::spawn(client.run(stop_rx).instrument(span));
+        Ok(UplinkHandle {
+            state: state_rx,
+            counters,
+            incoming: Some(incoming_rx),
+            stop: stop_tx,
+            task,
+        })
+    }
+}
+
+/// Control of a running uplink. Dropping it stops the uplink without DISCONNECT (the
+/// broker then publishes the will), returning in-flight rows to the store.
+#[derive(Debug)]
+pub struct UplinkHandle {
+    state: watch::Receiver<LinkState>,
+    counters: Arc<Counters>,
+    incoming: Option<mpsc::Receiver<Publish>>,
+    stop: oneshot::Sender<Duration>,
+    task: JoinHandle<()>,
+}
+
+impl UplinkHandle {
+    /// The connection state, updated at each change.
+    pub fn state(&self) -> watch::Receiver<LinkState> {
+        self.state.clone()
+    }
+
+    /// Counters since the uplink started.
+    pub fn stats(&self) -> UplinkStats {
+        self.counters.snapshot()
+    }
+
+    /// Messages received on the configured subscriptions; `Some` once. When nobody
+    /// reads them, they are dropped and counted once the channel is full.
+    pub fn take_incoming(&mut self) -> Option<mpsc::Receiver<Publish>> {
+        self.incoming.take()
+    }
+
+    /// Graceful stop: publish the offline status, wait for its acknowledgement (at most
+    /// `timeout`), send DISCONNECT, return in-flight rows to the store.
+    ///
+    /// # Errors
+    /// [`Error::ShutdownTimeout`] when the task did not finish in time (it is aborted;
+    /// the store makes its in-flight rows pending again when it reopens).
+    pub async fn shutdown(self, timeout: Duration) -> Result<(), Error> {
+        let UplinkHandle { stop, mut task, .. } = self;
+        // The task may have stopped already (store closed); then there is nothing to do.
+        let _ = stop.send(timeout);
+        match tokio::time::timeout(timeout + RELEASE_GRACE, &mut task).await {
+            Ok(_) => Ok(()),
+            Err(_) => {
+                task.abort();
+                Err(Error::ShutdownTimeout(timeout))
+            }
+        }
+    }
+}
 
 /// Everything that goes wrong in the uplink. Connection-level errors end one connection
 /// and lead to a reconnect after a backoff delay.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
+    #[error("invalid [upstream] section: {0}")]
+    Config(String),
     #[error("invalid upstream URL: {0}")]
     Url(String),
     #[error("cannot read the password from the {source_name}: {reason}")]
@@ -52,6 +211,8 @@ pub enum Error {
     Refused { code: u8, reason: String },
     #[error("the upstream broker closed the session with reason {code:#04x}{}", reason_suffix(.reason))]
     ServerDisconnect { code: u8, reason: String },
+    #[error("the upstream broker refused a message for now (reason code {code:#04x}); it is sent again after a reconnect")]
+    Throttled { code: u8 },
     #[error("no PINGRESP within {0:?}: the connection is half-open")]
     PingTimeout(Duration),
     #[error("the upstream broker closed the connection")]

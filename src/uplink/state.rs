@@ -235,6 +235,18 @@ pub fn pkid_for_row(id: i64) -> u16 {
     u16::try_from((id - 1).rem_euclid(65_535) + 1).unwrap_or(1)
 }
 
+/// A refusal that says "not now" rather than "never": the message stays in its slot
+/// and goes out again after the reconnect this error causes (the backoff delay is the
+/// pause the broker asks for).
+fn check_transient(code: ReasonCode) -> Result<(), Error> {
+    match code {
+        ReasonCode::QUOTA_EXCEEDED | ReasonCode::PACKET_IDENTIFIER_IN_USE => {
+            Err(Error::Throttled { code: code.0 })
+        }
+        _ => Ok(()),
+    }
+}
+
 /// The packet id of a row: the one persisted with it, or the one its row id gives.
 fn row_pkid(row: &Stored) -> u16 {
     row.pkid
@@ -270,6 +282,8 @@ pub struct Session {
     /// False once any CONNACK said `session present = 0`: flow state persisted before
     /// that is stale.
     session_continuous: bool,
+    /// What the last CONNACK said.
+    session_present: bool,
     /// Will flags the broker refused (0x9A / 0x9B), remembered for the next CONNECT.
     will_retain: bool,
     will_qos: QoS,
@@ -301,6 +315,7 @@ impl Session {
             phase: Phase::Disconnected,
             limits,
             session_continuous: true,
+            session_present: false,
             will_retain: true,
             will_qos: QoS::AtLeastOnce,
             slots: HashMap::new(),
@@ -361,14 +376,8 @@ impl Session {
             _ if self.phase != Phase::Connected => Err(Error::Protocol(
                 "the broker sent a packet before CONNACK".to_owned(),
             )),
-            Packet::PubAck(ack) => {
-                self.on_puback(ack, now);
-                Ok(())
-            }
-            Packet::PubRec(ack) => {
-                self.on_pubrec(ack, now);
-                Ok(())
-            }
+            Packet::PubAck(ack) => self.on_puback(ack, now),
+            Packet::PubRec(ack) => self.on_pubrec(ack, now),
             Packet::PubComp(ack) => {
                 self.on_pubcomp(ack, now);
                 Ok(())
@@ -454,6 +463,7 @@ impl Session {
         self.keepalive =
             (keep_alive > 0).then(|| Keepalive::new(Duration::from_secs(keep_alive.into()), now));
         self.on_wire = 0;
+        self.session_present = ack.session_present;
         if !ack.session_present {
             self.session_continuous = false;
             self.incoming_rel.clear();
@@ -536,6 +546,11 @@ impl Session {
     /// True between a successful CONNACK and the loss of the connection.
     pub fn is_connected(&self) -> bool {
         self.phase == Phase::Connected
+    }
+
+    /// Whether the broker resumed our session at the last CONNACK.
+    pub fn session_present(&self) -> bool {
+        self.session_present
     }
 
     /// What the broker announced on the current (or last) connection.
@@ -804,12 +819,14 @@ impl Session {
                     self.retry_deferred(now);
                     return;
                 }
-                let counter = if dup {
-                    &self.stats.resent
-                } else {
-                    &self.stats.published
-                };
-                counter.fetch_add(1, Ordering::Relaxed);
+                if row.is_some() {
+                    let counter = if dup {
+                        &self.stats.resent
+                    } else {
+                        &self.stats.published
+                    };
+                    counter.fetch_add(1, Ordering::Relaxed);
+                }
             }
             Stage::Release => self.send(Packet::PubRel(Ack::new(pkid)), now),
             Stage::Persisting | Stage::Resetting => return,
@@ -940,20 +957,22 @@ impl Session {
         });
     }
 
-    fn on_puback(&mut self, ack: Ack, now: Instant) {
+    fn on_puback(&mut self, ack: Ack, now: Instant) -> Result<(), Error> {
         let expected = self.slots.get(&ack.pkid).is_some_and(|slot| {
             slot.on_wire && slot.stage == Stage::Publish && slot.message.qos == QoS::AtLeastOnce
         });
         if !expected {
             tracing::debug!(pkid = ack.pkid, "PUBACK for no QoS 1 publish in flight");
-            return;
+            return Ok(());
         }
+        check_transient(ack.reason)?;
         if let Some(slot) = self.finish(ack.pkid, now) {
             self.row_done(&slot, ack.reason);
         }
+        Ok(())
     }
 
-    fn on_pubrec(&mut self, ack: Ack, now: Instant) {
+    fn on_pubrec(&mut self, ack: Ack, now: Instant) -> Result<(), Error> {
         let Some(slot) = self.slots.get_mut(&ack.pkid) else {
             // Let the broker finish a flow we no longer know.
             let mut rel = Ack::new(ack.pkid);
@@ -961,15 +980,16 @@ impl Session {
                 rel.reason = ReasonCode::PACKET_IDENTIFIER_NOT_FOUND;
             }
             self.send(Packet::PubRel(rel), now);
-            return;
+            return Ok(());
         };
         match slot.stage {
             Stage::Publish if slot.on_wire && slot.message.qos == QoS::ExactlyOnce => {
+                check_transient(ack.reason)?;
                 if !ack.reason.is_success() {
                     if let Some(slot) = self.finish(ack.pkid, now) {
                         self.row_done(&slot, ack.reason);
                     }
-                    return;
+                    return Ok(());
                 }
                 slot.stage = Stage::Persisting;
                 if let Origin::Row(id) = slot.origin {
@@ -983,6 +1003,7 @@ impl Session {
             Stage::Release if slot.on_wire => self.send(Packet::PubRel(Ack::new(ack.pkid)), now),
             _ => tracing::debug!(pkid = ack.pkid, "PUBREC out of order, ignored"),
         }
+        Ok(())
     }
 
     fn on_pubcomp(&mut self, ack: Ack, now: Instant) {

@@ -832,3 +832,24 @@ fn pkid_for_row_covers_the_whole_id_space() {
     assert_eq!(pkid_for_row(0), 65_535);
     assert_eq!(pkid_for_row(i64::MAX), pkid_for_row(i64::MAX - 65_535));
 }
+
+#[test]
+fn quota_exceeded_keeps_the_message_for_the_next_connection() {
+    let mut s = session(Protocol::V5);
+    connect(&mut s, connack(false));
+    s.offer(row(1, QoS::AtLeastOnce, "t"), now());
+    out(&mut s);
+    let quota = Ack {
+        pkid: 1,
+        reason: ReasonCode::QUOTA_EXCEEDED,
+        properties: Properties::default(),
+    };
+    assert!(matches!(
+        s.handle(Packet::PubAck(quota), now()),
+        Err(Error::Throttled { code: 0x97 })
+    ));
+    assert_eq!(effects(&mut s), []);
+    s.disconnected();
+    connect(&mut s, connack(true));
+    assert_eq!(publishes(&out(&mut s)), [(1, true, "payload 1".to_owned())]);
+}

@@ -57,6 +57,18 @@ impl Slave {
         slave
     }
 
+    /// Serves `image` as RTU frames over TCP on a free port (a serial device server).
+    pub fn rtu_over_tcp(image: &serde_json::Value) -> Slave {
+        let port = free_port();
+        let slave = Slave::spawn(
+            &["--tcp", &port.to_string(), "--framing", "rtu"],
+            image,
+            Some(port),
+        );
+        wait_for_port(port, Duration::from_secs(10));
+        slave
+    }
+
     /// Serves `image` over Modbus RTU (19200 8N1) on the serial device `device`.
     pub fn rtu(device: &Path, image: &serde_json::Value) -> Slave {
         let device = device.to_string_lossy().into_owned();

@@ -1,0 +1,219 @@
+//! The periodic `{prefix}/health` report, on the local broker and (through the store)
+//! upstream.
+//!
+//! The report is JSON:
+//!
+//! ```json
+//! {"version":"0.1.0","uptime_secs":3600,"ts":1700000000000,
+//!  "readings":{"accepted":36000,"per_sec":10.0,"store_refused":0},
+//!  "queue":{"depth":0,"oldest_age_ms":null,...store::Stats...},
+//!  "upstream":{"state":"connected","connects":1,"published":36000,"acked":36000,...},
+//!  "lan":{"clients":3,"messages_sent":108000,"denied":0},
+//!  "dropped":{"store_refused":0,"queue":0,"upstream":0,"lan":0},
+//!  "buses":{"rs485":{"requests":7200,"failed_requests":0,"readings":36000,
+//!           "garbage_lines":0,"devices":{"meter1":"online","meter2":"quarantined"}}}}
+//! ```
+//!
+//! `queue` is absent without an upstream (no store), `upstream` when LAN-only, `lan`
+//! without a local broker. A device that has not reported a state yet is `"starting"`.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use serde_json::{json, Map, Value};
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use super::pipeline::{now_ms, Counters, DeviceStates};
+use super::systemd::{Heartbeat, BEAT_PERIOD};
+use crate::broker::BrokerHandle;
+use crate::field::ResolvedBus;
+use crate::mqtt::QoS;
+use crate::store::{Message, Priority, Queue};
+use crate::uplink::{LinkState, UplinkHandle};
+
+/// The running buses (replaced on reload), for their names, devices and counters.
+pub type BusMap = Arc<Mutex<Vec<ResolvedBus>>>;
+
+/// What the report is made of.
+pub struct Health {
+    pub prefix: String,
+    pub started: Instant,
+    pub interval: Duration,
+    pub qos: QoS,
+    pub broker: Option<BrokerHandle>,
+    pub queue: Option<Queue>,
+    pub uplink: Option<Arc<UplinkHandle>>,
+    pub counters: Arc<Counters>,
+    pub devices: DeviceStates,
+    pub buses: BusMap,
+}
+
+impl Health {
+    /// Publishes a report every `interval` until `stop`.
+    pub async fn run(self, stop: CancellationToken, heartbeat: Heartbeat) {
+        let mut report = tokio::time::interval(self.interval);
+        report.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+        report.reset();
+        let mut beat = tokio::time::interval(BEAT_PERIOD);
+        let mut last = (Instant::now(), 0u64);
+        loop {
+            tokio::select! {
+                () = stop.cancelled() => return,
+                _ = beat.tick() => heartbeat.beat(),
+                _ = report.tick() => {
+                    let accepted = self.counters.accepted.load(Ordering::Relaxed);
+                    let elapsed = last.0.elapsed().as_secs_f64();
+                    let per_sec = if elapsed > 0.0 {
+                        accepted.saturating_sub(last.1) as f64 / elapsed
+                    } else {
+                        0.0
+                    };
+                    last = (Instant::now(), accepted);
+                    let body = self.report(per_sec).await;
+                    self.publish(body.to_string()).await;
+                }
+            }
+        }
+    }
+
+    /// The report's JSON.
+    pub async fn report(&self, per_sec: f64) -> Value {
+        let mut report = Map::new();
+        report.insert("version".into(), json!(env!("CARGO_PKG_VERSION")));
+        report.insert(
+            "uptime_secs".into(),
+            json!(self.started.elapsed().as_secs()),
+        );
+        report.insert("ts".into(), json!(now_ms()));
+        report.insert(
+            "readings".into(),
+            json!({
+                "accepted": self.counters.accepted.load(Ordering::Relaxed),
+                "per_sec": (per_sec * 100.0).round() / 100.0,
+                "store_refused": self.counters.store_failed.load(Ordering::Relaxed),
+            }),
+        );
+        let mut dropped = Map::new();
+        dropped.insert(
+            "store_refused".into(),
+            json!(self.counters.store_failed.load(Ordering::Relaxed)),
+        );
+        if let Some(queue) = &self.queue {
+            let stats = match queue.stats().await {
+                Ok(stats) => {
+                    dropped.insert("queue".into(), json!(stats.dropped.total()));
+                    serde_json::to_value(stats).unwrap_or(Value::Null)
+                }
+                Err(err) => json!({ "error": err.to_string() }),
+            };
+            report.insert("queue".into(), stats);
+        }
+        if let Some(uplink) = &self.uplink {
+            let stats = uplink.stats();
+            let state = link_state(&uplink.state().borrow());
+            dropped.insert(
+                "upstream".into(),
+                json!(stats.dropped_too_large + stats.dropped_invalid + stats.rejected),
+            );
+            report.insert(
+                "upstream".into(),
+                json!({
+                    "state": state,
+                    "connects": stats.connects,
+                    "connect_failures": stats.connect_failures,
+                    "published": stats.published,
+                    "resent": stats.resent,
+                    "acked": stats.acked,
+                }),
+            );
+        }
+        if let Some(broker) = &self.broker {
+            let stats = broker.stats();
+            dropped.insert("lan".into(), json!(stats.dropped));
+            report.insert(
+                "lan".into(),
+                json!({
+                    "clients": stats.clients_connected,
+                    "messages_sent": stats.messages_sent,
+                    "denied": stats.denied,
+                }),
+            );
+        }
+        report.insert("dropped".into(), Value::Object(dropped));
+        report.insert("buses".into(), self.bus_states());
+        Value::Object(report)
+    }
+
+    fn bus_states(&self) -> Value {
+        let devices = self
+            .devices
+            .lock()
+            .map(|states| states.clone())
+            .unwrap_or_default();
+        let buses = self
+            .buses
+            .lock()
+            .map(|buses| buses.clone())
+            .unwrap_or_default();
+        let mut out = Map::new();
+        for bus in buses {
+            let states: BTreeMap<String, String> = bus
+                .device_names()
+                .into_iter()
+                .map(|device| {
+                    let state = devices
+                        .get(&device)
+                        .map_or_else(|| "starting".to_string(), ToString::to_string);
+                    (device, state)
+                })
+                .collect();
+            let stats = bus.stats();
+            out.insert(
+                bus.name().to_string(),
+                json!({
+                    "requests": stats.requests,
+                    "failed_requests": stats.failed_requests,
+                    "readings": stats.readings,
+                    "garbage_lines": stats.garbage_lines,
+                    "devices": states,
+                }),
+            );
+        }
+        Value::Object(out)
+    }
+
+    async fn publish(&self, body: String) {
+        let topic = format!("{}/health", self.prefix);
+        let payload = Bytes::from(body);
+        if let Some(broker) = &self.broker {
+            broker.publish(&topic, payload.clone(), QoS::AtMostOnce, false);
+        }
+        if let Some(queue) = &self.queue {
+            let message = Message {
+                topic,
+                payload,
+                qos: self.qos,
+                retain: false,
+                created_ms: now_ms(),
+                priority: Priority::Periodic,
+            };
+            if let Err(err) = queue.append(vec![message]).await {
+                tracing::debug!(error = %err, "health report not queued");
+            }
+        }
+    }
+}
+
+/// The uplink's state in a word, with the reason while it backs off.
+fn link_state(state: &LinkState) -> String {
+    match state {
+        LinkState::Connecting { .. } => "connecting".to_string(),
+        LinkState::Connected { .. } => "connected".to_string(),
+        LinkState::Backoff { error, .. } => format!("backoff: {error}"),
+        LinkState::Stopped => "stopped".to_string(),
+    }
+}
