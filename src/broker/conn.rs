@@ -652,7 +652,9 @@ impl Conn {
     /// for it.
     pub fn close(mut self, why: Close) {
         let will = match why {
-            Close::Normal => None,
+            // The client said goodbye, or the broker itself is going away: a will is
+            // for a client that vanished.
+            Close::Normal | Close::Kicked(Kick::Shutdown) => None,
             _ => self.will.take(),
         };
         let will = will.map(|w| {

@@ -333,9 +333,12 @@ async fn will_is_published_on_abnormal_close_only() {
     watcher.subscribe("will/#", QoS::AtLeastOnce);
     for (why, expected) in [
         (Close::Normal, false),
+        (Close::Kicked(Kick::Shutdown), false),
         (Close::Lost, true),
         (Close::WithWill, true),
         (Close::KeepAliveTimeout, true),
+        (Close::Kicked(Kick::TakenOver), true),
+        (Close::Protocol(ReasonCode::MALFORMED_PACKET), true),
     ] {
         let mut c = connect_packet(Protocol::V5, "mortal");
         c.will = Some(Will {
