@@ -103,6 +103,10 @@ pub struct AgentConfig {
     /// Readings retained on the local broker, so a new LAN subscriber gets the last
     /// value at once. Default true.
     pub retain: bool,
+    /// Readings also retained upstream. Default false: a backlog replayed after an
+    /// outage would otherwise overwrite the retained value once per queued reading, and
+    /// clouds that bill retained storage rarely want every reading kept.
+    pub retain_upstream: bool,
     /// Bound of the channel from the bus tasks to the pipeline, in readings. Default 4096.
     pub channel_capacity: usize,
     /// Most readings appended to the store in one call. Default 1024.
@@ -119,6 +123,7 @@ impl Default for AgentConfig {
             health_interval_secs: 30,
             qos: 1,
             retain: true,
+            retain_upstream: false,
             channel_capacity: 4096,
             batch_max: 1024,
             shutdown_timeout_ms: 4000,

@@ -344,7 +344,7 @@ async fn max_age_drops_old_rows_but_spares_rows_stamped_by_an_unset_clock() {
 }
 
 #[tokio::test]
-async fn rows_in_flight_are_never_dropped_by_retention() {
+async fn rows_in_flight_are_never_dropped_by_retention_but_are_once_released() {
     let dir = tempfile::tempdir().expect("tempdir");
     let queue = Queue::open(StoreConfig {
         max_rows: 3,
@@ -355,15 +355,27 @@ async fn rows_in_flight_are_never_dropped_by_retention() {
     queue.append(batch(0..3)).await.expect("append");
     let out = queue.next(3, DrainOrder::OldestFirst).await.expect("next");
     queue.append(batch(3..5)).await.expect("append");
+    let stats = queue.stats().await.expect("stats");
+    assert_eq!(stats.dropped.max_rows, 2, "the new pending rows gave way");
+    // Released, the old rows are the oldest again and go first.
+    queue
+        .release(out.iter().map(|s| s.id).collect())
+        .await
+        .expect("release");
+    queue.append(batch(5..6)).await.expect("append");
+    let kept: Vec<u64> = contents(&queue).await.into_iter().map(|(_, s)| s).collect();
+    assert_eq!(kept, vec![1, 2, 5]);
+    let out = queue.next(3, DrainOrder::OldestFirst).await.expect("next");
     queue
         .ack(out.iter().map(|s| s.id).collect())
         .await
         .expect("ack");
-    let stats = queue.stats().await.expect("stats");
-    assert_eq!(stats.dropped.max_rows, 2, "the new pending rows gave way");
     queue.close().await.expect("close");
     let stats = read_stats(&dir.path().join("q.db")).expect("read_stats");
-    assert_eq!((stats.depth, stats.delivered), (0, 3));
+    assert_eq!(
+        (stats.depth, stats.delivered, stats.dropped.max_rows),
+        (0, 3, 3)
+    );
 }
 
 fn corrupt_files(dir: &Path) -> Vec<PathBuf> {

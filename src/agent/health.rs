@@ -6,13 +6,16 @@
 //! ```json
 //! {"version":"0.1.0","uptime_secs":3600,"ts":1700000000000,
 //!  "readings":{"accepted":36000,"per_sec":10.0,"store_refused":0},
-//!  "queue":{...store::Stats...},
-//!  "upstream":"connected",
-//!  "buses":{"rs485":{"meter1":"online","meter2":"quarantined"}}}
+//!  "queue":{"depth":0,"oldest_age_ms":null,...store::Stats...},
+//!  "upstream":{"state":"connected","connects":1,"published":36000,"acked":36000,...},
+//!  "lan":{"clients":3,"messages_sent":108000,"denied":0},
+//!  "dropped":{"store_refused":0,"queue":0,"upstream":0,"lan":0},
+//!  "buses":{"rs485":{"requests":7200,"failed_requests":0,"readings":36000,
+//!           "garbage_lines":0,"devices":{"meter1":"online","meter2":"quarantined"}}}}
 //! ```
 //!
-//! `queue` is absent without an upstream (no store), `upstream` is absent when
-//! LAN-only. A device that has not reported a state yet shows as `"starting"`.
+//! `queue` is absent without an upstream (no store), `upstream` when LAN-only, `lan`
+//! without a local broker. A device that has not reported a state yet is `"starting"`.
 
 use std::collections::BTreeMap;
 use std::sync::atomic::Ordering;
@@ -27,12 +30,13 @@ use tokio_util::sync::CancellationToken;
 use super::pipeline::{now_ms, Counters, DeviceStates};
 use super::systemd::{Heartbeat, BEAT_PERIOD};
 use crate::broker::BrokerHandle;
+use crate::field::ResolvedBus;
 use crate::mqtt::QoS;
 use crate::store::{Message, Priority, Queue};
-use crate::uplink::LinkState;
+use crate::uplink::{LinkState, UplinkHandle};
 
-/// Bus names with the names of their devices, in config order.
-pub type BusMap = Arc<Mutex<Vec<(String, Vec<String>)>>>;
+/// The running buses (replaced on reload), for their names, devices and counters.
+pub type BusMap = Arc<Mutex<Vec<ResolvedBus>>>;
 
 /// What the report is made of.
 pub struct Health {
@@ -42,7 +46,7 @@ pub struct Health {
     pub qos: QoS,
     pub broker: Option<BrokerHandle>,
     pub queue: Option<Queue>,
-    pub uplink: Option<tokio::sync::watch::Receiver<LinkState>>,
+    pub uplink: Option<Arc<UplinkHandle>>,
     pub counters: Arc<Counters>,
     pub devices: DeviceStates,
     pub buses: BusMap,
@@ -93,17 +97,53 @@ impl Health {
                 "store_refused": self.counters.store_failed.load(Ordering::Relaxed),
             }),
         );
+        let mut dropped = Map::new();
+        dropped.insert(
+            "store_refused".into(),
+            json!(self.counters.store_failed.load(Ordering::Relaxed)),
+        );
         if let Some(queue) = &self.queue {
             let stats = match queue.stats().await {
-                Ok(stats) => serde_json::to_value(stats).unwrap_or(Value::Null),
+                Ok(stats) => {
+                    dropped.insert("queue".into(), json!(stats.dropped.total()));
+                    serde_json::to_value(stats).unwrap_or(Value::Null)
+                }
                 Err(err) => json!({ "error": err.to_string() }),
             };
             report.insert("queue".into(), stats);
         }
         if let Some(uplink) = &self.uplink {
-            let state = link_state(&uplink.borrow());
-            report.insert("upstream".into(), json!(state));
+            let stats = uplink.stats();
+            let state = link_state(&uplink.state().borrow());
+            dropped.insert(
+                "upstream".into(),
+                json!(stats.dropped_too_large + stats.dropped_invalid + stats.rejected),
+            );
+            report.insert(
+                "upstream".into(),
+                json!({
+                    "state": state,
+                    "connects": stats.connects,
+                    "connect_failures": stats.connect_failures,
+                    "published": stats.published,
+                    "resent": stats.resent,
+                    "acked": stats.acked,
+                }),
+            );
         }
+        if let Some(broker) = &self.broker {
+            let stats = broker.stats();
+            dropped.insert("lan".into(), json!(stats.dropped));
+            report.insert(
+                "lan".into(),
+                json!({
+                    "clients": stats.clients_connected,
+                    "messages_sent": stats.messages_sent,
+                    "denied": stats.denied,
+                }),
+            );
+        }
+        report.insert("dropped".into(), Value::Object(dropped));
         report.insert("buses".into(), self.bus_states());
         Value::Object(report)
     }
@@ -120,8 +160,9 @@ impl Health {
             .map(|buses| buses.clone())
             .unwrap_or_default();
         let mut out = Map::new();
-        for (bus, names) in buses {
-            let states: BTreeMap<String, String> = names
+        for bus in buses {
+            let states: BTreeMap<String, String> = bus
+                .device_names()
                 .into_iter()
                 .map(|device| {
                     let state = devices
@@ -130,7 +171,17 @@ impl Health {
                     (device, state)
                 })
                 .collect();
-            out.insert(bus, json!(states));
+            let stats = bus.stats();
+            out.insert(
+                bus.name().to_string(),
+                json!({
+                    "requests": stats.requests,
+                    "failed_requests": stats.failed_requests,
+                    "readings": stats.readings,
+                    "garbage_lines": stats.garbage_lines,
+                    "devices": states,
+                }),
+            );
         }
         Value::Object(out)
     }

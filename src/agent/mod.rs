@@ -51,6 +51,9 @@ use systemd::Heartbeat;
 /// Time the uplink may take beyond its shutdown timeout to return in-flight rows.
 const UPLINK_RELEASE_GRACE: Duration = Duration::from_secs(2);
 
+/// Time connected LAN clients get to receive the offline status before the broker stops.
+const LOCAL_FLUSH: Duration = Duration::from_millis(100);
+
 /// Why the agent could not start.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -111,7 +114,7 @@ pub struct Agent {
     prefix: String,
     broker: Option<BrokerHandle>,
     queue: Option<Queue>,
-    uplink: Option<UplinkHandle>,
+    uplink: Option<Arc<UplinkHandle>>,
     events: mpsc::Sender<FieldEvent>,
     buses: Buses,
     bus_map: health::BusMap,
@@ -153,7 +156,7 @@ impl Agent {
             Some(upstream) => {
                 let queue = Queue::open(config.store.clone())?;
                 let uplink = Uplink::spawn(upstream.clone(), prefix.clone(), queue.clone())?;
-                (Some(queue), Some(uplink))
+                (Some(queue), Some(Arc::new(uplink)))
             }
             None => {
                 tracing::info!("no [upstream]: LAN-only, no store");
@@ -170,6 +173,7 @@ impl Agent {
                 prefix: prefix.clone(),
                 qos: config.agent.qos(),
                 retain: config.agent.retain,
+                retain_upstream: config.agent.retain_upstream,
                 batch_max: config.agent.batch_max,
                 broker: broker.clone(),
                 queue: queue.clone(),
@@ -181,7 +185,7 @@ impl Agent {
 
         let resolved = field::resolve(&config.field)?;
         let supervisor_beat = Heartbeat::new("bus supervisor");
-        let bus_map: health::BusMap = Arc::new(Mutex::new(bus_map(&resolved)));
+        let bus_map: health::BusMap = Arc::new(Mutex::new(resolved.clone()));
         let buses = start_buses(resolved, events.clone(), supervisor_beat.clone());
 
         let background = CancellationToken::new();
@@ -194,7 +198,7 @@ impl Agent {
                 qos: config.agent.qos(),
                 broker: broker.clone(),
                 queue: queue.clone(),
-                uplink: uplink.as_ref().map(UplinkHandle::state),
+                uplink: uplink.clone(),
                 counters: counters.clone(),
                 devices,
                 buses: bus_map.clone(),
@@ -311,7 +315,7 @@ impl Agent {
             }
             self.buses.stop.cancel();
             if let Ok(mut map) = self.bus_map.lock() {
-                *map = bus_map(&resolved);
+                map.clone_from(&resolved);
             }
             let count = resolved.len();
             self.buses = start_buses(resolved, self.events.clone(), self.supervisor_beat.clone());
@@ -363,25 +367,43 @@ impl Agent {
             let _ = watchdog.await;
         }
 
-        if let Some(uplink) = self.uplink {
-            // The uplink takes up to UPLINK_RELEASE_GRACE beyond its timeout to hand
-            // in-flight rows back to the store.
-            let left = deadline
-                .saturating_duration_since(Instant::now())
-                .saturating_sub(UPLINK_RELEASE_GRACE)
-                .max(Duration::from_millis(500));
-            match uplink.shutdown(left).await {
-                Ok(()) => tracing::info!("upstream disconnected"),
-                Err(err) => tracing::warn!(error = %err, "upstream did not disconnect cleanly"),
-            }
-        }
-        if let Some(broker) = self.broker {
+        // Offline goes to the local broker first, so LAN clients get it while the
+        // upstream takes its round trip for the offline acknowledgement.
+        if let Some(broker) = &self.broker {
             broker.publish(
                 &format!("{}/status", self.prefix),
                 Bytes::from_static(b"offline"),
                 QoS::AtLeastOnce,
                 true,
             );
+        }
+        if let Some(uplink) = self.uplink {
+            // The health task has ended, so this is the last reference.
+            match Arc::into_inner(uplink) {
+                Some(uplink) => {
+                    // The uplink takes up to UPLINK_RELEASE_GRACE beyond its timeout to
+                    // hand in-flight rows back to the store.
+                    let left = deadline
+                        .saturating_duration_since(Instant::now())
+                        .saturating_sub(UPLINK_RELEASE_GRACE)
+                        .max(Duration::from_millis(500));
+                    match uplink.shutdown(left).await {
+                        Ok(()) => tracing::info!("upstream disconnected"),
+                        Err(err) => {
+                            tracing::warn!(error = %err, "upstream did not disconnect cleanly")
+                        }
+                    }
+                }
+                None => tracing::error!("upstream still in use: stopped without DISCONNECT"),
+            }
+        }
+        if let Some(broker) = self.broker {
+            // The broker closes connections at shutdown without writing what is still
+            // queued for them; a short, bounded pause lets connected LAN clients
+            // receive the offline status first.
+            if broker.stats().clients_connected > 0 {
+                tokio::time::sleep(LOCAL_FLUSH).await;
+            }
             broker.shutdown().await;
         }
         if let Some(queue) = self.queue {
@@ -395,13 +417,6 @@ impl Agent {
             "fieldbridge stopped"
         );
     }
-}
-
-fn bus_map(buses: &[ResolvedBus]) -> Vec<(String, Vec<String>)> {
-    buses
-        .iter()
-        .map(|bus| (bus.name().to_string(), bus.device_names()))
-        .collect()
 }
 
 /// Starts one supervised task per bus. The resolved buses keep their counters across

@@ -53,6 +53,8 @@ pub struct Pipeline {
     pub qos: QoS,
     /// Readings retained on the local broker.
     pub retain: bool,
+    /// Readings retained upstream.
+    pub retain_upstream: bool,
     pub batch_max: usize,
     pub broker: Option<BrokerHandle>,
     pub queue: Option<Queue>,
@@ -132,11 +134,13 @@ impl Pipeline {
     /// Publishes one event locally and queues it for the store; returns how many
     /// readings now wait for a commit (0 or 1).
     fn handle(&self, event: FieldEvent, pending: &mut Vec<Message>) -> u64 {
-        let (topic, payload, retain, priority, created_ms, reading) = match event {
+        // (topic, payload, retained locally, retained upstream, ...)
+        let (topic, payload, retain, retain_upstream, priority, created_ms, reading) = match event {
             FieldEvent::Reading(reading) => (
                 reading.topic(&self.prefix),
                 reading.payload_json(),
                 self.retain,
+                self.retain_upstream,
                 Priority::Periodic,
                 reading.ts_ms,
                 1,
@@ -149,6 +153,7 @@ impl Pipeline {
                 format!("{}/{device}", self.prefix),
                 payload_json,
                 false,
+                false,
                 Priority::Periodic,
                 ts_ms,
                 0,
@@ -158,7 +163,15 @@ impl Pipeline {
                 if let Ok(mut devices) = self.devices.lock() {
                     devices.insert(device, state);
                 }
-                (topic, state.to_string(), true, Priority::Event, now_ms(), 0)
+                (
+                    topic,
+                    state.to_string(),
+                    true,
+                    true,
+                    Priority::Event,
+                    now_ms(),
+                    0,
+                )
             }
         };
         let payload = Bytes::from(payload);
@@ -174,7 +187,7 @@ impl Pipeline {
             topic,
             payload,
             qos: self.qos,
-            retain,
+            retain: retain_upstream,
             created_ms,
             priority,
         });

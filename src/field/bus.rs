@@ -500,6 +500,30 @@ pub(crate) async fn send_all(
     true
 }
 
+/// The per-device state of every device of `bus`, on poll grids anchored now.
+pub(crate) fn device_runs(bus: &ResolvedBus) -> Vec<DeviceRun> {
+    let anchor = Instant::now();
+    bus.devices
+        .iter()
+        .map(|d| DeviceRun::new(d, anchor))
+        .collect()
+}
+
+/// Waits until the device due first is due and returns its index (ties go to the
+/// device listed first); `None` once shutdown is requested. A bus without devices just
+/// waits for shutdown.
+pub(crate) async fn next_due(runs: &[DeviceRun], shutdown: &CancellationToken) -> Option<usize> {
+    let Some(i) = (0..runs.len()).min_by_key(|&i| (runs[i].slot.next, i)) else {
+        shutdown.cancelled().await;
+        return None;
+    };
+    tokio::select! {
+        biased;
+        _ = shutdown.cancelled() => None,
+        _ = tokio::time::sleep_until(runs[i].slot.next) => Some(i),
+    }
+}
+
 /// The loop of a Modbus bus: poll the device due first, forever, until shutdown.
 pub(crate) async fn run_modbus<L: Link>(
     bus: &ResolvedBus,
@@ -507,25 +531,8 @@ pub(crate) async fn run_modbus<L: Link>(
     tx: &Sender<FieldEvent>,
     shutdown: &CancellationToken,
 ) {
-    let anchor = Instant::now();
-    let mut runs: Vec<DeviceRun> = bus
-        .devices
-        .iter()
-        .map(|d| DeviceRun::new(d, anchor))
-        .collect();
-    if runs.is_empty() {
-        shutdown.cancelled().await;
-        return;
-    }
-    loop {
-        let Some(i) = (0..runs.len()).min_by_key(|&i| (runs[i].slot.next, i)) else {
-            return;
-        };
-        tokio::select! {
-            biased;
-            _ = shutdown.cancelled() => return,
-            _ = tokio::time::sleep_until(runs[i].slot.next) => {}
-        }
+    let mut runs = device_runs(bus);
+    while let Some(i) = next_due(&runs, shutdown).await {
         let started = now_ms();
         let run = &mut runs[i];
         let polled = tokio::select! {

@@ -914,7 +914,7 @@ fn validate_point(
                 format!("{pkey}.address"),
                 format!("{address} is out of range: addresses are 0-based protocol addresses 0..=65535 (write 40001 as 0)"),
             ));
-        } else if address + width - 1 > 65_535 {
+        } else if address + width > 65_536 {
             problems.push(Invalid::new(
                 format!("{pkey}.address"),
                 format!(
@@ -992,11 +992,14 @@ fn check_overlaps(
         .filter_map(|(key, p)| {
             let kind = p.kind?;
             let start = p.address?;
+            // A zero width or an address near u32::MAX is reported by validate_point;
+            // such a point has no range to overlap with.
+            let end = start.checked_add(u32::from(p.width()))?.checked_sub(1)?;
             let is_bit = p.data_type_or_default() == DataType::Bit;
             Some(Span {
                 kind,
                 start,
-                end: start + u32::from(p.width()) - 1,
+                end,
                 bit: if is_bit { p.bit } else { None },
                 name: p.name.as_str(),
                 key: key.as_str(),
@@ -1224,6 +1227,62 @@ mod tests {
             problems[3].message.contains("overlaps point \"a\""),
             "{}",
             problems[3].message
+        );
+    }
+
+    #[test]
+    fn zero_register_string_at_address_0_is_reported_not_a_panic() {
+        let c = parse(
+            r#"
+            [[bus]]
+            name = "b"
+            kind = "tcp"
+            host = "h"
+            [[bus.device]]
+            name = "d"
+            [[bus.device.point]]
+            name = "s"
+            kind = "holding"
+            address = 0
+            type = "string"
+            registers = 0
+            [[bus.device.point]]
+            name = "t"
+            kind = "holding"
+            address = 1
+            "#,
+        );
+        assert_eq!(keys(&c), vec!["bus[0].device[0].point[0].registers"]);
+    }
+
+    #[test]
+    fn huge_address_of_a_wide_point_is_reported_not_a_panic() {
+        let c = parse(
+            r#"
+            [[bus]]
+            name = "b"
+            kind = "tcp"
+            host = "h"
+            [[bus.device]]
+            name = "d"
+            [[bus.device.point]]
+            name = "a"
+            kind = "holding"
+            address = 4294967295
+            type = "f64"
+            [[bus.device.point]]
+            name = "b"
+            kind = "holding"
+            address = 4294967294
+            type = "u32"
+            "#,
+        );
+        assert_eq!(
+            keys(&c),
+            vec![
+                "bus[0].device[0].point[0].address",
+                "bus[0].device[0].point[1].address"
+            ]
         );
     }
 

@@ -19,7 +19,7 @@ use tokio::sync::mpsc::Sender;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use super::bus::{send_all, DeviceRun, ResolvedBus, ResolvedDevice};
+use super::bus::{device_runs, next_due, send_all, DeviceRun, ResolvedBus, ResolvedDevice};
 use super::config::{Checksum, LineMode};
 use super::decode::{Codec, DataType};
 use super::link::{open_serial, ReadError};
@@ -108,9 +108,14 @@ pub(crate) fn strip_nmea(line: &str) -> Result<&str, &'static str> {
     let Some(payload) = body.strip_prefix(['$', '!']) else {
         return Err("NMEA sentence does not start with '$'");
     };
-    let want = u8::from_str_radix(sum.trim(), 16).map_err(|_| "bad NMEA checksum digits")?;
+    let sum = sum.trim();
+    // Exactly two hex digits: `from_str_radix` alone would also take a sign ("+F").
+    if sum.len() != 2 || !sum.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return Err("bad NMEA checksum digits");
+    }
+    let want = u8::from_str_radix(sum, 16).map_err(|_| "bad NMEA checksum digits")?;
     let got = payload.bytes().fold(0u8, |acc, b| acc ^ b);
-    if got == want && sum.trim().len() == 2 {
+    if got == want {
         Ok(body)
     } else {
         Err("NMEA checksum mismatch")
@@ -503,23 +508,9 @@ async fn run_poll(
     tx: &Sender<FieldEvent>,
     shutdown: &CancellationToken,
 ) {
-    let anchor = Instant::now();
-    let mut runs: Vec<DeviceRun> = bus
-        .devices
-        .iter()
-        .map(|d| DeviceRun::new(d, anchor))
-        .collect();
+    let mut runs = device_runs(bus);
     let checksum = bus.config.checksum();
-    loop {
-        let Some(i) = (0..runs.len()).min_by_key(|&i| (runs[i].slot.next, i)) else {
-            shutdown.cancelled().await;
-            return;
-        };
-        tokio::select! {
-            biased;
-            _ = shutdown.cancelled() => return,
-            _ = tokio::time::sleep_until(runs[i].slot.next) => {}
-        }
+    while let Some(i) = next_due(&runs, shutdown).await {
         let started = now_ms();
         let run = &mut runs[i];
         let spec = run.spec.clone();
@@ -595,6 +586,14 @@ mod tests {
         assert!(strip_nmea("GPGGA,1*47").is_err());
         assert!(strip_nmea("$GPGGA,1").is_err());
         assert!(strip_nmea("$GPGGA,1*zz").is_err());
+    }
+
+    #[test]
+    fn a_signed_nmea_checksum_is_not_two_hex_digits() {
+        // "AB" XORs to 0x03, which `from_str_radix` also reads from "+3".
+        assert_eq!(strip_nmea("$AB*03"), Ok("$AB"));
+        assert_eq!(strip_nmea("$AB*+3"), Err("bad NMEA checksum digits"));
+        assert_eq!(strip_nmea("$AB*3"), Err("bad NMEA checksum digits"));
     }
 
     fn device(regex: Option<&str>, points: &str) -> ResolvedDevice {

@@ -7,6 +7,9 @@
 //!   buffer; then it takes exactly that packet off the front. PUBLISH payloads,
 //!   correlation and authentication data, will payloads and passwords are zero-copy
 //!   slices of the receive buffer; the only per-packet allocations are the strings.
+//!   Such a slice keeps the whole receive chunk alive, so whatever is held for long
+//!   (retained messages, offline queues) should be copied out with
+//!   `Bytes::copy_from_slice`.
 //! - Nothing in the body is trusted: every length is checked against what is left,
 //!   every field is validated as the spec requires, and trailing bytes are an error.
 //!   No input makes the decoder panic.

@@ -1,4 +1,10 @@
 //! The `[store]` section of the configuration.
+//!
+//! Invariants: every key has a documented default, so an empty `[store]` (or none) is a
+//! working configuration; unknown keys are rejected; [`StoreConfig::validate`] bounds
+//! every number the queue sizes or times something by (no zero interval, no zero-row
+//! buffer, no limit the queue cannot keep), and [`super::Queue::open`] refuses a
+//! configuration it rejects.
 
 use std::path::PathBuf;
 

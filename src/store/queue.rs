@@ -1,4 +1,14 @@
 //! The queue handle and the thread that owns the SQLite connection.
+//!
+//! Invariants (the module-level ones are in `store/mod.rs`):
+//! - Only the store thread touches the connection; handles talk to it through a channel
+//!   bounded by a semaphore of `CHANNEL_CAPACITY` slots.
+//! - Memory changes only after a transaction committed (`Worker::applied`); a failed
+//!   transaction leaves every buffer as it was, for the retry.
+//! - A row id in `in_flight` or `acking` is never handed out by `next` and never chosen
+//!   by a retention drop; `acking` rows are deleted by the next commit.
+//! - Values read back from the file (ids, sizes, counters) may have been written by
+//!   something else: they are clamped or saturated, never trusted not to overflow.
 
 use std::collections::{HashSet, VecDeque};
 use std::sync::mpsc::{self as std_mpsc, RecvTimeoutError};
@@ -23,6 +33,8 @@ const CHECKPOINT_WAL_BYTES: u64 = 4 << 20;
 /// Counters are persisted at most this often (and on close): writing them with every
 /// commit would add a page write per commit.
 const COUNTERS_INTERVAL: Duration = Duration::from_secs(10);
+/// Most rows the age sweep looks at per commit.
+const AGE_SCAN_ROWS: i64 = 1024;
 /// Idle queues are checked for rows past `max_age_secs` this often.
 const AGE_SWEEP_INTERVAL: Duration = Duration::from_secs(10);
 const RETRY_MIN: Duration = Duration::from_millis(100);
@@ -69,10 +81,11 @@ enum Command {
     Crash {
         reply: Reply<()>,
     },
-    /// Caps the database file (`PRAGMA max_page_count`) to simulate a full disk.
+    /// Runs a pragma on the connection: `max_page_count` simulates a full disk,
+    /// `query_only` a read-only filesystem.
     #[cfg(test)]
-    MaxPageCount {
-        pages: u64,
+    Pragma {
+        sql: String,
         reply: Reply<()>,
     },
 }
@@ -301,9 +314,9 @@ impl Queue {
     }
 
     #[cfg(test)]
-    pub(super) async fn set_max_page_count(&self, pages: u64) -> Result<(), Error> {
-        self.call(|reply| Command::MaxPageCount { pages, reply })
-            .await
+    pub(super) async fn pragma(&self, sql: &str) -> Result<(), Error> {
+        let sql = sql.to_string();
+        self.call(|reply| Command::Pragma { sql, reply }).await
     }
 }
 
@@ -348,6 +361,7 @@ struct Written {
     removed_bytes: u64,
     dropped: Vec<(DropReason, u64)>,
     counters: Counters,
+    scan_from: Option<[i64; 3]>,
 }
 
 struct Worker {
@@ -374,6 +388,8 @@ struct Worker {
     next_age_sweep: Instant,
     failing: Option<Failing>,
     dropping: bool,
+    /// Per priority class, where `drop_oldest` looks for its next victims.
+    scan_from: [i64; 3],
     pending: watch::Sender<u64>,
 }
 
@@ -400,7 +416,9 @@ impl Worker {
             first_dirty: None,
             rows,
             bytes,
-            next_id: (max_id + 1).max(counters.next_id).max(1),
+            // Ids come from the file: a row id of i64::MAX must not overflow here. Ids
+            // saturate, and an insert with a taken id fails and is retried like a full disk.
+            next_id: max_id.saturating_add(1).max(counters.next_id).max(1),
             counters,
             counters_saved: now,
             counters_dirty: false,
@@ -410,6 +428,7 @@ impl Worker {
             next_age_sweep: now,
             failing: None,
             dropping: false,
+            scan_from: [i64::MIN; 3],
             pending,
         }
     }
@@ -498,12 +517,8 @@ impl Worker {
                 let _ = reply.send(self.stats());
             }
             #[cfg(test)]
-            Command::MaxPageCount { pages, reply } => {
-                let result = self
-                    .db
-                    .conn
-                    .query_row(&format!("PRAGMA max_page_count = {pages}"), [], |_| Ok(()))
-                    .map_err(Error::from);
+            Command::Pragma { sql, reply } => {
+                let result = self.db.conn.execute_batch(&sql).map_err(Error::from);
                 let _ = reply.send(result);
             }
             Command::Close { .. } => unreachable!("handled by run"),
@@ -615,7 +630,7 @@ impl Worker {
                         i64::try_from(size).unwrap_or(i64::MAX),
                     ])?;
                     ids.push(next_id);
-                    next_id += 1;
+                    next_id = next_id.saturating_add(1);
                     written.added_rows += 1;
                     written.added_bytes += size;
                 }
@@ -645,7 +660,9 @@ impl Worker {
             let bytes = (self.bytes + written.added_bytes).saturating_sub(written.removed_bytes);
             let (in_flight, acking) = (&self.in_flight, &self.acking);
             let skip = |id: &i64| in_flight.contains(id) || acking.contains(id);
-            let victims = retention_victims(&tx, &self.config, skip, rows, bytes)?;
+            let (victims, scan_from) =
+                retention_victims(&tx, &self.config, skip, self.scan_from, rows, bytes)?;
+            written.scan_from = Some(scan_from);
             let mut delete = tx.prepare_cached("DELETE FROM message WHERE id = ?1")?;
             for (id, size, reason) in victims {
                 delete.execute([id])?;
@@ -669,23 +686,25 @@ impl Worker {
     }
 
     /// Brings memory in line with a committed transaction and answers its waiters.
-    fn applied(&mut self, written: Written, work: Work) {
-        if work.inserts {
-            for (batch, ids) in self.batches.drain(..).zip(written.ids) {
-                if let Some(reply) = batch.reply {
-                    let _ = reply.send(Ok(ids));
-                }
-            }
+    /// The `pending` watch is updated before any waiter hears of the commit, so a
+    /// caller whose append resolved sees the new count.
+    fn applied(&mut self, mut written: Written, work: Work) {
+        let batches = if work.inserts {
             self.buffered_rows = 0;
-        }
+            std::mem::take(&mut self.batches)
+        } else {
+            VecDeque::new()
+        };
+        let flows = std::mem::take(&mut self.flows);
+        let ids = std::mem::take(&mut written.ids);
         self.acking.clear();
-        for flow in self.flows.drain(..) {
-            let _ = flow.reply.send(Ok(()));
-        }
         self.rows = (self.rows + written.added_rows).saturating_sub(written.removed_rows);
         self.bytes = (self.bytes + written.added_bytes).saturating_sub(written.removed_bytes);
         self.next_id = written.counters.next_id;
         self.counters = written.counters;
+        if let Some(scan_from) = written.scan_from {
+            self.scan_from = scan_from;
+        }
         if work.counters {
             self.counters_saved = Instant::now();
             self.counters_dirty = false;
@@ -697,7 +716,7 @@ impl Worker {
         } else {
             None
         };
-        if let Some(failing) = self.failing.take() {
+        if let Some(failing) = self.failing.take_if(|_| work.inserts) {
             tracing::info!(
                 after_ms = failing.since.elapsed().as_millis() as u64,
                 attempts = failing.attempts,
@@ -717,6 +736,14 @@ impl Worker {
         }
         if written.added_rows > 0 {
             self.pending.send_replace(self.pending_rows());
+        }
+        for (batch, ids) in batches.into_iter().zip(ids) {
+            if let Some(reply) = batch.reply {
+                let _ = reply.send(Ok(ids));
+            }
+        }
+        for flow in flows {
+            let _ = flow.reply.send(Ok(()));
         }
         self.commits_since_checkpoint += 1;
         self.wal_estimate += written.added_bytes + 2 * self.db.page_size;
@@ -887,7 +914,9 @@ impl Worker {
         let mut statement = self.db.conn.prepare_cached(&sql)?;
         loop {
             // Skipped rows are at most the in-flight ones, so one pass is the rule.
-            let limit = max - out.len() + self.in_flight.len() + self.acking.len();
+            let limit = (max - out.len())
+                .saturating_add(self.in_flight.len())
+                .saturating_add(self.acking.len());
             let mut rows =
                 statement.query(params![cursor, i64::try_from(limit).unwrap_or(i64::MAX)])?;
             let mut seen = 0;
@@ -947,7 +976,7 @@ impl Worker {
         }
         if now >= self.next_age_sweep {
             self.next_age_sweep = now + AGE_SWEEP_INTERVAL;
-            let sweep = self.counters_dirty && self.counters_due() || self.has_expired_rows();
+            let sweep = (self.counters_dirty && self.counters_due()) || self.has_expired_rows();
             if sweep && self.failing.is_none() {
                 let work = Work {
                     inserts: false,
@@ -1041,6 +1070,9 @@ impl Worker {
     }
 }
 
+/// A row chosen for a retention drop: id, size, why.
+type Victim = (i64, u64, DropReason);
+
 /// Rows to drop so the queue is within `max_age_secs`, `max_rows` and `max_bytes`,
 /// by the policy: lowest priority first, then oldest (`drop_oldest`) or newest
 /// (`drop_newest`). In-flight rows are never dropped.
@@ -1048,17 +1080,20 @@ fn retention_victims(
     tx: &rusqlite::Transaction<'_>,
     config: &StoreConfig,
     skip: impl Fn(&i64) -> bool,
+    mut scan_from: [i64; 3],
     mut rows: u64,
     mut bytes: u64,
-) -> Result<Vec<(i64, u64, DropReason)>, rusqlite::Error> {
+) -> Result<(Vec<Victim>, [i64; 3]), rusqlite::Error> {
     let mut victims = Vec::new();
     let mut chosen = HashSet::new();
     let max_age_ms = i64::try_from(config.max_age_secs.saturating_mul(1000)).unwrap_or(i64::MAX);
     let cutoff = db::now_ms().saturating_sub(max_age_ms);
     // Rows are in creation order closely enough: the sweep stops at the first row
-    // that is young enough, so it costs only the rows it drops.
-    let mut by_age = tx.prepare_cached("SELECT id, size, created_ms FROM message ORDER BY id")?;
-    let mut cursor = by_age.query([])?;
+    // that is young enough, so it costs only the rows it drops; and it looks at no more
+    // than AGE_SCAN_ROWS, in case the front of the queue is in flight or unstamped.
+    let mut by_age =
+        tx.prepare_cached("SELECT id, size, created_ms FROM message ORDER BY id LIMIT ?1")?;
+    let mut cursor = by_age.query([AGE_SCAN_ROWS])?;
     while let Some(row) = cursor.next()? {
         let (id, size, created): (i64, i64, i64) = (row.get(0)?, row.get(1)?, row.get(2)?);
         if created >= cutoff {
@@ -1075,17 +1110,25 @@ fn retention_victims(
     }
     drop(cursor);
     if rows <= config.max_rows && bytes <= config.max_bytes {
-        return Ok(victims);
+        return Ok((victims, scan_from));
     }
-    let sql = match config.policy {
-        DropPolicy::DropOldest => "SELECT id, size FROM message WHERE priority = ?1 ORDER BY id",
-        DropPolicy::DropNewest => {
-            "SELECT id, size FROM message WHERE priority = ?1 ORDER BY id DESC"
-        }
+    // `drop_oldest` starts each class where the previous drop of that class ended
+    // (`scan_from`), so a queue that sits at its limit does not rescan the rows of other
+    // classes in front on every commit.
+    let oldest = config.policy == DropPolicy::DropOldest;
+    let sql = if oldest {
+        "SELECT id, size FROM message WHERE priority = ?1 AND id >= ?2 ORDER BY id"
+    } else {
+        "SELECT id, size FROM message WHERE priority = ?1 AND id >= ?2 ORDER BY id DESC"
     };
     let mut by_policy = tx.prepare_cached(sql)?;
-    'classes: for class in [Priority::Periodic, Priority::Event, Priority::Alarm] {
-        let mut cursor = by_policy.query([class as u8])?;
+    'classes: for (slot, class) in [Priority::Periodic, Priority::Event, Priority::Alarm]
+        .into_iter()
+        .enumerate()
+    {
+        let from = if oldest { scan_from[slot] } else { i64::MIN };
+        let mut cursor = by_policy.query(params![class as u8, from])?;
+        let mut first_skipped = None;
         while let Some(row) = cursor.next()? {
             let reason = if rows > config.max_rows {
                 DropReason::MaxRows
@@ -1096,13 +1139,18 @@ fn retention_victims(
             };
             let (id, size): (i64, i64) = (row.get(0)?, row.get(1)?);
             if skip(&id) || chosen.contains(&id) {
+                first_skipped.get_or_insert(id);
                 continue;
             }
             let size = u64::try_from(size).unwrap_or(0);
             victims.push((id, size, reason));
+            if oldest {
+                // Skipped (in-flight) rows may be released later: scan them again.
+                scan_from[slot] = first_skipped.unwrap_or(id.saturating_add(1));
+            }
             rows = rows.saturating_sub(1);
             bytes = bytes.saturating_sub(size);
         }
     }
-    Ok(victims)
+    Ok((victims, scan_from))
 }
