@@ -109,7 +109,9 @@ pub struct AgentConfig {
     pub retain_upstream: bool,
     /// Bound of the channel from the bus tasks to the pipeline, in readings. Default 4096.
     pub channel_capacity: usize,
-    /// Most readings appended to the store in one call. Default 1024.
+    /// Most readings appended to the store in one call; capped by
+    /// `store.commit_max_rows`, so that under load every append commits at once.
+    /// Default 1024.
     pub batch_max: usize,
     /// Time allowed for a graceful shutdown, in milliseconds. Default 4000.
     pub shutdown_timeout_ms: u64,

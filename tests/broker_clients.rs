@@ -167,7 +167,7 @@ fn wildcards_and_sys_topics() {
 }
 
 #[test]
-fn retained_messages_survive_a_restart() {
+fn retained_messages_and_sessions_survive_a_restart() {
     let dir = tempfile::tempdir().unwrap();
     let config = BrokerConfig {
         persistence_path: Some(dir.path().join("broker.db")),
@@ -194,10 +194,39 @@ fn retained_messages_survive_a_restart() {
         sorted(late.wait_messages(3, WAIT)),
         ["1 site/agent 42", "1 site/t1 21.5", "1 site/t2 new"]
     );
+
+    // Persistent sessions of both versions go offline with messages waiting for them.
+    let session_args = |v: &'static str| {
+        let mut args = vec![
+            "-V",
+            v,
+            "-c",
+            "-i",
+            if v == "mqttv5" {
+                "offline-5"
+            } else {
+                "offline-4"
+            },
+        ];
+        args.extend(["-q", "2", "-t", "inbox/#", "-v"]);
+        if v == "mqttv5" {
+            args.extend(["-x", "3600"]);
+        }
+        args
+    };
+    for v in VERSIONS {
+        broker.sub(&session_args(v)).kill();
+    }
+    wait_for("both sessions offline", WAIT, || {
+        (broker.stats().clients_connected == 0).then_some(())
+    });
+    broker.publish(&["-q", "1", "-t", "inbox/a", "-m", "before restart 1"]);
+    broker.publish(&["-q", "2", "-t", "inbox/b", "-m", "before restart 2"]);
     broker.stop();
 
     let broker = TestBroker::start(config);
     assert_eq!(broker.stats().retained, 3);
+    assert_eq!(broker.stats().sessions, 2);
     for v in VERSIONS {
         let sub = Sub::start(
             broker.port,
@@ -218,6 +247,12 @@ fn retained_messages_survive_a_restart() {
             sorted(sub.wait_messages(3, WAIT)),
             ["1 1 site/agent 42", "1 1 site/t1 21.5", "1 2 site/t2 new"],
             "{v}: after a restart, at once, at the stored QoS"
+        );
+        let back = Sub::start(broker.port, &session_args(v));
+        assert_eq!(
+            back.wait_messages(2, WAIT),
+            ["inbox/a before restart 1", "inbox/b before restart 2"],
+            "{v}: queued messages kept across the restart"
         );
     }
 }

@@ -174,7 +174,9 @@ impl Agent {
                 qos: config.agent.qos(),
                 retain: config.agent.retain,
                 retain_upstream: config.agent.retain_upstream,
-                batch_max: config.agent.batch_max,
+                // A full batch reaches the store's row threshold and commits at once
+                // instead of waiting for the group-commit interval.
+                batch_max: config.agent.batch_max.min(config.store.commit_max_rows),
                 broker: broker.clone(),
                 queue: queue.clone(),
                 counters: counters.clone(),

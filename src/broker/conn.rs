@@ -54,7 +54,9 @@ impl Close {
             Close::Protocol(code) => Some(code),
             Close::Kicked(Kick::TakenOver) => Some(ReasonCode::SESSION_TAKEN_OVER),
             Close::Kicked(Kick::Shutdown) => Some(ReasonCode::SERVER_SHUTTING_DOWN),
-            Close::KeepAliveTimeout => Some(ReasonCode::KEEP_ALIVE_TIMEOUT),
+            Close::KeepAliveTimeout | Close::Kicked(Kick::KeepAlive) => {
+                Some(ReasonCode::KEEP_ALIVE_TIMEOUT)
+            }
             Close::Normal | Close::WithWill | Close::Lost => None,
         }
     }
@@ -67,9 +69,8 @@ pub(crate) struct Conn {
     session: Session,
     generation: u64,
     protocol: Protocol,
-    username: Option<String>,
-    keep_alive: u16,
-    will: Option<Will>,
+    username: Option<Box<str>>,
+    will: Option<Box<Will>>,
     /// Inbound topic aliases (5.0), index = alias - 1.
     aliases: Vec<Option<String>>,
     window: usize,
@@ -235,14 +236,18 @@ impl Conn {
             keep_alive,
             "client connected"
         );
+        let keep_alive_timeout =
+            (keep_alive > 0).then(|| Duration::from_millis(u64::from(keep_alive) * 1500));
+        session
+            .mailbox
+            .set_keep_alive(keep_alive_timeout, router.now_ms());
         let mut conn = Conn {
             router: router.clone(),
             session,
             generation: opened.generation,
             protocol,
-            username: connect.username,
-            keep_alive,
-            will: connect.will,
+            username: connect.username.map(String::into_boxed_str),
+            will: connect.will.map(Box::new),
             aliases: Vec::new(),
             window,
             max_out_packet,
@@ -267,9 +272,14 @@ impl Conn {
         self.protocol
     }
 
-    /// Closes the connection when nothing arrives for this long.
-    pub fn keep_alive_timeout(&self) -> Option<Duration> {
-        (self.keep_alive > 0).then(|| Duration::from_millis(u64::from(self.keep_alive) * 1500))
+    /// Bytes arrived from the client: the keepalive starts over.
+    pub fn touch(&self) {
+        self.session.mailbox.touch(self.router.now_ms());
+    }
+
+    /// Whether the inflight window has room for another QoS 1/2 message.
+    pub fn has_room(&self) -> bool {
+        self.session.inflight.len() < self.window
     }
 
     /// The mailbox, to wait for messages.
@@ -480,8 +490,10 @@ impl Conn {
     pub fn drain(&mut self, out: &mut BytesMut, budget: usize) -> Result<(), Close> {
         let mailbox = self.session.mailbox.clone();
         let mut queue = mailbox.lock();
-        if let Some(kick) = queue.kick() {
-            return Err(Close::Kicked(kick));
+        match queue.kick() {
+            Some(Kick::KeepAlive) => return Err(Close::KeepAliveTimeout),
+            Some(kick) => return Err(Close::Kicked(kick)),
+            None => {}
         }
         let now = Instant::now();
         let mut expired = 0;
@@ -571,6 +583,7 @@ impl Conn {
             _ => self.will.take(),
         };
         let will = will.map(|w| {
+            let w = *w;
             let delay = w.properties.will_delay_interval.unwrap_or(0);
             let now = Instant::now();
             let msg = Message {

@@ -56,7 +56,7 @@ impl SessionRecord {
         let mut subscriptions: Vec<_> = session
             .subscriptions
             .iter()
-            .map(|(f, s)| (f.clone(), *s))
+            .map(|(f, s)| (f.to_string(), *s))
             .collect();
         subscriptions.sort_by(|a, b| a.0.cmp(&b.0));
         SessionRecord {

@@ -97,15 +97,13 @@ impl Counters {
 struct SessionSlot {
     mailbox: Arc<Mailbox>,
     /// `Some` while no connection owns the session.
-    parked: Option<Session>,
+    parked: Option<Box<Session>>,
     /// Bumped each time a connection takes the session.
     generation: u64,
     /// When a parked session ends.
     expires_at: Option<Instant>,
     /// The will of the last connection, waiting for its delay.
     will: Option<Arc<Message>>,
-    /// Connections waiting for the session to be parked (takeover).
-    waiters: Vec<oneshot::Sender<()>>,
 }
 
 /// A session handed to a connection.
@@ -127,6 +125,9 @@ pub(crate) struct Router {
     tree: RwLock<SubscriptionTree<Target>>,
     retained: RwLock<RetainedStore<Arc<Message>>>,
     sessions: Mutex<HashMap<Arc<str>, SessionSlot>>,
+    /// Connections waiting for a session to be parked (takeover), rare and short-lived;
+    /// locked only inside `sessions`.
+    takeovers: Mutex<Vec<(Arc<str>, oneshot::Sender<()>)>>,
     policy: RwLock<Arc<Policy>>,
     policy_generation: AtomicU64,
     pub counters: Counters,
@@ -153,6 +154,7 @@ impl Router {
             tree: RwLock::default(),
             retained: RwLock::default(),
             sessions: Mutex::default(),
+            takeovers: Mutex::default(),
             policy: RwLock::new(Arc::new(policy)),
             policy_generation: AtomicU64::new(0),
             counters: Counters::default(),
@@ -165,6 +167,10 @@ impl Router {
 
     fn sessions(&self) -> MutexGuard<'_, HashMap<Arc<str>, SessionSlot>> {
         self.sessions.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn takeovers(&self) -> MutexGuard<'_, Vec<(Arc<str>, oneshot::Sender<()>)>> {
+        self.takeovers.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// The current access policy and its generation.
@@ -330,7 +336,7 @@ impl Router {
             };
             let new = write(&self.tree).insert(filter, group, sub);
             session.subscriptions.insert(
-                s.filter.clone(),
+                &s.filter,
                 SubRecord {
                     options: s.options,
                     id: sub_id,
@@ -396,7 +402,7 @@ impl Router {
     fn drop_subscriptions(&self, session: &Session) {
         let target = Target(session.mailbox.clone());
         let mut tree = write(&self.tree);
-        for filter in session.subscriptions.keys() {
+        for (filter, _) in session.subscriptions.iter() {
             if let Some((group, filter)) = split_shared(filter) {
                 tree.remove(filter, group, &target);
             }
@@ -420,11 +426,11 @@ impl Router {
                     Some(slot) if slot.parked.is_none() && !waited => {
                         slot.mailbox.kick(Kick::TakenOver);
                         let (tx, rx) = oneshot::channel();
-                        slot.waiters.push(tx);
+                        self.takeovers().push((slot.mailbox.client_id.clone(), tx));
                         Some(rx)
                     }
                     Some(slot) if slot.parked.is_some() => {
-                        let mut session = slot.parked.take().expect("checked above");
+                        let mut session = *slot.parked.take().expect("checked above");
                         slot.generation += 1;
                         slot.expires_at = None;
                         let pending_will = slot.will.take();
@@ -477,7 +483,6 @@ impl Router {
                                 generation: 1,
                                 expires_at: None,
                                 will: None,
-                                waiters: Vec::new(),
                             },
                         );
                         drop(sessions);
@@ -541,6 +546,18 @@ impl Router {
         session.mailbox.set_online(false);
         let client_id = session.client_id().clone();
         let mut sessions = self.sessions();
+        {
+            let mut takeovers = self.takeovers();
+            let mut i = 0;
+            while i < takeovers.len() {
+                if takeovers[i].0 == client_id {
+                    let (_, waiter) = takeovers.swap_remove(i);
+                    let _ = waiter.send(());
+                } else {
+                    i += 1;
+                }
+            }
+        }
         let slot = match sessions.get_mut(&client_id) {
             Some(slot)
                 if slot.generation == generation
@@ -555,9 +572,6 @@ impl Router {
                 return;
             }
         };
-        for waiter in slot.waiters.drain(..) {
-            let _ = waiter.send(());
-        }
         let kicked = session.mailbox.lock().kick();
         if session.expiry == 0 {
             sessions.remove(&client_id);
@@ -570,11 +584,11 @@ impl Router {
             .then(|| Instant::now() + Duration::from_secs(u64::from(expiry)));
         if kicked == Some(Kick::Shutdown) {
             // Kept for the persistence snapshot; no will on our own shutdown.
-            slot.parked = Some(session);
+            slot.parked = Some(Box::new(session));
             return;
         }
         self.persist_session(&session);
-        slot.parked = Some(session);
+        slot.parked = Some(Box::new(session));
         if let Some((will, delay)) = will {
             let delay = delay.min(expiry);
             if delay == 0 {
@@ -607,8 +621,21 @@ impl Router {
         }
     }
 
-    /// Ends parked sessions whose expiry passed and drops expired retained messages.
+    /// Milliseconds since the router started (the clock of keepalives).
+    pub fn now_ms(&self) -> u64 {
+        u64::try_from(self.started.elapsed().as_millis()).unwrap_or(u64::MAX)
+    }
+
+    /// Closes connections whose keepalive ran out, ends parked sessions whose expiry
+    /// passed and drops expired retained messages.
     pub fn housekeeping(&self, now: Instant) {
+        let now_ms = u64::try_from(now.saturating_duration_since(self.started).as_millis())
+            .unwrap_or(u64::MAX);
+        for slot in self.sessions().values() {
+            if slot.parked.is_none() && slot.mailbox.keep_alive_expired(now_ms) {
+                slot.mailbox.kick(Kick::KeepAlive);
+            }
+        }
         let expired: Vec<SessionSlot> = {
             let mut sessions = self.sessions();
             let ids: Vec<Arc<str>> = sessions
@@ -655,7 +682,7 @@ impl Router {
                         },
                     );
                 }
-                session.subscriptions.insert(filter, sub);
+                session.subscriptions.insert(&filter, sub);
             }
         }
         for q in queued {
@@ -672,11 +699,10 @@ impl Router {
             mailbox.client_id.clone(),
             SessionSlot {
                 mailbox,
-                parked: Some(session),
+                parked: Some(Box::new(session)),
                 generation: 1,
                 expires_at,
                 will: None,
-                waiters: Vec::new(),
             },
         );
     }

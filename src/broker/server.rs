@@ -3,7 +3,8 @@
 //! Invariants:
 //! - One task per connection does both directions, so an idle connection costs one
 //!   small task: its read buffer is released when a read leaves it empty, its write
-//!   buffer when it has been written out.
+//!   buffer when it has been written out, and it has no timer of its own (the router's
+//!   housekeeping enforces keepalives).
 //! - Reading pauses while more than [`READ_PAUSE`] bytes wait to be written to the
 //!   client (it does not read its acknowledgements), and the read buffer holds at most
 //!   one packet beyond what was decoded, so a flooding client is held back by TCP.
@@ -15,7 +16,7 @@
 //!   else is affected.
 //! - Connections beyond `max_connections` are closed right after accept.
 
-use std::future::{poll_fn, Future};
+use std::future::poll_fn;
 use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
@@ -27,7 +28,6 @@ use bytes::{Buf, BytesMut};
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
-use tokio::time::Instant;
 use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -44,8 +44,6 @@ const READ_PAUSE: usize = 256 * 1024;
 const FIRST_READ: usize = 2048;
 /// Reads at least this large keep the buffer for the next one.
 const KEEP_BUFFER: usize = FIRST_READ;
-/// A write buffer larger than this is released once written out.
-const KEEP_WRITE_BUFFER: usize = 1024;
 /// How long a closing connection may take to deliver its last DISCONNECT.
 const GOODBYE_TIMEOUT: Duration = Duration::from_secs(1);
 
@@ -85,12 +83,17 @@ pub(crate) async fn accept_loop(listener: TcpListener, tls: Option<TlsAcceptor>,
         };
         let _ = stream.set_nodelay(true);
         let task_shared = shared.clone();
-        let tls = tls.clone();
-        shared.tracker.spawn(async move {
-            let _permit = permit;
-            match tls {
-                None => serve(stream, peer, &task_shared).await,
-                Some(acceptor) => {
+        // Two task shapes, so a plain connection does not carry the size of a TLS one.
+        match tls.clone() {
+            None => {
+                shared.tracker.spawn(async move {
+                    let _permit = permit;
+                    serve(stream, peer, &task_shared).await;
+                });
+            }
+            Some(acceptor) => {
+                shared.tracker.spawn(async move {
+                    let _permit = permit;
                     let timeout = task_shared.router.settings.connect_timeout;
                     let handshake = tokio::select! {
                         h = tokio::time::timeout(timeout, acceptor.accept(stream)) => h,
@@ -101,9 +104,9 @@ pub(crate) async fn accept_loop(listener: TcpListener, tls: Option<TlsAcceptor>,
                         Ok(Err(e)) => tracing::info!(%peer, error = %e, "TLS handshake failed"),
                         Err(_) => tracing::info!(%peer, "TLS handshake timed out"),
                     }
-                }
+                });
             }
-        });
+        }
     }
 }
 
@@ -113,52 +116,39 @@ where
     S: AsyncRead + AsyncWrite + Unpin,
 {
     let router = &shared.router;
-    let max = router.settings.max_packet_size as usize;
     let mut rbuf = BytesMut::new();
-    let connect = tokio::select! {
-        c = tokio::time::timeout(router.settings.connect_timeout, read_connect(&mut stream, &mut rbuf, max)) => c,
-        () = shared.cancel.cancelled() => return,
-    };
-    let connect = match connect {
-        Err(_) => {
-            tracing::info!(%peer, "no CONNECT within the connect timeout; closing");
-            return;
-        }
-        Ok(Err(ConnectError::Io)) => return,
-        Ok(Err(ConnectError::Malformed(e))) => {
-            tracing::info!(%peer, error = %e, "bad CONNECT; closing");
-            if e.reason_code() == ReasonCode::UNSUPPORTED_PROTOCOL_VERSION {
-                let mut out = BytesMut::new();
-                let refusal = Packet::ConnAck(ConnAck {
-                    session_present: false,
-                    code: ReasonCode::UNSUPPORTED_PROTOCOL_VERSION,
-                    properties: Properties::default(),
-                });
-                if mqtt::encode(&refusal, Protocol::V311, &mut out).is_ok() {
-                    let _ = tokio::time::timeout(GOODBYE_TIMEOUT, stream.write_all(&out)).await;
-                }
-            }
-            return;
-        }
-        Ok(Ok(connect)) => connect,
-    };
     let mut wbuf = BytesMut::new();
-    let conn = Conn::connect(router, connect, &mut wbuf).await;
-    let Some(mut conn) = conn else {
-        let _ = tokio::time::timeout(GOODBYE_TIMEOUT, stream.write_all(&wbuf)).await;
+    // Boxed: CONNECT handling holds large packets for a moment; the task keeps only what
+    // the connected state needs.
+    let handshake = Box::pin(handshake(&mut stream, &mut rbuf, &mut wbuf, peer, shared)).await;
+    let Some(mut conn) = handshake else {
         return;
     };
     let why = run(&mut stream, &mut conn, &mut rbuf, &mut wbuf, router).await;
+    finish(conn, why, &mut wbuf, router);
+    if why != Close::Lost && !wbuf.is_empty() {
+        // Boxed for the same reason as the handshake: a timer is big and rarely needed.
+        let _ = Box::pin(tokio::time::timeout(GOODBYE_TIMEOUT, async {
+            stream.write_all(&wbuf).await?;
+            stream.shutdown().await
+        }))
+        .await;
+    }
+}
+
+/// Logs why the connection ends, queues the 5.0 DISCONNECT and lets go of the session
+/// (first: a connection taking it over is waiting).
+fn finish(mut conn: Box<Conn>, why: Close, wbuf: &mut BytesMut, router: &Router) {
     match why {
         Close::Protocol(code) => {
-            tracing::info!(client_id = %conn.client_id(), %peer, reason = code.0, "closing connection after a protocol error");
+            tracing::info!(client_id = %conn.client_id(), reason = code.0, "closing connection after a protocol error");
         }
         Close::KeepAliveTimeout => {
-            tracing::info!(client_id = %conn.client_id(), %peer, "keepalive expired");
+            tracing::info!(client_id = %conn.client_id(), "keepalive expired");
         }
         _ => {}
     }
-    conn.goodbye(why, &mut wbuf);
+    conn.goodbye(why, wbuf);
     Counters::add(
         &router.counters.messages_received,
         std::mem::take(&mut conn.received),
@@ -167,15 +157,53 @@ where
         &router.counters.messages_sent,
         std::mem::take(&mut conn.sent),
     );
-    // Let go of the session first: a connection taking it over is waiting.
-    conn.close(why);
-    if why != Close::Lost && !wbuf.is_empty() {
-        let _ = tokio::time::timeout(GOODBYE_TIMEOUT, async {
-            stream.write_all(&wbuf).await?;
-            stream.shutdown().await
-        })
-        .await;
+    (*conn).close(why);
+}
+
+/// Reads CONNECT and answers it. `None` when the connection ends here.
+async fn handshake<S>(
+    stream: &mut S,
+    rbuf: &mut BytesMut,
+    wbuf: &mut BytesMut,
+    peer: SocketAddr,
+    shared: &Shared,
+) -> Option<Box<Conn>>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let router = &shared.router;
+    let max = router.settings.max_packet_size as usize;
+    let connect = tokio::select! {
+        c = tokio::time::timeout(router.settings.connect_timeout, read_connect(stream, rbuf, max)) => c,
+        () = shared.cancel.cancelled() => return None,
+    };
+    let connect = match connect {
+        Err(_) => {
+            tracing::info!(%peer, "no CONNECT within the connect timeout; closing");
+            return None;
+        }
+        Ok(Err(ConnectError::Io)) => return None,
+        Ok(Err(ConnectError::Malformed(e))) => {
+            tracing::info!(%peer, error = %e, "bad CONNECT; closing");
+            if e.reason_code() == ReasonCode::UNSUPPORTED_PROTOCOL_VERSION {
+                let refusal = Packet::ConnAck(ConnAck {
+                    session_present: false,
+                    code: ReasonCode::UNSUPPORTED_PROTOCOL_VERSION,
+                    properties: Properties::default(),
+                });
+                if mqtt::encode(&refusal, Protocol::V311, wbuf).is_ok() {
+                    let _ = tokio::time::timeout(GOODBYE_TIMEOUT, stream.write_all(wbuf)).await;
+                }
+            }
+            return None;
+        }
+        Ok(Ok(connect)) => connect,
+    };
+    let conn = Conn::connect(router, connect, wbuf).await;
+    if conn.is_none() {
+        let _ = tokio::time::timeout(GOODBYE_TIMEOUT, stream.write_all(wbuf)).await;
     }
+    conn.map(Box::new)
 }
 
 enum ConnectError {
@@ -215,7 +243,6 @@ enum Event {
     Wrote(usize),
     Flushed,
     Mail,
-    Tick,
     Closed,
 }
 
@@ -233,10 +260,6 @@ where
     let max = router.settings.max_packet_size as usize;
     let protocol = conn.protocol();
     let mailbox = conn.mailbox().clone();
-    let mut notified = std::pin::pin!(mailbox.notified());
-    let keep_alive = conn.keep_alive_timeout();
-    let mut last_read = Instant::now();
-    let mut deadline = keep_alive.map(|ka| Box::pin(tokio::time::sleep(ka)));
     let mut unflushed = false;
     loop {
         // Handle what is buffered, unless the client is not taking our answers.
@@ -273,6 +296,8 @@ where
         }
 
         let reading = wbuf.len() < READ_PAUSE;
+        let draining = wbuf.len() < WRITE_BATCH;
+        let room = conn.has_room();
         let event = poll_fn(|cx| {
             if !wbuf.is_empty() {
                 match Pin::new(&mut *stream).poll_write(cx, wbuf) {
@@ -299,13 +324,9 @@ where
                     }
                 }
             }
-            if notified.as_mut().poll(cx).is_ready() {
+            // Also how a kick (takeover, keepalive, shutdown) reaches this task.
+            if draining && mailbox.poll_ready(cx, room).is_ready() {
                 return Poll::Ready(Event::Mail);
-            }
-            if let Some(deadline) = deadline.as_mut() {
-                if deadline.as_mut().poll(cx).is_ready() {
-                    return Poll::Ready(Event::Tick);
-                }
             }
             Poll::Pending
         })
@@ -313,29 +334,20 @@ where
 
         match event {
             Event::Read(n) => {
-                last_read = Instant::now();
+                conn.touch();
                 Counters::add(&router.counters.bytes_received, n as u64);
             }
             Event::Wrote(n) => {
                 Counters::add(&router.counters.bytes_sent, n as u64);
                 wbuf.advance(n);
                 unflushed = true;
-                if wbuf.is_empty() && wbuf.capacity() > KEEP_WRITE_BUFFER {
+                if wbuf.is_empty() {
+                    // Idle connections keep no write buffer.
                     *wbuf = BytesMut::new();
                 }
             }
             Event::Flushed => unflushed = false,
-            Event::Mail => notified.set(mailbox.notified()),
-            Event::Tick => {
-                let (Some(ka), Some(deadline)) = (keep_alive, deadline.as_mut()) else {
-                    continue;
-                };
-                let due = last_read + ka;
-                if due <= Instant::now() {
-                    return Close::KeepAliveTimeout;
-                }
-                deadline.as_mut().reset(due);
-            }
+            Event::Mail => {}
             Event::Closed => return Close::Lost,
         }
     }

@@ -8,16 +8,18 @@
 //!   session are not queued. Retained messages sent on subscribe bypass the bound: they
 //!   are already bounded by the retained store, and a subscriber must get all of them.
 //! - Pushing never blocks on the client: it takes the mailbox lock for a queue
-//!   operation only, and wakes the connection when the queue turns non-empty.
+//!   operation only, and wakes the connection if it is waiting for messages. A waiting
+//!   connection is one stored waker, not a future per connection.
 //! - [`Inflight`] holds at most the negotiated window of QoS 1/2 messages, in sending
 //!   order, each with its packet id; ids in the window are unique.
 
-use std::collections::{HashMap, VecDeque};
-use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
+use std::task::{Context, Poll, Waker};
+use std::time::Duration;
 
 use bytes::Bytes;
-use tokio::sync::Notify;
 use tokio::time::Instant;
 
 use crate::mqtt::{EncodedPublish, Properties, Protocol, Publish, QoS, SubscriptionOptions};
@@ -102,6 +104,8 @@ impl Delivery {
 pub(crate) enum Kick {
     /// Another connection took the session over.
     TakenOver,
+    /// Nothing received within 1.5 times the keepalive.
+    KeepAlive,
     /// The broker is shutting down.
     Shutdown,
 }
@@ -128,6 +132,8 @@ pub(crate) struct Queue {
     pub items: VecDeque<Delivery>,
     bytes: usize,
     kick: Option<Kick>,
+    /// The connection task, while it waits for messages.
+    waker: Option<Waker>,
 }
 
 impl Queue {
@@ -154,9 +160,12 @@ pub(crate) struct Mailbox {
     pub id: u64,
     pub client_id: Arc<str>,
     queue: Mutex<Queue>,
-    notify: Notify,
     online: AtomicBool,
     protocol: AtomicU8,
+    /// Keepalive of the connection in milliseconds, 0 for none.
+    keep_alive_ms: AtomicU32,
+    /// When the connection last received bytes, milliseconds on the router's clock.
+    last_read_ms: AtomicU64,
 }
 
 impl Mailbox {
@@ -165,9 +174,10 @@ impl Mailbox {
             id,
             client_id,
             queue: Mutex::new(Queue::default()),
-            notify: Notify::new(),
             online: AtomicBool::new(false),
             protocol: AtomicU8::new(protocol.level()),
+            keep_alive_ms: AtomicU32::new(0),
+            last_read_ms: AtomicU64::new(0),
         }
     }
 
@@ -180,38 +190,74 @@ impl Mailbox {
 
     /// Queues `d` within `limits` (or beyond them when `bounded` is false).
     pub fn push(&self, d: Delivery, limits: Limits, bounded: bool) -> Pushed {
-        let online = self.is_online();
-        if !online && d.qos == QoS::AtMostOnce {
+        if !self.is_online() && d.qos == QoS::AtMostOnce {
             return Pushed::Skipped;
         }
         let size = d.msg.size();
-        let was_empty;
-        {
+        let waker = {
             let mut q = self.lock();
             if bounded
                 && (q.items.len() >= limits.max_messages || q.bytes + size > limits.max_bytes)
             {
                 return Pushed::Dropped;
             }
-            was_empty = q.items.is_empty();
             q.bytes += size;
             q.items.push_back(d);
-        }
-        if was_empty && online {
-            self.notify.notify_one();
+            q.waker.take()
+        };
+        if let Some(waker) = waker {
+            waker.wake();
         }
         Pushed::Queued
     }
 
     /// Asks the connection serving this session to end.
     pub fn kick(&self, why: Kick) {
-        self.lock().kick = Some(why);
-        self.notify.notify_one();
+        let waker = {
+            let mut q = self.lock();
+            q.kick = Some(why);
+            q.waker.take()
+        };
+        if let Some(waker) = waker {
+            waker.wake();
+        }
     }
 
-    /// Wakes the connection (mailbox turned non-empty or was kicked).
-    pub fn notified(&self) -> tokio::sync::futures::Notified<'_> {
-        self.notify.notified()
+    /// Ready when the connection has something to do: it was kicked, or a message waits
+    /// that it may send (`room`: its inflight window has space for QoS 1/2). Otherwise
+    /// the task is woken by the next push or kick.
+    pub fn poll_ready(&self, cx: &mut Context<'_>, room: bool) -> Poll<()> {
+        let mut q = self.lock();
+        let sendable = match q.items.front() {
+            Some(d) => room || d.qos == QoS::AtMostOnce,
+            None => false,
+        };
+        if q.kick.is_some() || sendable {
+            return Poll::Ready(());
+        }
+        match &q.waker {
+            Some(w) if w.will_wake(cx.waker()) => {}
+            _ => q.waker = Some(cx.waker().clone()),
+        }
+        Poll::Pending
+    }
+
+    /// Records the keepalive of the connection now serving the session.
+    pub fn set_keep_alive(&self, keep_alive: Option<Duration>, now_ms: u64) {
+        let ms = keep_alive.map_or(0, |d| u32::try_from(d.as_millis()).unwrap_or(u32::MAX));
+        self.keep_alive_ms.store(ms, Ordering::Relaxed);
+        self.last_read_ms.store(now_ms, Ordering::Relaxed);
+    }
+
+    /// The connection received bytes at `now_ms`.
+    pub fn touch(&self, now_ms: u64) {
+        self.last_read_ms.store(now_ms, Ordering::Relaxed);
+    }
+
+    /// Whether the connection's keepalive (already 1.5 times the client's) ran out.
+    pub fn keep_alive_expired(&self, now_ms: u64) -> bool {
+        let ka = u64::from(self.keep_alive_ms.load(Ordering::Relaxed));
+        ka > 0 && now_ms >= self.last_read_ms.load(Ordering::Relaxed) + ka
     }
 
     pub fn is_online(&self) -> bool {
@@ -354,6 +400,43 @@ pub(crate) struct SubRecord {
     pub id: u32,
 }
 
+/// A session's subscriptions by filter as subscribed (`$share/group/` included).
+///
+/// A vector sized to fit: clients have a handful of filters, and an idle connection
+/// should cost little.
+#[derive(Debug, Default)]
+pub(crate) struct Subscriptions(Vec<(Box<str>, SubRecord)>);
+
+impl Subscriptions {
+    /// Adds or replaces; returns the previous record.
+    pub fn insert(&mut self, filter: &str, record: SubRecord) -> Option<SubRecord> {
+        if let Some((_, existing)) = self.0.iter_mut().find(|(f, _)| &**f == filter) {
+            return Some(std::mem::replace(existing, record));
+        }
+        push_compact(&mut self.0, (filter.into(), record));
+        None
+    }
+
+    pub fn remove(&mut self, filter: &str) -> Option<SubRecord> {
+        let at = self.0.iter().position(|(f, _)| &**f == filter)?;
+        let (_, record) = self.0.swap_remove(at);
+        Some(record)
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = (&str, &SubRecord)> {
+        self.0.iter().map(|(f, r)| (&**f, r))
+    }
+}
+
+/// Pushes growing the allocation one element at a time while the vector is short, so
+/// the common one-element case does not reserve room for four.
+pub(crate) fn push_compact<T>(list: &mut Vec<T>, item: T) {
+    if list.len() < 8 {
+        list.reserve_exact(1);
+    }
+    list.push(item);
+}
+
 /// Session expiry meaning "never".
 pub(crate) const NEVER_EXPIRES: u32 = u32::MAX;
 
@@ -361,8 +444,7 @@ pub(crate) const NEVER_EXPIRES: u32 = u32::MAX;
 #[derive(Debug)]
 pub(crate) struct Session {
     pub mailbox: Arc<Mailbox>,
-    /// By filter as subscribed, `$share/group/` included.
-    pub subscriptions: HashMap<String, SubRecord>,
+    pub subscriptions: Subscriptions,
     pub inflight: Inflight,
     /// Packet ids of inbound QoS 2 messages routed but not yet released.
     pub incoming: Vec<u16>,
@@ -374,7 +456,7 @@ impl Session {
     pub fn new(mailbox: Arc<Mailbox>) -> Session {
         Session {
             mailbox,
-            subscriptions: HashMap::new(),
+            subscriptions: Subscriptions::default(),
             inflight: Inflight::default(),
             incoming: Vec::new(),
             expiry: 0,

@@ -676,9 +676,11 @@ async fn connect_refusals() {
     assert_eq!(ack.code, ReasonCode::SUCCESS);
     assert!(ack.properties.assigned_client_identifier.is_some());
     assert_eq!(ack.properties.server_keep_alive, Some(60));
-    assert_eq!(
-        client.conn.as_ref().unwrap().keep_alive_timeout(),
-        Some(Duration::from_secs(90))
+    let mailbox = client.conn.as_ref().unwrap().mailbox();
+    assert!(!mailbox.keep_alive_expired(router.now_ms() + 89_000));
+    assert!(
+        mailbox.keep_alive_expired(router.now_ms() + 90_000),
+        "1.5 × the server's 60 s"
     );
 
     let mut c = connect_packet(Protocol::V311, "slowpoke");
@@ -738,4 +740,26 @@ async fn protocol_violations_close_with_a_reason() {
         c.send(Packet::Disconnect(raise)),
         Err(Close::Protocol(ReasonCode::PROTOCOL_ERROR))
     );
+}
+
+#[tokio::test(start_paused = true)]
+async fn keepalive_runs_out_at_one_and_a_half_times_its_value() {
+    let router = router();
+    let mut c = connect_packet(Protocol::V5, "sleepy");
+    c.keep_alive = 10;
+    let (mut client, _) = open(&router, c).await;
+    let tick = |router: &Router| router.housekeeping(tokio::time::Instant::now());
+    tokio::time::sleep(Duration::from_secs(14)).await;
+    tick(&router);
+    assert!(client.recv().is_empty(), "alive at 14 s");
+    client.conn().touch();
+    tokio::time::sleep(Duration::from_secs(14)).await;
+    tick(&router);
+    assert!(client.recv().is_empty(), "a packet restarted the clock");
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    tick(&router);
+    let mut out = BytesMut::new();
+    let why = client.conn().drain(&mut out, usize::MAX).unwrap_err();
+    assert_eq!(why, Close::KeepAliveTimeout);
+    assert_eq!(why.reason(), Some(ReasonCode::KEEP_ALIVE_TIMEOUT));
 }

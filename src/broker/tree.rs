@@ -93,7 +93,7 @@ impl<T: Owner> Entries<T> {
                 false
             }
             None => {
-                list.push(sub);
+                super::session::push_compact(list, sub);
                 true
             }
         }
@@ -143,7 +143,10 @@ impl<T: Owner> Group<T> {
 
 #[derive(Debug)]
 struct Node<T> {
-    children: HashMap<Box<str>, Node<T>>,
+    /// Literal next levels. Boxed on purpose: most nodes are leaves, and an inline map
+    /// would make every node (and every bucket of its parent's map) 40 bytes larger.
+    #[allow(clippy::box_collection)]
+    children: Option<Box<HashMap<Box<str>, Node<T>>>>,
     plus: Option<Box<Node<T>>>,
     /// Subscribers of the filter ending at this node.
     here: Option<Box<Entries<T>>>,
@@ -154,7 +157,7 @@ struct Node<T> {
 impl<T> Default for Node<T> {
     fn default() -> Self {
         Node {
-            children: HashMap::new(),
+            children: None,
             plus: None,
             here: None,
             hash: None,
@@ -164,10 +167,7 @@ impl<T> Default for Node<T> {
 
 impl<T: Owner> Node<T> {
     fn is_empty(&self) -> bool {
-        self.children.is_empty()
-            && self.plus.is_none()
-            && self.here.is_none()
-            && self.hash.is_none()
+        self.children.is_none() && self.plus.is_none() && self.here.is_none() && self.hash.is_none()
     }
 
     fn walk(
@@ -183,7 +183,7 @@ impl<T: Owner> Node<T> {
                 hash.emit(f);
             }
         }
-        if let Some(child) = self.children.get(level) {
+        if let Some(child) = self.children.as_ref().and_then(|c| c.get(level)) {
             child.descend(rest, f);
         }
         if wildcards {
@@ -219,7 +219,10 @@ impl<T: Owner> Node<T> {
                 let child = if level == "+" {
                     self.plus.get_or_insert_with(Box::default)
                 } else {
-                    self.children.entry(level.into()).or_default()
+                    self.children
+                        .get_or_insert_with(Box::default)
+                        .entry(level.into())
+                        .or_default()
                 };
                 match rest {
                     None => &mut child.here,
@@ -238,7 +241,7 @@ impl<T: Owner> Node<T> {
             let child = if level == "+" {
                 self.plus.as_deref_mut()
             } else {
-                self.children.get_mut(level)
+                self.children.as_mut().and_then(|c| c.get_mut(level))
             };
             let Some(child) = child else {
                 return (false, self.is_empty());
@@ -251,7 +254,12 @@ impl<T: Owner> Node<T> {
                 if level == "+" {
                     self.plus = None;
                 } else {
-                    self.children.remove(level);
+                    if let Some(children) = &mut self.children {
+                        children.remove(level);
+                        if children.is_empty() {
+                            self.children = None;
+                        }
+                    }
                 }
             }
             removed
