@@ -221,8 +221,6 @@ pub enum Error {
     Codec(#[from] crate::mqtt::Error),
     #[error("protocol violation by the upstream broker: {0}")]
     Protocol(String),
-    #[error("store: {0}")]
-    Store(String),
     #[error("the uplink did not stop within {0:?}")]
     ShutdownTimeout(Duration),
 }
