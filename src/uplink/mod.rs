@@ -74,6 +74,9 @@ impl Uplink {
     /// # Errors
     /// [`Error::Config`] for an invalid config, [`Error::Tls`] for unusable TLS files,
     /// [`Error::Password`] when the password source cannot be read.
+    ///
+    /// # Panics
+    /// Outside a tokio runtime.
     pub fn spawn(
         config: UplinkConfig,
         prefix: String,
