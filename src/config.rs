@@ -214,11 +214,13 @@ impl Config {
             problems.extend(upstream.validate());
         }
         problems.extend(self.field.validate());
-        if self.broker.is_none() && self.field.buses.is_empty() && self.upstream.is_none() {
-            problems.push(Invalid::new(
-                "",
-                "nothing to run: configure a [broker], an [upstream] or at least one [[bus]]",
-            ));
+        if self.broker.is_none() && self.upstream.is_none() {
+            let message = if self.field.buses.is_empty() {
+                "nothing to run: configure a [broker], an [upstream] or at least one [[bus]]"
+            } else {
+                "the readings would go nowhere: configure a [broker], an [upstream] or both"
+            };
+            problems.push(Invalid::new("", message));
         }
         problems
     }
@@ -536,6 +538,19 @@ mod tests {
         assert_eq!(found.len(), 1, "{found:?}");
         assert!(
             found[0].starts_with("test.toml:1:1: nothing to run"),
+            "{found:?}"
+        );
+    }
+
+    #[test]
+    fn buses_without_a_destination_are_rejected() {
+        let text = "[[bus]]\nname = \"plc\"\nkind = \"tcp\"\nhost = \"10.0.0.5\"\n\
+                    [[bus.device]]\nname = \"press\"\n\
+                    [[bus.device.point]]\nname = \"p\"\nkind = \"coil\"\naddress = 0\n";
+        let found = problems(text);
+        assert_eq!(found.len(), 1, "{found:?}");
+        assert!(
+            found[0].contains("the readings would go nowhere"),
             "{found:?}"
         );
     }
