@@ -2,9 +2,10 @@
 //! mosquitto (each row deleted after its PUBACK / PUBCOMP), against rumqttc publishing
 //! the same messages from memory to the same mosquitto with the same inflight window.
 //!
-//! `cargo bench --bench uplink_replay` (set `UPLINK_BENCH_MESSAGES` for another count).
-//! Each scenario runs both clients twice, alternating, and reports the better run of
-//! each, so a background hiccup on the shared machine does not decide the ratio.
+//! `cargo bench --bench uplink_replay` (set `UPLINK_BENCH_MESSAGES` for another count,
+//! `UPLINK_BENCH_QOS1_ONLY` to skip the QoS 2 scenarios).
+//! Each scenario runs both clients three times, alternating, and reports the best run
+//! of each, so a background hiccup on the shared machine does not decide the ratio.
 
 #[path = "../tests/common/mod.rs"]
 mod common;
@@ -190,7 +191,7 @@ fn main() {
             commit_interval_ms: 100,
         },
         Scenario {
-            messages: None,
+            messages: Some(20_000),
             wide_broker: false,
             qos: QoS::ExactlyOnce,
             window: 20,
@@ -204,17 +205,21 @@ fn main() {
             commit_interval_ms: 100,
         },
     ];
-    println!("uplink replay to mosquitto (MQTT 3.1.1, loopback), best of 2 runs");
+    println!("uplink replay to mosquitto (MQTT 3.1.1, loopback), best of 3 runs");
     println!(
         "| messages | QoS | inflight | mosquitto max_inflight_messages | store commit interval | uplink msgs/s | rumqttc msgs/s | uplink / rumqttc |"
     );
     println!("|---|---|---|---|---|---|---|---|");
+    let only_qos1 = std::env::var_os("UPLINK_BENCH_QOS1_ONLY").is_some();
     for s in &scenarios {
+        if only_qos1 && s.qos != QoS::AtLeastOnce {
+            continue;
+        }
         let load = &load[..s.messages.unwrap_or(n).min(n)];
         let broker = if s.wide_broker { &wide } else { &broker };
         let mut ours: f64 = 0.0;
         let mut theirs: f64 = 0.0;
-        for run in 0..2 {
+        for run in 0..3 {
             ours = ours.max(runtime.block_on(uplink_replay(broker, load, s, run)));
             theirs = theirs.max(runtime.block_on(rumqttc_publish(broker, load, s, run)));
         }

@@ -7,7 +7,7 @@
 #   - RSS of the agent idle (local broker + upstream, no bus);
 #   - RSS and CPU% with 10 devices × 50 points polled every second;
 #   - the same with 100 LAN subscribers (mosquitto_sub '#') on the local broker;
-#   - points/s from the slave to the upstream subscriber with the devices polled as
+#   - points/s from the slave to the upstream subscriber, each device on its own bus (its own TCP connection) polled as
 #     fast as the slave answers.
 #
 # Usage: scripts/bench-e2e.sh [SECONDS per measurement, default 30]
@@ -86,15 +86,13 @@ url = "mqtt://127.0.0.1:$up_port"
 client_id = "fieldbridge-bench"
 EOF
     [ "$1" = none ] && return
-    cat >>"$work/fieldbridge.toml" <<EOF
-
-[[bus]]
-name = "bench"
-kind = "tcp"
-host = "127.0.0.1"
-port = $slave_port
-EOF
     for unit in $(seq 1 10); do
+        # $2: "one-bus" (one TCP connection, requests in turn) or "bus-per-device"
+        # (ten connections, requests in parallel).
+        if [ "$unit" = 1 ] || [ "$2" = bus-per-device ]; then
+            printf '\n[[bus]]\nname = "bus%s"\nkind = "tcp"\nhost = "127.0.0.1"\nport = %s\n' \
+                "$unit" "$slave_port" >>"$work/fieldbridge.toml"
+        fi
         printf '\n[[bus.device]]\nname = "dev%s"\nunit_id = %s\npoll_interval_ms = %s\nprofile = "fifty"\n' \
             "$unit" "$unit" "$1" >>"$work/fieldbridge.toml"
     done
@@ -131,7 +129,7 @@ sleep 3
 echo "idle (local broker + upstream, no bus): RSS $(rss_kib "$agent") KiB"
 stop_agent
 
-write_config 1000
+write_config 1000 one-bus
 start_agent
 sleep 5
 cpu=$(measure_cpu)
@@ -148,9 +146,16 @@ echo "same with 100 LAN subscribers on '#': RSS $(rss_kib "$agent") KiB, CPU ${c
 kill "${subs[@]}" 2>/dev/null || true
 stop_agent
 
-write_config 10
+write_config 10 bus-per-device
 start_agent
 sleep 3
-count=$(timeout "$secs" mosquitto_sub -h 127.0.0.1 -p "$up_port" -t 'bench/+/+' -q 1 | wc -l || true)
-echo "throughput slave -> upstream subscriber (polling as fast as the slave answers): $((count / secs)) points/s, RSS $(rss_kib "$agent") KiB"
+timeout "$secs" mosquitto_sub -h 127.0.0.1 -p "$up_port" -t 'bench/+/+' -q 1 >"$work/received" &
+counter=$!
+slave_t0=$(cpu_ticks "${pids[0]}")
+cpu=$(measure_cpu)
+slave_t1=$(cpu_ticks "${pids[0]}")
+wait "$counter" || true
+count=$(wc -l <"$work/received")
+slave_cpu=$(echo "scale=1; ($slave_t1 - $slave_t0) * 100 / $(getconf CLK_TCK) / $secs" | bc)
+echo "throughput slave -> upstream subscriber (10 buses, one device each, polled as fast as the slave answers): $((count / secs)) points/s; agent CPU ${cpu}%, RSS $(rss_kib "$agent") KiB; pymodbus slave CPU ${slave_cpu}%"
 stop_agent

@@ -21,4 +21,4 @@ fi
 export PATH="$PATH:/usr/sbin:/sbin"
 export FIELDBRIDGE_SOAK_SECS="$secs" FIELDBRIDGE_SOAK_POLL_MS="$poll_ms"
 echo "soak: ${secs}s per QoS level, polling every ${poll_ms} ms"
-cargo test --release --locked --test agent_e2e no_loss_under_kill_9 -- --nocapture --test-threads=1
+cargo test --locked --test agent_e2e no_loss_under_kill_9 -- --nocapture --test-threads=1

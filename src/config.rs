@@ -109,7 +109,9 @@ pub struct AgentConfig {
     pub retain_upstream: bool,
     /// Bound of the channel from the bus tasks to the pipeline, in readings. Default 4096.
     pub channel_capacity: usize,
-    /// Most readings appended to the store in one call. Default 1024.
+    /// Most readings appended to the store in one call; capped by
+    /// `store.commit_max_rows`, so that under load every append commits at once.
+    /// Default 1024.
     pub batch_max: usize,
     /// Time allowed for a graceful shutdown, in milliseconds. Default 4000.
     pub shutdown_timeout_ms: u64,
@@ -212,11 +214,13 @@ impl Config {
             problems.extend(upstream.validate());
         }
         problems.extend(self.field.validate());
-        if self.broker.is_none() && self.field.buses.is_empty() && self.upstream.is_none() {
-            problems.push(Invalid::new(
-                "",
-                "nothing to run: configure a [broker], an [upstream] or at least one [[bus]]",
-            ));
+        if self.broker.is_none() && self.upstream.is_none() {
+            let message = if self.field.buses.is_empty() {
+                "nothing to run: configure a [broker], an [upstream] or at least one [[bus]]"
+            } else {
+                "the readings would go nowhere: configure a [broker], an [upstream] or both"
+            };
+            problems.push(Invalid::new("", message));
         }
         problems
     }
@@ -534,6 +538,19 @@ mod tests {
         assert_eq!(found.len(), 1, "{found:?}");
         assert!(
             found[0].starts_with("test.toml:1:1: nothing to run"),
+            "{found:?}"
+        );
+    }
+
+    #[test]
+    fn buses_without_a_destination_are_rejected() {
+        let text = "[[bus]]\nname = \"plc\"\nkind = \"tcp\"\nhost = \"10.0.0.5\"\n\
+                    [[bus.device]]\nname = \"press\"\n\
+                    [[bus.device.point]]\nname = \"p\"\nkind = \"coil\"\naddress = 0\n";
+        let found = problems(text);
+        assert_eq!(found.len(), 1, "{found:?}");
+        assert!(
+            found[0].contains("the readings would go nowhere"),
             "{found:?}"
         );
     }

@@ -761,6 +761,7 @@ fn systemd_gets_ready_watchdog_reloading_and_stopping() {
         vec![
             ("NOTIFY_SOCKET".into(), socket_path.display().to_string()),
             ("WATCHDOG_USEC".into(), "1000000".into()),
+            ("JOURNAL_STREAM".into(), "8:4242".into()),
         ],
     );
     let mut received = Vec::new();
@@ -786,6 +787,18 @@ fn systemd_gets_ready_watchdog_reloading_and_stopping() {
     agent.signal("TERM");
     next("STOPPING=1");
     assert!(agent.wait_exit(Duration::from_secs(10)).success());
+
+    // Under systemd the journal stamps lines itself: no timestamps, no colours.
+    let log = agent.log();
+    assert!(log.contains("fieldbridge stopped"), "{log}");
+    for line in log.lines() {
+        let first = line.trim_start().split(' ').next().unwrap_or_default();
+        assert!(
+            ["ERROR", "WARN", "INFO", "DEBUG", "TRACE"].contains(&first),
+            "journal line with a timestamp or colour: {line:?}"
+        );
+    }
+    assert!(!log.contains("withholding watchdog pings"), "{log}");
 }
 
 #[test]

@@ -257,13 +257,14 @@ async fn broker_restart_mid_stream_keeps_qos1_at_least_once_and_qos2_exactly_onc
     broker.restart();
     sub.wait_ready();
     feeder.await.unwrap();
-    // QoS 2 is delivered in order, so once the last one is in, every earlier one is.
     queue
         .append(vec![message("end", QoS::ExactlyOnce, "data/q2")])
         .await
         .unwrap();
-    let got = received(&sub, "the end marker", |m| {
-        m.iter().any(|m| m.payload == "end") && has_all(m, "data/q1", N)
+    // The end marker goes last; once every message is in, duplicates would have come
+    // before it.
+    let got = received(&sub, "every message and the end marker", |m| {
+        m.iter().any(|m| m.payload == "end") && has_all(m, "data/q1", N) && has_all(m, "data/q2", N)
     })
     .await;
     assert_at_least_once(&got, "data/q1", N);
@@ -367,8 +368,10 @@ async fn client_killed_mid_stream_resumes_from_the_store() {
         .unwrap();
     queue.close().await.unwrap();
     let mut child = spawn_child(&store, &config);
-    let got = received(&sub, "the end marker", |m| {
-        m.iter().any(|m| m.payload == "end") && has_all(m, "data/q1", N)
+    // The end marker goes last; once every message is in, duplicates would have come
+    // before it.
+    let got = received(&sub, "every message and the end marker", |m| {
+        m.iter().any(|m| m.payload == "end") && has_all(m, "data/q1", N) && has_all(m, "data/q2", N)
     })
     .await;
     assert_at_least_once(&got, "data/q1", N);

@@ -37,14 +37,14 @@ use tokio::task::JoinHandle;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use crate::broker::{self, Broker, BrokerHandle};
+use crate::broker::{self, Broker, BrokerConfig, BrokerHandle};
 use crate::config::{self, Config};
 use crate::field::{self, FieldEvent, ResolvedBus};
 use crate::mqtt::QoS;
 use crate::store::{self, Queue};
 use crate::uplink::{self, Uplink, UplinkHandle};
 
-pub use pipeline::Counters;
+use pipeline::Counters;
 use signals::{Command, SignalListener};
 use systemd::Heartbeat;
 
@@ -107,6 +107,16 @@ struct Buses {
     supervisor: JoinHandle<()>,
 }
 
+impl Buses {
+    /// Cancels every bus task and waits until all have ended.
+    async fn stop(self) {
+        self.stop.cancel();
+        if let Err(err) = self.supervisor.await {
+            tracing::error!(error = %err, "bus supervisor failed");
+        }
+    }
+}
+
 /// Everything [`run`] started.
 pub struct Agent {
     started: Instant,
@@ -116,7 +126,8 @@ pub struct Agent {
     queue: Option<Queue>,
     uplink: Option<Arc<UplinkHandle>>,
     events: mpsc::Sender<FieldEvent>,
-    buses: Buses,
+    /// `None` only while a reload swaps them.
+    buses: Option<Buses>,
     bus_map: health::BusMap,
     supervisor_beat: Heartbeat,
     pipeline: JoinHandle<()>,
@@ -174,7 +185,9 @@ impl Agent {
                 qos: config.agent.qos(),
                 retain: config.agent.retain,
                 retain_upstream: config.agent.retain_upstream,
-                batch_max: config.agent.batch_max,
+                // A full batch reaches the store's row threshold and commits at once
+                // instead of waiting for the group-commit interval.
+                batch_max: config.agent.batch_max.min(config.store.commit_max_rows),
                 broker: broker.clone(),
                 queue: queue.clone(),
                 counters: counters.clone(),
@@ -233,7 +246,7 @@ impl Agent {
             queue,
             uplink,
             events,
-            buses,
+            buses: Some(buses),
             bus_map,
             supervisor_beat,
             pipeline,
@@ -242,19 +255,6 @@ impl Agent {
             health,
             watchdog,
         })
-    }
-
-    /// The local broker's listening addresses (empty without a broker).
-    pub fn broker_addrs(&self) -> Vec<std::net::SocketAddr> {
-        self.broker
-            .as_ref()
-            .map(|broker| broker.local_addrs())
-            .unwrap_or_default()
-    }
-
-    /// The pipeline's counters.
-    pub fn counters(&self) -> Arc<Counters> {
-        self.counters.clone()
     }
 
     /// Re-reads `path`; applies new device maps and the broker's password/ACL files.
@@ -270,6 +270,21 @@ impl Agent {
     }
 
     async fn apply(&mut self, new: Config) {
+        let maps_changed = self.config.section_changed(&new, "bus")
+            || self.config.section_changed(&new, "profile");
+        // Resolve first, so that nothing is applied from a file that cannot be applied
+        // in full.
+        let resolved = if maps_changed {
+            match field::resolve(&new.field) {
+                Ok(resolved) => Some(resolved),
+                Err(err) => {
+                    tracing::error!(error = %err, "reload rejected: device maps do not resolve");
+                    return;
+                }
+            }
+        } else {
+            None
+        };
         for section in ["agent", "store", "upstream"] {
             if self.config.section_changed(&new, section) {
                 tracing::warn!(
@@ -278,11 +293,24 @@ impl Agent {
                 );
             }
         }
-        if self.config.broker.as_ref().map(|b| &b.listeners)
-            != new.broker.as_ref().map(|b| &b.listeners)
-            || self.config.broker.is_some() != new.broker.is_some()
+        let restart_only = |broker: &Option<BrokerConfig>| {
+            broker.as_ref().map(|broker| {
+                let mut broker = broker.clone();
+                // The only broker settings a reload applies: the files' contents.
+                broker.password_file = None;
+                broker.acl_file = None;
+                broker
+            })
+        };
+        let file_paths = |broker: &Option<BrokerConfig>| {
+            broker
+                .as_ref()
+                .map(|broker| (broker.password_file.clone(), broker.acl_file.clone()))
+        };
+        if restart_only(&self.config.broker) != restart_only(&new.broker)
+            || file_paths(&self.config.broker) != file_paths(&new.broker)
         {
-            tracing::warn!("broker listeners changed: take effect at the next restart");
+            tracing::warn!("[broker] settings changed: take effect at the next restart");
         }
         if let Some(broker) = &self.broker {
             match broker.reload_auth().await {
@@ -292,48 +320,31 @@ impl Agent {
                 }
             }
         }
-        if self.config.section_changed(&new, "bus") || self.config.section_changed(&new, "profile")
-        {
-            let resolved = match field::resolve(&new.field) {
-                Ok(resolved) => resolved,
-                Err(err) => {
-                    tracing::error!(error = %err, "reload rejected: device maps do not resolve");
-                    return;
+        match resolved {
+            Some(resolved) => {
+                // The old bus tasks end before the new ones open the same ports.
+                if let Some(old) = self.buses.take() {
+                    old.stop().await;
                 }
-            };
-            let old = std::mem::replace(
-                &mut self.buses,
-                start_buses(
-                    Vec::new(),
+                if let Ok(mut map) = self.bus_map.lock() {
+                    map.clone_from(&resolved);
+                }
+                let count = resolved.len();
+                self.buses = Some(start_buses(
+                    resolved,
                     self.events.clone(),
                     self.supervisor_beat.clone(),
-                ),
-            );
-            old.stop.cancel();
-            if let Err(err) = old.supervisor.await {
-                tracing::error!(error = %err, "bus supervisor failed while stopping");
+                ));
+                self.config.field = new.field;
+                for section in ["bus", "profile"] {
+                    match new.raw.get(section) {
+                        Some(value) => self.config.raw.insert(section.to_string(), value.clone()),
+                        None => self.config.raw.remove(section),
+                    };
+                }
+                tracing::info!(buses = count, "device maps reloaded");
             }
-            self.buses.stop.cancel();
-            if let Ok(mut map) = self.bus_map.lock() {
-                map.clone_from(&resolved);
-            }
-            let count = resolved.len();
-            self.buses = start_buses(resolved, self.events.clone(), self.supervisor_beat.clone());
-            tracing::info!(buses = count, "device maps reloaded");
-        } else {
-            tracing::info!("device maps unchanged");
-        }
-        // Keep what is running: only the parts applied above come from the new file.
-        self.config.field = new.field;
-        for section in ["bus", "profile"] {
-            match new.raw.get(section) {
-                Some(value) => self.config.raw.insert(section.to_string(), value.clone()),
-                None => self.config.raw.remove(section),
-            };
-        }
-        if let (Some(old), Some(new)) = (&mut self.config.broker, new.broker) {
-            old.password_file = new.password_file;
-            old.acl_file = new.acl_file;
+            None => tracing::info!("device maps unchanged"),
         }
     }
 
@@ -343,13 +354,14 @@ impl Agent {
         let stopping = Instant::now();
         let deadline = stopping + timeout;
 
-        self.buses.stop.cancel();
         self.background.cancel();
-        if tokio::time::timeout_at(deadline, self.buses.supervisor)
-            .await
-            .is_err()
-        {
-            tracing::warn!("bus tasks did not stop in time");
+        if let Some(buses) = self.buses {
+            if tokio::time::timeout_at(deadline, buses.stop())
+                .await
+                .is_err()
+            {
+                tracing::warn!("bus tasks did not stop in time");
+            }
         }
         drop(self.events);
         let _ = tokio::time::timeout_at(deadline, self.health).await;

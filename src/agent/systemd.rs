@@ -63,9 +63,11 @@ pub fn watchdog_interval() -> Option<Duration> {
     }
 }
 
-/// Pings the watchdog every `interval / 2` while all `loops` beat within that time.
+/// Pings the watchdog every `interval / 2` while all `loops` have beaten within that
+/// time (or within two beat periods, for a watchdog interval shorter than that).
 pub async fn run_watchdog(interval: Duration, loops: Vec<Heartbeat>, stop: CancellationToken) {
     let period = interval / 2;
+    let limit = period.max(BEAT_PERIOD * 2);
     let mut ticker = tokio::time::interval(period);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut stalled: Option<&'static str> = None;
@@ -74,7 +76,7 @@ pub async fn run_watchdog(interval: Duration, loops: Vec<Heartbeat>, stop: Cance
             () = stop.cancelled() => return,
             _ = ticker.tick() => {}
         }
-        match first_stalled(&loops, period) {
+        match first_stalled(&loops, limit) {
             Some(stuck) => {
                 if stalled != Some(stuck.name) {
                     tracing::error!(

@@ -46,8 +46,14 @@ pub(super) const MAX_INCOMING_PACKET: u32 = 1 << 20;
 pub(super) const INCOMING_CAPACITY: u16 = 64;
 /// Most rows asked of the store at once, and most rows read ahead.
 const FETCH_MAX: usize = 1_000;
-/// Read-ahead in windows, without a replay limit.
+/// Acks sent to the store in one request once this many are waiting...
+const ACK_BATCH: usize = 256;
+/// ...or once the first of them has waited this long.
+const ACK_DELAY: Duration = Duration::from_millis(10);
+/// Read-ahead in windows, without a replay limit...
 const READ_AHEAD_WINDOWS: usize = 4;
+/// ...and at least this many rows.
+const READ_AHEAD_MIN: usize = 256;
 /// A connection that lasted this long resets the backoff; a broker that accepts and
 /// then drops us at once (two gateways sharing a client id) keeps backing off.
 const STABLE_CONNECTION: Duration = Duration::from_secs(10);
@@ -196,6 +202,8 @@ struct StoreWork {
     /// Rows fetched and not yet offered to the session.
     ready: VecDeque<Stored>,
     acks: Vec<i64>,
+    /// When the oldest id in `acks` arrived.
+    acks_since: Option<Instant>,
     acking: Option<BoxFuture<Result<(), store::Error>>>,
     flows: Vec<(i64, u16, bool)>,
     /// Flow batches being persisted. Several may run: the store thread takes requests
@@ -213,8 +221,20 @@ impl StoreWork {
     }
 
     /// Starts the ack and flow requests that have work and none running.
-    fn start_writes(&mut self) {
-        if self.acking.is_none() && !self.acks.is_empty() {
+    /// Starts the flow persists at once and the ack when it is worth a round trip to
+    /// the store thread (a full batch, `ACK_DELAY` after the first waiting id, or
+    /// `force`). Deletes become durable only at the store's next commit anyway.
+    fn start_writes(&mut self, now: Instant, force: bool) {
+        if self.acks.is_empty() {
+            self.acks_since = None;
+        } else if self.acking.is_none()
+            && (force
+                || self.acks.len() >= ACK_BATCH
+                || self
+                    .acks_since
+                    .is_some_and(|since| now >= since + ACK_DELAY))
+        {
+            self.acks_since = None;
             let ids = std::mem::take(&mut self.acks);
             let queue = self.queue.clone();
             self.acking = Some(Box::pin(async move { queue.ack(ids).await }));
@@ -241,7 +261,18 @@ impl StoreWork {
     }
 
     fn busy(&self) -> bool {
-        self.fetch.is_some() || self.acking.is_some() || !self.persisting.is_empty()
+        self.fetch.is_some()
+            || self.acking.is_some()
+            || !self.acks.is_empty()
+            || !self.persisting.is_empty()
+    }
+
+    /// When waiting acks are due, if they wait.
+    fn ack_due(&self) -> Option<Instant> {
+        match (&self.acking, self.acks_since) {
+            (None, Some(since)) => Some(since + ACK_DELAY),
+            _ => None,
+        }
     }
 
     /// Takes a fetch result into the read-ahead buffer.
@@ -300,6 +331,7 @@ impl Client {
                 pending,
                 ready: VecDeque::new(),
                 acks: Vec::new(),
+                acks_since: None,
                 acking: None,
                 flows: Vec::new(),
                 persisting: Vec::new(),
@@ -413,6 +445,8 @@ impl Client {
 
     /// Waits for every store request in progress (and what they lead to).
     async fn settle(&mut self) {
+        self.apply_effects();
+        self.store.start_writes(Instant::now(), true);
         while self.store.busy() {
             let now = Instant::now();
             tokio::select! {
@@ -437,7 +471,7 @@ impl Client {
                 }
             }
             self.apply_effects();
-            self.store.start_writes();
+            self.store.start_writes(Instant::now(), true);
         }
     }
 
@@ -550,6 +584,8 @@ impl Client {
     ) -> End {
         let mut wbuf = BytesMut::with_capacity(16 * 1024);
         let write_timeout = Duration::from_secs(self.session.limits().keep_alive.max(1).into());
+        let mut keepalive = Box::pin(tokio::time::sleep(write_timeout));
+        let mut ack_timer = Box::pin(tokio::time::sleep(ACK_DELAY));
         loop {
             let now = Instant::now();
             let throttled_until = self.feed(now);
@@ -557,12 +593,23 @@ impl Client {
                 return End::Lost(error);
             }
             self.apply_effects();
-            self.store.start_writes();
+            self.store.start_writes(now, false);
             self.start_fetch();
-            let timer = self
+            // One timer for the connection, moved only when the deadline moves: a new
+            // one per turn would cost a timer-wheel insert per batch of packets.
+            let deadline = self
                 .session
                 .next_timer()
                 .unwrap_or_else(|| now + Duration::from_secs(3600));
+            if keepalive.deadline() != deadline {
+                keepalive.as_mut().reset(deadline);
+            }
+            let ack_due = self.store.ack_due();
+            if let Some(due) = ack_due {
+                if ack_timer.deadline() != due {
+                    ack_timer.as_mut().reset(due);
+                }
+            }
             let drained = self.store.drained && self.store.fetch.is_none();
             rbuf.reserve(8 * 1024);
             tokio::select! {
@@ -608,7 +655,8 @@ impl Client {
                     }
                     self.store.drained = false;
                 }
-                () = tokio::time::sleep_until(timer) => {
+                () = &mut ack_timer, if ack_due.is_some() => {}
+                () = &mut keepalive => {
                     if let Err(error) = self.session.on_timer(Instant::now()) {
                         return End::Lost(error);
                     }
@@ -618,9 +666,9 @@ impl Client {
         }
     }
 
-    /// Reads ahead: four windows' worth (each `next` scans past the rows in flight, so
-    /// fewer, larger fetches cost less), but only one window under a replay limit, so
-    /// live rows never queue behind many throttled backlog rows.
+    /// Reads ahead: four windows' worth and at least 256 rows (each `next` scans past the
+    /// rows in flight, so fewer, larger fetches cost less), but only one window under a
+    /// replay limit, so live rows never queue behind many throttled backlog rows.
     fn start_fetch(&mut self) {
         if self.store.fetch.is_some() || self.store.drained || !self.session.is_connected() {
             return;
@@ -629,7 +677,9 @@ impl Client {
         let target = if self.limiter.is_some() {
             window
         } else {
-            window.saturating_mul(READ_AHEAD_WINDOWS)
+            window
+                .saturating_mul(READ_AHEAD_WINDOWS)
+                .max(READ_AHEAD_MIN)
         }
         .min(FETCH_MAX);
         if self.store.ready.len() * 2 <= target {
@@ -755,6 +805,9 @@ impl Client {
                 }
             }
         }
+        if !self.store.acks.is_empty() && self.store.acks_since.is_none() {
+            self.store.acks_since = Some(Instant::now());
+        }
     }
 
     /// Offline status, its acknowledgement (bounded), DISCONNECT.
@@ -772,7 +825,7 @@ impl Client {
                     return;
                 }
                 self.apply_effects();
-                self.store.start_writes();
+                self.store.start_writes(Instant::now(), true);
                 rbuf.reserve(4096);
                 let read = tokio::time::timeout_at(deadline, stream.read_buf(rbuf)).await;
                 match read {

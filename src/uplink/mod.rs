@@ -74,6 +74,9 @@ impl Uplink {
     /// # Errors
     /// [`Error::Config`] for an invalid config, [`Error::Tls`] for unusable TLS files,
     /// [`Error::Password`] when the password source cannot be read.
+    ///
+    /// # Panics
+    /// Outside a tokio runtime.
     pub fn spawn(
         config: UplinkConfig,
         prefix: String,
@@ -221,8 +224,6 @@ pub enum Error {
     Codec(#[from] crate::mqtt::Error),
     #[error("protocol violation by the upstream broker: {0}")]
     Protocol(String),
-    #[error("store: {0}")]
-    Store(String),
     #[error("the uplink did not stop within {0:?}")]
     ShutdownTimeout(Duration),
 }
