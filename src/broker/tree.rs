@@ -482,11 +482,9 @@ mod model {
     use super::*;
     use crate::mqtt::topic;
     use proptest::prelude::*;
-    use std::sync::atomic::AtomicBool;
-    use std::sync::Arc;
 
     #[derive(Debug, Clone)]
-    struct Id(usize, Arc<AtomicBool>);
+    struct Id(usize);
     impl PartialEq for Id {
         fn eq(&self, other: &Self) -> bool {
             self.0 == other.0
@@ -532,10 +530,9 @@ mod model {
             topics in proptest::collection::vec(topic_name(), 1..8),
         ) {
             let mut tree = SubscriptionTree::default();
-            let online = Arc::new(AtomicBool::new(true));
             for (i, f) in filters.iter().enumerate() {
                 tree.insert(f, None, Subscriber {
-                    owner: Id(i, online.clone()),
+                    owner: Id(i),
                     options: crate::mqtt::SubscriptionOptions::default(),
                     id: 0,
                 });
@@ -543,7 +540,7 @@ mod model {
             let mut live: Vec<usize> = (0..filters.len()).collect();
             for (i, f) in filters.iter().enumerate() {
                 if removed[i] {
-                    prop_assert!(tree.remove(f, None, &Id(i, online.clone())));
+                    prop_assert!(tree.remove(f, None, &Id(i)));
                     live.retain(|&j| j != i);
                 }
             }
@@ -561,7 +558,7 @@ mod model {
             }
             for (i, f) in filters.iter().enumerate() {
                 if !removed[i] {
-                    tree.remove(f, None, &Id(i, online.clone()));
+                    tree.remove(f, None, &Id(i));
                 }
             }
             prop_assert!(tree.root.is_empty(), "emptied tree keeps no nodes");
