@@ -56,6 +56,12 @@ pub struct BrokerConfig {
     pub persistent_session_expiry_secs: Option<u64>,
     /// Topic aliases a 5.0 client may use towards the broker. Default: 10.
     pub max_topic_alias: u16,
+    /// Subscriptions one client may hold; more are refused with "quota exceeded".
+    /// Default: 10000.
+    pub max_subscriptions_per_client: usize,
+    /// Retained messages stored (one per topic); a retained message for a new topic
+    /// beyond this is delivered but not kept. Default: 100000.
+    pub max_retained_messages: usize,
 }
 
 /// One listening socket.
@@ -100,6 +106,8 @@ impl Default for BrokerConfig {
             sys_interval_secs: 10,
             persistent_session_expiry_secs: None,
             max_topic_alias: 10,
+            max_subscriptions_per_client: 10_000,
+            max_retained_messages: 100_000,
         }
     }
 }
@@ -179,6 +187,12 @@ impl BrokerConfig {
             problems.push(Invalid::new(
                 "broker.max_packet_size",
                 format!("must be between {MIN_PACKET_SIZE} and {MAX_PACKET_SIZE} bytes"),
+            ));
+        }
+        if self.max_subscriptions_per_client == 0 {
+            problems.push(Invalid::new(
+                "broker.max_subscriptions_per_client",
+                "must be at least 1",
             ));
         }
         if self.max_inflight_messages == 0 {

@@ -16,6 +16,7 @@
 //! - Access is checked against the current policy; a reload is picked up at the next
 //!   packet.
 
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -134,6 +135,7 @@ impl Conn {
     pub async fn connect(
         router: &Arc<Router>,
         mut connect: Connect,
+        peer: SocketAddr,
         out: &mut BytesMut,
     ) -> Option<Conn> {
         let protocol = connect.protocol;
@@ -192,7 +194,7 @@ impl Conn {
         match policy.authenticate(connect.username.as_deref(), password) {
             Ok(()) => {}
             Err(refused) => {
-                tracing::info!(client_id = %connect.client_id, username = connect.username.as_deref().unwrap_or(""), ?refused, "connection refused");
+                tracing::info!(client_id = %connect.client_id, %peer, username = connect.username.as_deref().unwrap_or(""), ?refused, "connection refused");
                 let (code, why) = match refused {
                     Refusal::BadCredentials => (
                         ReasonCode::BAD_USER_NAME_OR_PASSWORD,
@@ -262,6 +264,8 @@ impl Conn {
             .map_or(usize::MAX, |m| m as usize);
         tracing::info!(
             client_id = %connect.client_id,
+            %peer,
+            username = connect.username.as_deref().unwrap_or(""),
             protocol = protocol.level(),
             clean_start = connect.clean_start,
             session_present = opened.present,
@@ -419,6 +423,9 @@ impl Conn {
                 let properties = match reasons.iter().find(|r| !r.is_success()) {
                     Some(&ReasonCode::NOT_AUTHORIZED) => {
                         self.reason("a filter is not allowed by the ACL")
+                    }
+                    Some(&ReasonCode::QUOTA_EXCEEDED) => {
+                        self.reason("too many subscriptions for one client")
                     }
                     Some(_) => self.reason("a filter is not valid"),
                     None => Properties::default(),

@@ -104,6 +104,8 @@ pub struct BrokerStats {
     pub expired: u64,
     /// PUBLISH packets refused by the ACL or the protected topic trees.
     pub denied: u64,
+    /// Retained messages for new topics not kept because the store was full.
+    pub retained_refused: u64,
     pub uptime: Duration,
 }
 

@@ -148,6 +148,18 @@ impl<V> RetainedStore<V> {
         }
     }
 
+    /// Whether `topic` has a retained message.
+    pub fn contains(&self, topic: &str) -> bool {
+        let mut node = &self.root;
+        for level in topic.split('/') {
+            match node.children.get(level) {
+                Some(child) => node = child,
+                None => return false,
+            }
+        }
+        node.value.is_some()
+    }
+
     /// Clears the retained message of `topic`; returns it.
     pub fn remove(&mut self, topic: &str) -> Option<V> {
         let (old, _) = self.root.remove(topic);
@@ -216,6 +228,8 @@ mod tests {
         let mut s = store(&["a/b", "a/b/c"]);
         s.insert("a/b", "new".to_string());
         assert_eq!(s.len(), 2);
+        assert!(s.contains("a/b") && s.contains("a/b/c"));
+        assert!(!s.contains("a") && !s.contains("a/b/c/d") && !s.contains("x"));
         assert_eq!(matched(&s, "a/b"), ["new"]);
         assert_eq!(s.remove("a/b").as_deref(), Some("new"));
         assert_eq!(s.remove("a/b"), None);

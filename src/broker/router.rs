@@ -51,6 +51,8 @@ pub(crate) struct Settings {
     pub connect_timeout: Duration,
     /// Cap on session expiry, seconds.
     pub max_session_expiry: u32,
+    pub max_subscriptions: usize,
+    pub max_retained: usize,
 }
 
 impl Settings {
@@ -68,6 +70,8 @@ impl Settings {
             max_session_expiry: config
                 .persistent_session_expiry_secs
                 .map_or(NEVER_EXPIRES, |s| u32::try_from(s).unwrap_or(NEVER_EXPIRES)),
+            max_subscriptions: config.max_subscriptions_per_client,
+            max_retained: config.max_retained_messages,
         }
     }
 }
@@ -82,6 +86,7 @@ pub(crate) struct Counters {
     pub dropped: AtomicU64,
     pub expired: AtomicU64,
     pub denied: AtomicU64,
+    pub retained_refused: AtomicU64,
 }
 
 impl Counters {
@@ -285,7 +290,14 @@ impl Router {
                 expires_at: msg.expires_at,
                 origin: msg.origin,
             });
-            write(&self.retained).insert(&msg.topic, own.clone());
+            let mut retained = write(&self.retained);
+            if retained.len() >= self.settings.max_retained && !retained.contains(&msg.topic) {
+                drop(retained);
+                Counters::add(&self.counters.retained_refused, 1);
+                tracing::debug!(topic = %msg.topic, "retained store full; message not kept");
+                return;
+            }
+            retained.insert(&msg.topic, own.clone());
             Some(own)
         };
         if let Some(persister) = &self.persister {
@@ -346,6 +358,13 @@ impl Router {
             if !policy.can_subscribe(who, filter) {
                 tracing::info!(client_id = who.client_id, filter = %s.filter, "subscription denied by the ACL");
                 codes.push(ReasonCode::NOT_AUTHORIZED);
+                continue;
+            }
+            if session.subscriptions.len() >= self.settings.max_subscriptions
+                && !session.subscriptions.contains(&s.filter)
+            {
+                tracing::info!(client_id = who.client_id, filter = %s.filter, "subscription limit reached");
+                codes.push(ReasonCode::QUOTA_EXCEEDED);
                 continue;
             }
             let sub = Subscriber {
@@ -778,6 +797,7 @@ impl Router {
             dropped: c.dropped.load(Ordering::Relaxed),
             expired: c.expired.load(Ordering::Relaxed),
             denied: c.denied.load(Ordering::Relaxed),
+            retained_refused: c.retained_refused.load(Ordering::Relaxed),
             uptime: self.started.elapsed(),
         }
     }

@@ -205,7 +205,7 @@ where
         }
         Ok(Ok(connect)) => connect,
     };
-    let conn = Conn::connect(router, connect, wbuf).await;
+    let conn = Conn::connect(router, connect, peer, wbuf).await;
     if conn.is_none() {
         let _ = tokio::time::timeout(GOODBYE_TIMEOUT, stream.write_all(wbuf)).await;
     }

@@ -426,6 +426,14 @@ impl Subscriptions {
     pub fn iter(&self) -> impl Iterator<Item = (&str, &SubRecord)> {
         self.0.iter().map(|(f, r)| (&**f, r))
     }
+
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    pub fn contains(&self, filter: &str) -> bool {
+        self.0.iter().any(|(f, _)| &**f == filter)
+    }
 }
 
 /// Pushes growing the allocation one element at a time while the vector is short, so

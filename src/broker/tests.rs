@@ -46,7 +46,8 @@ fn connect_packet(protocol: Protocol, id: &str) -> Connect {
 async fn open(router: &Arc<Router>, connect: Connect) -> (Client, ConnAck) {
     let protocol = connect.protocol;
     let mut out = BytesMut::new();
-    let conn = Conn::connect(router, connect, &mut out).await;
+    let peer = "127.0.0.1:50000".parse().unwrap();
+    let conn = Conn::connect(router, connect, peer, &mut out).await;
     let mut client = Client {
         conn,
         protocol,
@@ -885,4 +886,53 @@ async fn a_restart_keeps_every_flow_state_of_a_persistent_session() {
     );
     let left = r.properties.message_expiry_interval.unwrap();
     assert!((3590..=3600).contains(&left), "{left}");
+}
+
+#[tokio::test]
+async fn subscriptions_and_retained_messages_are_bounded() {
+    let router = router_with(
+        BrokerConfig {
+            max_subscriptions_per_client: 2,
+            max_retained_messages: 2,
+            ..BrokerConfig::default()
+        },
+        Policy {
+            anonymous_allowed: true,
+            ..Policy::default()
+        },
+    );
+    let mut c = connect(&router, Protocol::V5, "greedy").await;
+    assert_eq!(
+        c.subscribe("a", QoS::AtMostOnce),
+        [ReasonCode::GRANTED_QOS_0]
+    );
+    assert_eq!(
+        c.subscribe("b", QoS::AtMostOnce),
+        [ReasonCode::GRANTED_QOS_0]
+    );
+    assert_eq!(
+        c.subscribe("c", QoS::AtMostOnce),
+        [ReasonCode::QUOTA_EXCEEDED]
+    );
+    assert_eq!(
+        c.subscribe("a", QoS::AtLeastOnce),
+        [ReasonCode::GRANTED_QOS_1],
+        "replacing is fine"
+    );
+
+    let retain = |topic: &str| Publish {
+        retain: true,
+        topic: topic.into(),
+        payload: Bytes::from_static(b"v"),
+        ..Publish::default()
+    };
+    for topic in ["r/1", "r/2", "r/3", "r/1"] {
+        c.publish_with(retain(topic));
+    }
+    let stats = router.stats();
+    assert_eq!(
+        (stats.retained, stats.retained_refused),
+        (2, 1),
+        "r/3 not kept, r/1 updated"
+    );
 }
