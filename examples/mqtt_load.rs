@@ -6,6 +6,7 @@
 //! mqtt_load fanout --port P --qos Q [--pubs 1] [--subs 10] ...
 //! mqtt_load idle   --port P [--conns 1000] [--hold 10] [--subscribe 0|1]
 //! common: [--keepalive 60] [--threads 1] [--timeout 60] [--inflight 20]
+//!         [--rate N]   (messages per second per publisher; default: as fast as possible)
 //! ```
 //!
 //! Every publisher sends `--count` messages on one topic as fast as the broker takes
@@ -56,6 +57,8 @@ struct Args {
     threads: usize,
     keep_alive: u16,
     subscribe: bool,
+    /// Messages per second per publisher; 0: as fast as the broker takes them.
+    rate: u64,
 }
 
 fn parse_args() -> anyhow::Result<Args> {
@@ -77,6 +80,7 @@ fn parse_args() -> anyhow::Result<Args> {
         threads: 1,
         keep_alive: 60,
         subscribe: true,
+        rate: 0,
     };
     while let Some(flag) = it.next() {
         let value = it.next().with_context(|| format!("{flag} needs a value"))?;
@@ -94,6 +98,7 @@ fn parse_args() -> anyhow::Result<Args> {
             "--threads" => a.threads = value.parse()?,
             "--keepalive" => a.keep_alive = value.parse()?,
             "--subscribe" => a.subscribe = value != "0",
+            "--rate" => a.rate = value.parse()?,
             _ => bail!("unknown flag {flag}"),
         }
     }
@@ -217,7 +222,76 @@ const PUBREC: u8 = 0x50;
 const PUBREL: u8 = 0x62;
 const PUBCOMP: u8 = 0x70;
 
-async fn publisher(mut conn: Conn, topic: String, a: Args) -> anyhow::Result<()> {
+async fn publisher(conn: Conn, topic: String, a: Args) -> anyhow::Result<()> {
+    if a.rate > 0 {
+        paced_publisher(conn, topic, a).await
+    } else {
+        flat_out_publisher(conn, topic, a).await
+    }
+}
+
+/// Handles the acknowledgements in `rbuf`: returns how many flows completed and queues
+/// PUBREL for each PUBREC.
+fn handle_acks(rbuf: &mut BytesMut, wbuf: &mut BytesMut) -> anyhow::Result<usize> {
+    let mut done = 0;
+    while let Some((byte1, body)) = frame(rbuf)? {
+        let id = u16::from_be_bytes([body[0], body[1]]);
+        match byte1 {
+            PUBACK | PUBCOMP => done += 1,
+            PUBREC => ack(wbuf, PUBREL, id),
+            other => bail!("publisher got packet {other:#x}"),
+        }
+    }
+    Ok(done)
+}
+
+/// One message every 1/rate seconds, acknowledgements handled in between.
+async fn paced_publisher(mut conn: Conn, topic: String, a: Args) -> anyhow::Result<()> {
+    let template = EncodedPublish::new(
+        &Publish {
+            qos: a.qos,
+            topic,
+            payload: Bytes::from(vec![0u8; a.payload]),
+            ..Publish::default()
+        },
+        Protocol::V311,
+    )?;
+    let period = Duration::from_nanos(1_000_000_000 / a.rate);
+    let mut next = tokio::time::Instant::now();
+    let mut wbuf = BytesMut::new();
+    let (mut sent, mut inflight, mut pkid) = (0, 0, 0u16);
+    while sent < a.count || inflight > 0 {
+        let may_send = sent < a.count && (a.qos == QoS::AtMostOnce || inflight < a.inflight);
+        conn.rbuf.reserve(READ_SIZE);
+        tokio::select! {
+            () = tokio::time::sleep_until(next), if may_send => {
+                pkid = pkid.checked_add(1).unwrap_or(1);
+                template.write(pkid, false, &mut wbuf);
+                let at = wbuf.len() - a.payload;
+                wbuf[at..at + 8].copy_from_slice(&now_ns().to_le_bytes());
+                sent += 1;
+                if a.qos != QoS::AtMostOnce {
+                    inflight += 1;
+                }
+                next += period;
+            }
+            n = conn.stream.read_buf(&mut conn.rbuf), if a.qos != QoS::AtMostOnce => {
+                if n? == 0 {
+                    bail!("publisher connection closed");
+                }
+                inflight -= handle_acks(&mut conn.rbuf, &mut wbuf)?;
+            }
+        }
+        if !wbuf.is_empty() {
+            conn.stream.write_all(&wbuf).await?;
+            wbuf.clear();
+        }
+    }
+    Ok(())
+}
+
+/// Writes in 16 KiB batches as fast as the broker reads, within the inflight window.
+async fn flat_out_publisher(mut conn: Conn, topic: String, a: Args) -> anyhow::Result<()> {
     let template = EncodedPublish::new(
         &Publish {
             qos: a.qos,
@@ -256,14 +330,7 @@ async fn publisher(mut conn: Conn, topic: String, a: Args) -> anyhow::Result<()>
         if conn.stream.read_buf(&mut conn.rbuf).await? == 0 {
             bail!("publisher connection closed");
         }
-        while let Some((byte1, body)) = frame(&mut conn.rbuf)? {
-            let id = u16::from_be_bytes([body[0], body[1]]);
-            match byte1 {
-                PUBACK | PUBCOMP => inflight -= 1,
-                PUBREC => ack(&mut wbuf, PUBREL, id),
-                other => bail!("publisher got packet {other:#x}"),
-            }
-        }
+        inflight -= handle_acks(&mut conn.rbuf, &mut wbuf)?;
     }
     Ok(())
 }

@@ -491,6 +491,19 @@ fn a_malformed_packet_closes_only_that_connection() {
         "closed by the broker"
     );
 
+    // A packet announcing more than the maximum packet size is refused from its header.
+    let mut big = TcpStream::connect(("127.0.0.1", broker.port)).unwrap();
+    big.set_read_timeout(Some(WAIT)).unwrap();
+    big.write_all(&[0x10, 12, 0, 4, b'M', b'Q', b'T', b'T', 4, 2, 0, 60, 0, 0])
+        .unwrap();
+    big.read_exact(&mut connack).unwrap();
+    big.write_all(&[0x30, 0x80, 0x80, 0x80, 0x01]).unwrap();
+    assert_eq!(
+        big.read_to_end(&mut rest).unwrap(),
+        0,
+        "2 MiB announced, 1 MiB allowed"
+    );
+
     // Silent connection: closed after the connect timeout.
     let mut silent = TcpStream::connect(("127.0.0.1", broker.port)).unwrap();
     silent.set_read_timeout(Some(WAIT)).unwrap();
@@ -498,6 +511,61 @@ fn a_malformed_packet_closes_only_that_connection() {
 
     broker.publish(&["-t", "ok", "-m", "still fine"]);
     assert_eq!(sub.wait_messages(1, WAIT), ["ok still fine"]);
+}
+
+/// Connects a raw 3.1.1 client, subscribes, and returns it without ever reading again.
+fn stalled_subscriber(port: u16, filter: &str) -> TcpStream {
+    let mut raw = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    raw.set_read_timeout(Some(WAIT)).unwrap();
+    raw.write_all(&[
+        0x10, 13, 0, 4, b'M', b'Q', b'T', b'T', 4, 2, 0, 60, 0, 1, b's',
+    ])
+    .unwrap();
+    let mut connack = [0u8; 4];
+    raw.read_exact(&mut connack).unwrap();
+    let f = filter.as_bytes();
+    let mut sub = vec![0x82, (2 + 2 + f.len() + 1) as u8, 0, 1, 0, f.len() as u8];
+    sub.extend_from_slice(f);
+    sub.push(1);
+    raw.write_all(&sub).unwrap();
+    let mut suback = [0u8; 5];
+    raw.read_exact(&mut suback).unwrap();
+    assert_eq!(suback, [0x90, 3, 0, 1, 1]);
+    raw
+}
+
+#[test]
+fn a_subscriber_that_stops_reading_stalls_nobody() {
+    let broker = TestBroker::start(BrokerConfig {
+        max_queued_messages: 100,
+        max_queued_bytes: 64 << 20,
+        ..BrokerConfig::default()
+    });
+    let _stalled = stalled_subscriber(broker.port, "flood/#");
+    let healthy = broker.sub(&["-q", "1", "-t", "flood/#", "-F", "%t %l"]);
+    // 25 MiB for the stalled client, far more than the socket buffers hold; published
+    // in steps the healthy subscriber keeps up with.
+    let payload = Bytes::from(vec![b'x'; 64 * 1024]);
+    for step in 1..=20 {
+        for _ in 0..20 {
+            broker
+                .handle()
+                .publish("flood/in", payload.clone(), QoS::AtLeastOnce, false);
+        }
+        healthy.wait_messages(step * 20, WAIT);
+    }
+    // A network publisher is not held back either.
+    broker.publish(&["-q", "1", "-t", "flood/net", "-m", "still accepted"]);
+    let got = healthy.wait_messages(401, WAIT);
+    assert_eq!(got.len(), 401);
+    assert!(got[..400].iter().all(|l| l == "flood/in 65536"));
+    assert_eq!(got[400], "flood/net 14");
+    let stats = broker.stats();
+    assert!(
+        stats.dropped > 0,
+        "the stalled subscriber's excess is dropped: {stats:?}"
+    );
+    assert!(stats.dropped <= 401 - 100, "{stats:?}");
 }
 
 #[test]

@@ -77,17 +77,23 @@ pub(crate) struct Conn {
     max_out_packet: usize,
     policy: Arc<Policy>,
     policy_generation: u64,
+    /// Whether acknowledgements may carry reason strings (5.0 request problem
+    /// information).
+    problem_info: bool,
     /// Messages received and sent since the counters were last flushed.
     pub received: u64,
     pub sent: u64,
 }
 
-/// The CONNACK refusing `code`.
-fn refusal(code: ReasonCode) -> Packet {
+/// The CONNACK refusing `code`, saying why to a 5.0 client.
+fn refusal(code: ReasonCode, why: &str) -> Packet {
     Packet::ConnAck(ConnAck {
         session_present: false,
         code,
-        properties: Properties::default(),
+        properties: Properties {
+            reason_string: Some(why.to_string()),
+            ..Properties::default()
+        },
     })
 }
 
@@ -133,22 +139,34 @@ impl Conn {
         let protocol = connect.protocol;
         let settings = &router.settings;
         let (policy, policy_generation) = router.policy();
-        let refuse = |code: ReasonCode, out: &mut BytesMut| {
-            let _ = write(&refusal(code), protocol, out);
+        let refuse = |code: ReasonCode, why: &str, out: &mut BytesMut| {
+            let _ = write(&refusal(code, why), protocol, out);
             None
         };
         if connect.properties.authentication_method.is_some() {
-            return refuse(ReasonCode::BAD_AUTHENTICATION_METHOD, out);
+            return refuse(
+                ReasonCode::BAD_AUTHENTICATION_METHOD,
+                "enhanced authentication is not supported",
+                out,
+            );
         }
         if connect.properties.receive_maximum == Some(0)
             || connect.properties.maximum_packet_size == Some(0)
         {
-            return refuse(ReasonCode::PROTOCOL_ERROR, out);
+            return refuse(
+                ReasonCode::PROTOCOL_ERROR,
+                "receive maximum and maximum packet size must not be 0",
+                out,
+            );
         }
         let mut properties = Properties::default();
         if connect.client_id.is_empty() {
             if protocol == Protocol::V311 && !connect.clean_start {
-                return refuse(ReasonCode::CLIENT_IDENTIFIER_NOT_VALID, out);
+                return refuse(
+                    ReasonCode::CLIENT_IDENTIFIER_NOT_VALID,
+                    "an empty client id needs a clean session",
+                    out,
+                );
             }
             connect.client_id = assign_client_id();
             if protocol == Protocol::V5 {
@@ -160,7 +178,11 @@ impl Conn {
             if keep_alive == 0 || keep_alive > max {
                 if protocol == Protocol::V311 {
                     // 3.1.1 cannot be told another keepalive (mosquitto does the same).
-                    return refuse(ReasonCode::CLIENT_IDENTIFIER_NOT_VALID, out);
+                    return refuse(
+                        ReasonCode::CLIENT_IDENTIFIER_NOT_VALID,
+                        "keepalive above the broker's maximum",
+                        out,
+                    );
                 }
                 keep_alive = max;
                 properties.server_keep_alive = Some(max);
@@ -171,11 +193,17 @@ impl Conn {
             Ok(()) => {}
             Err(refused) => {
                 tracing::info!(client_id = %connect.client_id, username = connect.username.as_deref().unwrap_or(""), ?refused, "connection refused");
-                let code = match refused {
-                    Refusal::BadCredentials => ReasonCode::BAD_USER_NAME_OR_PASSWORD,
-                    Refusal::NotAuthorized => ReasonCode::NOT_AUTHORIZED,
+                let (code, why) = match refused {
+                    Refusal::BadCredentials => (
+                        ReasonCode::BAD_USER_NAME_OR_PASSWORD,
+                        "bad user name or password",
+                    ),
+                    Refusal::NotAuthorized => (
+                        ReasonCode::NOT_AUTHORIZED,
+                        "anonymous clients are not allowed",
+                    ),
                 };
-                return refuse(code, out);
+                return refuse(code, why, out);
             }
         }
         if let Some(will) = &connect.will {
@@ -184,11 +212,15 @@ impl Conn {
                 username: connect.username.as_deref(),
             };
             if mqtt::topic::validate_topic_name(&will.topic).is_err() {
-                return refuse(ReasonCode::TOPIC_NAME_INVALID, out);
+                return refuse(ReasonCode::TOPIC_NAME_INVALID, "invalid will topic", out);
             }
             if policy.restricts_publish() && !policy.can_publish(who, &will.topic) {
                 tracing::info!(client_id = %connect.client_id, topic = %will.topic, "will topic denied");
-                return refuse(ReasonCode::NOT_AUTHORIZED, out);
+                return refuse(
+                    ReasonCode::NOT_AUTHORIZED,
+                    "not authorized to publish the will topic",
+                    out,
+                );
             }
         }
 
@@ -253,6 +285,8 @@ impl Conn {
             max_out_packet,
             policy,
             policy_generation,
+            problem_info: protocol == Protocol::V5
+                && connect.properties.request_problem_information != Some(0),
             received: 0,
             sent: 0,
         };
@@ -285,6 +319,14 @@ impl Conn {
     /// The mailbox, to wait for messages.
     pub fn mailbox(&self) -> &Arc<super::session::Mailbox> {
         &self.session.mailbox
+    }
+
+    /// Properties carrying `why` as the reason string, when the client wants them.
+    fn reason(&self, why: &str) -> Properties {
+        Properties {
+            reason_string: self.problem_info.then(|| why.to_string()),
+            ..Properties::default()
+        }
     }
 
     fn who(&self) -> Identity<'_> {
@@ -337,6 +379,7 @@ impl Conn {
                 let mut rel = Ack::new(ack.pkid);
                 if !self.session.inflight.pubrec(ack.pkid) {
                     rel.reason = ReasonCode::PACKET_IDENTIFIER_NOT_FOUND;
+                    rel.properties = self.reason("no message with this packet identifier");
                 }
                 write(&Packet::PubRel(rel), self.protocol, out)
             }
@@ -350,7 +393,10 @@ impl Conn {
                     Some(at) => {
                         self.session.incoming.swap_remove(at);
                     }
-                    None => comp.reason = ReasonCode::PACKET_IDENTIFIER_NOT_FOUND,
+                    None => {
+                        comp.reason = ReasonCode::PACKET_IDENTIFIER_NOT_FOUND;
+                        comp.properties = self.reason("no message with this packet identifier");
+                    }
                 }
                 write(&Packet::PubComp(comp), self.protocol, out)
             }
@@ -370,10 +416,17 @@ impl Conn {
                 let reasons =
                     self.router
                         .subscribe(&mut self.session, who, &policy, &sub.filters, sub_id);
+                let properties = match reasons.iter().find(|r| !r.is_success()) {
+                    Some(&ReasonCode::NOT_AUTHORIZED) => {
+                        self.reason("a filter is not allowed by the ACL")
+                    }
+                    Some(_) => self.reason("a filter is not valid"),
+                    None => Properties::default(),
+                };
                 let ack = SubAck {
                     pkid: sub.pkid,
                     reasons,
-                    properties: Properties::default(),
+                    properties,
                 };
                 write(&Packet::SubAck(ack), self.protocol, out)
             }
@@ -469,7 +522,11 @@ impl Conn {
         let ack = Ack {
             pkid: p.pkid,
             reason,
-            properties: Properties::default(),
+            properties: if allowed {
+                Properties::default()
+            } else {
+                self.reason("not authorized to publish to this topic")
+            },
         };
         match p.qos {
             QoS::AtMostOnce => Ok(()),
@@ -563,12 +620,28 @@ impl Conn {
     }
 
     /// Appends the DISCONNECT a 5.0 client gets for `why`.
-    pub fn goodbye(&self, why: Close, out: &mut BytesMut) {
+    /// `detail` says more than the reason code (a decoding error).
+    pub fn goodbye(&self, why: Close, detail: Option<&str>, out: &mut BytesMut) {
         if self.protocol == Protocol::V5 {
             if let Some(reason) = why.reason() {
+                let text = match (why, detail) {
+                    (_, Some(detail)) => detail,
+                    (Close::Kicked(Kick::TakenOver), _) => {
+                        "another connection took the session over"
+                    }
+                    (Close::Kicked(Kick::Shutdown), _) => "the broker is shutting down",
+                    (Close::KeepAliveTimeout | Close::Kicked(Kick::KeepAlive), _) => {
+                        "nothing received within 1.5 times the keepalive"
+                    }
+                    _ => "protocol error",
+                };
+                // Allowed on DISCONNECT whatever the client asked for.
                 let d = Disconnect {
                     reason,
-                    properties: Properties::default(),
+                    properties: Properties {
+                        reason_string: Some(text.to_string()),
+                        ..Properties::default()
+                    },
                 };
                 let _ = write(&Packet::Disconnect(d), self.protocol, out);
             }
@@ -579,7 +652,9 @@ impl Conn {
     /// for it.
     pub fn close(mut self, why: Close) {
         let will = match why {
-            Close::Normal => None,
+            // The client said goodbye, or the broker itself is going away: a will is
+            // for a client that vanished.
+            Close::Normal | Close::Kicked(Kick::Shutdown) => None,
             _ => self.will.take(),
         };
         let will = will.map(|w| {

@@ -124,8 +124,8 @@ where
     let Some(mut conn) = handshake else {
         return;
     };
-    let why = run(&mut stream, &mut conn, &mut rbuf, &mut wbuf, router).await;
-    finish(conn, why, &mut wbuf, router);
+    let (why, detail) = run(&mut stream, &mut conn, &mut rbuf, &mut wbuf, router).await;
+    finish(conn, why, detail.as_deref(), &mut wbuf, router);
     if why != Close::Lost && !wbuf.is_empty() {
         // Boxed for the same reason as the handshake: a timer is big and rarely needed.
         let _ = Box::pin(tokio::time::timeout(GOODBYE_TIMEOUT, async {
@@ -138,7 +138,13 @@ where
 
 /// Logs why the connection ends, queues the 5.0 DISCONNECT and lets go of the session
 /// (first: a connection taking it over is waiting).
-fn finish(mut conn: Box<Conn>, why: Close, wbuf: &mut BytesMut, router: &Router) {
+fn finish(
+    mut conn: Box<Conn>,
+    why: Close,
+    detail: Option<&str>,
+    wbuf: &mut BytesMut,
+    router: &Router,
+) {
     match why {
         Close::Protocol(code) => {
             tracing::info!(client_id = %conn.client_id(), reason = code.0, "closing connection after a protocol error");
@@ -148,7 +154,7 @@ fn finish(mut conn: Box<Conn>, why: Close, wbuf: &mut BytesMut, router: &Router)
         }
         _ => {}
     }
-    conn.goodbye(why, wbuf);
+    conn.goodbye(why, detail, wbuf);
     Counters::add(
         &router.counters.messages_received,
         std::mem::take(&mut conn.received),
@@ -253,7 +259,7 @@ async fn run<S>(
     rbuf: &mut BytesMut,
     wbuf: &mut BytesMut,
     router: &Router,
-) -> Close
+) -> (Close, Option<String>)
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
@@ -267,19 +273,19 @@ where
             match mqtt::decode(rbuf, protocol, max) {
                 Ok(Some(packet)) => {
                     if let Err(why) = conn.handle(packet, wbuf) {
-                        return why;
+                        return (why, None);
                     }
                 }
                 Ok(None) => break,
                 Err(e) => {
                     tracing::info!(client_id = %conn.client_id(), error = %e, "malformed packet");
-                    return Close::Protocol(e.reason_code());
+                    return (Close::Protocol(e.reason_code()), Some(e.to_string()));
                 }
             }
         }
         if wbuf.len() < WRITE_BATCH {
             if let Err(why) = conn.drain(wbuf, WRITE_BATCH) {
-                return why;
+                return (why, None);
             }
         }
         if conn.sent > 0 {
@@ -348,7 +354,7 @@ where
             }
             Event::Flushed => unflushed = false,
             Event::Mail => {}
-            Event::Closed => return Close::Lost,
+            Event::Closed => return (Close::Lost, None),
         }
     }
 }

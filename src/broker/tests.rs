@@ -131,7 +131,16 @@ impl Client {
         }))
         .unwrap();
         match self.decode().remove(0) {
-            Packet::SubAck(ack) => ack.reasons,
+            Packet::SubAck(ack) => {
+                let failed = ack.reasons.iter().any(|r| !r.is_success());
+                let explained = ack.properties.reason_string.is_some();
+                assert_eq!(
+                    failed && self.protocol == Protocol::V5,
+                    explained,
+                    "a 5.0 SUBACK explains failures: {ack:?}"
+                );
+                ack.reasons
+            }
             other => panic!("expected SUBACK, got {other:?}"),
         }
     }
@@ -324,9 +333,12 @@ async fn will_is_published_on_abnormal_close_only() {
     watcher.subscribe("will/#", QoS::AtLeastOnce);
     for (why, expected) in [
         (Close::Normal, false),
+        (Close::Kicked(Kick::Shutdown), false),
         (Close::Lost, true),
         (Close::WithWill, true),
         (Close::KeepAliveTimeout, true),
+        (Close::Kicked(Kick::TakenOver), true),
+        (Close::Protocol(ReasonCode::MALFORMED_PACKET), true),
     ] {
         let mut c = connect_packet(Protocol::V5, "mortal");
         c.will = Some(Will {
@@ -624,7 +636,9 @@ async fn acl_and_protected_topics_refuse_with_reason_codes() {
     );
     let ack = c.publish("sensors/gw/t", b"spoof", QoS::AtLeastOnce, 1);
     assert!(
-        matches!(&ack[..], [Packet::PubAck(a)] if a.reason == ReasonCode::NOT_AUTHORIZED),
+        matches!(&ack[..], [Packet::PubAck(a)] if a.reason == ReasonCode::NOT_AUTHORIZED
+            && a.properties.reason_string.as_deref()
+                == Some("not authorized to publish to this topic")),
         "{ack:?}"
     );
     let rec = c.publish("sensors/gw/t", b"spoof", QoS::ExactlyOnce, 2);
@@ -725,7 +739,7 @@ async fn protocol_violations_close_with_a_reason() {
     );
     let mut out = BytesMut::new();
     c.conn()
-        .goodbye(Close::Protocol(ReasonCode::PROTOCOL_ERROR), &mut out);
+        .goodbye(Close::Protocol(ReasonCode::PROTOCOL_ERROR), None, &mut out);
     let d = decode(&mut out, Protocol::V5, usize::MAX).unwrap();
     assert!(matches!(d, Some(Packet::Disconnect(d)) if d.reason == ReasonCode::PROTOCOL_ERROR));
     // Session expiry may not be raised from zero at DISCONNECT.

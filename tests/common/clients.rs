@@ -12,7 +12,7 @@ use std::process::{Child, Command, ExitStatus, Output, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use super::util::{tool, wait_for};
+use super::util::tool;
 
 /// How long a client gets to finish a short job (connect, publish, disconnect).
 pub const CLIENT_TIMEOUT: Duration = Duration::from_secs(10);
@@ -72,33 +72,46 @@ impl Sub {
         Sub { child, collected }
     }
 
+    /// Polls `check` until it returns `Some`; after `timeout` panics with `what` and
+    /// what the client printed by then.
+    fn wait<T>(
+        &self,
+        what: &str,
+        timeout: Duration,
+        mut check: impl FnMut(&Collected) -> Option<T>,
+    ) -> T {
+        let deadline = std::time::Instant::now() + timeout;
+        loop {
+            if let Some(value) = check(&self.collected.lock().unwrap()) {
+                return value;
+            }
+            if std::time::Instant::now() >= deadline {
+                panic!(
+                    "timed out after {timeout:?} waiting for {what} ({})",
+                    self.describe()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     /// Waits for the SUBACK; returns the granted QoS / reason codes as printed
     /// (`"1"`, `"0, 2"`, `"128"`).
     pub fn wait_subscribed(&self, timeout: Duration) -> String {
-        wait_for(
-            &format!("mosquitto_sub's SUBACK ({})", self.describe()),
-            timeout,
-            || {
-                let c = self.collected.lock().unwrap();
-                c.debug
-                    .iter()
-                    .find_map(|l| l.strip_prefix("Subscribed (mid: "))
-                    .and_then(|rest| rest.split_once("): "))
-                    .map(|(_, granted)| granted.to_string())
-            },
-        )
+        self.wait("mosquitto_sub's SUBACK", timeout, |c| {
+            c.debug
+                .iter()
+                .find_map(|l| l.strip_prefix("Subscribed (mid: "))
+                .and_then(|rest| rest.split_once("): "))
+                .map(|(_, granted)| granted.to_string())
+        })
     }
 
     /// Waits until at least `n` message lines arrived; returns all of them.
     pub fn wait_messages(&self, n: usize, timeout: Duration) -> Vec<String> {
-        wait_for(
-            &format!("{n} messages ({})", self.describe()),
-            timeout,
-            || {
-                let c = self.collected.lock().unwrap();
-                (c.messages.len() >= n).then(|| c.messages.clone())
-            },
-        )
+        self.wait(&format!("{n} messages"), timeout, |c| {
+            (c.messages.len() >= n).then(|| c.messages.clone())
+        })
     }
 
     /// The message lines so far.
@@ -119,7 +132,7 @@ impl Sub {
     /// Waits for the process to exit by itself (`-C`, `-W`, refused connection).
     pub fn wait_exit(&mut self, timeout: Duration) -> ExitStatus {
         let child = &mut self.child;
-        wait_for("mosquitto_sub to exit", timeout, || {
+        super::util::wait_for("mosquitto_sub to exit", timeout, || {
             child.try_wait().ok().flatten()
         })
     }
