@@ -200,12 +200,7 @@ impl Broker {
             persister,
         ));
         let (retained, sessions) = (loaded.retained.len(), loaded.sessions.len());
-        for msg in loaded.retained {
-            router.restore_retained(msg);
-        }
-        for (client_id, record, queued) in loaded.sessions {
-            router.restore_session(&client_id, record, queued);
-        }
+        router.restore(loaded);
         if config.persistence_path.is_some() {
             tracing::info!(retained, sessions, "restored broker state");
         }
@@ -325,14 +320,7 @@ impl BrokerHandle {
         inner.tracker.wait().await;
         let router = inner.router.clone();
         if router.persister().is_some() {
-            let written = tokio::task::spawn_blocking(move || {
-                let mut snapshot = Vec::new();
-                router.for_each_parked(|s| snapshot.push(persist::snapshot(s)));
-                if let Some(p) = router.persister() {
-                    p.close(snapshot);
-                }
-            })
-            .await;
+            let written = tokio::task::spawn_blocking(move || router.persist_and_close()).await;
             if written.is_err() {
                 tracing::error!("persistence snapshot failed");
             }

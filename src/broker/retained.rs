@@ -233,3 +233,57 @@ mod tests {
         assert_eq!(matched(&s, "#"), ["a/2"]);
     }
 }
+
+#[cfg(test)]
+mod model {
+    //! The store against [`crate::mqtt::topic::matches`] over every stored topic.
+    use super::*;
+    use crate::mqtt::topic;
+    use proptest::prelude::*;
+
+    fn level() -> impl Strategy<Value = String> {
+        prop_oneof![
+            Just("a".to_string()),
+            Just("b".to_string()),
+            Just(String::new()),
+            Just("$s".to_string()),
+        ]
+    }
+
+    proptest! {
+        #[test]
+        fn store_matches_like_the_topic_rules(
+            topics in proptest::collection::vec(proptest::collection::vec(level(), 1..5), 0..12),
+            cleared in proptest::collection::vec(any::<bool>(), 12),
+            filters in proptest::collection::vec(
+                (proptest::collection::vec(prop_oneof![3 => level(), 1 => Just("+".to_string())], 1..5), any::<bool>()),
+                1..8,
+            ),
+        ) {
+            let topics: Vec<String> = topics.into_iter().map(|l| l.join("/")).collect();
+            let mut store = RetainedStore::default();
+            let mut model = std::collections::BTreeSet::new();
+            for (i, t) in topics.iter().enumerate() {
+                store.insert(t, t.clone());
+                model.insert(t.clone());
+                if cleared[i] {
+                    store.remove(t);
+                    model.remove(t);
+                }
+            }
+            prop_assert_eq!(store.len(), model.len());
+            for (mut levels, hash) in filters {
+                if hash {
+                    levels.push("#".into());
+                }
+                let filter = levels.join("/");
+                let mut got = Vec::new();
+                store.for_each_match(&filter, |t| got.push(t.clone()));
+                got.sort();
+                let want: Vec<String> =
+                    model.iter().filter(|t| topic::matches(&filter, t)).cloned().collect();
+                prop_assert_eq!(got, want, "filter {:?}", filter);
+            }
+        }
+    }
+}

@@ -28,7 +28,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::auth::{Identity, Policy};
 use super::config::BrokerConfig;
-use super::persist::{Persister, SessionRecord};
+use super::persist::{Loaded, Persister, SessionRecord};
 use super::retained::RetainedStore;
 use super::session::{
     Delivery, Kick, Limits, Mailbox, Message, Pushed, Session, SubRecord, Target, NEVER_EXPIRES,
@@ -295,9 +295,28 @@ impl Router {
         }
     }
 
-    /// Restores a retained message loaded from persistence.
-    pub fn restore_retained(&self, msg: Message) {
-        write(&self.retained).insert(&msg.topic.clone(), Arc::new(msg));
+    /// Takes in what the persistence file held at start-up.
+    pub fn restore(&self, loaded: Loaded) {
+        {
+            let mut retained = write(&self.retained);
+            for msg in loaded.retained {
+                retained.insert(&msg.topic.clone(), Arc::new(msg));
+            }
+        }
+        for (client_id, record, queued) in loaded.sessions {
+            self.restore_session(&client_id, record, queued);
+        }
+    }
+
+    /// Writes the snapshot of every parked persistent session and stops the
+    /// persistence thread. Blocks until the file is written.
+    pub fn persist_and_close(&self) {
+        let Some(persister) = &self.persister else {
+            return;
+        };
+        let mut snapshot = Vec::new();
+        self.for_each_parked(|s| snapshot.push(super::persist::snapshot(s)));
+        persister.close(snapshot);
     }
 
     /// Handles the filters of a SUBSCRIBE; returns one reason code per filter and queues
@@ -658,7 +677,7 @@ impl Router {
     }
 
     /// Restores a persisted session as parked.
-    pub fn restore_session(
+    fn restore_session(
         &self,
         client_id: &str,
         record: SessionRecord,
@@ -724,7 +743,7 @@ impl Router {
     }
 
     /// Calls `f` with every parked session (persistence snapshot on shutdown).
-    pub fn for_each_parked(&self, mut f: impl FnMut(&Session)) {
+    fn for_each_parked(&self, mut f: impl FnMut(&Session)) {
         for slot in self.sessions().values() {
             if let Some(session) = &slot.parked {
                 if session.expiry > 0 {

@@ -777,3 +777,112 @@ async fn keepalive_runs_out_at_one_and_a_half_times_its_value() {
     assert_eq!(why, Close::KeepAliveTimeout);
     assert_eq!(why.reason(), Some(ReasonCode::KEEP_ALIVE_TIMEOUT));
 }
+
+fn persistent_router(path: &std::path::Path) -> Arc<Router> {
+    let (persister, loaded) = super::persist::Persister::open(path).unwrap();
+    let router = Arc::new(Router::new(
+        Settings::from_config(&BrokerConfig::default()),
+        Policy {
+            anonymous_allowed: true,
+            ..Policy::default()
+        },
+        Some(persister),
+    ));
+    router.restore(loaded);
+    router
+}
+
+/// Regression guard for the restart path: messages in every flow state, inbound QoS 2
+/// ids and retained properties come back from the SQLite file as they were.
+#[tokio::test]
+async fn a_restart_keeps_every_flow_state_of_a_persistent_session() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("broker.db");
+    let router = persistent_router(&path);
+    let mut c = connect_packet(Protocol::V5, "durable");
+    c.clean_start = false;
+    c.properties.session_expiry_interval = Some(600);
+    let (mut sub, _) = open(&router, c.clone()).await;
+    sub.subscribe("d/#", QoS::ExactlyOnce);
+    let mut publisher = connect(&router, Protocol::V5, "pub").await;
+    for (i, qos) in [
+        QoS::ExactlyOnce,
+        QoS::ExactlyOnce,
+        QoS::ExactlyOnce,
+        QoS::AtLeastOnce,
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let payload: &'static [u8] = [b"m1", b"m2", b"m3", b"m4"][i];
+        publisher.publish("d/x", payload, qos, i as u16 + 1);
+    }
+    let sent = sub.recv();
+    let pkids: Vec<u16> = publishes(&sent).iter().map(|p| p.pkid).collect();
+    assert_eq!(pkids.len(), 4);
+    sub.send(Packet::PubRec(Ack::new(pkids[0]))).unwrap();
+    assert_eq!(sub.decode(), [Packet::PubRel(Ack::new(pkids[0]))]);
+    // Inbound QoS 2 from the subscriber, not yet released.
+    sub.publish("elsewhere", b"in", QoS::ExactlyOnce, 77);
+    sub.close(Close::Lost);
+    publisher.publish("d/x", b"m5", QoS::AtLeastOnce, 9);
+    publisher.publish_with(Publish {
+        retain: true,
+        qos: QoS::AtLeastOnce,
+        pkid: 10,
+        topic: "d/retained".into(),
+        payload: Bytes::from_static(b"r"),
+        properties: Properties {
+            content_type: Some("text/plain".into()),
+            user_properties: vec![("unit".into(), "°C".into())],
+            message_expiry_interval: Some(3600),
+            ..Properties::default()
+        },
+        ..Publish::default()
+    });
+    publisher.close(Close::Normal);
+    // The retained message also went to the offline subscriber's queue, after m5.
+    router.persist_and_close();
+    drop(router);
+
+    let router = persistent_router(&path);
+    assert_eq!(router.stats().sessions, 1);
+    assert_eq!(router.stats().retained, 1);
+    let (mut sub, ack) = open(&router, c).await;
+    assert!(ack.session_present);
+    let resent = sub.decode();
+    assert_eq!(resent[0], Packet::PubRel(Ack::new(pkids[0])));
+    let again = publishes(&resent);
+    let dup: Vec<(u16, bool, &[u8])> = again
+        .iter()
+        .map(|p| (p.pkid, p.dup, &p.payload[..]))
+        .collect();
+    assert_eq!(
+        dup,
+        [
+            (pkids[1], true, &b"m2"[..]),
+            (pkids[2], true, &b"m3"[..]),
+            (pkids[3], true, &b"m4"[..])
+        ]
+    );
+    assert_eq!(payloads(&sub.recv()), [&b"m5"[..], &b"r"[..]]);
+    sub.send(Packet::PubRel(Ack::new(77))).unwrap();
+    assert_eq!(
+        sub.decode(),
+        [Packet::PubComp(Ack::new(77))],
+        "inbound id kept"
+    );
+
+    let mut late = connect(&router, Protocol::V5, "late").await;
+    late.subscribe("d/retained", QoS::AtLeastOnce);
+    let got = late.recv();
+    let r = publishes(&got)[0];
+    assert!(r.retain);
+    assert_eq!(r.properties.content_type.as_deref(), Some("text/plain"));
+    assert_eq!(
+        r.properties.user_properties,
+        [("unit".to_string(), "°C".to_string())]
+    );
+    let left = r.properties.message_expiry_interval.unwrap();
+    assert!((3590..=3600).contains(&left), "{left}");
+}

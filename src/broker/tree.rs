@@ -474,3 +474,94 @@ mod tests {
         assert_eq!(tree.len(), 2);
     }
 }
+
+#[cfg(test)]
+mod model {
+    //! The tree against the obvious model: every filter checked with
+    //! [`crate::mqtt::topic::matches`].
+    use super::*;
+    use crate::mqtt::topic;
+    use proptest::prelude::*;
+
+    #[derive(Debug, Clone)]
+    struct Id(usize);
+    impl PartialEq for Id {
+        fn eq(&self, other: &Self) -> bool {
+            self.0 == other.0
+        }
+    }
+    impl Owner for Id {
+        fn is_online(&self) -> bool {
+            true
+        }
+    }
+
+    fn level() -> impl Strategy<Value = String> {
+        prop_oneof![
+            Just("a".to_string()),
+            Just("b".to_string()),
+            Just(String::new()),
+            Just("$s".to_string()),
+        ]
+    }
+
+    fn topic_name() -> impl Strategy<Value = String> {
+        proptest::collection::vec(level(), 1..5).prop_map(|l| l.join("/"))
+    }
+
+    fn filter() -> impl Strategy<Value = String> {
+        (
+            proptest::collection::vec(prop_oneof![3 => level(), 1 => Just("+".to_string())], 1..5),
+            any::<bool>(),
+        )
+            .prop_map(|(mut levels, hash)| {
+                if hash {
+                    levels.push("#".into());
+                }
+                levels.join("/")
+            })
+    }
+
+    proptest! {
+        #[test]
+        fn tree_matches_like_the_topic_rules(
+            filters in proptest::collection::vec(filter(), 1..12),
+            removed in proptest::collection::vec(any::<bool>(), 12),
+            topics in proptest::collection::vec(topic_name(), 1..8),
+        ) {
+            let mut tree = SubscriptionTree::default();
+            for (i, f) in filters.iter().enumerate() {
+                tree.insert(f, None, Subscriber {
+                    owner: Id(i),
+                    options: crate::mqtt::SubscriptionOptions::default(),
+                    id: 0,
+                });
+            }
+            let mut live: Vec<usize> = (0..filters.len()).collect();
+            for (i, f) in filters.iter().enumerate() {
+                if removed[i] {
+                    prop_assert!(tree.remove(f, None, &Id(i)));
+                    live.retain(|&j| j != i);
+                }
+            }
+            prop_assert_eq!(tree.len(), live.len());
+            for t in &topics {
+                let mut got = Vec::new();
+                tree.for_each_match(t, |s, _| got.push(s.owner.0));
+                got.sort_unstable();
+                let want: Vec<usize> = live
+                    .iter()
+                    .copied()
+                    .filter(|&i| topic::matches(&filters[i], t))
+                    .collect();
+                prop_assert_eq!(got, want, "topic {:?}", t);
+            }
+            for (i, f) in filters.iter().enumerate() {
+                if !removed[i] {
+                    tree.remove(f, None, &Id(i));
+                }
+            }
+            prop_assert!(tree.root.is_empty(), "emptied tree keeps no nodes");
+        }
+    }
+}
