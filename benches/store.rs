@@ -142,10 +142,26 @@ struct Wear {
     file_bytes: u64,
 }
 
+/// Persists a QoS 2 flow as the uplink does: the packet id for a whole batch before the
+/// PUBLISHes, then PUBREC received before the PUBRELs, each batch concurrently.
+async fn qos2_flows(queue: &Queue, ids: &[i64]) {
+    for pubrec in [false, true] {
+        let mut calls = tokio::task::JoinSet::new();
+        for (n, &id) in ids.iter().enumerate() {
+            let queue = queue.clone();
+            let pkid = (n % 65_535 + 1) as u16;
+            calls.spawn(async move { queue.set_flow(id, pkid, pubrec).await });
+        }
+        while let Some(done) = calls.join_next().await {
+            done.expect("set_flow task").expect("set_flow");
+        }
+    }
+}
+
 /// 100 readings/s as ten readings every 100 ms, drained as they come (the uplink keeps
-/// up), for `secs` seconds; the queue's own count and the kernel's are extrapolated to
-/// an hour.
-async fn wear(dir: &Path, name: &str, config: StoreConfig, secs: u64) -> Wear {
+/// up; with `qos2` it also persists both flow steps of each message), for `secs`
+/// seconds; the queue's own count and the kernel's are extrapolated to an hour.
+async fn wear(dir: &Path, name: &str, config: StoreConfig, secs: u64, qos2: bool) -> Wear {
     let path = dir.join(format!("wear-{name}.db"));
     let queue = Queue::open(StoreConfig {
         path: path.clone(),
@@ -169,10 +185,11 @@ async fn wear(dir: &Path, name: &str, config: StoreConfig, secs: u64) -> Wear {
                         tokio::time::timeout(Duration::from_millis(200), pending.changed()).await;
                     continue;
                 }
-                queue
-                    .ack(out.iter().map(|s| s.id).collect())
-                    .await
-                    .expect("ack");
+                let ids: Vec<i64> = out.iter().map(|s| s.id).collect();
+                if qos2 {
+                    qos2_flows(&queue, &ids).await;
+                }
+                queue.ack(ids).await.expect("ack");
             }
         })
     };
@@ -238,21 +255,30 @@ fn main() {
             println!("| drain, next({max}) + ack | {rate:.0} messages/s |");
         }
         let runs = [
-            ("100 ms, normal", StoreConfig::default(), secs),
+            ("100 ms, normal", StoreConfig::default(), secs, false),
+            ("100 ms, normal, QoS 2 flows", StoreConfig::default(), secs.div_ceil(2), true),
+            (
+                "100 ms, normal, QoS 2 flows, flow_commit_ms 0",
+                StoreConfig { flow_commit_ms: 0, ..StoreConfig::default() },
+                secs.div_ceil(2),
+                true,
+            ),
             (
                 "1000 ms, normal",
                 StoreConfig { commit_interval_ms: 1000, ..StoreConfig::default() },
                 secs.div_ceil(2),
+                false,
             ),
             (
                 "100 ms, full",
                 StoreConfig { synchronous: Synchronous::Full, ..StoreConfig::default() },
                 secs.div_ceil(2),
+                false,
             ),
         ];
-        for (name, config, secs) in runs {
+        for (name, config, secs, qos2) in runs {
             let tag = name.replace([' ', ','], "");
-            let w = wear(dir.path(), &tag, config, secs).await;
+            let w = wear(dir.path(), &tag, config, secs, qos2).await;
             println!(
                 "| 100 readings/s for {secs} s, commit {name} | {:.1} commits/s; {} per hour counted by the store; {} per hour by /proc/self/io; file {} KiB after |",
                 w.commits_per_s,

@@ -20,16 +20,16 @@ use fieldbridge::uplink::{Uplink, UplinkConfig};
 use common::mosquitto::{Mosquitto, Options};
 
 struct Scenario {
-    /// Messages to replay; `None`: the count from the command line.
-    messages: Option<usize>,
     /// mosquitto with `max_inflight_messages 1000` instead of its default 20 (which
     /// also caps the QoS 2 flows a client may hold open).
     wide_broker: bool,
     qos: QoS,
     window: u16,
-    /// The store's group commit interval; a QoS 2 flow waits for one commit between
-    /// PUBREC and PUBREL.
+    /// The store's group commit interval.
     commit_interval_ms: u64,
+    /// The store's spacing of flow-state commits; a QoS 2 flow waits for one commit
+    /// before PUBLISH and one between PUBREC and PUBREL.
+    flow_commit_ms: u64,
 }
 
 fn load(n: usize) -> Vec<(String, Bytes)> {
@@ -63,6 +63,7 @@ async fn uplink_replay(
     let queue = Queue::open(StoreConfig {
         path: dir.path().join("queue.db"),
         commit_interval_ms: s.commit_interval_ms,
+        flow_commit_ms: s.flow_commit_ms,
         ..StoreConfig::default()
     })
     .expect("open store");
@@ -166,70 +167,59 @@ fn main() {
         ..Options::default()
     });
     let load = load(n);
+    let qos2 = |window: u16, wide_broker: bool, flow_commit_ms: u64| Scenario {
+        wide_broker,
+        qos: QoS::ExactlyOnce,
+        window,
+        commit_interval_ms: 100,
+        flow_commit_ms,
+    };
     let scenarios = [
         Scenario {
-            messages: None,
             wide_broker: false,
             qos: QoS::AtLeastOnce,
             window: 20,
             commit_interval_ms: 100,
+            flow_commit_ms: 1,
         },
         Scenario {
-            messages: None,
             wide_broker: false,
             qos: QoS::AtLeastOnce,
             window: 100,
             commit_interval_ms: 100,
+            flow_commit_ms: 1,
         },
-        // At the default commit interval a QoS 2 window turns over once per commit
-        // (about 200 msgs/s with 20 flows): a short run shows it.
-        Scenario {
-            messages: Some(2_000),
-            wide_broker: false,
-            qos: QoS::ExactlyOnce,
-            window: 20,
-            commit_interval_ms: 100,
-        },
-        Scenario {
-            messages: Some(20_000),
-            wide_broker: false,
-            qos: QoS::ExactlyOnce,
-            window: 20,
-            commit_interval_ms: 5,
-        },
-        Scenario {
-            messages: None,
-            wide_broker: true,
-            qos: QoS::ExactlyOnce,
-            window: 1000,
-            commit_interval_ms: 100,
-        },
+        // A QoS 2 window turns over once per flow commit; its spacing is the knob.
+        qos2(20, false, 0),
+        qos2(20, false, 1),
+        qos2(20, false, 5),
+        qos2(1000, true, 1),
     ];
     println!("uplink replay to mosquitto (MQTT 3.1.1, loopback), best of 3 runs");
     println!(
-        "| messages | QoS | inflight | mosquitto max_inflight_messages | store commit interval | uplink msgs/s | rumqttc msgs/s | uplink / rumqttc |"
+        "| messages | QoS | inflight | mosquitto max_inflight_messages | store commit interval | store flow_commit_ms | uplink msgs/s | rumqttc msgs/s | uplink / rumqttc |"
     );
-    println!("|---|---|---|---|---|---|---|---|");
+    println!("|---|---|---|---|---|---|---|---|---|");
     let only_qos1 = std::env::var_os("UPLINK_BENCH_QOS1_ONLY").is_some();
     for s in &scenarios {
         if only_qos1 && s.qos != QoS::AtLeastOnce {
             continue;
         }
-        let load = &load[..s.messages.unwrap_or(n).min(n)];
         let broker = if s.wide_broker { &wide } else { &broker };
         let mut ours: f64 = 0.0;
         let mut theirs: f64 = 0.0;
         for run in 0..3 {
-            ours = ours.max(runtime.block_on(uplink_replay(broker, load, s, run)));
-            theirs = theirs.max(runtime.block_on(rumqttc_publish(broker, load, s, run)));
+            ours = ours.max(runtime.block_on(uplink_replay(broker, &load, s, run)));
+            theirs = theirs.max(runtime.block_on(rumqttc_publish(broker, &load, s, run)));
         }
         println!(
-            "| {} | {} | {} | {} | {} ms | {:.0} | {:.0} | {:.2} |",
+            "| {} | {} | {} | {} | {} ms | {} ms | {:.0} | {:.0} | {:.2} |",
             load.len(),
             s.qos as u8,
             s.window,
             if s.wide_broker { 1000 } else { 20 },
             s.commit_interval_ms,
+            s.flow_commit_ms,
             ours,
             theirs,
             ours / theirs

@@ -257,12 +257,10 @@ pub async fn run(upstream: Option<String>, first_port: u16) -> Result<(), super:
         "fieldbridge demo: simulated Modbus TCP device on {}",
         device.addr
     );
-    println!(
-        "local MQTT broker on 127.0.0.1:{port}; store in {}",
-        dir.display()
-    );
-    if let Some(url) = &upstream {
-        println!("forwarding to {url}");
+    println!("local MQTT broker on 127.0.0.1:{port}");
+    match &upstream {
+        Some(url) => println!("forwarding to {url} through the store in {}", dir.display()),
+        None => println!("LAN-only: no upstream, so no store (add --upstream URL to forward)"),
     }
     println!();
     println!("watch the values with:");

@@ -22,13 +22,20 @@
 //! fsync never stalls the async tasks. [`Queue`] is a cheap, cloneable handle.
 //!
 //! # Commits (flash wear)
-//! Appends, acks and flow-state updates are collected in memory and written in one
-//! transaction at most `commit_interval_ms` after the first of them, or at once when
-//! `commit_max_rows` rows wait. Commits per second are thus bounded by the interval,
-//! whatever the message rate. `next` and `release` write nothing. An `ack` resolves
-//! when applied; its delete becomes durable with the next group commit, so after a crash
-//! a just-acknowledged row may be delivered again (at least once). `append` and
-//! `set_flow` resolve only after their commit.
+//! Appends and acks are collected in memory and written in one transaction at most
+//! `commit_interval_ms` after the first of them, or at once when `commit_max_rows` rows
+//! wait. Commits per second are thus bounded by the interval, whatever the message
+//! rate. Flow-state updates (`set_flow`) do not wait for the interval: a QoS 2 flow
+//! waits for two of them, so the window would turn over once per interval. They commit
+//! (with everything else buffered) once the store thread has taken every request
+//! already queued and `flow_commit_ms` (default 0) have passed since the last commit;
+//! concurrent callers share a commit. With `synchronous = normal` such a commit does not
+//! fsync; with `full` it does. Live data reaches the uplink one group commit at a time,
+//! so its flow updates add a few commits per group commit, not two per message.
+//! `next` and `release` write nothing. An `ack` resolves when applied; its delete
+//! becomes durable with the next commit, so after a crash a just-acknowledged row may be
+//! delivered again (at least once). `append` and `set_flow` resolve only after their
+//! commit.
 //!
 //! # On-disk format
 //! One SQLite file in WAL mode with `auto_vacuum = INCREMENTAL` (freed pages are

@@ -7,10 +7,17 @@
 //!   transaction leaves every buffer as it was, for the retry.
 //! - A row id in `in_flight` or `acking` is never handed out by `next` and never chosen
 //!   by a retention drop; `acking` rows are deleted by the next commit.
+//! - Oldest-first cursor: every stored row with an id up to `cursor` is in `in_flight`,
+//!   in `acking`, or in `released`; so `next` reads `released` (in id order) and then
+//!   only the rows after `cursor`, never the in-flight and acknowledged rows in front.
+//!   New rows get ids above every stored id, hence above `cursor`.
+//! - Flow updates are committed at most `flow_commit_ms` after the previous commit;
+//!   the thread takes every request already queued before it decides to commit, so one
+//!   commit serves every waiter that is already there.
 //! - Values read back from the file (ids, sizes, counters) may have been written by
 //!   something else: they are clamped or saturated, never trusted not to overflow.
 
-use std::collections::{HashSet, VecDeque};
+use std::collections::{BTreeSet, HashSet, VecDeque};
 use std::sync::mpsc::{self as std_mpsc, RecvTimeoutError};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
@@ -248,8 +255,10 @@ impl Queue {
 
     /// Persists the QoS 1/2 flow state of a row: the packet identifier assigned to it,
     /// and (QoS 2) whether PUBREC was received. Resolves once committed, so the uplink
-    /// should call it before sending the PUBLISH (or PUBREL). It joins the group commit:
-    /// call it for a whole window concurrently rather than one message at a time.
+    /// should call it before sending the PUBLISH (or PUBREL). It does not wait for the
+    /// group-commit interval: it commits (with everything else waiting) once
+    /// `flow_commit_ms` have passed since the previous commit, so concurrent calls
+    /// share a commit.
     ///
     /// # Errors
     /// [`Error::Closed`] (also when the queue closes while the disk is unavailable).
@@ -373,9 +382,16 @@ struct Worker {
     in_flight: HashSet<i64>,
     /// Acknowledged rows whose delete is not committed yet; never handed out again.
     acking: HashSet<i64>,
+    /// The highest id an oldest-first `next` has looked at.
+    cursor: i64,
+    /// Released rows at or below `cursor`: `next` hands them out first.
+    released: BTreeSet<i64>,
     flows: Vec<Flow>,
     /// When the oldest uncommitted request arrived.
     first_dirty: Option<Instant>,
+    /// When the last transaction committed; flow updates wait `flow_spacing` after it.
+    last_commit: Instant,
+    flow_spacing: Duration,
     rows: u64,
     bytes: u64,
     next_id: i64,
@@ -407,13 +423,17 @@ impl Worker {
         Worker {
             db,
             interval: Duration::from_millis(config.commit_interval_ms),
+            flow_spacing: Duration::from_millis(config.flow_commit_ms),
             config,
             batches: VecDeque::new(),
             buffered_rows: 0,
             in_flight: HashSet::new(),
             acking: HashSet::new(),
+            cursor: i64::MIN,
+            released: BTreeSet::new(),
             flows: Vec::new(),
             first_dirty: None,
+            last_commit: now,
             rows,
             bytes,
             // Ids come from the file: a row id of i64::MAX must not overflow here. Ids
@@ -437,8 +457,21 @@ impl Worker {
         loop {
             let now = Instant::now();
             let wake = self.next_wake(now);
-            match inbox.recv_timeout(wake.saturating_duration_since(now)) {
-                Ok(request) => match request.command {
+            let mut request = match inbox.recv_timeout(wake.saturating_duration_since(now)) {
+                Ok(request) => Some(request),
+                Err(RecvTimeoutError::Timeout) => None,
+                Err(RecvTimeoutError::Disconnected) => {
+                    if let Err(error) = self.shutdown() {
+                        tracing::error!(%error, "store stopped with data it could not write");
+                    }
+                    return;
+                }
+            };
+            // Everything already queued is taken before a commit, so concurrent waiters
+            // share it; but a full group of rows still commits at its threshold.
+            let mut taken = 0;
+            while let Some(next) = request.take() {
+                match next.command {
                     Command::Close { reply } => {
                         let _ = reply.send(self.shutdown());
                         return;
@@ -449,13 +482,10 @@ impl Worker {
                         return;
                     }
                     command => self.handle(command),
-                },
-                Err(RecvTimeoutError::Timeout) => {}
-                Err(RecvTimeoutError::Disconnected) => {
-                    if let Err(error) = self.shutdown() {
-                        tracing::error!(%error, "store stopped with data it could not write");
-                    }
-                    return;
+                }
+                taken += 1;
+                if taken < CHANNEL_CAPACITY && self.buffered_rows < self.config.commit_max_rows {
+                    request = inbox.try_recv().ok();
                 }
             }
             let now = Instant::now();
@@ -487,13 +517,22 @@ impl Worker {
             Command::Ack { ids, reply } => {
                 for id in ids {
                     self.in_flight.remove(&id);
+                    self.released.remove(&id);
                     self.acking.insert(id);
                 }
                 self.mark_dirty();
                 let _ = reply.send(Ok(()));
             }
             Command::Release { ids, reply } => {
-                let released = ids.iter().filter(|id| self.in_flight.remove(id)).count();
+                let mut released = 0;
+                for id in ids {
+                    if self.in_flight.remove(&id) {
+                        released += 1;
+                        if id <= self.cursor {
+                            self.released.insert(id);
+                        }
+                    }
+                }
                 if released > 0 {
                     self.pending.send_replace(self.pending_rows());
                 }
@@ -541,29 +580,37 @@ impl Worker {
     }
 
     fn next_wake(&self, now: Instant) -> Instant {
-        let mut wake = (self.last_checkpoint + CHECKPOINT_INTERVAL)
+        let wake = (self.last_checkpoint + CHECKPOINT_INTERVAL)
             .min(self.next_age_sweep)
             .max(now);
-        if let Some(first) = self.first_dirty {
-            let mut due = first + self.interval;
-            if let Some(failing) = &self.failing {
-                due = due.max(failing.next_retry);
-            }
-            wake = wake.min(due);
+        match self.commit_at() {
+            Some(due) => wake.min(due),
+            None => wake,
         }
-        wake
+    }
+
+    /// When the next commit is due by time: the group-commit interval after the first
+    /// uncommitted request, or sooner for flow updates; never before a retry is due.
+    fn commit_at(&self) -> Option<Instant> {
+        let first = self.first_dirty?;
+        let mut due = first + self.interval;
+        if !self.flows.is_empty() {
+            due = due.min(self.last_commit + self.flow_spacing);
+        }
+        if let Some(failing) = &self.failing {
+            due = due.max(failing.next_retry);
+        }
+        Some(due)
     }
 
     fn commit_due(&self, now: Instant) -> bool {
-        let Some(first) = self.first_dirty else {
+        let Some(due) = self.commit_at() else {
             return false;
         };
-        if let Some(failing) = &self.failing {
-            if now < failing.next_retry {
-                return false;
-            }
+        if self.failing.as_ref().is_some_and(|f| now < f.next_retry) {
+            return false;
         }
-        now >= first + self.interval || self.buffered_rows >= self.config.commit_max_rows
+        now >= due || self.buffered_rows >= self.config.commit_max_rows
     }
 
     /// One group commit. On failure everything stays buffered for the retry, except
@@ -745,6 +792,7 @@ impl Worker {
         for flow in flows {
             let _ = flow.reply.send(Ok(()));
         }
+        self.last_commit = Instant::now();
         self.commits_since_checkpoint += 1;
         self.wal_estimate += written.added_bytes + 2 * self.db.page_size;
         if self.wal_estimate >= CHECKPOINT_WAL_BYTES {
@@ -897,23 +945,85 @@ impl Worker {
         if max == 0 {
             return Ok(out);
         }
-        let sql = match order {
-            DrainOrder::OldestFirst => format!(
-                "SELECT {} FROM message WHERE id > ?1 ORDER BY id LIMIT ?2",
+        match order {
+            DrainOrder::OldestFirst => {
+                let cursor = self.cursor;
+                if let Err(error) = self.next_oldest(max, &mut out) {
+                    // What was taken is not handed out: put it back.
+                    self.cursor = cursor;
+                    self.released
+                        .extend(out.iter().map(|s| s.id).filter(|id| *id <= cursor));
+                    return Err(error);
+                }
+            }
+            DrainOrder::NewestFirst => {
+                self.next_newest(max, &mut out)?;
+                for stored in &out {
+                    self.released.remove(&stored.id);
+                }
+            }
+        }
+        self.in_flight.extend(out.iter().map(|s| s.id));
+        Ok(out)
+    }
+
+    /// Released rows first (they are older than every row after the cursor), then the
+    /// rows after the cursor, which moves past every row it reads.
+    fn next_oldest(&mut self, max: usize, out: &mut Vec<Stored>) -> Result<(), rusqlite::Error> {
+        if !self.released.is_empty() {
+            let mut by_id = self.db.conn.prepare_cached(&format!(
+                "SELECT {} FROM message WHERE id = ?1",
                 db::STORED_COLUMNS
-            ),
-            DrainOrder::NewestFirst => format!(
-                "SELECT {} FROM message WHERE id < ?1 ORDER BY id DESC LIMIT ?2",
-                db::STORED_COLUMNS
-            ),
-        };
-        let mut cursor = match order {
-            DrainOrder::OldestFirst => i64::MIN,
-            DrainOrder::NewestFirst => i64::MAX,
-        };
-        let mut statement = self.db.conn.prepare_cached(&sql)?;
+            ))?;
+            while out.len() < max {
+                let Some(&id) = self.released.first() else {
+                    break;
+                };
+                let row = by_id.query_row([id], db::stored_from_row).optional()?;
+                self.released.remove(&id);
+                // A released row may have been dropped by retention since.
+                if let Some(stored) = row {
+                    out.push(stored);
+                }
+            }
+        }
+        let mut statement = self.db.conn.prepare_cached(&format!(
+            "SELECT {} FROM message WHERE id > ?1 ORDER BY id LIMIT ?2",
+            db::STORED_COLUMNS
+        ))?;
+        while out.len() < max {
+            // Rows after the cursor are in flight or acknowledged only when a
+            // newest-first `next` handed them out, so one pass is the rule.
+            let limit = max - out.len();
+            let mut rows = statement.query(params![
+                self.cursor,
+                i64::try_from(limit).unwrap_or(i64::MAX)
+            ])?;
+            let mut seen = 0;
+            while let Some(row) = rows.next()? {
+                seen += 1;
+                let id: i64 = row.get(0)?;
+                if !self.in_flight.contains(&id) && !self.acking.contains(&id) {
+                    out.push(db::stored_from_row(row)?);
+                }
+                self.cursor = id;
+            }
+            if seen < limit {
+                break;
+            }
+        }
+        Ok(())
+    }
+
+    /// The newest `max` pending rows, in queue order. Skipped rows are at most the
+    /// in-flight and acknowledged ones, so one pass is the rule.
+    fn next_newest(&mut self, max: usize, out: &mut Vec<Stored>) -> Result<(), rusqlite::Error> {
+        let mut statement = self.db.conn.prepare_cached(&format!(
+            "SELECT {} FROM message WHERE id < ?1 ORDER BY id DESC LIMIT ?2",
+            db::STORED_COLUMNS
+        ))?;
+        let mut cursor = i64::MAX;
         loop {
-            // Skipped rows are at most the in-flight ones, so one pass is the rule.
             let limit = (max - out.len())
                 .saturating_add(self.in_flight.len())
                 .saturating_add(self.acking.len());
@@ -936,12 +1046,8 @@ impl Worker {
                 break;
             }
         }
-        drop(statement);
-        if order == DrainOrder::NewestFirst {
-            out.reverse();
-        }
-        self.in_flight.extend(out.iter().map(|s| s.id));
-        Ok(out)
+        out.reverse();
+        Ok(())
     }
 
     fn stats(&self) -> Result<Stats, Error> {

@@ -4,6 +4,7 @@
 //! database (`query_only`). The kill -9 test in tests/store_queue.rs crashes for real.
 
 use std::path::Path;
+use std::time::Duration;
 
 use bytes::Bytes;
 
@@ -193,6 +194,79 @@ async fn a_row_id_of_i64_max_in_the_file_is_not_an_overflow_panic() {
     queue.ack(vec![i64::MAX]).await.expect("ack");
     let stats = wait_stats(&queue, "the ack committed", |s| s.depth == 0).await;
     assert_eq!(stats.delivered, 1);
+    queue.close().await.expect("close");
+}
+
+#[tokio::test]
+async fn set_flow_commits_without_waiting_for_the_group_interval() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cfg = StoreConfig {
+        commit_interval_ms: 60_000,
+        commit_max_rows: 1,
+        ..config(&dir.path().join("q.db"))
+    };
+    let queue = Queue::open(cfg).expect("open");
+    queue.append(batch("a", 0..20)).await.expect("append");
+    let rows = queue.next(20, DrainOrder::OldestFirst).await.expect("next");
+    let before = queue.stats().await.expect("stats").commits;
+    // A whole window at once, as the uplink does: it resolves long before the
+    // 60 s group interval, and shares commits.
+    let calls = rows.iter().enumerate().map(|(n, s)| {
+        let queue = queue.clone();
+        let id = s.id;
+        tokio::spawn(async move { queue.set_flow(id, n as u16 + 1, true).await })
+    });
+    let calls: Vec<_> = calls.collect();
+    tokio::time::timeout(Duration::from_secs(30), async {
+        for call in calls {
+            call.await.expect("task").expect("set_flow");
+        }
+    })
+    .await
+    .expect("set_flow resolves without the group-commit interval");
+    let commits = queue.stats().await.expect("stats").commits - before;
+    assert!((1..=20).contains(&commits), "{commits} commits");
+    queue.crash().await;
+    let queue = Queue::open(StoreConfig {
+        commit_interval_ms: 60_000,
+        ..config(&dir.path().join("q.db"))
+    })
+    .expect("reopen");
+    let again = queue.next(20, DrainOrder::OldestFirst).await.expect("next");
+    let flows: Vec<_> = again.iter().map(|s| (s.pkid, s.pubrec)).collect();
+    let want: Vec<_> = (1..=20).map(|p| (Some(p), true)).collect();
+    assert_eq!(flows, want, "flow state committed before set_flow resolved");
+    queue.close().await.expect("close");
+}
+
+#[tokio::test]
+async fn released_rows_behind_the_cursor_come_out_first_in_queue_order() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let queue = Queue::open(StoreConfig {
+        commit_interval_ms: 1,
+        ..config(&dir.path().join("q.db"))
+    })
+    .expect("open");
+    queue.append(batch("a", 0..10)).await.expect("append");
+    let first = queue.next(6, DrainOrder::OldestFirst).await.expect("next");
+    assert_eq!(numbers(&first), (0..6).collect::<Vec<_>>());
+    queue
+        .ack(vec![first[0].id, first[2].id])
+        .await
+        .expect("ack");
+    queue
+        .release(vec![first[4].id, first[1].id])
+        .await
+        .expect("release");
+    queue.append(batch("a", 10..12)).await.expect("append");
+    let second = queue.next(4, DrainOrder::OldestFirst).await.expect("next");
+    assert_eq!(numbers(&second), vec![1, 4, 6, 7]);
+    // The newest end takes released rows too; they are not handed out twice.
+    queue.release(vec![first[1].id]).await.expect("release");
+    let newest = queue.next(5, DrainOrder::NewestFirst).await.expect("next");
+    assert_eq!(numbers(&newest), vec![1, 8, 9, 10, 11]);
+    let rest = queue.next(10, DrainOrder::OldestFirst).await.expect("next");
+    assert!(rest.is_empty(), "{:?}", numbers(&rest));
     queue.close().await.expect("close");
 }
 
