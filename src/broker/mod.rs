@@ -21,7 +21,8 @@
 //! - Publishers never wait for subscribers: routing pushes into bounded per-client
 //!   mailboxes; what does not fit is dropped and counted in [`BrokerStats::dropped`].
 //! - Every resource is bounded: connections, packet size, queued messages and bytes
-//!   per client, inflight window, topic aliases.
+//!   per client, inflight window, topic aliases, subscriptions per client, retained
+//!   messages.
 //! - LAN clients may read the protected topic trees but may publish into them only
 //!   with an ACL write grant; [`BrokerHandle::publish`] (the agent) always may.
 //! - A malformed packet or protocol error closes that one connection.
