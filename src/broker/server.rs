@@ -283,7 +283,9 @@ where
                 }
             }
         }
-        if wbuf.len() < WRITE_BATCH {
+        // Also with a full buffer: a kick (takeover, shutdown) must end even a
+        // connection whose client stopped reading.
+        {
             if let Err(why) = conn.drain(wbuf, WRITE_BATCH) {
                 return (why, None);
             }
@@ -331,7 +333,10 @@ where
                 }
             }
             // Also how a kick (takeover, keepalive, shutdown) reaches this task.
-            if draining && mailbox.poll_ready(cx, room).is_ready() {
+            if mailbox
+                .poll_ready(cx, draining && room, draining)
+                .is_ready()
+            {
                 return Poll::Ready(Event::Mail);
             }
             Poll::Pending

@@ -226,10 +226,12 @@ impl Mailbox {
     /// Ready when the connection has something to do: it was kicked, or a message waits
     /// that it may send (`room`: its inflight window has space for QoS 1/2). Otherwise
     /// the task is woken by the next push or kick.
-    pub fn poll_ready(&self, cx: &mut Context<'_>, room: bool) -> Poll<()> {
+    /// With `messages` false only a kick counts (the connection cannot take messages
+    /// now, but must still hear that it has to end).
+    pub fn poll_ready(&self, cx: &mut Context<'_>, room: bool, messages: bool) -> Poll<()> {
         let mut q = self.lock();
         let sendable = match q.items.front() {
-            Some(d) => room || d.qos == QoS::AtMostOnce,
+            Some(d) => messages && (room || d.qos == QoS::AtMostOnce),
             None => false,
         };
         if q.kick.is_some() || sendable {
