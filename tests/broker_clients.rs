@@ -655,3 +655,26 @@ fn paho_qos2_flows_and_v5_features() {
         assert!(out.contains(&format!("{scenario}: ok")), "{out}");
     }
 }
+
+/// Regression: a shutdown closed connections before writing what was already queued for
+/// them, so a status published just before the broker stopped never reached them.
+#[test]
+fn shutdown_delivers_what_was_queued_before_it() {
+    for version in VERSIONS {
+        let mut broker = TestBroker::start(BrokerConfig::default());
+        let sub = broker.sub(&["-V", version, "-q", "1", "-t", "gw/status", "-v"]);
+        broker.handle().publish(
+            "gw/status",
+            Bytes::from_static(b"offline"),
+            QoS::AtLeastOnce,
+            true,
+        );
+        broker.stop();
+        // 5.0 clients also print the DISCONNECT (0x8B, server shutting down) that follows.
+        assert_eq!(
+            sub.wait_messages(1, WAIT)[0],
+            "gw/status offline",
+            "{version}"
+        );
+    }
+}

@@ -51,9 +51,6 @@ use systemd::Heartbeat;
 /// Time the uplink may take beyond its shutdown timeout to return in-flight rows.
 const UPLINK_RELEASE_GRACE: Duration = Duration::from_secs(2);
 
-/// Time connected LAN clients get to receive the offline status before the broker stops.
-const LOCAL_FLUSH: Duration = Duration::from_millis(100);
-
 /// Why the agent could not start.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -410,12 +407,6 @@ impl Agent {
             }
         }
         if let Some(broker) = self.broker {
-            // The broker closes connections at shutdown without writing what is still
-            // queued for them; a short, bounded pause lets connected LAN clients
-            // receive the offline status first.
-            if broker.stats().clients_connected > 0 {
-                tokio::time::sleep(LOCAL_FLUSH).await;
-            }
             broker.shutdown().await;
         }
         if let Some(queue) = self.queue {

@@ -550,15 +550,18 @@ impl Conn {
     }
 
     /// Appends queued messages to `out` while the inflight window has room and `out` is
-    /// shorter than `budget`. An error when the broker wants this connection gone.
+    /// shorter than `budget`. An error when the broker wants this connection gone; at a
+    /// broker shutdown what is already queued is appended first, so a status published
+    /// just before the shutdown still reaches the connected clients.
     pub fn drain(&mut self, out: &mut BytesMut, budget: usize) -> Result<(), Close> {
         let mailbox = self.session.mailbox.clone();
         let mut queue = mailbox.lock();
-        match queue.kick() {
+        let shutdown = match queue.kick() {
             Some(Kick::KeepAlive) => return Err(Close::KeepAliveTimeout),
+            Some(Kick::Shutdown) => true,
             Some(kick) => return Err(Close::Kicked(kick)),
-            None => {}
-        }
+            None => false,
+        };
         let now = Instant::now();
         let mut expired = 0;
         while out.len() < budget {
@@ -587,6 +590,9 @@ impl Conn {
         }
         drop(queue);
         Counters::add(&self.router.counters.expired, expired);
+        if shutdown {
+            return Err(Close::Kicked(Kick::Shutdown));
+        }
         Ok(())
     }
 
