@@ -48,6 +48,20 @@ impl Invalid {
             message: message.into(),
         }
     }
+
+    /// The problems as one line, `key: message; key: message`, or `None` when there
+    /// are none: what a module puts in its config error when it is started with a
+    /// section that `check-config` would have refused.
+    pub fn summary(problems: &[Invalid]) -> Option<String> {
+        if problems.is_empty() {
+            return None;
+        }
+        let text: Vec<String> = problems
+            .iter()
+            .map(|p| format!("{}: {}", p.key, p.message))
+            .collect();
+        Some(text.join("; "))
+    }
 }
 
 /// The whole configuration file.

@@ -178,13 +178,8 @@ impl Broker {
         config: BrokerConfig,
         protected_prefixes: Vec<String>,
     ) -> Result<BrokerHandle, Error> {
-        let problems = config.validate();
-        if !problems.is_empty() {
-            let text: Vec<String> = problems
-                .iter()
-                .map(|p| format!("{}: {}", p.key, p.message))
-                .collect();
-            return Err(Error::Config(text.join("; ")));
+        if let Some(text) = crate::config::Invalid::summary(&config.validate()) {
+            return Err(Error::Config(text));
         }
         let policy = load_policy(&config, protected_prefixes.clone()).await?;
         let (persister, loaded) = match &config.persistence_path {

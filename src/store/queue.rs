@@ -139,13 +139,8 @@ impl Queue {
     /// [`Error::Sqlite`] when the file cannot be opened or created;
     /// [`Error::NewerFormat`] for a file written by a newer build.
     pub fn open(config: StoreConfig) -> Result<Queue, Error> {
-        let problems = config.validate();
-        if !problems.is_empty() {
-            let text: Vec<String> = problems
-                .iter()
-                .map(|p| format!("{}: {}", p.key, p.message))
-                .collect();
-            return Err(Error::Config(text.join("; ")));
+        if let Some(text) = crate::config::Invalid::summary(&config.validate()) {
+            return Err(Error::Config(text));
         }
         let db = Db::open(&config.path, config.synchronous)?;
         let counters = Counters::load(&db.conn)?;

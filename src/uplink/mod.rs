@@ -82,13 +82,8 @@ impl Uplink {
         prefix: String,
         queue: Queue,
     ) -> Result<UplinkHandle, Error> {
-        let problems = config.validate();
-        if !problems.is_empty() {
-            let text: Vec<String> = problems
-                .iter()
-                .map(|p| format!("{}: {}", p.key, p.message))
-                .collect();
-            return Err(Error::Config(text.join("; ")));
+        if let Some(text) = crate::config::Invalid::summary(&config.validate()) {
+            return Err(Error::Config(text));
         }
         let url = BrokerUrl::parse(&config.url).map_err(Error::Url)?;
         let tls = if url.tls {
