@@ -484,7 +484,10 @@ pub(crate) async fn poll_modbus<L: Link>(
     (readings, outcome, fault)
 }
 
-/// Sends events in order; false once shutdown is requested or the receiver is gone.
+/// Sends events in order; false once the receiver is gone, or once shutdown is
+/// requested and the channel is full. At shutdown, what was already read is still
+/// handed over while the channel has room (the pipeline drains it before the store
+/// closes), but the task never waits for room.
 pub(crate) async fn send_all(
     tx: &Sender<FieldEvent>,
     shutdown: &CancellationToken,
@@ -493,8 +496,15 @@ pub(crate) async fn send_all(
     for event in events {
         tokio::select! {
             biased;
-            _ = shutdown.cancelled() => return false,
-            sent = tx.send(event) => if sent.is_err() { return false },
+            permit = tx.reserve() => match permit {
+                Ok(permit) => permit.send(event),
+                Err(_) => return false,
+            },
+            _ = shutdown.cancelled() => {
+                if tx.try_send(event).is_err() {
+                    return false;
+                }
+            }
         }
     }
     true
@@ -782,5 +792,32 @@ mod tests {
             .await
             .unwrap()
             .unwrap();
+    }
+
+    fn state_event(device: &str) -> FieldEvent {
+        FieldEvent::DeviceState {
+            device: device.to_string(),
+            state: DeviceState::Online,
+        }
+    }
+
+    /// Regression: at shutdown a poll's readings, already read, were dropped even when
+    /// the channel had room, so they never reached the pipeline's final commit.
+    #[tokio::test]
+    async fn readings_already_read_are_handed_over_at_shutdown_while_there_is_room() {
+        let (tx, mut rx) = tokio::sync::mpsc::channel(2);
+        let shutdown = CancellationToken::new();
+        shutdown.cancel();
+        assert!(send_all(&tx, &shutdown, vec![state_event("a"), state_event("b")]).await);
+        let mut got = Vec::new();
+        while let Ok(FieldEvent::DeviceState { device, .. }) = rx.try_recv() {
+            got.push(device);
+        }
+        assert_eq!(got, ["a", "b"]);
+
+        // A full channel does not hold the stopping task.
+        tx.try_send(state_event("c")).expect("room for one");
+        tx.try_send(state_event("d")).expect("room for two");
+        assert!(!send_all(&tx, &shutdown, vec![state_event("e")]).await);
     }
 }
