@@ -12,7 +12,7 @@ use std::process::{Child, Command, ExitStatus, Output, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use super::util::tool;
+use super::util::{poll_until, tool};
 
 /// How long a client gets to finish a short job (connect, publish, disconnect).
 pub const CLIENT_TIMEOUT: Duration = Duration::from_secs(10);
@@ -80,19 +80,12 @@ impl Sub {
         timeout: Duration,
         mut check: impl FnMut(&Collected) -> Option<T>,
     ) -> T {
-        let deadline = std::time::Instant::now() + timeout;
-        loop {
-            if let Some(value) = check(&self.collected.lock().unwrap()) {
-                return value;
-            }
-            if std::time::Instant::now() >= deadline {
-                panic!(
-                    "timed out after {timeout:?} waiting for {what} ({})",
-                    self.describe()
-                );
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        poll_until(timeout, || check(&self.collected.lock().unwrap())).unwrap_or_else(|| {
+            panic!(
+                "timed out after {timeout:?} waiting for {what} ({})",
+                self.describe()
+            )
+        })
     }
 
     /// Waits for the SUBACK; returns the granted QoS / reason codes as printed

@@ -23,18 +23,25 @@ pub fn tool(name: &str, package: &str) -> PathBuf {
     panic!("`{name}` not found: install the Debian package `{package}` (scripts/test.sh does)");
 }
 
-/// Polls `check` until it returns `Some`, or panics after `timeout` with `what`.
-pub fn wait_for<T>(what: &str, timeout: Duration, mut check: impl FnMut() -> Option<T>) -> T {
+/// Polls `check` until it returns `Some`, or gives `None` once `timeout` has passed,
+/// so the caller can describe the state it timed out in.
+pub fn poll_until<T>(timeout: Duration, mut check: impl FnMut() -> Option<T>) -> Option<T> {
     let deadline = Instant::now() + timeout;
     loop {
         if let Some(value) = check() {
-            return value;
+            return Some(value);
         }
         if Instant::now() >= deadline {
-            panic!("timed out after {timeout:?} waiting for {what}");
+            return None;
         }
         std::thread::sleep(Duration::from_millis(20));
     }
+}
+
+/// Polls `check` until it returns `Some`, or panics after `timeout` with `what`.
+pub fn wait_for<T>(what: &str, timeout: Duration, check: impl FnMut() -> Option<T>) -> T {
+    poll_until(timeout, check)
+        .unwrap_or_else(|| panic!("timed out after {timeout:?} waiting for {what}"))
 }
 
 /// Waits until something accepts TCP connections on 127.0.0.1:`port`.
