@@ -11,12 +11,14 @@
 //! | [`field`] | Modbus RTU/TCP and serial-line buses, read plans, decoding, scheduling |
 //! | [`config`] | the TOML schema, defaults and validation with precise errors |
 //! | [`agent`] | wiring, lifecycle, shutdown, reload, systemd notify |
+//! | [`clock`] | the wall clock (ms since the epoch), one copy for every module |
 //!
 //! See `ARCHITECTURE.md` for the data flow and the invariants across modules.
 #![cfg_attr(not(test), deny(clippy::unwrap_used))]
 
 pub mod agent;
 pub mod broker;
+pub mod clock;
 pub mod config;
 pub mod field;
 pub mod mqtt;

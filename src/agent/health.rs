@@ -27,9 +27,10 @@ use serde_json::{json, Map, Value};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use super::pipeline::{now_ms, Counters, DeviceStates};
+use super::pipeline::{Counters, DeviceStates};
 use super::systemd::{Heartbeat, BEAT_PERIOD};
 use crate::broker::BrokerHandle;
+use crate::clock::now_ms;
 use crate::field::ResolvedBus;
 use crate::mqtt::QoS;
 use crate::store::{Message, Priority, Queue};

@@ -169,7 +169,7 @@ impl Pipeline {
                     true,
                     true,
                     Priority::Event,
-                    now_ms(),
+                    crate::clock::now_ms(),
                     0,
                 )
             }
@@ -202,12 +202,4 @@ async fn wait_append(
         Some((_, append)) => append.await,
         None => std::future::pending().await,
     }
-}
-
-/// Wall clock, milliseconds since the Unix epoch.
-pub fn now_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|since| i64::try_from(since.as_millis()).unwrap_or(i64::MAX))
-        .unwrap_or(0)
 }

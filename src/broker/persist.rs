@@ -21,7 +21,7 @@
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use bytes::BytesMut;
 use rusqlite::{params, Connection};
@@ -188,22 +188,16 @@ CREATE TABLE IF NOT EXISTS queued (
 );
 ";
 
-fn now_ms() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
-}
-
 fn expiry_to_ms(at: Option<Instant>) -> Option<i64> {
     at.map(|at| {
         let left = at.saturating_duration_since(Instant::now());
-        now_ms().saturating_add(i64::try_from(left.as_millis()).unwrap_or(i64::MAX))
+        crate::clock::now_ms().saturating_add(i64::try_from(left.as_millis()).unwrap_or(i64::MAX))
     })
 }
 
 fn expiry_from_ms(ms: Option<i64>) -> Option<Instant> {
     ms.map(|ms| {
-        let left = u64::try_from(ms.saturating_sub(now_ms())).unwrap_or(0);
+        let left = u64::try_from(ms.saturating_sub(crate::clock::now_ms())).unwrap_or(0);
         Instant::now() + Duration::from_millis(left)
     })
 }

@@ -22,8 +22,9 @@ use super::config::{BusConfig, BusKind, DeviceConfig, FieldConfig, LineMode, Poi
 use super::decode::{ByteOrder, Codec, DecodeError};
 use super::link::{Link, ReadError, Words};
 use super::plan::{Limits, PointSpan, ReadPlan};
-use super::reading::{batch_json, now_ms, DeviceState, FieldEvent, Quality, Reading, Value};
+use super::reading::{batch_json, DeviceState, FieldEvent, Quality, Reading, Value};
 use super::schedule::{Band, Health, Outcome, PointFilter, Slot};
+use crate::clock::now_ms;
 
 /// Counters of one bus, shared with whoever holds its [`ResolvedBus`].
 #[derive(Debug, Default)]

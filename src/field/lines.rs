@@ -23,8 +23,9 @@ use super::bus::{device_runs, next_due, send_all, DeviceRun, ResolvedBus, Resolv
 use super::config::{Checksum, LineMode};
 use super::decode::{Codec, DataType};
 use super::link::{open_serial, ReadError};
-use super::reading::{now_ms, FieldEvent, Quality, Reading, Value};
+use super::reading::{FieldEvent, Quality, Reading, Value};
 use super::schedule::Outcome;
+use crate::clock::now_ms;
 
 /// Splits bytes into lines of at most `max` bytes (without the `\r\n`/`\n`).
 #[derive(Debug)]

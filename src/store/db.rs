@@ -394,13 +394,6 @@ pub(super) fn age_ms(now_ms: i64, created_ms: i64) -> u64 {
     u64::try_from(now_ms.saturating_sub(created_ms)).unwrap_or(0)
 }
 
-pub(super) fn now_ms() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
-        .unwrap_or(0)
-}
-
 pub(super) fn read_stats(path: &Path) -> Result<Stats, Error> {
     if !path.exists() {
         return Err(Error::Io {
@@ -425,7 +418,7 @@ pub(super) fn read_stats(path: &Path) -> Result<Stats, Error> {
         pending: depth,
         in_flight: 0,
         bytes: u64::try_from(bytes).unwrap_or(0),
-        oldest_age_ms: first_created_ms(&conn)?.map(|c| age_ms(now_ms(), c)),
+        oldest_age_ms: first_created_ms(&conn)?.map(|c| age_ms(crate::clock::now_ms(), c)),
         buffered: 0,
         appended: counters.appended,
         delivered: counters.delivered,

@@ -1054,7 +1054,7 @@ impl Worker {
             oldest_age_ms: self
                 .db
                 .first_created_ms()?
-                .map(|created| db::age_ms(db::now_ms(), created)),
+                .map(|created| db::age_ms(crate::clock::now_ms(), created)),
             buffered: self.buffered_rows as u64,
             appended: self.counters.appended,
             delivered: self.counters.delivered,
@@ -1097,7 +1097,7 @@ impl Worker {
             i64::try_from(self.config.max_age_secs.saturating_mul(1000)).unwrap_or(i64::MAX);
         matches!(
             self.db.first_created_ms(),
-            Ok(Some(created)) if created >= CLOCK_SET_MS && created < db::now_ms().saturating_sub(max_age_ms)
+            Ok(Some(created)) if created >= CLOCK_SET_MS && created < crate::clock::now_ms().saturating_sub(max_age_ms)
         )
     }
 
@@ -1188,7 +1188,7 @@ fn retention_victims(
     let mut victims = Vec::new();
     let mut chosen = HashSet::new();
     let max_age_ms = i64::try_from(config.max_age_secs.saturating_mul(1000)).unwrap_or(i64::MAX);
-    let cutoff = db::now_ms().saturating_sub(max_age_ms);
+    let cutoff = crate::clock::now_ms().saturating_sub(max_age_ms);
     // Rows are in creation order closely enough: the sweep stops at the first row
     // that is young enough, so it costs only the rows it drops; and it looks at no more
     // than AGE_SCAN_ROWS, in case the front of the queue is in flight or unstamped.

@@ -25,7 +25,7 @@ fn message(topic: &str, n: u32, priority: Priority) -> Message {
         payload: Bytes::from(n.to_be_bytes().to_vec()),
         qos: QoS::AtLeastOnce,
         retain: false,
-        created_ms: db::now_ms(),
+        created_ms: crate::clock::now_ms(),
         priority,
     }
 }
