@@ -23,12 +23,16 @@
 //! - Persisted flow state is trusted only while the broker session it was recorded in
 //!   lives: after `session present = 0` a row that comes back with `pubrec` is first reset
 //!   in the store, then published afresh (never released into a session that forgot it).
+//! - PUBRELs go out in the order the PUBLISHes were first sent: a slot whose `pubrec`
+//!   was persisted waits while an older slot's persist is still running. A broker that
+//!   delivers QoS 2 on PUBREL (mosquitto does) forwards in PUBREL order, and the
+//!   store's persists may finish in any order.
 //! - The number of QoS 1/2 publishes on the wire never exceeds the broker's receive
 //!   maximum; the window for new rows is the configured size capped by it.
 //! - Topic aliases (5.0) live for one network connection and are handed out first come,
 //!   up to the broker's topic alias maximum.
 
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
@@ -294,6 +298,11 @@ pub struct Session {
     deferred: VecDeque<Stored>,
     /// Slots to (re)transmit once the broker's receive maximum allows, by `seq`.
     waiting: VecDeque<u16>,
+    /// `seq` of the slots on the wire whose `pubrec` is being persisted: no younger
+    /// slot's PUBREL may go out before theirs.
+    persisting: BTreeSet<u64>,
+    /// PUBRELs ready but held for an older persist, by `seq`.
+    held_releases: BTreeMap<u64, u16>,
     /// Incoming QoS 2 packet ids whose PUBREL has not arrived.
     incoming_rel: HashSet<u16>,
     aliases: TopicAliases,
@@ -323,6 +332,8 @@ impl Session {
             on_wire: 0,
             deferred: VecDeque::new(),
             waiting: VecDeque::new(),
+            persisting: BTreeSet::new(),
+            held_releases: BTreeMap::new(),
             incoming_rel: HashSet::new(),
             aliases: TopicAliases::default(),
             keepalive: None,
@@ -534,6 +545,8 @@ impl Session {
         self.on_wire = 0;
         self.subscribe_pkid = None;
         self.waiting.clear();
+        self.persisting.clear();
+        self.held_releases.clear();
         self.outbox.clear();
         for slot in self.slots.values_mut() {
             if slot.on_wire {
@@ -663,7 +676,10 @@ impl Session {
             return;
         };
         match (slot.stage, pubrec) {
-            (Stage::Persisting, true) => slot.stage = Stage::Release,
+            (Stage::Persisting, true) => {
+                slot.stage = Stage::Release;
+                self.persisting.remove(&slot.seq);
+            }
             (Stage::Resetting, false) => {
                 slot.stage = Stage::Publish;
                 slot.sent_before = false;
@@ -674,12 +690,35 @@ impl Session {
             return;
         }
         if slot.on_wire && slot.stage == Stage::Release {
-            self.send(Packet::PubRel(Ack::new(pkid)), now);
+            self.held_releases.insert(slot.seq, pkid);
+            self.release_in_order(now);
         } else if self.can_transmit() {
             self.transmit(pkid, now);
         } else {
             self.waiting.push_back(pkid);
         }
+    }
+
+    /// Sends the held PUBRELs that no older persist is waiting for, oldest first.
+    fn release_in_order(&mut self, now: Instant) {
+        while let Some((&seq, &pkid)) = self.held_releases.first_key_value() {
+            if self.persisting.first().is_some_and(|&older| older < seq) {
+                return;
+            }
+            self.held_releases.pop_first();
+            let live = self
+                .slots
+                .get(&pkid)
+                .is_some_and(|slot| slot.seq == seq && slot.stage == Stage::Release);
+            if live {
+                self.send(Packet::PubRel(Ack::new(pkid)), now);
+            }
+        }
+    }
+
+    /// Whether the PUBREL of `slot` went out on this connection (or is due to).
+    fn released(&self, slot: &Slot) -> bool {
+        slot.on_wire && slot.stage == Stage::Release && !self.held_releases.contains_key(&slot.seq)
     }
 
     /// Publishes the offline status (graceful shutdown); its packet id, to wait for
@@ -992,6 +1031,7 @@ impl Session {
                     return Ok(());
                 }
                 slot.stage = Stage::Persisting;
+                self.persisting.insert(slot.seq);
                 if let Origin::Row(id) = slot.origin {
                     self.effects.push_back(Effect::PersistFlow {
                         id,
@@ -1000,7 +1040,12 @@ impl Session {
                     });
                 }
             }
-            Stage::Release if slot.on_wire => self.send(Packet::PubRel(Ack::new(ack.pkid)), now),
+            Stage::Release if slot.on_wire => {
+                // A repeated PUBREC: answer it, unless the PUBREL is still held.
+                if !self.held_releases.contains_key(&slot.seq) {
+                    self.send(Packet::PubRel(Ack::new(ack.pkid)), now);
+                }
+            }
             _ => tracing::debug!(pkid = ack.pkid, "PUBREC out of order, ignored"),
         }
         Ok(())
@@ -1010,7 +1055,7 @@ impl Session {
         let expected = self
             .slots
             .get(&ack.pkid)
-            .is_some_and(|slot| slot.on_wire && slot.stage == Stage::Release);
+            .is_some_and(|slot| self.released(slot));
         if !expected {
             tracing::debug!(pkid = ack.pkid, "PUBCOMP for no PUBREL in flight");
             return;
