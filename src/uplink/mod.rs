@@ -209,7 +209,7 @@ pub enum Error {
     Refused { code: u8, reason: String },
     #[error("the upstream broker closed the session with reason {code:#04x}{}", reason_suffix(.reason))]
     ServerDisconnect { code: u8, reason: String },
-    #[error("the upstream broker refused a message for now (reason code {code:#04x}); it is sent again after a reconnect")]
+    #[error("the upstream broker refused a message for now (reason code {code:#04x}); it is sent again after a reconnect, one message at a time until the refused ones are through")]
     Throttled { code: u8 },
     #[error("no PINGRESP within {0:?}: the connection is half-open")]
     PingTimeout(Duration),
@@ -278,6 +278,7 @@ pub struct Counters {
     pub dropped_too_large: AtomicU64,
     pub dropped_invalid: AtomicU64,
     pub rejected: AtomicU64,
+    pub throttled: AtomicU64,
     pub incoming: AtomicU64,
     pub incoming_dropped: AtomicU64,
 }
@@ -296,6 +297,7 @@ impl Counters {
             dropped_too_large: get(&self.dropped_too_large),
             dropped_invalid: get(&self.dropped_invalid),
             rejected: get(&self.rejected),
+            throttled: get(&self.throttled),
             incoming: get(&self.incoming),
             incoming_dropped: get(&self.incoming_dropped),
         }
@@ -323,6 +325,9 @@ pub struct UplinkStats {
     pub dropped_invalid: u64,
     /// Rows the broker refused with an error reason code (5.0).
     pub rejected: u64,
+    /// Messages the broker refused for now (0x97 quota exceeded, 0x91 packet id in
+    /// use); each was kept and sent again.
+    pub throttled: u64,
     /// Messages received on the configured subscriptions.
     pub incoming: u64,
     /// Of those, dropped because the consumer's channel was full.

@@ -27,8 +27,15 @@
 //!   was persisted waits while an older slot's persist is still running. A broker that
 //!   delivers QoS 2 on PUBREL (mosquitto does) forwards in PUBREL order, and the
 //!   store's persists may finish in any order.
-//! - The number of QoS 1/2 publishes on the wire never exceeds the broker's receive
-//!   maximum; the window for new rows is the configured size capped by it.
+//! - The number of QoS 1/2 flows open at the broker never exceeds its receive maximum;
+//!   the window for new rows is the configured size capped by it. After a reconnect the
+//!   broker's open flows (PUBREC'd, not yet released) count from the start, and the
+//!   resumed flows go out before the birth message and anything new (mosquitto counts
+//!   a resumed session's unreleased QoS 2 flows against the new connection's quota).
+//! - A transient refusal (0x97, 0x91) keeps the message in its slot and ends the
+//!   connection; from then on one flow at a time is on the wire until every slot that
+//!   was open at the refusal is through, so the refused message still goes out before
+//!   everything younger.
 //! - Topic aliases (5.0) live for one network connection and are handed out first come,
 //!   up to the broker's topic alias maximum.
 
@@ -90,6 +97,23 @@ pub struct BrokerLimits {
 }
 
 impl BrokerLimits {
+    /// What a CONNACK's properties announce; 3.1.1 (no properties) gets the defaults.
+    fn announced(p: &Properties, keep_alive: u16) -> BrokerLimits {
+        BrokerLimits {
+            receive_maximum: p.receive_maximum.filter(|&m| m > 0).unwrap_or(u16::MAX),
+            maximum_packet_size: p
+                .maximum_packet_size
+                .map_or(MAX_REMAINING_LENGTH + 5, |m| m as usize),
+            maximum_qos: p
+                .maximum_qos
+                .and_then(QoS::from_u8)
+                .unwrap_or(QoS::ExactlyOnce),
+            retain_available: p.retain_available.unwrap_or(true),
+            topic_alias_maximum: p.topic_alias_maximum.unwrap_or(0),
+            keep_alive: p.server_keep_alive.unwrap_or(keep_alive),
+        }
+    }
+
     fn defaults(keep_alive: u16) -> BrokerLimits {
         BrokerLimits {
             receive_maximum: u16::MAX,
@@ -239,16 +263,13 @@ pub fn pkid_for_row(id: i64) -> u16 {
     u16::try_from((id - 1).rem_euclid(65_535) + 1).unwrap_or(1)
 }
 
-/// A refusal that says "not now" rather than "never": the message stays in its slot
-/// and goes out again after the reconnect this error causes (the backoff delay is the
-/// pause the broker asks for).
-fn check_transient(code: ReasonCode) -> Result<(), Error> {
-    match code {
-        ReasonCode::QUOTA_EXCEEDED | ReasonCode::PACKET_IDENTIFIER_IN_USE => {
-            Err(Error::Throttled { code: code.0 })
-        }
-        _ => Ok(()),
-    }
+/// A refusal that says "not now" rather than "never": 0x97 (quota exceeded) or 0x91
+/// (packet identifier in use).
+fn is_transient(code: ReasonCode) -> bool {
+    matches!(
+        code,
+        ReasonCode::QUOTA_EXCEEDED | ReasonCode::PACKET_IDENTIFIER_IN_USE
+    )
 }
 
 /// The packet id of a row: the one persisted with it, or the one its row id gives.
@@ -303,6 +324,9 @@ pub struct Session {
     persisting: BTreeSet<u64>,
     /// PUBRELs ready but held for an older persist, by `seq`.
     held_releases: BTreeMap<u64, u16>,
+    /// After a transient refusal: the youngest `seq` open then. While a slot up to it
+    /// remains, one flow at a time.
+    throttled_through: Option<u64>,
     /// Incoming QoS 2 packet ids whose PUBREL has not arrived.
     incoming_rel: HashSet<u16>,
     aliases: TopicAliases,
@@ -334,6 +358,7 @@ impl Session {
             waiting: VecDeque::new(),
             persisting: BTreeSet::new(),
             held_releases: BTreeMap::new(),
+            throttled_through: None,
             incoming_rel: HashSet::new(),
             aliases: TopicAliases::default(),
             keepalive: None,
@@ -453,21 +478,8 @@ impl Session {
                 reason: ack.properties.reason_string.unwrap_or_default(),
             });
         }
-        let p = &ack.properties;
-        let keep_alive = p.server_keep_alive.unwrap_or(self.config.keep_alive);
-        self.limits = BrokerLimits {
-            receive_maximum: p.receive_maximum.filter(|&m| m > 0).unwrap_or(u16::MAX),
-            maximum_packet_size: p
-                .maximum_packet_size
-                .map_or(MAX_REMAINING_LENGTH + 5, |m| m as usize),
-            maximum_qos: p
-                .maximum_qos
-                .and_then(QoS::from_u8)
-                .unwrap_or(QoS::ExactlyOnce),
-            retain_available: p.retain_available.unwrap_or(true),
-            topic_alias_maximum: p.topic_alias_maximum.unwrap_or(0),
-            keep_alive,
-        };
+        self.limits = BrokerLimits::announced(&ack.properties, self.config.keep_alive);
+        let keep_alive = self.limits.keep_alive;
         self.phase = Phase::Connected;
         self.aliases.reset(self.limits.topic_alias_maximum);
         self.logged_rejections.clear();
@@ -481,48 +493,39 @@ impl Session {
         }
         self.slots
             .retain(|_, slot| matches!(slot.origin, Origin::Row(_)));
+        self.resume_slots(ack.session_present);
+        self.transmit_waiting(now);
         self.publish_status(Origin::Birth, now);
-        if !self.config.subscribe.is_empty() {
-            let pkid = self.free_pkid();
-            self.subscribe_pkid = Some(pkid);
-            let filters = self
-                .config
-                .subscribe
-                .iter()
-                .map(|filter| Subscription {
-                    filter: filter.clone(),
-                    options: SubscriptionOptions {
-                        qos: QoS::AtLeastOnce,
-                        ..SubscriptionOptions::default()
-                    },
-                })
-                .collect();
-            self.send(
-                Packet::Subscribe(Subscribe {
-                    pkid,
-                    filters,
-                    properties: Properties::default(),
-                }),
-                now,
-            );
-        }
+        self.subscribe(now);
+        self.retry_deferred(now);
+        Ok(())
+    }
+
+    /// Queues every slot for the new connection, oldest first. With the session
+    /// present, flows the broker holds past PUBREC count against its quota at once;
+    /// without it, persisted `pubrec`s are reset before a fresh PUBLISH.
+    fn resume_slots(&mut self, session_present: bool) {
         let mut resend: Vec<(u64, u16)> = self
             .slots
             .iter()
-            .filter(|(_, slot)| matches!(slot.origin, Origin::Row(_)))
             .map(|(&pkid, slot)| (slot.seq, pkid))
             .collect();
         resend.sort_unstable();
-        self.waiting = resend.into_iter().map(|(_, pkid)| pkid).collect();
-        if !ack.session_present {
-            for &pkid in &self.waiting {
-                let Some(slot) = self.slots.get_mut(&pkid) else {
+        self.waiting.clear();
+        for (_, pkid) in resend {
+            let Some(slot) = self.slots.get_mut(&pkid) else {
+                continue;
+            };
+            match (session_present, slot.stage, slot.origin) {
+                (true, Stage::Persisting, _) if slot.sent_before => {
+                    slot.on_wire = true;
+                    self.on_wire += 1;
+                    self.persisting.insert(slot.seq);
                     continue;
-                };
-                slot.sent_before = false;
-                if let (Stage::Release | Stage::Persisting, Origin::Row(id)) =
-                    (slot.stage, slot.origin)
-                {
+                }
+                (true, _, _) => {}
+                (false, Stage::Release | Stage::Persisting, Origin::Row(id)) => {
+                    slot.sent_before = false;
                     slot.stage = Stage::Resetting;
                     self.effects.push_back(Effect::PersistFlow {
                         id,
@@ -530,11 +533,39 @@ impl Session {
                         pubrec: false,
                     });
                 }
+                (false, _, _) => slot.sent_before = false,
             }
+            self.waiting.push_back(pkid);
         }
-        self.transmit_waiting(now);
-        self.retry_deferred(now);
-        Ok(())
+    }
+
+    /// SUBSCRIBE to the configured filters, at QoS 1.
+    fn subscribe(&mut self, now: Instant) {
+        if self.config.subscribe.is_empty() {
+            return;
+        }
+        let pkid = self.free_pkid();
+        self.subscribe_pkid = Some(pkid);
+        let filters = self
+            .config
+            .subscribe
+            .iter()
+            .map(|filter| Subscription {
+                filter: filter.clone(),
+                options: SubscriptionOptions {
+                    qos: QoS::AtLeastOnce,
+                    ..SubscriptionOptions::default()
+                },
+            })
+            .collect();
+        self.send(
+            Packet::Subscribe(Subscribe {
+                pkid,
+                filters,
+                properties: Properties::default(),
+            }),
+            now,
+        );
     }
 
     /// The connection is gone. Slots stay for the next connection; aliases and
@@ -786,7 +817,38 @@ impl Session {
     }
 
     fn can_transmit(&self) -> bool {
-        self.on_wire < usize::from(self.limits.receive_maximum)
+        let limit = if self.throttled_through.is_some() {
+            1
+        } else {
+            usize::from(self.limits.receive_maximum)
+        };
+        self.on_wire < limit
+    }
+
+    /// A transient refusal of slot `pkid`: it stays for the next connection, and one
+    /// flow at a time goes out until everything open now is through.
+    fn throttle(&mut self, pkid: u16, code: ReasonCode) -> Error {
+        self.stats.throttled.fetch_add(1, Ordering::Relaxed);
+        if self.throttled_through.is_none() {
+            tracing::warn!(
+                pkid,
+                reason = code.0,
+                "the upstream broker refused a message for now; reconnecting and sending \
+                 one message at a time until the refused ones are through"
+            );
+        }
+        self.throttled_through = Some(self.seq);
+        Error::Throttled { code: code.0 }
+    }
+
+    /// Ends the one-at-a-time mode once no slot open at the refusal remains.
+    fn lift_throttle(&mut self) {
+        if let Some(through) = self.throttled_through {
+            if self.slots.values().all(|slot| slot.seq > through) {
+                self.throttled_through = None;
+                tracing::info!("the refused messages are through; the full window is back");
+            }
+        }
     }
 
     fn pkid_in_use(&self, pkid: u16) -> bool {
@@ -837,7 +899,11 @@ impl Session {
                 sent_before: false,
             },
         );
-        self.transmit(pkid, now);
+        if self.can_transmit() {
+            self.transmit(pkid, now);
+        } else {
+            self.waiting.push_back(pkid);
+        }
         self.slots.contains_key(&pkid).then_some(pkid)
     }
 
@@ -970,6 +1036,7 @@ impl Session {
         if slot.on_wire {
             self.on_wire -= 1;
         }
+        self.lift_throttle();
         self.transmit_waiting(now);
         self.retry_deferred(now);
         Some(slot)
@@ -1004,7 +1071,9 @@ impl Session {
             tracing::debug!(pkid = ack.pkid, "PUBACK for no QoS 1 publish in flight");
             return Ok(());
         }
-        check_transient(ack.reason)?;
+        if is_transient(ack.reason) {
+            return Err(self.throttle(ack.pkid, ack.reason));
+        }
         if let Some(slot) = self.finish(ack.pkid, now) {
             self.row_done(&slot, ack.reason);
         }
@@ -1023,7 +1092,9 @@ impl Session {
         };
         match slot.stage {
             Stage::Publish if slot.on_wire && slot.message.qos == QoS::ExactlyOnce => {
-                check_transient(ack.reason)?;
+                if is_transient(ack.reason) {
+                    return Err(self.throttle(ack.pkid, ack.reason));
+                }
                 if !ack.reason.is_success() {
                     if let Some(slot) = self.finish(ack.pkid, now) {
                         self.row_done(&slot, ack.reason);

@@ -72,23 +72,31 @@ fn effects(s: &mut Session) -> Vec<Effect> {
     s.take_effects().collect()
 }
 
-/// Connects, checks the birth message and acknowledges it.
+/// Connects, checks the birth message (after every resumed flow, before anything
+/// else) and acknowledges it; the other packets stay in the outbox, in order.
 fn connect(s: &mut Session, ack: Packet) {
     let now = Instant::now();
     s.connect(None);
     s.handle(ack, now).unwrap();
-    let packets = out(s);
-    let Some(Packet::Publish(birth)) = packets.first() else {
-        panic!("no birth first: {packets:?}");
+    let mut packets = out(s);
+    let is_birth = |p: &Packet| matches!(p, Packet::Publish(p) if p.topic == STATUS);
+    let Some(at) = packets.iter().position(is_birth) else {
+        panic!("no birth: {packets:?}");
     };
-    assert_eq!(birth.topic, STATUS);
+    let Packet::Publish(birth) = packets.remove(at) else {
+        unreachable!()
+    };
     assert_eq!(birth.payload, "online");
-    let pkid = birth.pkid;
-    s.handle(Packet::PubAck(Ack::new(pkid)), now).unwrap();
-    for packet in &packets[1..] {
-        assert!(!matches!(packet, Packet::Publish(p) if p.topic == STATUS));
-    }
-    s.outbox.extend(packets.into_iter().skip(1));
+    assert!(
+        packets[..at]
+            .iter()
+            .all(|p| matches!(p, Packet::Publish(p) if p.topic != STATUS)
+                || matches!(p, Packet::PubRel(_))),
+        "only resumed flows go before the birth: {packets:?}"
+    );
+    assert!(!packets.iter().any(is_birth));
+    s.handle(Packet::PubAck(Ack::new(birth.pkid)), now).unwrap();
+    s.outbox.extend(packets);
 }
 
 fn publishes(packets: &[Packet]) -> Vec<(u16, bool, String)> {
@@ -570,15 +578,22 @@ fn topic_aliases_are_handed_out_first_come_and_reset_per_connection() {
     s.handle(connack_with(props), now()).unwrap();
     let resent: Vec<(String, Option<u16>)> = out(&mut s)
         .into_iter()
-        .skip(1)
+        .take(4)
         .map(|p| match p {
             Packet::Publish(p) => (p.topic, p.properties.topic_alias),
             other => panic!("{other:?}"),
         })
         .collect();
-    // A new connection sets its aliases up again.
-    assert_eq!(resent[0], ("a".to_owned(), Some(2)));
-    assert_eq!(resent[2], (String::new(), Some(2)));
+    // A new connection sets its aliases up again, resends first, the birth after them.
+    assert_eq!(
+        resent,
+        [
+            ("a".to_owned(), Some(1)),
+            ("b".to_owned(), Some(2)),
+            (String::new(), Some(1)),
+            ("c".to_owned(), None),
+        ]
+    );
 }
 
 #[test]
@@ -833,11 +848,25 @@ fn pkid_for_row_covers_the_whole_id_space() {
     assert_eq!(pkid_for_row(i64::MAX), pkid_for_row(i64::MAX - 65_535));
 }
 
+fn pkids(packets: &[Packet]) -> Vec<(&'static str, u16)> {
+    packets
+        .iter()
+        .map(|p| match p {
+            Packet::Publish(p) if p.topic == STATUS => ("birth", p.pkid),
+            Packet::Publish(p) => ("publish", p.pkid),
+            Packet::PubRel(ack) => ("pubrel", ack.pkid),
+            other => panic!("{other:?}"),
+        })
+        .collect()
+}
+
 #[test]
-fn quota_exceeded_keeps_the_message_for_the_next_connection() {
+fn quota_exceeded_keeps_the_message_and_sends_one_at_a_time_until_it_is_through() {
     let mut s = session(Protocol::V5);
     connect(&mut s, connack(false));
-    s.offer(row(1, QoS::AtLeastOnce, "t"), now());
+    for id in 1..=3 {
+        s.offer(row(id, QoS::AtLeastOnce, "t"), now());
+    }
     out(&mut s);
     let quota = Ack {
         pkid: 1,
@@ -849,9 +878,74 @@ fn quota_exceeded_keeps_the_message_for_the_next_connection() {
         Err(Error::Throttled { code: 0x97 })
     ));
     assert_eq!(effects(&mut s), []);
+    assert_eq!(s.stats.throttled.load(Ordering::Relaxed), 1);
     s.disconnected();
-    connect(&mut s, connack(true));
+    s.connect(None);
+    s.handle(connack(true), now()).unwrap();
+    // The refused message first and alone, then the others one by one, and only then
+    // the birth with the whole window back.
     assert_eq!(publishes(&out(&mut s)), [(1, true, "payload 1".to_owned())]);
+    for next in [2, 3] {
+        s.handle(Packet::PubAck(Ack::new(next - 1)), now()).unwrap();
+        assert_eq!(pkids(&out(&mut s)), [("publish", next)]);
+    }
+    s.handle(Packet::PubAck(Ack::new(3)), now()).unwrap();
+    let birth = out(&mut s);
+    assert!(matches!(&birth[..], [Packet::Publish(p)] if p.topic == STATUS));
+    for id in 4..=6 {
+        s.offer(row(id, QoS::AtLeastOnce, "t"), now());
+    }
+    assert_eq!(out(&mut s).len(), 3, "the full window is back");
+    assert_eq!(
+        effects(&mut s),
+        [1, 2, 3].map(Effect::Delete),
+        "every refused message is delivered, in order"
+    );
+}
+
+/// Found with a mosquitto started with `max_inflight_messages 2`: it counts a
+/// resumed session's unreleased QoS 2 flows against the new connection's quota, so
+/// the birth message sent first after CONNACK was refused (0x97, or a closed socket on
+/// 3.1.1) on every reconnect and the uplink never got to release those flows.
+#[test]
+fn resumed_qos2_flows_use_the_quota_before_the_birth_after_a_reconnect() {
+    let mut s = session(Protocol::V5);
+    let two = Properties {
+        receive_maximum: Some(2),
+        ..Properties::default()
+    };
+    connect(&mut s, connack_with(two.clone()));
+    for id in [2, 4] {
+        s.offer(row(id, QoS::ExactlyOnce, "t"), now());
+    }
+    out(&mut s);
+    for pkid in [2, 4] {
+        s.handle(Packet::PubRec(Ack::new(pkid)), now()).unwrap();
+    }
+    effects(&mut s);
+    s.disconnected();
+    s.connect(None);
+    s.handle(
+        Packet::ConnAck(ConnAck {
+            session_present: true,
+            properties: two,
+            ..ConnAck::default()
+        }),
+        now(),
+    )
+    .unwrap();
+    assert_eq!(
+        out(&mut s),
+        [],
+        "the broker holds two flows: its quota is full"
+    );
+    s.flow_persisted(4, true, now());
+    assert_eq!(out(&mut s), [], "PUBREL 4 waits for the older flow");
+    s.flow_persisted(2, true, now());
+    assert_eq!(pkids(&out(&mut s)), [("pubrel", 2), ("pubrel", 4)]);
+    s.handle(Packet::PubComp(Ack::new(2)), now()).unwrap();
+    let birth = out(&mut s);
+    assert!(matches!(&birth[..], [Packet::Publish(p)] if p.topic == STATUS));
 }
 
 /// The flake of `qos1_and_qos2_are_delivered_in_order_on_both_protocols`: the store
