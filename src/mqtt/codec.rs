@@ -24,9 +24,8 @@ use bytes::{Buf, BufMut, Bytes, BytesMut};
 use super::packet::*;
 use super::properties::{self, Place};
 use super::topic;
-
-/// Largest remaining length a four-byte variable byte integer can express.
-pub const MAX_REMAINING_LENGTH: usize = 268_435_455;
+use super::wire::{bin_len, put_binary, put_str, put_varint, str_len, varint_len, Reader};
+pub use super::wire::{Error, MAX_PACKET_SIZE, MAX_REMAINING_LENGTH};
 
 const CONNECT: u8 = 1;
 const CONNACK: u8 = 2;
@@ -43,116 +42,6 @@ const PINGREQ: u8 = 12;
 const PINGRESP: u8 = 13;
 const DISCONNECT: u8 = 14;
 const AUTH: u8 = 15;
-
-/// Everything that can be wrong with bytes received from a peer or a packet to send.
-#[derive(Debug, thiserror::Error, PartialEq, Eq, Clone)]
-pub enum Error {
-    #[error("packet of {size} bytes exceeds the maximum of {max}")]
-    PacketTooLarge { size: usize, max: usize },
-    #[error("remaining length has a fifth byte")]
-    MalformedRemainingLength,
-    #[error("variable byte integer has a fifth byte")]
-    MalformedVarInt,
-    #[error("unknown packet type {0}")]
-    UnknownPacketType(u8),
-    #[error("fixed header flags {flags:#06b} are invalid for packet type {packet_type}")]
-    InvalidHeaderFlags { packet_type: u8, flags: u8 },
-    #[error("QoS 3 is not a quality of service")]
-    InvalidQoS,
-    #[error("DUP is set on a QoS 0 PUBLISH")]
-    DupWithQoS0,
-    #[error("packet identifier 0 where a packet identifier is required")]
-    ZeroPacketId,
-    #[error("packet ends inside a field")]
-    Truncated,
-    #[error("{0} bytes follow the last field of the packet")]
-    TrailingBytes(usize),
-    #[error("string is not valid UTF-8")]
-    InvalidUtf8,
-    #[error("string contains U+0000")]
-    NullCharacter,
-    #[error("string of {0} bytes is longer than 65535")]
-    StringTooLong(usize),
-    #[error("binary data of {0} bytes is longer than 65535")]
-    BinaryTooLong(usize),
-    #[error("topic name is empty (and no topic alias is set)")]
-    EmptyTopicName,
-    #[error("topic name contains a wildcard")]
-    WildcardInTopicName,
-    #[error("invalid topic filter: {0}")]
-    InvalidTopicFilter(&'static str),
-    #[error("SUBSCRIBE or UNSUBSCRIBE without topic filters")]
-    NoTopicFilters,
-    #[error("acknowledgement without reason codes")]
-    NoReasonCodes,
-    #[error("reserved bits set in subscription options {0:#04x}")]
-    InvalidSubscriptionOptions(u8),
-    #[error("no local is set on a shared subscription")]
-    NoLocalOnSharedSubscription,
-    #[error("unknown property identifier {0:#04x}")]
-    UnknownProperty(u32),
-    #[error("property {0:#04x} appears more than once")]
-    DuplicateProperty(u8),
-    #[error("property {property:#04x} is not allowed in {packet}")]
-    PropertyNotAllowed { property: u8, packet: &'static str },
-    #[error("property {0:#04x} has an invalid value")]
-    InvalidPropertyValue(u8),
-    #[error("protocol name is not \"MQTT\"")]
-    InvalidProtocolName,
-    #[error("unsupported protocol level {0}")]
-    UnsupportedProtocolLevel(u8),
-    #[error("invalid CONNECT flags {0:#010b}")]
-    InvalidConnectFlags(u8),
-    #[error("password without a user name (MQTT 3.1.1)")]
-    PasswordWithoutUsername,
-    #[error("reserved bits set in CONNACK flags {0:#04x}")]
-    InvalidConnAckFlags(u8),
-    #[error("reason code {code:#04x} is not valid in {packet}")]
-    InvalidReasonCode { code: u8, packet: &'static str },
-    #[error("{0} does not exist in MQTT 3.1.1")]
-    NotInV311(&'static str),
-}
-
-impl Error {
-    /// The MQTT 5.0 reason code to send in DISCONNECT (or CONNACK, for CONNECT errors)
-    /// before closing the connection over this error.
-    pub fn reason_code(&self) -> ReasonCode {
-        match self {
-            Error::PacketTooLarge { .. } => ReasonCode::PACKET_TOO_LARGE,
-            Error::InvalidProtocolName | Error::UnsupportedProtocolLevel(_) => {
-                ReasonCode::UNSUPPORTED_PROTOCOL_VERSION
-            }
-            Error::EmptyTopicName | Error::WildcardInTopicName => ReasonCode::TOPIC_NAME_INVALID,
-            Error::InvalidTopicFilter(_) => ReasonCode::TOPIC_FILTER_INVALID,
-            Error::DupWithQoS0
-            | Error::DuplicateProperty(_)
-            | Error::InvalidPropertyValue(_)
-            | Error::NoTopicFilters
-            | Error::NoReasonCodes
-            | Error::NoLocalOnSharedSubscription
-            | Error::PasswordWithoutUsername
-            | Error::NotInV311(_) => ReasonCode::PROTOCOL_ERROR,
-            Error::MalformedRemainingLength
-            | Error::MalformedVarInt
-            | Error::UnknownPacketType(_)
-            | Error::InvalidHeaderFlags { .. }
-            | Error::InvalidQoS
-            | Error::ZeroPacketId
-            | Error::Truncated
-            | Error::TrailingBytes(_)
-            | Error::InvalidUtf8
-            | Error::NullCharacter
-            | Error::StringTooLong(_)
-            | Error::BinaryTooLong(_)
-            | Error::InvalidSubscriptionOptions(_)
-            | Error::UnknownProperty(_)
-            | Error::PropertyNotAllowed { .. }
-            | Error::InvalidConnectFlags(_)
-            | Error::InvalidConnAckFlags(_)
-            | Error::InvalidReasonCode { .. } => ReasonCode::MALFORMED_PACKET,
-        }
-    }
-}
 
 /// The fixed header of a packet: type and flags byte, remaining length, header length.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -235,9 +124,7 @@ pub fn decode(
     }
     let mut frame = buf.split_to(len);
     frame.advance(header.header_len);
-    let mut r = Reader {
-        buf: frame.freeze(),
-    };
+    let mut r = Reader::new(frame.freeze());
     if header.packet_type() == PUBLISH {
         return decode_publish(header.flags(), r, version);
     }
@@ -414,6 +301,15 @@ fn connack_return_code(code: ReasonCode) -> Result<u8, Error> {
 /// the return slot rather than moved through layers of `Result`s; the 3.1.1 branch
 /// never touches property code. The payload is the rest of the frame, so nothing can
 /// trail it.
+/// A PUBLISH topic name; may be empty here (5.0 topic alias), checked by the caller.
+fn topic_name(r: &mut Reader) -> Result<String, Error> {
+    let bytes = r.binary()?;
+    topic::check_name_bytes(&bytes)?;
+    std::str::from_utf8(&bytes)
+        .map(str::to_owned)
+        .map_err(|_| Error::InvalidUtf8)
+}
+
 fn decode_publish(flags: u8, mut r: Reader, version: Protocol) -> Result<Option<Packet>, Error> {
     let qos = QoS::from_u8((flags >> 1) & 0x03).ok_or(Error::InvalidQoS)?;
     let dup = flags & 0x08 != 0;
@@ -421,7 +317,7 @@ fn decode_publish(flags: u8, mut r: Reader, version: Protocol) -> Result<Option<
         return Err(Error::DupWithQoS0);
     }
     let retain = flags & 0x01 != 0;
-    let topic = r.topic_name()?;
+    let topic = topic_name(&mut r)?;
     let pkid = if qos == QoS::AtMostOnce { 0 } else { r.pkid()? };
     if version == Protocol::V311 {
         if topic.is_empty() {
@@ -609,7 +505,7 @@ fn decode_suback(r: &mut Reader, v5: bool) -> Result<SubAck, Error> {
     } else {
         Properties::default()
     };
-    let mut reasons = Vec::with_capacity(r.buf.len());
+    let mut reasons = Vec::with_capacity(r.remaining());
     while !r.is_empty() {
         let code = ReasonCode(r.u8()?);
         if v5 {
@@ -664,7 +560,7 @@ fn decode_unsuback(r: &mut Reader, v5: bool) -> Result<UnsubAck, Error> {
         });
     }
     let properties = properties::decode(r, Place::UNSUBACK)?;
-    let mut reasons = Vec::with_capacity(r.buf.len());
+    let mut reasons = Vec::with_capacity(r.remaining());
     while !r.is_empty() {
         let code = ReasonCode(r.u8()?);
         check_reason(code, &UNSUBACK_CTX)?;
@@ -678,118 +574,6 @@ fn decode_unsuback(r: &mut Reader, v5: bool) -> Result<UnsubAck, Error> {
         reasons,
         properties,
     })
-}
-
-/// A cursor over the body of one packet; every read checks what is left.
-pub(crate) struct Reader {
-    buf: Bytes,
-}
-
-impl Reader {
-    pub(crate) fn is_empty(&self) -> bool {
-        self.buf.is_empty()
-    }
-
-    pub(crate) fn u8(&mut self) -> Result<u8, Error> {
-        if self.buf.is_empty() {
-            return Err(Error::Truncated);
-        }
-        Ok(self.buf.get_u8())
-    }
-
-    pub(crate) fn u16(&mut self) -> Result<u16, Error> {
-        if self.buf.len() < 2 {
-            return Err(Error::Truncated);
-        }
-        Ok(self.buf.get_u16())
-    }
-
-    pub(crate) fn u32(&mut self) -> Result<u32, Error> {
-        if self.buf.len() < 4 {
-            return Err(Error::Truncated);
-        }
-        Ok(self.buf.get_u32())
-    }
-
-    fn pkid(&mut self) -> Result<u16, Error> {
-        match self.u16()? {
-            0 => Err(Error::ZeroPacketId),
-            pkid => Ok(pkid),
-        }
-    }
-
-    pub(crate) fn varint(&mut self) -> Result<u32, Error> {
-        let mut value = 0u32;
-        for i in 0..4 {
-            let b = self.u8()?;
-            value |= u32::from(b & 0x7F) << (7 * i);
-            if b & 0x80 == 0 {
-                return Ok(value);
-            }
-        }
-        Err(Error::MalformedVarInt)
-    }
-
-    fn take(&mut self, n: usize) -> Result<Bytes, Error> {
-        if self.buf.len() < n {
-            return Err(Error::Truncated);
-        }
-        Ok(self.buf.split_to(n))
-    }
-
-    /// A reader over the next `n` bytes, which this reader skips.
-    pub(crate) fn sub(&mut self, n: usize) -> Result<Reader, Error> {
-        Ok(Reader { buf: self.take(n)? })
-    }
-
-    pub(crate) fn binary(&mut self) -> Result<Bytes, Error> {
-        let n = usize::from(self.u16()?);
-        self.take(n)
-    }
-
-    /// Borrows a length-prefixed string's bytes, checked for UTF-8 and U+0000.
-    fn str_bytes(&mut self) -> Result<&str, Error> {
-        let n = usize::from(self.u16()?);
-        let Some(bytes) = self.buf.get(..n) else {
-            return Err(Error::Truncated);
-        };
-        let s = std::str::from_utf8(bytes).map_err(|_| Error::InvalidUtf8)?;
-        if bytes.contains(&0) {
-            return Err(Error::NullCharacter);
-        }
-        Ok(s)
-    }
-
-    pub(crate) fn string(&mut self) -> Result<String, Error> {
-        let s = self.str_bytes()?.to_owned();
-        self.buf.advance(s.len());
-        Ok(s)
-    }
-
-    /// A PUBLISH topic name; may be empty here (5.0 topic alias), checked by the caller.
-    fn topic_name(&mut self) -> Result<String, Error> {
-        let n = usize::from(self.u16()?);
-        let Some(bytes) = self.buf.get(..n) else {
-            return Err(Error::Truncated);
-        };
-        topic::check_name_bytes(bytes)?;
-        let s = std::str::from_utf8(bytes)
-            .map_err(|_| Error::InvalidUtf8)?
-            .to_owned();
-        self.buf.advance(n);
-        Ok(s)
-    }
-
-    fn rest(&mut self) -> Bytes {
-        std::mem::take(&mut self.buf)
-    }
-
-    fn finish(&self) -> Result<(), Error> {
-        match self.buf.len() {
-            0 => Ok(()),
-            n => Err(Error::TrailingBytes(n)),
-        }
-    }
 }
 
 /// Appends the encoding of `packet` as `version` to `out`.
@@ -841,23 +625,6 @@ pub fn encode(packet: &Packet, version: Protocol, out: &mut BytesMut) -> Result<
     }
 }
 
-fn str_len(s: &str) -> Result<usize, Error> {
-    if s.len() > usize::from(u16::MAX) {
-        return Err(Error::StringTooLong(s.len()));
-    }
-    if s.as_bytes().contains(&0) {
-        return Err(Error::NullCharacter);
-    }
-    Ok(2 + s.len())
-}
-
-fn bin_len(b: &[u8]) -> Result<usize, Error> {
-    if b.len() > usize::from(u16::MAX) {
-        return Err(Error::BinaryTooLong(b.len()));
-    }
-    Ok(2 + b.len())
-}
-
 /// Length of a property block including its length prefix; 0 for 3.1.1.
 fn props_len(p: &Properties, place: Place, v5: bool) -> Result<(usize, usize), Error> {
     if !v5 {
@@ -865,39 +632,6 @@ fn props_len(p: &Properties, place: Place, v5: bool) -> Result<(usize, usize), E
     }
     let len = properties::validate(p, place)?;
     Ok((len, varint_len(len) + len))
-}
-
-pub(crate) fn varint_len(value: usize) -> usize {
-    match value {
-        0..=127 => 1,
-        128..=16_383 => 2,
-        16_384..=2_097_151 => 3,
-        _ => 4,
-    }
-}
-
-pub(crate) fn put_varint(out: &mut BytesMut, mut value: usize) {
-    loop {
-        let mut b = (value & 0x7F) as u8;
-        value >>= 7;
-        if value > 0 {
-            b |= 0x80;
-        }
-        out.put_u8(b);
-        if value == 0 {
-            return;
-        }
-    }
-}
-
-pub(crate) fn put_str(out: &mut BytesMut, s: &str) {
-    put_binary(out, s.as_bytes());
-}
-
-pub(crate) fn put_binary(out: &mut BytesMut, b: &[u8]) {
-    // Lengths were checked against u16::MAX before anything was written.
-    out.put_u16(b.len() as u16);
-    out.put_slice(b);
 }
 
 /// Checks the remaining length, reserves room and writes the fixed header.
@@ -987,6 +721,26 @@ fn encode_connack(c: &ConnAck, v5: bool, out: &mut BytesMut) -> Result<(), Error
     Ok(())
 }
 
+/// The property block's length and the remaining length of a PUBLISH.
+fn publish_remaining(p: &Publish, v5: bool) -> Result<(usize, usize), Error> {
+    let (props, props_total) = props_len(&p.properties, Place::PUBLISH, v5)?;
+    let pkid_len = if p.qos == QoS::AtMostOnce { 0 } else { 2 };
+    Ok((
+        props,
+        2 + p.topic.len() + pkid_len + props_total + p.payload.len(),
+    ))
+}
+
+/// Bytes `publish` takes on the wire as `version`, fixed header included (what a
+/// maximum packet size limits).
+///
+/// # Errors
+/// A property that is not allowed in PUBLISH, or has an invalid value.
+pub fn publish_size(publish: &Publish, version: Protocol) -> Result<usize, Error> {
+    let (_, remaining) = publish_remaining(publish, version == Protocol::V5)?;
+    Ok(1 + varint_len(remaining) + remaining)
+}
+
 /// Writes a PUBLISH with `pkid` and `dup` in place of the packet's own; returns the
 /// offset of the packet identifier from the start of the packet (0 for QoS 0).
 fn encode_publish(
@@ -1008,9 +762,8 @@ fn encode_publish(
     } else if dup {
         return Err(Error::DupWithQoS0);
     }
-    let (props, props_total) = props_len(&p.properties, Place::PUBLISH, v5)?;
+    let (props, len) = publish_remaining(p, v5)?;
     let pkid_len = if p.qos == QoS::AtMostOnce { 0 } else { 2 };
-    let len = 2 + p.topic.len() + pkid_len + props_total + p.payload.len();
     let byte1 = PUBLISH << 4 | u8::from(dup) << 3 | (p.qos as u8) << 1 | u8::from(p.retain);
     let start = out.len();
     put_header(out, byte1, len)?;

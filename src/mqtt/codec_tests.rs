@@ -1123,3 +1123,33 @@ fn every_packet_round_trips_in_both_versions() {
         Protocol::V5,
     );
 }
+
+#[test]
+fn publish_size_is_what_encode_writes() {
+    for protocol in [Protocol::V311, Protocol::V5] {
+        for (topic_len, payload_len) in [(1, 0), (5, 100), (300, 20_000), (10, 2_100_000)] {
+            for qos in [QoS::AtMostOnce, QoS::AtLeastOnce] {
+                for alias in [None, Some(1)] {
+                    let publish = Publish {
+                        qos,
+                        pkid: if qos == QoS::AtMostOnce { 0 } else { 1 },
+                        topic: "t".repeat(topic_len),
+                        payload: Bytes::from(vec![0; payload_len]),
+                        properties: Properties {
+                            topic_alias: alias.filter(|_| protocol == Protocol::V5),
+                            ..Properties::default()
+                        },
+                        ..Publish::default()
+                    };
+                    let mut buf = BytesMut::new();
+                    encode(&Packet::Publish(publish.clone()), protocol, &mut buf).unwrap();
+                    assert_eq!(
+                        publish_size(&publish, protocol),
+                        Ok(buf.len()),
+                        "{protocol:?} topic {topic_len} payload {payload_len} {qos:?} {alias:?}"
+                    );
+                }
+            }
+        }
+    }
+}

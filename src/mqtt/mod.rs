@@ -16,6 +16,8 @@ pub mod codec;
 pub mod packet;
 mod properties;
 pub mod topic;
+mod wire;
 
-pub use codec::{check, decode, encode, EncodedPublish, Error, FixedHeader, MAX_REMAINING_LENGTH};
+pub use codec::{check, decode, encode, publish_size, EncodedPublish, FixedHeader};
 pub use packet::*;
+pub use wire::{varint_len, Error, MAX_PACKET_SIZE, MAX_REMAINING_LENGTH};

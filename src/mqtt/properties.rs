@@ -14,8 +14,8 @@
 
 use bytes::{BufMut, Bytes, BytesMut};
 
-use super::codec::{put_binary, put_str, put_varint, varint_len, Error, Reader};
 use super::packet::Properties;
+use super::wire::{put_binary, put_str, put_varint, varint_len, Error, Reader};
 
 const PAYLOAD_FORMAT_INDICATOR: u8 = 0x01;
 const MESSAGE_EXPIRY_INTERVAL: u8 = 0x02;

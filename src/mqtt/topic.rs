@@ -9,7 +9,7 @@
 //!   [`parse_shared`] first). A topic starting with `$` is never matched by a filter whose
 //!   first level is a wildcard.
 
-use super::codec::Error;
+use super::wire::Error;
 
 /// Longest UTF-8 string MQTT can carry (a two-byte length prefix).
 const MAX_STRING_LEN: usize = 65_535;

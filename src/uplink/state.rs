@@ -1,7 +1,7 @@
 //! The client's MQTT session state, with no I/O: packets and store rows go in, packets
 //! to write and store effects come out.
 //!
-//! The event loop (`connection.rs`) owns the socket and the store; it feeds this state
+//! The event loop (`client.rs`) owns the socket and the store; it feeds this state
 //! with what it read ([`Session::handle`]), with rows fetched from the store
 //! ([`Session::offer`]) and with the clock ([`Session::on_timer`]), then writes
 //! [`Session::take_outbox`] and carries out [`Session::take_effects`].
@@ -56,9 +56,6 @@ use crate::store::Stored;
 use super::config::Password;
 use super::{Counters, Error};
 
-/// Largest remaining length MQTT can express.
-const MAX_REMAINING_LENGTH: usize = 268_435_455;
-
 /// Largest inflight window: packet ids left over serve status messages and SUBSCRIBE.
 pub const MAX_WINDOW: u16 = 65_000;
 
@@ -103,7 +100,7 @@ impl BrokerLimits {
             receive_maximum: p.receive_maximum.filter(|&m| m > 0).unwrap_or(u16::MAX),
             maximum_packet_size: p
                 .maximum_packet_size
-                .map_or(MAX_REMAINING_LENGTH + 5, |m| m as usize),
+                .map_or(mqtt::MAX_PACKET_SIZE, |m| m as usize),
             maximum_qos: p
                 .maximum_qos
                 .and_then(QoS::from_u8)
@@ -117,7 +114,7 @@ impl BrokerLimits {
     fn defaults(keep_alive: u16) -> BrokerLimits {
         BrokerLimits {
             receive_maximum: u16::MAX,
-            maximum_packet_size: MAX_REMAINING_LENGTH + 5,
+            maximum_packet_size: mqtt::MAX_PACKET_SIZE,
             maximum_qos: QoS::ExactlyOnce,
             retain_available: true,
             topic_alias_maximum: 0,
@@ -277,24 +274,6 @@ fn row_pkid(row: &Stored) -> u16 {
     row.pkid
         .filter(|&p| p != 0)
         .unwrap_or_else(|| pkid_for_row(row.id))
-}
-
-/// Bytes of a PUBLISH as encoded, for the broker's maximum packet size.
-fn publish_size(topic_len: usize, qos: QoS, payload_len: usize, v5: bool, alias: bool) -> usize {
-    let props = if alias { 3 } else { 0 };
-    let props_total = if v5 { var_int_len(props) + props } else { 0 };
-    let pkid = if qos == QoS::AtMostOnce { 0 } else { 2 };
-    let remaining = 2 + topic_len + pkid + props_total + payload_len;
-    1 + var_int_len(remaining) + remaining
-}
-
-fn var_int_len(n: usize) -> usize {
-    match n {
-        0..=127 => 1,
-        128..=16_383 => 2,
-        16_384..=2_097_151 => 3,
-        _ => 4,
-    }
 }
 
 /// The upstream session: inflight window, flows, aliases, keepalive.
@@ -952,27 +931,29 @@ impl Session {
         row: Option<i64>,
         now: Instant,
     ) -> bool {
-        let v5 = self.config.protocol == Protocol::V5;
-        let alias = if v5 {
+        let alias = if self.config.protocol == Protocol::V5 {
             self.aliases.lookup(&message.topic)
         } else {
             None
         };
-        let topic_len = match alias {
-            Some((_, false)) => 0,
-            _ => message.topic.len(),
+        let publish = Publish {
+            dup,
+            qos: message.qos,
+            retain: message.retain,
+            topic: match alias {
+                Some((_, false)) => String::new(),
+                _ => message.topic.clone(),
+            },
+            pkid,
+            payload: message.payload.clone(),
+            properties: Properties {
+                topic_alias: alias.map(|(alias, _)| alias),
+                ..Properties::default()
+            },
         };
-        let size = publish_size(
-            topic_len,
-            message.qos,
-            message.payload.len(),
-            v5,
-            alias.is_some(),
-        );
-        let max = self
-            .limits
-            .maximum_packet_size
-            .min(MAX_REMAINING_LENGTH + 5);
+        // Only a topic alias is set, and that property is always valid in PUBLISH.
+        let size = mqtt::publish_size(&publish, self.config.protocol).unwrap_or(usize::MAX);
+        let max = self.limits.maximum_packet_size.min(mqtt::MAX_PACKET_SIZE);
         if size > max {
             if let Some((_, true)) = alias {
                 self.aliases.forget(&message.topic);
@@ -985,26 +966,7 @@ impl Session {
             }
             return false;
         }
-        let properties = Properties {
-            topic_alias: alias.map(|(alias, _)| alias),
-            ..Properties::default()
-        };
-        self.send(
-            Packet::Publish(Publish {
-                dup,
-                qos: message.qos,
-                retain: message.retain,
-                topic: if topic_len == 0 {
-                    String::new()
-                } else {
-                    message.topic.clone()
-                },
-                pkid,
-                payload: message.payload.clone(),
-                properties,
-            }),
-            now,
-        );
+        self.send(Packet::Publish(publish), now);
         true
     }
 

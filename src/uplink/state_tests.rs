@@ -5,7 +5,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use tokio::time::Instant;
 
 use super::*;
@@ -803,40 +803,6 @@ async fn server_keep_alive_overrides_ours() {
         s.next_timer(),
         Some(Instant::now() + Duration::from_secs(5))
     );
-}
-
-#[test]
-fn publish_size_matches_the_codec() {
-    for v5 in [false, true] {
-        let protocol = if v5 { Protocol::V5 } else { Protocol::V311 };
-        for (topic_len, payload_len) in [(1, 0), (5, 100), (300, 20_000), (10, 2_100_000)] {
-            for qos in [QoS::AtMostOnce, QoS::AtLeastOnce] {
-                for alias in [false, true] {
-                    if alias && !v5 {
-                        continue;
-                    }
-                    let publish = Publish {
-                        qos,
-                        pkid: if qos == QoS::AtMostOnce { 0 } else { 1 },
-                        topic: "t".repeat(topic_len),
-                        payload: Bytes::from(vec![0; payload_len]),
-                        properties: Properties {
-                            topic_alias: alias.then_some(1),
-                            ..Properties::default()
-                        },
-                        ..Publish::default()
-                    };
-                    let mut buf = BytesMut::new();
-                    mqtt::encode(&Packet::Publish(publish), protocol, &mut buf).unwrap();
-                    assert_eq!(
-                        publish_size(topic_len, qos, payload_len, v5, alias),
-                        buf.len(),
-                        "v5 {v5} topic {topic_len} payload {payload_len} {qos:?} alias {alias}"
-                    );
-                }
-            }
-        }
-    }
 }
 
 #[test]
