@@ -480,9 +480,9 @@ impl Client {
         let host = self.url.host.as_str();
         let addrs: Vec<_> = tokio::net::lookup_host((host, self.url.port))
             .await
-            .map_err(|e| Error::Resolve {
+            .map_err(|source| Error::Resolve {
                 host: host.to_owned(),
-                reason: e.to_string(),
+                source,
             })?
             .collect();
         let mut last_error = None;
@@ -502,7 +502,7 @@ impl Client {
             (None, None) => {
                 return Err(Error::Resolve {
                     host: host.to_owned(),
-                    reason: "no addresses".to_owned(),
+                    source: std::io::Error::new(std::io::ErrorKind::NotFound, "no addresses"),
                 })
             }
         };
@@ -512,7 +512,10 @@ impl Client {
                 connector
                     .connect(name.clone(), tcp)
                     .await
-                    .map_err(|e| Error::Tls(format!("handshake with {host}: {e}")))?,
+                    .map_err(|source| Error::Tls {
+                        what: format!("handshake with {host}"),
+                        source: Some(Box::new(source)),
+                    })?,
             ),
             None => Box::new(tcp),
         };
@@ -658,7 +661,7 @@ impl Client {
                 () = &mut ack_timer, if ack_due.is_some() => {}
                 () = &mut keepalive => {
                     if let Err(error) = self.session.on_timer(Instant::now()) {
-                        return End::Lost(error);
+                        return End::Lost(error.into());
                     }
                 }
                 () = sleep_until_opt(throttled_until) => {}

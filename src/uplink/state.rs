@@ -54,7 +54,7 @@ use crate::mqtt::{
 use crate::store::Stored;
 
 use super::config::Password;
-use super::{Counters, Error};
+use super::Counters;
 
 /// Largest inflight window: packet ids left over serve status messages and SUBSCRIBE.
 pub const MAX_WINDOW: u16 = 65_000;
@@ -260,6 +260,65 @@ pub fn pkid_for_row(id: i64) -> u16 {
     u16::try_from((id - 1).rem_euclid(65_535) + 1).unwrap_or(1)
 }
 
+/// What the broker did that ends the connection, as the session sees it. The client
+/// wraps it in [`super::Error::Session`] beside transport, TLS and store errors.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SessionError {
+    #[error("the upstream broker refused the connection: {}{}", refusal_text(*.code), reason_suffix(.reason))]
+    Refused { code: u8, reason: String },
+    #[error("the upstream broker closed the session with reason {code:#04x}{}", reason_suffix(.reason))]
+    ServerDisconnect { code: u8, reason: String },
+    #[error("the upstream broker refused a message for now (reason code {code:#04x}); it is sent again after a reconnect, one message at a time until the refused ones are through")]
+    Throttled { code: u8 },
+    #[error("no PINGRESP within {0:?}: the connection is half-open")]
+    PingTimeout(Duration),
+    #[error("protocol violation by the upstream broker: {0}")]
+    Protocol(&'static str),
+}
+
+impl SessionError {
+    /// Refusals that repeat until an operator changes credentials or permissions.
+    pub fn is_auth_failure(&self) -> bool {
+        matches!(self, SessionError::Refused { code, .. } if matches!(code, 0x86 | 0x87 | 0x8A | 0x8C))
+    }
+}
+
+fn reason_suffix(reason: &str) -> String {
+    if reason.is_empty() {
+        String::new()
+    } else {
+        format!(" ({reason})")
+    }
+}
+
+fn refusal_text(code: u8) -> String {
+    let meaning = match code {
+        0x80 => "unspecified error",
+        0x81 => "malformed packet",
+        0x82 => "protocol error",
+        0x83 => "implementation specific error",
+        0x84 => "unsupported protocol version (try the other `protocol` setting)",
+        0x85 => "client identifier not valid",
+        0x86 => "bad user name or password",
+        0x87 => "not authorized",
+        0x88 => "server unavailable",
+        0x89 => "server busy",
+        0x8A => "banned",
+        0x8C => "bad authentication method",
+        0x90 => "topic name invalid (the will topic)",
+        0x95 => "packet too large",
+        0x97 => "quota exceeded",
+        0x99 => "payload format invalid",
+        0x9A => "retain not supported (the will is retried without retain)",
+        0x9B => "QoS not supported (the will is retried at QoS 0)",
+        0x9C => "use another server",
+        0x9D => "server moved",
+        0x9F => "connection rate exceeded",
+        _ => "refused",
+    };
+    format!("{meaning} (reason code {code:#04x})")
+}
+
 /// A refusal that says "not now" rather than "never": 0x97 (quota exceeded) or 0x91
 /// (packet identifier in use).
 fn is_transient(code: ReasonCode) -> bool {
@@ -382,14 +441,14 @@ impl Session {
     /// # Errors
     /// The connection must be closed: CONNACK refused, DISCONNECT from the broker, or a
     /// packet that breaks the protocol.
-    pub fn handle(&mut self, packet: Packet, now: Instant) -> Result<(), Error> {
+    pub fn handle(&mut self, packet: Packet, now: Instant) -> Result<(), SessionError> {
         if let Some(keepalive) = &mut self.keepalive {
             keepalive.last_received = now;
         }
         match packet {
             Packet::ConnAck(ack) => self.on_connack(ack, now),
-            _ if self.phase != Phase::Connected => Err(Error::Protocol(
-                "the broker sent a packet before CONNACK".to_owned(),
+            _ if self.phase != Phase::Connected => Err(SessionError::Protocol(
+                "the broker sent a packet before CONNACK",
             )),
             Packet::PubAck(ack) => self.on_puback(ack, now),
             Packet::PubRec(ack) => self.on_pubrec(ack, now),
@@ -424,26 +483,28 @@ impl Session {
                 }
                 Ok(())
             }
-            Packet::Disconnect(Disconnect { reason, properties }) => Err(Error::ServerDisconnect {
-                code: reason.0,
-                reason: properties.reason_string.unwrap_or_default(),
-            }),
+            Packet::Disconnect(Disconnect { reason, properties }) => {
+                Err(SessionError::ServerDisconnect {
+                    code: reason.0,
+                    reason: properties.reason_string.unwrap_or_default(),
+                })
+            }
             Packet::UnsubAck(_) => Ok(()),
-            Packet::Auth(_) => Err(Error::Protocol(
-                "the broker started enhanced authentication, which is not configured".to_owned(),
+            Packet::Auth(_) => Err(SessionError::Protocol(
+                "the broker started enhanced authentication, which is not configured",
             )),
             Packet::Connect(_)
             | Packet::Subscribe(_)
             | Packet::Unsubscribe(_)
-            | Packet::PingReq => Err(Error::Protocol(
-                "the broker sent a packet only clients send".to_owned(),
+            | Packet::PingReq => Err(SessionError::Protocol(
+                "the broker sent a packet only clients send",
             )),
         }
     }
 
-    fn on_connack(&mut self, ack: ConnAck, now: Instant) -> Result<(), Error> {
+    fn on_connack(&mut self, ack: ConnAck, now: Instant) -> Result<(), SessionError> {
         if self.phase != Phase::AwaitConnAck {
-            return Err(Error::Protocol("a second CONNACK".to_owned()));
+            return Err(SessionError::Protocol("a second CONNACK"));
         }
         if !ack.code.is_success() {
             self.phase = Phase::Disconnected;
@@ -452,7 +513,7 @@ impl Session {
                 ReasonCode::QOS_NOT_SUPPORTED => self.will_qos = QoS::AtMostOnce,
                 _ => {}
             }
-            return Err(Error::Refused {
+            return Err(SessionError::Refused {
                 code: ack.code.0,
                 reason: ack.properties.reason_string.unwrap_or_default(),
             });
@@ -759,9 +820,9 @@ impl Session {
     /// Sends PINGREQ when the connection has been quiet for the keepalive interval.
     ///
     /// # Errors
-    /// [`Error::PingTimeout`] when a PINGREQ got no answer within the interval: the
+    /// [`SessionError::PingTimeout`] when a PINGREQ got no answer within the interval: the
     /// connection is half-open.
-    pub fn on_timer(&mut self, now: Instant) -> Result<(), Error> {
+    pub fn on_timer(&mut self, now: Instant) -> Result<(), SessionError> {
         let Some(keepalive) = self.keepalive else {
             return Ok(());
         };
@@ -769,7 +830,7 @@ impl Session {
             return Ok(());
         }
         if keepalive.ping_sent.is_some() {
-            return Err(Error::PingTimeout(keepalive.interval));
+            return Err(SessionError::PingTimeout(keepalive.interval));
         }
         self.send(Packet::PingReq, now);
         if let Some(keepalive) = &mut self.keepalive {
@@ -806,7 +867,7 @@ impl Session {
 
     /// A transient refusal of slot `pkid`: it stays for the next connection, and one
     /// flow at a time goes out until everything open now is through.
-    fn throttle(&mut self, pkid: u16, code: ReasonCode) -> Error {
+    fn throttle(&mut self, pkid: u16, code: ReasonCode) -> SessionError {
         self.stats.throttled.fetch_add(1, Ordering::Relaxed);
         if self.throttled_through.is_none() {
             tracing::warn!(
@@ -817,7 +878,7 @@ impl Session {
             );
         }
         self.throttled_through = Some(self.seq);
-        Error::Throttled { code: code.0 }
+        SessionError::Throttled { code: code.0 }
     }
 
     /// Ends the one-at-a-time mode once no slot open at the refusal remains.
@@ -1025,7 +1086,7 @@ impl Session {
         });
     }
 
-    fn on_puback(&mut self, ack: Ack, now: Instant) -> Result<(), Error> {
+    fn on_puback(&mut self, ack: Ack, now: Instant) -> Result<(), SessionError> {
         let expected = self.slots.get(&ack.pkid).is_some_and(|slot| {
             slot.on_wire && slot.stage == Stage::Publish && slot.message.qos == QoS::AtLeastOnce
         });
@@ -1042,7 +1103,7 @@ impl Session {
         Ok(())
     }
 
-    fn on_pubrec(&mut self, ack: Ack, now: Instant) -> Result<(), Error> {
+    fn on_pubrec(&mut self, ack: Ack, now: Instant) -> Result<(), SessionError> {
         let Some(slot) = self.slots.get_mut(&ack.pkid) else {
             // Let the broker finish a flow we no longer know.
             let mut rel = Ack::new(ack.pkid);
@@ -1109,7 +1170,7 @@ impl Session {
         }
     }
 
-    fn on_publish(&mut self, publish: Publish, now: Instant) -> Result<(), Error> {
+    fn on_publish(&mut self, publish: Publish, now: Instant) -> Result<(), SessionError> {
         match publish.qos {
             QoS::AtMostOnce => self.effects.push_back(Effect::Incoming(Box::new(publish))),
             QoS::AtLeastOnce => {
@@ -1122,8 +1183,8 @@ impl Session {
                 if !self.incoming_rel.contains(&pkid) {
                     if self.incoming_rel.len() >= usize::from(self.config.incoming_receive_maximum)
                     {
-                        return Err(Error::Protocol(
-                            "the broker exceeded our receive maximum".to_owned(),
+                        return Err(SessionError::Protocol(
+                            "the broker exceeded our receive maximum",
                         ));
                     }
                     self.incoming_rel.insert(pkid);

@@ -512,7 +512,7 @@ fn refused_will_flags_are_dropped_on_the_next_connect() {
     });
     assert!(matches!(
         s.handle(refused, now()),
-        Err(Error::Refused { code: 0x9A, .. })
+        Err(SessionError::Refused { code: 0x9A, .. })
     ));
     let Packet::Connect(c) = s.connect(None) else {
         panic!()
@@ -697,13 +697,13 @@ fn broker_misbehaviour_ends_the_connection() {
     s.connect(None);
     assert!(matches!(
         s.handle(Packet::PubAck(Ack::new(1)), now()),
-        Err(Error::Protocol(_))
+        Err(SessionError::Protocol(_))
     ));
     let mut s = session(Protocol::V5);
     connect(&mut s, connack(false));
     assert!(matches!(
         s.handle(connack(false), now()),
-        Err(Error::Protocol(_))
+        Err(SessionError::Protocol(_))
     ));
     let mut s = session(Protocol::V5);
     connect(&mut s, connack(false));
@@ -713,7 +713,7 @@ fn broker_misbehaviour_ends_the_connection() {
     });
     assert!(matches!(
         s.handle(bye, now()),
-        Err(Error::ServerDisconnect { code: 0x8B, .. })
+        Err(SessionError::ServerDisconnect { code: 0x8B, .. })
     ));
 }
 
@@ -763,7 +763,7 @@ async fn keepalive_pings_when_quiet_and_fails_without_pingresp() {
     tokio::time::advance(Duration::from_secs(30)).await;
     assert!(matches!(
         s.on_timer(Instant::now()),
-        Err(Error::PingTimeout(d)) if d == Duration::from_secs(30)
+        Err(SessionError::PingTimeout(d)) if d == Duration::from_secs(30)
     ));
 }
 
@@ -841,7 +841,7 @@ fn quota_exceeded_keeps_the_message_and_sends_one_at_a_time_until_it_is_through(
     };
     assert!(matches!(
         s.handle(Packet::PubAck(quota), now()),
-        Err(Error::Throttled { code: 0x97 })
+        Err(SessionError::Throttled { code: 0x97 })
     ));
     assert_eq!(effects(&mut s), []);
     assert_eq!(s.stats.throttled.load(Ordering::Relaxed), 1);

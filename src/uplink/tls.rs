@@ -17,25 +17,35 @@ use rustls::{ClientConfig, RootCertStore};
 use super::config::TlsConfig;
 use super::Error;
 
+/// A TLS setting that is wrong, with nothing underneath.
 fn tls_error(what: impl Into<String>) -> Error {
-    Error::Tls(what.into())
+    Error::Tls {
+        what: what.into(),
+        source: None,
+    }
+}
+
+/// A TLS setting that is wrong because of `source`, which stays attached.
+fn tls_failure(
+    what: impl Into<String>,
+    source: impl std::error::Error + Send + Sync + 'static,
+) -> Error {
+    Error::Tls {
+        what: what.into(),
+        source: Some(Box::new(source)),
+    }
 }
 
 fn open(path: &Path, what: &str) -> Result<BufReader<File>, Error> {
     File::open(path)
         .map(BufReader::new)
-        .map_err(|e| tls_error(format!("cannot read the {what} {}: {e}", path.display())))
+        .map_err(|e| tls_failure(format!("cannot read the {what} {}", path.display()), e))
 }
 
 fn read_certs(path: &Path, what: &str) -> Result<Vec<CertificateDer<'static>>, Error> {
     let certs = rustls_pemfile::certs(&mut open(path, what)?)
         .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| {
-            tls_error(format!(
-                "the {what} {} is not valid PEM: {e}",
-                path.display()
-            ))
-        })?;
+        .map_err(|e| tls_failure(format!("the {what} {} is not valid PEM", path.display()), e))?;
     if certs.is_empty() {
         return Err(tls_error(format!(
             "the {what} {} holds no PEM certificate",
@@ -48,10 +58,10 @@ fn read_certs(path: &Path, what: &str) -> Result<Vec<CertificateDer<'static>>, E
 fn read_key(path: &Path) -> Result<PrivateKeyDer<'static>, Error> {
     rustls_pemfile::private_key(&mut open(path, "key file")?)
         .map_err(|e| {
-            tls_error(format!(
-                "the key file {} is not valid PEM: {e}",
-                path.display()
-            ))
+            tls_failure(
+                format!("the key file {} is not valid PEM", path.display()),
+                e,
+            )
         })?
         .ok_or_else(|| {
             tls_error(format!(
@@ -69,16 +79,19 @@ pub fn client_config(tls: &TlsConfig) -> Result<Arc<ClientConfig>, Error> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let builder = ClientConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
-        .map_err(|e| tls_error(format!("TLS protocol versions: {e}")))?;
+        .map_err(|e| tls_failure("TLS protocol versions", e))?;
     let mut roots = RootCertStore::empty();
     match &tls.ca_file {
         Some(path) => {
             for cert in read_certs(path, "CA file")? {
                 roots.add(cert).map_err(|e| {
-                    tls_error(format!(
-                        "a certificate in the CA file {} is unusable: {e}",
-                        path.display()
-                    ))
+                    tls_failure(
+                        format!(
+                            "a certificate in the CA file {} is unusable",
+                            path.display()
+                        ),
+                        e,
+                    )
                 })?;
             }
         }
@@ -91,11 +104,14 @@ pub fn client_config(tls: &TlsConfig) -> Result<Arc<ClientConfig>, Error> {
             builder
                 .with_client_auth_cert(chain, read_key(key)?)
                 .map_err(|e| {
-                    tls_error(format!(
-                        "client certificate {} and key {} do not fit together: {e}",
-                        cert.display(),
-                        key.display()
-                    ))
+                    tls_failure(
+                        format!(
+                            "client certificate {} and key {} do not fit together",
+                            cert.display(),
+                            key.display()
+                        ),
+                        e,
+                    )
                 })?
         }
         _ => builder.with_no_client_auth(),
