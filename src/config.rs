@@ -12,8 +12,10 @@
 //! Invariants:
 //! - Every problem is reported as `file:line:column: key: message`. Syntax and type
 //!   errors come with a span from the parser; semantic problems come from each
-//!   section's `validate()` as [`Invalid`] with a dotted key path, which is looked up in
-//!   the parsed document to find its position.
+//!   section's `validate()` as [`Invalid`](crate::problem::Invalid) with a dotted key
+//!   path, which is looked up in the parsed document to find its position.
+//! - This module composes; the rules of a section live with the section, and the
+//!   problem type in the leaf [`crate::problem`], so no section imports this module.
 //! - [`load`] returns a config only if it has no problem at all, so the agent never
 //!   starts (or reloads into) a half-valid configuration.
 //! - Reading the file is the only I/O here.
@@ -31,38 +33,11 @@ use crate::mqtt::QoS;
 use crate::store::StoreConfig;
 use crate::uplink::UplinkConfig;
 
-/// One semantic problem in a config section, found after deserialization.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Invalid {
-    /// Dotted path from the document root, with array indexes:
-    /// `bus[0].device[2].unit_id`, `upstream.url`, `profile.sdm630.point[3].address`.
-    pub key: String,
-    /// What is wrong, in words for a plant engineer.
-    pub message: String,
-}
-
-impl Invalid {
-    pub fn new(key: impl Into<String>, message: impl Into<String>) -> Invalid {
-        Invalid {
-            key: key.into(),
-            message: message.into(),
-        }
-    }
-
-    /// The problems as one line, `key: message; key: message`, or `None` when there
-    /// are none: what a module puts in its config error when it is started with a
-    /// section that `check-config` would have refused.
-    pub fn summary(problems: &[Invalid]) -> Option<String> {
-        if problems.is_empty() {
-            return None;
-        }
-        let text: Vec<String> = problems
-            .iter()
-            .map(|p| format!("{}: {}", p.key, p.message))
-            .collect();
-        Some(text.join("; "))
-    }
-}
+/// The problem type lives in the leaf [`crate::problem`]; this re-export only keeps
+/// `crate::config::Invalid` working for the module roots that still name it
+/// (`broker/mod.rs`, `uplink/mod.rs`, `store/queue.rs`, `field/mod.rs`, being reshaped
+/// in parallel). Remove it once they import `crate::problem::Invalid`.
+pub use crate::problem::Invalid;
 
 /// The whole configuration file.
 #[derive(Debug, Clone, Default)]

@@ -10,7 +10,7 @@ use std::path::PathBuf;
 
 use serde::Deserialize;
 
-use crate::config::Invalid;
+use crate::problem::Invalid;
 
 /// Settings of the built-in broker. Names follow mosquitto's where one exists.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]

@@ -70,7 +70,7 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use serde::Deserialize;
 
 use super::decode::{ByteOrder, DataType, RegisterKind};
-use crate::config::Invalid;
+use crate::problem::Invalid;
 
 /// The field side of the configuration: buses with their devices, and point profiles.
 #[derive(Debug, Clone, Default, PartialEq, Deserialize)]

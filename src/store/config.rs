@@ -10,7 +10,7 @@ use std::path::PathBuf;
 
 use serde::Deserialize;
 
-use crate::config::Invalid;
+use crate::problem::Invalid;
 
 /// How hard SQLite pushes each commit to the storage medium.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]

@@ -13,8 +13,8 @@ use std::path::PathBuf;
 use bytes::Bytes;
 use serde::Deserialize;
 
-use crate::config::Invalid;
 use crate::mqtt::{self, Protocol};
+use crate::problem::Invalid;
 use crate::store::DrainOrder;
 
 use super::{state, Error};
