@@ -38,6 +38,7 @@ use crate::uplink::UplinkConfig;
 /// (`broker/mod.rs`, `uplink/mod.rs`, `store/queue.rs`, `field/mod.rs`, being reshaped
 /// in parallel). Remove it once they import `crate::problem::Invalid`.
 pub use crate::problem::Invalid;
+use crate::problem::Problems;
 
 /// The whole configuration file.
 #[derive(Debug, Clone, Default)]
@@ -125,51 +126,31 @@ impl Default for AgentConfig {
 impl AgentConfig {
     /// Problems with the `[agent]` keys.
     pub fn validate(&self) -> Vec<Invalid> {
-        let mut problems = Vec::new();
-        let prefix = self.prefix.trim_matches('/');
-        if prefix.is_empty() {
-            problems.push(Invalid::new("agent.prefix", "must not be empty"));
-        }
-        if self.prefix.contains(['+', '#', '\0']) {
-            problems.push(Invalid::new(
-                "agent.prefix",
-                "must not contain MQTT wildcards (`+`, `#`) or NUL",
-            ));
-        }
-        if self.prefix.starts_with('$') {
-            problems.push(Invalid::new(
-                "agent.prefix",
-                "must not start with `$` (reserved for broker topics)",
-            ));
-        }
+        let mut problems = Problems::new();
+        let mut agent = problems.at("agent");
+        agent.non_empty("prefix", self.prefix.trim_matches('/'));
+        agent.check(
+            !self.prefix.contains(['+', '#', '\0']),
+            "prefix",
+            "must not contain MQTT wildcards (`+`, `#`) or NUL",
+        );
+        agent.check(
+            !self.prefix.starts_with('$'),
+            "prefix",
+            "must not start with `$` (reserved for broker topics)",
+        );
         if let Err(err) = tracing_subscriber::EnvFilter::builder().parse(&self.log_level) {
-            problems.push(Invalid::new(
-                "agent.log_level",
+            agent.report(
+                "log_level",
                 format!("not a level or filter directive: {err}"),
-            ));
+            );
         }
-        if self.health_interval_secs == 0 {
-            problems.push(Invalid::new(
-                "agent.health_interval_secs",
-                "must be at least 1",
-            ));
-        }
-        if QoS::from_u8(self.qos).is_none() {
-            problems.push(Invalid::new("agent.qos", "must be 0, 1 or 2"));
-        }
-        if self.channel_capacity == 0 {
-            problems.push(Invalid::new("agent.channel_capacity", "must be at least 1"));
-        }
-        if self.batch_max == 0 {
-            problems.push(Invalid::new("agent.batch_max", "must be at least 1"));
-        }
-        if self.shutdown_timeout_ms == 0 {
-            problems.push(Invalid::new(
-                "agent.shutdown_timeout_ms",
-                "must be at least 1",
-            ));
-        }
-        problems
+        agent.at_least("health_interval_secs", self.health_interval_secs, 1);
+        agent.check(QoS::from_u8(self.qos).is_some(), "qos", "must be 0, 1 or 2");
+        agent.at_least("channel_capacity", self.channel_capacity, 1);
+        agent.at_least("batch_max", self.batch_max, 1);
+        agent.at_least("shutdown_timeout_ms", self.shutdown_timeout_ms, 1);
+        problems.into_vec()
     }
 
     /// The prefix with `{hostname}` filled in and no trailing slash.
@@ -194,14 +175,11 @@ impl Config {
 
     /// Problems across all sections, each with its dotted key path.
     pub fn validate(&self) -> Vec<Invalid> {
-        let mut problems = self.agent.validate();
-        if let Some(broker) = &self.broker {
-            problems.extend(broker.validate());
-        }
+        let mut problems = Problems::new();
+        problems.extend(self.agent.validate());
+        problems.extend(self.broker.iter().flat_map(BrokerConfig::validate));
         problems.extend(self.store.validate());
-        if let Some(upstream) = &self.upstream {
-            problems.extend(upstream.validate());
-        }
+        problems.extend(self.upstream.iter().flat_map(UplinkConfig::validate));
         problems.extend(self.field.validate());
         if self.broker.is_none() && self.upstream.is_none() {
             let message = if self.field.buses.is_empty() {
@@ -209,9 +187,9 @@ impl Config {
             } else {
                 "the readings would go nowhere: configure a [broker], an [upstream] or both"
             };
-            problems.push(Invalid::new("", message));
+            problems.at("").report("", message);
         }
-        problems
+        problems.into_vec()
     }
 }
 
