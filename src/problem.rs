@@ -116,6 +116,15 @@ impl Scope<'_> {
         }
     }
 
+    /// A scope at a path of its own, for a problem found here but located elsewhere:
+    /// a device reports its profile's points at `profile.NAME.point[I]`.
+    pub fn absolute(&mut self, path: impl Into<String>) -> Scope<'_> {
+        Scope {
+            problems: self.problems,
+            path: path.into(),
+        }
+    }
+
     /// The full path of `key` in this scope.
     pub fn key(&self, key: &str) -> String {
         if key.is_empty() {
@@ -190,6 +199,8 @@ mod tests {
         bus.report("name", "dotted");
         bus.at("device").report("[2]", "indexed");
         bus.at("device[1]").report("", "the scope itself");
+        bus.absolute("profile.m.point[0]")
+            .report("address", "elsewhere");
         let keys: Vec<String> = problems.into_vec().into_iter().map(|p| p.key).collect();
         assert_eq!(
             keys,
@@ -198,7 +209,8 @@ mod tests {
                 "agent.qos",
                 "bus[0].name",
                 "bus[0].device[2]",
-                "bus[0].device[1]"
+                "bus[0].device[1]",
+                "profile.m.point[0].address"
             ]
         );
     }
