@@ -265,40 +265,32 @@ pub fn load(path: &Path) -> Result<Config, Error> {
 /// # Errors
 /// [`Error::Invalid`] with every problem found, each with its position.
 pub fn parse(file: &str, text: &str) -> Result<Config, Error> {
-    let doc = match toml_edit::ImDocument::parse(text) {
-        Ok(doc) => doc,
-        Err(err) => {
-            let at = err.span().map_or(0, |span| span.start);
-            let (line, column) = line_column(text, at);
-            return Err(Error::Invalid {
-                problems: vec![Problem {
-                    file: file.to_string(),
-                    line,
-                    column,
-                    key: String::new(),
-                    message: err.message().trim().to_string(),
-                }],
-            });
+    let at = |offset: usize, key: String, message: String| {
+        let (line, column) = line_column(text, offset);
+        Problem {
+            file: file.to_string(),
+            line,
+            column,
+            key,
+            message,
         }
     };
+    let doc = toml_edit::ImDocument::parse(text).map_err(|err| {
+        let offset = err.span().map_or(0, |span| span.start);
+        let problem = at(offset, String::new(), err.message().trim().to_string());
+        Error::Invalid {
+            problems: vec![problem],
+        }
+    })?;
     let entries = Entries::of(&doc);
-    let parsed: File = match toml::from_str(text) {
-        Ok(parsed) => parsed,
-        Err(err) => {
-            let span = err.span().unwrap_or(0..0);
-            let key = entries.key_at(&span).unwrap_or_default();
-            let (line, column) = line_column(text, span.start);
-            return Err(Error::Invalid {
-                problems: vec![Problem {
-                    file: file.to_string(),
-                    line,
-                    column,
-                    key,
-                    message: err.message().trim().to_string(),
-                }],
-            });
+    let parsed: File = toml::from_str(text).map_err(|err| {
+        let span = err.span().unwrap_or(0..0);
+        let key = entries.key_at(&span).unwrap_or_default();
+        let problem = at(span.start, key, err.message().trim().to_string());
+        Error::Invalid {
+            problems: vec![problem],
         }
-    };
+    })?;
     let config = Config {
         agent: parsed.agent,
         broker: parsed.broker,
@@ -317,15 +309,11 @@ pub fn parse(file: &str, text: &str) -> Result<Config, Error> {
     let problems = invalid
         .into_iter()
         .map(|problem| {
-            let at = entries.offset_of(&problem.key);
-            let (line, column) = line_column(text, at);
-            Problem {
-                file: file.to_string(),
-                line,
-                column,
-                key: problem.key,
-                message: problem.message,
-            }
+            at(
+                entries.offset_of(&problem.key),
+                problem.key,
+                problem.message,
+            )
         })
         .collect();
     Err(Error::Invalid { problems })

@@ -10,7 +10,7 @@ use std::path::PathBuf;
 
 use serde::Deserialize;
 
-use crate::problem::{Invalid, Problems};
+use crate::problem::{Invalid, Problems, Scope};
 
 /// Settings of the built-in broker. Names follow mosquitto's where one exists.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
@@ -118,21 +118,9 @@ const MIN_PACKET_SIZE: u32 = 128;
 const MAX_PACKET_SIZE: u32 = 268_435_455 + 5;
 
 impl BrokerConfig {
-    /// Whether clients without credentials may connect (see `allow_anonymous`).
-    pub fn anonymous_allowed(&self) -> bool {
-        match self.allow_anonymous {
-            Some(allowed) => allowed,
-            None => {
-                self.password_file.is_none()
-                    && self.listeners.iter().all(|l| l.bind.ip().is_loopback())
-            }
-        }
-    }
-
-    /// Semantic problems, with key paths below `broker.`.
-    pub fn validate(&self) -> Vec<Invalid> {
-        let mut problems = Problems::new();
-        let mut broker = problems.at("broker");
+    /// The listeners: no address twice, TLS files named, and no LAN listener that
+    /// would refuse every client.
+    fn validate_listeners(&self, broker: &mut Scope<'_>) {
         for (i, listener) in self.listeners.iter().enumerate() {
             let mut at = broker.at(&format!("listeners[{i}]"));
             let earlier = &self.listeners[..i];
@@ -176,6 +164,24 @@ impl BrokerConfig {
                 );
             }
         }
+    }
+
+    /// Whether clients without credentials may connect (see `allow_anonymous`).
+    pub fn anonymous_allowed(&self) -> bool {
+        match self.allow_anonymous {
+            Some(allowed) => allowed,
+            None => {
+                self.password_file.is_none()
+                    && self.listeners.iter().all(|l| l.bind.ip().is_loopback())
+            }
+        }
+    }
+
+    /// Semantic problems, with key paths below `broker.`.
+    pub fn validate(&self) -> Vec<Invalid> {
+        let mut problems = Problems::new();
+        let mut broker = problems.at("broker");
+        self.validate_listeners(&mut broker);
         broker.at_least("max_connections", self.max_connections, 1);
         broker.check(
             (MIN_PACKET_SIZE..=MAX_PACKET_SIZE).contains(&self.max_packet_size),

@@ -234,6 +234,15 @@ impl UplinkConfig {
     pub fn validate(&self) -> Vec<Invalid> {
         let mut problems = Problems::new();
         let mut up = problems.at("upstream");
+        self.validate_identity(&mut up);
+        self.tls.validate(&mut up.at("tls"));
+        self.validate_limits(&mut up);
+        self.validate_topics(&mut up);
+        problems.into_vec()
+    }
+
+    /// Where to connect and as whom: URL, client id, user name and password source.
+    fn validate_identity(&self, up: &mut Scope<'_>) {
         match BrokerUrl::parse(&self.url) {
             Ok(url) => {
                 up.check(
@@ -277,7 +286,10 @@ impl UplinkConfig {
                 format!("{name:?} is not an environment variable name"),
             );
         }
-        self.tls.validate(&mut up.at("tls"));
+    }
+
+    /// Timers, the inflight window, backoff and the replay rate.
+    fn validate_limits(&self, up: &mut Scope<'_>) {
         up.check(
             self.keep_alive_secs >= 1,
             "keep_alive_secs",
@@ -304,6 +316,10 @@ impl UplinkConfig {
             "replay_rate_limit",
             "must be at least 1 message per second, or left out for no limit",
         );
+    }
+
+    /// The status topic and the subscriptions.
+    fn validate_topics(&self, up: &mut Scope<'_>) {
         if let Some(topic) = &self.status_topic {
             if let Err(e) = mqtt::topic::validate_topic_name(topic) {
                 up.report("status_topic", e.to_string());
@@ -314,7 +330,6 @@ impl UplinkConfig {
                 up.report(&format!("subscribe[{i}]"), e.to_string());
             }
         }
-        problems.into_vec()
     }
 
     /// The client identifier: the configured one or `fieldbridge-<hostname>`.
