@@ -188,49 +188,9 @@ fn topic_name(at: &mut Scope<'_>, key: &str, topic: &str) {
 /// The rules of one `[[bus]]` table (`at` is `bus[B]`); keys of other kinds are refused.
 fn validate_bus(at: &mut Scope<'_>, bus: &BusConfig) {
     if matches!(bus.kind, BusKind::Rtu | BusKind::Lines) {
-        at.check(
-            matches!(&bus.port, Some(PortSetting::Path(p)) if !p.is_empty()),
-            "port",
-            "a serial bus needs `port`, the device path, e.g. \"/dev/ttyUSB0\"",
-        );
-        at.at_least("baud", bus.baud(), 1);
-        at.check(
-            matches!(bus.data_bits(), 7 | 8),
-            "data_bits",
-            "must be 7 or 8",
-        );
-        at.check(
-            matches!(bus.stop_bits(), 1 | 2),
-            "stop_bits",
-            "must be 1 or 2",
-        );
-        at.only_for("host", bus.host.is_some(), "tcp buses");
-        at.only_for("framing", bus.framing.is_some(), "tcp buses");
-        at.only_for(
-            "connect_timeout_ms",
-            bus.connect_timeout_ms.is_some(),
-            "tcp buses",
-        );
+        validate_serial_line(at, bus);
     } else {
-        at.check(
-            bus.host.as_deref().is_some_and(|host| !host.is_empty()),
-            "host",
-            "a tcp bus needs `host`",
-        );
-        at.check(
-            bus.tcp_port().is_some(),
-            "port",
-            "a tcp bus's port is a number 1..=65535",
-        );
-        at.only_for("baud", bus.baud.is_some(), "rtu and lines buses");
-        at.only_for("parity", bus.parity.is_some(), "rtu and lines buses");
-        at.only_for("data_bits", bus.data_bits.is_some(), "rtu and lines buses");
-        at.only_for("stop_bits", bus.stop_bits.is_some(), "rtu and lines buses");
-        at.only_for(
-            "inter_frame_ms",
-            bus.inter_frame_ms.is_some() && bus.framing() != Framing::Rtu,
-            "rtu buses and tcp buses with framing = \"rtu\"",
-        );
+        validate_tcp_endpoint(at, bus);
     }
     if let Some(ms) = bus.inter_frame_ms {
         at.in_range("inter_frame_ms", ms, 0.0..=1000.0);
@@ -252,6 +212,56 @@ fn validate_bus(at: &mut Scope<'_>, bus: &BusConfig) {
             "a stream-mode lines bus carries one device (its port talks on its own); use mode = \"poll\" for several",
         );
     }
+}
+
+/// An rtu or lines bus: its serial port and line settings, and no tcp keys.
+fn validate_serial_line(at: &mut Scope<'_>, bus: &BusConfig) {
+    at.check(
+        matches!(&bus.port, Some(PortSetting::Path(p)) if !p.is_empty()),
+        "port",
+        "a serial bus needs `port`, the device path, e.g. \"/dev/ttyUSB0\"",
+    );
+    at.at_least("baud", bus.baud(), 1);
+    at.check(
+        matches!(bus.data_bits(), 7 | 8),
+        "data_bits",
+        "must be 7 or 8",
+    );
+    at.check(
+        matches!(bus.stop_bits(), 1 | 2),
+        "stop_bits",
+        "must be 1 or 2",
+    );
+    at.only_for("host", bus.host.is_some(), "tcp buses");
+    at.only_for("framing", bus.framing.is_some(), "tcp buses");
+    at.only_for(
+        "connect_timeout_ms",
+        bus.connect_timeout_ms.is_some(),
+        "tcp buses",
+    );
+}
+
+/// A tcp bus: host and port, and no serial-line keys.
+fn validate_tcp_endpoint(at: &mut Scope<'_>, bus: &BusConfig) {
+    at.check(
+        bus.host.as_deref().is_some_and(|host| !host.is_empty()),
+        "host",
+        "a tcp bus needs `host`",
+    );
+    at.check(
+        bus.tcp_port().is_some(),
+        "port",
+        "a tcp bus's port is a number 1..=65535",
+    );
+    at.only_for("baud", bus.baud.is_some(), "rtu and lines buses");
+    at.only_for("parity", bus.parity.is_some(), "rtu and lines buses");
+    at.only_for("data_bits", bus.data_bits.is_some(), "rtu and lines buses");
+    at.only_for("stop_bits", bus.stop_bits.is_some(), "rtu and lines buses");
+    at.only_for(
+        "inter_frame_ms",
+        bus.inter_frame_ms.is_some() && bus.framing() != Framing::Rtu,
+        "rtu buses and tcp buses with framing = \"rtu\"",
+    );
 }
 
 /// The Modbus-only rules of a device on an rtu or tcp bus.
@@ -425,6 +435,20 @@ fn validate_modbus_point(
         }
         (_, None) => {}
     }
+    validate_extent(at, device, p, kind, address);
+    true
+}
+
+/// Where a placed Modbus point sits: inside the address space, and inside one request
+/// of its device.
+fn validate_extent(
+    at: &mut Scope<'_>,
+    device: &DeviceConfig,
+    p: &PointConfig,
+    kind: RegisterKind,
+    address: u32,
+) {
+    let t = p.data_type_or_default();
     let width = u32::from(p.width());
     if address > 65_535 {
         at.report(
@@ -450,7 +474,6 @@ fn validate_modbus_point(
         "registers",
         format!("{width} registers do not fit in one request of this device (max_registers_per_request = {limit})"),
     );
-    true
 }
 
 /// Two points of one device must not share registers, except different bits of one
