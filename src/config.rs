@@ -12,8 +12,10 @@
 //! Invariants:
 //! - Every problem is reported as `file:line:column: key: message`. Syntax and type
 //!   errors come with a span from the parser; semantic problems come from each
-//!   section's `validate()` as [`Invalid`] with a dotted key path, which is looked up in
-//!   the parsed document to find its position.
+//!   section's `validate()` as [`Invalid`](crate::problem::Invalid) with a dotted key
+//!   path, which is looked up in the parsed document to find its position.
+//! - This module composes; the rules of a section live with the section, and the
+//!   problem type in the leaf [`crate::problem`], so no section imports this module.
 //! - [`load`] returns a config only if it has no problem at all, so the agent never
 //!   starts (or reloads into) a half-valid configuration.
 //! - Reading the file is the only I/O here.
@@ -31,38 +33,12 @@ use crate::mqtt::QoS;
 use crate::store::StoreConfig;
 use crate::uplink::UplinkConfig;
 
-/// One semantic problem in a config section, found after deserialization.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Invalid {
-    /// Dotted path from the document root, with array indexes:
-    /// `bus[0].device[2].unit_id`, `upstream.url`, `profile.sdm630.point[3].address`.
-    pub key: String,
-    /// What is wrong, in words for a plant engineer.
-    pub message: String,
-}
-
-impl Invalid {
-    pub fn new(key: impl Into<String>, message: impl Into<String>) -> Invalid {
-        Invalid {
-            key: key.into(),
-            message: message.into(),
-        }
-    }
-
-    /// The problems as one line, `key: message; key: message`, or `None` when there
-    /// are none: what a module puts in its config error when it is started with a
-    /// section that `check-config` would have refused.
-    pub fn summary(problems: &[Invalid]) -> Option<String> {
-        if problems.is_empty() {
-            return None;
-        }
-        let text: Vec<String> = problems
-            .iter()
-            .map(|p| format!("{}: {}", p.key, p.message))
-            .collect();
-        Some(text.join("; "))
-    }
-}
+/// The problem type lives in the leaf [`crate::problem`]; this re-export only keeps
+/// `crate::config::Invalid` working for the module roots that still name it
+/// (`broker/mod.rs`, `uplink/mod.rs`, `store/queue.rs`, `field/mod.rs`, being reshaped
+/// in parallel). Remove it once they import `crate::problem::Invalid`.
+pub use crate::problem::Invalid;
+use crate::problem::Problems;
 
 /// The whole configuration file.
 #[derive(Debug, Clone, Default)]
@@ -150,51 +126,31 @@ impl Default for AgentConfig {
 impl AgentConfig {
     /// Problems with the `[agent]` keys.
     pub fn validate(&self) -> Vec<Invalid> {
-        let mut problems = Vec::new();
-        let prefix = self.prefix.trim_matches('/');
-        if prefix.is_empty() {
-            problems.push(Invalid::new("agent.prefix", "must not be empty"));
-        }
-        if self.prefix.contains(['+', '#', '\0']) {
-            problems.push(Invalid::new(
-                "agent.prefix",
-                "must not contain MQTT wildcards (`+`, `#`) or NUL",
-            ));
-        }
-        if self.prefix.starts_with('$') {
-            problems.push(Invalid::new(
-                "agent.prefix",
-                "must not start with `$` (reserved for broker topics)",
-            ));
-        }
+        let mut problems = Problems::new();
+        let mut agent = problems.at("agent");
+        agent.non_empty("prefix", self.prefix.trim_matches('/'));
+        agent.check(
+            !self.prefix.contains(['+', '#', '\0']),
+            "prefix",
+            "must not contain MQTT wildcards (`+`, `#`) or NUL",
+        );
+        agent.check(
+            !self.prefix.starts_with('$'),
+            "prefix",
+            "must not start with `$` (reserved for broker topics)",
+        );
         if let Err(err) = tracing_subscriber::EnvFilter::builder().parse(&self.log_level) {
-            problems.push(Invalid::new(
-                "agent.log_level",
+            agent.report(
+                "log_level",
                 format!("not a level or filter directive: {err}"),
-            ));
+            );
         }
-        if self.health_interval_secs == 0 {
-            problems.push(Invalid::new(
-                "agent.health_interval_secs",
-                "must be at least 1",
-            ));
-        }
-        if QoS::from_u8(self.qos).is_none() {
-            problems.push(Invalid::new("agent.qos", "must be 0, 1 or 2"));
-        }
-        if self.channel_capacity == 0 {
-            problems.push(Invalid::new("agent.channel_capacity", "must be at least 1"));
-        }
-        if self.batch_max == 0 {
-            problems.push(Invalid::new("agent.batch_max", "must be at least 1"));
-        }
-        if self.shutdown_timeout_ms == 0 {
-            problems.push(Invalid::new(
-                "agent.shutdown_timeout_ms",
-                "must be at least 1",
-            ));
-        }
-        problems
+        agent.at_least("health_interval_secs", self.health_interval_secs, 1);
+        agent.check(QoS::from_u8(self.qos).is_some(), "qos", "must be 0, 1 or 2");
+        agent.at_least("channel_capacity", self.channel_capacity, 1);
+        agent.at_least("batch_max", self.batch_max, 1);
+        agent.at_least("shutdown_timeout_ms", self.shutdown_timeout_ms, 1);
+        problems.into_vec()
     }
 
     /// The prefix with `{hostname}` filled in and no trailing slash.
@@ -219,14 +175,11 @@ impl Config {
 
     /// Problems across all sections, each with its dotted key path.
     pub fn validate(&self) -> Vec<Invalid> {
-        let mut problems = self.agent.validate();
-        if let Some(broker) = &self.broker {
-            problems.extend(broker.validate());
-        }
+        let mut problems = Problems::new();
+        problems.extend(self.agent.validate());
+        problems.extend(self.broker.iter().flat_map(BrokerConfig::validate));
         problems.extend(self.store.validate());
-        if let Some(upstream) = &self.upstream {
-            problems.extend(upstream.validate());
-        }
+        problems.extend(self.upstream.iter().flat_map(UplinkConfig::validate));
         problems.extend(self.field.validate());
         if self.broker.is_none() && self.upstream.is_none() {
             let message = if self.field.buses.is_empty() {
@@ -234,9 +187,9 @@ impl Config {
             } else {
                 "the readings would go nowhere: configure a [broker], an [upstream] or both"
             };
-            problems.push(Invalid::new("", message));
+            problems.at("").report("", message);
         }
-        problems
+        problems.into_vec()
     }
 }
 
@@ -312,40 +265,32 @@ pub fn load(path: &Path) -> Result<Config, Error> {
 /// # Errors
 /// [`Error::Invalid`] with every problem found, each with its position.
 pub fn parse(file: &str, text: &str) -> Result<Config, Error> {
-    let doc = match toml_edit::ImDocument::parse(text) {
-        Ok(doc) => doc,
-        Err(err) => {
-            let at = err.span().map_or(0, |span| span.start);
-            let (line, column) = line_column(text, at);
-            return Err(Error::Invalid {
-                problems: vec![Problem {
-                    file: file.to_string(),
-                    line,
-                    column,
-                    key: String::new(),
-                    message: err.message().trim().to_string(),
-                }],
-            });
+    let at = |offset: usize, key: String, message: String| {
+        let (line, column) = line_column(text, offset);
+        Problem {
+            file: file.to_string(),
+            line,
+            column,
+            key,
+            message,
         }
     };
+    let doc = toml_edit::ImDocument::parse(text).map_err(|err| {
+        let offset = err.span().map_or(0, |span| span.start);
+        let problem = at(offset, String::new(), err.message().trim().to_string());
+        Error::Invalid {
+            problems: vec![problem],
+        }
+    })?;
     let entries = Entries::of(&doc);
-    let parsed: File = match toml::from_str(text) {
-        Ok(parsed) => parsed,
-        Err(err) => {
-            let span = err.span().unwrap_or(0..0);
-            let key = entries.key_at(&span).unwrap_or_default();
-            let (line, column) = line_column(text, span.start);
-            return Err(Error::Invalid {
-                problems: vec![Problem {
-                    file: file.to_string(),
-                    line,
-                    column,
-                    key,
-                    message: err.message().trim().to_string(),
-                }],
-            });
+    let parsed: File = toml::from_str(text).map_err(|err| {
+        let span = err.span().unwrap_or(0..0);
+        let key = entries.key_at(&span).unwrap_or_default();
+        let problem = at(span.start, key, err.message().trim().to_string());
+        Error::Invalid {
+            problems: vec![problem],
         }
-    };
+    })?;
     let config = Config {
         agent: parsed.agent,
         broker: parsed.broker,
@@ -364,15 +309,11 @@ pub fn parse(file: &str, text: &str) -> Result<Config, Error> {
     let problems = invalid
         .into_iter()
         .map(|problem| {
-            let at = entries.offset_of(&problem.key);
-            let (line, column) = line_column(text, at);
-            Problem {
-                file: file.to_string(),
-                line,
-                column,
-                key: problem.key,
-                message: problem.message,
-            }
+            at(
+                entries.offset_of(&problem.key),
+                problem.key,
+                problem.message,
+            )
         })
         .collect();
     Err(Error::Invalid { problems })

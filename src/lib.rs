@@ -9,7 +9,8 @@
 //! | [`uplink`] | the upstream MQTT client: connection state machine, inflight window, reconnect, TLS |
 //! | [`store`] | the SQLite store-and-forward queue |
 //! | [`field`] | Modbus RTU/TCP and serial-line buses, read plans, decoding, scheduling |
-//! | [`config`] | the TOML schema, defaults and validation with precise errors |
+//! | [`problem`] | config problems with key paths and the collector validators write rules into (a leaf) |
+//! | [`config`] | composes the sections' schemas and validation; spans for `file:line:column` |
 //! | [`agent`] | wiring, lifecycle, shutdown, reload, systemd notify |
 //! | [`clock`] | the wall clock (ms since the epoch), one copy for every module |
 //!
@@ -22,5 +23,6 @@ pub mod clock;
 pub mod config;
 pub mod field;
 pub mod mqtt;
+pub mod problem;
 pub mod store;
 pub mod uplink;

@@ -10,7 +10,7 @@ use std::path::PathBuf;
 
 use serde::Deserialize;
 
-use crate::config::Invalid;
+use crate::problem::{Invalid, Problems, Scope};
 
 /// Settings of the built-in broker. Names follow mosquitto's where one exists.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
@@ -118,6 +118,54 @@ const MIN_PACKET_SIZE: u32 = 128;
 const MAX_PACKET_SIZE: u32 = 268_435_455 + 5;
 
 impl BrokerConfig {
+    /// The listeners: no address twice, TLS files named, and no LAN listener that
+    /// would refuse every client.
+    fn validate_listeners(&self, broker: &mut Scope<'_>) {
+        for (i, listener) in self.listeners.iter().enumerate() {
+            let mut at = broker.at(&format!("listeners[{i}]"));
+            let earlier = &self.listeners[..i];
+            at.check(
+                listener.bind.port() == 0 || !earlier.iter().any(|l| l.bind == listener.bind),
+                "bind",
+                format!("{} is listed twice", listener.bind),
+            );
+            if let Some(tls) = &listener.tls {
+                at.check(
+                    !tls.cert_file.as_os_str().is_empty(),
+                    "tls.cert_file",
+                    "a TLS listener needs a certificate file",
+                );
+                at.check(
+                    !tls.key_file.as_os_str().is_empty(),
+                    "tls.key_file",
+                    "a TLS listener needs a private key file",
+                );
+            }
+        }
+        broker.check(
+            !self.listeners.is_empty(),
+            "listeners",
+            "the broker needs at least one listener",
+        );
+        if self.allow_anonymous.is_none() && self.password_file.is_none() {
+            if let Some(i) = self
+                .listeners
+                .iter()
+                .position(|l| !l.bind.ip().is_loopback())
+            {
+                broker.report(
+                    &format!("listeners[{i}].bind"),
+                    format!(
+                        "{} is reachable from the network but no password_file is set, so \
+                         every client would be refused; set password_file, or \
+                         allow_anonymous = true to let anyone on the LAN in",
+                        self.listeners[i].bind
+                    ),
+                );
+            }
+        }
+    }
+
     /// Whether clients without credentials may connect (see `allow_anonymous`).
     pub fn anonymous_allowed(&self) -> bool {
         match self.allow_anonymous {
@@ -131,89 +179,32 @@ impl BrokerConfig {
 
     /// Semantic problems, with key paths below `broker.`.
     pub fn validate(&self) -> Vec<Invalid> {
-        let mut problems = Vec::new();
-        let mut seen = Vec::new();
-        for (i, listener) in self.listeners.iter().enumerate() {
-            let key = format!("broker.listeners[{i}]");
-            if listener.bind.port() != 0 && seen.contains(&listener.bind) {
-                problems.push(Invalid::new(
-                    format!("{key}.bind"),
-                    format!("{} is listed twice", listener.bind),
-                ));
-            }
-            seen.push(listener.bind);
-            if let Some(tls) = &listener.tls {
-                if tls.cert_file.as_os_str().is_empty() {
-                    problems.push(Invalid::new(
-                        format!("{key}.tls.cert_file"),
-                        "a TLS listener needs a certificate file",
-                    ));
-                }
-                if tls.key_file.as_os_str().is_empty() {
-                    problems.push(Invalid::new(
-                        format!("{key}.tls.key_file"),
-                        "a TLS listener needs a private key file",
-                    ));
-                }
-            }
-        }
-        if self.listeners.is_empty() {
-            problems.push(Invalid::new(
-                "broker.listeners",
-                "the broker needs at least one listener",
-            ));
-        }
-        if self.allow_anonymous.is_none() && self.password_file.is_none() {
-            if let Some(i) = self
-                .listeners
-                .iter()
-                .position(|l| !l.bind.ip().is_loopback())
-            {
-                problems.push(Invalid::new(
-                    format!("broker.listeners[{i}].bind"),
-                    format!(
-                        "{} is reachable from the network but no password_file is set, so \
-                         every client would be refused; set password_file, or \
-                         allow_anonymous = true to let anyone on the LAN in",
-                        self.listeners[i].bind
-                    ),
-                ));
-            }
-        }
-        if self.max_connections == 0 {
-            problems.push(Invalid::new("broker.max_connections", "must be at least 1"));
-        }
-        if !(MIN_PACKET_SIZE..=MAX_PACKET_SIZE).contains(&self.max_packet_size) {
-            problems.push(Invalid::new(
-                "broker.max_packet_size",
-                format!("must be between {MIN_PACKET_SIZE} and {MAX_PACKET_SIZE} bytes"),
-            ));
-        }
-        if self.max_subscriptions_per_client == 0 {
-            problems.push(Invalid::new(
-                "broker.max_subscriptions_per_client",
-                "must be at least 1",
-            ));
-        }
-        if self.max_inflight_messages == 0 {
-            problems.push(Invalid::new(
-                "broker.max_inflight_messages",
-                "must be at least 1",
-            ));
-        }
-        if self.connect_timeout_secs == 0 {
-            problems.push(Invalid::new(
-                "broker.connect_timeout_secs",
-                "must be at least 1 second",
-            ));
-        }
-        if self.max_keep_alive == Some(0) {
-            problems.push(Invalid::new(
-                "broker.max_keep_alive",
-                "must be at least 1 second (leave it unset for no limit)",
-            ));
-        }
-        problems
+        let mut problems = Problems::new();
+        let mut broker = problems.at("broker");
+        self.validate_listeners(&mut broker);
+        broker.at_least("max_connections", self.max_connections, 1);
+        broker.check(
+            (MIN_PACKET_SIZE..=MAX_PACKET_SIZE).contains(&self.max_packet_size),
+            "max_packet_size",
+            format!("must be between {MIN_PACKET_SIZE} and {MAX_PACKET_SIZE} bytes"),
+        );
+        broker.at_least(
+            "max_subscriptions_per_client",
+            self.max_subscriptions_per_client,
+            1,
+        );
+        broker.at_least("max_inflight_messages", self.max_inflight_messages, 1);
+        broker.check(
+            self.connect_timeout_secs >= 1,
+            "connect_timeout_secs",
+            "must be at least 1 second",
+        );
+        broker.check(
+            self.max_keep_alive != Some(0),
+            "max_keep_alive",
+            "must be at least 1 second (leave it unset for no limit)",
+        );
+        problems.into_vec()
     }
 }
 

@@ -37,6 +37,7 @@ pub mod schedule;
 mod bus;
 mod lines;
 mod link;
+mod validate;
 
 use std::fmt::Write as _;
 

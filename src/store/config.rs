@@ -10,7 +10,7 @@ use std::path::PathBuf;
 
 use serde::Deserialize;
 
-use crate::config::Invalid;
+use crate::problem::{Invalid, Problems};
 
 /// How hard SQLite pushes each commit to the storage medium.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
@@ -104,46 +104,36 @@ impl Default for StoreConfig {
 impl StoreConfig {
     /// Semantic problems, with key paths under `store.`.
     pub fn validate(&self) -> Vec<Invalid> {
-        let mut problems = Vec::new();
-        if self.path.as_os_str().is_empty() {
-            problems.push(Invalid::new("store.path", "must name a database file"));
-        }
-        if !(1..=60_000).contains(&self.commit_interval_ms) {
-            problems.push(Invalid::new(
-                "store.commit_interval_ms",
-                "must be between 1 and 60000 milliseconds",
-            ));
-        }
-        if !(1..=1_000_000).contains(&self.commit_max_rows) {
-            problems.push(Invalid::new(
-                "store.commit_max_rows",
-                "must be between 1 and 1000000",
-            ));
-        }
-        if self.flow_commit_ms > 1000 {
-            problems.push(Invalid::new(
-                "store.flow_commit_ms",
-                "must be between 0 and 1000 milliseconds",
-            ));
-        }
-        if self.max_bytes < 64 * 1024 {
-            problems.push(Invalid::new(
-                "store.max_bytes",
-                "must be at least 65536 (64 KiB)",
-            ));
-        }
-        if self.max_rows == 0 {
-            problems.push(Invalid::new("store.max_rows", "must be at least 1"));
-        }
-        if self.max_age_secs == 0 {
-            problems.push(Invalid::new("store.max_age_secs", "must be at least 1"));
-        }
-        if self.memory_buffer_rows == 0 {
-            problems.push(Invalid::new(
-                "store.memory_buffer_rows",
-                "must be at least 1",
-            ));
-        }
-        problems
+        let mut problems = Problems::new();
+        let mut store = problems.at("store");
+        store.check(
+            !self.path.as_os_str().is_empty(),
+            "path",
+            "must name a database file",
+        );
+        store.check(
+            (1..=60_000).contains(&self.commit_interval_ms),
+            "commit_interval_ms",
+            "must be between 1 and 60000 milliseconds",
+        );
+        store.check(
+            (1..=1_000_000).contains(&self.commit_max_rows),
+            "commit_max_rows",
+            "must be between 1 and 1000000",
+        );
+        store.check(
+            self.flow_commit_ms <= 1000,
+            "flow_commit_ms",
+            "must be between 0 and 1000 milliseconds",
+        );
+        store.check(
+            self.max_bytes >= 64 * 1024,
+            "max_bytes",
+            "must be at least 65536 (64 KiB)",
+        );
+        store.at_least("max_rows", self.max_rows, 1);
+        store.at_least("max_age_secs", self.max_age_secs, 1);
+        store.at_least("memory_buffer_rows", self.memory_buffer_rows, 1);
+        problems.into_vec()
     }
 }

@@ -13,8 +13,8 @@ use std::path::PathBuf;
 use bytes::Bytes;
 use serde::Deserialize;
 
-use crate::config::Invalid;
 use crate::mqtt::{self, Protocol};
+use crate::problem::{Invalid, Problems, Scope};
 use crate::store::DrainOrder;
 
 use super::{state, Error};
@@ -124,6 +124,32 @@ impl TlsConfig {
     fn is_set(&self) -> bool {
         *self != TlsConfig::default()
     }
+
+    /// The rules of `[upstream.tls]`, reported under `tls`.
+    fn validate(&self, tls: &mut Scope<'_>) {
+        if self.cert_file.is_some() != self.key_file.is_some() {
+            let missing = if self.cert_file.is_some() {
+                "key_file"
+            } else {
+                "cert_file"
+            };
+            tls.report(missing, "mutual TLS needs both cert_file and key_file");
+        }
+        if let Some(name) = &self.server_name {
+            tls.check(
+                rustls::pki_types::ServerName::try_from(name.as_str()).is_ok(),
+                "server_name",
+                format!("{name:?} is neither a DNS name nor an IP address"),
+            );
+        }
+        for (i, proto) in self.alpn.iter().enumerate() {
+            tls.check(
+                (1..=255).contains(&proto.len()),
+                &format!("alpn[{i}]"),
+                "an ALPN protocol name has 1 to 255 bytes",
+            );
+        }
+    }
 }
 
 /// The protocol version as written in the config file.
@@ -206,126 +232,104 @@ impl UplinkConfig {
 
     /// Every semantic problem of the section, with key paths under `upstream.`.
     pub fn validate(&self) -> Vec<Invalid> {
-        let mut problems = Vec::new();
-        let mut bad = |key: &str, message: String| {
-            problems.push(Invalid::new(format!("upstream.{key}"), message));
-        };
+        let mut problems = Problems::new();
+        let mut up = problems.at("upstream");
+        self.validate_identity(&mut up);
+        self.tls.validate(&mut up.at("tls"));
+        self.validate_limits(&mut up);
+        self.validate_topics(&mut up);
+        problems.into_vec()
+    }
+
+    /// Where to connect and as whom: URL, client id, user name and password source.
+    fn validate_identity(&self, up: &mut Scope<'_>) {
         match BrokerUrl::parse(&self.url) {
             Ok(url) => {
-                if !url.tls && self.tls.is_set() {
-                    bad(
-                        "tls",
-                        "TLS settings are given but the URL starts with mqtt://; use mqtts:// \
-                         to connect with TLS"
-                            .to_owned(),
-                    );
-                }
+                up.check(
+                    url.tls || !self.tls.is_set(),
+                    "tls",
+                    "TLS settings are given but the URL starts with mqtt://; use mqtts:// \
+                     to connect with TLS",
+                );
             }
-            Err(reason) => bad("url", reason),
+            Err(reason) => up.report("url", reason),
         }
         if let Some(id) = &self.client_id {
-            if id.is_empty() {
-                bad(
+            let named = up.check(
+                !id.is_empty(),
+                "client_id",
+                "must not be empty: the persistent session needs a stable name",
+            );
+            if named {
+                up.check(
+                    id.len() <= usize::from(u16::MAX),
                     "client_id",
-                    "must not be empty: the persistent session needs a stable name".to_owned(),
+                    "is longer than 65535 bytes",
                 );
-            } else if id.len() > usize::from(u16::MAX) {
-                bad("client_id", "is longer than 65535 bytes".to_owned());
             }
         }
-        if self.password_file.is_some() && self.password_env.is_some() {
-            bad(
-                "password_env",
-                "set either password_file or password_env, not both".to_owned(),
-            );
-        }
+        up.check(
+            self.password_file.is_none() || self.password_env.is_none(),
+            "password_env",
+            "set either password_file or password_env, not both",
+        );
         let has_password = self.password_file.is_some() || self.password_env.is_some();
-        if has_password && self.username.is_none() && self.protocol == ProtocolVersion::V311 {
-            bad(
-                "username",
-                "MQTT 3.1.1 sends a password only together with a user name".to_owned(),
-            );
-        }
+        up.check(
+            !has_password || self.username.is_some() || self.protocol != ProtocolVersion::V311,
+            "username",
+            "MQTT 3.1.1 sends a password only together with a user name",
+        );
         if let Some(name) = &self.password_env {
-            if name.is_empty() || name.contains('=') || name.contains('\0') {
-                bad(
-                    "password_env",
-                    format!("{name:?} is not an environment variable name"),
-                );
-            }
-        }
-        if self.tls.cert_file.is_some() != self.tls.key_file.is_some() {
-            let key = if self.tls.cert_file.is_some() {
-                "tls.key_file"
-            } else {
-                "tls.cert_file"
-            };
-            bad(
-                key,
-                "mutual TLS needs both cert_file and key_file".to_owned(),
+            up.check(
+                !(name.is_empty() || name.contains('=') || name.contains('\0')),
+                "password_env",
+                format!("{name:?} is not an environment variable name"),
             );
         }
-        if let Some(name) = &self.tls.server_name {
-            if rustls::pki_types::ServerName::try_from(name.as_str()).is_err() {
-                bad(
-                    "tls.server_name",
-                    format!("{name:?} is neither a DNS name nor an IP address"),
-                );
-            }
-        }
-        for (i, proto) in self.tls.alpn.iter().enumerate() {
-            if proto.is_empty() || proto.len() > 255 {
-                bad(
-                    &format!("tls.alpn[{i}]"),
-                    "an ALPN protocol name has 1 to 255 bytes".to_owned(),
-                );
-            }
-        }
-        if self.keep_alive_secs == 0 {
-            bad(
-                "keep_alive_secs",
-                "must be at least 1: without keepalive a half-open connection goes unnoticed"
-                    .to_owned(),
-            );
-        }
-        if self.connect_timeout_secs == 0 {
-            bad("connect_timeout_secs", "must be at least 1".to_owned());
-        }
-        if self.inflight == 0 || self.inflight > state::MAX_WINDOW {
-            bad(
-                "inflight",
-                format!("must be between 1 and {}", state::MAX_WINDOW),
-            );
-        }
-        if self.backoff_min_ms == 0 {
-            bad(
-                "backoff_min_ms",
-                "must be at least 1 so a failing broker is not hammered".to_owned(),
-            );
-        }
-        if self.backoff_max_ms < self.backoff_min_ms {
-            bad(
-                "backoff_max_ms",
-                format!("must not be below backoff_min_ms ({})", self.backoff_min_ms),
-            );
-        }
-        if self.replay_rate_limit == Some(0) {
-            bad(
-                "replay_rate_limit",
-                "must be at least 1 message per second, or left out for no limit".to_owned(),
-            );
-        }
+    }
+
+    /// Timers, the inflight window, backoff and the replay rate.
+    fn validate_limits(&self, up: &mut Scope<'_>) {
+        up.check(
+            self.keep_alive_secs >= 1,
+            "keep_alive_secs",
+            "must be at least 1: without keepalive a half-open connection goes unnoticed",
+        );
+        up.at_least("connect_timeout_secs", self.connect_timeout_secs, 1);
+        up.check(
+            (1..=state::MAX_WINDOW).contains(&self.inflight),
+            "inflight",
+            format!("must be between 1 and {}", state::MAX_WINDOW),
+        );
+        up.check(
+            self.backoff_min_ms >= 1,
+            "backoff_min_ms",
+            "must be at least 1 so a failing broker is not hammered",
+        );
+        up.check(
+            self.backoff_max_ms >= self.backoff_min_ms,
+            "backoff_max_ms",
+            format!("must not be below backoff_min_ms ({})", self.backoff_min_ms),
+        );
+        up.check(
+            self.replay_rate_limit != Some(0),
+            "replay_rate_limit",
+            "must be at least 1 message per second, or left out for no limit",
+        );
+    }
+
+    /// The status topic and the subscriptions.
+    fn validate_topics(&self, up: &mut Scope<'_>) {
         if let Some(topic) = &self.status_topic {
             if let Err(e) = mqtt::topic::validate_topic_name(topic) {
-                bad("status_topic", e.to_string());
+                up.report("status_topic", e.to_string());
             }
         }
         for (i, filter) in self.subscribe.iter().enumerate() {
             if let Err(e) = mqtt::topic::validate_topic_filter(filter) {
-                bad(&format!("subscribe[{i}]"), e.to_string());
+                up.report(&format!("subscribe[{i}]"), e.to_string());
             }
         }
-        problems
     }
 
     /// The client identifier: the configured one or `fieldbridge-<hostname>`.
