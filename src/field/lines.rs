@@ -19,12 +19,13 @@ use tokio::sync::mpsc::Sender;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use super::bus::{device_runs, next_due, send_all, DeviceRun, ResolvedBus, ResolvedDevice};
 use super::config::{Checksum, LineMode};
 use super::decode::{Codec, DataType};
 use super::link::{open_serial, ReadError};
 use super::reading::{FieldEvent, Quality, Reading, Value};
+use super::resolve::{ResolvedBus, ResolvedDevice};
 use super::schedule::Outcome;
+use super::task::{device_runs, next_due, send_all, DeviceRun};
 use crate::clock::now_ms;
 
 /// Splits bytes into lines of at most `max` bytes (without the `\r\n`/`\n`).
@@ -413,7 +414,7 @@ async fn run_stream(
                 }
             },
             Err(e) => {
-                let quality = super::bus::quality_of(&e);
+                let quality = e.quality();
                 let outcome = if quality == Quality::Disconnected {
                     Outcome::BusDown
                 } else {
@@ -493,11 +494,7 @@ async fn poll_line_device(
                     attempt += 1;
                     continue;
                 }
-                return (
-                    all_bad(spec, super::bus::quality_of(&e)),
-                    Outcome::Failed,
-                    Some(e),
-                );
+                return (all_bad(spec, e.quality()), Outcome::Failed, Some(e));
             }
         }
     }
@@ -604,7 +601,7 @@ mod tests {
         );
         let config: FieldConfig = toml::from_str(&text).unwrap();
         assert_eq!(config.validate(), vec![]);
-        super::super::bus::resolve_buses(&config)[0].devices[0].clone()
+        super::super::resolve::resolve_buses(&config)[0].devices[0].clone()
     }
 
     #[test]

@@ -32,6 +32,7 @@ use tokio_modbus::Slave;
 
 use super::config::{BusConfig, BusKind, Framing, Parity};
 use super::decode::RegisterKind;
+use super::reading::Quality;
 
 /// Why a block read produced no data.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -46,6 +47,19 @@ pub enum ReadError {
     Disconnected(String),
     #[error("answer does not match the request: {0}")]
     Protocol(String),
+}
+
+impl ReadError {
+    /// The quality a failed read gives its points.
+    pub fn quality(&self) -> Quality {
+        match self {
+            ReadError::Timeout => Quality::Timeout,
+            ReadError::Exception(c) => Quality::Exception(*c),
+            ReadError::Crc => Quality::Crc,
+            ReadError::Disconnected(_) => Quality::Disconnected,
+            ReadError::Protocol(_) => Quality::Protocol,
+        }
+    }
 }
 
 /// The data of one block.

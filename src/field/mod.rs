@@ -10,9 +10,14 @@
 //! | [`decode`] | register words → values: types, byte orders, scale/offset |
 //! | [`plan`] | read plans: coalescing points into the fewest requests, splitting on refusal |
 //! | [`schedule`] | poll grids, device health and quarantine, deadband/heartbeat (no I/O) |
+//! | `resolve` | the resolved model: buses, devices, points with profiles merged; counters |
+//! | `task` | the skeleton of every bus task: device runs, next due, poll hand-off, sending |
 //! | `link` | the Modbus connection: timeouts, exceptions vs faults, reconnect |
-//! | `bus` | the task of a Modbus bus; resolved devices; counters |
+//! | `modbus` | the poll loop of a Modbus bus: plan blocks, retries, splits, decoding |
 //! | `lines` | line splitting, NMEA checksums, regex/key=value parsing, stream and poll loops |
+//!
+//! Data flows one way: `resolve` ← `task` ← (`modbus`, `lines`). The skeleton knows no
+//! protocol and the resolved model knows no task.
 //! | [`probe`] | `fieldbridge probe` |
 //! | [`reading`] | readings, qualities, events, JSON payloads |
 //!
@@ -34,9 +39,11 @@ pub mod probe;
 pub mod reading;
 pub mod schedule;
 
-mod bus;
 mod lines;
 mod link;
+mod modbus;
+mod resolve;
+mod task;
 
 use std::fmt::Write as _;
 
@@ -44,11 +51,11 @@ use tokio::sync::mpsc::Sender;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-pub use bus::{ResolvedBus, StatsSnapshot};
 pub use config::{BusConfig, BusKind, DeviceConfig, FieldConfig, PointConfig, ProfileConfig};
 pub use decode::{ByteOrder, DataType, RegisterKind};
 pub use probe::{probe, ProbeTarget, ProbeTransport};
 pub use reading::{DeviceState, FieldEvent, Quality, Reading, Value};
+pub use resolve::{ResolvedBus, StatsSnapshot};
 
 /// Errors of the field layer.
 #[derive(Debug, thiserror::Error)]
@@ -71,7 +78,7 @@ pub fn resolve(config: &FieldConfig) -> Result<Vec<ResolvedBus>, Error> {
     if !problems.is_empty() {
         return Err(Error::Invalid(problems));
     }
-    Ok(bus::resolve_buses(config))
+    Ok(resolve::resolve_buses(config))
 }
 
 /// Spawns the task of one bus. It runs until `shutdown` is cancelled or `tx` is closed.
@@ -95,7 +102,7 @@ pub fn spawn_bus(
                         return;
                     };
                     let mut link = link::ModbusLink::new(endpoint, bus.config.inter_frame());
-                    bus::run_modbus(&bus, &mut link, &tx, &shutdown).await;
+                    modbus::run_modbus(&bus, &mut link, &tx, &shutdown).await;
                 }
             }
         },
@@ -123,7 +130,7 @@ pub fn spawn_buses(
 /// and the estimated bus time per poll at the configured baud (serial buses).
 pub fn describe_plans(config: &FieldConfig) -> String {
     let mut out = String::new();
-    for bus in bus::resolve_buses(config) {
+    for bus in resolve::resolve_buses(config) {
         let c = &bus.config;
         let _ = match c.kind {
             BusKind::Rtu => writeln!(
