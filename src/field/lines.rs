@@ -25,7 +25,7 @@ use super::link::{open_serial, ReadError};
 use super::reading::{FieldEvent, Quality, Reading, Value};
 use super::resolve::{ResolvedBus, ResolvedDevice};
 use super::schedule::Outcome;
-use super::task::{device_runs, next_due, send_all, DeviceRun};
+use super::task::{run_polls, send_all, DeviceRun, Polled, Poller};
 use crate::clock::now_ms;
 
 /// Splits bytes into lines of at most `max` bytes (without the `\r\n`/`\n`).
@@ -410,7 +410,12 @@ async fn run_stream(
                     port.count(None);
                     bus.stats.add_readings(readings.len());
                     deadline = Instant::now() + spec.timeout;
-                    run.finish_poll(readings, Outcome::Answered, None, now_ms())
+                    let polled = Polled {
+                        readings,
+                        outcome: Outcome::Answered,
+                        fault: None,
+                    };
+                    run.finish_poll(polled, now_ms())
                 }
             },
             Err(e) => {
@@ -421,7 +426,12 @@ async fn run_stream(
                     Outcome::Failed
                 };
                 deadline = Instant::now() + spec.timeout;
-                let events = run.finish_poll(all_bad(spec, quality), outcome, Some(&e), now_ms());
+                let polled = Polled {
+                    readings: all_bad(spec, quality),
+                    outcome,
+                    fault: Some(e),
+                };
+                let events = run.finish_poll(polled, now_ms());
                 if quality == Quality::Disconnected {
                     // Wait for the reopen backoff instead of spinning on the missing port.
                     let wait = port.next_open.max(Instant::now() + REOPEN_MIN);
@@ -444,14 +454,17 @@ async fn run_stream(
     }
 }
 
+/// Sends the device's request and reads one line as its answer, retrying a silent
+/// device up to its `retries`. A poll answer must carry every point: a point the line
+/// lacks is a parse error.
 async fn poll_line_device(
     port: &mut LinePort,
     spec: &ResolvedDevice,
     checksum: Checksum,
-) -> (Vec<(usize, Reading)>, Outcome, Option<ReadError>) {
+) -> Polled {
     let request = spec.request.as_deref().unwrap_or_default();
     let mut attempt = 0;
-    loop {
+    let (readings, outcome, fault) = loop {
         let result = async {
             port.send(request).await?;
             port.next_line(Instant::now() + spec.timeout).await
@@ -459,44 +472,53 @@ async fn poll_line_device(
         .await;
         port.bus.stats.add_request(result.is_err());
         match result {
-            Ok(Line::Text(text)) => {
-                return match parse_line(spec, checksum, &text, now_ms()) {
-                    Ok(mut readings) => {
-                        port.count(None);
-                        // A poll answer must carry every point: a missing one is a parse error.
-                        for i in 0..spec.points.len() {
-                            if !readings.iter().any(|(j, _)| *j == i) {
-                                readings.push((i, spec.reading(i, None, Quality::Parse, now_ms())));
-                            }
+            Ok(Line::Text(text)) => match parse_line(spec, checksum, &text, now_ms()) {
+                Ok(mut readings) => {
+                    port.count(None);
+                    for i in 0..spec.points.len() {
+                        if !readings.iter().any(|(j, _)| *j == i) {
+                            readings.push((i, spec.reading(i, None, Quality::Parse, now_ms())));
                         }
-                        readings.sort_by_key(|(i, _)| *i);
-                        (readings, Outcome::Answered, None)
                     }
-                    Err(why) => {
-                        port.count(Some((why, &text)));
-                        (all_bad(spec, Quality::Parse), Outcome::Answered, None)
-                    }
-                };
-            }
+                    readings.sort_by_key(|(i, _)| *i);
+                    break (readings, Outcome::Answered, None);
+                }
+                Err(why) => {
+                    port.count(Some((why, &text)));
+                    break (all_bad(spec, Quality::Parse), Outcome::Answered, None);
+                }
+            },
             Ok(Line::Garbage(why)) => {
                 port.count(Some((why, "")));
-                return (all_bad(spec, Quality::Parse), Outcome::Answered, None);
+                break (all_bad(spec, Quality::Parse), Outcome::Answered, None);
             }
-            Err(e @ ReadError::Disconnected(_)) => {
-                return (
-                    all_bad(spec, Quality::Disconnected),
-                    Outcome::BusDown,
-                    Some(e),
-                )
-            }
+            Err(e) if e.is_retryable() && attempt < spec.retries => attempt += 1,
             Err(e) => {
-                if attempt < spec.retries {
-                    attempt += 1;
-                    continue;
-                }
-                return (all_bad(spec, e.quality()), Outcome::Failed, Some(e));
+                let outcome = if e.quality() == Quality::Disconnected {
+                    Outcome::BusDown
+                } else {
+                    Outcome::Failed
+                };
+                break (all_bad(spec, e.quality()), outcome, Some(e));
             }
         }
+    };
+    Polled {
+        readings,
+        outcome,
+        fault,
+    }
+}
+
+/// The poll-mode way of polling a device: write its request, read one line.
+struct LinePoller<'a> {
+    port: &'a mut LinePort,
+    checksum: Checksum,
+}
+
+impl Poller for LinePoller<'_> {
+    async fn poll(&mut self, run: &mut DeviceRun) -> Polled {
+        poll_line_device(self.port, &run.spec, self.checksum).await
     }
 }
 
@@ -506,23 +528,8 @@ async fn run_poll(
     tx: &Sender<FieldEvent>,
     shutdown: &CancellationToken,
 ) {
-    let mut runs = device_runs(bus);
     let checksum = bus.config.checksum();
-    while let Some(i) = next_due(&runs, shutdown).await {
-        let started = now_ms();
-        let run = &mut runs[i];
-        let spec = run.spec.clone();
-        let (readings, outcome, fault) = tokio::select! {
-            biased;
-            _ = shutdown.cancelled() => return,
-            polled = poll_line_device(port, &spec, checksum) => polled,
-        };
-        bus.stats.add_readings(readings.len());
-        let events = run.finish_poll(readings, outcome, fault.as_ref(), started);
-        if !send_all(tx, shutdown, events).await {
-            return;
-        }
-    }
+    run_polls(bus, &mut LinePoller { port, checksum }, tx, shutdown).await;
 }
 
 #[cfg(test)]

@@ -28,7 +28,7 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::time::Instant;
 use tokio_modbus::client::{Context, Reader};
 use tokio_modbus::prelude::SlaveContext;
-use tokio_modbus::Slave;
+use tokio_modbus::{ExceptionCode, Slave};
 
 use super::config::{BusConfig, BusKind, Framing, Parity};
 use super::decode::RegisterKind;
@@ -39,8 +39,6 @@ use super::reading::Quality;
 pub enum ReadError {
     #[error("no answer within the timeout")]
     Timeout,
-    #[error("Modbus exception {0:#04x}")]
-    Exception(u8),
     #[error("corrupted answer (CRC or framing)")]
     Crc,
     #[error("disconnected: {0}")]
@@ -54,10 +52,19 @@ impl ReadError {
     pub fn quality(&self) -> Quality {
         match self {
             ReadError::Timeout => Quality::Timeout,
-            ReadError::Exception(c) => Quality::Exception(*c),
             ReadError::Crc => Quality::Crc,
             ReadError::Disconnected(_) => Quality::Disconnected,
             ReadError::Protocol(_) => Quality::Protocol,
+        }
+    }
+
+    /// A fault of one transaction on a link that stays up (no answer, a corrupted one, or
+    /// one for another request): worth retrying, and whatever arrives late belongs to the
+    /// failed transaction. A bus that is down is not retried: it is reopened lazily.
+    pub fn is_retryable(&self) -> bool {
+        match self {
+            ReadError::Timeout | ReadError::Crc | ReadError::Protocol(_) => true,
+            ReadError::Disconnected(_) => false,
         }
     }
 }
@@ -71,6 +78,10 @@ pub enum Words {
 
 /// What the scheduler needs from a bus connection. The production implementation is
 /// [`ModbusLink`]; the scheduler's paused-time tests drive an in-process device model.
+///
+/// As in tokio-modbus, a device's exception is an answer, not a fault: the outer `Result`
+/// is the transport (did an answer for this request arrive?), the inner one the device's
+/// verdict (the data, or the exception it answered instead).
 pub trait Link: Send {
     /// Reads `count` registers or bits of `kind` at `start` from `unit`.
     fn read(
@@ -80,7 +91,7 @@ pub trait Link: Send {
         start: u16,
         count: u16,
         timeout: Duration,
-    ) -> impl Future<Output = Result<Words, ReadError>> + Send;
+    ) -> impl Future<Output = Result<Result<Words, ExceptionCode>, ReadError>> + Send;
 }
 
 /// Where and how to connect.
@@ -394,7 +405,7 @@ impl Link for ModbusLink {
         start: u16,
         count: u16,
         timeout: Duration,
-    ) -> Result<Words, ReadError> {
+    ) -> Result<Result<Words, ExceptionCode>, ReadError> {
         self.connect().await?;
         let rtu = self.endpoint.rtu_framed();
         if rtu {
@@ -431,14 +442,14 @@ impl Link for ModbusLink {
                     Words::Bits(b) => (b.len(), b.len() >= usize::from(count)),
                 };
                 if ok {
-                    Ok(words)
+                    Ok(Ok(words))
                 } else {
                     Err(ReadError::Protocol(format!(
                         "{got} values for a request of {count}"
                     )))
                 }
             }
-            Ok(Ok(Err(code))) => Err(ReadError::Exception(u8::from(code))),
+            Ok(Ok(Err(code))) => Ok(Err(code)),
             Ok(Err(tokio_modbus::Error::Protocol(e))) => {
                 if !rtu {
                     self.drop_connection("answer out of step with the request");
@@ -456,12 +467,7 @@ impl Link for ModbusLink {
                 }
             }
         };
-        if rtu
-            && matches!(
-                result,
-                Err(ReadError::Timeout | ReadError::Crc | ReadError::Protocol(_))
-            )
-        {
+        if rtu && matches!(&result, Err(e) if e.is_retryable()) {
             // Whatever arrives late belongs to this failed transaction, not the next.
             self.wire.flush.store(true, Ordering::Relaxed);
         }

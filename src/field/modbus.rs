@@ -11,56 +11,50 @@
 //!   get its quality. A bus that is down ends it at once.
 
 use tokio::sync::mpsc::Sender;
+use tokio_modbus::ExceptionCode;
 use tokio_util::sync::CancellationToken;
 
-use super::decode::DecodeError;
+use super::decode::{DecodeError, RegisterKind};
 use super::link::{Link, ReadError, Words};
 use super::reading::{FieldEvent, Quality, Reading, Value};
 use super::resolve::{BusStats, ResolvedBus, ResolvedDevice};
 use super::schedule::Outcome;
-use super::task::{device_runs, next_due, send_all, DeviceRun};
+use super::task::{run_polls, DeviceRun, Polled, Poller};
 use crate::clock::now_ms;
 
 /// Exceptions after which a joined block is split: the device may not implement a
 /// register in a gap (02), or refuse the length (03), or fail on one register (04).
-fn splittable(code: u8) -> bool {
-    matches!(code, 0x02..=0x04)
+/// (Compared as numbers: tokio-modbus may carry a known code as `Custom`.)
+fn splittable(code: ExceptionCode) -> bool {
+    matches!(u8::from(code), 0x02..=0x04)
 }
 
-/// Reads one block, retrying timeouts and corrupted answers.
+/// Reads one block, retrying the faults that are worth retrying. Every request counts;
+/// a request failed if it got no usable answer (an exception is an answer).
 async fn read_with_retries<L: Link>(
     link: &mut L,
     stats: &BusStats,
     dev: &ResolvedDevice,
-    kind: super::decode::RegisterKind,
+    kind: RegisterKind,
     start: u16,
     count: u16,
-) -> Result<Words, ReadError> {
+) -> Result<Result<Words, ExceptionCode>, ReadError> {
     let mut attempt = 0;
     loop {
         let result = link
             .read(dev.unit_id, kind, start, count, dev.timeout)
             .await;
-        let retryable = matches!(
-            result,
-            Err(ReadError::Timeout | ReadError::Crc | ReadError::Protocol(_))
-        );
-        stats.add_request(matches!(&result, Err(e) if !matches!(e, ReadError::Exception(_))));
-        if retryable && attempt < dev.retries {
-            attempt += 1;
-            continue;
+        stats.add_request(result.is_err());
+        match result {
+            Err(e) if e.is_retryable() && attempt < dev.retries => attempt += 1,
+            result => return result,
         }
-        return result;
     }
 }
 
 /// Polls one Modbus device through its plan. Returns one reading per point, the outcome
 /// and the fault that ended the poll, if any.
-pub(crate) async fn poll_modbus<L: Link>(
-    link: &mut L,
-    stats: &BusStats,
-    run: &mut DeviceRun,
-) -> (Vec<(usize, Reading)>, Outcome, Option<ReadError>) {
+async fn poll_modbus<L: Link>(link: &mut L, stats: &BusStats, run: &mut DeviceRun) -> Polled {
     let n = run.spec.points.len();
     let mut results: Vec<Option<(Option<Value>, Quality, i64)>> = vec![None; n];
     let mut answered = false;
@@ -74,7 +68,7 @@ pub(crate) async fn poll_modbus<L: Link>(
         let result = read_with_retries(link, stats, &run.spec, kind, start, count).await;
         let ts = now_ms();
         match result {
-            Ok(words) => {
+            Ok(Ok(words)) => {
                 answered = true;
                 let block = &run.plan.blocks[i];
                 for &p in &block.points {
@@ -97,7 +91,7 @@ pub(crate) async fn poll_modbus<L: Link>(
                     });
                 }
             }
-            Err(ReadError::Exception(code)) => {
+            Ok(Err(code)) => {
                 answered = true;
                 if splittable(code) && run.plan.split(i, &run.spans) {
                     tracing::info!(
@@ -105,13 +99,13 @@ pub(crate) async fn poll_modbus<L: Link>(
                         function = kind.function_code(),
                         start,
                         count,
-                        exception = code,
+                        exception = u8::from(code),
                         "device refused a joined request; reading it in two parts from now on"
                     );
                     continue;
                 }
                 for &p in &run.plan.blocks[i].points {
-                    results[p] = Some((None, Quality::Exception(code), ts));
+                    results[p] = Some((None, Quality::Exception(u8::from(code)), ts));
                 }
             }
             Err(e) => {
@@ -134,13 +128,28 @@ pub(crate) async fn poll_modbus<L: Link>(
             (p, run.spec.reading(p, value, quality, ts))
         })
         .collect();
-    stats.add_readings(readings.len());
     let outcome = match (&fault, answered) {
         (_, true) => Outcome::Answered,
         (Some(ReadError::Disconnected(_)), false) => Outcome::BusDown,
         _ => Outcome::Failed,
     };
-    (readings, outcome, fault)
+    Polled {
+        readings,
+        outcome,
+        fault,
+    }
+}
+
+/// The Modbus way of polling a device: through its read plan, on the bus's link.
+struct ModbusPoller<'a, L> {
+    link: &'a mut L,
+    stats: &'a BusStats,
+}
+
+impl<L: Link> Poller for ModbusPoller<'_, L> {
+    async fn poll(&mut self, run: &mut DeviceRun) -> Polled {
+        poll_modbus(self.link, self.stats, run).await
+    }
 }
 
 /// The loop of a Modbus bus: poll the device due first, forever, until shutdown.
@@ -150,21 +159,11 @@ pub(crate) async fn run_modbus<L: Link>(
     tx: &Sender<FieldEvent>,
     shutdown: &CancellationToken,
 ) {
-    let mut runs = device_runs(bus);
-    while let Some(i) = next_due(&runs, shutdown).await {
-        let started = now_ms();
-        let run = &mut runs[i];
-        let polled = tokio::select! {
-            biased;
-            _ = shutdown.cancelled() => return,
-            polled = poll_modbus(link, &bus.stats, run) => polled,
-        };
-        let (readings, outcome, fault) = polled;
-        let events = run.finish_poll(readings, outcome, fault.as_ref(), started);
-        if !send_all(tx, shutdown, events).await {
-            return;
-        }
-    }
+    let mut poller = ModbusPoller {
+        link,
+        stats: &bus.stats,
+    };
+    run_polls(bus, &mut poller, tx, shutdown).await;
 }
 
 #[cfg(test)]
@@ -201,7 +200,7 @@ mod tests {
             start: u16,
             count: u16,
             timeout: Duration,
-        ) -> Result<Words, ReadError> {
+        ) -> Result<Result<Words, ExceptionCode>, ReadError> {
             self.requests.lock().unwrap().push((unit, Instant::now()));
             let dead = self
                 .dead
@@ -216,7 +215,7 @@ mod tests {
             tokio::time::sleep(Duration::from_millis(5)).await;
             let regs = self.registers.lock().unwrap()[&unit].clone();
             let range = usize::from(start)..usize::from(start) + usize::from(count);
-            Ok(Words::Registers(regs[range].to_vec()))
+            Ok(Ok(Words::Registers(regs[range].to_vec())))
         }
     }
 

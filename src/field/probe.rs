@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use super::config::{Framing, Parity};
 use super::decode::{ByteOrder, Codec, DataType, RegisterKind};
-use super::link::{Endpoint, Link, ModbusLink, ReadError, Words};
+use super::link::{Endpoint, Link, ModbusLink, Words};
 use super::Error;
 
 /// Where and what to read.
@@ -98,11 +98,20 @@ pub async fn probe(target: &ProbeTarget) -> Result<String, Error> {
         }
     };
     let mut link = ModbusLink::new(endpoint.clone(), silence);
-    let words = link
-        .read(target.unit_id, target.kind, target.address, target.count, target.timeout)
-        .await
-        .map_err(|e| match e {
-            ReadError::Exception(code) => Error::Probe(format!(
+    let read = link
+        .read(
+            target.unit_id,
+            target.kind,
+            target.address,
+            target.count,
+            target.timeout,
+        )
+        .await;
+    let words = match read {
+        Ok(Ok(words)) => words,
+        Ok(Err(code)) => {
+            let code = u8::from(code);
+            return Err(Error::Probe(format!(
                 "unit {} answered exception {code:#04x} for {} {}..={} (0-based protocol addresses; {} in 1-based notation){}",
                 target.unit_id,
                 target.kind.name(),
@@ -110,9 +119,10 @@ pub async fn probe(target: &ProbeTarget) -> Result<String, Error> {
                 u32::from(target.address) + u32::from(target.count) - 1,
                 target.kind.modicon(target.address),
                 if code == 2 { ": illegal data address — if the manual says 4xxxx/3xxxx, subtract 40001/30001" } else { "" }
-            )),
-            other => Error::Probe(format!("{endpoint}: {other}")),
-        })?;
+            )));
+        }
+        Err(other) => return Err(Error::Probe(format!("{endpoint}: {other}"))),
+    };
     Ok(render(target, &words))
 }
 

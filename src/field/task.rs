@@ -9,6 +9,11 @@
 //!   the reason); the point's filter then decides whether it is published.
 //! - A device state event is sent, and logged, only when the state changes.
 //! - Sending into the bounded channel waits (backpressure) but never outlives shutdown.
+//! - The skeleton knows no protocol: a loop plugs in a [`Poller`], and the skeleton does
+//!   the rest (waiting for the device due first, counting readings, filtering, health,
+//!   rescheduling, sending, stopping at shutdown).
+
+use std::future::Future;
 
 use tokio::sync::mpsc::Sender;
 use tokio::time::Instant;
@@ -19,6 +24,49 @@ use super::plan::{PointSpan, ReadPlan};
 use super::reading::{batch_json, DeviceState, FieldEvent, Reading};
 use super::resolve::{ResolvedBus, ResolvedDevice};
 use super::schedule::{Health, Outcome, PointFilter, Slot};
+use crate::clock::now_ms;
+
+/// What one poll of one device gave.
+#[derive(Debug)]
+pub(crate) struct Polled {
+    /// `(point index, reading)`; a lines device may yield only some points.
+    pub readings: Vec<(usize, Reading)>,
+    pub outcome: Outcome,
+    /// The fault that ended the poll, if any (logged with a state change).
+    pub fault: Option<ReadError>,
+}
+
+/// One protocol's way of polling one device, plugged into [`run_polls`].
+pub(crate) trait Poller: Send {
+    /// Polls the device of `run` once. May change the run's plan (a split), never its
+    /// schedule or health: those are the skeleton's.
+    fn poll(&mut self, run: &mut DeviceRun) -> impl Future<Output = Polled> + Send;
+}
+
+/// The loop of a polled bus: poll the device due first, forever, until shutdown or until
+/// the receiver is gone. A poll in progress is abandoned at shutdown.
+pub(crate) async fn run_polls<P: Poller>(
+    bus: &ResolvedBus,
+    poller: &mut P,
+    tx: &Sender<FieldEvent>,
+    shutdown: &CancellationToken,
+) {
+    let mut runs = device_runs(bus);
+    while let Some(i) = next_due(&runs, shutdown).await {
+        let started = now_ms();
+        let run = &mut runs[i];
+        let polled = tokio::select! {
+            biased;
+            _ = shutdown.cancelled() => return,
+            polled = poller.poll(run) => polled,
+        };
+        bus.stats.add_readings(polled.readings.len());
+        let events = run.finish_poll(polled, started);
+        if !send_all(tx, shutdown, events).await {
+            return;
+        }
+    }
+}
 
 /// Per-device state inside a running bus task.
 pub(crate) struct DeviceRun {
@@ -28,8 +76,6 @@ pub(crate) struct DeviceRun {
     pub slot: Slot,
     pub health: Health,
     pub filters: Vec<PointFilter>,
-    /// The last fault, for one log line per change.
-    pub last_fault: Option<String>,
 }
 
 impl DeviceRun {
@@ -44,22 +90,18 @@ impl DeviceRun {
                 .iter()
                 .map(|p| PointFilter::new(p.band, p.heartbeat, spec.interval))
                 .collect(),
-            last_fault: None,
             spec: spec.clone(),
         }
     }
 
     /// Records a poll's outcome, reschedules, and returns the events to send: published
     /// readings, the batch, and a state change.
-    ///
-    /// `readings` are `(point index, reading)`; a lines device may yield only some points.
-    pub fn finish_poll(
-        &mut self,
-        readings: Vec<(usize, Reading)>,
-        outcome: Outcome,
-        fault: Option<&ReadError>,
-        started_ms: i64,
-    ) -> Vec<FieldEvent> {
+    pub fn finish_poll(&mut self, polled: Polled, started_ms: i64) -> Vec<FieldEvent> {
+        let Polled {
+            readings,
+            outcome,
+            fault,
+        } = polled;
         let now = Instant::now();
         let mut events = Vec::with_capacity(readings.len() + 2);
         let batch = (self.spec.batch && !readings.is_empty()).then(|| {
@@ -79,7 +121,7 @@ impl DeviceRun {
             });
         }
         if let Some(state) = self.health.record(outcome) {
-            self.log_state(state, fault);
+            self.log_state(state, fault.as_ref());
             events.push(FieldEvent::DeviceState {
                 device: self.spec.name.clone(),
                 state,
@@ -89,7 +131,7 @@ impl DeviceRun {
         events
     }
 
-    fn log_state(&mut self, state: DeviceState, fault: Option<&ReadError>) {
+    fn log_state(&self, state: DeviceState, fault: Option<&ReadError>) {
         let device = self.spec.name.as_str();
         match state {
             DeviceState::Online => tracing::info!(device, "device online"),
@@ -106,7 +148,6 @@ impl DeviceRun {
                 "device quarantined; retrying with backoff"
             ),
         }
-        self.last_fault = fault.map(ToString::to_string);
     }
 }
 
@@ -137,7 +178,7 @@ pub(crate) async fn send_all(
 }
 
 /// The per-device state of every device of `bus`, on poll grids anchored now.
-pub(crate) fn device_runs(bus: &ResolvedBus) -> Vec<DeviceRun> {
+fn device_runs(bus: &ResolvedBus) -> Vec<DeviceRun> {
     let anchor = Instant::now();
     bus.devices
         .iter()
@@ -148,7 +189,7 @@ pub(crate) fn device_runs(bus: &ResolvedBus) -> Vec<DeviceRun> {
 /// Waits until the device due first is due and returns its index (ties go to the
 /// device listed first); `None` once shutdown is requested. A bus without devices just
 /// waits for shutdown.
-pub(crate) async fn next_due(runs: &[DeviceRun], shutdown: &CancellationToken) -> Option<usize> {
+async fn next_due(runs: &[DeviceRun], shutdown: &CancellationToken) -> Option<usize> {
     let Some(i) = (0..runs.len()).min_by_key(|&i| (runs[i].slot.next, i)) else {
         shutdown.cancelled().await;
         return None;
