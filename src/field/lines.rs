@@ -12,6 +12,7 @@
 //!   quality `timeout`, never its last value again.
 //! - A vanished port gives `disconnected` readings once and is reopened with backoff.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -21,7 +22,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::config::{Checksum, LineMode};
 use super::decode::{Codec, DataType};
-use super::link::{open_serial, ReadError};
+use super::link::{open_serial, same_cause, Chain, Disconnect, ReadError};
 use super::reading::{FieldEvent, Quality, Reading, Value};
 use super::resolve::{ResolvedBus, ResolvedDevice};
 use super::schedule::Outcome;
@@ -208,7 +209,8 @@ struct LinePort {
     pending: std::collections::VecDeque<Line>,
     next_open: Instant,
     wait: Duration,
-    last_error: Option<String>,
+    /// Why the port is closed, for one log line per change.
+    last_error: Option<Arc<Disconnect>>,
     /// Inside a run of garbage lines (for one log line per change).
     in_garbage: bool,
 }
@@ -240,7 +242,7 @@ impl LinePort {
             return Err(ReadError::Disconnected(
                 self.last_error
                     .clone()
-                    .unwrap_or_else(|| "reopening".into()),
+                    .unwrap_or_else(|| Arc::new(Disconnect::NotConnected)),
             ));
         }
         let c = &self.bus.config;
@@ -261,24 +263,28 @@ impl LinePort {
                 self.pending.clear();
                 Ok(())
             }
-            Err(e) => {
-                let msg = format!("serial port {}: {e}", self.path());
-                if self.last_error.as_deref() != Some(msg.as_str()) {
-                    tracing::warn!(bus = %c.name, error = %msg, "cannot open serial port; retrying with backoff");
+            Err(source) => {
+                let e = Arc::new(Disconnect::Serial {
+                    path: self.path().to_string(),
+                    source,
+                });
+                if !same_cause(self.last_error.as_deref(), &e) {
+                    tracing::warn!(bus = %c.name, error = %Chain(&*e), "cannot open serial port; retrying with backoff");
                 }
-                self.last_error = Some(msg.clone());
+                self.last_error = Some(Arc::clone(&e));
                 self.next_open = Instant::now() + self.wait;
                 self.wait = (self.wait * 2).min(REOPEN_MAX);
-                Err(ReadError::Disconnected(msg))
+                Err(ReadError::Disconnected(e))
             }
         }
     }
 
-    fn lost(&mut self, why: String) -> ReadError {
+    fn lost(&mut self, why: Disconnect) -> ReadError {
         if self.port.take().is_some() {
-            tracing::warn!(bus = %self.bus.config.name, port = self.path(), error = %why, "serial port lost; reopening");
+            tracing::warn!(bus = %self.bus.config.name, port = self.path(), error = %Chain(&why), "serial port lost; reopening");
         }
-        self.last_error = Some(why.clone());
+        let why = Arc::new(why);
+        self.last_error = Some(Arc::clone(&why));
         self.next_open = Instant::now();
         ReadError::Disconnected(why)
     }
@@ -291,14 +297,14 @@ impl LinePort {
             }
             self.ensure_open()?;
             let Some(port) = self.port.as_mut() else {
-                return Err(ReadError::Disconnected("not open".into()));
+                return Err(ReadError::disconnected(Disconnect::NotConnected));
             };
             let mut buf = [0u8; 512];
             let n = match tokio::time::timeout_at(deadline, port.read(&mut buf)).await {
                 Err(_) => return Err(ReadError::Timeout),
-                Ok(Ok(0)) => return Err(self.lost("end of file".into())),
+                Ok(Ok(0)) => return Err(self.lost(Disconnect::Eof)),
                 Ok(Ok(n)) => n,
-                Ok(Err(e)) => return Err(self.lost(e.to_string())),
+                Ok(Err(e)) => return Err(self.lost(Disconnect::Io(e))),
             };
             let mut lines = Vec::new();
             self.splitter.push(&buf[..n], &mut lines);
@@ -311,18 +317,18 @@ impl LinePort {
         self.splitter.clear();
         self.pending.clear();
         let Some(port) = self.port.as_mut() else {
-            return Err(ReadError::Disconnected("not open".into()));
+            return Err(ReadError::disconnected(Disconnect::NotConnected));
         };
         if let Err(e) = tokio_serial::SerialPort::clear(port, tokio_serial::ClearBuffer::Input) {
-            return Err(self.lost(e.to_string()));
+            return Err(self.lost(Disconnect::Port(e)));
         }
         let port = self
             .port
             .as_mut()
-            .ok_or_else(|| ReadError::Disconnected("not open".into()))?;
+            .ok_or_else(|| ReadError::disconnected(Disconnect::NotConnected))?;
         match port.write_all(request.as_bytes()).await {
             Ok(()) => Ok(()),
-            Err(e) => Err(self.lost(e.to_string())),
+            Err(e) => Err(self.lost(Disconnect::Io(e))),
         }
     }
 

@@ -8,6 +8,8 @@
 use std::fmt::Write as _;
 use std::time::Duration;
 
+use tokio_modbus::ExceptionCode;
+
 use super::config::{Framing, Parity};
 use super::decode::{ByteOrder, Codec, DataType, RegisterKind};
 use super::link::{Endpoint, Link, ModbusLink, Words};
@@ -51,14 +53,16 @@ pub enum ProbeTransport {
 /// Reads the range and renders the report.
 ///
 /// # Errors
-/// [`Error::Probe`] if the device cannot be reached or refuses the read.
+/// [`Error::ProbeCount`] or [`Error::ProbeRange`] for a range that cannot be read,
+/// [`Error::ProbeRead`] if the device cannot be reached or does not answer,
+/// [`Error::ProbeException`] if it refuses the read.
 pub async fn probe(target: &ProbeTarget) -> Result<String, Error> {
     let limit = if target.kind.is_bit() { 2000 } else { 125 };
     if target.count == 0 || target.count > limit {
-        return Err(Error::Probe(format!("count must be 1..={limit}")));
+        return Err(Error::ProbeCount { limit });
     }
     if u32::from(target.address) + u32::from(target.count) - 1 > 65_535 {
-        return Err(Error::Probe("the range runs past address 65535".into()));
+        return Err(Error::ProbeRange);
     }
     let (endpoint, silence) = match &target.transport {
         ProbeTransport::Tcp {
@@ -110,20 +114,31 @@ pub async fn probe(target: &ProbeTarget) -> Result<String, Error> {
     let words = match read {
         Ok(Ok(words)) => words,
         Ok(Err(code)) => {
-            let code = u8::from(code);
-            return Err(Error::Probe(format!(
-                "unit {} answered exception {code:#04x} for {} {}..={} (0-based protocol addresses; {} in 1-based notation){}",
-                target.unit_id,
-                target.kind.name(),
-                target.address,
-                u32::from(target.address) + u32::from(target.count) - 1,
-                target.kind.modicon(target.address),
-                if code == 2 { ": illegal data address — if the manual says 4xxxx/3xxxx, subtract 40001/30001" } else { "" }
-            )));
+            return Err(Error::ProbeException {
+                unit: target.unit_id,
+                kind: target.kind,
+                address: target.address,
+                last: u32::from(target.address) + u32::from(target.count) - 1,
+                code,
+            })
         }
-        Err(other) => return Err(Error::Probe(format!("{endpoint}: {other}"))),
+        Err(source) => {
+            return Err(Error::ProbeRead {
+                endpoint: endpoint.to_string(),
+                source,
+            })
+        }
     };
     Ok(render(target, &words))
+}
+
+/// What to add to an exception's message: 02 is most often a 1-based address.
+pub(crate) fn exception_hint(code: ExceptionCode) -> &'static str {
+    if u8::from(code) == 2 {
+        ": illegal data address — if the manual says 4xxxx/3xxxx, subtract 40001/30001"
+    } else {
+        ""
+    }
 }
 
 /// The report for words already read (separate from I/O so it can be tested).

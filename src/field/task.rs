@@ -19,7 +19,7 @@ use tokio::sync::mpsc::Sender;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use super::link::ReadError;
+use super::link::{Chain, ReadError};
 use super::plan::{PointSpan, ReadPlan};
 use super::reading::{batch_json, DeviceState, FieldEvent, Reading};
 use super::resolve::{ResolvedBus, ResolvedDevice};
@@ -137,13 +137,13 @@ impl DeviceRun {
             DeviceState::Online => tracing::info!(device, "device online"),
             DeviceState::Offline => tracing::warn!(
                 device,
-                error = %fault.map(ToString::to_string).unwrap_or_default(),
+                error = %fault.map(|e| Chain(e).to_string()).unwrap_or_default(),
                 "device offline"
             ),
             DeviceState::Quarantined => tracing::warn!(
                 device,
                 failures = self.spec.quarantine_after,
-                error = %fault.map(ToString::to_string).unwrap_or_default(),
+                error = %fault.map(|e| Chain(e).to_string()).unwrap_or_default(),
                 retry_max_ms = self.spec.backoff_max.as_millis() as u64,
                 "device quarantined; retrying with backoff"
             ),
