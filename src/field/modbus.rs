@@ -52,11 +52,13 @@ async fn read_with_retries<L: Link>(
     }
 }
 
+/// What a poll learnt about one point: its value (if good), quality and time.
+type PointResult = (Option<Value>, Quality, i64);
+
 /// Polls one Modbus device through its plan. Returns one reading per point, the outcome
 /// and the fault that ended the poll, if any.
 async fn poll_modbus<L: Link>(link: &mut L, stats: &BusStats, run: &mut DeviceRun) -> Polled {
-    let n = run.spec.points.len();
-    let mut results: Vec<Option<(Option<Value>, Quality, i64)>> = vec![None; n];
+    let mut results: Vec<Option<PointResult>> = vec![None; run.spec.points.len()];
     let mut answered = false;
     let mut fault = None;
     let mut i = 0;
@@ -70,26 +72,7 @@ async fn poll_modbus<L: Link>(link: &mut L, stats: &BusStats, run: &mut DeviceRu
         match result {
             Ok(Ok(words)) => {
                 answered = true;
-                let block = &run.plan.blocks[i];
-                for &p in &block.points {
-                    let offset = block.offset_of(&run.spans[p]);
-                    let decoded = match &words {
-                        Words::Registers(regs) => run.spec.points[p]
-                            .codec
-                            .decode_registers(regs.get(offset..).unwrap_or_default()),
-                        Words::Bits(bits) => bits
-                            .get(offset)
-                            .map(|b| run.spec.points[p].codec.decode_bit(*b))
-                            .ok_or(DecodeError::Short {
-                                need: offset + 1,
-                                got: bits.len(),
-                            }),
-                    };
-                    results[p] = Some(match decoded {
-                        Ok(v) => (Some(v), Quality::Good, ts),
-                        Err(_) => (None, Quality::Parse, ts),
-                    });
-                }
+                decode_block(run, i, &words, ts, &mut results);
             }
             Ok(Err(code)) => {
                 answered = true;
@@ -115,6 +98,49 @@ async fn poll_modbus<L: Link>(link: &mut L, stats: &BusStats, run: &mut DeviceRu
         }
         i += 1;
     }
+    finish(run, results, answered, fault)
+}
+
+/// Decodes the points of block `i` from the words read for it.
+fn decode_block(
+    run: &DeviceRun,
+    i: usize,
+    words: &Words,
+    ts: i64,
+    results: &mut [Option<PointResult>],
+) {
+    let block = &run.plan.blocks[i];
+    for &p in &block.points {
+        let offset = block.offset_of(&run.spans[p]);
+        let codec = &run.spec.points[p].codec;
+        let decoded = match words {
+            Words::Registers(regs) => {
+                codec.decode_registers(regs.get(offset..).unwrap_or_default())
+            }
+            Words::Bits(bits) => {
+                bits.get(offset)
+                    .map(|b| codec.decode_bit(*b))
+                    .ok_or(DecodeError::Short {
+                        need: offset + 1,
+                        got: bits.len(),
+                    })
+            }
+        };
+        results[p] = Some(match decoded {
+            Ok(v) => (Some(v), Quality::Good, ts),
+            Err(_) => (None, Quality::Parse, ts),
+        });
+    }
+}
+
+/// One reading per point: what was read, or the quality of the fault that ended the
+/// poll for the points not reached.
+fn finish(
+    run: &DeviceRun,
+    results: Vec<Option<PointResult>>,
+    answered: bool,
+    fault: Option<ReadError>,
+) -> Polled {
     let fault_quality = fault
         .as_ref()
         .map(ReadError::quality)
@@ -190,6 +216,8 @@ mod tests {
         registers: Arc<Mutex<HashMap<u8, Vec<u16>>>>,
         dead: Arc<Mutex<HashMap<u8, Arc<AtomicBool>>>>,
         requests: Arc<Mutex<Vec<(u8, Instant)>>>,
+        /// Units that answer every read with this exception.
+        refuse: Arc<Mutex<HashMap<u8, ExceptionCode>>>,
     }
 
     impl Link for Model {
@@ -213,6 +241,9 @@ mod tests {
                 return Err(ReadError::Timeout);
             }
             tokio::time::sleep(Duration::from_millis(5)).await;
+            if let Some(code) = self.refuse.lock().unwrap().get(&unit) {
+                return Ok(Err(*code));
+            }
             let regs = self.registers.lock().unwrap()[&unit].clone();
             let range = usize::from(start)..usize::from(start) + usize::from(count);
             Ok(Ok(Words::Registers(regs[range].to_vec())))
@@ -405,5 +436,60 @@ mod tests {
             .await
             .unwrap()
             .unwrap();
+    }
+
+    /// An exception is the device's answer: its points get the exception as quality,
+    /// the device stays online, and no request counts as failed.
+    #[tokio::test(start_paused = true)]
+    async fn an_exception_is_a_reading_quality_not_a_fault() {
+        let config: FieldConfig = toml::from_str(
+            r#"
+            [[bus]]
+            name = "rs485"
+            kind = "rtu"
+            port = "/dev/null"
+            [[bus.device]]
+            name = "meter"
+            unit_id = 3
+            retries = 2
+            quarantine_after = 1
+            [[bus.device.point]]
+            name = "x"
+            kind = "holding"
+            address = 0
+            "#,
+        )
+        .unwrap();
+        let bus = crate::field::resolve(&config).unwrap().remove(0);
+        let model = Model::default();
+        model
+            .refuse
+            .lock()
+            .unwrap()
+            .insert(3, ExceptionCode::ServerDeviceFailure);
+        let (tx, mut rx) = tokio::sync::mpsc::channel(64);
+        let shutdown = CancellationToken::new();
+        let task = {
+            let (bus, mut link, shutdown) = (bus.clone(), model.clone(), shutdown.clone());
+            tokio::spawn(async move { run_modbus(&bus, &mut link, &tx, &shutdown).await })
+        };
+        let until = Instant::now() + Duration::from_millis(3500);
+        let (mut readings, mut states) = (vec![], vec![]);
+        while let Ok(Some(event)) = tokio::time::timeout_at(until, rx.recv()).await {
+            match event {
+                FieldEvent::Reading(r) => readings.push(r),
+                FieldEvent::DeviceState { state, .. } => states.push(state),
+                FieldEvent::Batch { .. } => {}
+            }
+        }
+        shutdown.cancel();
+        task.await.unwrap();
+        assert_eq!(states, [DeviceState::Online]);
+        assert_eq!(readings.len(), 4, "one poll per second, not retried");
+        assert!(readings
+            .iter()
+            .all(|r| r.quality == Quality::Exception(4) && r.value.is_none()));
+        let stats = bus.stats();
+        assert_eq!((stats.requests, stats.failed_requests), (4, 0));
     }
 }
