@@ -5,7 +5,15 @@
 //! - One request at a time (the link is owned by its bus task and takes `&mut self`).
 //! - On a serial line, at least the inter-frame silence passes between the end of one
 //!   transaction (answer or timeout) and the next request.
-//! - A Modbus exception is an answer, not a fault: the connection stays up.
+//! - A Modbus exception is an answer, not a fault: it is the inner `Err` of
+//!   `Result<Result<Words, ExceptionCode>, ReadError>` (tokio-modbus's shape), and the
+//!   connection stays up.
+//! - [`ReadError::is_retryable`] is the one list of faults worth retrying: those of one
+//!   transaction on a link that stays up (timeout, corrupted or mismatched answer). A
+//!   disconnection is never retried on the spot.
+//! - Errors keep their causes: `Disconnected` holds a [`Disconnect`] whose `source()` is
+//!   the io, serial or resolver error; each `Display` names only its own level, and log
+//!   lines print the whole chain ([`Chain`]).
 //! - An answer is used only if it has exactly the requested register count (bits: at
 //!   least the requested count, padded to bytes). After a failed RTU transaction, input
 //!   that is already waiting is dropped before the next request, since RTU frames carry
@@ -35,7 +43,7 @@ use super::decode::RegisterKind;
 use super::reading::Quality;
 
 /// Why a block read (or a line) produced no answer. Each error's `Display` names only its
-/// own level; the cause is its `source()` (render the whole chain with [`Chain`]).
+/// own level; the cause is its `source()` (log lines render the whole chain).
 #[derive(Debug, thiserror::Error)]
 pub enum ReadError {
     #[error("no answer within the timeout")]

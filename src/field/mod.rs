@@ -11,7 +11,7 @@
 //! | [`plan`] | read plans: coalescing points into the fewest requests, splitting on refusal |
 //! | [`schedule`] | poll grids, device health and quarantine, deadband/heartbeat (no I/O) |
 //! | `resolve` | the resolved model: buses, devices, points with profiles merged; counters |
-//! | `task` | the skeleton of every bus task: device runs, next due, poll hand-off, sending |
+//! | `task` | the skeleton of every bus task: device runs, next due, the `Poller` hand-off, sending |
 //! | `link` | the Modbus connection: timeouts, exceptions vs faults, reconnect |
 //! | `modbus` | the poll loop of a Modbus bus: plan blocks, retries, splits, decoding |
 //! | `lines` | line splitting, NMEA checksums, regex/key=value parsing, stream and poll loops |
