@@ -12,6 +12,7 @@
 //!   quality `timeout`, never its last value again.
 //! - A vanished port gives `disconnected` readings once and is reopened with backoff.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -19,12 +20,13 @@ use tokio::sync::mpsc::Sender;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use super::bus::{device_runs, next_due, send_all, DeviceRun, ResolvedBus, ResolvedDevice};
 use super::config::{Checksum, LineMode};
 use super::decode::{Codec, DataType};
-use super::link::{open_serial, ReadError};
+use super::link::{open_serial, same_cause, Chain, Disconnect, ReadError};
 use super::reading::{FieldEvent, Quality, Reading, Value};
+use super::resolve::{ResolvedBus, ResolvedDevice};
 use super::schedule::Outcome;
+use super::task::{run_polls, send_all, DeviceRun, Polled, Poller};
 use crate::clock::now_ms;
 
 /// Splits bytes into lines of at most `max` bytes (without the `\r\n`/`\n`).
@@ -207,7 +209,8 @@ struct LinePort {
     pending: std::collections::VecDeque<Line>,
     next_open: Instant,
     wait: Duration,
-    last_error: Option<String>,
+    /// Why the port is closed, for one log line per change.
+    last_error: Option<Arc<Disconnect>>,
     /// Inside a run of garbage lines (for one log line per change).
     in_garbage: bool,
 }
@@ -239,7 +242,7 @@ impl LinePort {
             return Err(ReadError::Disconnected(
                 self.last_error
                     .clone()
-                    .unwrap_or_else(|| "reopening".into()),
+                    .unwrap_or_else(|| Arc::new(Disconnect::NotConnected)),
             ));
         }
         let c = &self.bus.config;
@@ -260,24 +263,28 @@ impl LinePort {
                 self.pending.clear();
                 Ok(())
             }
-            Err(e) => {
-                let msg = format!("serial port {}: {e}", self.path());
-                if self.last_error.as_deref() != Some(msg.as_str()) {
-                    tracing::warn!(bus = %c.name, error = %msg, "cannot open serial port; retrying with backoff");
+            Err(source) => {
+                let e = Arc::new(Disconnect::Serial {
+                    path: self.path().to_string(),
+                    source,
+                });
+                if !same_cause(self.last_error.as_deref(), &e) {
+                    tracing::warn!(bus = %c.name, error = %Chain(&*e), "cannot open serial port; retrying with backoff");
                 }
-                self.last_error = Some(msg.clone());
+                self.last_error = Some(Arc::clone(&e));
                 self.next_open = Instant::now() + self.wait;
                 self.wait = (self.wait * 2).min(REOPEN_MAX);
-                Err(ReadError::Disconnected(msg))
+                Err(ReadError::Disconnected(e))
             }
         }
     }
 
-    fn lost(&mut self, why: String) -> ReadError {
+    fn lost(&mut self, why: Disconnect) -> ReadError {
         if self.port.take().is_some() {
-            tracing::warn!(bus = %self.bus.config.name, port = self.path(), error = %why, "serial port lost; reopening");
+            tracing::warn!(bus = %self.bus.config.name, port = self.path(), error = %Chain(&why), "serial port lost; reopening");
         }
-        self.last_error = Some(why.clone());
+        let why = Arc::new(why);
+        self.last_error = Some(Arc::clone(&why));
         self.next_open = Instant::now();
         ReadError::Disconnected(why)
     }
@@ -290,14 +297,14 @@ impl LinePort {
             }
             self.ensure_open()?;
             let Some(port) = self.port.as_mut() else {
-                return Err(ReadError::Disconnected("not open".into()));
+                return Err(ReadError::disconnected(Disconnect::NotConnected));
             };
             let mut buf = [0u8; 512];
             let n = match tokio::time::timeout_at(deadline, port.read(&mut buf)).await {
                 Err(_) => return Err(ReadError::Timeout),
-                Ok(Ok(0)) => return Err(self.lost("end of file".into())),
+                Ok(Ok(0)) => return Err(self.lost(Disconnect::Eof)),
                 Ok(Ok(n)) => n,
-                Ok(Err(e)) => return Err(self.lost(e.to_string())),
+                Ok(Err(e)) => return Err(self.lost(Disconnect::Io(e))),
             };
             let mut lines = Vec::new();
             self.splitter.push(&buf[..n], &mut lines);
@@ -310,18 +317,18 @@ impl LinePort {
         self.splitter.clear();
         self.pending.clear();
         let Some(port) = self.port.as_mut() else {
-            return Err(ReadError::Disconnected("not open".into()));
+            return Err(ReadError::disconnected(Disconnect::NotConnected));
         };
         if let Err(e) = tokio_serial::SerialPort::clear(port, tokio_serial::ClearBuffer::Input) {
-            return Err(self.lost(e.to_string()));
+            return Err(self.lost(Disconnect::Port(e)));
         }
         let port = self
             .port
             .as_mut()
-            .ok_or_else(|| ReadError::Disconnected("not open".into()))?;
+            .ok_or_else(|| ReadError::disconnected(Disconnect::NotConnected))?;
         match port.write_all(request.as_bytes()).await {
             Ok(()) => Ok(()),
-            Err(e) => Err(self.lost(e.to_string())),
+            Err(e) => Err(self.lost(Disconnect::Io(e))),
         }
     }
 
@@ -409,18 +416,28 @@ async fn run_stream(
                     port.count(None);
                     bus.stats.add_readings(readings.len());
                     deadline = Instant::now() + spec.timeout;
-                    run.finish_poll(readings, Outcome::Answered, None, now_ms())
+                    let polled = Polled {
+                        readings,
+                        outcome: Outcome::Answered,
+                        fault: None,
+                    };
+                    run.finish_poll(polled, now_ms())
                 }
             },
             Err(e) => {
-                let quality = super::bus::quality_of(&e);
+                let quality = e.quality();
                 let outcome = if quality == Quality::Disconnected {
                     Outcome::BusDown
                 } else {
                     Outcome::Failed
                 };
                 deadline = Instant::now() + spec.timeout;
-                let events = run.finish_poll(all_bad(spec, quality), outcome, Some(&e), now_ms());
+                let polled = Polled {
+                    readings: all_bad(spec, quality),
+                    outcome,
+                    fault: Some(e),
+                };
+                let events = run.finish_poll(polled, now_ms());
                 if quality == Quality::Disconnected {
                     // Wait for the reopen backoff instead of spinning on the missing port.
                     let wait = port.next_open.max(Instant::now() + REOPEN_MIN);
@@ -443,14 +460,17 @@ async fn run_stream(
     }
 }
 
+/// Sends the device's request and reads one line as its answer, retrying a silent
+/// device up to its `retries`. A poll answer must carry every point: a point the line
+/// lacks is a parse error.
 async fn poll_line_device(
     port: &mut LinePort,
     spec: &ResolvedDevice,
     checksum: Checksum,
-) -> (Vec<(usize, Reading)>, Outcome, Option<ReadError>) {
+) -> Polled {
     let request = spec.request.as_deref().unwrap_or_default();
     let mut attempt = 0;
-    loop {
+    let (readings, outcome, fault) = loop {
         let result = async {
             port.send(request).await?;
             port.next_line(Instant::now() + spec.timeout).await
@@ -458,48 +478,53 @@ async fn poll_line_device(
         .await;
         port.bus.stats.add_request(result.is_err());
         match result {
-            Ok(Line::Text(text)) => {
-                return match parse_line(spec, checksum, &text, now_ms()) {
-                    Ok(mut readings) => {
-                        port.count(None);
-                        // A poll answer must carry every point: a missing one is a parse error.
-                        for i in 0..spec.points.len() {
-                            if !readings.iter().any(|(j, _)| *j == i) {
-                                readings.push((i, spec.reading(i, None, Quality::Parse, now_ms())));
-                            }
+            Ok(Line::Text(text)) => match parse_line(spec, checksum, &text, now_ms()) {
+                Ok(mut readings) => {
+                    port.count(None);
+                    for i in 0..spec.points.len() {
+                        if !readings.iter().any(|(j, _)| *j == i) {
+                            readings.push((i, spec.reading(i, None, Quality::Parse, now_ms())));
                         }
-                        readings.sort_by_key(|(i, _)| *i);
-                        (readings, Outcome::Answered, None)
                     }
-                    Err(why) => {
-                        port.count(Some((why, &text)));
-                        (all_bad(spec, Quality::Parse), Outcome::Answered, None)
-                    }
-                };
-            }
+                    readings.sort_by_key(|(i, _)| *i);
+                    break (readings, Outcome::Answered, None);
+                }
+                Err(why) => {
+                    port.count(Some((why, &text)));
+                    break (all_bad(spec, Quality::Parse), Outcome::Answered, None);
+                }
+            },
             Ok(Line::Garbage(why)) => {
                 port.count(Some((why, "")));
-                return (all_bad(spec, Quality::Parse), Outcome::Answered, None);
+                break (all_bad(spec, Quality::Parse), Outcome::Answered, None);
             }
-            Err(e @ ReadError::Disconnected(_)) => {
-                return (
-                    all_bad(spec, Quality::Disconnected),
-                    Outcome::BusDown,
-                    Some(e),
-                )
-            }
+            Err(e) if e.is_retryable() && attempt < spec.retries => attempt += 1,
             Err(e) => {
-                if attempt < spec.retries {
-                    attempt += 1;
-                    continue;
-                }
-                return (
-                    all_bad(spec, super::bus::quality_of(&e)),
-                    Outcome::Failed,
-                    Some(e),
-                );
+                let outcome = if e.quality() == Quality::Disconnected {
+                    Outcome::BusDown
+                } else {
+                    Outcome::Failed
+                };
+                break (all_bad(spec, e.quality()), outcome, Some(e));
             }
         }
+    };
+    Polled {
+        readings,
+        outcome,
+        fault,
+    }
+}
+
+/// The poll-mode way of polling a device: write its request, read one line.
+struct LinePoller<'a> {
+    port: &'a mut LinePort,
+    checksum: Checksum,
+}
+
+impl Poller for LinePoller<'_> {
+    async fn poll(&mut self, run: &mut DeviceRun) -> Polled {
+        poll_line_device(self.port, &run.spec, self.checksum).await
     }
 }
 
@@ -509,23 +534,8 @@ async fn run_poll(
     tx: &Sender<FieldEvent>,
     shutdown: &CancellationToken,
 ) {
-    let mut runs = device_runs(bus);
     let checksum = bus.config.checksum();
-    while let Some(i) = next_due(&runs, shutdown).await {
-        let started = now_ms();
-        let run = &mut runs[i];
-        let spec = run.spec.clone();
-        let (readings, outcome, fault) = tokio::select! {
-            biased;
-            _ = shutdown.cancelled() => return,
-            polled = poll_line_device(port, &spec, checksum) => polled,
-        };
-        bus.stats.add_readings(readings.len());
-        let events = run.finish_poll(readings, outcome, fault.as_ref(), started);
-        if !send_all(tx, shutdown, events).await {
-            return;
-        }
-    }
+    run_polls(bus, &mut LinePoller { port, checksum }, tx, shutdown).await;
 }
 
 #[cfg(test)]
@@ -604,7 +614,7 @@ mod tests {
         );
         let config: FieldConfig = toml::from_str(&text).unwrap();
         assert_eq!(config.validate(), vec![]);
-        super::super::bus::resolve_buses(&config)[0].devices[0].clone()
+        super::super::resolve::resolve_buses(&config)[0].devices[0].clone()
     }
 
     #[test]

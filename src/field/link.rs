@@ -5,7 +5,15 @@
 //! - One request at a time (the link is owned by its bus task and takes `&mut self`).
 //! - On a serial line, at least the inter-frame silence passes between the end of one
 //!   transaction (answer or timeout) and the next request.
-//! - A Modbus exception is an answer, not a fault: the connection stays up.
+//! - A Modbus exception is an answer, not a fault: it is the inner `Err` of
+//!   `Result<Result<Words, ExceptionCode>, ReadError>` (tokio-modbus's shape), and the
+//!   connection stays up.
+//! - [`ReadError::is_retryable`] is the one list of faults worth retrying: those of one
+//!   transaction on a link that stays up (timeout, corrupted or mismatched answer). A
+//!   disconnection is never retried on the spot.
+//! - Errors keep their causes: `Disconnected` holds a [`Disconnect`] whose `source()` is
+//!   the io, serial or resolver error; each `Display` names only its own level, and log
+//!   lines print the whole chain ([`Chain`]).
 //! - An answer is used only if it has exactly the requested register count (bits: at
 //!   least the requested count, padded to bytes). After a failed RTU transaction, input
 //!   that is already waiting is dropped before the next request, since RTU frames carry
@@ -28,24 +36,116 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::time::Instant;
 use tokio_modbus::client::{Context, Reader};
 use tokio_modbus::prelude::SlaveContext;
-use tokio_modbus::Slave;
+use tokio_modbus::{ExceptionCode, Slave};
 
 use super::config::{BusConfig, BusKind, Framing, Parity};
 use super::decode::RegisterKind;
+use super::reading::Quality;
 
-/// Why a block read produced no data.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+/// Why a block read (or a line) produced no answer. Each error's `Display` names only its
+/// own level; the cause is its `source()` (log lines render the whole chain).
+#[derive(Debug, thiserror::Error)]
 pub enum ReadError {
     #[error("no answer within the timeout")]
     Timeout,
-    #[error("Modbus exception {0:#04x}")]
-    Exception(u8),
     #[error("corrupted answer (CRC or framing)")]
     Crc,
-    #[error("disconnected: {0}")]
-    Disconnected(String),
-    #[error("answer does not match the request: {0}")]
-    Protocol(String),
+    /// The port or connection is down. Shared, because a bus in its reopen backoff
+    /// answers every read with the cause of the last failed open.
+    #[error("disconnected")]
+    Disconnected(#[source] Arc<Disconnect>),
+    #[error("answer does not match the request")]
+    Protocol(#[source] tokio_modbus::ProtocolError),
+    #[error("answer does not match the request: {got} values for a request of {count}")]
+    WrongCount { got: usize, count: u16 },
+}
+
+/// Why a bus's port or connection is down: the source of [`ReadError::Disconnected`].
+#[derive(Debug, thiserror::Error)]
+pub enum Disconnect {
+    #[error("serial port {path}")]
+    Serial {
+        path: String,
+        #[source]
+        source: tokio_serial::Error,
+    },
+    #[error("resolve {host}")]
+    Resolve {
+        host: String,
+        #[source]
+        source: io::Error,
+    },
+    #[error("resolve {host}: no address")]
+    NoAddress { host: String },
+    /// A connect that timed out has a source of kind [`io::ErrorKind::TimedOut`].
+    #[error("connect to {addr}")]
+    Connect {
+        addr: SocketAddr,
+        #[source]
+        source: io::Error,
+    },
+    /// The open port or connection failed (transparent: the error says it all).
+    #[error(transparent)]
+    Io(io::Error),
+    /// A serial-port operation on the open port failed.
+    #[error(transparent)]
+    Port(tokio_serial::Error),
+    #[error("end of file")]
+    Eof,
+    /// A TCP answer out of step with its request: the connection is dropped, since the
+    /// stream may still hold a late reply.
+    #[error("answer out of step with the request")]
+    OutOfStep,
+    /// Not open, and no failed open to blame (not expected to be seen).
+    #[error("not connected")]
+    NotConnected,
+}
+
+impl ReadError {
+    /// A [`ReadError::Disconnected`] for `cause`.
+    pub fn disconnected(cause: Disconnect) -> ReadError {
+        ReadError::Disconnected(Arc::new(cause))
+    }
+}
+
+/// An error and its sources, `outer: inner: …`, for log lines and messages.
+pub(crate) struct Chain<'a>(pub &'a (dyn std::error::Error + 'static));
+
+impl std::fmt::Display for Chain<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}", self.0)?;
+        let mut source = self.0.source();
+        while let Some(e) = source {
+            write!(f, ": {e}")?;
+            source = e.source();
+        }
+        Ok(())
+    }
+}
+
+impl ReadError {
+    /// The quality a failed read gives its points.
+    pub fn quality(&self) -> Quality {
+        match self {
+            ReadError::Timeout => Quality::Timeout,
+            ReadError::Crc => Quality::Crc,
+            ReadError::Disconnected(_) => Quality::Disconnected,
+            ReadError::Protocol(_) | ReadError::WrongCount { .. } => Quality::Protocol,
+        }
+    }
+
+    /// A fault of one transaction on a link that stays up (no answer, a corrupted one, or
+    /// one for another request): worth retrying, and whatever arrives late belongs to the
+    /// failed transaction. A bus that is down is not retried: it is reopened lazily.
+    pub fn is_retryable(&self) -> bool {
+        match self {
+            ReadError::Timeout
+            | ReadError::Crc
+            | ReadError::Protocol(_)
+            | ReadError::WrongCount { .. } => true,
+            ReadError::Disconnected(_) => false,
+        }
+    }
 }
 
 /// The data of one block.
@@ -57,6 +157,10 @@ pub enum Words {
 
 /// What the scheduler needs from a bus connection. The production implementation is
 /// [`ModbusLink`]; the scheduler's paused-time tests drive an in-process device model.
+///
+/// As in tokio-modbus, a device's exception is an answer, not a fault: the outer `Result`
+/// is the transport (did an answer for this request arrive?), the inner one the device's
+/// verdict (the data, or the exception it answered instead).
 pub trait Link: Send {
     /// Reads `count` registers or bits of `kind` at `start` from `unit`.
     fn read(
@@ -66,7 +170,7 @@ pub trait Link: Send {
         start: u16,
         count: u16,
         timeout: Duration,
-    ) -> impl Future<Output = Result<Words, ReadError>> + Send;
+    ) -> impl Future<Output = Result<Result<Words, ExceptionCode>, ReadError>> + Send;
 }
 
 /// Where and how to connect.
@@ -236,8 +340,8 @@ pub struct ModbusLink {
     quiet_since: Option<Instant>,
     next_connect: Instant,
     reconnect_wait: Duration,
-    /// The last connect error, so the scheduler can log it once per state change.
-    last_error: Option<String>,
+    /// Why the connection is down, so the scheduler can log it once per state change.
+    last_error: Option<Arc<Disconnect>>,
 }
 
 impl ModbusLink {
@@ -262,7 +366,7 @@ impl ModbusLink {
             return Err(ReadError::Disconnected(
                 self.last_error
                     .clone()
-                    .unwrap_or_else(|| "reconnecting".into()),
+                    .unwrap_or_else(|| Arc::new(Disconnect::NotConnected)),
             ));
         }
         let result = open(self.endpoint.clone(), Arc::clone(&self.wire)).await;
@@ -277,10 +381,11 @@ impl ModbusLink {
                 Ok(())
             }
             Err(e) => {
-                if self.last_error.as_deref() != Some(e.as_str()) {
-                    tracing::warn!(endpoint = %self.endpoint, error = %e, "cannot open bus; retrying with backoff");
+                let e = Arc::new(e);
+                if !same_cause(self.last_error.as_deref(), &e) {
+                    tracing::warn!(endpoint = %self.endpoint, error = %Chain(&*e), "cannot open bus; retrying with backoff");
                 }
-                self.last_error = Some(e.clone());
+                self.last_error = Some(Arc::clone(&e));
                 self.next_connect = Instant::now() + self.reconnect_wait;
                 self.reconnect_wait = (self.reconnect_wait * 2).min(RECONNECT_MAX);
                 Err(ReadError::Disconnected(e))
@@ -289,9 +394,15 @@ impl ModbusLink {
     }
 }
 
+/// Whether `new` reads the same as `last` (so a retry that fails the same way logs
+/// nothing new).
+pub(crate) fn same_cause(last: Option<&Disconnect>, new: &Disconnect) -> bool {
+    last.is_some_and(|last| Chain(last).to_string() == Chain(new).to_string())
+}
+
 /// Opens the endpoint (a free function: the future must not borrow the link, whose
 /// client context is not `Sync`).
-async fn open(endpoint: Endpoint, wire: Arc<Wire>) -> Result<Context, String> {
+async fn open(endpoint: Endpoint, wire: Arc<Wire>) -> Result<Context, Disconnect> {
     match &endpoint {
         Endpoint::Serial {
             path,
@@ -300,8 +411,13 @@ async fn open(endpoint: Endpoint, wire: Arc<Wire>) -> Result<Context, String> {
             data_bits,
             stop_bits,
         } => {
-            let port = open_serial(path, *baud, *parity, *data_bits, *stop_bits)
-                .map_err(|e| format!("serial port {path}: {e}"))?;
+            let port =
+                open_serial(path, *baud, *parity, *data_bits, *stop_bits).map_err(|source| {
+                    Disconnect::Serial {
+                        path: path.clone(),
+                        source,
+                    }
+                })?;
             let counted = Counted { inner: port, wire };
             Ok(tokio_modbus::client::rtu::attach(counted))
         }
@@ -315,8 +431,8 @@ async fn open(endpoint: Endpoint, wire: Arc<Wire>) -> Result<Context, String> {
             let stream =
                 tokio::time::timeout(*connect_timeout, tokio::net::TcpStream::connect(addr))
                     .await
-                    .map_err(|_| format!("connect to {addr}: timed out"))?
-                    .map_err(|e| format!("connect to {addr}: {e}"))?;
+                    .unwrap_or_else(|_elapsed| Err(io::ErrorKind::TimedOut.into()))
+                    .map_err(|source| Disconnect::Connect { addr, source })?;
             let _ = stream.set_nodelay(true);
             Ok(match framing {
                 Framing::Tcp => tokio_modbus::client::tcp::attach(stream),
@@ -330,10 +446,10 @@ async fn open(endpoint: Endpoint, wire: Arc<Wire>) -> Result<Context, String> {
 }
 
 impl ModbusLink {
-    fn drop_connection(&mut self, why: &str) {
+    fn drop_connection(&mut self, why: &Arc<Disconnect>) {
         if self.ctx.take().is_some() {
-            tracing::warn!(endpoint = %self.endpoint, reason = why, "bus connection lost; reopening");
-            self.last_error = Some(why.to_string());
+            tracing::warn!(endpoint = %self.endpoint, reason = %Chain(&**why), "bus connection lost; reopening");
+            self.last_error = Some(Arc::clone(why));
             self.next_connect = Instant::now();
         }
     }
@@ -364,12 +480,17 @@ impl ModbusLink {
     }
 }
 
-async fn resolve(host: &str, port: u16) -> Result<SocketAddr, String> {
+async fn resolve(host: &str, port: u16) -> Result<SocketAddr, Disconnect> {
     tokio::net::lookup_host((host, port))
         .await
-        .map_err(|e| format!("resolve {host}: {e}"))?
+        .map_err(|source| Disconnect::Resolve {
+            host: host.to_string(),
+            source,
+        })?
         .next()
-        .ok_or_else(|| format!("resolve {host}: no address"))
+        .ok_or_else(|| Disconnect::NoAddress {
+            host: host.to_string(),
+        })
 }
 
 impl Link for ModbusLink {
@@ -380,7 +501,7 @@ impl Link for ModbusLink {
         start: u16,
         count: u16,
         timeout: Duration,
-    ) -> Result<Words, ReadError> {
+    ) -> Result<Result<Words, ExceptionCode>, ReadError> {
         self.connect().await?;
         let rtu = self.endpoint.rtu_framed();
         if rtu {
@@ -390,7 +511,7 @@ impl Link for ModbusLink {
         }
         let received_before = self.wire.received.load(Ordering::Relaxed);
         let Some(ctx) = self.ctx.as_mut() else {
-            return Err(ReadError::Disconnected("not connected".into()));
+            return Err(ReadError::disconnected(Disconnect::NotConnected));
         };
         let outcome =
             tokio::time::timeout(timeout, Self::transact(ctx, unit, kind, start, count)).await;
@@ -417,40 +538,95 @@ impl Link for ModbusLink {
                     Words::Bits(b) => (b.len(), b.len() >= usize::from(count)),
                 };
                 if ok {
-                    Ok(words)
+                    Ok(Ok(words))
                 } else {
-                    Err(ReadError::Protocol(format!(
-                        "{got} values for a request of {count}"
-                    )))
+                    Err(ReadError::WrongCount { got, count })
                 }
             }
-            Ok(Ok(Err(code))) => Err(ReadError::Exception(u8::from(code))),
+            Ok(Ok(Err(code))) => Ok(Err(code)),
             Ok(Err(tokio_modbus::Error::Protocol(e))) => {
                 if !rtu {
-                    self.drop_connection("answer out of step with the request");
+                    self.drop_connection(&Arc::new(Disconnect::OutOfStep));
                 }
-                Err(ReadError::Protocol(e.to_string()))
+                Err(ReadError::Protocol(e))
             }
             Ok(Err(tokio_modbus::Error::Transport(e))) => {
                 if e.kind() == io::ErrorKind::InvalidData && rtu {
                     // Bad CRC or undecodable frame after tokio-modbus gave up resyncing.
                     Err(ReadError::Crc)
                 } else {
-                    let why = e.to_string();
+                    let why = Arc::new(Disconnect::Io(e));
                     self.drop_connection(&why);
                     Err(ReadError::Disconnected(why))
                 }
             }
         };
-        if rtu
-            && matches!(
-                result,
-                Err(ReadError::Timeout | ReadError::Crc | ReadError::Protocol(_))
-            )
-        {
+        if rtu && matches!(&result, Err(e) if e.is_retryable()) {
             // Whatever arrives late belongs to this failed transaction, not the next.
             self.wire.flush.store(true, Ordering::Relaxed);
         }
         result
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Regression: `Disconnected` carried its cause as a String, so the io::Error (and
+    /// its kind) was gone by the time anything looked at it.
+    #[tokio::test]
+    async fn a_refused_connection_keeps_its_io_error_as_the_source() {
+        let port = {
+            let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            listener.local_addr().unwrap().port()
+        };
+        let endpoint = Endpoint::Tcp {
+            host: "127.0.0.1".into(),
+            port,
+            framing: Framing::Tcp,
+            connect_timeout: Duration::from_secs(1),
+        };
+        let mut link = ModbusLink::new(endpoint, Duration::ZERO);
+        let timeout = Duration::from_secs(1);
+        let err = link
+            .read(1, RegisterKind::Holding, 0, 1, timeout)
+            .await
+            .unwrap_err();
+        assert_eq!(err.quality(), Quality::Disconnected);
+        assert!(!err.is_retryable());
+        let io = std::error::Error::source(&err)
+            .and_then(|cause| cause.source())
+            .and_then(|e| e.downcast_ref::<io::Error>())
+            .expect("the io::Error is kept");
+        assert_eq!(io.kind(), io::ErrorKind::ConnectionRefused);
+        assert_eq!(
+            Chain(&err).to_string(),
+            format!("disconnected: connect to 127.0.0.1:{port}: {io}")
+        );
+
+        // Within the reconnect backoff the same cause is handed out again.
+        let again = link
+            .read(1, RegisterKind::Holding, 0, 1, timeout)
+            .await
+            .unwrap_err();
+        match (&err, &again) {
+            (ReadError::Disconnected(a), ReadError::Disconnected(b)) => {
+                assert!(Arc::ptr_eq(a, b))
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn only_faults_of_one_transaction_are_retried() {
+        assert!(ReadError::Timeout.is_retryable());
+        assert!(ReadError::Crc.is_retryable());
+        assert!(ReadError::WrongCount { got: 1, count: 2 }.is_retryable());
+        assert!(!ReadError::disconnected(Disconnect::Eof).is_retryable());
+        assert_eq!(
+            ReadError::WrongCount { got: 1, count: 2 }.to_string(),
+            "answer does not match the request: 1 values for a request of 2"
+        );
     }
 }

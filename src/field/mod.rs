@@ -6,13 +6,19 @@
 //!
 //! | module | owns |
 //! |---|---|
-//! | [`config`] | the TOML schema of buses, devices, profiles and points; validation |
+//! | [`config`] | the TOML schema of buses, devices, profiles and points |
+//! | `validate` | the rules of the field sections: `FieldConfig::validate` |
 //! | [`decode`] | register words → values: types, byte orders, scale/offset |
 //! | [`plan`] | read plans: coalescing points into the fewest requests, splitting on refusal |
 //! | [`schedule`] | poll grids, device health and quarantine, deadband/heartbeat (no I/O) |
+//! | `resolve` | the resolved model: buses, devices, points with profiles merged; counters |
+//! | `task` | the skeleton of every bus task: device runs, next due, the `Poller` hand-off, sending |
 //! | `link` | the Modbus connection: timeouts, exceptions vs faults, reconnect |
-//! | `bus` | the task of a Modbus bus; resolved devices; counters |
+//! | `modbus` | the poll loop of a Modbus bus: plan blocks, retries, splits, decoding |
 //! | `lines` | line splitting, NMEA checksums, regex/key=value parsing, stream and poll loops |
+//!
+//! Data flows one way: `resolve` ← `task` ← (`modbus`, `lines`). The skeleton knows no
+//! protocol and the resolved model knows no task.
 //! | [`probe`] | `fieldbridge probe` |
 //! | [`reading`] | readings, qualities, events, JSON payloads |
 //!
@@ -34,32 +40,61 @@ pub mod probe;
 pub mod reading;
 pub mod schedule;
 
-mod bus;
 mod lines;
 mod link;
+mod modbus;
+mod resolve;
+mod task;
 mod validate;
 
 use std::fmt::Write as _;
 
 use tokio::sync::mpsc::Sender;
 use tokio::task::JoinHandle;
+use tokio_modbus::ExceptionCode;
 use tokio_util::sync::CancellationToken;
 
-pub use bus::{ResolvedBus, StatsSnapshot};
 pub use config::{BusConfig, BusKind, DeviceConfig, FieldConfig, PointConfig, ProfileConfig};
 pub use decode::{ByteOrder, DataType, RegisterKind};
+pub use link::{Disconnect, ReadError};
 pub use probe::{probe, ProbeTarget, ProbeTransport};
 pub use reading::{DeviceState, FieldEvent, Quality, Reading, Value};
+pub use resolve::{ResolvedBus, StatsSnapshot};
 
 /// Errors of the field layer.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     /// The configuration has problems; see [`FieldConfig::validate`].
     #[error("invalid field configuration: {}", .0.iter().map(|i| format!("{}: {}", i.key, i.message)).collect::<Vec<_>>().join("; "))]
-    Invalid(Vec<crate::config::Invalid>),
-    /// `probe` could not read.
-    #[error("probe: {0}")]
-    Probe(String),
+    Invalid(Vec<crate::problem::Invalid>),
+    /// `probe` was asked for more than one request can read.
+    #[error("probe: count must be 1..={limit}")]
+    ProbeCount { limit: u16 },
+    /// `probe` was asked for a range that does not fit the address space.
+    #[error("probe: the range runs past address 65535")]
+    ProbeRange,
+    /// The device answered the probe's read with an exception.
+    #[error(
+        "probe: unit {unit} answered exception {:#04x} for {} {address}..={last} (0-based protocol addresses; {} in 1-based notation){}",
+        u8::from(*.code),
+        .kind.name(),
+        .kind.modicon(*.address),
+        probe::exception_hint(*.code)
+    )]
+    ProbeException {
+        unit: u8,
+        kind: RegisterKind,
+        address: u16,
+        last: u32,
+        code: ExceptionCode,
+    },
+    /// The probe's read got no answer.
+    #[error("probe: {endpoint}")]
+    ProbeRead {
+        endpoint: String,
+        #[source]
+        source: ReadError,
+    },
 }
 
 /// Validates and resolves the configuration into buses that can be spawned (and spawned
@@ -72,7 +107,7 @@ pub fn resolve(config: &FieldConfig) -> Result<Vec<ResolvedBus>, Error> {
     if !problems.is_empty() {
         return Err(Error::Invalid(problems));
     }
-    Ok(bus::resolve_buses(config))
+    Ok(resolve::resolve_buses(config))
 }
 
 /// Spawns the task of one bus. It runs until `shutdown` is cancelled or `tx` is closed.
@@ -96,7 +131,7 @@ pub fn spawn_bus(
                         return;
                     };
                     let mut link = link::ModbusLink::new(endpoint, bus.config.inter_frame());
-                    bus::run_modbus(&bus, &mut link, &tx, &shutdown).await;
+                    modbus::run_modbus(&bus, &mut link, &tx, &shutdown).await;
                 }
             }
         },
@@ -124,7 +159,7 @@ pub fn spawn_buses(
 /// and the estimated bus time per poll at the configured baud (serial buses).
 pub fn describe_plans(config: &FieldConfig) -> String {
     let mut out = String::new();
-    for bus in bus::resolve_buses(config) {
+    for bus in resolve::resolve_buses(config) {
         let c = &bus.config;
         let _ = match c.kind {
             BusKind::Rtu => writeln!(

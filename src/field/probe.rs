@@ -8,9 +8,11 @@
 use std::fmt::Write as _;
 use std::time::Duration;
 
+use tokio_modbus::ExceptionCode;
+
 use super::config::{Framing, Parity};
 use super::decode::{ByteOrder, Codec, DataType, RegisterKind};
-use super::link::{Endpoint, Link, ModbusLink, ReadError, Words};
+use super::link::{Endpoint, Link, ModbusLink, Words};
 use super::Error;
 
 /// Where and what to read.
@@ -51,14 +53,16 @@ pub enum ProbeTransport {
 /// Reads the range and renders the report.
 ///
 /// # Errors
-/// [`Error::Probe`] if the device cannot be reached or refuses the read.
+/// [`Error::ProbeCount`] or [`Error::ProbeRange`] for a range that cannot be read,
+/// [`Error::ProbeRead`] if the device cannot be reached or does not answer,
+/// [`Error::ProbeException`] if it refuses the read.
 pub async fn probe(target: &ProbeTarget) -> Result<String, Error> {
     let limit = if target.kind.is_bit() { 2000 } else { 125 };
     if target.count == 0 || target.count > limit {
-        return Err(Error::Probe(format!("count must be 1..={limit}")));
+        return Err(Error::ProbeCount { limit });
     }
     if u32::from(target.address) + u32::from(target.count) - 1 > 65_535 {
-        return Err(Error::Probe("the range runs past address 65535".into()));
+        return Err(Error::ProbeRange);
     }
     let (endpoint, silence) = match &target.transport {
         ProbeTransport::Tcp {
@@ -98,27 +102,59 @@ pub async fn probe(target: &ProbeTarget) -> Result<String, Error> {
         }
     };
     let mut link = ModbusLink::new(endpoint.clone(), silence);
-    let words = link
-        .read(target.unit_id, target.kind, target.address, target.count, target.timeout)
-        .await
-        .map_err(|e| match e {
-            ReadError::Exception(code) => Error::Probe(format!(
-                "unit {} answered exception {code:#04x} for {} {}..={} (0-based protocol addresses; {} in 1-based notation){}",
-                target.unit_id,
-                target.kind.name(),
-                target.address,
-                u32::from(target.address) + u32::from(target.count) - 1,
-                target.kind.modicon(target.address),
-                if code == 2 { ": illegal data address — if the manual says 4xxxx/3xxxx, subtract 40001/30001" } else { "" }
-            )),
-            other => Error::Probe(format!("{endpoint}: {other}")),
-        })?;
+    let read = link
+        .read(
+            target.unit_id,
+            target.kind,
+            target.address,
+            target.count,
+            target.timeout,
+        )
+        .await;
+    let words = match read {
+        Ok(Ok(words)) => words,
+        Ok(Err(code)) => {
+            return Err(Error::ProbeException {
+                unit: target.unit_id,
+                kind: target.kind,
+                address: target.address,
+                last: u32::from(target.address) + u32::from(target.count) - 1,
+                code,
+            })
+        }
+        Err(source) => {
+            return Err(Error::ProbeRead {
+                endpoint: endpoint.to_string(),
+                source,
+            })
+        }
+    };
     Ok(render(target, &words))
 }
 
-/// The report for words already read (separate from I/O so it can be tested).
+/// What to add to an exception's message: 02 is most often a 1-based address.
+pub(crate) fn exception_hint(code: ExceptionCode) -> &'static str {
+    if u8::from(code) == 2 {
+        ": illegal data address — if the manual says 4xxxx/3xxxx, subtract 40001/30001"
+    } else {
+        ""
+    }
+}
+
+/// The report for words already read (separate from I/O so it can be tested): the
+/// range, a table of the words, and the TOML for one decoding of them.
 pub fn render(target: &ProbeTarget, words: &Words) -> String {
     let mut out = String::new();
+    write_header(&mut out, target);
+    match words {
+        Words::Bits(bits) => write_bits(&mut out, target, bits),
+        Words::Registers(regs) => write_registers(&mut out, target, regs),
+    }
+    out
+}
+
+/// The range read, in both address conventions.
+fn write_header(out: &mut String, target: &ProbeTarget) {
     let last = u32::from(target.address) + u32::from(target.count) - 1;
     let _ = writeln!(
         out,
@@ -130,32 +166,58 @@ pub fn render(target: &ProbeTarget, words: &Words) -> String {
         target.kind.modicon(target.address),
         target.kind.modicon(u16::try_from(last).unwrap_or(u16::MAX)),
     );
-    let regs = match words {
-        Words::Bits(bits) => {
-            out.push_str("\naddress  value\n");
-            for (i, b) in bits.iter().enumerate() {
-                let _ = writeln!(
-                    out,
-                    "{:<8} {}",
-                    u32::from(target.address) + i as u32,
-                    u8::from(*b)
-                );
-            }
-            let _ = write!(
-                out,
-                "\n{}",
-                snippet(
-                    target.kind,
-                    target.address,
-                    DataType::Bool,
-                    ByteOrder::ABCD,
-                    1
-                )
-            );
-            return out;
-        }
-        Words::Registers(r) => r,
+}
+
+/// Coils and discrete inputs: one bit per line and a `bool` snippet.
+fn write_bits(out: &mut String, target: &ProbeTarget, bits: &[bool]) {
+    out.push_str("\naddress  value\n");
+    for (i, b) in bits.iter().enumerate() {
+        let _ = writeln!(
+            out,
+            "{:<8} {}",
+            u32::from(target.address) + i as u32,
+            u8::from(*b)
+        );
+    }
+    let snippet = snippet(
+        target.kind,
+        target.address,
+        DataType::Bool,
+        ByteOrder::ABCD,
+        1,
+    );
+    let _ = write!(out, "\n{snippet}");
+}
+
+/// Registers: every decoding, then the snippet of the chosen (or closest) one.
+fn write_registers(out: &mut String, target: &ProbeTarget, regs: &[u16]) {
+    write_words(out, target, regs);
+    let mut best = Best::default();
+    write_wide_decodings(out, target, regs, &mut best);
+    if let Some(expect) = target.expect {
+        offer_single_registers(target, regs, expect, &mut best);
+    }
+    if regs.len() >= 2 {
+        let _ = writeln!(
+            out,
+            "\nstring ({} registers)  ABCD: {:?}  BADC: {:?}",
+            regs.len(),
+            string_of(regs, ByteOrder::ABCD),
+            string_of(regs, ByteOrder::BADC)
+        );
+    }
+    out.push('\n');
+    let (t, order, address) = choose(out, target, regs, best);
+    let width = if t == DataType::String {
+        regs.len() as u16
+    } else {
+        1
     };
+    out.push_str(&snippet(target.kind, address, t, order, width));
+}
+
+/// One register per line: hex, u16, i16 and its two bytes as ASCII.
+fn write_words(out: &mut String, target: &ProbeTarget, regs: &[u16]) {
     out.push_str("\naddress  hex     u16     i16     ascii\n");
     for (i, w) in regs.iter().enumerate() {
         let ascii: String = w
@@ -178,7 +240,11 @@ pub fn render(target: &ProbeTarget, words: &Words) -> String {
             *w as i16,
         );
     }
-    let mut best: Option<(f64, DataType, ByteOrder, u16)> = None;
+}
+
+/// A table per 32- and 64-bit type: each start address × each byte order. Every value
+/// is offered to `best` when an expected value was given.
+fn write_wide_decodings(out: &mut String, target: &ProbeTarget, regs: &[u16], best: &mut Best) {
     for (t, width) in [
         (DataType::F32, 2),
         (DataType::U32, 2),
@@ -207,81 +273,88 @@ pub fn render(target: &ProbeTarget, words: &Words) -> String {
                 let _ = write!(out, "{text:<21} ");
                 if let (Some(expect), Ok(v)) = (target.expect, &value) {
                     if let Some(x) = v.as_f64() {
-                        let err = (x - expect).abs() / expect.abs().max(1e-9);
-                        if best.is_none_or_worse(err) {
-                            best = Some((err, t, order, address));
-                        }
+                        best.offer(relative_error(x, expect), t, order, address);
                     }
                 }
             }
             out.push('\n');
         }
     }
-    if let Some(expect) = target.expect {
-        for (start, w) in regs.iter().enumerate() {
-            let address = target.address + start as u16;
-            for (t, v) in [
-                (DataType::U16, f64::from(*w)),
-                (DataType::I16, f64::from(*w as i16)),
-            ] {
-                let err = (v - expect).abs() / expect.abs().max(1e-9);
-                if best.is_none_or_worse(err) {
-                    best = Some((err, t, ByteOrder::ABCD, address));
-                }
-            }
+}
+
+/// Offers every register as u16 and as i16 (after the wide types, so a tie keeps them).
+fn offer_single_registers(target: &ProbeTarget, regs: &[u16], expect: f64, best: &mut Best) {
+    for (start, w) in regs.iter().enumerate() {
+        let address = target.address + start as u16;
+        for (t, v) in [
+            (DataType::U16, f64::from(*w)),
+            (DataType::I16, f64::from(*w as i16)),
+        ] {
+            best.offer(relative_error(v, expect), t, ByteOrder::ABCD, address);
         }
     }
-    if regs.len() >= 2 {
-        let _ = writeln!(
-            out,
-            "\nstring ({} registers)  ABCD: {:?}  BADC: {:?}",
-            regs.len(),
-            string_of(regs, ByteOrder::ABCD),
-            string_of(regs, ByteOrder::BADC)
-        );
-    }
-    out.push('\n');
-    let (t, order, address) = match (target.choose, best, target.expect) {
+}
+
+/// The decoding to show as TOML: the one asked for, else the closest to the expected
+/// value (said so in the report), else the first row with a hint to choose.
+fn choose(
+    out: &mut String,
+    target: &ProbeTarget,
+    regs: &[u16],
+    best: Best,
+) -> (DataType, ByteOrder, u16) {
+    match (target.choose, best.0, target.expect) {
         (Some((t, order)), _, _) => (t, order, target.address),
-        (None, Some((err, t, order, address)), Some(expect)) => {
+        (None, Some(c), Some(expect)) => {
             let _ = writeln!(
                 out,
-                "closest to {expect}: {} {} at {address} (off by {:.3}%)",
-                t.name(),
-                order.name(),
-                err * 100.0
+                "closest to {expect}: {} {} at {} (off by {:.3}%)",
+                c.data_type.name(),
+                c.order.name(),
+                c.address,
+                c.error * 100.0
             );
-            (t, order, address)
+            (c.data_type, c.order, c.address)
         }
         _ => {
             out.push_str("# pass an expected value (or a type and order) to choose; the first row is shown\n");
-            (
-                if regs.len() >= 2 {
-                    DataType::F32
-                } else {
-                    DataType::U16
-                },
-                ByteOrder::ABCD,
-                target.address,
-            )
+            let t = if regs.len() >= 2 {
+                DataType::F32
+            } else {
+                DataType::U16
+            };
+            (t, ByteOrder::ABCD, target.address)
         }
-    };
-    let width = if t == DataType::String {
-        regs.len() as u16
-    } else {
-        1
-    };
-    out.push_str(&snippet(target.kind, address, t, order, width));
-    out
+    }
 }
 
-trait Worse {
-    fn is_none_or_worse(&self, err: f64) -> bool;
+fn relative_error(value: f64, expect: f64) -> f64 {
+    (value - expect).abs() / expect.abs().max(1e-9)
 }
 
-impl Worse for Option<(f64, DataType, ByteOrder, u16)> {
-    fn is_none_or_worse(&self, err: f64) -> bool {
-        self.as_ref().map_or(true, |(best, ..)| err < *best)
+/// A decoding of the words and how far it is from the expected value.
+#[derive(Debug, Clone, Copy)]
+struct Candidate {
+    error: f64,
+    data_type: DataType,
+    order: ByteOrder,
+    address: u16,
+}
+
+/// The closest decoding so far; the first of equally close ones wins.
+#[derive(Debug, Default)]
+struct Best(Option<Candidate>);
+
+impl Best {
+    fn offer(&mut self, error: f64, data_type: DataType, order: ByteOrder, address: u16) {
+        if self.0.as_ref().map_or(true, |best| error < best.error) {
+            self.0 = Some(Candidate {
+                error,
+                data_type,
+                order,
+                address,
+            });
+        }
     }
 }
 

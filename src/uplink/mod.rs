@@ -82,7 +82,7 @@ impl Uplink {
         prefix: String,
         queue: Queue,
     ) -> Result<UplinkHandle, Error> {
-        if let Some(text) = crate::config::Invalid::summary(&config.validate()) {
+        if let Some(text) = crate::problem::Invalid::summary(&config.validate()) {
             return Err(Error::Config(text));
         }
         let url = BrokerUrl::parse(&config.url).map_err(Error::Url)?;
