@@ -17,7 +17,10 @@ use crate::mqtt::{self, Protocol};
 use crate::problem::{Invalid, Problems, Scope};
 use crate::store::DrainOrder;
 
-use super::{state, Error};
+use super::Error;
+
+/// Largest inflight window: packet ids left over serve status messages and SUBSCRIBE.
+pub const MAX_WINDOW: u16 = 65_000;
 
 /// The upstream MQTT client's settings (`[upstream]`).
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
@@ -297,9 +300,9 @@ impl UplinkConfig {
         );
         up.at_least("connect_timeout_secs", self.connect_timeout_secs, 1);
         up.check(
-            (1..=state::MAX_WINDOW).contains(&self.inflight),
+            (1..=MAX_WINDOW).contains(&self.inflight),
             "inflight",
-            format!("must be between 1 and {}", state::MAX_WINDOW),
+            format!("must be between 1 and {}", MAX_WINDOW),
         );
         up.check(
             self.backoff_min_ms >= 1,

@@ -53,11 +53,8 @@ use crate::mqtt::{
 };
 use crate::store::Stored;
 
-use super::config::Password;
+use super::config::{Password, MAX_WINDOW};
 use super::Counters;
-
-/// Largest inflight window: packet ids left over serve status messages and SUBSCRIBE.
-pub const MAX_WINDOW: u16 = 65_000;
 
 /// Settings of the session, fixed for the life of the uplink.
 #[derive(Debug, Clone)]
