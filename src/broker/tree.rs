@@ -93,7 +93,7 @@ impl<T: Owner> Entries<T> {
                 false
             }
             None => {
-                super::session::push_compact(list, sub);
+                push_compact(list, sub);
                 true
             }
         }
@@ -281,6 +281,16 @@ fn remove_from<T: Owner>(
         *slot = None;
     }
     removed
+}
+
+/// Pushes growing the allocation one element at a time while the vector is short, so
+/// the common one-element case does not reserve room for four. Sessions grow their
+/// own list of filters with it too.
+pub(crate) fn push_compact<T>(list: &mut Vec<T>, item: T) {
+    if list.len() < 8 {
+        list.reserve_exact(1);
+    }
+    list.push(item);
 }
 
 fn split(topic: &str) -> (&str, Option<&str>) {
