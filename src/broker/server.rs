@@ -285,10 +285,8 @@ where
         }
         // Also with a full buffer: a kick (takeover, shutdown) must end even a
         // connection whose client stopped reading.
-        {
-            if let Err(why) = conn.drain(wbuf, WRITE_BATCH) {
-                return (why, None);
-            }
+        if let Err(why) = conn.drain(wbuf, WRITE_BATCH) {
+            return (why, None);
         }
         if conn.sent > 0 {
             Counters::add(
