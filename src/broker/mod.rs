@@ -8,7 +8,8 @@
 //! | `config.rs` | the `[broker]` section |
 //! | `server.rs` | listeners, TLS, the socket task of each connection |
 //! | `conn.rs` | the protocol of one connection, no I/O (CONNECT to DISCONNECT) |
-//! | `router.rs` | shared state: routing, sessions, takeover, wills, counters |
+//! | `router.rs` | routing: tree, retained, policy, counters; a session's start and end (subscriptions, wills) |
+//! | `registry.rs` | sessions by client id: online or parked, takeover, pending wills, expiry |
 //! | `session.rs` | messages, mailboxes (per-client bounded queues), inflight window |
 //! | `tree.rs` | the subscription tree (`+`, `#`, shared groups) |
 //! | `retained.rs` | retained messages by topic level |
@@ -31,6 +32,7 @@ mod auth;
 mod config;
 mod conn;
 mod persist;
+mod registry;
 mod retained;
 mod router;
 mod server;
