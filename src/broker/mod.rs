@@ -6,7 +6,8 @@
 //! | file | owns |
 //! |---|---|
 //! | `config.rs` | the `[broker]` section |
-//! | `server.rs` | listeners, TLS, the socket task of each connection |
+//! | `server.rs` | listeners, TLS handshakes, the socket task of each connection (CONNECT, the connection loop) |
+//! | `connection.rs` | one connection's stream with its read and write buffers: packets in, bytes out |
 //! | `conn.rs` | the protocol of one connection, no I/O (CONNECT to DISCONNECT) |
 //! | `router.rs` | routing: tree, retained, policy, counters; a session's start and end (subscriptions, wills) |
 //! | `registry.rs` | sessions by client id: online or parked, takeover, pending wills, expiry |
@@ -31,6 +32,7 @@
 mod auth;
 mod config;
 mod conn;
+mod connection;
 mod persist;
 mod registry;
 mod retained;
