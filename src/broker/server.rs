@@ -230,6 +230,31 @@ where
     }
 }
 
+/// Handles the packets already buffered (unless the client is not taking our answers).
+/// An error with why the connection ends (and the decoding error's text).
+fn handle_buffered<S>(
+    io: &mut Connection<S>,
+    conn: &mut Conn,
+    protocol: Protocol,
+    max: usize,
+) -> Result<(), (Close, Option<String>)>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    loop {
+        match io.buffered_packet(protocol, max) {
+            Ok(Some(packet)) => conn
+                .handle(packet, io.write_buf())
+                .map_err(|why| (why, None))?,
+            Ok(None) => return Ok(()),
+            Err(e) => {
+                tracing::info!(client_id = %conn.client_id(), error = %e, "malformed packet");
+                return Err((Close::Protocol(e.reason_code()), Some(e.to_string())));
+            }
+        }
+    }
+}
+
 enum Event {
     Io(Ready),
     Mail,
@@ -245,19 +270,8 @@ where
     let protocol = conn.protocol();
     let mailbox = conn.mailbox().clone();
     loop {
-        loop {
-            match io.buffered_packet(protocol, max) {
-                Ok(Some(packet)) => {
-                    if let Err(why) = conn.handle(packet, io.write_buf()) {
-                        return (why, None);
-                    }
-                }
-                Ok(None) => break,
-                Err(e) => {
-                    tracing::info!(client_id = %conn.client_id(), error = %e, "malformed packet");
-                    return (Close::Protocol(e.reason_code()), Some(e.to_string()));
-                }
-            }
+        if let Err(end) = handle_buffered(io, conn, protocol, max) {
+            return end;
         }
         // Also with a full buffer: a kick (takeover, shutdown) must end even a
         // connection whose client stopped reading.
