@@ -1,6 +1,6 @@
 //! The protocol of one client connection, with no I/O: packets in, bytes out.
 //!
-//! The socket task ([`super::server`]) decodes packets, hands them to [`Conn::handle`],
+//! The socket task (`server.rs`) decodes packets, hands them to [`Conn::handle`],
 //! asks [`Conn::drain`] for queued messages, and writes whatever was appended to its
 //! output buffer. Everything here can be driven by a test without sockets.
 //!

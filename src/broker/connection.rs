@@ -1,5 +1,6 @@
 //! The byte stream of one client connection: the socket, a read buffer that packets are
-//! decoded from, and a write buffer that [`super::conn::Conn`] appends packets to.
+//! decoded from, and a write buffer that the protocol state (`conn.rs`) appends
+//! packets to.
 //!
 //! Invariants:
 //! - No buffers while idle: the read buffer is released when a read would block with it

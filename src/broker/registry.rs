@@ -3,7 +3,7 @@
 //!
 //! The registry only keeps state. What a session's end means for routing (its
 //! subscriptions leave the tree, its will is published, its persisted record goes) is
-//! done by the [`super::router::Router`] with what the registry hands back.
+//! done by the router (`router.rs`) with what the registry hands back.
 //!
 //! Invariants:
 //! - Every session is in the registry under its client id: online (owned by exactly one
