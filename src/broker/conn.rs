@@ -1,6 +1,6 @@
 //! The protocol of one client connection, with no I/O: packets in, bytes out.
 //!
-//! The socket task ([`super::server`]) decodes packets, hands them to [`Conn::handle`],
+//! The socket task (`server.rs`) decodes packets, hands them to [`Conn::handle`],
 //! asks [`Conn::drain`] for queued messages, and writes whatever was appended to its
 //! output buffer. Everything here can be driven by a test without sockets.
 //!
@@ -24,7 +24,8 @@ use bytes::BytesMut;
 use tokio::time::Instant;
 
 use super::auth::{Identity, Policy, Refusal};
-use super::router::{Counters, Router};
+use super::registry::Opened;
+use super::router::{Counters, Router, Settings};
 use super::session::{Delivery, Kick, Message, Session, Slot, NEVER_EXPIRES};
 use crate::mqtt::{
     self, Ack, ConnAck, Connect, Disconnect, Packet, Properties, Protocol, Publish, QoS,
@@ -128,6 +129,161 @@ fn expires_at(p: &Properties, now: Instant) -> Option<Instant> {
         .map(|s| now + Duration::from_secs(u64::from(s)))
 }
 
+/// The CONNACK accepting a client; 5.0 clients also learn the broker's limits.
+fn connack(
+    session_present: bool,
+    mut properties: Properties,
+    settings: &Settings,
+    protocol: Protocol,
+) -> Packet {
+    if protocol == Protocol::V5 {
+        properties.receive_maximum = Some(settings.max_inflight);
+        properties.maximum_packet_size = Some(settings.max_packet_size);
+        properties.topic_alias_maximum = Some(settings.max_topic_alias);
+    }
+    Packet::ConnAck(ConnAck {
+        session_present,
+        code: ReasonCode::SUCCESS,
+        properties,
+    })
+}
+
+/// Why a CONNECT is refused: the CONNACK's reason code and the reason string.
+type Refused = (ReasonCode, &'static str);
+
+/// The checks of a CONNECT before a session is opened, in the order clients are told
+/// about them. Fills in the CONNACK properties that answer what the client asked for
+/// (assigned client id, server keepalive) and returns the keepalive in force.
+fn admit(
+    connect: &mut Connect,
+    settings: &Settings,
+    policy: &Policy,
+    peer: SocketAddr,
+    properties: &mut Properties,
+) -> Result<u16, Refused> {
+    check_properties(connect)?;
+    assign_missing_client_id(connect, properties)?;
+    let keep_alive = negotiate_keep_alive(connect, settings, properties)?;
+    authenticate(connect, policy, peer)?;
+    check_will(connect, policy)?;
+    Ok(keep_alive)
+}
+
+fn check_properties(connect: &Connect) -> Result<(), Refused> {
+    if connect.properties.authentication_method.is_some() {
+        return Err((
+            ReasonCode::BAD_AUTHENTICATION_METHOD,
+            "enhanced authentication is not supported",
+        ));
+    }
+    if connect.properties.receive_maximum == Some(0)
+        || connect.properties.maximum_packet_size == Some(0)
+    {
+        return Err((
+            ReasonCode::PROTOCOL_ERROR,
+            "receive maximum and maximum packet size must not be 0",
+        ));
+    }
+    Ok(())
+}
+
+fn assign_missing_client_id(
+    connect: &mut Connect,
+    properties: &mut Properties,
+) -> Result<(), Refused> {
+    if !connect.client_id.is_empty() {
+        return Ok(());
+    }
+    if connect.protocol == Protocol::V311 && !connect.clean_start {
+        return Err((
+            ReasonCode::CLIENT_IDENTIFIER_NOT_VALID,
+            "an empty client id needs a clean session",
+        ));
+    }
+    connect.client_id = assign_client_id();
+    if connect.protocol == Protocol::V5 {
+        properties.assigned_client_identifier = Some(connect.client_id.clone());
+    }
+    Ok(())
+}
+
+/// The client's keepalive, lowered to the broker's maximum (5.0 is told so).
+fn negotiate_keep_alive(
+    connect: &Connect,
+    settings: &Settings,
+    properties: &mut Properties,
+) -> Result<u16, Refused> {
+    let keep_alive = connect.keep_alive;
+    let Some(max) = settings.max_keep_alive else {
+        return Ok(keep_alive);
+    };
+    if keep_alive != 0 && keep_alive <= max {
+        return Ok(keep_alive);
+    }
+    if connect.protocol == Protocol::V311 {
+        // 3.1.1 cannot be told another keepalive (mosquitto does the same).
+        return Err((
+            ReasonCode::CLIENT_IDENTIFIER_NOT_VALID,
+            "keepalive above the broker's maximum",
+        ));
+    }
+    properties.server_keep_alive = Some(max);
+    Ok(max)
+}
+
+fn authenticate(connect: &Connect, policy: &Policy, peer: SocketAddr) -> Result<(), Refused> {
+    let username = connect.username.as_deref();
+    let Err(refused) = policy.authenticate(username, connect.password.as_deref()) else {
+        return Ok(());
+    };
+    tracing::info!(client_id = %connect.client_id, %peer, username = username.unwrap_or(""), ?refused, "connection refused");
+    Err(match refused {
+        Refusal::BadCredentials => (
+            ReasonCode::BAD_USER_NAME_OR_PASSWORD,
+            "bad user name or password",
+        ),
+        Refusal::NotAuthorized => (
+            ReasonCode::NOT_AUTHORIZED,
+            "anonymous clients are not allowed",
+        ),
+    })
+}
+
+fn check_will(connect: &Connect, policy: &Policy) -> Result<(), Refused> {
+    let Some(will) = &connect.will else {
+        return Ok(());
+    };
+    let who = Identity {
+        client_id: &connect.client_id,
+        username: connect.username.as_deref(),
+    };
+    if mqtt::topic::validate_topic_name(&will.topic).is_err() {
+        return Err((ReasonCode::TOPIC_NAME_INVALID, "invalid will topic"));
+    }
+    if policy.restricts_publish() && !policy.can_publish(who, &will.topic) {
+        tracing::info!(client_id = %connect.client_id, topic = %will.topic, "will topic denied");
+        return Err((
+            ReasonCode::NOT_AUTHORIZED,
+            "not authorized to publish the will topic",
+        ));
+    }
+    Ok(())
+}
+
+/// The session expiry asked for, capped by the broker (5.0 is told the cap).
+fn session_expiry(connect: &Connect, settings: &Settings, properties: &mut Properties) -> u32 {
+    let expiry = match connect.protocol {
+        Protocol::V311 if connect.clean_start => 0,
+        Protocol::V311 => NEVER_EXPIRES,
+        Protocol::V5 => connect.properties.session_expiry_interval.unwrap_or(0),
+    };
+    let capped = expiry.min(settings.max_session_expiry);
+    if capped != expiry && connect.protocol == Protocol::V5 {
+        properties.session_expiry_interval = Some(capped);
+    }
+    capped
+}
+
 impl Conn {
     /// Handles CONNECT: checks credentials and limits, opens or takes over the session,
     /// writes CONNACK (and the messages a resumed session still owes). `None` when the
@@ -141,116 +297,53 @@ impl Conn {
         let protocol = connect.protocol;
         let settings = &router.settings;
         let (policy, policy_generation) = router.policy();
-        let refuse = |code: ReasonCode, why: &str, out: &mut BytesMut| {
-            let _ = write(&refusal(code, why), protocol, out);
-            None
-        };
-        if connect.properties.authentication_method.is_some() {
-            return refuse(
-                ReasonCode::BAD_AUTHENTICATION_METHOD,
-                "enhanced authentication is not supported",
-                out,
-            );
-        }
-        if connect.properties.receive_maximum == Some(0)
-            || connect.properties.maximum_packet_size == Some(0)
-        {
-            return refuse(
-                ReasonCode::PROTOCOL_ERROR,
-                "receive maximum and maximum packet size must not be 0",
-                out,
-            );
-        }
         let mut properties = Properties::default();
-        if connect.client_id.is_empty() {
-            if protocol == Protocol::V311 && !connect.clean_start {
-                return refuse(
-                    ReasonCode::CLIENT_IDENTIFIER_NOT_VALID,
-                    "an empty client id needs a clean session",
-                    out,
-                );
+        let keep_alive = match admit(&mut connect, settings, &policy, peer, &mut properties) {
+            Ok(keep_alive) => keep_alive,
+            Err((code, why)) => {
+                let _ = write(&refusal(code, why), protocol, out);
+                return None;
             }
-            connect.client_id = assign_client_id();
-            if protocol == Protocol::V5 {
-                properties.assigned_client_identifier = Some(connect.client_id.clone());
-            }
-        }
-        let mut keep_alive = connect.keep_alive;
-        if let Some(max) = settings.max_keep_alive {
-            if keep_alive == 0 || keep_alive > max {
-                if protocol == Protocol::V311 {
-                    // 3.1.1 cannot be told another keepalive (mosquitto does the same).
-                    return refuse(
-                        ReasonCode::CLIENT_IDENTIFIER_NOT_VALID,
-                        "keepalive above the broker's maximum",
-                        out,
-                    );
-                }
-                keep_alive = max;
-                properties.server_keep_alive = Some(max);
-            }
-        }
-        let password = connect.password.as_deref();
-        match policy.authenticate(connect.username.as_deref(), password) {
-            Ok(()) => {}
-            Err(refused) => {
-                tracing::info!(client_id = %connect.client_id, %peer, username = connect.username.as_deref().unwrap_or(""), ?refused, "connection refused");
-                let (code, why) = match refused {
-                    Refusal::BadCredentials => (
-                        ReasonCode::BAD_USER_NAME_OR_PASSWORD,
-                        "bad user name or password",
-                    ),
-                    Refusal::NotAuthorized => (
-                        ReasonCode::NOT_AUTHORIZED,
-                        "anonymous clients are not allowed",
-                    ),
-                };
-                return refuse(code, why, out);
-            }
-        }
-        if let Some(will) = &connect.will {
-            let who = Identity {
-                client_id: &connect.client_id,
-                username: connect.username.as_deref(),
-            };
-            if mqtt::topic::validate_topic_name(&will.topic).is_err() {
-                return refuse(ReasonCode::TOPIC_NAME_INVALID, "invalid will topic", out);
-            }
-            if policy.restricts_publish() && !policy.can_publish(who, &will.topic) {
-                tracing::info!(client_id = %connect.client_id, topic = %will.topic, "will topic denied");
-                return refuse(
-                    ReasonCode::NOT_AUTHORIZED,
-                    "not authorized to publish the will topic",
-                    out,
-                );
-            }
-        }
-
-        let expiry = match protocol {
-            Protocol::V311 if connect.clean_start => 0,
-            Protocol::V311 => NEVER_EXPIRES,
-            Protocol::V5 => connect.properties.session_expiry_interval.unwrap_or(0),
         };
-        let capped = expiry.min(settings.max_session_expiry);
-        if capped != expiry && protocol == Protocol::V5 {
-            properties.session_expiry_interval = Some(capped);
-        }
-
+        let expiry = session_expiry(&connect, settings, &mut properties);
         let opened = router
             .open_session(&connect.client_id, connect.clean_start, protocol)
             .await;
-        let mut session = opened.session;
-        session.expiry = capped;
-        if protocol == Protocol::V5 {
-            properties.receive_maximum = Some(settings.max_inflight);
-            properties.maximum_packet_size = Some(settings.max_packet_size);
-            properties.topic_alias_maximum = Some(settings.max_topic_alias);
+        tracing::info!(
+            client_id = %connect.client_id,
+            %peer,
+            username = connect.username.as_deref().unwrap_or(""),
+            protocol = protocol.level(),
+            clean_start = connect.clean_start,
+            session_present = opened.present,
+            keep_alive,
+            "client connected"
+        );
+        let connack = connack(opened.present, properties, settings, protocol);
+        let mut conn = Conn::new(router, connect, opened, (policy, policy_generation));
+        conn.session.expiry = expiry;
+        let keep_alive_timeout =
+            (keep_alive > 0).then(|| Duration::from_millis(u64::from(keep_alive) * 1500));
+        conn.session
+            .mailbox
+            .set_keep_alive(keep_alive_timeout, router.now_ms());
+        if write(&connack, protocol, out).is_err() {
+            conn.close(Close::Lost);
+            return None;
         }
-        let connack = Packet::ConnAck(ConnAck {
-            session_present: opened.present,
-            code: ReasonCode::SUCCESS,
-            properties,
-        });
+        conn.resend(out);
+        Some(conn)
+    }
+
+    /// The connected state for an admitted CONNECT and the session it opened.
+    fn new(
+        router: &Arc<Router>,
+        connect: Connect,
+        opened: Opened,
+        (policy, policy_generation): (Arc<Policy>, u64),
+    ) -> Conn {
+        let protocol = connect.protocol;
+        let settings = &router.settings;
         let window = usize::from(
             connect
                 .properties
@@ -262,24 +355,9 @@ impl Conn {
             .properties
             .maximum_packet_size
             .map_or(usize::MAX, |m| m as usize);
-        tracing::info!(
-            client_id = %connect.client_id,
-            %peer,
-            username = connect.username.as_deref().unwrap_or(""),
-            protocol = protocol.level(),
-            clean_start = connect.clean_start,
-            session_present = opened.present,
-            keep_alive,
-            "client connected"
-        );
-        let keep_alive_timeout =
-            (keep_alive > 0).then(|| Duration::from_millis(u64::from(keep_alive) * 1500));
-        session
-            .mailbox
-            .set_keep_alive(keep_alive_timeout, router.now_ms());
-        let mut conn = Conn {
+        Conn {
             router: router.clone(),
-            session,
+            session: opened.session,
             generation: opened.generation,
             protocol,
             username: connect.username.map(String::into_boxed_str),
@@ -293,13 +371,7 @@ impl Conn {
                 && connect.properties.request_problem_information != Some(0),
             received: 0,
             sent: 0,
-        };
-        if write(&connack, protocol, out).is_err() {
-            conn.close(Close::Lost);
-            return None;
         }
-        conn.resend(out);
-        Some(conn)
     }
 
     pub fn client_id(&self) -> &str {

@@ -6,9 +6,11 @@
 //! | file | owns |
 //! |---|---|
 //! | `config.rs` | the `[broker]` section |
-//! | `server.rs` | listeners, TLS, the socket task of each connection |
+//! | `server.rs` | listeners, TLS handshakes, the socket task of each connection (CONNECT, the connection loop) |
+//! | `connection.rs` | one connection's stream with its read and write buffers: packets in, bytes out |
 //! | `conn.rs` | the protocol of one connection, no I/O (CONNECT to DISCONNECT) |
-//! | `router.rs` | shared state: routing, sessions, takeover, wills, counters |
+//! | `router.rs` | routing: tree, retained, policy, counters; a session's start and end (subscriptions, wills) |
+//! | `registry.rs` | sessions by client id: online or parked, takeover, pending wills, expiry |
 //! | `session.rs` | messages, mailboxes (per-client bounded queues), inflight window |
 //! | `tree.rs` | the subscription tree (`+`, `#`, shared groups) |
 //! | `retained.rs` | retained messages by topic level |
@@ -30,7 +32,9 @@
 mod auth;
 mod config;
 mod conn;
+mod connection;
 mod persist;
+mod registry;
 mod retained;
 mod router;
 mod server;
@@ -42,6 +46,7 @@ mod tree;
 mod tests;
 
 use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -71,14 +76,43 @@ pub enum Error {
         addr: SocketAddr,
         source: std::io::Error,
     },
-    #[error("TLS listener {addr}: {message}")]
-    Tls { addr: SocketAddr, message: String },
+    #[error("TLS listener {addr}: {source}")]
+    Tls { addr: SocketAddr, source: TlsError },
     #[error(transparent)]
     Auth(#[from] AuthError),
     #[error(transparent)]
     Persist(#[from] PersistError),
     #[error("invalid broker configuration: {0}")]
     Config(String),
+    /// A start-up task that reads files on a blocking thread panicked or was cancelled.
+    #[error("{what} failed: {source}")]
+    Loader {
+        what: &'static str,
+        source: tokio::task::JoinError,
+    },
+}
+
+/// Why a TLS listener's certificate or key cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum TlsError {
+    #[error("cannot read {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    /// The file is not valid PEM.
+    #[error("{path}: {source}")]
+    Pem {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{path} holds no certificate")]
+    NoCertificate { path: PathBuf },
+    #[error("{path} holds no private key")]
+    NoPrivateKey { path: PathBuf },
+    /// rustls refuses the protocol versions, the certificate or the key.
+    #[error("{0}")]
+    Rustls(#[source] rustls::Error),
 }
 
 /// A snapshot of the broker's counters.
@@ -137,33 +171,43 @@ impl std::fmt::Debug for BrokerHandle {
 }
 
 fn tls_acceptor(addr: SocketAddr, tls: &TlsListenerConfig) -> Result<TlsAcceptor, Error> {
-    let err = |message: String| Error::Tls { addr, message };
-    let read = |path: &std::path::Path| {
-        std::fs::read(path).map_err(|e| err(format!("cannot read {}: {e}", path.display())))
+    server_config(tls)
+        .map(|config| TlsAcceptor::from(Arc::new(config)))
+        .map_err(|source| Error::Tls { addr, source })
+}
+
+fn server_config(tls: &TlsListenerConfig) -> Result<rustls::ServerConfig, TlsError> {
+    let read = |path: &Path| {
+        std::fs::read(path).map_err(|source| TlsError::Read {
+            path: path.to_owned(),
+            source,
+        })
+    };
+    let pem = |path: &Path| {
+        let path = path.to_owned();
+        move |source| TlsError::Pem { path, source }
     };
     let cert_pem = read(&tls.cert_file)?;
     let key_pem = read(&tls.key_file)?;
     let certs = rustls_pemfile::certs(&mut cert_pem.as_slice())
         .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| err(format!("{}: {e}", tls.cert_file.display())))?;
+        .map_err(pem(&tls.cert_file))?;
     if certs.is_empty() {
-        return Err(err(format!(
-            "{} holds no certificate",
-            tls.cert_file.display()
-        )));
+        return Err(TlsError::NoCertificate {
+            path: tls.cert_file.clone(),
+        });
     }
     let key = rustls_pemfile::private_key(&mut key_pem.as_slice())
-        .map_err(|e| err(format!("{}: {e}", tls.key_file.display())))?
-        .ok_or_else(|| err(format!("{} holds no private key", tls.key_file.display())))?;
-    let config = rustls::ServerConfig::builder_with_provider(Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()
-    .map_err(|e| err(e.to_string()))?
-    .with_no_client_auth()
-    .with_single_cert(certs, key)
-    .map_err(|e| err(e.to_string()))?;
-    Ok(TlsAcceptor::from(Arc::new(config)))
+        .map_err(pem(&tls.key_file))?
+        .ok_or_else(|| TlsError::NoPrivateKey {
+            path: tls.key_file.clone(),
+        })?;
+    rustls::ServerConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+        .with_safe_default_protocol_versions()
+        .map_err(TlsError::Rustls)?
+        .with_no_client_auth()
+        .with_single_cert(certs, key)
+        .map_err(TlsError::Rustls)
 }
 
 impl Broker {
@@ -187,7 +231,10 @@ impl Broker {
                 let path = path.clone();
                 let (p, l) = tokio::task::spawn_blocking(move || Persister::open(&path))
                     .await
-                    .map_err(|e| Error::Config(format!("persistence loader failed: {e}")))??;
+                    .map_err(|source| Error::Loader {
+                        what: "persistence loader",
+                        source,
+                    })??;
                 (Some(p), l)
             }
             None => (None, persist::Loaded::default()),
@@ -262,7 +309,10 @@ async fn load_policy(config: &BrokerConfig, protected: Vec<String>) -> Result<Po
         Policy::load(passwords.as_deref(), acl.as_deref(), anonymous, protected)
     })
     .await
-    .map_err(|e| Error::Config(format!("policy loader failed: {e}")))?
+    .map_err(|source| Error::Loader {
+        what: "policy loader",
+        source,
+    })?
     .map_err(Error::from)
 }
 

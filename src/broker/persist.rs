@@ -40,6 +40,12 @@ pub enum PersistError {
     },
     #[error("persistence file {path} has format version {found}, this build reads 1")]
     Version { path: PathBuf, found: i64 },
+    /// The writer thread cannot be started.
+    #[error("persistence file {path}: {source}")]
+    Thread {
+        path: PathBuf,
+        source: std::io::Error,
+    },
 }
 
 /// What a persistent session needs to be resumed.
@@ -310,7 +316,10 @@ impl Persister {
         let thread = std::thread::Builder::new()
             .name("broker-persist".into())
             .spawn(move || writer(conn, &thread_shared, &thread_path))
-            .map_err(|e| sqlite(rusqlite::Error::ToSqlConversionFailure(Box::new(e))))?;
+            .map_err(|source| PersistError::Thread {
+                path: path.to_owned(),
+                source,
+            })?;
         Ok((
             Persister {
                 shared,

@@ -8,6 +8,8 @@
 
 use std::collections::HashMap;
 
+use crate::mqtt::topic::split_level;
+
 #[derive(Debug)]
 struct Node<V> {
     children: HashMap<Box<str>, Node<V>>,
@@ -72,7 +74,7 @@ impl<V> Node<V> {
                 }
             }
             Some(rest) => {
-                let (level, rest) = split(rest);
+                let (level, rest) = split_level(rest);
                 if level == "#" {
                     if let Some(v) = &self.value {
                         f(v);
@@ -85,7 +87,7 @@ impl<V> Node<V> {
 
     /// Returns (previous value, node now empty).
     fn remove(&mut self, topic: &str) -> (Option<V>, bool) {
-        let (level, rest) = split(topic);
+        let (level, rest) = split_level(topic);
         let Some(child) = self.children.get_mut(level) else {
             return (None, self.is_empty());
         };
@@ -110,13 +112,6 @@ impl<V> Node<V> {
             !child.is_empty()
         });
         removed
-    }
-}
-
-fn split(topic: &str) -> (&str, Option<&str>) {
-    match topic.split_once('/') {
-        Some((level, rest)) => (level, Some(rest)),
-        None => (topic, None),
     }
 }
 
@@ -169,7 +164,7 @@ impl<V> RetainedStore<V> {
 
     /// Calls `f` with every retained message whose topic matches `filter` (valid).
     pub fn for_each_match(&self, filter: &str, mut f: impl FnMut(&V)) {
-        let (level, rest) = split(filter);
+        let (level, rest) = split_level(filter);
         self.root.matches(level, rest, true, &mut f);
     }
 

@@ -1,6 +1,10 @@
-//! The shared state of the broker: subscription tree, retained store, session registry,
-//! access policy and counters. Connections and the in-process publisher call into it;
-//! it does no socket I/O.
+//! Routing, the broker's shared state: the subscription tree, the retained store, the
+//! access policy and the counters, plus the [`Registry`] of sessions. Connections and
+//! the in-process publisher call into it; it does no socket I/O.
+//!
+//! The registry keeps the sessions; this file does what a session's start and end mean
+//! for routing: subscriptions in and out of the tree, wills published (now or by their
+//! delay timer), persisted records written and cleared.
 //!
 //! Invariants:
 //! - Routing a message never waits on a subscriber: it matches under a read lock of the
@@ -8,27 +12,22 @@
 //! - A client gets one copy of a message however many of its filters match, at the
 //!   highest granted QoS, with every matching subscription identifier (3.1.1 requires
 //!   it, 5.0 allows it). A shared group contributes one member per message.
-//! - Every session is in the registry under its client id: online (owned by exactly one
-//!   connection) or parked (owned by the registry). Its subscriptions are in the tree as
-//!   long as the session exists, so an offline persistent session keeps queueing.
-//! - A pending will lives in the registry slot of its session; it is published by its
-//!   delay timer, by the end of the session (expiry or a clean start), or cancelled when
-//!   the session is resumed.
+//! - A session's subscriptions are in the tree as long as the session exists, online or
+//!   parked, so an offline persistent session keeps queueing.
 //! - A message is encoded once per distinct wire form (protocol, QoS, retain) and the
 //!   bytes are shared among subscribers.
 
-use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, RwLock, RwLockReadGuard, RwLockWriteGuard};
+use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use std::time::Duration;
 
-use tokio::sync::oneshot;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use super::auth::{Identity, Policy};
 use super::config::BrokerConfig;
 use super::persist::{Loaded, Persister, SessionRecord};
+use super::registry::{DueWill, Ended, Opened, Registry, Released};
 use super::retained::RetainedStore;
 use super::session::{
     Delivery, Kick, Limits, Mailbox, Message, Pushed, Session, SubRecord, Target, NEVER_EXPIRES,
@@ -97,47 +96,17 @@ impl Counters {
     }
 }
 
-/// The registry entry of one session.
-#[derive(Debug)]
-struct SessionSlot {
-    mailbox: Arc<Mailbox>,
-    /// `Some` while no connection owns the session.
-    parked: Option<Box<Session>>,
-    /// Bumped each time a connection takes the session.
-    generation: u64,
-    /// When a parked session ends.
-    expires_at: Option<Instant>,
-    /// The will of the last connection, waiting for its delay.
-    will: Option<Arc<Message>>,
-}
-
-/// A session handed to a connection.
-#[derive(Debug)]
-pub(crate) struct Opened {
-    pub session: Session,
-    /// The session existed and is continued.
-    pub present: bool,
-    pub generation: u64,
-}
-
-/// How long a new connection waits for the one it takes over to let go.
-const TAKEOVER_TIMEOUT: Duration = Duration::from_secs(5);
-
 /// The broker's shared state.
 #[derive(Debug)]
 pub(crate) struct Router {
     pub settings: Settings,
     tree: RwLock<SubscriptionTree<Target>>,
     retained: RwLock<RetainedStore<Arc<Message>>>,
-    sessions: Mutex<HashMap<Arc<str>, SessionSlot>>,
-    /// Connections waiting for a session to be parked (takeover), rare and short-lived;
-    /// locked only inside `sessions`.
-    takeovers: Mutex<Vec<(Arc<str>, oneshot::Sender<()>)>>,
+    registry: Registry,
     policy: RwLock<Arc<Policy>>,
     policy_generation: AtomicU64,
     pub counters: Counters,
     persister: Option<Persister>,
-    next_id: AtomicU64,
     started: Instant,
     /// Cancels pending will timers on shutdown.
     pub cancel: CancellationToken,
@@ -158,24 +127,14 @@ impl Router {
             settings,
             tree: RwLock::default(),
             retained: RwLock::default(),
-            sessions: Mutex::default(),
-            takeovers: Mutex::default(),
+            registry: Registry::default(),
             policy: RwLock::new(Arc::new(policy)),
             policy_generation: AtomicU64::new(0),
             counters: Counters::default(),
             persister,
-            next_id: AtomicU64::new(1),
             started: Instant::now(),
             cancel: CancellationToken::new(),
         }
-    }
-
-    fn sessions(&self) -> MutexGuard<'_, HashMap<Arc<str>, SessionSlot>> {
-        self.sessions.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
-    fn takeovers(&self) -> MutexGuard<'_, Vec<(Arc<str>, oneshot::Sender<()>)>> {
-        self.takeovers.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// The current access policy and its generation.
@@ -192,11 +151,6 @@ impl Router {
     pub fn set_policy(&self, policy: Policy) {
         *write(&self.policy) = Arc::new(policy);
         self.policy_generation.fetch_add(1, Ordering::AcqRel);
-    }
-
-    fn new_mailbox(&self, client_id: Arc<str>, protocol: Protocol) -> Arc<Mailbox> {
-        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
-        Arc::new(Mailbox::new(id, client_id, protocol))
     }
 
     /// Routes `msg` to every matching subscriber and stores it if retained. Returns the
@@ -327,7 +281,8 @@ impl Router {
             return;
         };
         let mut snapshot = Vec::new();
-        self.for_each_parked(|s| snapshot.push(super::persist::snapshot(s)));
+        self.registry
+            .for_each_parked(|s| snapshot.push(super::persist::snapshot(s)));
         persister.close(snapshot);
     }
 
@@ -456,97 +411,26 @@ impl Router {
         clean_start: bool,
         protocol: Protocol,
     ) -> Opened {
-        let mut waited = false;
-        loop {
-            let wait = {
-                let mut sessions = self.sessions();
-                match sessions.get_mut(client_id) {
-                    Some(slot) if slot.parked.is_none() && !waited => {
-                        slot.mailbox.kick(Kick::TakenOver);
-                        let (tx, rx) = oneshot::channel();
-                        self.takeovers().push((slot.mailbox.client_id.clone(), tx));
-                        Some(rx)
-                    }
-                    Some(slot) if slot.parked.is_some() => {
-                        let mut session = *slot.parked.take().expect("checked above");
-                        slot.generation += 1;
-                        slot.expires_at = None;
-                        let pending_will = slot.will.take();
-                        let generation = slot.generation;
-                        let present = !clean_start;
-                        if clean_start {
-                            let fresh = self.new_mailbox(client_id.into(), protocol);
-                            slot.mailbox = fresh.clone();
-                            drop(sessions);
-                            self.end_session(&session, pending_will, true);
-                            session = Session::new(fresh);
-                        } else {
-                            drop(sessions);
-                            if pending_will.is_some() {
-                                tracing::debug!(
-                                    client_id,
-                                    "session resumed within the will delay; will cancelled"
-                                );
-                            }
-                        }
-                        session.mailbox.lock().clear_kick();
-                        session.mailbox.set_protocol(protocol);
-                        session.mailbox.set_online(true);
-                        self.kick_if_stopping(&session.mailbox);
-                        return Opened {
-                            session,
-                            present,
-                            generation,
-                        };
-                    }
-                    Some(_) => {
-                        // The old connection did not let go in time: give up on its
-                        // state and start afresh.
-                        // Its subscriptions leave the tree when it finally closes.
-                        tracing::warn!(
-                            client_id,
-                            "previous connection did not release its session; starting a new one"
-                        );
-                        sessions.remove(client_id);
-                        continue;
-                    }
-                    None => {
-                        let mailbox = self.new_mailbox(client_id.into(), protocol);
-                        mailbox.set_online(true);
-                        sessions.insert(
-                            mailbox.client_id.clone(),
-                            SessionSlot {
-                                mailbox: mailbox.clone(),
-                                parked: None,
-                                generation: 1,
-                                expires_at: None,
-                                will: None,
-                            },
-                        );
-                        drop(sessions);
-                        self.kick_if_stopping(&mailbox);
-                        return Opened {
-                            session: Session::new(mailbox),
-                            present: false,
-                            generation: 1,
-                        };
-                    }
-                }
-            };
-            if let Some(rx) = wait {
-                // Either the old connection parks its session or the wait times out; both
-                // continue the loop.
-                let _ = tokio::time::timeout(TAKEOVER_TIMEOUT, rx).await;
-                waited = true;
-            }
+        let (opened, replaced) = self.registry.open(client_id, clean_start, protocol).await;
+        if let Some(replaced) = replaced {
+            self.end_session(replaced);
         }
+        // A session opened while the broker shuts down is closed at once.
+        if self.cancel.is_cancelled() {
+            opened.session.mailbox.kick(Kick::Shutdown);
+        }
+        opened
     }
 
-    /// Ends a session for good: subscriptions gone, persistence cleared, will sent.
-    /// `forget` also removes it from persistence (false for a stale session whose client
-    /// id already belongs to a newer one).
-    fn end_session(&self, session: &Session, will: Option<Arc<Message>>, forget: bool) {
-        self.drop_subscriptions(session);
+    /// Ends a session for good: subscriptions gone, persistence cleared (unless the
+    /// client id already belongs to a newer session), will sent.
+    fn end_session(&self, ended: Ended) {
+        let Ended {
+            session,
+            will,
+            forget,
+        } = ended;
+        self.drop_subscriptions(&session);
         let queued = session.mailbox.lock().items.len();
         if queued > 0 {
             tracing::debug!(client_id = %session.client_id(), queued, "session ended with queued messages");
@@ -581,60 +465,20 @@ impl Router {
         generation: u64,
         will: Option<(Message, u32)>,
     ) {
-        session.mailbox.set_online(false);
         let client_id = session.client_id().clone();
-        let mut sessions = self.sessions();
-        {
-            let mut takeovers = self.takeovers();
-            let mut i = 0;
-            while i < takeovers.len() {
-                if takeovers[i].0 == client_id {
-                    let (_, waiter) = takeovers.swap_remove(i);
-                    let _ = waiter.send(());
-                } else {
-                    i += 1;
-                }
-            }
-        }
-        let slot = match sessions.get_mut(&client_id) {
-            Some(slot)
-                if slot.generation == generation
-                    && Arc::ptr_eq(&slot.mailbox, &session.mailbox) =>
-            {
-                slot
-            }
-            _ => {
-                // Replaced after a takeover timeout: this state is stale.
-                drop(sessions);
-                self.end_session(&session, will.map(|(w, _)| Arc::new(w)), false);
-                return;
-            }
-        };
-        let kicked = session.mailbox.lock().kick();
-        if session.expiry == 0 {
-            sessions.remove(&client_id);
-            drop(sessions);
-            self.end_session(&session, will.map(|(w, _)| Arc::new(w)), true);
-            return;
-        }
-        let expiry = session.expiry.min(self.settings.max_session_expiry);
-        slot.expires_at = (expiry != NEVER_EXPIRES)
-            .then(|| Instant::now() + Duration::from_secs(u64::from(expiry)));
-        if kicked == Some(Kick::Shutdown) {
-            // Kept for the persistence snapshot; no will on our own shutdown.
-            slot.parked = Some(Box::new(session));
-            return;
-        }
-        self.persist_session(&session);
-        slot.parked = Some(Box::new(session));
-        if let Some((will, delay)) = will {
-            let delay = delay.min(expiry);
-            if delay == 0 {
-                drop(sessions);
+        let max_expiry = self.settings.max_session_expiry;
+        let released = self
+            .registry
+            .release(session, generation, will, max_expiry, |s| {
+                self.persist_session(s);
+            });
+        match released {
+            Released::Ended(ended) => self.end_session(ended),
+            Released::Parked(None) => {}
+            Released::Parked(Some(DueWill::Now(will))) => {
                 self.publish(will);
-            } else {
-                slot.will = Some(Arc::new(will));
-                drop(sessions);
+            }
+            Released::Parked(Some(DueWill::After(delay))) => {
                 let router = self.clone();
                 tokio::spawn(async move {
                     tokio::select! {
@@ -647,14 +491,7 @@ impl Router {
     }
 
     fn fire_will(&self, client_id: &str, generation: u64) {
-        let will = {
-            let mut sessions = self.sessions();
-            match sessions.get_mut(client_id) {
-                Some(slot) if slot.generation == generation => slot.will.take(),
-                _ => None,
-            }
-        };
-        if let Some(will) = will {
+        if let Some(will) = self.registry.take_will(client_id, generation) {
             self.publish_will(will);
         }
     }
@@ -669,25 +506,10 @@ impl Router {
     pub fn housekeeping(&self, now: Instant) {
         let now_ms = u64::try_from(now.saturating_duration_since(self.started).as_millis())
             .unwrap_or(u64::MAX);
-        for slot in self.sessions().values() {
-            if slot.parked.is_none() && slot.mailbox.keep_alive_expired(now_ms) {
-                slot.mailbox.kick(Kick::KeepAlive);
-            }
-        }
-        let expired: Vec<SessionSlot> = {
-            let mut sessions = self.sessions();
-            let ids: Vec<Arc<str>> = sessions
-                .iter()
-                .filter(|(_, s)| s.parked.is_some() && s.expires_at.is_some_and(|at| at <= now))
-                .map(|(id, _)| id.clone())
-                .collect();
-            ids.iter().filter_map(|id| sessions.remove(id)).collect()
-        };
-        for mut slot in expired {
-            if let Some(session) = slot.parked.take() {
-                tracing::info!(client_id = %session.client_id(), "session expired");
-                self.end_session(&session, slot.will.take(), true);
-            }
+        self.registry.kick_silent(now_ms);
+        for ended in self.registry.take_expired(now) {
+            tracing::info!(client_id = %ended.session.client_id(), "session expired");
+            self.end_session(ended);
         }
         let gone = write(&self.retained).retain(|m| !m.expired(now));
         if gone > 0 {
@@ -702,7 +524,7 @@ impl Router {
         record: SessionRecord,
         queued: Vec<super::persist::QueuedRecord>,
     ) {
-        let mailbox = self.new_mailbox(client_id.into(), record.protocol);
+        let mailbox = self.registry.new_mailbox(client_id.into(), record.protocol);
         let mut session = Session::new(mailbox.clone());
         session.expiry = record.expiry;
         session.incoming = record.incoming;
@@ -733,43 +555,12 @@ impl Router {
         }
         let expires_at = (record.expiry != NEVER_EXPIRES)
             .then(|| Instant::now() + Duration::from_secs(u64::from(record.expiry)));
-        self.sessions().insert(
-            mailbox.client_id.clone(),
-            SessionSlot {
-                mailbox,
-                parked: Some(Box::new(session)),
-                generation: 1,
-                expires_at,
-                will: None,
-            },
-        );
-    }
-
-    /// A session opened while the broker shuts down is closed at once.
-    fn kick_if_stopping(&self, mailbox: &Mailbox) {
-        if self.cancel.is_cancelled() {
-            mailbox.kick(Kick::Shutdown);
-        }
+        self.registry.insert_parked(session, expires_at);
     }
 
     /// Kicks every connection with `why`.
     pub fn kick_all(&self, why: Kick) {
-        for slot in self.sessions().values() {
-            if slot.parked.is_none() {
-                slot.mailbox.kick(why);
-            }
-        }
-    }
-
-    /// Calls `f` with every parked session (persistence snapshot on shutdown).
-    fn for_each_parked(&self, mut f: impl FnMut(&Session)) {
-        for slot in self.sessions().values() {
-            if let Some(session) = &slot.parked {
-                if session.expiry > 0 {
-                    f(session);
-                }
-            }
-        }
+        self.registry.kick_all(why);
     }
 
     pub fn persister(&self) -> Option<&Persister> {
@@ -778,13 +569,7 @@ impl Router {
 
     pub fn stats(&self) -> BrokerStats {
         let c = &self.counters;
-        let (sessions, connected) = {
-            let sessions = self.sessions();
-            (
-                sessions.len(),
-                sessions.values().filter(|s| s.parked.is_none()).count(),
-            )
-        };
+        let (sessions, connected) = self.registry.counts();
         BrokerStats {
             clients_connected: connected,
             sessions,

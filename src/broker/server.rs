@@ -1,13 +1,9 @@
 //! Listeners and the socket task of each connection.
 //!
 //! Invariants:
-//! - One task per connection does both directions, so an idle connection costs one
-//!   small task: its read buffer is released when a read leaves it empty, its write
-//!   buffer when it has been written out, and it has no timer of its own (the router's
-//!   housekeeping enforces keepalives).
-//! - Reading pauses while more than [`READ_PAUSE`] bytes wait to be written to the
-//!   client (it does not read its acknowledgements), and the read buffer holds at most
-//!   one packet beyond what was decoded, so a flooding client is held back by TCP.
+//! - One task per connection does both directions over one [`Connection`], so an idle
+//!   connection costs one small task: no buffers while idle (see `connection.rs`) and no
+//!   timer of its own (the router's housekeeping enforces keepalives).
 //! - Everything queued for a client is written in batches: the mailbox is drained into
 //!   one buffer up to [`WRITE_BATCH`] bytes, then written with as few syscalls as the
 //!   socket allows.
@@ -17,15 +13,13 @@
 //! - Connections beyond `max_connections` are closed right after accept.
 
 use std::future::poll_fn;
-use std::io;
 use std::net::SocketAddr;
-use std::pin::Pin;
 use std::sync::Arc;
 use std::task::Poll;
 use std::time::Duration;
 
-use bytes::{Buf, BytesMut};
-use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
+use bytes::BytesMut;
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 use tokio_rustls::TlsAcceptor;
@@ -33,17 +27,12 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use super::conn::{Close, Conn};
+use super::connection::{Connection, ReadError, Ready};
 use super::router::{Counters, Router};
 use crate::mqtt::{self, ConnAck, Packet, Properties, Protocol, ReasonCode};
 
 /// Bytes drained from the mailbox into one write.
 const WRITE_BATCH: usize = 64 * 1024;
-/// Reading stops while this much waits to be written.
-const READ_PAUSE: usize = 256 * 1024;
-/// Size of a read into a connection without a buffer.
-const FIRST_READ: usize = 2048;
-/// Reads at least this large keep the buffer for the next one.
-const KEEP_BUFFER: usize = FIRST_READ;
 /// How long a closing connection may take to deliver its last DISCONNECT.
 const GOODBYE_TIMEOUT: Duration = Duration::from_secs(1);
 
@@ -111,26 +100,25 @@ pub(crate) async fn accept_loop(listener: TcpListener, tls: Option<TlsAcceptor>,
 }
 
 /// Serves one connection from CONNECT to close.
-pub(crate) async fn serve<S>(mut stream: S, peer: SocketAddr, shared: &Shared)
+pub(crate) async fn serve<S>(stream: S, peer: SocketAddr, shared: &Shared)
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
     let router = &shared.router;
-    let mut rbuf = BytesMut::new();
-    let mut wbuf = BytesMut::new();
+    let mut io = Connection::new(stream);
     // Boxed: CONNECT handling holds large packets for a moment; the task keeps only what
     // the connected state needs.
-    let handshake = Box::pin(handshake(&mut stream, &mut rbuf, &mut wbuf, peer, shared)).await;
+    let handshake = Box::pin(handshake(&mut io, peer, shared)).await;
     let Some(mut conn) = handshake else {
         return;
     };
-    let (why, detail) = run(&mut stream, &mut conn, &mut rbuf, &mut wbuf, router).await;
-    finish(conn, why, detail.as_deref(), &mut wbuf, router);
-    if why != Close::Lost && !wbuf.is_empty() {
+    let (why, detail) = run(&mut io, &mut conn, router).await;
+    finish(conn, why, detail.as_deref(), io.write_buf(), router);
+    if why != Close::Lost && io.pending() > 0 {
         // Boxed for the same reason as the handshake: a timer is big and rarely needed.
         let _ = Box::pin(tokio::time::timeout(GOODBYE_TIMEOUT, async {
-            stream.write_all(&wbuf).await?;
-            stream.shutdown().await
+            io.write_all().await?;
+            io.shutdown().await
         }))
         .await;
     }
@@ -155,6 +143,13 @@ fn finish(
         _ => {}
     }
     conn.goodbye(why, detail, wbuf);
+    flush_counters(&mut conn, router);
+    (*conn).close(why);
+}
+
+/// Adds the messages a connection received and sent since the last time to the
+/// router's counters.
+fn flush_counters(conn: &mut Conn, router: &Router) {
     Counters::add(
         &router.counters.messages_received,
         std::mem::take(&mut conn.received),
@@ -163,14 +158,11 @@ fn finish(
         &router.counters.messages_sent,
         std::mem::take(&mut conn.sent),
     );
-    (*conn).close(why);
 }
 
 /// Reads CONNECT and answers it. `None` when the connection ends here.
 async fn handshake<S>(
-    stream: &mut S,
-    rbuf: &mut BytesMut,
-    wbuf: &mut BytesMut,
+    io: &mut Connection<S>,
     peer: SocketAddr,
     shared: &Shared,
 ) -> Option<Box<Conn>>
@@ -180,7 +172,7 @@ where
     let router = &shared.router;
     let max = router.settings.max_packet_size as usize;
     let connect = tokio::select! {
-        c = tokio::time::timeout(router.settings.connect_timeout, read_connect(stream, rbuf, max)) => c,
+        c = tokio::time::timeout(router.settings.connect_timeout, read_connect(io, max)) => c,
         () = shared.cancel.cancelled() => return None,
     };
     let connect = match connect {
@@ -188,149 +180,112 @@ where
             tracing::info!(%peer, "no CONNECT within the connect timeout; closing");
             return None;
         }
-        Ok(Err(ConnectError::Io)) => return None,
-        Ok(Err(ConnectError::Malformed(e))) => {
+        Ok(Err(e)) => {
             tracing::info!(%peer, error = %e, "bad CONNECT; closing");
             if e.reason_code() == ReasonCode::UNSUPPORTED_PROTOCOL_VERSION {
-                let refusal = Packet::ConnAck(ConnAck {
-                    session_present: false,
-                    code: ReasonCode::UNSUPPORTED_PROTOCOL_VERSION,
-                    properties: Properties::default(),
-                });
-                if mqtt::encode(&refusal, Protocol::V311, wbuf).is_ok() {
-                    let _ = tokio::time::timeout(GOODBYE_TIMEOUT, stream.write_all(wbuf)).await;
-                }
+                refuse_protocol_version(io).await;
             }
             return None;
         }
-        Ok(Ok(connect)) => connect,
+        Ok(Ok(None)) => return None,
+        Ok(Ok(Some(connect))) => connect,
     };
-    let conn = Conn::connect(router, connect, peer, wbuf).await;
+    let conn = Conn::connect(router, connect, peer, io.write_buf()).await;
     if conn.is_none() {
-        let _ = tokio::time::timeout(GOODBYE_TIMEOUT, stream.write_all(wbuf)).await;
+        let _ = tokio::time::timeout(GOODBYE_TIMEOUT, io.write_all()).await;
     }
     conn.map(Box::new)
 }
 
-enum ConnectError {
-    Io,
-    Malformed(mqtt::Error),
+/// Tells a client of an unknown protocol version so, in 3.1.1 (which every version
+/// can read).
+async fn refuse_protocol_version<S: AsyncRead + AsyncWrite + Unpin>(io: &mut Connection<S>) {
+    let refusal = Packet::ConnAck(ConnAck {
+        session_present: false,
+        code: ReasonCode::UNSUPPORTED_PROTOCOL_VERSION,
+        properties: Properties::default(),
+    });
+    if mqtt::encode(&refusal, Protocol::V311, io.write_buf()).is_ok() {
+        let _ = tokio::time::timeout(GOODBYE_TIMEOUT, io.write_all()).await;
+    }
 }
 
-/// Reads until a whole first packet is buffered; it must be CONNECT.
+/// Reads the first packet; it must be CONNECT. `Ok(None)` when the connection ends
+/// first (closed, failed, or another packet).
 async fn read_connect<S>(
-    stream: &mut S,
-    rbuf: &mut BytesMut,
+    io: &mut Connection<S>,
     max: usize,
-) -> Result<mqtt::Connect, ConnectError>
+) -> Result<Option<mqtt::Connect>, mqtt::Error>
 where
-    S: AsyncRead + Unpin,
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    match io.read_packet(Protocol::V311, max).await {
+        Ok(Some(Packet::Connect(c))) => Ok(Some(c)),
+        Ok(Some(other)) => {
+            tracing::info!(packet = ?std::mem::discriminant(&other), "first packet is not CONNECT; closing");
+            Ok(None)
+        }
+        Ok(None) | Err(ReadError::Io(_)) => Ok(None),
+        Err(ReadError::Malformed(e)) => Err(e),
+    }
+}
+
+/// Handles the packets already buffered (unless the client is not taking our answers).
+/// An error with why the connection ends (and the decoding error's text).
+fn handle_buffered<S>(
+    io: &mut Connection<S>,
+    conn: &mut Conn,
+    protocol: Protocol,
+    max: usize,
+) -> Result<(), (Close, Option<String>)>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
 {
     loop {
-        match mqtt::decode(rbuf, Protocol::V311, max) {
-            Ok(Some(Packet::Connect(c))) => return Ok(c),
-            Ok(Some(other)) => {
-                tracing::info!(packet = ?std::mem::discriminant(&other), "first packet is not CONNECT; closing");
-                return Err(ConnectError::Io);
+        match io.buffered_packet(protocol, max) {
+            Ok(Some(packet)) => conn
+                .handle(packet, io.write_buf())
+                .map_err(|why| (why, None))?,
+            Ok(None) => return Ok(()),
+            Err(e) => {
+                tracing::info!(client_id = %conn.client_id(), error = %e, "malformed packet");
+                return Err((Close::Protocol(e.reason_code()), Some(e.to_string())));
             }
-            Ok(None) => {}
-            Err(e) => return Err(ConnectError::Malformed(e)),
-        }
-        rbuf.reserve(FIRST_READ);
-        match tokio::io::AsyncReadExt::read_buf(stream, rbuf).await {
-            Ok(0) | Err(_) => return Err(ConnectError::Io),
-            Ok(_) => {}
         }
     }
 }
 
 enum Event {
-    Read(usize),
-    Wrote(usize),
-    Flushed,
+    Io(Ready),
     Mail,
-    Closed,
 }
 
-/// The connection loop: read and handle packets, drain the mailbox, write, keepalive.
-async fn run<S>(
-    stream: &mut S,
-    conn: &mut Conn,
-    rbuf: &mut BytesMut,
-    wbuf: &mut BytesMut,
-    router: &Router,
-) -> (Close, Option<String>)
+/// The connection loop: handle buffered packets, drain the mailbox, then wait for I/O
+/// or mail. Keepalives are enforced by the router's housekeeping, through a kick.
+async fn run<S>(io: &mut Connection<S>, conn: &mut Conn, router: &Router) -> (Close, Option<String>)
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
     let max = router.settings.max_packet_size as usize;
     let protocol = conn.protocol();
     let mailbox = conn.mailbox().clone();
-    let mut unflushed = false;
     loop {
-        // Handle what is buffered, unless the client is not taking our answers.
-        while !rbuf.is_empty() && wbuf.len() < READ_PAUSE {
-            match mqtt::decode(rbuf, protocol, max) {
-                Ok(Some(packet)) => {
-                    if let Err(why) = conn.handle(packet, wbuf) {
-                        return (why, None);
-                    }
-                }
-                Ok(None) => break,
-                Err(e) => {
-                    tracing::info!(client_id = %conn.client_id(), error = %e, "malformed packet");
-                    return (Close::Protocol(e.reason_code()), Some(e.to_string()));
-                }
-            }
+        if let Err(end) = handle_buffered(io, conn, protocol, max) {
+            return end;
         }
         // Also with a full buffer: a kick (takeover, shutdown) must end even a
         // connection whose client stopped reading.
-        {
-            if let Err(why) = conn.drain(wbuf, WRITE_BATCH) {
-                return (why, None);
-            }
+        if let Err(why) = conn.drain(io.write_buf(), WRITE_BATCH) {
+            return (why, None);
         }
-        if conn.sent > 0 {
-            Counters::add(
-                &router.counters.messages_sent,
-                std::mem::take(&mut conn.sent),
-            );
+        if conn.sent > 0 || conn.received > 0 {
+            flush_counters(conn, router);
         }
-        if conn.received > 0 {
-            Counters::add(
-                &router.counters.messages_received,
-                std::mem::take(&mut conn.received),
-            );
-        }
-
-        let reading = wbuf.len() < READ_PAUSE;
-        let draining = wbuf.len() < WRITE_BATCH;
+        let draining = io.pending() < WRITE_BATCH;
         let room = conn.has_room();
         let event = poll_fn(|cx| {
-            if !wbuf.is_empty() {
-                match Pin::new(&mut *stream).poll_write(cx, wbuf) {
-                    Poll::Ready(Ok(0)) | Poll::Ready(Err(_)) => return Poll::Ready(Event::Closed),
-                    Poll::Ready(Ok(n)) => return Poll::Ready(Event::Wrote(n)),
-                    Poll::Pending => {}
-                }
-            } else if unflushed {
-                match Pin::new(&mut *stream).poll_flush(cx) {
-                    Poll::Ready(Ok(())) => return Poll::Ready(Event::Flushed),
-                    Poll::Ready(Err(_)) => return Poll::Ready(Event::Closed),
-                    Poll::Pending => {}
-                }
-            }
-            if reading {
-                match poll_read(Pin::new(&mut *stream), cx, rbuf) {
-                    Poll::Ready(Ok(0)) | Poll::Ready(Err(_)) => return Poll::Ready(Event::Closed),
-                    Poll::Ready(Ok(n)) => return Poll::Ready(Event::Read(n)),
-                    Poll::Pending => {
-                        if rbuf.is_empty() && rbuf.capacity() > 0 {
-                            // Idle: give the buffer back.
-                            *rbuf = BytesMut::new();
-                        }
-                    }
-                }
+            if let Poll::Ready(ready) = io.poll_io(cx) {
+                return Poll::Ready(Event::Io(ready));
             }
             // Also how a kick (takeover, keepalive, shutdown) reaches this task.
             if mailbox
@@ -342,50 +297,14 @@ where
             Poll::Pending
         })
         .await;
-
         match event {
-            Event::Read(n) => {
+            Event::Io(Ready::Read(n)) => {
                 conn.touch();
                 Counters::add(&router.counters.bytes_received, n as u64);
             }
-            Event::Wrote(n) => {
-                Counters::add(&router.counters.bytes_sent, n as u64);
-                wbuf.advance(n);
-                unflushed = true;
-                if wbuf.is_empty() {
-                    // Idle connections keep no write buffer.
-                    *wbuf = BytesMut::new();
-                }
-            }
-            Event::Flushed => unflushed = false,
-            Event::Mail => {}
-            Event::Closed => return (Close::Lost, None),
+            Event::Io(Ready::Wrote(n)) => Counters::add(&router.counters.bytes_sent, n as u64),
+            Event::Io(Ready::Flushed) | Event::Mail => {}
+            Event::Io(Ready::Closed) => return (Close::Lost, None),
         }
-    }
-}
-
-/// Reads into `rbuf`. A connection without a buffer reads into a stack buffer first and
-/// gets a heap buffer only for the bytes that arrived.
-fn poll_read<S: AsyncRead>(
-    stream: Pin<&mut S>,
-    cx: &mut std::task::Context<'_>,
-    rbuf: &mut BytesMut,
-) -> Poll<io::Result<usize>> {
-    if rbuf.capacity() - rbuf.len() >= KEEP_BUFFER {
-        return tokio_util::io::poll_read_buf(stream, cx, rbuf);
-    }
-    let mut tmp = [0u8; FIRST_READ];
-    let mut buf = ReadBuf::new(&mut tmp);
-    match stream.poll_read(cx, &mut buf) {
-        Poll::Ready(Ok(())) => {
-            let n = buf.filled().len();
-            if n == FIRST_READ {
-                // More is likely on its way: read the rest straight into the heap.
-                rbuf.reserve(4 * FIRST_READ);
-            }
-            rbuf.extend_from_slice(buf.filled());
-            Poll::Ready(Ok(n))
-        }
-        other => other.map(|r| r.map(|()| 0)),
     }
 }

@@ -22,6 +22,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use tokio::time::Instant;
 
+use super::tree::{push_compact, Owner};
 use crate::mqtt::{EncodedPublish, Properties, Protocol, Publish, QoS, SubscriptionOptions};
 
 /// A published message as the router passes it on.
@@ -293,7 +294,7 @@ impl PartialEq for Target {
     }
 }
 
-impl super::tree::Owner for Target {
+impl Owner for Target {
     fn is_online(&self) -> bool {
         self.0.is_online()
     }
@@ -436,15 +437,6 @@ impl Subscriptions {
     pub fn contains(&self, filter: &str) -> bool {
         self.0.iter().any(|(f, _)| &**f == filter)
     }
-}
-
-/// Pushes growing the allocation one element at a time while the vector is short, so
-/// the common one-element case does not reserve room for four.
-pub(crate) fn push_compact<T>(list: &mut Vec<T>, item: T) {
-    if list.len() < 8 {
-        list.reserve_exact(1);
-    }
-    list.push(item);
 }
 
 /// Session expiry meaning "never".

@@ -936,3 +936,26 @@ async fn subscriptions_and_retained_messages_are_bounded() {
         "r/3 not kept, r/1 updated"
     );
 }
+
+/// A TLS listener that cannot read its certificate says so and keeps the I/O error as
+/// the source (it used to be flattened into a string).
+#[test]
+fn tls_error_keeps_the_io_error_as_source() {
+    use std::error::Error as _;
+    let tls = super::TlsListenerConfig {
+        cert_file: "/nonexistent/fieldbridge/cert.pem".into(),
+        key_file: "/nonexistent/fieldbridge/key.pem".into(),
+    };
+    let addr = std::net::SocketAddr::from(([127, 0, 0, 1], 8883));
+    let Err(err) = super::tls_acceptor(addr, &tls) else {
+        panic!("a missing certificate file was accepted");
+    };
+    assert_eq!(
+        err.to_string(),
+        "TLS listener 127.0.0.1:8883: cannot read /nonexistent/fieldbridge/cert.pem: \
+         No such file or directory (os error 2)"
+    );
+    let tls_error = err.source().expect("the TLS error is the source");
+    let io = tls_error.source().expect("the I/O error is kept");
+    assert!(io.downcast_ref::<std::io::Error>().is_some());
+}

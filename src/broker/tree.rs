@@ -14,6 +14,7 @@
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
+use crate::mqtt::topic::split_level;
 use crate::mqtt::SubscriptionOptions;
 
 /// Who a subscription delivers to. Equality is identity (one session).
@@ -93,7 +94,7 @@ impl<T: Owner> Entries<T> {
                 false
             }
             None => {
-                super::session::push_compact(list, sub);
+                push_compact(list, sub);
                 true
             }
         }
@@ -205,14 +206,14 @@ impl<T: Owner> Node<T> {
                 }
             }
             Some(rest) => {
-                let (level, rest) = split(rest);
+                let (level, rest) = split_level(rest);
                 self.walk(level, rest, false, f);
             }
         }
     }
 
     fn slot(&mut self, filter: &str) -> &mut Option<Box<Entries<T>>> {
-        let (level, rest) = split(filter);
+        let (level, rest) = split_level(filter);
         match (level, rest) {
             ("#", _) => &mut self.hash,
             (level, rest) => {
@@ -234,7 +235,7 @@ impl<T: Owner> Node<T> {
 
     /// Removes from the entries of `filter`; returns (removed, node now empty).
     fn remove(&mut self, filter: &str, group: Option<&str>, owner: &T) -> (bool, bool) {
-        let (level, rest) = split(filter);
+        let (level, rest) = split_level(filter);
         let removed = if level == "#" {
             remove_from(&mut self.hash, group, owner)
         } else {
@@ -283,11 +284,14 @@ fn remove_from<T: Owner>(
     removed
 }
 
-fn split(topic: &str) -> (&str, Option<&str>) {
-    match topic.split_once('/') {
-        Some((level, rest)) => (level, Some(rest)),
-        None => (topic, None),
+/// Pushes growing the allocation one element at a time while the vector is short, so
+/// the common one-element case does not reserve room for four. Sessions grow their
+/// own list of filters with it too.
+pub(crate) fn push_compact<T>(list: &mut Vec<T>, item: T) {
+    if list.len() < 8 {
+        list.reserve_exact(1);
     }
+    list.push(item);
 }
 
 /// Filters and their subscribers.
@@ -327,7 +331,7 @@ impl<T: Owner> SubscriptionTree<T> {
     /// topic name); a shared group contributes one member. An owner with overlapping
     /// filters is seen once per filter.
     pub fn for_each_match(&self, topic: &str, mut f: impl FnMut(&Subscriber<T>, bool)) {
-        let (level, rest) = split(topic);
+        let (level, rest) = split_level(topic);
         self.root.walk(level, rest, true, &mut f);
     }
 

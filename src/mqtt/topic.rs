@@ -111,6 +111,17 @@ fn check_filter_levels(filter: &str) -> Result<(), Error> {
     Ok(())
 }
 
+/// Splits a topic name or filter into its first level and the rest after the first `/`
+/// (`None` at the last level). The broker's subscription tree and retained store walk
+/// their levels with it.
+#[inline]
+pub fn split_level(topic: &str) -> (&str, Option<&str>) {
+    match topic.split_once('/') {
+        Some((level, rest)) => (level, Some(rest)),
+        None => (topic, None),
+    }
+}
+
 /// Whether `filter` matches `topic`. `$`-topics are not matched by a leading wildcard.
 ///
 /// Both arguments are assumed valid (see [`validate_topic_filter`] and
