@@ -12,6 +12,7 @@
 //! | [`config`] | the TOML schema, defaults and validation with precise errors |
 //! | [`agent`] | wiring, lifecycle, shutdown, reload, systemd notify |
 //! | [`clock`] | the wall clock (ms since the epoch), one copy for every module |
+//! | [`topics`] | the topic namespace: every topic the agent publishes or subscribes to |
 //!
 //! See `ARCHITECTURE.md` for the data flow and the invariants across modules.
 #![cfg_attr(not(test), deny(clippy::unwrap_used))]
@@ -23,4 +24,5 @@ pub mod config;
 pub mod field;
 pub mod mqtt;
 pub mod store;
+pub mod topics;
 pub mod uplink;

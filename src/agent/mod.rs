@@ -42,6 +42,7 @@ use crate::config::{self, Config};
 use crate::field::{self, FieldEvent, ResolvedBus};
 use crate::mqtt::QoS;
 use crate::store::{self, Queue};
+use crate::topics::Topics;
 use crate::uplink::{self, Uplink, UplinkHandle};
 
 use pipeline::Counters;
@@ -118,7 +119,7 @@ impl Buses {
 pub struct Agent {
     started: Instant,
     config: Config,
-    prefix: String,
+    topics: Topics,
     broker: Option<BrokerHandle>,
     queue: Option<Queue>,
     uplink: Option<Arc<UplinkHandle>>,
@@ -141,16 +142,17 @@ impl Agent {
     /// See [`run`].
     pub async fn start(config: Config) -> Result<Agent, Error> {
         let started = Instant::now();
-        let prefix = config.agent.resolved_prefix(&config::hostname());
+        let topics = Topics::new(&config.agent.resolved_prefix(&config::hostname()));
 
         let broker = match &config.broker {
             Some(broker_config) => {
-                let handle = Broker::start(broker_config.clone(), vec![prefix.clone()]).await?;
+                let handle =
+                    Broker::start(broker_config.clone(), vec![topics.prefix().to_string()]).await?;
                 for addr in handle.local_addrs() {
                     tracing::info!(%addr, "local broker listening");
                 }
                 handle.publish(
-                    &format!("{prefix}/status"),
+                    &topics.status(),
                     Bytes::from_static(b"online"),
                     QoS::AtLeastOnce,
                     true,
@@ -163,7 +165,8 @@ impl Agent {
         let (queue, uplink) = match &config.upstream {
             Some(upstream) => {
                 let queue = Queue::open(config.store.clone())?;
-                let uplink = Uplink::spawn(upstream.clone(), prefix.clone(), queue.clone())?;
+                let uplink =
+                    Uplink::spawn(upstream.clone(), topics.prefix().to_string(), queue.clone())?;
                 (Some(queue), Some(Arc::new(uplink)))
             }
             None => {
@@ -178,7 +181,7 @@ impl Agent {
         let pipeline_beat = Heartbeat::new("pipeline");
         let pipeline = tokio::spawn(
             pipeline::Pipeline {
-                prefix: prefix.clone(),
+                topics: topics.clone(),
                 qos: config.agent.qos(),
                 retain: config.agent.retain,
                 retain_upstream: config.agent.retain_upstream,
@@ -202,7 +205,7 @@ impl Agent {
         let health_beat = Heartbeat::new("health");
         let health = tokio::spawn(
             health::Health {
-                prefix: prefix.clone(),
+                topics: topics.clone(),
                 started,
                 interval: Duration::from_secs(config.agent.health_interval_secs),
                 qos: config.agent.qos(),
@@ -229,7 +232,7 @@ impl Agent {
 
         tracing::info!(
             version = env!("CARGO_PKG_VERSION"),
-            %prefix,
+            prefix = topics.prefix(),
             broker = broker.is_some(),
             upstream = uplink.is_some(),
             buses = config.field.buses.len(),
@@ -238,7 +241,7 @@ impl Agent {
         Ok(Agent {
             started,
             config,
-            prefix,
+            topics,
             broker,
             queue,
             uplink,
@@ -380,7 +383,7 @@ impl Agent {
         // upstream takes its round trip for the offline acknowledgement.
         if let Some(broker) = &self.broker {
             broker.publish(
-                &format!("{}/status", self.prefix),
+                &self.topics.status(),
                 Bytes::from_static(b"offline"),
                 QoS::AtLeastOnce,
                 true,

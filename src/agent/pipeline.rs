@@ -28,6 +28,7 @@ use crate::broker::BrokerHandle;
 use crate::field::{DeviceState, FieldEvent};
 use crate::mqtt::QoS;
 use crate::store::{self, Message, Priority, Queue};
+use crate::topics::Topics;
 
 /// An append that takes longer than this counts as a stalled pipeline for the watchdog.
 const APPEND_STALL: Duration = Duration::from_secs(20);
@@ -48,7 +49,7 @@ pub type DeviceStates = Arc<Mutex<BTreeMap<String, DeviceState>>>;
 
 /// Where the pipeline sends things.
 pub struct Pipeline {
-    pub prefix: String,
+    pub topics: Topics,
     /// QoS of messages queued for the upstream broker.
     pub qos: QoS,
     /// Readings retained on the local broker.
@@ -137,7 +138,8 @@ impl Pipeline {
         // (topic, payload, retained locally, retained upstream, ...)
         let (topic, payload, retain, retain_upstream, priority, created_ms, reading) = match event {
             FieldEvent::Reading(reading) => (
-                reading.topic(&self.prefix),
+                self.topics
+                    .point(&reading.device, &reading.point, reading.topic.as_deref()),
                 reading.payload_json(),
                 self.retain,
                 self.retain_upstream,
@@ -150,7 +152,7 @@ impl Pipeline {
                 payload_json,
                 ts_ms,
             } => (
-                format!("{}/{device}", self.prefix),
+                self.topics.device_batch(&device),
                 payload_json,
                 false,
                 false,
@@ -159,7 +161,7 @@ impl Pipeline {
                 0,
             ),
             FieldEvent::DeviceState { device, state } => {
-                let topic = format!("{}/{device}/status", self.prefix);
+                let topic = self.topics.device_status(&device);
                 if let Ok(mut devices) = self.devices.lock() {
                     devices.insert(device, state);
                 }
