@@ -135,66 +135,90 @@ impl Pipeline {
     /// Publishes one event locally and queues it for the store; returns how many
     /// readings now wait for a commit (0 or 1).
     fn handle(&self, event: FieldEvent, pending: &mut Vec<Message>) -> u64 {
-        // (topic, payload, retained locally, retained upstream, ...)
-        let (topic, payload, retain, retain_upstream, priority, created_ms, reading) = match event {
-            FieldEvent::Reading(reading) => (
-                self.topics
+        let out = self.outgoing(event);
+        let payload = Bytes::from(out.payload);
+        if let Some(broker) = &self.broker {
+            // QoS 1, so persistent LAN sessions get readings queued while offline.
+            broker.publish(&out.topic, payload.clone(), QoS::AtLeastOnce, out.retain);
+        }
+        if self.queue.is_none() {
+            self.counters
+                .accepted
+                .fetch_add(out.readings, Ordering::Relaxed);
+            return 0;
+        }
+        pending.push(Message {
+            topic: out.topic,
+            payload,
+            qos: self.qos,
+            retain: out.retain_upstream,
+            created_ms: out.created_ms,
+            priority: out.priority,
+        });
+        out.readings
+    }
+
+    /// What `event` becomes on the wire; a device state is also noted for the health
+    /// report.
+    fn outgoing(&self, event: FieldEvent) -> Outgoing {
+        match event {
+            FieldEvent::Reading(reading) => Outgoing {
+                topic: self
+                    .topics
                     .point(&reading.device, &reading.point, reading.topic.as_deref()),
-                reading.payload_json(),
-                self.retain,
-                self.retain_upstream,
-                Priority::Periodic,
-                reading.ts_ms,
-                1,
-            ),
+                payload: reading.payload_json(),
+                retain: self.retain,
+                retain_upstream: self.retain_upstream,
+                priority: Priority::Periodic,
+                created_ms: reading.ts_ms,
+                readings: 1,
+            },
             FieldEvent::Batch {
                 device,
                 payload_json,
                 ts_ms,
-            } => (
-                self.topics.device_batch(&device),
-                payload_json,
-                false,
-                false,
-                Priority::Periodic,
-                ts_ms,
-                0,
-            ),
+            } => Outgoing {
+                topic: self.topics.device_batch(&device),
+                payload: payload_json,
+                retain: false,
+                retain_upstream: false,
+                priority: Priority::Periodic,
+                created_ms: ts_ms,
+                readings: 0,
+            },
             FieldEvent::DeviceState { device, state } => {
                 let topic = self.topics.device_status(&device);
                 if let Ok(mut devices) = self.devices.lock() {
                     devices.insert(device, state);
                 }
-                (
+                Outgoing {
                     topic,
-                    state.to_string(),
-                    true,
-                    true,
-                    Priority::Event,
-                    crate::clock::now_ms(),
-                    0,
-                )
+                    payload: state.to_string(),
+                    retain: true,
+                    retain_upstream: true,
+                    priority: Priority::Event,
+                    created_ms: crate::clock::now_ms(),
+                    readings: 0,
+                }
             }
-        };
-        let payload = Bytes::from(payload);
-        if let Some(broker) = &self.broker {
-            // QoS 1, so persistent LAN sessions get readings queued while offline.
-            broker.publish(&topic, payload.clone(), QoS::AtLeastOnce, retain);
         }
-        if self.queue.is_none() {
-            self.counters.accepted.fetch_add(reading, Ordering::Relaxed);
-            return 0;
-        }
-        pending.push(Message {
-            topic,
-            payload,
-            qos: self.qos,
-            retain: retain_upstream,
-            created_ms,
-            priority,
-        });
-        reading
     }
+}
+
+/// One field event as it goes out: to the local broker at once, then (with a store)
+/// into the pending batch.
+struct Outgoing {
+    topic: String,
+    payload: String,
+    /// Retained on the local broker.
+    retain: bool,
+    /// Retained upstream.
+    retain_upstream: bool,
+    priority: Priority,
+    created_ms: i64,
+    /// Readings it counts for once accepted: 1 for a reading, 0 for a batch (a summary
+    /// of one poll, whose points are sent as readings too) or a device state.
+    readings: u64,
 }
 
 async fn wait_append(
