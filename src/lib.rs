@@ -12,6 +12,7 @@
 //! | [`config`] | the TOML schema, defaults and validation with precise errors |
 //! | [`agent`] | wiring, lifecycle, shutdown, reload, systemd notify |
 //! | [`clock`] | the wall clock (ms since the epoch), one copy for every module |
+//! | [`future`] | small future helpers for `select!` loops (an optional future as a disabled arm) |
 //! | [`topics`] | the topic namespace: every topic the agent publishes or subscribes to |
 //!
 //! See `ARCHITECTURE.md` for the data flow and the invariants across modules.
@@ -22,6 +23,7 @@ pub mod broker;
 pub mod clock;
 pub mod config;
 pub mod field;
+pub mod future;
 pub mod mqtt;
 pub mod store;
 pub mod topics;

@@ -26,6 +26,7 @@ use tokio::time::Instant;
 use super::systemd::{Heartbeat, BEAT_PERIOD};
 use crate::broker::BrokerHandle;
 use crate::field::{DeviceState, FieldEvent};
+use crate::future::maybe;
 use crate::mqtt::QoS;
 use crate::store::{self, Message, Priority, Queue};
 use crate::topics::Topics;
@@ -70,7 +71,8 @@ impl Pipeline {
     pub async fn run(self, mut events: mpsc::Receiver<FieldEvent>, heartbeat: Heartbeat) {
         let mut pending: Vec<Message> = Vec::new();
         let mut pending_readings = 0u64;
-        let mut inflight: Option<(Instant, Append)> = None;
+        let mut inflight: Option<Append> = None;
+        let mut inflight_since = Instant::now();
         let mut open = true;
         let mut received = Vec::with_capacity(self.batch_max);
         let mut store_failing = false;
@@ -83,10 +85,10 @@ impl Pipeline {
                     let batch = std::mem::take(&mut pending);
                     let readings = std::mem::take(&mut pending_readings);
                     let queue = queue.clone();
-                    inflight = Some((
-                        Instant::now(),
-                        Box::pin(async move { (readings, queue.append(batch).await) }),
+                    inflight = Some(Box::pin(
+                        async move { (readings, queue.append(batch).await) },
                     ));
+                    inflight_since = Instant::now();
                 }
             }
             if !open && inflight.is_none() && pending.is_empty() {
@@ -102,7 +104,7 @@ impl Pipeline {
                         pending_readings += self.handle(event, &mut pending);
                     }
                 }
-                (readings, result) = wait_append(&mut inflight) => {
+                (readings, result) = maybe(&mut inflight) => {
                     inflight = None;
                     self.counters.appends.fetch_add(1, Ordering::Relaxed);
                     match result {
@@ -123,7 +125,7 @@ impl Pipeline {
                     }
                 }
                 _ = ticker.tick() => {
-                    let stalled = inflight.as_ref().is_some_and(|(since, _)| since.elapsed() > APPEND_STALL);
+                    let stalled = inflight.is_some() && inflight_since.elapsed() > APPEND_STALL;
                     if !stalled {
                         heartbeat.beat();
                     }
@@ -219,13 +221,4 @@ struct Outgoing {
     /// Readings it counts for once accepted: 1 for a reading, 0 for a batch (a summary
     /// of one poll, whose points are sent as readings too) or a device state.
     readings: u64,
-}
-
-async fn wait_append(
-    inflight: &mut Option<(Instant, Append)>,
-) -> (u64, Result<Vec<i64>, store::Error>) {
-    match inflight {
-        Some((_, append)) => append.await,
-        None => std::future::pending().await,
-    }
 }
