@@ -13,6 +13,8 @@
 //! | [`config`] | composes the sections' schemas and validation; spans for `file:line:column` |
 //! | [`agent`] | wiring, lifecycle, shutdown, reload, systemd notify |
 //! | [`clock`] | the wall clock (ms since the epoch), one copy for every module |
+//! | [`future`] | small future helpers for `select!` loops (an optional future as a disabled arm) |
+//! | [`topics`] | the topic namespace: every topic the agent publishes or subscribes to |
 //!
 //! See `ARCHITECTURE.md` for the data flow and the invariants across modules.
 #![cfg_attr(not(test), deny(clippy::unwrap_used))]
@@ -22,7 +24,9 @@ pub mod broker;
 pub mod clock;
 pub mod config;
 pub mod field;
+pub mod future;
 pub mod mqtt;
 pub mod problem;
 pub mod store;
+pub mod topics;
 pub mod uplink;

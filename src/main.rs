@@ -8,6 +8,7 @@ use std::process::ExitCode;
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 
+use fieldbridge::topics::Topics;
 use fieldbridge::{agent, broker, config, field, store};
 
 /// Where the Debian package and the systemd unit put the configuration.
@@ -183,9 +184,9 @@ fn demo(upstream: Option<String>, port: u16) -> anyhow::Result<()> {
 
 fn check_config(path: &Path) -> anyhow::Result<()> {
     let config = config::load(path)?;
-    let prefix = config.agent.resolved_prefix(&config::hostname());
+    let topics = Topics::new(&config.agent.resolved_prefix(&config::hostname()));
     println!("{}: ok", path.display());
-    println!("prefix: {prefix}");
+    println!("prefix: {}", topics.prefix());
     println!(
         "local broker: {}",
         if config.broker.is_some() {
@@ -203,8 +204,8 @@ fn check_config(path: &Path) -> anyhow::Result<()> {
     }
     println!();
     println!("topics:");
-    println!("  {prefix}/status");
-    println!("  {prefix}/health");
+    println!("  {}", topics.status());
+    println!("  {}", topics.health());
     for bus in &config.field.buses {
         for device in &bus.devices {
             let profile = device
@@ -213,15 +214,13 @@ fn check_config(path: &Path) -> anyhow::Result<()> {
                 .and_then(|name| config.field.profiles.get(name))
                 .map(|profile| profile.points.as_slice())
                 .unwrap_or_default();
-            println!("  {prefix}/{}/status", device.name);
+            println!("  {}", topics.device_status(&device.name));
             if device.batch {
-                println!("  {prefix}/{}", device.name);
+                println!("  {}", topics.device_batch(&device.name));
             }
             for point in profile.iter().chain(&device.points) {
-                match &point.topic {
-                    Some(topic) => println!("  {topic}"),
-                    None => println!("  {prefix}/{}/{}", device.name, point.name),
-                }
+                let topic = topics.point(&device.name, &point.name, point.topic.as_deref());
+                println!("  {topic}");
             }
         }
     }

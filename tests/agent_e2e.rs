@@ -403,14 +403,16 @@ fn sigterm_publishes_offline_exits_zero_and_loses_nothing_accepted() {
     );
     up.wait_for_count(20, ARRIVE);
 
-    let asked = Instant::now();
     agent.signal("TERM");
-    let exit = agent.wait_exit(Duration::from_secs(10));
-    let took = asked.elapsed();
+    // Generous: how long the shutdown takes is not what this test judges; that no
+    // step of it ran into `agent.shutdown_timeout_ms` is, from the log below.
+    let exit = agent.wait_exit(Duration::from_secs(30));
     assert!(exit.success(), "exit status {exit}");
-    assert!(took < Duration::from_secs(5), "shutdown took {took:?}");
     let log = agent.log();
     assert!(log.contains("shutting down signal=\"SIGTERM\""), "{log}");
+    assert!(log.contains("pipeline committed"), "{log}");
+    assert!(log.contains("upstream disconnected"), "{log}");
+    assert!(!log.contains("did not stop in time"), "{log}");
     assert!(log.contains("fieldbridge stopped"), "{log}");
     assert_eq!(
         payloads(&local.wait_messages(2, ARRIVE), &status),

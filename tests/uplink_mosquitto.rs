@@ -7,6 +7,7 @@
 mod common;
 
 use std::collections::HashMap;
+use std::future::ready;
 use std::io::Read;
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
@@ -19,6 +20,7 @@ use fieldbridge::uplink::{LinkState, ProtocolVersion, Uplink, UplinkConfig, Upli
 use tokio::time::Instant;
 
 use common::mosquitto::{self, Mosquitto, Options, Received, SubOptions, Subscriber, TlsListener};
+use common::util::{poll_until_async, wait_for_async};
 
 const PREFIX: &str = "site/gw";
 const STATUS: &str = "site/gw/status";
@@ -84,20 +86,6 @@ fn config(url: String, client_id: &str) -> UplinkConfig {
     config
 }
 
-async fn eventually<T>(what: &str, timeout: Duration, mut check: impl FnMut() -> Option<T>) -> T {
-    let deadline = Instant::now() + timeout;
-    loop {
-        if let Some(value) = check() {
-            return value;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "timed out after {timeout:?} waiting for {what}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
 async fn wait_state(
     handle: &UplinkHandle,
     timeout: Duration,
@@ -126,14 +114,14 @@ async fn connected(handle: &UplinkHandle) -> LinkState {
 }
 
 async fn drained(queue: &Queue) {
-    let deadline = Instant::now() + LONG;
-    loop {
+    let empty = poll_until_async(LONG, || async move {
         let stats = queue.stats().await.expect("store stats");
-        if stats.depth == 0 {
-            return;
-        }
-        assert!(Instant::now() < deadline, "store not drained: {stats:?}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
+        (stats.depth == 0).then_some(())
+    })
+    .await;
+    if empty.is_none() {
+        let stats = queue.stats().await.expect("store stats");
+        panic!("store not drained: {stats:?}");
     }
 }
 
@@ -142,9 +130,9 @@ async fn received(
     what: &str,
     mut done: impl FnMut(&[Received]) -> bool,
 ) -> Vec<Received> {
-    eventually(what, LONG, || {
+    wait_for_async(what, LONG, || {
         let messages = sub.messages();
-        done(&messages).then_some(messages)
+        ready(done(&messages).then_some(messages))
     })
     .await
 }
@@ -327,8 +315,8 @@ fn spawn_child(store: &Path, config: &str) -> Child {
 }
 
 async fn retained_status(broker: &Mosquitto, payload: &str) {
-    eventually(&format!("retained status {payload:?}"), LONG, || {
-        mosquitto::retained(broker, STATUS).filter(|m| m.payload == payload && m.retained)
+    wait_for_async(&format!("retained status {payload:?}"), LONG, || {
+        ready(mosquitto::retained(broker, STATUS).filter(|m| m.payload == payload && m.retained))
     })
     .await;
 }

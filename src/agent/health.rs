@@ -34,6 +34,7 @@ use crate::clock::now_ms;
 use crate::field::ResolvedBus;
 use crate::mqtt::QoS;
 use crate::store::{Message, Priority, Queue};
+use crate::topics::Topics;
 use crate::uplink::{LinkState, UplinkHandle};
 
 /// The running buses (replaced on reload), for their names, devices and counters.
@@ -41,7 +42,7 @@ pub type BusMap = Arc<Mutex<Vec<ResolvedBus>>>;
 
 /// What the report is made of.
 pub struct Health {
-    pub prefix: String,
+    pub topics: Topics,
     pub started: Instant,
     pub interval: Duration,
     pub qos: QoS,
@@ -188,7 +189,7 @@ impl Health {
     }
 
     async fn publish(&self, body: String) {
-        let topic = format!("{}/health", self.prefix);
+        let topic = self.topics.health();
         let payload = Bytes::from(body);
         if let Some(broker) = &self.broker {
             broker.publish(&topic, payload.clone(), QoS::AtMostOnce, false);

@@ -42,6 +42,7 @@ use crate::config::{self, Config};
 use crate::field::{self, FieldEvent, ResolvedBus};
 use crate::mqtt::QoS;
 use crate::store::{self, Queue};
+use crate::topics::Topics;
 use crate::uplink::{self, Uplink, UplinkHandle};
 
 use pipeline::Counters;
@@ -118,17 +119,13 @@ impl Buses {
 pub struct Agent {
     started: Instant,
     config: Config,
-    prefix: String,
-    broker: Option<BrokerHandle>,
-    queue: Option<Queue>,
-    uplink: Option<Arc<UplinkHandle>>,
+    outputs: Outputs,
     events: mpsc::Sender<FieldEvent>,
     /// `None` only while a reload swaps them.
     buses: Option<Buses>,
     bus_map: health::BusMap,
     supervisor_beat: Heartbeat,
     pipeline: JoinHandle<()>,
-    counters: Arc<Counters>,
     background: CancellationToken,
     health: JoinHandle<()>,
     watchdog: Option<JoinHandle<()>>,
@@ -141,56 +138,24 @@ impl Agent {
     /// See [`run`].
     pub async fn start(config: Config) -> Result<Agent, Error> {
         let started = Instant::now();
-        let prefix = config.agent.resolved_prefix(&config::hostname());
-
-        let broker = match &config.broker {
-            Some(broker_config) => {
-                let handle = Broker::start(broker_config.clone(), vec![prefix.clone()]).await?;
-                for addr in handle.local_addrs() {
-                    tracing::info!(%addr, "local broker listening");
-                }
-                handle.publish(
-                    &format!("{prefix}/status"),
-                    Bytes::from_static(b"online"),
-                    QoS::AtLeastOnce,
-                    true,
-                );
-                Some(handle)
-            }
-            None => None,
+        let topics = Topics::new(&config.agent.resolved_prefix(&config::hostname()));
+        let broker = start_broker(&config, &topics).await?;
+        let (queue, uplink) = open_upstream(&config, &topics)?;
+        let outputs = Outputs {
+            topics,
+            broker,
+            queue,
+            uplink,
+            counters: Arc::default(),
+            devices: Arc::default(),
         };
 
-        let (queue, uplink) = match &config.upstream {
-            Some(upstream) => {
-                let queue = Queue::open(config.store.clone())?;
-                let uplink = Uplink::spawn(upstream.clone(), prefix.clone(), queue.clone())?;
-                (Some(queue), Some(Arc::new(uplink)))
-            }
-            None => {
-                tracing::info!("no [upstream]: LAN-only, no store");
-                (None, None)
-            }
-        };
-
-        let counters = Arc::new(Counters::default());
-        let devices: pipeline::DeviceStates = Arc::default();
         let (events, events_rx) = mpsc::channel(config.agent.channel_capacity);
         let pipeline_beat = Heartbeat::new("pipeline");
         let pipeline = tokio::spawn(
-            pipeline::Pipeline {
-                prefix: prefix.clone(),
-                qos: config.agent.qos(),
-                retain: config.agent.retain,
-                retain_upstream: config.agent.retain_upstream,
-                // A full batch reaches the store's row threshold and commits at once
-                // instead of waiting for the group-commit interval.
-                batch_max: config.agent.batch_max.min(config.store.commit_max_rows),
-                broker: broker.clone(),
-                queue: queue.clone(),
-                counters: counters.clone(),
-                devices: devices.clone(),
-            }
-            .run(events_rx, pipeline_beat.clone()),
+            outputs
+                .pipeline(&config)
+                .run(events_rx, pipeline_beat.clone()),
         );
 
         let resolved = field::resolve(&config.field)?;
@@ -201,53 +166,23 @@ impl Agent {
         let background = CancellationToken::new();
         let health_beat = Heartbeat::new("health");
         let health = tokio::spawn(
-            health::Health {
-                prefix: prefix.clone(),
-                started,
-                interval: Duration::from_secs(config.agent.health_interval_secs),
-                qos: config.agent.qos(),
-                broker: broker.clone(),
-                queue: queue.clone(),
-                uplink: uplink.clone(),
-                counters: counters.clone(),
-                devices,
-                buses: bus_map.clone(),
-            }
-            .run(background.clone(), health_beat.clone()),
+            outputs
+                .health(&config, started, bus_map.clone())
+                .run(background.clone(), health_beat.clone()),
         );
-        let watchdog = systemd::watchdog_interval().map(|interval| {
-            tracing::info!(
-                interval_ms = interval.as_millis() as u64,
-                "systemd watchdog enabled"
-            );
-            tokio::spawn(systemd::run_watchdog(
-                interval,
-                vec![pipeline_beat, supervisor_beat.clone(), health_beat],
-                background.clone(),
-            ))
-        });
+        let beats = vec![pipeline_beat, supervisor_beat.clone(), health_beat];
+        let watchdog = spawn_watchdog(beats, &background);
 
-        tracing::info!(
-            version = env!("CARGO_PKG_VERSION"),
-            %prefix,
-            broker = broker.is_some(),
-            upstream = uplink.is_some(),
-            buses = config.field.buses.len(),
-            "fieldbridge running"
-        );
+        outputs.log_running(&config);
         Ok(Agent {
             started,
             config,
-            prefix,
-            broker,
-            queue,
-            uplink,
+            outputs,
             events,
             buses: Some(buses),
             bus_map,
             supervisor_beat,
             pipeline,
-            counters,
             background,
             health,
             watchdog,
@@ -309,7 +244,7 @@ impl Agent {
         {
             tracing::warn!("[broker] settings changed: take effect at the next restart");
         }
-        if let Some(broker) = &self.broker {
+        if let Some(broker) = &self.outputs.broker {
             match broker.reload_auth().await {
                 Ok(()) => tracing::info!("broker password and ACL files reloaded"),
                 Err(err) => {
@@ -365,6 +300,7 @@ impl Agent {
         match tokio::time::timeout_at(deadline, self.pipeline).await {
             Ok(_) => tracing::info!(
                 accepted = self
+                    .outputs
                     .counters
                     .accepted
                     .load(std::sync::atomic::Ordering::Relaxed),
@@ -378,15 +314,15 @@ impl Agent {
 
         // Offline goes to the local broker first, so LAN clients get it while the
         // upstream takes its round trip for the offline acknowledgement.
-        if let Some(broker) = &self.broker {
+        if let Some(broker) = &self.outputs.broker {
             broker.publish(
-                &format!("{}/status", self.prefix),
+                &self.outputs.topics.status(),
                 Bytes::from_static(b"offline"),
                 QoS::AtLeastOnce,
                 true,
             );
         }
-        if let Some(uplink) = self.uplink {
+        if let Some(uplink) = self.outputs.uplink {
             // The health task has ended, so this is the last reference.
             match Arc::into_inner(uplink) {
                 Some(uplink) => {
@@ -406,10 +342,10 @@ impl Agent {
                 None => tracing::error!("upstream still in use: stopped without DISCONNECT"),
             }
         }
-        if let Some(broker) = self.broker {
+        if let Some(broker) = self.outputs.broker {
             broker.shutdown().await;
         }
-        if let Some(queue) = self.queue {
+        if let Some(queue) = self.outputs.queue {
             if let Err(err) = queue.close().await {
                 tracing::error!(error = %err, "store did not close cleanly");
             }
@@ -420,6 +356,111 @@ impl Agent {
             "fieldbridge stopped"
         );
     }
+}
+
+/// Starts the local broker, when there is a `[broker]`, and announces `online` there.
+async fn start_broker(config: &Config, topics: &Topics) -> Result<Option<BrokerHandle>, Error> {
+    let Some(broker_config) = &config.broker else {
+        return Ok(None);
+    };
+    let handle = Broker::start(broker_config.clone(), vec![topics.prefix().to_string()]).await?;
+    for addr in handle.local_addrs() {
+        tracing::info!(%addr, "local broker listening");
+    }
+    handle.publish(
+        &topics.status(),
+        Bytes::from_static(b"online"),
+        QoS::AtLeastOnce,
+        true,
+    );
+    Ok(Some(handle))
+}
+
+/// Opens the store and spawns the uplink that drains it, when there is an
+/// `[upstream]`; LAN-only there is neither.
+fn open_upstream(
+    config: &Config,
+    topics: &Topics,
+) -> Result<(Option<Queue>, Option<Arc<UplinkHandle>>), Error> {
+    let Some(upstream) = &config.upstream else {
+        tracing::info!("no [upstream]: LAN-only, no store");
+        return Ok((None, None));
+    };
+    let queue = Queue::open(config.store.clone())?;
+    let uplink = Uplink::spawn(upstream.clone(), topics.prefix().to_string(), queue.clone())?;
+    Ok((Some(queue), Some(Arc::new(uplink))))
+}
+
+/// Where the pipeline and the health report send things, and the figures they share.
+struct Outputs {
+    topics: Topics,
+    broker: Option<BrokerHandle>,
+    queue: Option<Queue>,
+    uplink: Option<Arc<UplinkHandle>>,
+    counters: Arc<Counters>,
+    devices: pipeline::DeviceStates,
+}
+
+impl Outputs {
+    /// The pipeline, sending to these outputs.
+    fn pipeline(&self, config: &Config) -> pipeline::Pipeline {
+        pipeline::Pipeline {
+            topics: self.topics.clone(),
+            qos: config.agent.qos(),
+            retain: config.agent.retain,
+            retain_upstream: config.agent.retain_upstream,
+            // A full batch reaches the store's row threshold and commits at once
+            // instead of waiting for the group-commit interval.
+            batch_max: config.agent.batch_max.min(config.store.commit_max_rows),
+            broker: self.broker.clone(),
+            queue: self.queue.clone(),
+            counters: self.counters.clone(),
+            devices: self.devices.clone(),
+        }
+    }
+
+    /// The health report on these outputs, about the buses in `buses`.
+    fn health(&self, config: &Config, started: Instant, buses: health::BusMap) -> health::Health {
+        health::Health {
+            topics: self.topics.clone(),
+            started,
+            interval: Duration::from_secs(config.agent.health_interval_secs),
+            qos: config.agent.qos(),
+            broker: self.broker.clone(),
+            queue: self.queue.clone(),
+            uplink: self.uplink.clone(),
+            counters: self.counters.clone(),
+            devices: self.devices.clone(),
+            buses,
+        }
+    }
+
+    /// The one line that says the agent is up and what it runs.
+    fn log_running(&self, config: &Config) {
+        tracing::info!(
+            version = env!("CARGO_PKG_VERSION"),
+            prefix = %self.topics.prefix(),
+            broker = self.broker.is_some(),
+            upstream = self.uplink.is_some(),
+            buses = config.field.buses.len(),
+            "fieldbridge running"
+        );
+    }
+}
+
+/// Spawns the systemd watchdog when the service manager asked for one: WATCHDOG=1
+/// while every heartbeat in `beats` is fresh, until `stop`.
+fn spawn_watchdog(beats: Vec<Heartbeat>, stop: &CancellationToken) -> Option<JoinHandle<()>> {
+    let interval = systemd::watchdog_interval()?;
+    tracing::info!(
+        interval_ms = interval.as_millis() as u64,
+        "systemd watchdog enabled"
+    );
+    Some(tokio::spawn(systemd::run_watchdog(
+        interval,
+        beats,
+        stop.clone(),
+    )))
 }
 
 /// Starts one supervised task per bus. The resolved buses keep their counters across

@@ -26,8 +26,10 @@ use tokio::time::Instant;
 use super::systemd::{Heartbeat, BEAT_PERIOD};
 use crate::broker::BrokerHandle;
 use crate::field::{DeviceState, FieldEvent};
+use crate::future::maybe;
 use crate::mqtt::QoS;
 use crate::store::{self, Message, Priority, Queue};
+use crate::topics::Topics;
 
 /// An append that takes longer than this counts as a stalled pipeline for the watchdog.
 const APPEND_STALL: Duration = Duration::from_secs(20);
@@ -48,7 +50,7 @@ pub type DeviceStates = Arc<Mutex<BTreeMap<String, DeviceState>>>;
 
 /// Where the pipeline sends things.
 pub struct Pipeline {
-    pub prefix: String,
+    pub topics: Topics,
     /// QoS of messages queued for the upstream broker.
     pub qos: QoS,
     /// Readings retained on the local broker.
@@ -69,7 +71,8 @@ impl Pipeline {
     pub async fn run(self, mut events: mpsc::Receiver<FieldEvent>, heartbeat: Heartbeat) {
         let mut pending: Vec<Message> = Vec::new();
         let mut pending_readings = 0u64;
-        let mut inflight: Option<(Instant, Append)> = None;
+        let mut inflight: Option<Append> = None;
+        let mut inflight_since = Instant::now();
         let mut open = true;
         let mut received = Vec::with_capacity(self.batch_max);
         let mut store_failing = false;
@@ -82,10 +85,10 @@ impl Pipeline {
                     let batch = std::mem::take(&mut pending);
                     let readings = std::mem::take(&mut pending_readings);
                     let queue = queue.clone();
-                    inflight = Some((
-                        Instant::now(),
-                        Box::pin(async move { (readings, queue.append(batch).await) }),
+                    inflight = Some(Box::pin(
+                        async move { (readings, queue.append(batch).await) },
                     ));
+                    inflight_since = Instant::now();
                 }
             }
             if !open && inflight.is_none() && pending.is_empty() {
@@ -101,7 +104,7 @@ impl Pipeline {
                         pending_readings += self.handle(event, &mut pending);
                     }
                 }
-                (readings, result) = wait_append(&mut inflight) => {
+                (readings, result) = maybe(&mut inflight) => {
                     inflight = None;
                     self.counters.appends.fetch_add(1, Ordering::Relaxed);
                     match result {
@@ -122,7 +125,7 @@ impl Pipeline {
                     }
                 }
                 _ = ticker.tick() => {
-                    let stalled = inflight.as_ref().is_some_and(|(since, _)| since.elapsed() > APPEND_STALL);
+                    let stalled = inflight.is_some() && inflight_since.elapsed() > APPEND_STALL;
                     if !stalled {
                         heartbeat.beat();
                     }
@@ -134,72 +137,88 @@ impl Pipeline {
     /// Publishes one event locally and queues it for the store; returns how many
     /// readings now wait for a commit (0 or 1).
     fn handle(&self, event: FieldEvent, pending: &mut Vec<Message>) -> u64 {
-        // (topic, payload, retained locally, retained upstream, ...)
-        let (topic, payload, retain, retain_upstream, priority, created_ms, reading) = match event {
-            FieldEvent::Reading(reading) => (
-                reading.topic(&self.prefix),
-                reading.payload_json(),
-                self.retain,
-                self.retain_upstream,
-                Priority::Periodic,
-                reading.ts_ms,
-                1,
-            ),
+        let out = self.outgoing(event);
+        let payload = Bytes::from(out.payload);
+        if let Some(broker) = &self.broker {
+            // QoS 1, so persistent LAN sessions get readings queued while offline.
+            broker.publish(&out.topic, payload.clone(), QoS::AtLeastOnce, out.retain);
+        }
+        if self.queue.is_none() {
+            self.counters
+                .accepted
+                .fetch_add(out.readings, Ordering::Relaxed);
+            return 0;
+        }
+        pending.push(Message {
+            topic: out.topic,
+            payload,
+            qos: self.qos,
+            retain: out.retain_upstream,
+            created_ms: out.created_ms,
+            priority: out.priority,
+        });
+        out.readings
+    }
+
+    /// What `event` becomes on the wire; a device state is also noted for the health
+    /// report.
+    fn outgoing(&self, event: FieldEvent) -> Outgoing {
+        match event {
+            FieldEvent::Reading(reading) => Outgoing {
+                topic: self
+                    .topics
+                    .point(&reading.device, &reading.point, reading.topic.as_deref()),
+                payload: reading.payload_json(),
+                retain: self.retain,
+                retain_upstream: self.retain_upstream,
+                priority: Priority::Periodic,
+                created_ms: reading.ts_ms,
+                readings: 1,
+            },
             FieldEvent::Batch {
                 device,
                 payload_json,
                 ts_ms,
-            } => (
-                format!("{}/{device}", self.prefix),
-                payload_json,
-                false,
-                false,
-                Priority::Periodic,
-                ts_ms,
-                0,
-            ),
+            } => Outgoing {
+                topic: self.topics.device_batch(&device),
+                payload: payload_json,
+                retain: false,
+                retain_upstream: false,
+                priority: Priority::Periodic,
+                created_ms: ts_ms,
+                readings: 0,
+            },
             FieldEvent::DeviceState { device, state } => {
-                let topic = format!("{}/{device}/status", self.prefix);
+                let topic = self.topics.device_status(&device);
                 if let Ok(mut devices) = self.devices.lock() {
                     devices.insert(device, state);
                 }
-                (
+                Outgoing {
                     topic,
-                    state.to_string(),
-                    true,
-                    true,
-                    Priority::Event,
-                    crate::clock::now_ms(),
-                    0,
-                )
+                    payload: state.to_string(),
+                    retain: true,
+                    retain_upstream: true,
+                    priority: Priority::Event,
+                    created_ms: crate::clock::now_ms(),
+                    readings: 0,
+                }
             }
-        };
-        let payload = Bytes::from(payload);
-        if let Some(broker) = &self.broker {
-            // QoS 1, so persistent LAN sessions get readings queued while offline.
-            broker.publish(&topic, payload.clone(), QoS::AtLeastOnce, retain);
         }
-        if self.queue.is_none() {
-            self.counters.accepted.fetch_add(reading, Ordering::Relaxed);
-            return 0;
-        }
-        pending.push(Message {
-            topic,
-            payload,
-            qos: self.qos,
-            retain: retain_upstream,
-            created_ms,
-            priority,
-        });
-        reading
     }
 }
 
-async fn wait_append(
-    inflight: &mut Option<(Instant, Append)>,
-) -> (u64, Result<Vec<i64>, store::Error>) {
-    match inflight {
-        Some((_, append)) => append.await,
-        None => std::future::pending().await,
-    }
+/// One field event as it goes out: to the local broker at once, then (with a store)
+/// into the pending batch.
+struct Outgoing {
+    topic: String,
+    payload: String,
+    /// Retained on the local broker.
+    retain: bool,
+    /// Retained upstream.
+    retain_upstream: bool,
+    priority: Priority,
+    created_ms: i64,
+    /// Readings it counts for once accepted: 1 for a reading, 0 for a batch (a summary
+    /// of one poll, whose points are sent as readings too) or a device state.
+    readings: u64,
 }

@@ -107,7 +107,8 @@ impl fmt::Display for Quality {
 pub struct Reading {
     pub device: String,
     pub point: String,
-    /// The point's topic override, used verbatim (no prefix) when set.
+    /// The point's topic override, used verbatim (no prefix) when set; see
+    /// [`crate::topics::Topics::point`].
     pub topic: Option<String>,
     /// `None` exactly when `quality` is not good.
     pub value: Option<Value>,
@@ -117,20 +118,6 @@ pub struct Reading {
 }
 
 impl Reading {
-    /// `{prefix}/{device}/{point}`, or the point's topic override as configured.
-    pub fn topic(&self, prefix: &str) -> String {
-        match &self.topic {
-            Some(t) => t.clone(),
-            None if prefix.is_empty() => format!("{}/{}", self.device, self.point),
-            None => format!(
-                "{}/{}/{}",
-                prefix.trim_end_matches('/'),
-                self.device,
-                self.point
-            ),
-        }
-    }
-
     /// `{"value":…,"unit":…,"ts":…,"quality":…}`; `value` is `null` when quality is bad,
     /// `unit` is `null` when the point has none.
     pub fn payload_json(&self) -> String {
@@ -260,16 +247,6 @@ mod tests {
         let parsed: serde_json::Value = serde_json::from_str(&r.payload_json()).unwrap();
         assert_eq!(parsed["value"], "a\"b\\c");
         assert!(parsed["unit"].is_null());
-    }
-
-    #[test]
-    fn topic_uses_prefix_or_override() {
-        let mut r = reading(None, Quality::Timeout);
-        assert_eq!(r.topic("site/a"), "site/a/meter1/voltage");
-        assert_eq!(r.topic("site/a/"), "site/a/meter1/voltage");
-        assert_eq!(r.topic(""), "meter1/voltage");
-        r.topic = Some("plant/l1/v".into());
-        assert_eq!(r.topic("site/a"), "plant/l1/v");
     }
 
     #[test]

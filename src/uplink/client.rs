@@ -32,6 +32,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 use tokio::time::Instant;
 use tokio_rustls::TlsConnector;
 
+use crate::future::maybe;
 use crate::mqtt::{self, Protocol, Publish};
 use crate::store::{self, DrainOrder, Queue, Stored};
 
@@ -125,14 +126,6 @@ impl ReplayLimiter {
     fn ready_at(&self) -> Instant {
         let missing = (1.0 - self.tokens).max(0.0);
         self.last + Duration::from_secs_f64(missing / self.per_sec)
-    }
-}
-
-/// Polls `future` if there is one; pending forever otherwise (a disabled select arm).
-async fn maybe<T>(future: &mut Option<BoxFuture<T>>) -> T {
-    match future {
-        Some(f) => f.await,
-        None => std::future::pending().await,
     }
 }
 

@@ -356,8 +356,7 @@ impl UplinkConfig {
     pub fn status_topic(&self, prefix: &str) -> String {
         match &self.status_topic {
             Some(topic) => topic.clone(),
-            None if prefix.is_empty() => "status".to_owned(),
-            None => format!("{}/status", prefix.trim_end_matches('/')),
+            None => crate::topics::Topics::new(prefix).status(),
         }
     }
 

@@ -23,25 +23,76 @@ pub fn tool(name: &str, package: &str) -> PathBuf {
     panic!("`{name}` not found: install the Debian package `{package}` (scripts/test.sh does)");
 }
 
+/// How long a wait sleeps between two checks.
+const POLL_INTERVAL: Duration = Duration::from_millis(20);
+
+/// The deadline of one wait. The sync and the async loops below share it, so both
+/// check first, give up only after a check at or past the deadline, and sleep
+/// [`POLL_INTERVAL`] in between. Real time: not for tests with paused tokio time.
+struct Deadline(Instant);
+
+impl Deadline {
+    fn after(timeout: Duration) -> Deadline {
+        Deadline(Instant::now() + timeout)
+    }
+
+    /// Whether a check that found nothing was the last one.
+    fn passed(&self) -> bool {
+        Instant::now() >= self.0
+    }
+}
+
+fn timed_out(what: &str, timeout: Duration) -> ! {
+    panic!("timed out after {timeout:?} waiting for {what}")
+}
+
 /// Polls `check` until it returns `Some`, or gives `None` once `timeout` has passed,
 /// so the caller can describe the state it timed out in.
 pub fn poll_until<T>(timeout: Duration, mut check: impl FnMut() -> Option<T>) -> Option<T> {
-    let deadline = Instant::now() + timeout;
+    let deadline = Deadline::after(timeout);
     loop {
         if let Some(value) = check() {
             return Some(value);
         }
-        if Instant::now() >= deadline {
+        if deadline.passed() {
             return None;
         }
-        std::thread::sleep(Duration::from_millis(20));
+        std::thread::sleep(POLL_INTERVAL);
     }
 }
 
 /// Polls `check` until it returns `Some`, or panics after `timeout` with `what`.
 pub fn wait_for<T>(what: &str, timeout: Duration, check: impl FnMut() -> Option<T>) -> T {
-    poll_until(timeout, check)
-        .unwrap_or_else(|| panic!("timed out after {timeout:?} waiting for {what}"))
+    poll_until(timeout, check).unwrap_or_else(|| timed_out(what, timeout))
+}
+
+/// [`poll_until`] for async tests: awaits `check()` until it gives `Some`, sleeping
+/// on the runtime's timer in between, or gives `None` once `timeout` has passed.
+pub async fn poll_until_async<T, F>(timeout: Duration, mut check: impl FnMut() -> F) -> Option<T>
+where
+    F: std::future::Future<Output = Option<T>>,
+{
+    let deadline = Deadline::after(timeout);
+    loop {
+        if let Some(value) = check().await {
+            return Some(value);
+        }
+        if deadline.passed() {
+            return None;
+        }
+        tokio::time::sleep(POLL_INTERVAL).await;
+    }
+}
+
+/// [`wait_for`] for async tests: awaits `check()` until it gives `Some`, or panics
+/// after `timeout` with `what`.
+pub async fn wait_for_async<T, F>(what: &str, timeout: Duration, check: impl FnMut() -> F) -> T
+where
+    F: std::future::Future<Output = Option<T>>,
+{
+    poll_until_async(timeout, check)
+        .await
+        .unwrap_or_else(|| timed_out(what, timeout))
 }
 
 /// Waits until something accepts TCP connections on 127.0.0.1:`port`.

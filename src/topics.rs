@@ -1,0 +1,138 @@
+//! The topic namespace: every topic the agent publishes or subscribes to is built here.
+//!
+//! | topic | payload | retained | built by |
+//! |---|---|---|---|
+//! | `{prefix}/status` | `online` / `offline` (birth, will, shutdown; upstream: `upstream.status_topic` when set) | yes | [`Topics::status`] |
+//! | `{prefix}/health` | the JSON health report | no | [`Topics::health`] |
+//! | `{prefix}/{device}/status` | the device's state: `online`, `offline`, `quarantined` | yes | [`Topics::device_status`] |
+//! | `{prefix}/{device}` | one JSON object per poll (devices with `batch = true`) | no | [`Topics::device_batch`] |
+//! | `{prefix}/{device}/{point}` | one reading's JSON, or the point's `topic` override verbatim | `agent.retain` locally, `agent.retain_upstream` upstream | [`Topics::point`] |
+//! | commands, results, discovery | not yet: they get their builders here | — | — |
+//!
+//! Invariants:
+//! - The prefix has no trailing `/`: [`Topics::new`] trims it once, so no builder
+//!   produces `//`. An empty prefix (which config validation rejects) yields topics
+//!   without a leading `/`.
+//! - A point's topic override is used verbatim, without the prefix.
+//! - This module is a leaf: it imports nothing from the crate, so every layer can use it.
+
+/// Builds the agent's topics under one prefix.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Topics {
+    /// Without a trailing `/`.
+    prefix: String,
+}
+
+impl Topics {
+    /// The namespace under `prefix` (`{hostname}` already filled in); trailing `/`s are
+    /// dropped.
+    pub fn new(prefix: &str) -> Topics {
+        Topics {
+            prefix: prefix.trim_end_matches('/').to_string(),
+        }
+    }
+
+    /// The prefix, without a trailing `/`.
+    pub fn prefix(&self) -> &str {
+        &self.prefix
+    }
+
+    /// `{prefix}/status`: the agent's online/offline state.
+    pub fn status(&self) -> String {
+        self.join(&["status"])
+    }
+
+    /// `{prefix}/health`: the periodic health report.
+    pub fn health(&self) -> String {
+        self.join(&["health"])
+    }
+
+    /// `{prefix}/{device}`: one message per poll of a device in batch mode.
+    pub fn device_batch(&self, device: &str) -> String {
+        self.join(&[device])
+    }
+
+    /// `{prefix}/{device}/status`: the device's state.
+    pub fn device_status(&self, device: &str) -> String {
+        self.join(&[device, "status"])
+    }
+
+    /// `{prefix}/{device}/{point}`, or `topic_override` verbatim when the point has one.
+    pub fn point(&self, device: &str, point: &str, topic_override: Option<&str>) -> String {
+        match topic_override {
+            Some(topic) => topic.to_string(),
+            None => self.join(&[device, point]),
+        }
+    }
+
+    /// The prefix and `levels`, joined by `/`.
+    fn join(&self, levels: &[&str]) -> String {
+        let len = self.prefix.len() + levels.iter().map(|level| level.len() + 1).sum::<usize>();
+        let mut topic = String::with_capacity(len);
+        topic.push_str(&self.prefix);
+        for (i, level) in levels.iter().enumerate() {
+            if i > 0 || !self.prefix.is_empty() {
+                topic.push('/');
+            }
+            topic.push_str(level);
+        }
+        topic
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_topic_is_under_the_prefix() {
+        let topics = Topics::new("site/gw1");
+        assert_eq!(topics.prefix(), "site/gw1");
+        assert_eq!(topics.status(), "site/gw1/status");
+        assert_eq!(topics.health(), "site/gw1/health");
+        assert_eq!(topics.device_batch("meter1"), "site/gw1/meter1");
+        assert_eq!(topics.device_status("meter1"), "site/gw1/meter1/status");
+        assert_eq!(
+            topics.point("meter1", "voltage", None),
+            "site/gw1/meter1/voltage"
+        );
+    }
+
+    #[test]
+    fn trailing_slashes_are_trimmed_once_for_all_topics() {
+        let topics = Topics::new("site/a//");
+        assert_eq!(topics, Topics::new("site/a"));
+        assert_eq!(topics.prefix(), "site/a");
+        assert_eq!(topics.status(), "site/a/status");
+        assert_eq!(
+            topics.point("meter1", "voltage", None),
+            "site/a/meter1/voltage"
+        );
+    }
+
+    #[test]
+    fn a_point_override_is_used_verbatim() {
+        let topics = Topics::new("site/a");
+        assert_eq!(
+            topics.point("meter1", "voltage", Some("plant/l1/v")),
+            "plant/l1/v"
+        );
+    }
+
+    #[test]
+    fn an_empty_prefix_gives_no_leading_slash() {
+        let topics = Topics::new("");
+        assert_eq!(topics.status(), "status");
+        assert_eq!(topics.health(), "health");
+        assert_eq!(topics.device_batch("meter1"), "meter1");
+        assert_eq!(topics.device_status("meter1"), "meter1/status");
+        assert_eq!(topics.point("meter1", "voltage", None), "meter1/voltage");
+        assert_eq!(Topics::new("/").status(), "status");
+    }
+
+    #[test]
+    fn a_leading_slash_is_kept() {
+        // Only trailing slashes are trimmed; `/site` is a different topic tree.
+        assert_eq!(Topics::new("/site").status(), "/site/status");
+    }
+}
