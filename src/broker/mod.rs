@@ -222,7 +222,7 @@ impl Broker {
         config: BrokerConfig,
         protected_prefixes: Vec<String>,
     ) -> Result<BrokerHandle, Error> {
-        if let Some(text) = crate::config::Invalid::summary(&config.validate()) {
+        if let Some(text) = crate::problem::Invalid::summary(&config.validate()) {
             return Err(Error::Config(text));
         }
         let policy = load_policy(&config, protected_prefixes.clone()).await?;
