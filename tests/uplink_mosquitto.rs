@@ -539,9 +539,9 @@ async fn wrong_password_is_reported_clearly_and_backed_off() {
     // The uplink counts a refusal when CONNACK arrives; mosquitto logs it when it
     // closes the socket, which on a busy machine can come a moment later.
     let refusals = || broker.log().matches("disconnected, not authorised").count();
-    let stats_attempts = eventually("4 refusals in the broker log", LONG, || {
+    let stats_attempts = wait_for_async("4 refusals in the broker log", LONG, || {
         let n = refusals();
-        (n >= 4).then_some(n)
+        async move { (n >= 4).then_some(n) }
     })
     .await;
     // Every retry waits at least backoff_min_ms: a busy loop would blow this bound.
