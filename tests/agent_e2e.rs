@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 use common::clients::Sub;
 use common::mosquitto::{retained, Mosquitto, SubOptions, Subscriber};
 use common::slave::Slave;
-use common::util::{free_port, wait_for, wait_for_port};
+use common::util::{free_port, poll_until, wait_for, wait_for_port};
 use serde_json::{json, Value};
 
 const START: Duration = Duration::from_secs(15);
@@ -429,16 +429,28 @@ fn sigterm_publishes_offline_exits_zero_and_loses_nothing_accepted() {
     // be missing, and it is the last value below the boundary.
     let boundary = u64::from(read_counter(slave.port(), 50));
     agent.launch();
-    wait_for("every accepted value upstream", ARRIVE, || {
+    let missing = || -> Vec<u64> {
         let values: BTreeSet<u64> = up
             .messages()
             .iter()
             .filter(|m| m.topic == counter)
             .filter_map(|m| value_of(&m.payload)?.as_u64())
             .collect();
-        let missing: Vec<u64> = (1..boundary).filter(|v| !values.contains(v)).collect();
+        (1..boundary).filter(|v| !values.contains(v)).collect()
+    };
+    let complete = poll_until(ARRIVE, || {
+        let missing = missing();
         (missing.is_empty() || missing == [boundary - 1]).then_some(())
     });
+    assert!(
+        complete.is_some(),
+        "values below the boundary {boundary} missing upstream: {:?}\nreceived: {:?}",
+        missing(),
+        up.messages()
+            .iter()
+            .map(|m| format!("{} {}", m.topic, m.payload))
+            .collect::<Vec<_>>()
+    );
     agent.signal("TERM");
     let exit = agent.wait_exit(Duration::from_secs(10));
     assert!(exit.success(), "{exit}");
