@@ -21,6 +21,32 @@
 //! The SQLite connection lives on one dedicated thread, fed by a bounded channel; a slow
 //! fsync never stalls the async tasks. [`Queue`] is a cheap, cloneable handle.
 //!
+//! # Layout
+//! One file per role; each file's `//!` doc states its own invariants. Arrows point one
+//! way: the handle talks to the worker only over the channel, the worker uses the
+//! leaves, and no leaf imports the worker or the handle.
+//!
+//! ```text
+//!  queue.rs ── request.rs ──► worker.rs ──► commit.rs ──► retention.rs
+//!  (the handle)  (the channel)  (the thread)  │ (one transaction)
+//!                                             ├──► buffer.rs, cursor.rs (commit.rs reads them too)
+//!                                             └──► db.rs, retention.rs
+//! ```
+//!
+//! - `queue.rs`: [`Queue`], the handle; each call is one request.
+//! - `request.rs`: the requests and their replies; the channel's capacity.
+//! - `worker.rs`: the store thread; when to commit (group commit, flow updates,
+//!   retries with backoff), the memory bound while the disk fails, checkpoints,
+//!   counters, the age sweep, shutdown.
+//! - `commit.rs`: one transaction (inserts, ack deletes, flow updates, retention drops,
+//!   counters) and the disk-full eviction; it changes nothing in memory.
+//! - `buffer.rs`: appended batches waiting for their commit, and which batch a full
+//!   memory buffer drops.
+//! - `cursor.rs`: the drain cursor and the in-flight marks.
+//! - `retention.rs`: which stored rows give way to the limits and to a full disk.
+//! - `db.rs`: the file: open, schema, row mapping, counters, checkpoints, vacuum.
+//! - `config.rs`: the `[store]` section.
+//!
 //! # Commits (flash wear)
 //! Appends and acks are collected in memory and written in one transaction at most
 //! `commit_interval_ms` after the first of them, or at once when `commit_max_rows` rows
@@ -56,11 +82,17 @@
 //!   buffered batches. Batches are dropped whole; their `append` fails with
 //!   [`Error::Dropped`].
 
+mod buffer;
+mod commit;
 mod config;
+mod cursor;
 mod db;
 mod queue;
+mod request;
+mod retention;
 #[cfg(test)]
 mod tests;
+mod worker;
 
 use std::path::{Path, PathBuf};
 
