@@ -293,7 +293,18 @@ fn big(topic: &str, n: u32, priority: Priority) -> Message {
     m
 }
 
-/// Polls the queue's stats until `check` holds, or panics after 10 s.
+/// An append that waits for its commit in a task of its own, while the test goes on.
+fn spawn_append(
+    queue: &Queue,
+    batch: Vec<Message>,
+) -> tokio::task::JoinHandle<Result<Vec<i64>, Error>> {
+    let queue = queue.clone();
+    tokio::spawn(async move { queue.append(batch).await })
+}
+
+/// Polls the queue's stats until `check` holds, or panics after 10 s: this file's one
+/// poll loop (unit tests cannot use `tests/common/util.rs`'s `wait_for`, which this
+/// mirrors). Tests wait for a state through it, never with a sleep of their own.
 async fn wait_stats(queue: &Queue, what: &str, check: impl Fn(&Stats) -> bool) -> Stats {
     let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
     loop {
@@ -328,26 +339,18 @@ async fn disk_full_holds_batches_in_memory_drops_newest_beyond_and_recovers() {
         .await
         .expect("max_page_count");
 
-    let held = {
-        let queue = queue.clone();
-        tokio::spawn(async move {
-            queue
-                .append((1..11).map(|n| big("a", n, Priority::Periodic)).collect())
-                .await
-        })
-    };
+    let held = spawn_append(
+        &queue,
+        (1..11).map(|n| big("a", n, Priority::Periodic)).collect(),
+    );
     wait_stats(&queue, "a failed commit", |s| {
         s.commit_failures >= 1 && s.buffered == 10
     })
     .await;
-    let held2 = {
-        let queue = queue.clone();
-        tokio::spawn(async move {
-            queue
-                .append((11..21).map(|n| big("a", n, Priority::Event)).collect())
-                .await
-        })
-    };
+    let held2 = spawn_append(
+        &queue,
+        (11..21).map(|n| big("a", n, Priority::Event)).collect(),
+    );
     wait_stats(&queue, "second batch buffered", |s| s.buffered == 20).await;
     // Over the memory bound: drop_newest refuses the newest batch of the lowest class.
     match queue
@@ -443,10 +446,7 @@ async fn a_read_only_database_holds_appends_and_acks_in_memory_until_writable() 
         .await
         .expect("read-only");
 
-    let held = {
-        let queue = queue.clone();
-        tokio::spawn(async move { queue.append(batch("a", 3..5)).await })
-    };
+    let held = spawn_append(&queue, batch("a", 3..5));
     queue.ack(vec![out[0].id]).await.expect("ack");
     wait_stats(&queue, "two failed commits", |s| {
         s.commit_failures >= 2 && s.buffered == 2
