@@ -13,8 +13,11 @@
 
 use std::collections::VecDeque;
 
+use super::config::DropPolicy;
+use super::error::Error;
+use super::message::{Message, Priority};
 use super::request::Reply;
-use super::{DropPolicy, DropReason, Error, Message, Priority};
+use super::stats::DropReason;
 
 /// An appended batch waiting for its commit.
 pub(super) struct Batch {

@@ -15,11 +15,13 @@
 use rusqlite::{params, Connection, OptionalExtension, Transaction, TransactionBehavior};
 
 use super::buffer::Buffer;
+use super::config::StoreConfig;
 use super::cursor::Cursor;
 use super::db::Counters;
+use super::message::Priority;
 use super::request::Flow;
 use super::retention;
-use super::{DropReason, Priority, StoreConfig};
+use super::stats::DropReason;
 
 /// What one transaction should do.
 #[derive(Clone, Copy)]

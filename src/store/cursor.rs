@@ -18,7 +18,7 @@ use std::collections::{BTreeSet, HashSet};
 use rusqlite::{params, Connection, OptionalExtension};
 
 use super::db;
-use super::{DrainOrder, Stored};
+use super::message::{DrainOrder, Stored};
 
 pub(super) struct Cursor {
     in_flight: HashSet<i64>,

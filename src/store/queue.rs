@@ -16,10 +16,13 @@ use std::thread::JoinHandle;
 
 use tokio::sync::{oneshot, watch, Semaphore};
 
+use super::config::StoreConfig;
 use super::db::{Counters, Db};
+use super::error::Error;
+use super::message::{DrainOrder, Message, Stored};
 use super::request::{Command, Flow, Reply, Request, CHANNEL_CAPACITY};
+use super::stats::Stats;
 use super::worker::Worker;
-use super::{DrainOrder, Error, Message, Stats, StoreConfig, Stored};
 
 /// A handle on the store-and-forward queue. Cheap to clone; all clones talk to the one
 /// thread that owns the database. Dropping every handle without [`Queue::close`] still

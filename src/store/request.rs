@@ -11,7 +11,9 @@
 
 use tokio::sync::{oneshot, OwnedSemaphorePermit};
 
-use super::{DrainOrder, Error, Message, Stats, Stored};
+use super::error::Error;
+use super::message::{DrainOrder, Message, Stored};
+use super::stats::Stats;
 
 /// Requests waiting for the store thread; callers beyond it wait for a slot. The thread
 /// also takes at most this many queued requests before it decides whether to commit.

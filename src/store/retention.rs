@@ -20,7 +20,9 @@ use std::collections::HashSet;
 
 use rusqlite::{params, Transaction};
 
-use super::{DropPolicy, DropReason, Priority, StoreConfig};
+use super::config::{DropPolicy, StoreConfig};
+use super::message::Priority;
+use super::stats::DropReason;
 
 /// Most rows the age sweep looks at per commit.
 const AGE_SCAN_ROWS: i64 = 1024;

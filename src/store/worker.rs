@@ -24,11 +24,14 @@ use tokio::sync::watch;
 
 use super::buffer::{self, Buffer};
 use super::commit::{self, Work, Written};
+use super::config::{DropPolicy, StoreConfig};
 use super::cursor::Cursor;
 use super::db::{self, Counters, Db};
+use super::error::Error;
+use super::message::Message;
 use super::request::{Command, Flow, Reply, Request, CHANNEL_CAPACITY};
 use super::retention;
-use super::{DropPolicy, DropReason, Error, Message, Stats, StoreConfig};
+use super::stats::{DropReason, Stats};
 
 /// A checkpoint runs at least this often while there are commits...
 const CHECKPOINT_INTERVAL: Duration = Duration::from_secs(10);
