@@ -8,7 +8,10 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use bytes::Bytes;
 use rusqlite::{params, Connection, ErrorCode, OpenFlags, OptionalExtension, Row};
 
-use super::{DropCounts, Error, Message, Priority, Stats, Stored, Synchronous};
+use super::config::Synchronous;
+use super::error::Error;
+use super::message::{Message, Priority, Stored};
+use super::stats::{DropCounts, Stats};
 use crate::mqtt::QoS;
 
 /// `PRAGMA user_version` of the format this build writes.

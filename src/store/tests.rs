@@ -293,7 +293,18 @@ fn big(topic: &str, n: u32, priority: Priority) -> Message {
     m
 }
 
-/// Polls the queue's stats until `check` holds, or panics after 10 s.
+/// An append that waits for its commit in a task of its own, while the test goes on.
+fn spawn_append(
+    queue: &Queue,
+    batch: Vec<Message>,
+) -> tokio::task::JoinHandle<Result<Vec<i64>, Error>> {
+    let queue = queue.clone();
+    tokio::spawn(async move { queue.append(batch).await })
+}
+
+/// Polls the queue's stats until `check` holds, or panics after 10 s: this file's one
+/// poll loop (unit tests cannot use `tests/common/util.rs`'s `wait_for`, which this
+/// mirrors). Tests wait for a state through it, never with a sleep of their own.
 async fn wait_stats(queue: &Queue, what: &str, check: impl Fn(&Stats) -> bool) -> Stats {
     let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
     loop {
@@ -328,26 +339,18 @@ async fn disk_full_holds_batches_in_memory_drops_newest_beyond_and_recovers() {
         .await
         .expect("max_page_count");
 
-    let held = {
-        let queue = queue.clone();
-        tokio::spawn(async move {
-            queue
-                .append((1..11).map(|n| big("a", n, Priority::Periodic)).collect())
-                .await
-        })
-    };
+    let held = spawn_append(
+        &queue,
+        (1..11).map(|n| big("a", n, Priority::Periodic)).collect(),
+    );
     wait_stats(&queue, "a failed commit", |s| {
         s.commit_failures >= 1 && s.buffered == 10
     })
     .await;
-    let held2 = {
-        let queue = queue.clone();
-        tokio::spawn(async move {
-            queue
-                .append((11..21).map(|n| big("a", n, Priority::Event)).collect())
-                .await
-        })
-    };
+    let held2 = spawn_append(
+        &queue,
+        (11..21).map(|n| big("a", n, Priority::Event)).collect(),
+    );
     wait_stats(&queue, "second batch buffered", |s| s.buffered == 20).await;
     // Over the memory bound: drop_newest refuses the newest batch of the lowest class.
     match queue
@@ -443,10 +446,7 @@ async fn a_read_only_database_holds_appends_and_acks_in_memory_until_writable() 
         .await
         .expect("read-only");
 
-    let held = {
-        let queue = queue.clone();
-        tokio::spawn(async move { queue.append(batch("a", 3..5)).await })
-    };
+    let held = spawn_append(&queue, batch("a", 3..5));
     queue.ack(vec![out[0].id]).await.expect("ack");
     wait_stats(&queue, "two failed commits", |s| {
         s.commit_failures >= 2 && s.buffered == 2
@@ -553,150 +553,201 @@ mod model {
         );
     }
 
+    /// The queue under test and the model it must match.
+    struct Harness {
+        cfg: StoreConfig,
+        queue: Queue,
+        model: Model,
+        /// The last id appended since the last crash.
+        last_id: i64,
+    }
+
+    impl Harness {
+        /// Appends one batch; its ids grow past every id seen.
+        async fn append(&mut self, spec: Vec<(u8, u8)>) {
+            let batch: Vec<Message> = spec
+                .iter()
+                .map(|&(topic, class)| {
+                    self.model.serial += 1;
+                    let priority =
+                        [Priority::Periodic, Priority::Event, Priority::Alarm][class as usize];
+                    let mut m = message(&format!("t/{topic}"), self.model.serial, priority);
+                    m.qos = QoS::from_u8(class).expect("0..3");
+                    m.retain = topic == 1;
+                    m
+                })
+                .collect();
+            let ids = self.queue.append(batch.clone()).await.expect("append");
+            assert_eq!(ids.len(), batch.len());
+            let floor = self
+                .model
+                .rows
+                .keys()
+                .chain(self.model.acked.keys())
+                .max()
+                .copied()
+                .unwrap_or(0)
+                .max(self.last_id);
+            assert!(ids[0] > floor, "ids grow: {ids:?} after {floor}");
+            assert!(ids.windows(2).all(|w| w[0] < w[1]));
+            self.last_id = *ids.last().expect("non-empty");
+            for (id, message) in ids.into_iter().zip(batch) {
+                self.model.rows.insert(
+                    id,
+                    Row {
+                        message,
+                        pkid: None,
+                        pubrec: false,
+                    },
+                );
+            }
+        }
+
+        /// Hands out rows; they are the model's pending rows from the chosen end.
+        async fn next(&mut self, max: usize, newest: bool) {
+            let order = if newest {
+                DrainOrder::NewestFirst
+            } else {
+                DrainOrder::OldestFirst
+            };
+            let got = self.queue.next(max, order).await.expect("next");
+            let pending = self.model.pending();
+            let want: Vec<i64> = if newest {
+                pending[pending.len().saturating_sub(max)..].to_vec()
+            } else {
+                pending.into_iter().take(max).collect()
+            };
+            assert_eq!(got.iter().map(|s| s.id).collect::<Vec<_>>(), want);
+            for stored in &got {
+                check(stored, &self.model.rows[&stored.id]);
+                self.model.in_flight.insert(stored.id);
+            }
+        }
+
+        /// Acknowledges some in-flight rows.
+        async fn ack(&mut self, picks: Vec<usize>) {
+            let ids: BTreeSet<i64> = picks.iter().filter_map(|&i| self.model.pick(i)).collect();
+            self.queue
+                .ack(ids.iter().copied().collect())
+                .await
+                .expect("ack");
+            for id in ids {
+                self.model.in_flight.remove(&id);
+                let row = self.model.rows.remove(&id).expect("acked rows are stored");
+                self.model.acked.insert(id, row);
+            }
+        }
+
+        /// Releases some in-flight rows.
+        async fn release(&mut self, picks: Vec<usize>) {
+            let ids: BTreeSet<i64> = picks.iter().filter_map(|&i| self.model.pick(i)).collect();
+            self.queue
+                .release(ids.iter().copied().collect())
+                .await
+                .expect("release");
+            for id in ids {
+                self.model.in_flight.remove(&id);
+            }
+        }
+
+        /// Persists the flow state of one in-flight row.
+        async fn set_flow(&mut self, i: usize, pkid: u16, pubrec: bool) {
+            if let Some(id) = self.model.pick(i) {
+                self.queue
+                    .set_flow(id, pkid, pubrec)
+                    .await
+                    .expect("set_flow");
+                let row = self
+                    .model
+                    .rows
+                    .get_mut(&id)
+                    .expect("in flight rows are stored");
+                row.pkid = Some(pkid);
+                row.pubrec = pubrec;
+            }
+        }
+
+        /// Close and reopen: acknowledged rows are gone, nothing is in flight.
+        async fn reopen(&mut self) {
+            self.queue.clone().close().await.expect("close");
+            self.queue = Queue::open(self.cfg.clone()).expect("reopen");
+            self.model.acked.clear();
+            self.model.in_flight.clear();
+            let stats = self.queue.stats().await.expect("stats");
+            assert_eq!(stats.depth, self.model.rows.len() as u64);
+            assert_eq!(stats.pending, stats.depth);
+        }
+
+        /// Crash and reopen: committed rows are all back, and only rows whose ack may not
+        /// have been committed come back besides.
+        async fn crash(&mut self) {
+            self.queue.clone().crash().await;
+            self.queue = Queue::open(self.cfg.clone()).expect("reopen after crash");
+            self.model.in_flight.clear();
+            // Everything comes back pending; acks not yet committed may undo.
+            let all = self
+                .queue
+                .next(usize::MAX, DrainOrder::OldestFirst)
+                .await
+                .expect("next");
+            let ids: Vec<i64> = all.iter().map(|s| s.id).collect();
+            assert!(
+                ids.windows(2).all(|w| w[0] < w[1]),
+                "queue order after crash"
+            );
+            let got: BTreeSet<i64> = ids.iter().copied().collect();
+            for id in self.model.rows.keys() {
+                assert!(got.contains(id), "committed row {id} lost in a crash");
+            }
+            for stored in &all {
+                match (
+                    self.model.rows.get(&stored.id),
+                    self.model.acked.get(&stored.id),
+                ) {
+                    (Some(row), _) | (None, Some(row)) => check(stored, row),
+                    (None, None) => panic!("row {} came back from nowhere", stored.id),
+                }
+            }
+            let acked = std::mem::take(&mut self.model.acked);
+            for (id, row) in acked {
+                if got.contains(&id) {
+                    self.model.rows.insert(id, row);
+                }
+            }
+            self.queue.release(ids).await.expect("release");
+            // Ids of rows whose delete was committed may be handed out again
+            // after a crash (the persisted id counter lags); harmless, since
+            // in-flight state does not survive a crash either.
+            self.last_id = 0;
+        }
+    }
+
     async fn run(ops: Vec<Op>) {
         let dir = tempfile::tempdir().expect("tempdir");
         let cfg = StoreConfig {
             commit_interval_ms: 1,
             ..config(&dir.path().join("q.db"))
         };
-        let mut queue = Queue::open(cfg.clone()).expect("open");
-        let mut model = Model::default();
-        let mut last_id = 0;
+        let mut h = Harness {
+            queue: Queue::open(cfg.clone()).expect("open"),
+            cfg,
+            model: Model::default(),
+            last_id: 0,
+        };
         for op in ops {
             match op {
-                Op::Append(spec) => {
-                    let batch: Vec<Message> = spec
-                        .iter()
-                        .map(|&(topic, class)| {
-                            model.serial += 1;
-                            let priority = [Priority::Periodic, Priority::Event, Priority::Alarm]
-                                [class as usize];
-                            let mut m = message(&format!("t/{topic}"), model.serial, priority);
-                            m.qos = QoS::from_u8(class).expect("0..3");
-                            m.retain = topic == 1;
-                            m
-                        })
-                        .collect();
-                    let ids = queue.append(batch.clone()).await.expect("append");
-                    assert_eq!(ids.len(), batch.len());
-                    let floor = model
-                        .rows
-                        .keys()
-                        .chain(model.acked.keys())
-                        .max()
-                        .copied()
-                        .unwrap_or(0)
-                        .max(last_id);
-                    assert!(ids[0] > floor, "ids grow: {ids:?} after {floor}");
-                    assert!(ids.windows(2).all(|w| w[0] < w[1]));
-                    last_id = *ids.last().expect("non-empty");
-                    for (id, message) in ids.into_iter().zip(batch) {
-                        model.rows.insert(
-                            id,
-                            Row {
-                                message,
-                                pkid: None,
-                                pubrec: false,
-                            },
-                        );
-                    }
-                }
-                Op::Next(max, newest) => {
-                    let order = if newest {
-                        DrainOrder::NewestFirst
-                    } else {
-                        DrainOrder::OldestFirst
-                    };
-                    let got = queue.next(max, order).await.expect("next");
-                    let pending = model.pending();
-                    let want: Vec<i64> = if newest {
-                        pending[pending.len().saturating_sub(max)..].to_vec()
-                    } else {
-                        pending.into_iter().take(max).collect()
-                    };
-                    assert_eq!(got.iter().map(|s| s.id).collect::<Vec<_>>(), want);
-                    for stored in &got {
-                        check(stored, &model.rows[&stored.id]);
-                        model.in_flight.insert(stored.id);
-                    }
-                }
-                Op::Ack(picks) => {
-                    let ids: BTreeSet<i64> = picks.iter().filter_map(|&i| model.pick(i)).collect();
-                    queue.ack(ids.iter().copied().collect()).await.expect("ack");
-                    for id in ids {
-                        model.in_flight.remove(&id);
-                        let row = model.rows.remove(&id).expect("acked rows are stored");
-                        model.acked.insert(id, row);
-                    }
-                }
-                Op::Release(picks) => {
-                    let ids: BTreeSet<i64> = picks.iter().filter_map(|&i| model.pick(i)).collect();
-                    queue
-                        .release(ids.iter().copied().collect())
-                        .await
-                        .expect("release");
-                    for id in ids {
-                        model.in_flight.remove(&id);
-                    }
-                }
-                Op::SetFlow(i, pkid, pubrec) => {
-                    if let Some(id) = model.pick(i) {
-                        queue.set_flow(id, pkid, pubrec).await.expect("set_flow");
-                        let row = model.rows.get_mut(&id).expect("in flight rows are stored");
-                        row.pkid = Some(pkid);
-                        row.pubrec = pubrec;
-                    }
-                }
-                Op::Reopen => {
-                    queue.close().await.expect("close");
-                    queue = Queue::open(cfg.clone()).expect("reopen");
-                    model.acked.clear();
-                    model.in_flight.clear();
-                    let stats = queue.stats().await.expect("stats");
-                    assert_eq!(stats.depth, model.rows.len() as u64);
-                    assert_eq!(stats.pending, stats.depth);
-                }
-                Op::Crash => {
-                    queue.crash().await;
-                    queue = Queue::open(cfg.clone()).expect("reopen after crash");
-                    model.in_flight.clear();
-                    // Everything comes back pending; acks not yet committed may undo.
-                    let all = queue
-                        .next(usize::MAX, DrainOrder::OldestFirst)
-                        .await
-                        .expect("next");
-                    let ids: Vec<i64> = all.iter().map(|s| s.id).collect();
-                    assert!(
-                        ids.windows(2).all(|w| w[0] < w[1]),
-                        "queue order after crash"
-                    );
-                    let got: BTreeSet<i64> = ids.iter().copied().collect();
-                    for id in model.rows.keys() {
-                        assert!(got.contains(id), "committed row {id} lost in a crash");
-                    }
-                    for stored in &all {
-                        match (model.rows.get(&stored.id), model.acked.get(&stored.id)) {
-                            (Some(row), _) | (None, Some(row)) => check(stored, row),
-                            (None, None) => panic!("row {} came back from nowhere", stored.id),
-                        }
-                    }
-                    let acked = std::mem::take(&mut model.acked);
-                    for (id, row) in acked {
-                        if got.contains(&id) {
-                            model.rows.insert(id, row);
-                        }
-                    }
-                    queue.release(ids).await.expect("release");
-                    // Ids of rows whose delete was committed may be handed out again
-                    // after a crash (the persisted id counter lags); harmless, since
-                    // in-flight state does not survive a crash either.
-                    last_id = 0;
-                }
+                Op::Append(spec) => h.append(spec).await,
+                Op::Next(max, newest) => h.next(max, newest).await,
+                Op::Ack(picks) => h.ack(picks).await,
+                Op::Release(picks) => h.release(picks).await,
+                Op::SetFlow(i, pkid, pubrec) => h.set_flow(i, pkid, pubrec).await,
+                Op::Reopen => h.reopen().await,
+                Op::Crash => h.crash().await,
             }
-            let stats = queue.stats().await.expect("stats");
-            assert_eq!(stats.in_flight, model.in_flight.len() as u64);
+            let stats = h.queue.stats().await.expect("stats");
+            assert_eq!(stats.in_flight, h.model.in_flight.len() as u64);
         }
-        queue.close().await.expect("close");
+        h.queue.close().await.expect("close");
     }
 
     proptest! {

@@ -1,0 +1,230 @@
+//! One transaction of the store thread: the group commit (inserts of the buffered
+//! batches, deletes of acknowledged rows, flow-state updates, retention drops, counters)
+//! and the disk-full eviction.
+//!
+//! Invariants:
+//! - Nothing in memory changes here: [`write`] reads the worker's state and returns
+//!   what the transaction did ([`Written`]); the worker applies it only after the
+//!   commit (`Worker::applied`). A failed transaction thus leaves every buffer as it
+//!   was, for the retry.
+//! - Ids are handed out in buffer order from `next_id` and saturate at `i64::MAX`; an
+//!   insert with a taken id fails and is retried like a full disk.
+//! - Sizes read back from the file may have been written by something else: a negative
+//!   one counts as 0, and totals saturate.
+
+use rusqlite::{params, Connection, OptionalExtension, Transaction, TransactionBehavior};
+
+use super::buffer::Buffer;
+use super::config::StoreConfig;
+use super::cursor::Cursor;
+use super::db::Counters;
+use super::message::Priority;
+use super::request::Flow;
+use super::retention;
+use super::stats::DropReason;
+
+/// What one transaction should do.
+#[derive(Clone, Copy)]
+pub(super) struct Work {
+    pub inserts: bool,
+    pub retention: bool,
+    pub counters: bool,
+}
+
+impl Work {
+    /// Everything that waits: the group commit.
+    pub fn all(counters: bool) -> Work {
+        Work {
+            inserts: true,
+            retention: true,
+            counters,
+        }
+    }
+
+    /// Acks and flow updates alone, so delivery goes on while appends cannot be written.
+    pub fn without_inserts(counters: bool) -> Work {
+        Work {
+            inserts: false,
+            retention: false,
+            counters,
+        }
+    }
+
+    /// The periodic sweep: retention (age) and counters, no inserts.
+    pub fn sweep() -> Work {
+        Work {
+            inserts: false,
+            retention: true,
+            counters: true,
+        }
+    }
+}
+
+/// What a committed transaction did, applied to the in-memory state after the commit.
+#[derive(Default)]
+pub(super) struct Written {
+    /// Ids per buffered batch, in buffer order.
+    pub ids: Vec<Vec<i64>>,
+    pub added_rows: u64,
+    pub added_bytes: u64,
+    pub removed_rows: u64,
+    pub removed_bytes: u64,
+    pub dropped: Vec<(DropReason, u64)>,
+    pub counters: Counters,
+    pub scan_from: Option<[i64; 3]>,
+}
+
+/// The worker's state a transaction reads.
+pub(super) struct State<'a> {
+    pub config: &'a StoreConfig,
+    pub buffer: &'a Buffer,
+    pub cursor: &'a Cursor,
+    pub flows: &'a [Flow],
+    pub rows: u64,
+    pub bytes: u64,
+    pub next_id: i64,
+    pub counters: Counters,
+    pub scan_from: [i64; 3],
+}
+
+/// Runs one transaction; nothing in memory changes until the worker applies the result.
+pub(super) fn write(
+    conn: &mut Connection,
+    work: Work,
+    state: &State<'_>,
+) -> Result<Written, rusqlite::Error> {
+    let mut written = Written {
+        counters: state.counters,
+        ..Written::default()
+    };
+    let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+    let mut next_id = state.next_id;
+    if work.inserts {
+        insert_batches(&tx, state.buffer, &mut next_id, &mut written)?;
+    }
+    if !state.cursor.acking().is_empty() {
+        delete_acked(&tx, state.cursor, &mut written)?;
+    }
+    if !state.flows.is_empty() {
+        update_flows(&tx, state.flows)?;
+    }
+    if work.retention {
+        drop_by_retention(&tx, state, &mut written)?;
+    }
+    written.counters.appended += written.added_rows;
+    written.counters.commits += 1;
+    written.counters.next_id = next_id;
+    if work.counters {
+        written.counters.store(&tx)?;
+    }
+    tx.commit()?;
+    Ok(written)
+}
+
+fn insert_batches(
+    tx: &Transaction<'_>,
+    buffer: &Buffer,
+    next_id: &mut i64,
+    written: &mut Written,
+) -> Result<(), rusqlite::Error> {
+    let mut insert = tx.prepare_cached(
+        "INSERT INTO message (id, topic, payload, qos, retain, created_ms, priority, size) \
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+    )?;
+    for batch in buffer.batches() {
+        let mut ids = Vec::with_capacity(batch.messages.len());
+        for m in &batch.messages {
+            let size = m.stored_size();
+            insert.execute(params![
+                *next_id,
+                m.topic,
+                m.payload.as_ref(),
+                m.qos as u8,
+                m.retain,
+                m.created_ms,
+                m.priority as u8,
+                i64::try_from(size).unwrap_or(i64::MAX),
+            ])?;
+            ids.push(*next_id);
+            *next_id = next_id.saturating_add(1);
+            written.added_rows += 1;
+            written.added_bytes += size;
+        }
+        written.ids.push(ids);
+    }
+    Ok(())
+}
+
+fn delete_acked(
+    tx: &Transaction<'_>,
+    cursor: &Cursor,
+    written: &mut Written,
+) -> Result<(), rusqlite::Error> {
+    let mut delete = tx.prepare_cached("DELETE FROM message WHERE id = ?1 RETURNING size")?;
+    for id in cursor.acking() {
+        if let Some(size) = delete.query_row([id], |r| r.get::<_, i64>(0)).optional()? {
+            written.removed_rows += 1;
+            written.removed_bytes += u64::try_from(size).unwrap_or(0);
+            written.counters.delivered += 1;
+        }
+    }
+    Ok(())
+}
+
+fn update_flows(tx: &Transaction<'_>, flows: &[Flow]) -> Result<(), rusqlite::Error> {
+    let mut update =
+        tx.prepare_cached("UPDATE message SET pkid = ?2, pubrec = ?3 WHERE id = ?1")?;
+    for flow in flows {
+        update.execute(params![flow.id, flow.pkid, flow.pubrec])?;
+    }
+    Ok(())
+}
+
+/// Deletes what retention chooses, on the totals this transaction leaves.
+fn drop_by_retention(
+    tx: &Transaction<'_>,
+    state: &State<'_>,
+    written: &mut Written,
+) -> Result<(), rusqlite::Error> {
+    let rows = state.rows + written.added_rows - written.removed_rows.min(state.rows);
+    let bytes = (state.bytes + written.added_bytes).saturating_sub(written.removed_bytes);
+    let skip = |id: &i64| state.cursor.is_taken(id);
+    let (victims, scan_from) =
+        retention::victims(tx, state.config, skip, state.scan_from, rows, bytes)?;
+    written.scan_from = Some(scan_from);
+    let mut delete = tx.prepare_cached("DELETE FROM message WHERE id = ?1")?;
+    for (id, size, reason) in victims {
+        delete.execute([id])?;
+        written.removed_rows += 1;
+        written.removed_bytes += size;
+        written.counters.dropped.add(reason, 1);
+        match written.dropped.iter_mut().find(|(r, _)| *r == reason) {
+            Some((_, n)) => *n += 1,
+            None => written.dropped.push((reason, 1)),
+        }
+    }
+    Ok(())
+}
+
+/// Deletes up to `wanted` of the oldest stored rows of priorities up to `ceiling` in a
+/// transaction of its own (`drop_oldest` under a full disk, so the buffer fits into the
+/// freed pages). Returns the rows and bytes deleted.
+pub(super) fn evict(
+    conn: &mut Connection,
+    ceiling: Priority,
+    wanted: usize,
+    cursor: &Cursor,
+) -> Result<(u64, u64), rusqlite::Error> {
+    let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+    let victims = retention::disk_full_victims(&tx, ceiling, wanted, |id| cursor.is_taken(id))?;
+    let mut freed = 0;
+    {
+        let mut delete = tx.prepare_cached("DELETE FROM message WHERE id = ?1")?;
+        for (id, size) in &victims {
+            delete.execute([id])?;
+            freed += u64::try_from(*size).unwrap_or(0);
+        }
+    }
+    tx.commit()?;
+    Ok((victims.len() as u64, freed))
+}

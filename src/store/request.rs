@@ -1,0 +1,76 @@
+//! What the handle ([`super::Queue`]) sends the store thread: one [`Request`] per call,
+//! each with the sender of its answer.
+//!
+//! Invariants:
+//! - The channel is bounded by a semaphore of [`CHANNEL_CAPACITY`] slots: a request holds
+//!   its slot until the thread has taken it, and callers beyond it wait for a slot.
+//! - Every request is answered exactly once through its [`Reply`] (or the reply is
+//!   dropped when the thread stops, which the handle reports as [`Error::Closed`]).
+//! - A request that reached the thread is carried out, whether or not its caller still
+//!   waits for the answer.
+
+use tokio::sync::{oneshot, OwnedSemaphorePermit};
+
+use super::error::Error;
+use super::message::{DrainOrder, Message, Stored};
+use super::stats::Stats;
+
+/// Requests waiting for the store thread; callers beyond it wait for a slot. The thread
+/// also takes at most this many queued requests before it decides whether to commit.
+pub(super) const CHANNEL_CAPACITY: usize = 256;
+
+pub(super) type Reply<T> = oneshot::Sender<Result<T, Error>>;
+
+pub(super) enum Command {
+    Append {
+        batch: Vec<Message>,
+        reply: Reply<Vec<i64>>,
+    },
+    Next {
+        max: usize,
+        order: DrainOrder,
+        reply: Reply<Vec<Stored>>,
+    },
+    Ack {
+        ids: Vec<i64>,
+        reply: Reply<()>,
+    },
+    Release {
+        ids: Vec<i64>,
+        reply: Reply<()>,
+    },
+    SetFlow(Flow),
+    Stats {
+        reply: Reply<Stats>,
+    },
+    Close {
+        reply: Reply<()>,
+    },
+    /// Stops the thread as a crash would: nothing buffered is written.
+    #[cfg(test)]
+    Crash {
+        reply: Reply<()>,
+    },
+    /// Runs a pragma on the connection: `max_page_count` simulates a full disk,
+    /// `query_only` a read-only filesystem.
+    #[cfg(test)]
+    Pragma {
+        sql: String,
+        reply: Reply<()>,
+    },
+}
+
+/// A flow-state update (`set_flow`): sent as is, and kept by the thread until the
+/// commit that holds it, which answers `reply`.
+pub(super) struct Flow {
+    pub id: i64,
+    pub pkid: u16,
+    pub pubrec: bool,
+    pub reply: Reply<()>,
+}
+
+pub(super) struct Request {
+    pub command: Command,
+    /// Returned when the thread has taken the request: this is what bounds the channel.
+    pub _slot: OwnedSemaphorePermit,
+}

@@ -1,0 +1,582 @@
+//! The store thread: it owns the SQLite connection, takes the handle's requests, and
+//! decides when to commit (group commit, flow updates, retries while the disk fails),
+//! checkpoint, persist counters and sweep for old rows.
+//!
+//! Invariants (the module-level ones are in `store/mod.rs`):
+//! - Only this thread touches the connection.
+//! - Memory changes only after a transaction committed ([`Worker::applied`]); a failed
+//!   transaction leaves every buffer as it was, for the retry.
+//! - Flow updates are committed at most `flow_commit_ms` after the previous commit;
+//!   the thread takes every request already queued (up to [`CHANNEL_CAPACITY`], and
+//!   until a full group of rows waits) before it decides to commit, so one commit serves
+//!   every waiter that is already there.
+//! - While commits fail, retries follow with backoff ([`RETRY_MIN`] doubling to
+//!   [`RETRY_MAX`]) and the buffer is kept within `memory_buffer_rows`.
+//! - Values read back from the file (ids, sizes, counters) may have been written by
+//!   something else: they are clamped or saturated, never trusted not to overflow.
+
+use std::collections::VecDeque;
+use std::ops::ControlFlow;
+use std::sync::mpsc::{self as std_mpsc, RecvTimeoutError};
+use std::time::{Duration, Instant};
+
+use tokio::sync::watch;
+
+use super::buffer::{self, Buffer};
+use super::commit::{self, Work, Written};
+use super::config::{DropPolicy, StoreConfig};
+use super::cursor::Cursor;
+use super::db::{self, Counters, Db};
+use super::error::Error;
+use super::message::Message;
+use super::request::{Command, Flow, Reply, Request, CHANNEL_CAPACITY};
+use super::retention;
+use super::stats::{DropReason, Stats};
+
+/// A checkpoint runs at least this often while there are commits...
+const CHECKPOINT_INTERVAL: Duration = Duration::from_secs(10);
+/// ...or once the WAL has grown by about this much.
+const CHECKPOINT_WAL_BYTES: u64 = 4 << 20;
+/// Counters are persisted at most this often (and on close): writing them with every
+/// commit would add a page write per commit.
+const COUNTERS_INTERVAL: Duration = Duration::from_secs(10);
+/// Idle queues are checked for rows past `max_age_secs` this often.
+const AGE_SWEEP_INTERVAL: Duration = Duration::from_secs(10);
+const RETRY_MIN: Duration = Duration::from_millis(100);
+const RETRY_MAX: Duration = Duration::from_secs(30);
+
+/// State while commits fail (disk full, read-only filesystem, I/O errors).
+struct Failing {
+    since: Instant,
+    attempts: u32,
+    next_retry: Instant,
+}
+
+pub(super) struct Worker {
+    db: Db,
+    config: StoreConfig,
+    interval: Duration,
+    buffer: Buffer,
+    cursor: Cursor,
+    flows: Vec<Flow>,
+    /// When the oldest uncommitted request arrived.
+    first_dirty: Option<Instant>,
+    /// When the last transaction committed; flow updates wait `flow_spacing` after it.
+    last_commit: Instant,
+    flow_spacing: Duration,
+    rows: u64,
+    bytes: u64,
+    next_id: i64,
+    counters: Counters,
+    counters_saved: Instant,
+    counters_dirty: bool,
+    wal_estimate: u64,
+    commits_since_checkpoint: u64,
+    last_checkpoint: Instant,
+    next_age_sweep: Instant,
+    failing: Option<Failing>,
+    dropping: bool,
+    /// Per priority class, where `drop_oldest` looks for its next victims.
+    scan_from: [i64; 3],
+    pending: watch::Sender<u64>,
+}
+
+impl Worker {
+    pub fn new(
+        db: Db,
+        config: StoreConfig,
+        counters: Counters,
+        rows: u64,
+        bytes: u64,
+        max_id: i64,
+        pending: watch::Sender<u64>,
+    ) -> Worker {
+        let now = Instant::now();
+        Worker {
+            db,
+            interval: Duration::from_millis(config.commit_interval_ms),
+            flow_spacing: Duration::from_millis(config.flow_commit_ms),
+            config,
+            buffer: Buffer::default(),
+            cursor: Cursor::new(),
+            flows: Vec::new(),
+            first_dirty: None,
+            last_commit: now,
+            rows,
+            bytes,
+            // Ids come from the file: a row id of i64::MAX must not overflow here. Ids
+            // saturate, and an insert with a taken id fails and is retried like a full disk.
+            next_id: max_id.saturating_add(1).max(counters.next_id).max(1),
+            counters,
+            counters_saved: now,
+            counters_dirty: false,
+            wal_estimate: 0,
+            commits_since_checkpoint: 0,
+            last_checkpoint: now,
+            next_age_sweep: now,
+            failing: None,
+            dropping: false,
+            scan_from: [i64::MIN; 3],
+            pending,
+        }
+    }
+
+    pub fn run(mut self, inbox: std_mpsc::Receiver<Request>) {
+        loop {
+            let now = Instant::now();
+            let wake = self.next_wake(now);
+            let request = match inbox.recv_timeout(wake.saturating_duration_since(now)) {
+                Ok(request) => Some(request),
+                Err(RecvTimeoutError::Timeout) => None,
+                Err(RecvTimeoutError::Disconnected) => {
+                    if let Err(error) = self.shutdown() {
+                        tracing::error!(%error, "store stopped with data it could not write");
+                    }
+                    return;
+                }
+            };
+            if self.take_queued(request, &inbox).is_break() {
+                return;
+            }
+            let now = Instant::now();
+            if self.commit_due(now) {
+                self.commit();
+            }
+            self.maintain(Instant::now());
+        }
+    }
+
+    /// Handles `request` and everything already queued behind it, so concurrent waiters
+    /// share the next commit; but a full group of rows still commits at its threshold.
+    /// Breaks when the thread is to stop.
+    fn take_queued(
+        &mut self,
+        mut request: Option<Request>,
+        inbox: &std_mpsc::Receiver<Request>,
+    ) -> ControlFlow<()> {
+        let mut taken = 0;
+        while let Some(next) = request.take() {
+            match next.command {
+                Command::Close { reply } => {
+                    let _ = reply.send(self.shutdown());
+                    return ControlFlow::Break(());
+                }
+                #[cfg(test)]
+                Command::Crash { reply } => {
+                    let _ = reply.send(Ok(()));
+                    return ControlFlow::Break(());
+                }
+                command => self.handle(command),
+            }
+            taken += 1;
+            if taken < CHANNEL_CAPACITY && self.buffer.rows() < self.config.commit_max_rows {
+                request = inbox.try_recv().ok();
+            }
+        }
+        ControlFlow::Continue(())
+    }
+
+    fn handle(&mut self, command: Command) {
+        match command {
+            Command::Append { batch, reply } => self.append(batch, reply),
+            Command::Next { max, order, reply } => {
+                let out = self.cursor.next(&self.db.conn, max, order);
+                let _ = reply.send(out.map_err(Error::from));
+            }
+            Command::Ack { ids, reply } => {
+                self.cursor.ack(ids);
+                self.mark_dirty();
+                let _ = reply.send(Ok(()));
+            }
+            Command::Release { ids, reply } => {
+                if self.cursor.release(ids) > 0 {
+                    self.pending.send_replace(self.pending_rows());
+                }
+                let _ = reply.send(Ok(()));
+            }
+            Command::SetFlow(flow) => {
+                self.flows.push(flow);
+                self.mark_dirty();
+            }
+            Command::Stats { reply } => {
+                let _ = reply.send(self.stats());
+            }
+            #[cfg(test)]
+            Command::Pragma { sql, reply } => {
+                let result = self.db.conn.execute_batch(&sql).map_err(Error::from);
+                let _ = reply.send(result);
+            }
+            Command::Close { .. } => unreachable!("handled by take_queued"),
+            #[cfg(test)]
+            Command::Crash { .. } => unreachable!("handled by take_queued"),
+        }
+    }
+
+    fn append(&mut self, batch: Vec<Message>, reply: Reply<Vec<i64>>) {
+        self.buffer.push(batch, reply);
+        self.mark_dirty();
+        if self.failing.is_some() {
+            self.enforce_memory_bound();
+        }
+    }
+
+    fn mark_dirty(&mut self) {
+        self.first_dirty.get_or_insert_with(Instant::now);
+    }
+
+    fn dirty(&self) -> bool {
+        self.buffer.rows() > 0 || !self.cursor.acking().is_empty() || !self.flows.is_empty()
+    }
+
+    fn pending_rows(&self) -> u64 {
+        self.rows.saturating_sub(self.cursor.taken() as u64)
+    }
+
+    fn next_wake(&self, now: Instant) -> Instant {
+        let wake = (self.last_checkpoint + CHECKPOINT_INTERVAL)
+            .min(self.next_age_sweep)
+            .max(now);
+        match self.commit_at() {
+            Some(due) => wake.min(due),
+            None => wake,
+        }
+    }
+
+    /// When the next commit is due by time: the group-commit interval after the first
+    /// uncommitted request, or sooner for flow updates; never before a retry is due.
+    fn commit_at(&self) -> Option<Instant> {
+        let first = self.first_dirty?;
+        let mut due = first + self.interval;
+        if !self.flows.is_empty() {
+            due = due.min(self.last_commit + self.flow_spacing);
+        }
+        if let Some(failing) = &self.failing {
+            due = due.max(failing.next_retry);
+        }
+        Some(due)
+    }
+
+    fn commit_due(&self, now: Instant) -> bool {
+        let Some(due) = self.commit_at() else {
+            return false;
+        };
+        if self.failing.as_ref().is_some_and(|f| now < f.next_retry) {
+            return false;
+        }
+        now >= due || self.buffer.rows() >= self.config.commit_max_rows
+    }
+
+    /// One group commit. On failure everything stays buffered for the retry, except
+    /// that acks and flow updates are tried alone, so delivery can go on (and free
+    /// space) while appends cannot be written.
+    fn commit(&mut self) {
+        let counters = self.counters_due();
+        let all = Work::all(counters);
+        match self.write(all) {
+            Ok(written) => self.applied(written, all),
+            Err(error) => {
+                if !self.cursor.acking().is_empty() || !self.flows.is_empty() {
+                    let small = Work::without_inserts(counters);
+                    if let Ok(written) = self.write(small) {
+                        self.applied(written, small);
+                    }
+                }
+                self.failed(&error);
+                self.enforce_memory_bound();
+            }
+        }
+    }
+
+    fn counters_due(&self) -> bool {
+        self.counters_saved.elapsed() >= COUNTERS_INTERVAL
+    }
+
+    /// Runs one transaction ([`commit::write`]); nothing in memory changes until
+    /// [`Worker::applied`].
+    fn write(&mut self, work: Work) -> Result<Written, rusqlite::Error> {
+        let state = commit::State {
+            config: &self.config,
+            buffer: &self.buffer,
+            cursor: &self.cursor,
+            flows: &self.flows,
+            rows: self.rows,
+            bytes: self.bytes,
+            next_id: self.next_id,
+            counters: self.counters,
+            scan_from: self.scan_from,
+        };
+        commit::write(&mut self.db.conn, work, &state)
+    }
+
+    /// Brings memory in line with a committed transaction and answers its waiters.
+    /// The `pending` watch is updated before any waiter hears of the commit, so a
+    /// caller whose append resolved sees the new count.
+    fn applied(&mut self, mut written: Written, work: Work) {
+        let batches = if work.inserts {
+            self.buffer.take()
+        } else {
+            VecDeque::new()
+        };
+        let flows = std::mem::take(&mut self.flows);
+        let ids = std::mem::take(&mut written.ids);
+        self.cursor.acks_committed();
+        self.take_totals(&written, work);
+        self.log_state_changes(&written, work);
+        if written.added_rows > 0 {
+            self.pending.send_replace(self.pending_rows());
+        }
+        buffer::committed(batches, ids);
+        for flow in flows {
+            let _ = flow.reply.send(Ok(()));
+        }
+        self.last_commit = Instant::now();
+        self.commits_since_checkpoint += 1;
+        self.wal_estimate += written.added_bytes + 2 * self.db.page_size;
+        if self.wal_estimate >= CHECKPOINT_WAL_BYTES {
+            self.checkpoint();
+        }
+    }
+
+    /// Totals, counters and timers after a commit (buffers already taken).
+    fn take_totals(&mut self, written: &Written, work: Work) {
+        self.rows = (self.rows + written.added_rows).saturating_sub(written.removed_rows);
+        self.bytes = (self.bytes + written.added_bytes).saturating_sub(written.removed_bytes);
+        self.next_id = written.counters.next_id;
+        self.counters = written.counters;
+        if let Some(scan_from) = written.scan_from {
+            self.scan_from = scan_from;
+        }
+        if work.counters {
+            self.counters_saved = Instant::now();
+            self.counters_dirty = false;
+        } else {
+            self.counters_dirty = true;
+        }
+        self.first_dirty = if self.dirty() {
+            Some(Instant::now())
+        } else {
+            None
+        };
+    }
+
+    /// One log line when the disk is writable again, and one when retention starts or
+    /// stops dropping.
+    fn log_state_changes(&mut self, written: &Written, work: Work) {
+        if let Some(failing) = self.failing.take_if(|_| work.inserts) {
+            tracing::info!(
+                after_ms = failing.since.elapsed().as_millis() as u64,
+                attempts = failing.attempts,
+                "store writable again; buffered readings committed"
+            );
+        }
+        if !written.dropped.is_empty() && !self.dropping {
+            tracing::warn!(
+                reasons = ?written.dropped,
+                policy = ?self.config.policy,
+                "store limit reached: dropping readings by policy (counted in stats)"
+            );
+            self.dropping = true;
+        } else if written.dropped.is_empty() && work.inserts && self.dropping {
+            tracing::info!("store within its limits again");
+            self.dropping = false;
+        }
+    }
+
+    fn failed(&mut self, error: &rusqlite::Error) {
+        self.counters.commit_failures += 1;
+        self.counters_dirty = true;
+        let now = Instant::now();
+        let failing = self.failing.get_or_insert(Failing {
+            since: now,
+            attempts: 0,
+            next_retry: now,
+        });
+        failing.attempts += 1;
+        let backoff = RETRY_MIN
+            .saturating_mul(1 << (failing.attempts - 1).min(16))
+            .min(RETRY_MAX);
+        failing.next_retry = now + backoff;
+        if failing.attempts.is_power_of_two() {
+            tracing::warn!(
+                %error,
+                attempts = failing.attempts,
+                buffered_rows = self.buffer.rows(),
+                retry_in_ms = backoff.as_millis() as u64,
+                "store cannot commit (disk full or read-only?); holding readings in memory"
+            );
+        }
+    }
+
+    /// Keeps the memory buffer within `memory_buffer_rows` while commits fail:
+    /// `drop_oldest` first makes room on disk, then (both policies) whole buffered
+    /// batches are dropped.
+    fn enforce_memory_bound(&mut self) {
+        if self.buffer.rows() <= self.config.memory_buffer_rows {
+            return;
+        }
+        if self.config.policy == DropPolicy::DropOldest && self.evict_and_commit() {
+            return;
+        }
+        while self.buffer.rows() > self.config.memory_buffer_rows {
+            let Some(rows) = self.buffer.drop_one(self.config.policy) else {
+                break;
+            };
+            self.counters.dropped.disk_full += rows as u64;
+            self.counters_dirty = true;
+        }
+        if !self.dirty() {
+            self.first_dirty = None;
+        }
+    }
+
+    /// Deletes stored rows to make room and retries the commit. A row's pages are not
+    /// all freed by deleting one row of the same size (a split, a half-full page), so
+    /// eviction gets a few rounds. Returns whether the commit went through.
+    fn evict_and_commit(&mut self) -> bool {
+        let mut rounds = 0;
+        while rounds < 4 && self.evict_stored() {
+            rounds += 1;
+            let all = Work::all(false);
+            if let Ok(written) = self.write(all) {
+                self.applied(written, all);
+                return true;
+            }
+        }
+        false
+    }
+
+    /// `drop_oldest` under a full disk: deletes as many of the oldest stored rows (of
+    /// the lowest priorities, none above what is buffered) as are buffered, so the
+    /// buffer fits into the freed pages. Returns whether anything was deleted.
+    fn evict_stored(&mut self) -> bool {
+        let ceiling = self.buffer.ceiling();
+        let wanted = self.buffer.rows();
+        match commit::evict(&mut self.db.conn, ceiling, wanted, &self.cursor) {
+            Ok((0, _)) | Err(_) => false,
+            Ok((rows, freed)) => {
+                self.rows = self.rows.saturating_sub(rows);
+                self.bytes = self.bytes.saturating_sub(freed);
+                self.counters.dropped.disk_full += rows;
+                self.counters.commits += 1;
+                self.counters_dirty = true;
+                tracing::warn!(
+                    rows,
+                    "disk full: dropped the oldest stored readings to make room"
+                );
+                true
+            }
+        }
+    }
+
+    fn stats(&self) -> Result<Stats, Error> {
+        Ok(Stats {
+            depth: self.rows,
+            pending: self.pending_rows(),
+            in_flight: self.cursor.in_flight() as u64,
+            bytes: self.bytes,
+            oldest_age_ms: self
+                .db
+                .first_created_ms()?
+                .map(|created| db::age_ms(crate::clock::now_ms(), created)),
+            buffered: self.buffer.rows() as u64,
+            appended: self.counters.appended,
+            delivered: self.counters.delivered,
+            dropped: self.counters.dropped,
+            commits: self.counters.commits,
+            commit_failures: self.counters.commit_failures,
+            bytes_written: self.counters.bytes_written,
+            file_bytes: self.db.file_bytes(),
+        })
+    }
+
+    /// Periodic work that is not a group commit: checkpoints, counters, the age sweep.
+    fn maintain(&mut self, now: Instant) {
+        if now >= self.last_checkpoint + CHECKPOINT_INTERVAL {
+            if self.commits_since_checkpoint > 0 {
+                self.checkpoint();
+            } else {
+                self.last_checkpoint = now;
+            }
+        }
+        if now >= self.next_age_sweep {
+            self.next_age_sweep = now + AGE_SWEEP_INTERVAL;
+            let sweep = (self.counters_dirty && self.counters_due()) || self.has_expired_rows();
+            if sweep && self.failing.is_none() {
+                let work = Work::sweep();
+                match self.write(work) {
+                    Ok(written) => self.applied(written, work),
+                    Err(error) => self.failed(&error),
+                }
+            }
+        }
+    }
+
+    fn has_expired_rows(&self) -> bool {
+        matches!(
+            self.db.first_created_ms(),
+            Ok(Some(created)) if retention::expired(created, retention::age_cutoff(&self.config))
+        )
+    }
+
+    fn checkpoint(&mut self) {
+        self.last_checkpoint = Instant::now();
+        self.commits_since_checkpoint = 0;
+        self.wal_estimate = 0;
+        match self.db.checkpoint() {
+            Ok(bytes) => {
+                self.counters.bytes_written += bytes;
+                self.counters_dirty = true;
+            }
+            Err(error) => tracing::debug!(%error, "checkpoint failed; retried with the next one"),
+        }
+        match self.db.vacuum_if_worth_it() {
+            Ok(true) => {
+                if let Ok(bytes) = self.db.checkpoint() {
+                    self.counters.bytes_written += bytes;
+                }
+                tracing::info!(
+                    file_bytes = self.db.file_bytes(),
+                    "store file shrunk after a drain"
+                );
+            }
+            Ok(false) => {}
+            Err(error) => tracing::debug!(%error, "incremental vacuum failed"),
+        }
+    }
+
+    /// Close: one last commit whatever the backoff, counters, a checkpoint.
+    fn shutdown(&mut self) -> Result<(), Error> {
+        let work = Work::all(true);
+        let result = match self.write(work) {
+            Ok(written) => {
+                self.applied(written, work);
+                Ok(())
+            }
+            Err(error) => self.abandon_buffered(&error),
+        };
+        self.checkpoint();
+        if let Err(error) = self.counters.store(&self.db.conn) {
+            tracing::debug!(%error, "counters not persisted at close");
+        }
+        tracing::info!(rows = self.rows, "store closed");
+        result
+    }
+
+    /// The last commit failed: what is held in memory is lost, counted and answered.
+    fn abandon_buffered(&mut self, error: &rusqlite::Error) -> Result<(), Error> {
+        self.failed(error);
+        let rows = self.buffer.drop_all(DropReason::Shutdown);
+        self.counters.dropped.shutdown += rows as u64;
+        for flow in self.flows.drain(..) {
+            let _ = flow.reply.send(Err(Error::Closed(Vec::new())));
+        }
+        if rows > 0 {
+            tracing::error!(rows, %error, "store closing: readings held in memory are lost");
+            return Err(Error::Dropped {
+                rows,
+                reason: DropReason::Shutdown,
+            });
+        }
+        Ok(())
+    }
+}
