@@ -33,12 +33,7 @@ use crate::mqtt::QoS;
 use crate::store::StoreConfig;
 use crate::uplink::UplinkConfig;
 
-/// The problem type lives in the leaf [`crate::problem`]; this re-export only keeps
-/// `crate::config::Invalid` working for the module roots that still name it
-/// (`broker/mod.rs`, `uplink/mod.rs`, `store/queue.rs`, `field/mod.rs`, being reshaped
-/// in parallel). Remove it once they import `crate::problem::Invalid`.
-pub use crate::problem::Invalid;
-use crate::problem::Problems;
+use crate::problem::{Invalid, Problems};
 
 /// The whole configuration file.
 #[derive(Debug, Clone, Default)]

@@ -60,7 +60,7 @@ impl Queue {
     /// [`Error::Sqlite`] when the file cannot be opened or created;
     /// [`Error::NewerFormat`] for a file written by a newer build.
     pub fn open(config: StoreConfig) -> Result<Queue, Error> {
-        if let Some(text) = crate::config::Invalid::summary(&config.validate()) {
+        if let Some(text) = crate::problem::Invalid::summary(&config.validate()) {
             return Err(Error::Config(text));
         }
         let db = Db::open(&config.path, config.synchronous)?;
