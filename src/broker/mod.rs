@@ -60,6 +60,7 @@ use tokio_util::task::TaskTracker;
 pub use auth::{passwd_line, AuthError};
 pub use config::{BrokerConfig, ListenerConfig, TlsListenerConfig};
 pub use persist::PersistError;
+pub use router::BrokerStats;
 
 use auth::Policy;
 use persist::Persister;
@@ -113,35 +114,6 @@ pub enum TlsError {
     /// rustls refuses the protocol versions, the certificate or the key.
     #[error("{0}")]
     Rustls(#[source] rustls::Error),
-}
-
-/// A snapshot of the broker's counters.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct BrokerStats {
-    /// Clients connected now.
-    pub clients_connected: usize,
-    /// Sessions, connected or not (persistent ones wait offline).
-    pub sessions: usize,
-    /// PUBLISH packets received from clients.
-    pub messages_received: u64,
-    /// PUBLISH packets sent to clients.
-    pub messages_sent: u64,
-    pub bytes_received: u64,
-    pub bytes_sent: u64,
-    /// Subscriptions in the tree.
-    pub subscriptions: usize,
-    /// Retained messages stored.
-    pub retained: usize,
-    /// Messages dropped because a client's queue was full (or a message was larger than
-    /// the client accepts).
-    pub dropped: u64,
-    /// Queued messages dropped because their expiry interval passed.
-    pub expired: u64,
-    /// PUBLISH packets refused by the ACL or the protected topic trees.
-    pub denied: u64,
-    /// Retained messages for new topics not kept because the store was full.
-    pub retained_refused: u64,
-    pub uptime: Duration,
 }
 
 /// The broker. See [`Broker::start`].

@@ -33,11 +33,39 @@ use super::session::{
     Delivery, Kick, Limits, Mailbox, Message, Pushed, Session, SubRecord, Target, NEVER_EXPIRES,
 };
 use super::tree::{Subscriber, SubscriptionTree};
-use super::BrokerStats;
 use crate::mqtt::topic;
 use crate::mqtt::{
     EncodedPublish, Protocol, QoS, ReasonCode, RetainHandling, Subscription, Unsubscribe,
 };
+
+/// A snapshot of the broker's counters.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct BrokerStats {
+    /// Clients connected now.
+    pub clients_connected: usize,
+    /// Sessions, connected or not (persistent ones wait offline).
+    pub sessions: usize,
+    /// PUBLISH packets received from clients.
+    pub messages_received: u64,
+    /// PUBLISH packets sent to clients.
+    pub messages_sent: u64,
+    pub bytes_received: u64,
+    pub bytes_sent: u64,
+    /// Subscriptions in the tree.
+    pub subscriptions: usize,
+    /// Retained messages stored.
+    pub retained: usize,
+    /// Messages dropped because a client's queue was full (or a message was larger than
+    /// the client accepts).
+    pub dropped: u64,
+    /// Queued messages dropped because their expiry interval passed.
+    pub expired: u64,
+    /// PUBLISH packets refused by the ACL or the protected topic trees.
+    pub denied: u64,
+    /// Retained messages for new topics not kept because the store was full.
+    pub retained_refused: u64,
+    pub uptime: Duration,
+}
 
 /// Settings the connections read, taken from the configuration.
 #[derive(Debug, Clone)]

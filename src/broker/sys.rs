@@ -12,9 +12,8 @@ use bytes::Bytes;
 use tokio::time::{Instant, MissedTickBehavior};
 use tokio_util::sync::CancellationToken;
 
-use super::router::Router;
+use super::router::{BrokerStats, Router};
 use super::session::Message;
-use super::BrokerStats;
 use crate::mqtt::QoS;
 
 const HOUSEKEEPING: Duration = Duration::from_secs(1);

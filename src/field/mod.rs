@@ -51,13 +51,12 @@ use std::fmt::Write as _;
 
 use tokio::sync::mpsc::Sender;
 use tokio::task::JoinHandle;
-use tokio_modbus::ExceptionCode;
 use tokio_util::sync::CancellationToken;
 
 pub use config::{BusConfig, BusKind, DeviceConfig, FieldConfig, PointConfig, ProfileConfig};
 pub use decode::{ByteOrder, DataType, RegisterKind};
 pub use link::{Disconnect, ReadError};
-pub use probe::{probe, ProbeTarget, ProbeTransport};
+pub use probe::{probe, ProbeError, ProbeTarget, ProbeTransport};
 pub use reading::{DeviceState, FieldEvent, Quality, Reading, Value};
 pub use resolve::{ResolvedBus, StatsSnapshot};
 
@@ -67,34 +66,9 @@ pub enum Error {
     /// The configuration has problems; see [`FieldConfig::validate`].
     #[error("invalid field configuration: {}", .0.iter().map(|i| format!("{}: {}", i.key, i.message)).collect::<Vec<_>>().join("; "))]
     Invalid(Vec<crate::problem::Invalid>),
-    /// `probe` was asked for more than one request can read.
-    #[error("probe: count must be 1..={limit}")]
-    ProbeCount { limit: u16 },
-    /// `probe` was asked for a range that does not fit the address space.
-    #[error("probe: the range runs past address 65535")]
-    ProbeRange,
-    /// The device answered the probe's read with an exception.
-    #[error(
-        "probe: unit {unit} answered exception {:#04x} for {} {address}..={last} (0-based protocol addresses; {} in 1-based notation){}",
-        u8::from(*.code),
-        .kind.name(),
-        .kind.modicon(*.address),
-        probe::exception_hint(*.code)
-    )]
-    ProbeException {
-        unit: u8,
-        kind: RegisterKind,
-        address: u16,
-        last: u32,
-        code: ExceptionCode,
-    },
-    /// The probe's read got no answer.
-    #[error("probe: {endpoint}")]
-    ProbeRead {
-        endpoint: String,
-        #[source]
-        source: ReadError,
-    },
+    /// `fieldbridge probe` could not read what it was asked for.
+    #[error(transparent)]
+    Probe(#[from] probe::ProbeError),
 }
 
 /// Validates and resolves the configuration into buses that can be spawned (and spawned

@@ -12,8 +12,40 @@ use tokio_modbus::ExceptionCode;
 
 use super::config::{Framing, Parity};
 use super::decode::{ByteOrder, Codec, DataType, RegisterKind};
-use super::link::{Endpoint, Link, ModbusLink, Words};
-use super::Error;
+use super::link::{Endpoint, Link, ModbusLink, ReadError, Words};
+
+/// What `fieldbridge probe` could not do.
+#[derive(Debug, thiserror::Error)]
+pub enum ProbeError {
+    /// `probe` was asked for more than one request can read.
+    #[error("probe: count must be 1..={limit}")]
+    ProbeCount { limit: u16 },
+    /// `probe` was asked for a range that does not fit the address space.
+    #[error("probe: the range runs past address 65535")]
+    ProbeRange,
+    /// The device answered the probe's read with an exception.
+    #[error(
+        "probe: unit {unit} answered exception {:#04x} for {} {address}..={last} (0-based protocol addresses; {} in 1-based notation){}",
+        u8::from(*.code),
+        .kind.name(),
+        .kind.modicon(*.address),
+        exception_hint(*.code)
+    )]
+    ProbeException {
+        unit: u8,
+        kind: RegisterKind,
+        address: u16,
+        last: u32,
+        code: ExceptionCode,
+    },
+    /// The probe's read got no answer.
+    #[error("probe: {endpoint}")]
+    ProbeRead {
+        endpoint: String,
+        #[source]
+        source: ReadError,
+    },
+}
 
 /// Where and what to read.
 #[derive(Debug, Clone, PartialEq)]
@@ -53,16 +85,16 @@ pub enum ProbeTransport {
 /// Reads the range and renders the report.
 ///
 /// # Errors
-/// [`Error::ProbeCount`] or [`Error::ProbeRange`] for a range that cannot be read,
-/// [`Error::ProbeRead`] if the device cannot be reached or does not answer,
-/// [`Error::ProbeException`] if it refuses the read.
-pub async fn probe(target: &ProbeTarget) -> Result<String, Error> {
+/// [`ProbeError::ProbeCount`] or [`ProbeError::ProbeRange`] for a range that cannot be read,
+/// [`ProbeError::ProbeRead`] if the device cannot be reached or does not answer,
+/// [`ProbeError::ProbeException`] if it refuses the read.
+pub async fn probe(target: &ProbeTarget) -> Result<String, ProbeError> {
     let limit = if target.kind.is_bit() { 2000 } else { 125 };
     if target.count == 0 || target.count > limit {
-        return Err(Error::ProbeCount { limit });
+        return Err(ProbeError::ProbeCount { limit });
     }
     if u32::from(target.address) + u32::from(target.count) - 1 > 65_535 {
-        return Err(Error::ProbeRange);
+        return Err(ProbeError::ProbeRange);
     }
     let (endpoint, silence) = match &target.transport {
         ProbeTransport::Tcp {
@@ -114,7 +146,7 @@ pub async fn probe(target: &ProbeTarget) -> Result<String, Error> {
     let words = match read {
         Ok(Ok(words)) => words,
         Ok(Err(code)) => {
-            return Err(Error::ProbeException {
+            return Err(ProbeError::ProbeException {
                 unit: target.unit_id,
                 kind: target.kind,
                 address: target.address,
@@ -123,7 +155,7 @@ pub async fn probe(target: &ProbeTarget) -> Result<String, Error> {
             })
         }
         Err(source) => {
-            return Err(Error::ProbeRead {
+            return Err(ProbeError::ProbeRead {
                 endpoint: endpoint.to_string(),
                 source,
             })

@@ -38,8 +38,9 @@ use crate::store::{self, DrainOrder, Queue, Stored};
 
 use super::backoff::Backoff;
 use super::config::{BrokerUrl, UplinkConfig};
+use super::error::Error;
 use super::state::{DropReason, Effect, Session};
-use super::{Counters, Error, LinkState};
+use super::status::{Counters, LinkState};
 
 /// Largest packet accepted from the broker (announced to 5.0 brokers).
 pub(super) const MAX_INCOMING_PACKET: u32 = 1 << 20;

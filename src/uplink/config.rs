@@ -17,7 +17,7 @@ use crate::mqtt::{self, Protocol};
 use crate::problem::{Invalid, Problems, Scope};
 use crate::store::DrainOrder;
 
-use super::Error;
+use super::error::Error;
 
 /// Largest inflight window: packet ids left over serve status messages and SUBSCRIBE.
 pub const MAX_WINDOW: u16 = 65_000;

@@ -9,6 +9,8 @@
 //! | `backoff.rs` | reconnect delays with jitter and a cap |
 //! | `tls.rs` | the rustls client configuration |
 //! | `client.rs` | the connection task: connect, serve, reconnect; store requests |
+//! | `error.rs` | `Error`: what ends a connection or stops the start |
+//! | `status.rs` | `LinkState`, the counters and their `UplinkStats` snapshot |
 //!
 //! # Invariants
 //!
@@ -26,10 +28,11 @@
 pub mod backoff;
 mod client;
 pub mod config;
+mod error;
 pub mod state;
+mod status;
 pub mod tls;
 
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -42,26 +45,11 @@ use crate::mqtt::Publish;
 use crate::store::Queue;
 
 pub use config::{BrokerUrl, Password, ProtocolVersion, TlsConfig, UplinkConfig};
+pub use error::{Error, SessionError};
+pub use status::{Counters, LinkState, UplinkStats};
 
 /// Time the task gets beyond the shutdown timeout to return rows to the store.
 const RELEASE_GRACE: Duration = Duration::from_secs(2);
-
-/// Where the connection stands.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum LinkState {
-    /// Resolving, connecting, handshaking or waiting for CONNACK.
-    Connecting { attempt: u32 },
-    /// CONNACK received; `session_present` as the broker said.
-    Connected { session_present: bool },
-    /// Waiting `delay` before attempt `attempt + 1` because of `error`.
-    Backoff {
-        attempt: u32,
-        delay: Duration,
-        error: String,
-    },
-    /// The uplink has stopped.
-    Stopped,
-}
 
 /// The upstream MQTT client.
 pub struct Uplink;
@@ -185,123 +173,4 @@ impl UplinkHandle {
             }
         }
     }
-}
-
-/// Everything that goes wrong in the uplink. Connection-level errors end one connection
-/// and lead to a reconnect after a backoff delay.
-#[derive(Debug, thiserror::Error)]
-pub enum Error {
-    #[error("invalid [upstream] section: {0}")]
-    Config(String),
-    #[error("invalid upstream URL: {0}")]
-    Url(String),
-    #[error("cannot read the password from the {source_name}: {reason}")]
-    Password { source_name: String, reason: String },
-    #[error("TLS: {what}{}", source_suffix(.source.as_deref()))]
-    Tls {
-        what: String,
-        #[source]
-        source: Option<Box<dyn std::error::Error + Send + Sync>>,
-    },
-    #[error("cannot resolve {host}: {source}")]
-    Resolve {
-        host: String,
-        #[source]
-        source: std::io::Error,
-    },
-    #[error("connection to the upstream broker failed: {0}")]
-    Io(#[from] std::io::Error),
-    #[error("no CONNACK within the connect timeout of {0:?}")]
-    ConnectTimeout(Duration),
-    /// What the session state machine found wrong with the broker's side of the
-    /// protocol (refusals, DISCONNECT, violations, a missing PINGRESP).
-    #[error(transparent)]
-    Session(#[from] state::SessionError),
-    #[error("the upstream broker closed the connection")]
-    Closed,
-    #[error("malformed packet from the upstream broker: {0}")]
-    Codec(#[from] crate::mqtt::Error),
-    #[error("the uplink did not stop within {0:?}")]
-    ShutdownTimeout(Duration),
-}
-
-impl Error {
-    /// Refusals that repeat until an operator changes credentials or permissions.
-    pub fn is_auth_failure(&self) -> bool {
-        matches!(self, Error::Session(e) if e.is_auth_failure())
-    }
-}
-
-/// `": {source}"`, or nothing: a TLS failure names its cause in its own line too, for
-/// log lines that show only the top error.
-fn source_suffix(source: Option<&(dyn std::error::Error + Send + Sync)>) -> String {
-    source.map(|e| format!(": {e}")).unwrap_or_default()
-}
-
-/// Counters shared between the connection task and [`UplinkStats`] snapshots.
-#[derive(Debug, Default)]
-pub struct Counters {
-    pub connects: AtomicU64,
-    pub connect_failures: AtomicU64,
-    pub auth_failures: AtomicU64,
-    pub published: AtomicU64,
-    pub resent: AtomicU64,
-    pub acked: AtomicU64,
-    pub dropped_too_large: AtomicU64,
-    pub dropped_invalid: AtomicU64,
-    pub rejected: AtomicU64,
-    pub throttled: AtomicU64,
-    pub incoming: AtomicU64,
-    pub incoming_dropped: AtomicU64,
-}
-
-impl Counters {
-    /// A consistent-enough copy for status output.
-    pub fn snapshot(&self) -> UplinkStats {
-        let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
-        UplinkStats {
-            connects: get(&self.connects),
-            connect_failures: get(&self.connect_failures),
-            auth_failures: get(&self.auth_failures),
-            published: get(&self.published),
-            resent: get(&self.resent),
-            acked: get(&self.acked),
-            dropped_too_large: get(&self.dropped_too_large),
-            dropped_invalid: get(&self.dropped_invalid),
-            rejected: get(&self.rejected),
-            throttled: get(&self.throttled),
-            incoming: get(&self.incoming),
-            incoming_dropped: get(&self.incoming_dropped),
-        }
-    }
-}
-
-/// What the uplink has done since it started.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub struct UplinkStats {
-    /// Successful CONNACKs.
-    pub connects: u64,
-    /// Connection attempts that failed (network, TLS, refused, timeout).
-    pub connect_failures: u64,
-    /// Of those, refusals for credentials or permissions.
-    pub auth_failures: u64,
-    /// PUBLISH packets of rows sent for the first time.
-    pub published: u64,
-    /// PUBLISH packets sent again with DUP after a reconnect.
-    pub resent: u64,
-    /// Rows deleted after the broker's acknowledgement.
-    pub acked: u64,
-    /// Rows dropped because they exceed the broker's maximum packet size.
-    pub dropped_too_large: u64,
-    /// Rows dropped because their topic is not a valid topic name.
-    pub dropped_invalid: u64,
-    /// Rows the broker refused with an error reason code (5.0).
-    pub rejected: u64,
-    /// Messages the broker refused for now (0x97 quota exceeded, 0x91 packet id in
-    /// use); each was kept and sent again.
-    pub throttled: u64,
-    /// Messages received on the configured subscriptions.
-    pub incoming: u64,
-    /// Of those, dropped because the consumer's channel was full.
-    pub incoming_dropped: u64,
 }

@@ -54,7 +54,8 @@ use crate::mqtt::{
 use crate::store::Stored;
 
 use super::config::{Password, MAX_WINDOW};
-use super::Counters;
+use super::error::SessionError;
+use super::status::Counters;
 
 /// Settings of the session, fixed for the life of the uplink.
 #[derive(Debug, Clone)]
@@ -255,65 +256,6 @@ impl Keepalive {
 pub fn pkid_for_row(id: i64) -> u16 {
     // Row ids start at 1; packet ids run 1..=65535.
     u16::try_from((id - 1).rem_euclid(65_535) + 1).unwrap_or(1)
-}
-
-/// What the broker did that ends the connection, as the session sees it. The client
-/// wraps it in [`super::Error::Session`] beside transport, TLS and store errors.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum SessionError {
-    #[error("the upstream broker refused the connection: {}{}", refusal_text(*.code), reason_suffix(.reason))]
-    Refused { code: u8, reason: String },
-    #[error("the upstream broker closed the session with reason {code:#04x}{}", reason_suffix(.reason))]
-    ServerDisconnect { code: u8, reason: String },
-    #[error("the upstream broker refused a message for now (reason code {code:#04x}); it is sent again after a reconnect, one message at a time until the refused ones are through")]
-    Throttled { code: u8 },
-    #[error("no PINGRESP within {0:?}: the connection is half-open")]
-    PingTimeout(Duration),
-    #[error("protocol violation by the upstream broker: {0}")]
-    Protocol(&'static str),
-}
-
-impl SessionError {
-    /// Refusals that repeat until an operator changes credentials or permissions.
-    pub fn is_auth_failure(&self) -> bool {
-        matches!(self, SessionError::Refused { code, .. } if matches!(code, 0x86 | 0x87 | 0x8A | 0x8C))
-    }
-}
-
-fn reason_suffix(reason: &str) -> String {
-    if reason.is_empty() {
-        String::new()
-    } else {
-        format!(" ({reason})")
-    }
-}
-
-fn refusal_text(code: u8) -> String {
-    let meaning = match code {
-        0x80 => "unspecified error",
-        0x81 => "malformed packet",
-        0x82 => "protocol error",
-        0x83 => "implementation specific error",
-        0x84 => "unsupported protocol version (try the other `protocol` setting)",
-        0x85 => "client identifier not valid",
-        0x86 => "bad user name or password",
-        0x87 => "not authorized",
-        0x88 => "server unavailable",
-        0x89 => "server busy",
-        0x8A => "banned",
-        0x8C => "bad authentication method",
-        0x90 => "topic name invalid (the will topic)",
-        0x95 => "packet too large",
-        0x97 => "quota exceeded",
-        0x99 => "payload format invalid",
-        0x9A => "retain not supported (the will is retried without retain)",
-        0x9B => "QoS not supported (the will is retried at QoS 0)",
-        0x9C => "use another server",
-        0x9D => "server moved",
-        0x9F => "connection rate exceeded",
-        _ => "refused",
-    };
-    format!("{meaning} (reason code {code:#04x})")
 }
 
 /// A refusal that says "not now" rather than "never": 0x97 (quota exceeded) or 0x91

@@ -15,7 +15,7 @@ use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
 use rustls::{ClientConfig, RootCertStore};
 
 use super::config::TlsConfig;
-use super::Error;
+use super::error::Error;
 
 /// A TLS setting that is wrong, with nothing underneath.
 fn tls_error(what: impl Into<String>) -> Error {
