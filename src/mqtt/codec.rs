@@ -303,11 +303,7 @@ fn connack_return_code(code: ReasonCode) -> Result<u8, Error> {
 /// trail it.
 /// A PUBLISH topic name; may be empty here (5.0 topic alias), checked by the caller.
 fn topic_name(r: &mut Reader) -> Result<String, Error> {
-    let bytes = r.binary()?;
-    topic::check_name_bytes(&bytes)?;
-    std::str::from_utf8(&bytes)
-        .map(str::to_owned)
-        .map_err(|_| Error::InvalidUtf8)
+    r.checked_string(topic::check_name_bytes)
 }
 
 fn decode_publish(flags: u8, mut r: Reader, version: Protocol) -> Result<Option<Packet>, Error> {

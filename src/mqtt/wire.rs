@@ -229,6 +229,25 @@ impl Reader {
         Ok(s)
     }
 
+    /// A length-prefixed string whose raw bytes pass `check` first (a topic name:
+    /// wildcards and U+0000 refused before UTF-8 is checked), borrowed until then, so
+    /// the hot path copies it once and touches no reference count.
+    pub(crate) fn checked_string(
+        &mut self,
+        check: impl FnOnce(&[u8]) -> Result<(), Error>,
+    ) -> Result<String, Error> {
+        let n = usize::from(self.u16()?);
+        let Some(bytes) = self.buf.get(..n) else {
+            return Err(Error::Truncated);
+        };
+        check(bytes)?;
+        let s = std::str::from_utf8(bytes)
+            .map_err(|_| Error::InvalidUtf8)?
+            .to_owned();
+        self.buf.advance(n);
+        Ok(s)
+    }
+
     pub(crate) fn rest(&mut self) -> Bytes {
         std::mem::take(&mut self.buf)
     }
