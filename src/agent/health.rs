@@ -130,6 +130,7 @@ impl Health {
                     "published": stats.published,
                     "resent": stats.resent,
                     "acked": stats.acked,
+                    "throttled": stats.throttled,
                 }),
             );
         }
