@@ -387,11 +387,11 @@ fn sigterm_publishes_offline_exits_zero_and_loses_nothing_accepted() {
         retain_upstream: false,
         points: COUNTER_POINT,
     });
-    let mut agent = Agent::start(dir.path(), &text);
-    wait_for_port(broker_port, START);
     let counter = format!("{prefix}/meter/counter");
     let status = format!("{prefix}/status");
-    let local = Sub::start(broker_port, &["-v", "-t", &status]);
+    // Subscribed before the agent starts: the first reading goes upstream within one
+    // poll, and a subscription made after it would miss it (seen on a busy machine:
+    // value 1 "missing").
     let up = Subscriber::start(
         &upstream,
         &[&counter, &status],
@@ -401,6 +401,9 @@ fn sigterm_publishes_offline_exits_zero_and_loses_nothing_accepted() {
             v5: false,
         },
     );
+    let mut agent = Agent::start(dir.path(), &text);
+    wait_for_port(broker_port, START);
+    let local = Sub::start(broker_port, &["-v", "-t", &status]);
     up.wait_for_count(20, ARRIVE);
 
     agent.signal("TERM");
