@@ -912,13 +912,19 @@ impl Session {
                     counter.fetch_add(1, Ordering::Relaxed);
                 }
             }
-            Stage::Release => self.send(Packet::PubRel(Ack::new(pkid)), now),
+            Stage::Release => {
+                // Through the same queue as a fresh PUBREL: an older flow still
+                // persisting its `pubrec` goes first.
+                let seq = slot.seq;
+                self.held_releases.insert(seq, pkid);
+            }
             Stage::Persisting | Stage::Resetting => return,
         }
         if let Some(slot) = self.slots.get_mut(&pkid) {
             slot.on_wire = true;
             self.on_wire += 1;
         }
+        self.release_in_order(now);
     }
 
     /// Builds and queues a PUBLISH, with a topic alias when one fits. False (and the

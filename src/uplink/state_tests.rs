@@ -963,3 +963,23 @@ fn a_released_flow_is_not_held_behind_a_younger_persist() {
     s.flow_persisted(4, true, now());
     assert_eq!(out(&mut s), [Packet::PubRel(Ack::new(4))]);
 }
+
+#[test]
+fn a_resumed_pubrel_waits_for_an_older_flow_still_persisting() {
+    let mut s = session(Protocol::V5);
+    connect(&mut s, connack(false));
+    for id in [2, 4] {
+        s.offer(row(id, QoS::ExactlyOnce, "t"), now());
+    }
+    out(&mut s);
+    for pkid in [2, 4] {
+        s.handle(Packet::PubRec(Ack::new(pkid)), now()).unwrap();
+    }
+    s.flow_persisted(4, true, now());
+    assert_eq!(out(&mut s), [], "PUBREL 4 is held for the persist of 2");
+    s.disconnected();
+    connect(&mut s, connack(true));
+    assert_eq!(out(&mut s), [], "nor does the reconnect let it jump ahead");
+    s.flow_persisted(2, true, now());
+    assert_eq!(pkids(&out(&mut s)), [("pubrel", 2), ("pubrel", 4)]);
+}
