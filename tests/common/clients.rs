@@ -22,6 +22,9 @@ struct Collected {
     messages: Vec<String>,
     debug: Vec<String>,
     stderr: String,
+    /// Both pipes reached end of file: everything the process wrote is collected.
+    stdout_done: bool,
+    stderr_done: bool,
 }
 
 /// A running `mosquitto_sub`.
@@ -61,13 +64,16 @@ impl Sub {
                     c.messages.push(line);
                 }
             }
+            sink.lock().unwrap().stdout_done = true;
         });
         let mut stderr = child.stderr.take().expect("piped stderr");
         let sink = collected.clone();
         std::thread::spawn(move || {
             let mut text = String::new();
             let _ = stderr.read_to_string(&mut text);
-            sink.lock().unwrap().stderr = text;
+            let mut c = sink.lock().unwrap();
+            c.stderr = text;
+            c.stderr_done = true;
         });
         Sub { child, collected }
     }
@@ -123,10 +129,17 @@ impl Sub {
     }
 
     /// Waits for the process to exit by itself (`-C`, `-W`, refused connection).
+    /// Waits for the process to exit and for its reader threads to collect the last of
+    /// its output: `messages()` is complete afterwards. (The exit alone came before the
+    /// last line was read once: `session_takeover_disconnects_the_old_client` saw no
+    /// `Received DISCONNECT (142)`.)
     pub fn wait_exit(&mut self, timeout: Duration) -> ExitStatus {
         let child = &mut self.child;
+        let collected = &self.collected;
         super::util::wait_for("mosquitto_sub to exit", timeout, || {
-            child.try_wait().ok().flatten()
+            let status = child.try_wait().ok().flatten()?;
+            let c = collected.lock().unwrap();
+            (c.stdout_done && c.stderr_done).then_some(status)
         })
     }
 
