@@ -563,10 +563,15 @@ async fn a_serial_bus_keeps_the_inter_frame_silence_between_devices() {
             }
             let mut answer = vec![request[0], 0x03, 0x02, 0x00, request[0]];
             answer.extend_from_slice(&crc16(&answer));
+            // Stamped before the write: the agent cannot have the answer earlier, so
+            // its silence is never over-counted. Stamped after it, a descheduled test
+            // thread made a gap look shorter than it was (seen on a busy machine:
+            // "only 16.557122ms after the last answer").
+            let answering = Instant::now();
             if end.write_all(&answer).and_then(|()| end.flush()).is_err() {
                 return;
             }
-            answered_at = Some(Instant::now());
+            answered_at = Some(answering);
         }
     });
     let mut run = Running::start(&config);
