@@ -60,8 +60,8 @@ pub struct UplinkConfig {
     pub connect_timeout_secs: u64,
     /// Maximum number of unacknowledged QoS 1/2 publishes; a 5.0 broker's receive
     /// maximum lowers it. Default: 20, mosquitto's default `max_inflight_messages`: a
-    /// 3.1.1 broker cannot announce its limit, and mosquitto drops a 3.1.1 client that
-    /// exceeds it with QoS 2 flows.
+    /// 3.1.1 broker cannot announce its limit, and mosquitto closes the connection of a
+    /// 3.1.1 client whose open QoS 2 flows leave no room for its next PUBLISH.
     #[serde(default = "default_inflight")]
     pub inflight: u16,
     /// 5.0: how long the broker keeps the session after the connection is lost, in
