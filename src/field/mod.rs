@@ -64,7 +64,7 @@ pub use resolve::{ResolvedBus, StatsSnapshot};
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     /// The configuration has problems; see [`FieldConfig::validate`].
-    #[error("invalid field configuration: {}", .0.iter().map(|i| format!("{}: {}", i.key, i.message)).collect::<Vec<_>>().join("; "))]
+    #[error("invalid field configuration: {}", crate::problem::Invalid::summary(.0).unwrap_or_default())]
     Invalid(Vec<crate::problem::Invalid>),
     /// `fieldbridge probe` could not read what it was asked for.
     #[error(transparent)]
