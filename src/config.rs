@@ -281,7 +281,8 @@ pub fn parse(file: &str, text: &str) -> Result<Config, Error> {
     let parsed: File = toml::from_str(text).map_err(|err| {
         let span = err.span().unwrap_or(0..0);
         let key = entries.key_at(&span).unwrap_or_default();
-        let problem = at(span.start, key, err.message().trim().to_string());
+        let message = crate::problem::in_plain_words(err.message().trim());
+        let problem = at(span.start, key, message);
         Error::Invalid {
             problems: vec![problem],
         }

@@ -11,6 +11,20 @@ use clap::{Args, Parser, Subcommand};
 use fieldbridge::topics::Topics;
 use fieldbridge::{agent, broker, config, field, store};
 
+/// `println!` for the reports on standard output, shadowing std's: when the reader has
+/// gone (`fieldbridge check-config | head -1`), the process ends quietly with the status
+/// of a tool killed by SIGPIPE instead of panicking (Rust ignores SIGPIPE, so every
+/// later write would fail).
+macro_rules! println {
+    () => { print!("\n") };
+    ($($arg:tt)*) => { print!("{}\n", format_args!($($arg)*)) };
+}
+
+/// `print!` with the same handling of a closed standard output as [`println!`].
+macro_rules! print {
+    ($($arg:tt)*) => { write_stdout(format_args!($($arg)*)) };
+}
+
 /// Where the Debian package and the systemd unit put the configuration.
 const DEFAULT_CONFIG: &str = "/etc/fieldbridge/fieldbridge.toml";
 
@@ -113,8 +127,9 @@ struct ProbeArgs {
     count: u16,
     #[arg(long, default_value_t = 1000)]
     timeout_ms: u64,
-    /// Pick the decoding whose value is closest to this (e.g. what the display shows).
-    #[arg(long, conflicts_with = "data_type")]
+    /// Pick the decoding whose value is closest to this (e.g. what the display shows),
+    /// trying the common scales ×0.001 … ×1000 too.
+    #[arg(long, conflicts_with = "data_type", allow_hyphen_values = true)]
     expect: Option<f64>,
     /// Pick this type (u16, i32, f32, …) for the TOML snippet; needs --order.
     #[arg(long = "type", requires = "order")]
@@ -139,10 +154,44 @@ fn main() -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
-            eprintln!("error: {err:#}");
+            eprintln!("error: {}", each_cause_once(&err));
             ExitCode::FAILURE
         }
     }
+}
+
+/// Exit status of a process killed by SIGPIPE, as a shell reports it.
+const EXIT_BROKEN_PIPE: i32 = 128 + 13;
+
+/// Writes to standard output; a reader that has gone ends the process quietly.
+fn write_stdout(args: std::fmt::Arguments<'_>) {
+    let mut stdout = std::io::stdout().lock();
+    if let Err(err) = stdout.write_fmt(args) {
+        if err.kind() == std::io::ErrorKind::BrokenPipe {
+            std::process::exit(EXIT_BROKEN_PIPE);
+        }
+        eprintln!("error: cannot write to standard output: {err}");
+        std::process::exit(1);
+    }
+}
+
+/// The error and its causes, `outer: inner: …`, each said once. Many errors below the
+/// binary put their cause in their own message and also return it as `source()`, so
+/// anyhow's `{:#}` repeats it; a cause that the text so far already ends with is left
+/// out.
+fn each_cause_once(err: &anyhow::Error) -> String {
+    let mut text = String::new();
+    for cause in err.chain() {
+        let cause = cause.to_string();
+        if text.ends_with(&cause) {
+            continue;
+        }
+        if !text.is_empty() {
+            text.push_str(": ");
+        }
+        text.push_str(&cause);
+    }
+    text
 }
 
 /// Logs to stderr; under systemd (JOURNAL_STREAM set) without timestamps or colours,
@@ -234,8 +283,23 @@ fn check_config(path: &Path) -> anyhow::Result<()> {
 fn queue_stats(args: &QueueArgs) -> anyhow::Result<()> {
     let path = match &args.db {
         Some(db) => db.clone(),
-        None => config::load(&args.config)?.store.path,
+        None => {
+            let config = config::load(&args.config)?;
+            if config.upstream.is_none() {
+                anyhow::bail!(
+                    "{} has no [upstream] section: a LAN-only agent keeps no store, so nothing is queued",
+                    args.config.display()
+                );
+            }
+            config.store.path
+        }
     };
+    if !path.exists() {
+        anyhow::bail!(
+            "no queue database at {} (the agent creates it when it first runs with an [upstream] section)",
+            path.display()
+        );
+    }
     let stats = store::read_stats(&path)
         .with_context(|| format!("cannot read queue statistics from {}", path.display()))?;
     println!("{}", serde_json::to_string_pretty(&stats)?);

@@ -186,9 +186,69 @@ impl Scope<'_> {
     }
 }
 
+/// A parser's message with Rust's type names said in a plant engineer's words:
+/// `invalid value: integer `300`, expected u8` → `…, expected a whole number 0..=255`.
+/// Only a type name right after "expected " is replaced; the rest is left as it is.
+pub fn in_plain_words(message: &str) -> String {
+    const WORDS: [(&str, &str); 13] = [
+        ("u8", "a whole number 0..=255"),
+        ("u16", "a whole number 0..=65535"),
+        ("u32", "a whole number 0..=4294967295"),
+        ("u64", "a whole number, 0 or more"),
+        ("usize", "a whole number, 0 or more"),
+        ("i8", "a whole number -128..=127"),
+        ("i16", "a whole number -32768..=32767"),
+        ("i32", "a whole number -2147483648..=2147483647"),
+        ("i64", "a whole number"),
+        ("f32", "a number"),
+        ("f64", "a number"),
+        ("a boolean", "true or false"),
+        ("a string", "a text in quotes"),
+    ];
+    let mut out = String::with_capacity(message.len());
+    let mut rest = message;
+    while let Some(at) = rest.find("expected ") {
+        let (before, after) = rest.split_at(at + "expected ".len());
+        out.push_str(before);
+        rest = after;
+        let word = WORDS.iter().find(|(name, _)| {
+            rest.strip_prefix(name)
+                .is_some_and(|tail| !tail.starts_with(|c: char| c.is_alphanumeric()))
+        });
+        if let Some((name, plain)) = word {
+            out.push_str(plain);
+            rest = &rest[name.len()..];
+        }
+    }
+    out.push_str(rest);
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn type_names_become_plain_words() {
+        assert_eq!(
+            in_plain_words("invalid value: integer `300`, expected u8"),
+            "invalid value: integer `300`, expected a whole number 0..=255"
+        );
+        assert_eq!(
+            in_plain_words("invalid type: string \"x\", expected u16"),
+            "invalid type: string \"x\", expected a whole number 0..=65535"
+        );
+        assert_eq!(
+            in_plain_words("invalid type: integer `1`, expected a boolean"),
+            "invalid type: integer `1`, expected true or false"
+        );
+        // Not a type name: left alone.
+        assert_eq!(
+            in_plain_words("unknown variant `x`, expected `holding` or `input`"),
+            "unknown variant `x`, expected `holding` or `input`"
+        );
+        assert_eq!(in_plain_words("expected u8x"), "expected u8x");
+    }
 
     #[test]
     fn keys_join_paths_indexes_and_the_scope_itself() {
