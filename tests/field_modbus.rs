@@ -591,3 +591,54 @@ async fn a_serial_bus_keeps_the_inter_frame_silence_between_devices() {
     }
     run.stop().await;
 }
+
+/// A TCP "device" that accepts every connection, reads a request, answers `answer` and
+/// closes: a fault pymodbus cannot be made to produce. Records when each connection
+/// came. Real sockets on loopback.
+fn garbage_device(answer: &'static [u8]) -> (u16, Arc<std::sync::Mutex<Vec<std::time::Instant>>>) {
+    use std::io::{Read, Write};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let port = listener.local_addr().expect("addr").port();
+    let accepted = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let seen = Arc::clone(&accepted);
+    std::thread::spawn(move || {
+        for mut socket in listener.incoming().flatten() {
+            seen.lock().expect("lock").push(std::time::Instant::now());
+            let mut request = [0u8; 12];
+            if socket.read_exact(&mut request).is_ok() {
+                let _ = socket.write_all(answer);
+            }
+        }
+    });
+    (port, accepted)
+}
+
+/// Regression: a TCP device that accepts connections and answers garbage was
+/// reconnected on every poll with a WARN/INFO pair and never backed off (its failures
+/// counted as "bus down", which never quarantines).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tcp_device_that_answers_garbage_is_quarantined_with_backoff() {
+    let (port, accepted) = garbage_device(b"\xde\xad\xbe");
+    let config = format!(
+        "[[bus]]\nname = \"plc\"\nkind = \"tcp\"\nhost = \"127.0.0.1\"\nport = {port}\n\
+         [[bus.device]]\nname = \"junk\"\nunit_id = 1\npoll_interval_ms = 100\nretries = 0\n\
+         quarantine_after = 2\nbackoff_max_ms = 800\n{}",
+        point("x", "holding", 0, ""),
+    );
+    let mut run = Running::start(&config);
+    let r = run.reading("junk", "x", Quality::Protocol).await;
+    assert_eq!(r.value, None);
+    run.state("junk", DeviceState::Quarantined).await;
+    let at_quarantine = accepted.lock().expect("lock").len();
+    let times = common::util::wait_for_async("three connections in quarantine", WAIT, || {
+        let times = accepted.lock().expect("lock").clone();
+        std::future::ready((times.len() >= at_quarantine + 3).then_some(times))
+    })
+    .await;
+    // In quarantine the polls wait 2 × the interval and more, never one interval.
+    for pair in times[at_quarantine - 1..].windows(2) {
+        let gap = pair[1] - pair[0];
+        assert!(gap >= Duration::from_millis(190), "reconnected after {gap:?}");
+    }
+    run.stop().await;
+}

@@ -426,11 +426,7 @@ async fn run_stream(
             },
             Err(e) => {
                 let quality = e.quality();
-                let outcome = if quality == Quality::Disconnected {
-                    Outcome::BusDown
-                } else {
-                    Outcome::Failed
-                };
+                let outcome = e.outcome();
                 deadline = Instant::now() + spec.timeout;
                 let polled = Polled {
                     readings: all_bad(spec, quality),
@@ -500,11 +496,7 @@ async fn poll_line_device(
             }
             Err(e) if e.is_retryable() && attempt < spec.retries => attempt += 1,
             Err(e) => {
-                let outcome = if e.quality() == Quality::Disconnected {
-                    Outcome::BusDown
-                } else {
-                    Outcome::Failed
-                };
+                let outcome = e.outcome();
                 break (all_bad(spec, e.quality()), outcome, Some(e));
             }
         }

@@ -22,6 +22,11 @@
 //!   after which the stream may hold a late reply) the connection is dropped and reopened
 //!   lazily, at most once per reconnect backoff, so a missing USB adapter or a refused
 //!   TCP port costs no bus time while it is missing.
+//! - A device that accepts the connection and then closes it or answers bytes that are
+//!   not Modbus is the device's fault, not the bus's ([`Disconnect::by_device`]): its
+//!   polls count as failures, so the device's quarantine backoff spaces them out.
+//! - "Connection lost" and "restored" are logged for a connection that had answered, so
+//!   a device that fails every fresh connection logs once, through its device state.
 
 use std::future::Future;
 use std::io;
@@ -41,6 +46,7 @@ use tokio_modbus::{ExceptionCode, Slave};
 use super::config::{BusConfig, BusKind, Framing, Parity};
 use super::decode::RegisterKind;
 use super::reading::Quality;
+use super::schedule::Outcome;
 
 /// Why a block read (or a line) produced no answer. Each error's `Display` names only its
 /// own level; the cause is its `source()` (log lines render the whole chain).
@@ -96,9 +102,30 @@ pub enum Disconnect {
     /// stream may still hold a late reply.
     #[error("answer out of step with the request")]
     OutOfStep,
+    /// The device closed the connection instead of answering.
+    #[error("the device closed the connection without answering")]
+    Closed,
+    /// The device sent bytes that are no answer, then closed the connection.
+    #[error("the device sent {bytes} bytes that are not a Modbus answer, then closed the connection")]
+    ClosedAfterGarbage { bytes: u64 },
+    /// The device answered bytes that are not a Modbus TCP frame (the decoder's reason
+    /// is the source); the connection is dropped, since nothing after them can be trusted.
+    #[error("the device answered bytes that are not Modbus TCP")]
+    Garbage(#[source] io::Error),
     /// Not open, and no failed open to blame (not expected to be seen).
     #[error("not connected")]
     NotConnected,
+}
+
+impl Disconnect {
+    /// Whether the device itself ended the conversation on a connection it had accepted
+    /// (closed it, or answered garbage): a fault of the device, not of the bus.
+    pub fn by_device(&self) -> bool {
+        matches!(
+            self,
+            Disconnect::Closed | Disconnect::ClosedAfterGarbage { .. } | Disconnect::Garbage(_)
+        )
+    }
 }
 
 impl ReadError {
@@ -129,8 +156,23 @@ impl ReadError {
         match self {
             ReadError::Timeout => Quality::Timeout,
             ReadError::Crc => Quality::Crc,
-            ReadError::Disconnected(_) => Quality::Disconnected,
+            ReadError::Disconnected(cause) => match **cause {
+                Disconnect::ClosedAfterGarbage { .. } | Disconnect::Garbage(_) => {
+                    Quality::Protocol
+                }
+                _ => Quality::Disconnected,
+            },
             ReadError::Protocol(_) | ReadError::WrongCount { .. } => Quality::Protocol,
+        }
+    }
+
+    /// What a poll that ended with this error says about the device's health: a bus
+    /// that is down says nothing about it; anything else, including a device that
+    /// closes the connection it accepted, is its failure.
+    pub fn outcome(&self) -> Outcome {
+        match self {
+            ReadError::Disconnected(cause) if !cause.by_device() => Outcome::BusDown,
+            _ => Outcome::Failed,
         }
     }
 
@@ -257,18 +299,23 @@ pub fn open_serial(
         .open_native_async()
 }
 
-/// The shared side of an RTU stream: bytes received, and a request to drop stale input.
+/// The shared side of a stream: bytes received, whether it reached its end, and (RTU) a
+/// request to drop stale input.
 #[derive(Debug, Default)]
 struct Wire {
     received: AtomicU64,
+    eof: AtomicBool,
     flush: AtomicBool,
 }
 
-/// An RTU stream that counts the bytes it delivers, so a timeout after garbage can be
-/// told from a timeout after silence (tokio-modbus resynchronises on a bad CRC by
-/// skipping bytes and keeps waiting, so a corrupted answer surfaces as a timeout), and
-/// that can drop input left over from a failed transaction before the next request: RTU
-/// has no transaction id, so a late answer would otherwise be taken for the next one.
+/// A stream that counts the bytes it delivers and notes its end, so a timeout after
+/// garbage can be told from a timeout after silence (tokio-modbus resynchronises on a bad
+/// CRC by skipping bytes and keeps waiting, so a corrupted answer surfaces as a timeout)
+/// and a device that closed the connection from an error of the socket (tokio-modbus
+/// reports an end of stream as whatever `errno` holds, or as "bytes remaining on
+/// stream"); and (RTU) that can drop input left over from a failed transaction before
+/// the next request: RTU has no transaction id, so a late answer would otherwise be
+/// taken for the next one.
 #[derive(Debug)]
 struct Counted<T> {
     inner: T,
@@ -282,10 +329,13 @@ impl<T: AsyncRead + Unpin> AsyncRead for Counted<T> {
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
         let before = buf.filled().len();
+        let room = buf.remaining() > 0;
         let result = Pin::new(&mut self.inner).poll_read(cx, buf);
         let got = buf.filled().len() - before;
         if got > 0 {
             self.wire.received.fetch_add(got as u64, Ordering::Relaxed);
+        } else if room && matches!(result, Poll::Ready(Ok(()))) {
+            self.wire.eof.store(true, Ordering::Relaxed);
         }
         result
     }
@@ -342,6 +392,8 @@ pub struct ModbusLink {
     reconnect_wait: Duration,
     /// Why the connection is down, so the scheduler can log it once per state change.
     last_error: Option<Arc<Disconnect>>,
+    /// The open connection has carried an answer (data or an exception).
+    answered: bool,
 }
 
 impl ModbusLink {
@@ -355,6 +407,7 @@ impl ModbusLink {
             next_connect: Instant::now(),
             reconnect_wait: RECONNECT_MIN,
             last_error: None,
+            answered: false,
         }
     }
 
@@ -372,10 +425,9 @@ impl ModbusLink {
         let result = open(self.endpoint.clone(), Arc::clone(&self.wire)).await;
         match result {
             Ok(ctx) => {
-                if self.last_error.take().is_some() {
-                    tracing::info!(endpoint = %self.endpoint, "bus connection restored");
-                }
                 self.ctx = Some(ctx);
+                self.answered = false;
+                self.wire.eof.store(false, Ordering::Relaxed);
                 self.reconnect_wait = RECONNECT_MIN;
                 self.quiet_since = None;
                 Ok(())
@@ -434,23 +486,53 @@ async fn open(endpoint: Endpoint, wire: Arc<Wire>) -> Result<Context, Disconnect
                     .unwrap_or_else(|_elapsed| Err(io::ErrorKind::TimedOut.into()))
                     .map_err(|source| Disconnect::Connect { addr, source })?;
             let _ = stream.set_nodelay(true);
+            let counted = Counted {
+                inner: stream,
+                wire,
+            };
             Ok(match framing {
-                Framing::Tcp => tokio_modbus::client::tcp::attach(stream),
-                Framing::Rtu => tokio_modbus::client::rtu::attach(Counted {
-                    inner: stream,
-                    wire,
-                }),
+                Framing::Tcp => tokio_modbus::client::tcp::attach(counted),
+                Framing::Rtu => tokio_modbus::client::rtu::attach(counted),
             })
         }
     }
 }
 
 impl ModbusLink {
+    /// Drops the connection after a fault. Logged only if it had answered: one that
+    /// fails before any answer is the device's state change, logged by its task.
     fn drop_connection(&mut self, why: &Arc<Disconnect>) {
         if self.ctx.take().is_some() {
-            tracing::warn!(endpoint = %self.endpoint, reason = %Chain(&**why), "bus connection lost; reopening");
+            if self.answered {
+                tracing::warn!(endpoint = %self.endpoint, reason = %Chain(&**why), "bus connection lost; reopening");
+            }
             self.last_error = Some(Arc::clone(why));
             self.next_connect = Instant::now();
+        }
+    }
+
+    /// An answer arrived: the first one after a reopen says the connection is back.
+    fn note_answer(&mut self) {
+        if !self.answered {
+            self.answered = true;
+            if self.last_error.take().is_some() {
+                tracing::info!(endpoint = %self.endpoint, "bus connection restored");
+            }
+        }
+    }
+
+    /// Names a transport error in the field's words: a device that closed the
+    /// connection, or one that answered garbage (`received` bytes of this transaction).
+    fn classify(&self, e: io::Error, received: u64) -> Disconnect {
+        let eof = self.wire.eof.load(Ordering::Relaxed);
+        if e.kind() == io::ErrorKind::InvalidData {
+            Disconnect::Garbage(e)
+        } else if eof && received > 0 {
+            Disconnect::ClosedAfterGarbage { bytes: received }
+        } else if eof {
+            Disconnect::Closed
+        } else {
+            Disconnect::Io(e)
         }
     }
 
@@ -538,12 +620,16 @@ impl Link for ModbusLink {
                     Words::Bits(b) => (b.len(), b.len() >= usize::from(count)),
                 };
                 if ok {
+                    self.note_answer();
                     Ok(Ok(words))
                 } else {
                     Err(ReadError::WrongCount { got, count })
                 }
             }
-            Ok(Ok(Err(code))) => Ok(Err(code)),
+            Ok(Ok(Err(code))) => {
+                self.note_answer();
+                Ok(Err(code))
+            }
             Ok(Err(tokio_modbus::Error::Protocol(e))) => {
                 if !rtu {
                     self.drop_connection(&Arc::new(Disconnect::OutOfStep));
@@ -555,7 +641,8 @@ impl Link for ModbusLink {
                     // Bad CRC or undecodable frame after tokio-modbus gave up resyncing.
                     Err(ReadError::Crc)
                 } else {
-                    let why = Arc::new(Disconnect::Io(e));
+                    let received = self.wire.received.load(Ordering::Relaxed) - received_before;
+                    let why = Arc::new(self.classify(e, received));
                     self.drop_connection(&why);
                     Err(ReadError::Disconnected(why))
                 }
@@ -616,6 +703,80 @@ mod tests {
             }
             other => panic!("{other:?}"),
         }
+    }
+
+    /// A loopback "device" that accepts one connection, reads the request and then
+    /// answers `answer` (possibly nothing) and closes, or stays open when `close` is
+    /// false. Real sockets: the fault is what the peer does, not what a mock says.
+    async fn device(answer: &'static [u8], close: bool) -> ModbusLink {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        tokio::spawn(async move {
+            let (mut socket, _) = listener.accept().await.unwrap();
+            let mut request = [0u8; 12];
+            socket.read_exact(&mut request).await.unwrap();
+            socket.write_all(answer).await.unwrap();
+            if !close {
+                std::future::pending::<()>().await;
+            }
+        });
+        let endpoint = Endpoint::Tcp {
+            host: "127.0.0.1".into(),
+            port,
+            framing: Framing::Tcp,
+            connect_timeout: Duration::from_secs(5),
+        };
+        ModbusLink::new(endpoint, Duration::ZERO)
+    }
+
+    async fn fault_of(mut link: ModbusLink) -> ReadError {
+        link.read(1, RegisterKind::Holding, 0, 1, Duration::from_secs(5))
+            .await
+            .unwrap_err()
+    }
+
+    /// Regression: a device that closed its TCP connection showed as `Operation now in
+    /// progress (os error 115)` (tokio-modbus reports the end of the stream as whatever
+    /// errno holds), and was not held against the device.
+    #[tokio::test]
+    async fn a_device_that_closes_the_connection_is_named_and_blamed() {
+        let err = fault_of(device(b"", true).await).await;
+        assert_eq!(
+            Chain(&err).to_string(),
+            "disconnected: the device closed the connection without answering"
+        );
+        assert_eq!(err.outcome(), Outcome::Failed);
+        assert_eq!(err.quality(), Quality::Disconnected);
+    }
+
+    /// Regression: garbage and then a close showed as `bytes remaining on stream`.
+    #[tokio::test]
+    async fn garbage_then_a_close_is_named_and_blamed() {
+        let err = fault_of(device(b"\xde\xad\xbe", true).await).await;
+        assert_eq!(
+            Chain(&err).to_string(),
+            "disconnected: the device sent 3 bytes that are not a Modbus answer, then closed the connection"
+        );
+        assert_eq!(err.outcome(), Outcome::Failed);
+        assert_eq!(err.quality(), Quality::Protocol);
+    }
+
+    #[tokio::test]
+    async fn an_answer_that_is_not_modbus_tcp_is_named_and_blamed() {
+        // A header with protocol id 0xBEEF and a length that fits.
+        let err = fault_of(device(b"\xde\xad\xbe\xef\x00\x03\x01\x03\x00", false).await).await;
+        let text = Chain(&err).to_string();
+        assert!(
+            text.starts_with("disconnected: the device answered bytes that are not Modbus TCP: "),
+            "{text}"
+        );
+        assert_eq!(err.outcome(), Outcome::Failed);
+        // A bus that is down is not the device's fault.
+        assert_eq!(
+            ReadError::disconnected(Disconnect::NotConnected).outcome(),
+            Outcome::BusDown
+        );
     }
 
     #[test]

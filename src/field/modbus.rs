@@ -156,8 +156,8 @@ fn finish(
         .collect();
     let outcome = match (&fault, answered) {
         (_, true) => Outcome::Answered,
-        (Some(ReadError::Disconnected(_)), false) => Outcome::BusDown,
-        _ => Outcome::Failed,
+        (Some(fault), false) => fault.outcome(),
+        (None, false) => Outcome::Failed,
     };
     Polled {
         readings,
