@@ -182,8 +182,14 @@ fn probe_prints_compact_floats_marks_the_implausible_and_proposes_the_best() {
         .map(str::len)
         .max()
         .unwrap_or(0);
-    assert!(longest_number <= 20, "a number of {longest_number} digits: {out}");
-    assert!(out.contains("-1.88e25?"), "implausible values are marked: {out}");
+    assert!(
+        longest_number <= 20,
+        "a number of {longest_number} digits: {out}"
+    );
+    assert!(
+        out.contains("-1.88e25?"),
+        "implausible values are marked: {out}"
+    );
     assert!(out.contains("type = \"f32\"\norder = \"CDAB\""), "{out}");
     assert!(out.contains("most plausible"), "{out}");
 }

@@ -638,7 +638,10 @@ async fn a_tcp_device_that_answers_garbage_is_quarantined_with_backoff() {
     // In quarantine the polls wait 2 × the interval and more, never one interval.
     for pair in times[at_quarantine - 1..].windows(2) {
         let gap = pair[1] - pair[0];
-        assert!(gap >= Duration::from_millis(190), "reconnected after {gap:?}");
+        assert!(
+            gap >= Duration::from_millis(190),
+            "reconnected after {gap:?}"
+        );
     }
     run.stop().await;
 }

@@ -7,7 +7,7 @@
 //! {"version":"0.1.0","uptime_secs":3600,"ts":1700000000000,
 //!  "readings":{"accepted":36000,"per_sec":10.0,"store_refused":0},
 //!  "queue":{"depth":0,"oldest_age_ms":null,...store::Stats...},
-//!  "upstream":{"state":"connected","connects":1,"published":36000,"acked":36000,...},
+//!  "upstream":{"state":"connected","last_error":null,"connects":1,"published":36000,...},
 //!  "lan":{"clients":3,"messages_sent":108000,"denied":0},
 //!  "dropped":{"store_refused":0,"queue":0,"upstream":0,"lan":0},
 //!  "buses":{"rs485":{"requests":7200,"failed_requests":0,"readings":36000,
@@ -16,6 +16,13 @@
 //!
 //! `queue` is absent without an upstream (no store), `upstream` when LAN-only, `lan`
 //! without a local broker. A device that has not reported a state yet is `"starting"`.
+//! `upstream.state` is one word (`connecting`, `connected`, `backoff`, `stopped`) and
+//! `upstream.last_error` why it backs off (`null` otherwise), so a dashboard can
+//! match the state without parsing an error text.
+//!
+//! The report is retained on the local broker, so a new subscriber gets the last one
+//! at once instead of waiting up to an interval. Upstream it is not retained: a
+//! backlog replayed newest first would leave an old report as the retained one.
 
 use std::collections::BTreeMap;
 use std::sync::atomic::Ordering;
@@ -35,7 +42,7 @@ use crate::field::ResolvedBus;
 use crate::mqtt::QoS;
 use crate::store::{Message, Priority, Queue};
 use crate::topics::Topics;
-use crate::uplink::{LinkState, UplinkHandle};
+use crate::uplink::UplinkHandle;
 
 /// The running buses (replaced on reload), for their names, devices and counters.
 pub type BusMap = Arc<Mutex<Vec<ResolvedBus>>>;
@@ -116,7 +123,11 @@ impl Health {
         }
         if let Some(uplink) = &self.uplink {
             let stats = uplink.stats();
-            let state = link_state(&uplink.state().borrow());
+            let (state, last_error) = {
+                let state = uplink.state();
+                let state = state.borrow();
+                (state.word(), state.last_error().map(str::to_string))
+            };
             dropped.insert(
                 "upstream".into(),
                 json!(stats.dropped_too_large + stats.dropped_invalid + stats.rejected),
@@ -125,6 +136,7 @@ impl Health {
                 "upstream".into(),
                 json!({
                     "state": state,
+                    "last_error": last_error,
                     "connects": stats.connects,
                     "connect_failures": stats.connect_failures,
                     "published": stats.published,
@@ -193,7 +205,7 @@ impl Health {
         let topic = self.topics.health();
         let payload = Bytes::from(body);
         if let Some(broker) = &self.broker {
-            broker.publish(&topic, payload.clone(), QoS::AtMostOnce, false);
+            broker.publish(&topic, payload.clone(), QoS::AtMostOnce, true);
         }
         if let Some(queue) = &self.queue {
             let message = Message {
@@ -208,15 +220,5 @@ impl Health {
                 tracing::debug!(error = %err, "health report not queued");
             }
         }
-    }
-}
-
-/// The uplink's state in a word, with the reason while it backs off.
-fn link_state(state: &LinkState) -> String {
-    match state {
-        LinkState::Connecting { .. } => "connecting".to_string(),
-        LinkState::Connected { .. } => "connected".to_string(),
-        LinkState::Backoff { error, .. } => format!("backoff: {error}"),
-        LinkState::Stopped => "stopped".to_string(),
     }
 }

@@ -106,7 +106,9 @@ pub enum Disconnect {
     #[error("the device closed the connection without answering")]
     Closed,
     /// The device sent bytes that are no answer, then closed the connection.
-    #[error("the device sent {bytes} bytes that are not a Modbus answer, then closed the connection")]
+    #[error(
+        "the device sent {bytes} bytes that are not a Modbus answer, then closed the connection"
+    )]
     ClosedAfterGarbage { bytes: u64 },
     /// The device answered bytes that are not a Modbus TCP frame (the decoder's reason
     /// is the source); the connection is dropped, since nothing after them can be trusted.
@@ -157,9 +159,7 @@ impl ReadError {
             ReadError::Timeout => Quality::Timeout,
             ReadError::Crc => Quality::Crc,
             ReadError::Disconnected(cause) => match **cause {
-                Disconnect::ClosedAfterGarbage { .. } | Disconnect::Garbage(_) => {
-                    Quality::Protocol
-                }
+                Disconnect::ClosedAfterGarbage { .. } | Disconnect::Garbage(_) => Quality::Protocol,
                 _ => Quality::Disconnected,
             },
             ReadError::Protocol(_) | ReadError::WrongCount { .. } => Quality::Protocol,

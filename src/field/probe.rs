@@ -12,8 +12,8 @@ use tokio_modbus::ExceptionCode;
 
 use super::config::{Framing, Parity};
 use super::decode::{ByteOrder, Codec, DataType, DecodeError, RegisterKind};
-use super::reading::Value;
 use super::link::{Endpoint, Link, ModbusLink, ReadError, Words};
+use super::reading::Value;
 
 /// What `fieldbridge probe` could not do.
 #[derive(Debug, thiserror::Error)]
@@ -426,7 +426,9 @@ fn choose(out: &mut String, target: &ProbeTarget, pick: Pick) -> Candidate {
             c
         }
         (None, _) => {
-            out.push_str("# no decoding looks plausible; pass --expect VALUE, or --type and --order\n");
+            out.push_str(
+                "# no decoding looks plausible; pass --expect VALUE, or --type and --order\n",
+            );
             Candidate::plain(DataType::U16, ByteOrder::ABCD, target.address)
         }
     }
@@ -802,18 +804,27 @@ mod tests {
             report.contains("most plausible: f32 CDAB at 10 = 123.456 (finite, human-sized, stable across two reads)"),
             "{report}"
         );
-        assert!(report.contains("type = \"f32\"\norder = \"CDAB\""), "{report}");
+        assert!(
+            report.contains("type = \"f32\"\norder = \"CDAB\""),
+            "{report}"
+        );
 
         // Noise in the low word: the word order that keeps the value steady wins.
         let first = Words::Registers(vec![0x4120, 0x1234]);
         let second = Words::Registers(vec![0x4120, 0x9876]);
         let report = render(&t, &first, Some(&second));
-        assert!(report.contains("most plausible: f32 ABCD at 10"), "{report}");
+        assert!(
+            report.contains("most plausible: f32 ABCD at 10"),
+            "{report}"
+        );
 
         // One register: a plain u16.
         t.count = 1;
         let report = render(&t, &Words::Registers(vec![215]), None);
-        assert!(report.contains("most plausible: u16 ABCD at 10 = 215"), "{report}");
+        assert!(
+            report.contains("most plausible: u16 ABCD at 10 = 215"),
+            "{report}"
+        );
     }
 
     #[test]
@@ -849,6 +860,9 @@ mod tests {
             report.contains("note: 40011 looks like a manual's 1-based register number; its protocol address is 10 (--address 10)"),
             "{report}"
         );
-        assert!(report.contains("address = 40011  # 0-based protocol address\n"), "{report}");
+        assert!(
+            report.contains("address = 40011  # 0-based protocol address\n"),
+            "{report}"
+        );
     }
 }

@@ -40,7 +40,9 @@ use super::backoff::Backoff;
 use super::config::{BrokerUrl, UplinkConfig};
 use super::error::Error;
 use super::state::{DropReason, Effect, Session};
-use super::status::{Counters, LinkState};
+use super::status::{
+    duration_words, thousands, Counters, LinkState, OutageLog, OutageNote, OUTAGE_SUMMARY_EVERY,
+};
 
 /// Largest packet accepted from the broker (announced to 5.0 brokers).
 pub(super) const MAX_INCOMING_PACKET: u32 = 1 << 20;
@@ -291,6 +293,8 @@ pub(super) struct Client {
     pub backoff: Backoff,
     store: StoreWork,
     limiter: Option<ReplayLimiter>,
+    /// What is worth logging about outages and backlogs.
+    outage: OutageLog,
     /// Wall clock at the last CONNACK: rows created before it are backlog.
     connected_at_ms: i64,
     too_large_logged: bool,
@@ -331,6 +335,7 @@ impl Client {
                 persisting: Vec::new(),
             },
             limiter: None,
+            outage: OutageLog::default(),
             connected_at_ms: 0,
             too_large_logged: false,
             incoming_drop_logged: false,
@@ -361,7 +366,7 @@ impl Client {
                 }
                 received = &mut stop => break stop_kind(received),
             };
-            let error = match established {
+            let (error, lost) = match established {
                 Ok((stream, rbuf)) => {
                     let since = Instant::now();
                     self.counters.connects.fetch_add(1, Ordering::Relaxed);
@@ -378,8 +383,7 @@ impl Client {
                             if since.elapsed() >= STABLE_CONNECTION {
                                 self.backoff.reset();
                             }
-                            tracing::warn!(%error, "upstream connection lost");
-                            error
+                            (error, true)
                         }
                     }
                 }
@@ -391,22 +395,12 @@ impl Client {
                     if error.is_auth_failure() {
                         self.counters.auth_failures.fetch_add(1, Ordering::Relaxed);
                     }
-                    error
+                    (error, false)
                 }
             };
             let delay = self.backoff.next_delay();
             let attempt = self.backoff.attempt();
-            let delay_ms = u64::try_from(delay.as_millis()).unwrap_or(u64::MAX);
-            if error.is_auth_failure() {
-                tracing::error!(
-                    %error,
-                    attempt,
-                    delay_ms,
-                    "the upstream broker rejects our credentials; check upstream.username and the password"
-                );
-            } else {
-                tracing::warn!(%error, attempt, delay_ms, "upstream connection failed; retrying");
-            }
+            self.log_failure(&error, lost, attempt, delay);
             self.set_state(LinkState::Backoff {
                 attempt,
                 delay,
@@ -418,6 +412,38 @@ impl Client {
             }
         };
         self.finish(stop).await;
+    }
+
+    /// One line when an outage starts, a summary every few minutes while it lasts;
+    /// each attempt in between only at debug level.
+    /// `lost`: the error ended a connection (rather than an attempt to connect).
+    fn log_failure(&mut self, error: &Error, lost: bool, attempt: u32, delay: Duration) {
+        let delay_ms = u64::try_from(delay.as_millis()).unwrap_or(u64::MAX);
+        let auth = error.is_auth_failure();
+        let rows = thousands(*self.store.pending.borrow());
+        match self.outage.failed(Instant::now(), auth) {
+            Some(OutageNote::Down) if auth => tracing::error!(
+                %error,
+                "the upstream broker rejects our credentials; check upstream.username and the password (retrying with backoff; a summary follows every {})",
+                duration_words(OUTAGE_SUMMARY_EVERY)
+            ),
+            Some(OutageNote::Down) => tracing::warn!(
+                %error,
+                "{}; retrying with backoff (a summary follows every {} while it lasts)",
+                if lost {
+                    "upstream connection lost"
+                } else {
+                    "upstream connection failed"
+                },
+                duration_words(OUTAGE_SUMMARY_EVERY)
+            ),
+            Some(OutageNote::StillDown { down_for, failures }) => tracing::warn!(
+                failures,
+                "upstream down for {}, {rows} rows waiting, last error: {error}",
+                duration_words(down_for)
+            ),
+            _ => tracing::debug!(%error, attempt, delay_ms, "upstream connection attempt failed"),
+        }
     }
 
     /// Releases the rows the session holds and reports the end.
@@ -506,10 +532,7 @@ impl Client {
                 connector
                     .connect(name.clone(), tcp)
                     .await
-                    .map_err(|source| Error::Tls {
-                        what: format!("handshake with {host}"),
-                        source: Some(Box::new(source)),
-                    })?,
+                    .map_err(|source| super::tls::handshake_error(host, source))?,
             ),
             None => Box::new(tcp),
         };
@@ -550,6 +573,16 @@ impl Client {
             .replay_rate_limit
             .map(|rate| ReplayLimiter::new(rate, Instant::now()));
         self.store.drained = false;
+        let waiting = *self.store.pending.borrow();
+        if let Some(OutageNote::Recovered { down_for, rows }) =
+            self.outage.connected(Instant::now(), waiting)
+        {
+            tracing::info!(
+                "upstream connected again after {} down, {} rows waiting",
+                duration_words(down_for),
+                thousands(rows)
+            );
+        }
         tracing::info!(
             session_present = self.session.session_present(),
             receive_maximum = limits.receive_maximum,
@@ -586,6 +619,15 @@ impl Client {
         loop {
             let now = Instant::now();
             let throttled_until = self.feed(now);
+            if self.store.drained && self.store.fetch.is_none() && self.store.ready.is_empty() {
+                if let Some(OutageNote::Drained { took, rows }) = self.outage.drained(now) {
+                    tracing::info!(
+                        "backlog drained in {} ({} rows)",
+                        duration_words(took),
+                        thousands(rows)
+                    );
+                }
+            }
             if let Err(error) = self.flush(stream, &mut wbuf, write_timeout).await {
                 return End::Lost(error);
             }

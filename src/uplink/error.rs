@@ -61,8 +61,11 @@ fn source_suffix(source: Option<&(dyn std::error::Error + Send + Sync)>) -> Stri
 /// wraps it in [`Error::Session`] beside transport, TLS and store errors.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum SessionError {
-    #[error("the upstream broker refused the connection: {}{}", refusal_text(*.code), reason_suffix(.reason))]
-    Refused { code: u8, reason: String },
+    /// CONNACK refused the connection. `code` is a 5.0 reason code (a 3.1.1 return code
+    /// decodes to its 5.0 equivalent); `v5` says which the broker sent, so the message
+    /// names the number the broker's own log and documentation use.
+    #[error("the upstream broker refused the connection: {}{}", refusal_text(*.code, *.v5), reason_suffix(.reason))]
+    Refused { code: u8, reason: String, v5: bool },
     #[error("the upstream broker closed the session with reason {code:#04x}{}", reason_suffix(.reason))]
     ServerDisconnect { code: u8, reason: String },
     #[error("the upstream broker refused a message for now (reason code {code:#04x}); it is sent again after a reconnect, one message at a time until the refused ones are through")]
@@ -88,7 +91,9 @@ fn reason_suffix(reason: &str) -> String {
     }
 }
 
-fn refusal_text(code: u8) -> String {
+/// A CONNACK refusal in words, with its number as the protocol in use writes it: MQTT
+/// 3.1.1's return codes 1..=5, or 5.0's reason codes.
+fn refusal_text(code: u8, v5: bool) -> String {
     let meaning = match code {
         0x80 => "unspecified error",
         0x81 => "malformed packet",
@@ -113,5 +118,51 @@ fn refusal_text(code: u8) -> String {
         0x9F => "connection rate exceeded",
         _ => "refused",
     };
-    format!("{meaning} (reason code {code:#04x})")
+    let v311 = match code {
+        0x84 => Some(1),
+        0x85 => Some(2),
+        0x88 => Some(3),
+        0x86 => Some(4),
+        0x87 => Some(5),
+        _ => None,
+    };
+    match v311 {
+        Some(return_code) if !v5 => format!("{meaning} (CONNACK return code {return_code})"),
+        _ => format!("{meaning} (reason code {code:#04x})"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Regression: a 3.1.1 refusal read `reason code 0x87`, a number a 3.1.1 broker
+    /// never sends (it sends return code 5, "not authorized").
+    #[test]
+    fn refusals_are_named_in_the_protocol_in_use() {
+        let refused = |code, v5| {
+            SessionError::Refused {
+                code,
+                reason: String::new(),
+                v5,
+            }
+            .to_string()
+        };
+        assert_eq!(
+            refused(0x87, false),
+            "the upstream broker refused the connection: not authorized (CONNACK return code 5)"
+        );
+        assert_eq!(
+            refused(0x86, false),
+            "the upstream broker refused the connection: bad user name or password (CONNACK return code 4)"
+        );
+        assert_eq!(
+            refused(0x87, true),
+            "the upstream broker refused the connection: not authorized (reason code 0x87)"
+        );
+        assert_eq!(
+            refused(0x97, true),
+            "the upstream broker refused the connection: quota exceeded (reason code 0x97)"
+        );
+    }
 }

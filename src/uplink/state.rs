@@ -455,6 +455,7 @@ impl Session {
             return Err(SessionError::Refused {
                 code: ack.code.0,
                 reason: ack.properties.reason_string.unwrap_or_default(),
+                v5: self.config.protocol == Protocol::V5,
             });
         }
         self.limits = BrokerLimits::announced(&ack.properties, self.config.keep_alive);

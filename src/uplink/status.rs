@@ -1,9 +1,13 @@
-//! What the uplink tells the rest of the agent about itself: the link state it is in
-//! and the counters of what it has done. A leaf of `uplink/`: every other file may
-//! import it, it imports none of them.
+//! What the uplink tells the rest of the agent about itself: the link state it is in,
+//! the counters of what it has done, and (for its log) what an outage is worth saying
+//! ([`OutageLog`]: the first failure, a summary every few minutes, the recovery and
+//! the end of the backlog). A leaf of `uplink/`: every other file may import it, it
+//! imports none of them.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
+
+use tokio::time::Instant;
 
 /// Where the connection stands.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -20,6 +24,26 @@ pub enum LinkState {
     },
     /// The uplink has stopped.
     Stopped,
+}
+
+impl LinkState {
+    /// The state in a word: `connecting`, `connected`, `backoff` or `stopped`.
+    pub fn word(&self) -> &'static str {
+        match self {
+            LinkState::Connecting { .. } => "connecting",
+            LinkState::Connected { .. } => "connected",
+            LinkState::Backoff { .. } => "backoff",
+            LinkState::Stopped => "stopped",
+        }
+    }
+
+    /// Why the uplink is backing off, while it is.
+    pub fn last_error(&self) -> Option<&str> {
+        match self {
+            LinkState::Backoff { error, .. } => Some(error),
+            _ => None,
+        }
+    }
 }
 
 /// Counters shared between the connection task and [`UplinkStats`] snapshots.
@@ -88,4 +112,195 @@ pub struct UplinkStats {
     pub incoming: u64,
     /// Of those, dropped because the consumer's channel was full.
     pub incoming_dropped: u64,
+}
+
+/// How often a continuing outage is summarised in the log.
+pub const OUTAGE_SUMMARY_EVERY: Duration = Duration::from_secs(300);
+
+/// What the uplink says in its log about an outage, decided with no I/O: the first
+/// failure, then a summary at most every [`OUTAGE_SUMMARY_EVERY`] while it lasts, the
+/// recovery with the rows waiting, and once those are sent, how long that took. The
+/// reconnect attempts in between are not logged (they are counted): a broker that is
+/// down for an hour costs a dozen lines, not one per backoff step.
+#[derive(Debug, Default)]
+pub struct OutageLog {
+    down: Option<Down>,
+    backlog: Option<Backlog>,
+}
+
+#[derive(Debug)]
+struct Down {
+    since: Instant,
+    summarised: Instant,
+    failures: u64,
+    /// The kind of the failure last logged (credentials refused, or anything else).
+    auth: bool,
+}
+
+#[derive(Debug)]
+struct Backlog {
+    since: Instant,
+    rows: u64,
+}
+
+/// One thing worth a log line.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum OutageNote {
+    /// An outage began (or its kind changed: the broker now refuses our credentials,
+    /// or no longer does): log the error.
+    Down,
+    /// Still down: a summary.
+    StillDown { down_for: Duration, failures: u64 },
+    /// Connected after an outage of `down_for`, with `rows` waiting.
+    Recovered { down_for: Duration, rows: u64 },
+    /// The rows waiting at the connection are sent.
+    Drained { took: Duration, rows: u64 },
+}
+
+impl OutageLog {
+    /// A connection attempt failed, or a connection was lost; `auth` if the broker
+    /// refused our credentials.
+    pub fn failed(&mut self, now: Instant, auth: bool) -> Option<OutageNote> {
+        self.backlog = None;
+        match &mut self.down {
+            None => {
+                self.down = Some(Down {
+                    since: now,
+                    summarised: now,
+                    failures: 1,
+                    auth,
+                });
+                Some(OutageNote::Down)
+            }
+            Some(down) => {
+                down.failures += 1;
+                if down.auth != auth {
+                    down.auth = auth;
+                    down.summarised = now;
+                    return Some(OutageNote::Down);
+                }
+                if now.saturating_duration_since(down.summarised) < OUTAGE_SUMMARY_EVERY {
+                    return None;
+                }
+                down.summarised = now;
+                Some(OutageNote::StillDown {
+                    down_for: now.saturating_duration_since(down.since),
+                    failures: down.failures,
+                })
+            }
+        }
+    }
+
+    /// A CONNACK arrived with `rows` waiting in the store.
+    pub fn connected(&mut self, now: Instant, rows: u64) -> Option<OutageNote> {
+        self.backlog = (rows > 0).then_some(Backlog { since: now, rows });
+        self.down.take().map(|down| OutageNote::Recovered {
+            down_for: now.saturating_duration_since(down.since),
+            rows,
+        })
+    }
+
+    /// The store has no more rows waiting to be sent.
+    pub fn drained(&mut self, now: Instant) -> Option<OutageNote> {
+        self.backlog.take().map(|backlog| OutageNote::Drained {
+            took: now.saturating_duration_since(backlog.since),
+            rows: backlog.rows,
+        })
+    }
+}
+
+/// `1,234,567`: row counts in log lines, readable at a glance.
+pub fn thousands(n: u64) -> String {
+    let digits = n.to_string();
+    let mut out = String::with_capacity(digits.len() + digits.len() / 3);
+    for (i, c) in digits.chars().enumerate() {
+        if i > 0 && (digits.len() - i) % 3 == 0 {
+            out.push(',');
+        }
+        out.push(c);
+    }
+    out
+}
+
+/// `45 s`, `5 min`, `2 h 10 min`: how long an outage lasted, in words.
+pub fn duration_words(d: Duration) -> String {
+    let secs = d.as_secs();
+    match secs {
+        0..=119 => format!("{secs} s"),
+        120..=7199 => format!("{} min", secs / 60),
+        _ => format!("{} h {} min", secs / 3600, secs % 3600 / 60),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Regression: the uplink logged a WARN per reconnect attempt (11 lines in 30 s).
+    #[tokio::test(start_paused = true)]
+    async fn an_outage_is_logged_once_then_summarised_every_five_minutes() {
+        let mut log = OutageLog::default();
+        let start = Instant::now();
+        let mut notes = Vec::new();
+        // Attempts every 500 ms growing to a minute, for 16 minutes.
+        let mut delay = Duration::from_millis(500);
+        while start.elapsed() < Duration::from_secs(16 * 60) {
+            if let Some(note) = log.failed(Instant::now(), false) {
+                notes.push((start.elapsed().as_secs(), note));
+            }
+            tokio::time::advance(delay).await;
+            delay = (delay * 2).min(Duration::from_secs(60));
+        }
+        let times: Vec<u64> = notes.iter().map(|(t, _)| *t).collect();
+        assert_eq!(notes[0], (0, OutageNote::Down));
+        assert!(
+            matches!(notes[1].1, OutageNote::StillDown { down_for, failures }
+                if down_for >= OUTAGE_SUMMARY_EVERY && failures > 5),
+            "{notes:?}"
+        );
+        assert_eq!(
+            notes.len(),
+            4,
+            "first failure and three summaries: {times:?}"
+        );
+        for pair in times.windows(2) {
+            assert!(pair[1] - pair[0] >= 300, "{times:?}");
+        }
+
+        // The broker now refuses our credentials: that is news at once.
+        assert_eq!(log.failed(Instant::now(), true), Some(OutageNote::Down));
+
+        tokio::time::advance(Duration::from_secs(10)).await;
+        let down_for = start.elapsed();
+        assert_eq!(
+            log.connected(Instant::now(), 1234),
+            Some(OutageNote::Recovered {
+                down_for,
+                rows: 1234
+            })
+        );
+        tokio::time::advance(Duration::from_secs(12)).await;
+        assert_eq!(
+            log.drained(Instant::now()),
+            Some(OutageNote::Drained {
+                took: Duration::from_secs(12),
+                rows: 1234
+            })
+        );
+        assert_eq!(log.drained(Instant::now()), None, "said once");
+        // A connection without an outage before it, and nothing waiting: nothing to say.
+        assert_eq!(log.connected(Instant::now(), 0), None);
+        assert_eq!(log.drained(Instant::now()), None);
+    }
+
+    #[test]
+    fn counts_and_durations_in_words() {
+        assert_eq!(thousands(0), "0");
+        assert_eq!(thousands(999), "999");
+        assert_eq!(thousands(1234), "1,234");
+        assert_eq!(thousands(1_234_567), "1,234,567");
+        assert_eq!(duration_words(Duration::from_secs(12)), "12 s");
+        assert_eq!(duration_words(Duration::from_secs(300)), "5 min");
+        assert_eq!(duration_words(Duration::from_secs(7800)), "2 h 10 min");
+    }
 }

@@ -120,6 +120,34 @@ pub fn client_config(tls: &TlsConfig) -> Result<Arc<ClientConfig>, Error> {
     Ok(Arc::new(config))
 }
 
+/// A failed handshake with `host`, with what to do about the common certificate
+/// problems: a broker whose CA this gateway does not know (a private CA, a self-signed
+/// certificate), a certificate for another name, one that expired (or a clock that is
+/// wrong, as on a Pi without a real-time clock).
+pub fn handshake_error(host: &str, source: std::io::Error) -> Error {
+    use rustls::CertificateError;
+    let certificate = source
+        .get_ref()
+        .and_then(|inner| inner.downcast_ref::<rustls::Error>())
+        .and_then(|e| match e {
+            rustls::Error::InvalidCertificate(cert) => Some(cert),
+            _ => None,
+        });
+    let hint = match certificate {
+        Some(CertificateError::UnknownIssuer) => {
+            "; the broker's certificate is signed by a CA this gateway does not trust: set upstream.tls.ca_file to that CA's PEM file"
+        }
+        Some(CertificateError::NotValidForName | CertificateError::NotValidForNameContext { .. }) => {
+            "; the broker's certificate is for another name: connect by the name it has, or set upstream.tls.server_name"
+        }
+        Some(CertificateError::Expired | CertificateError::ExpiredContext { .. }) => {
+            "; the broker's certificate has expired, or this gateway's clock is wrong (check timedatectl)"
+        }
+        _ => "",
+    };
+    tls_failure(format!("handshake with {host}{hint}"), source)
+}
+
 /// The name for SNI and certificate verification: the configured one or the URL host.
 ///
 /// # Errors
@@ -218,6 +246,24 @@ mod tests {
         };
         let err = client_config(&mismatched).unwrap_err().to_string();
         assert!(err.contains("do not fit together"), "{err}");
+    }
+
+    /// Regression: `UnknownIssuer` came with no hint of the setting that fixes it.
+    #[test]
+    fn an_unknown_issuer_points_at_the_ca_file_setting() {
+        let source = std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            rustls::Error::InvalidCertificate(rustls::CertificateError::UnknownIssuer),
+        );
+        let text = handshake_error("broker.example.net", source).to_string();
+        assert!(
+            text.starts_with("TLS: handshake with broker.example.net; the broker's certificate is signed by a CA this gateway does not trust: set upstream.tls.ca_file"),
+            "{text}"
+        );
+        assert!(text.ends_with("UnknownIssuer"), "{text}");
+        let other = std::io::Error::from(std::io::ErrorKind::ConnectionReset);
+        let text = handshake_error("h", other).to_string();
+        assert!(text.starts_with("TLS: handshake with h: "), "{text}");
     }
 
     #[test]
