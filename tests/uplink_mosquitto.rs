@@ -741,3 +741,51 @@ async fn a_tiny_broker_quota_is_never_exceeded_across_a_half_open_reconnect() {
     handle.shutdown(Duration::from_secs(5)).await.unwrap();
     queue.close().await.unwrap();
 }
+
+/// Regression: a 3.1.1 refusal read `reason code 0x87` (a 3.1.1 broker sends return
+/// code 5), and a broker whose CA the gateway does not know gave `UnknownIssuer` with no
+/// hint of the setting that fixes it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refusals_and_unknown_certificate_authorities_say_what_to_do() {
+    let broker = Mosquitto::start_with(Options {
+        users: vec![("gw".to_owned(), "right".to_owned())],
+        ..Options::default()
+    });
+    let dir = tempfile::tempdir().unwrap();
+    let queue = open_store(&dir.path().join("queue.db"));
+    let mut refused = config(broker.url(), "v311");
+    refused.protocol = ProtocolVersion::V311;
+    refused.username = Some("gw".to_owned());
+    let handle = Uplink::spawn(refused, PREFIX.to_owned(), queue.clone()).unwrap();
+    let state = wait_state(&handle, LONG, "a refusal", |s| {
+        matches!(s, LinkState::Backoff { .. })
+    })
+    .await;
+    handle.shutdown(Duration::from_secs(5)).await.unwrap();
+    let error = state.last_error().unwrap_or_default().to_owned();
+    assert!(
+        error.contains("not authorized (CONNACK return code 5)"),
+        "{error}"
+    );
+
+    let certs = Certs::generate();
+    let tls_broker = Mosquitto::start_with(Options {
+        tls: Some(certs.listener(false)),
+        ..Options::default()
+    });
+    // No ca_file: the built-in public roots do not know the test CA.
+    let handle = Uplink::spawn(
+        config(tls_broker.tls_url(), "no-ca"),
+        PREFIX.to_owned(),
+        queue.clone(),
+    )
+    .unwrap();
+    let state = wait_state(&handle, LONG, "a failed handshake", |s| {
+        matches!(s, LinkState::Backoff { .. })
+    })
+    .await;
+    handle.shutdown(Duration::from_secs(5)).await.unwrap();
+    let error = state.last_error().unwrap_or_default();
+    assert!(error.contains("set upstream.tls.ca_file"), "{error}");
+    queue.close().await.unwrap();
+}

@@ -222,11 +222,12 @@ pub fn thousands(n: u64) -> String {
     out
 }
 
-/// `45 s`, `5 min`, `2 h 10 min`: how long an outage lasted, in words.
+/// `0.4 s`, `45 s`, `5 min`, `2 h 10 min`: how long an outage lasted, in words.
 pub fn duration_words(d: Duration) -> String {
     let secs = d.as_secs();
     match secs {
-        0..=119 => format!("{secs} s"),
+        0..=9 => format!("{:.1} s", d.as_secs_f64()),
+        10..=119 => format!("{secs} s"),
         120..=7199 => format!("{} min", secs / 60),
         _ => format!("{} h {} min", secs / 3600, secs % 3600 / 60),
     }
@@ -299,6 +300,7 @@ mod tests {
         assert_eq!(thousands(999), "999");
         assert_eq!(thousands(1234), "1,234");
         assert_eq!(thousands(1_234_567), "1,234,567");
+        assert_eq!(duration_words(Duration::from_millis(420)), "0.4 s");
         assert_eq!(duration_words(Duration::from_secs(12)), "12 s");
         assert_eq!(duration_words(Duration::from_secs(300)), "5 min");
         assert_eq!(duration_words(Duration::from_secs(7800)), "2 h 10 min");

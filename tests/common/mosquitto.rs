@@ -376,8 +376,14 @@ impl Drop for Subscriber {
 
 /// The retained message on `topic`, if any (mosquitto_sub --retained-only).
 pub fn retained(broker: &Mosquitto, topic: &str) -> Option<Received> {
+    retained_on(broker.port, topic)
+}
+
+/// The retained message on `topic` of any broker on 127.0.0.1:`port` (fieldbridge's
+/// own, for one), if any.
+pub fn retained_on(port: u16, topic: &str) -> Option<Received> {
     let output = Command::new(tool("mosquitto_sub", "mosquitto-clients"))
-        .args(["-h", "127.0.0.1", "-p", &broker.port.to_string()])
+        .args(["-h", "127.0.0.1", "-p", &port.to_string()])
         .args(["-t", topic, "--retained-only", "-C", "1", "-W", "1"])
         .args(["-F", "%r %q %p"])
         .output()
