@@ -261,10 +261,8 @@ impl Agent {
     }
 
     fn wait_line(&self, text: &str) -> String {
-        common::util::poll_until(WAIT, || {
-            self.lines().into_iter().find(|l| l.contains(text))
-        })
-        .unwrap_or_else(|| panic!("no log line with {text:?} in:\n{}", self.lines().join("\n")))
+        common::util::poll_until(WAIT, || self.lines().into_iter().find(|l| l.contains(text)))
+            .unwrap_or_else(|| panic!("no log line with {text:?} in:\n{}", self.lines().join("\n")))
     }
 }
 
@@ -278,7 +276,12 @@ impl Drop for Agent {
 const WAIT: std::time::Duration = std::time::Duration::from_secs(30);
 
 /// The health report retained on fieldbridge's own broker, once `wanted` holds.
-fn health(port: u16, topic: &str, what: &str, wanted: impl Fn(&serde_json::Value) -> bool) -> serde_json::Value {
+fn health(
+    port: u16,
+    topic: &str,
+    what: &str,
+    wanted: impl Fn(&serde_json::Value) -> bool,
+) -> serde_json::Value {
     common::util::wait_for(what, WAIT, || {
         let message = common::mosquitto::retained_on(port, topic)?;
         assert!(message.retained, "{message:?}");
@@ -310,12 +313,19 @@ fn an_upstream_outage_is_logged_once_then_its_recovery_and_the_drained_backlog()
     )
     .expect("write config");
     let agent = Agent::start(&config);
-    let report = health(lan, "t/gw/health", "10 failed attempts, reports queued", |r| {
-        r["upstream"]["connect_failures"].as_u64() >= Some(10)
-            && r["queue"]["depth"].as_u64() >= Some(2)
-    });
+    let report = health(
+        lan,
+        "t/gw/health",
+        "10 failed attempts, reports queued",
+        |r| {
+            r["upstream"]["connect_failures"].as_u64() >= Some(10)
+                && r["queue"]["depth"].as_u64() >= Some(2)
+        },
+    );
     assert_eq!(report["upstream"]["state"], "backoff", "{report}");
-    let last_error = report["upstream"]["last_error"].as_str().unwrap_or_default();
+    let last_error = report["upstream"]["last_error"]
+        .as_str()
+        .unwrap_or_default();
     assert!(last_error.contains("Connection refused"), "{report}");
     let lines = agent.lines().join("\n");
     assert_eq!(agent.count("upstream connection failed"), 1, "{lines}");
@@ -329,5 +339,9 @@ fn an_upstream_outage_is_logged_once_then_its_recovery_and_the_drained_backlog()
     let report = health(lan, "t/gw/health", "a connected report", |r| {
         r["upstream"]["state"] == "connected"
     });
-    assert_eq!(report["upstream"]["last_error"], serde_json::Value::Null, "{report}");
+    assert_eq!(
+        report["upstream"]["last_error"],
+        serde_json::Value::Null,
+        "{report}"
+    );
 }

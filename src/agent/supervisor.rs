@@ -308,6 +308,12 @@ mod tests {
         }
     }
 
+    thread_local! {
+        /// The capture of a worker thread, kept for the worker's life.
+        static WORKER_LOG: std::cell::RefCell<Option<tracing::dispatcher::DefaultGuard>> =
+            const { std::cell::RefCell::new(None) };
+    }
+
     /// Regression: at SIGTERM, 2 runs in 8 logged `bus task ended on its own;
     /// restarting`: the stop ends the bus tasks, and on a multi-threaded runtime their
     /// ends can reach the supervisor together with the stop itself, where `select!`
@@ -327,8 +333,8 @@ mod tests {
             .worker_threads(2)
             .enable_all()
             .on_thread_start(move || {
-                // Kept for the worker's life: the runtime ends with the test.
-                std::mem::forget(tracing::dispatcher::set_default(&dispatch));
+                let guard = tracing::dispatcher::set_default(&dispatch);
+                WORKER_LOG.with(|slot| *slot.borrow_mut() = Some(guard));
             })
             .build()
             .expect("runtime");
