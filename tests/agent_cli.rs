@@ -7,7 +7,7 @@ mod common;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
-use common::util::tool;
+use common::util::{output_text as text, tool};
 
 fn fieldbridge() -> Command {
     Command::new(env!("CARGO_BIN_EXE_fieldbridge"))
@@ -15,15 +15,6 @@ fn fieldbridge() -> Command {
 
 fn repo() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-}
-
-fn text(output: &Output) -> String {
-    format!(
-        "status: {}\nstdout:\n{}\nstderr:\n{}",
-        output.status,
-        String::from_utf8_lossy(&output.stdout),
-        String::from_utf8_lossy(&output.stderr)
-    )
 }
 
 fn check_config(path: &Path) -> Output {

@@ -7,19 +7,11 @@ mod common;
 use std::path::Path;
 use std::process::{Command, Output, Stdio};
 
+use common::util::output_text as text;
 use serde_json::json;
 
 fn fieldbridge() -> Command {
     Command::new(env!("CARGO_BIN_EXE_fieldbridge"))
-}
-
-fn text(output: &Output) -> String {
-    format!(
-        "status: {}\nstdout:\n{}\nstderr:\n{}",
-        output.status,
-        String::from_utf8_lossy(&output.stdout),
-        String::from_utf8_lossy(&output.stderr)
-    )
 }
 
 fn run(args: &[&str], config: Option<&Path>) -> Output {

@@ -2,6 +2,7 @@
 
 use std::net::TcpListener;
 use std::path::PathBuf;
+use std::process::Output;
 use std::time::{Duration, Instant};
 
 /// A TCP port on 127.0.0.1 that was free a moment ago.
@@ -100,4 +101,14 @@ pub fn wait_for_port(port: u16, timeout: Duration) {
     wait_for(&format!("a listener on port {port}"), timeout, || {
         std::net::TcpStream::connect(("127.0.0.1", port)).ok()
     });
+}
+
+/// A finished process's status, stdout and stderr, for assertion messages.
+pub fn output_text(output: &Output) -> String {
+    format!(
+        "status: {}\nstdout:\n{}\nstderr:\n{}",
+        output.status,
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    )
 }
