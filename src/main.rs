@@ -285,7 +285,9 @@ fn queue_stats(args: &QueueArgs) -> anyhow::Result<()> {
         Some(db) => db.clone(),
         None => {
             let config = config::load(&args.config)?;
-            if config.upstream.is_none() {
+            // A [store] section written out names a file worth reading (one left from
+            // an earlier upstream, say); without either, the default path means nothing.
+            if config.upstream.is_none() && !config.raw.contains_key("store") {
                 anyhow::bail!(
                     "{} has no [upstream] section: a LAN-only agent keeps no store, so nothing is queued",
                     args.config.display()
