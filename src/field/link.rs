@@ -96,7 +96,8 @@ pub enum Disconnect {
     /// A serial-port operation on the open port failed.
     #[error(transparent)]
     Port(tokio_serial::Error),
-    #[error("end of file")]
+    /// The port's stream ended: a USB adapter unplugged, or the far end of a pty gone.
+    #[error("the port closed (adapter unplugged?)")]
     Eof,
     /// A TCP answer out of step with its request: the connection is dropped, since the
     /// stream may still hold a late reply.

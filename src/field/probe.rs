@@ -282,7 +282,15 @@ fn write_registers(out: &mut String, target: &ProbeTarget, regs: &[u16], again: 
         );
     }
     out.push('\n');
-    let choice = choose(out, target, pick);
+    let choice = if target.expect.is_none()
+        && target.choose.is_none()
+        && regs.iter().all(|w| *w == 0)
+    {
+        out.push_str("# every register reads 0: no decoding can be told from another; pass --expect VALUE, or --type and --order\n");
+        Candidate::plain(DataType::U16, ByteOrder::ABCD, target.address)
+    } else {
+        choose(out, target, pick)
+    };
     let width = if choice.data_type == DataType::String {
         regs.len() as u16
     } else {
@@ -650,7 +658,7 @@ fn plausibility(decoding: &Decoding, x: f64, again: Option<f64>) -> f64 {
     if stable {
         score += 2.0;
     }
-    if matches!(decoding.data_type, DataType::F32 | DataType::F64) && short_decimal(x) {
+    if matches!(decoding.data_type, DataType::F32 | DataType::F64) && x != 0.0 && short_decimal(x) {
         score += 2.0;
     }
     score
@@ -817,6 +825,12 @@ mod tests {
             report.contains("most plausible: f32 ABCD at 10"),
             "{report}"
         );
+
+        // Nothing but zeros: nothing to judge by, and said so.
+        let zeros = Words::Registers(vec![0, 0]);
+        let report = render(&t, &zeros, Some(&zeros));
+        assert!(report.contains("every register reads 0"), "{report}");
+        assert!(!report.contains("most plausible"), "{report}");
 
         // One register: a plain u16.
         t.count = 1;
