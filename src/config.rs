@@ -222,7 +222,11 @@ impl Config {
     /// topic, then per device its status, its batch topic and its points.
     pub fn claims(&self, topics: &Topics) -> Vec<Claim> {
         let mut claims = vec![
-            Claim::new(topics.status(), "agent.prefix", "the agent's online/offline status"),
+            Claim::new(
+                topics.status(),
+                "agent.prefix",
+                "the agent's online/offline status",
+            ),
             Claim::new(topics.health(), "agent.prefix", "the health report"),
         ];
         if let Some(status) = self.upstream.as_ref().and_then(|u| u.status_topic.clone()) {
@@ -266,7 +270,11 @@ impl Config {
                     .enumerate()
                     .map(|(i, point)| (format!("{at}.point[{i}]"), point));
                 for (key, point) in from_profile.chain(own) {
-                    let field = if point.topic.is_some() { "topic" } else { "name" };
+                    let field = if point.topic.is_some() {
+                        "topic"
+                    } else {
+                        "name"
+                    };
                     claims.push(Claim::new(
                         topics.point(name, &point.name, point.topic.as_deref()),
                         format!("{key}.{field}"),
@@ -360,10 +368,7 @@ fn check_file<E: std::error::Error>(
         let hint = denied_hint(&err, path)
             .map(|hint| format!(": {hint}"))
             .unwrap_or_default();
-        at.report(
-            key,
-            format!("cannot read {}: {err}{hint}", path.display()),
-        );
+        at.report(key, format!("cannot read {}: {err}{hint}", path.display()));
         return false;
     }
     if let Err(err) = load(path) {

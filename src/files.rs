@@ -185,7 +185,10 @@ mod tests {
         std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o640)).unwrap();
         let meta = std::fs::metadata(&path).unwrap();
         let text = why_denied(&path).unwrap();
-        assert!(text.starts_with(&format!("{} is ", path.display())), "{text}");
+        assert!(
+            text.starts_with(&format!("{} is ", path.display())),
+            "{text}"
+        );
         assert!(text.contains("0640"), "{text}");
         let (owner, group) = (user_name(meta.uid()), group_name(meta.gid()));
         if owner == group {

@@ -95,7 +95,12 @@ pub fn set_password(
     let existing = match std::fs::read_to_string(&target) {
         Ok(text) => Some(text),
         Err(err) if err.kind() == std::io::ErrorKind::NotFound => None,
-        Err(source) => return Err(AuthError::Read { path: target, source }),
+        Err(source) => {
+            return Err(AuthError::Read {
+                path: target,
+                source,
+            })
+        }
     };
     let line = passwd_line(username, password);
     let mut change = PasswdChange::Added;
