@@ -594,12 +594,28 @@ pub fn parse(file: &str, text: &str) -> Result<Config, Error> {
     Err(Error::Invalid { problems })
 }
 
+/// The sections a file may have, in the order serde names them.
+const SECTIONS: [&str; 6] = ["agent", "broker", "store", "upstream", "bus", "profile"];
+
 /// The type errors of each top-level section read alone (each `[[bus]]` and each
-/// `[profile.NAME]` apart), with their spans. Unknown sections are left to the
-/// whole-file pass, which names the accepted ones.
+/// `[profile.NAME]` apart), and unknown sections, with their spans.
 fn section_type_errors(doc: &toml_edit::ImDocument<&str>) -> Vec<(Range<usize>, String)> {
     let mut found = Vec::new();
     for (name, item) in doc.as_table().iter() {
+        if !SECTIONS.contains(&name) {
+            let span = doc
+                .as_table()
+                .get_key_value(name)
+                .and_then(|(key, _)| key.span())
+                .or(item.span())
+                .unwrap_or(0..0);
+            let expected: Vec<String> = SECTIONS.iter().map(|s| format!("`{s}`")).collect();
+            found.push((
+                span,
+                format!("unknown field `{name}`, expected one of {}", expected.join(", ")),
+            ));
+            continue;
+        }
         match (name, item) {
             ("agent", _) => found.extend(type_error::<AgentConfig>(item)),
             ("broker", _) => found.extend(type_error::<BrokerConfig>(item)),
@@ -889,6 +905,124 @@ mod tests {
         let entries = Entries::of(&doc);
         let at = entries.offset_of("profile.m.point[1].address");
         assert_eq!(&text[at..at + 5], "99999");
+    }
+
+    /// Regression: only the first type error was reported; each section is read alone.
+    #[test]
+    fn a_type_error_in_each_section_is_reported() {
+        let text = "[agent]\nhealth_interval_secs = \"often\"\n\
+                    [broker]\nmax_connections = \"many\"\n\
+                    [[bus]]\nname = \"a\"\nkind = \"tcp\"\nhost = \"h\"\n\
+                    [[bus.device]]\nname = \"d\"\nunit_id = 300\n\
+                    [[bus]]\nname = \"b\"\n\
+                    [profile.x]\n[[profile.x.point]]\nname = \"p\"\nscale = \"big\"\n";
+        let found = problems(text);
+        let keys: Vec<&str> = found
+            .iter()
+            .map(|p| p.split(": ").next().unwrap_or_default())
+            .collect();
+        assert_eq!(
+            keys,
+            [
+                "test.toml:2:24",
+                "test.toml:4:19",
+                "test.toml:11:11",
+                "test.toml:12:1",
+                "test.toml:17:9",
+            ],
+            "{found:#?}"
+        );
+        assert!(found[1].contains("broker.max_connections: invalid type"), "{found:#?}");
+        assert!(found[2].contains("bus[0].device[0].unit_id"), "{found:#?}");
+        assert!(found[3].contains("bus[1]: missing field `kind`"), "{found:#?}");
+        assert!(found[4].contains("profile.x.point[0].scale"), "{found:#?}");
+    }
+
+    #[test]
+    fn an_unknown_section_is_still_reported_beside_type_errors() {
+        let found = problems("[broker]\nmax_connections = \"many\"\n[brokr]\n");
+        assert_eq!(found.len(), 2, "{found:#?}");
+        assert!(found[1].contains("unknown field `brokr`"), "{found:#?}");
+    }
+
+    const METER: &str = "[broker]\n[agent]\nprefix = \"site/gw\"\n\
+                         [[bus]]\nname = \"plc\"\nkind = \"tcp\"\nhost = \"10.0.0.5\"\n\
+                         [[bus.device]]\nname = \"meter\"\n\
+                         [[bus.device.point]]\nname = \"voltage\"\nkind = \"input\"\naddress = 0\n";
+
+    /// Regression: a point named `status` published on `{prefix}/{device}/status` and
+    /// overwrote the device's retained online/offline status.
+    #[test]
+    fn a_point_named_status_is_refused_naming_both_keys() {
+        let text = format!(
+            "{METER}[[bus.device.point]]\nname = \"status\"\nkind = \"holding\"\naddress = 0\n"
+        );
+        let found = problems(&text);
+        assert_eq!(found.len(), 1, "{found:#?}");
+        assert!(
+            found[0].starts_with(
+                "test.toml:15:8: bus[0].device[0].point[1].name: point \"status\" of device \
+                 \"meter\" would publish on \"site/gw/meter/status\", which is already the \
+                 online/offline status of device \"meter\" (bus[0].device[0].name)"
+            ),
+            "{found:#?}"
+        );
+    }
+
+    #[test]
+    fn a_custom_topic_taken_by_health_another_point_or_the_upstream_status_is_refused() {
+        let point = |name: &str, topic: &str| {
+            format!(
+                "[[bus.device.point]]\nname = \"{name}\"\nkind = \"input\"\naddress = 1\n\
+                 topic = \"{topic}\"\n"
+            )
+        };
+        let text = format!(
+            "{METER}{}{}{}[upstream]\nurl = \"mqtt://h\"\nstatus_topic = \"plant/v\"\n",
+            point("h", "site/gw/health"),
+            point("v", "site/gw/meter/voltage"),
+            point("w", "plant/v"),
+        );
+        let found = problems(&text);
+        let keys: Vec<String> = found
+            .iter()
+            .map(|p| p.split(": ").nth(1).unwrap_or_default().to_string())
+            .collect();
+        assert_eq!(
+            keys,
+            [
+                "bus[0].device[0].point[1].topic",
+                "bus[0].device[0].point[2].topic",
+                "bus[0].device[0].point[3].topic",
+            ],
+            "{found:#?}"
+        );
+        assert!(found[0].contains("the health report (agent.prefix)"), "{found:#?}");
+        assert!(found[0].ends_with("choose another topic"), "{found:#?}");
+        assert!(
+            found[1].contains("point \"voltage\" of device \"meter\" (bus[0].device[0].point[0].name)"),
+            "{found:#?}"
+        );
+        assert!(found[2].contains("(upstream.status_topic)"), "{found:#?}");
+    }
+
+    #[test]
+    fn distinct_topics_pass_and_claims_list_every_topic() {
+        let config = parse("test.toml", METER).expect("valid");
+        let topics: Vec<String> = config
+            .claims(&Topics::new("site/gw"))
+            .into_iter()
+            .map(|claim| claim.topic)
+            .collect();
+        assert_eq!(
+            topics,
+            [
+                "site/gw/status",
+                "site/gw/health",
+                "site/gw/meter/status",
+                "site/gw/meter/voltage"
+            ]
+        );
     }
 
     #[test]
