@@ -311,7 +311,8 @@ impl Config {
                     & readable(&mut at, "key_file", &tls.key_file);
                 if both {
                     if let Err(err) = crate::broker::server_config(tls) {
-                        at.report("", with_causes(&err));
+                        let files = [("cert_file", &tls.cert_file), ("key_file", &tls.key_file)];
+                        report_at_file(&mut at, &files, with_causes(&err));
                     }
                 }
             }
@@ -322,21 +323,23 @@ impl Config {
                 readable(&mut at, "password_file", path);
             }
             let tls = &upstream.tls;
-            let mut all_read = true;
             let mut at = at.at("tls");
-            for (key, path) in [
+            let files: Vec<(&str, &PathBuf)> = [
                 ("ca_file", &tls.ca_file),
                 ("cert_file", &tls.cert_file),
                 ("key_file", &tls.key_file),
-            ] {
-                if let Some(path) = path {
-                    all_read &= readable(&mut at, key, path);
-                }
+            ]
+            .into_iter()
+            .filter_map(|(key, path)| Some((key, path.as_ref()?)))
+            .collect();
+            let mut all_read = true;
+            for (key, path) in &files {
+                all_read &= readable(&mut at, key, path);
             }
             let uses_tls = crate::uplink::BrokerUrl::parse(&upstream.url).is_ok_and(|u| u.tls);
             if all_read && uses_tls {
                 if let Err(err) = crate::uplink::tls::client_config(tls) {
-                    at.report("", with_causes(&err));
+                    report_at_file(&mut at, &files, with_causes(&err));
                 }
             }
         }
@@ -375,6 +378,16 @@ fn check_file<E: std::error::Error>(
         at.report(key, with_causes(&err));
     }
     true
+}
+
+/// Reports `message` at the key of the file it names (the first one whose path it
+/// shows), or at the scope itself.
+fn report_at_file(at: &mut Scope<'_>, files: &[(&str, &PathBuf)], message: String) {
+    let key = files
+        .iter()
+        .find(|(_, path)| message.contains(&path.display().to_string()))
+        .map_or("", |(key, _)| *key);
+    at.report(key, message);
 }
 
 /// Opens `path` (named by `key`); reports it with the reason when it cannot be read.
@@ -612,7 +625,10 @@ fn section_type_errors(doc: &toml_edit::ImDocument<&str>) -> Vec<(Range<usize>, 
             let expected: Vec<String> = SECTIONS.iter().map(|s| format!("`{s}`")).collect();
             found.push((
                 span,
-                format!("unknown field `{name}`, expected one of {}", expected.join(", ")),
+                format!(
+                    "unknown field `{name}`, expected one of {}",
+                    expected.join(", ")
+                ),
             ));
             continue;
         }
@@ -932,9 +948,15 @@ mod tests {
             ],
             "{found:#?}"
         );
-        assert!(found[1].contains("broker.max_connections: invalid type"), "{found:#?}");
+        assert!(
+            found[1].contains("broker.max_connections: invalid type"),
+            "{found:#?}"
+        );
         assert!(found[2].contains("bus[0].device[0].unit_id"), "{found:#?}");
-        assert!(found[3].contains("bus[1]: missing field `kind`"), "{found:#?}");
+        assert!(
+            found[3].contains("bus[1]: missing field `kind`"),
+            "{found:#?}"
+        );
         assert!(found[4].contains("profile.x.point[0].scale"), "{found:#?}");
     }
 
@@ -997,10 +1019,14 @@ mod tests {
             ],
             "{found:#?}"
         );
-        assert!(found[0].contains("the health report (agent.prefix)"), "{found:#?}");
+        assert!(
+            found[0].contains("the health report (agent.prefix)"),
+            "{found:#?}"
+        );
         assert!(found[0].ends_with("choose another topic"), "{found:#?}");
         assert!(
-            found[1].contains("point \"voltage\" of device \"meter\" (bus[0].device[0].point[0].name)"),
+            found[1]
+                .contains("point \"voltage\" of device \"meter\" (bus[0].device[0].point[0].name)"),
             "{found:#?}"
         );
         assert!(found[2].contains("(upstream.status_topic)"), "{found:#?}");
