@@ -637,12 +637,11 @@ fn check_config_reports_every_named_file_it_cannot_read_or_parse() {
         ),
     ] {
         let expected = format!("{}:{line}:", file.display());
-        assert!(
-            stderr
-                .lines()
-                .any(|text| text.contains(&expected) && text.contains(&format!(" {key}: {says}"))),
-            "no {expected} {key}: {says}\n{stderr}"
-        );
+        let named = format!(" {key}: ");
+        let found = stderr
+            .lines()
+            .any(|text| text.contains(&expected) && text.contains(&named) && text.contains(&says));
+        assert!(found, "no {expected} {key}: {says}\n{stderr}");
     }
 }
 
