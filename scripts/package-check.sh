@@ -156,7 +156,7 @@ else
         || fail "fieldbridge passwd -b failed"
     expect_mode /etc/fieldbridge/passwd 640 root:fieldbridge
     checked=/etc/fieldbridge/package-check.toml
-    sed 's|^# password_file = .*|password_file = "/etc/fieldbridge/passwd"|' \
+    sed '0,/^# password_file = /s|^# password_file = .*|password_file = "/etc/fieldbridge/passwd"|' \
         /etc/fieldbridge/fieldbridge.toml >"$checked"
     chgrp fieldbridge "$checked" && chmod 0640 "$checked"
     out=$(fieldbridge check-config --as-user fieldbridge --config "$checked" 2>&1) \
@@ -186,6 +186,13 @@ else
     setpriv --reuid fieldbridge --regid fieldbridge --init-groups \
         fieldbridge run --config "$work/run.toml" >"$work/run.log" 2>&1 &
     agent=$!
+    # Signal handlers are in once it says it runs (a SIGTERM before would kill it).
+    for _ in $(seq 1 150); do
+        grep -q 'fieldbridge running' "$work/run.log" && break
+        kill -0 "$agent" 2>/dev/null || break
+        sleep 0.1
+    done
+    grep -q 'fieldbridge running' "$work/run.log" || fail "the shipped config did not start: $(cat "$work/run.log")"
     if command -v mosquitto_sub >/dev/null 2>&1; then
         status=$(mosquitto_sub -p "$port" -t 'fieldbridge/+/status' -C 1 -W 15 2>&1 || true)
         [ "$status" = online ] || fail "no retained online status from the shipped config: $status"
@@ -195,7 +202,7 @@ else
     if grep -Eq ' (WARN|ERROR) ' "$work/run.log"; then
         fail "the shipped config logs warnings: $(cat "$work/run.log")"
     fi
-    ok "dpkg -i: user, directories, modes, password file, first start"
+    [ "$failures" -ne 0 ] || ok "dpkg -i: user, directories, modes, password file, first start"
 
     rm -f /etc/fieldbridge/passwd
     dpkg --purge fieldbridge >/dev/null
