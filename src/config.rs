@@ -614,7 +614,7 @@ const SECTIONS: [&str; 6] = ["agent", "broker", "store", "upstream", "bus", "pro
 /// `[profile.NAME]` apart), and unknown sections, with their spans.
 fn section_type_errors(doc: &toml_edit::ImDocument<&str>) -> Vec<(Range<usize>, String)> {
     let mut found = Vec::new();
-    for (name, item) in doc.as_table().iter() {
+    for (name, item) in doc.as_table() {
         if !SECTIONS.contains(&name) {
             let span = doc
                 .as_table()
@@ -638,13 +638,13 @@ fn section_type_errors(doc: &toml_edit::ImDocument<&str>) -> Vec<(Range<usize>, 
             ("store", _) => found.extend(type_error::<StoreConfig>(item)),
             ("upstream", _) => found.extend(type_error::<UplinkConfig>(item)),
             ("bus", toml_edit::Item::ArrayOfTables(buses)) => {
-                for bus in buses.iter() {
+                for bus in buses {
                     let bus = toml_edit::Item::Table(bus.clone());
                     found.extend(type_error::<BusConfig>(&bus));
                 }
             }
             ("profile", toml_edit::Item::Table(profiles)) => {
-                for (_, profile) in profiles.iter() {
+                for (_, profile) in profiles {
                     found.extend(type_error::<ProfileConfig>(profile));
                 }
             }
