@@ -912,3 +912,81 @@ fn passwd_takes_the_password_as_an_argument_only_with_b() {
     passwd_batch(&file, "ha", "secret");
     assert!(verifies(&file, "ha", "secret"));
 }
+
+/// The config mistakes that passed `check-config` and failed at runtime (or silently),
+/// and the spellings mosquitto, Paho and Telegraf users write that were refused, through
+/// the binary in one file each.
+#[test]
+fn check_config_refuses_silent_mistakes_and_accepts_common_spellings() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let mistakes = dir.path().join("mistakes.toml");
+    std::fs::write(
+        &mistakes,
+        "[broker]\n[agent]\nprefix = \"site/gw\"\n\
+         [[bus]]\nname = \"plc\"\nkind = \"tcp\"\nhost = \"10.0.0.5:502\"\nport = 502\n\
+         [[bus.device]]\nname = \"press\"\n\
+         [[bus.device.point]]\nname = \"status\"\nkind = \"holding\"\naddress = 0\n\
+         [[bus.device.point]]\nname = \"label\"\nkind = \"holding\"\naddress = 10\n\
+         type = \"string\"\nregisters = 4\ndeadband = 1.0\n",
+    )
+    .expect("write config");
+    let output = check_config(&mistakes);
+    assert!(!output.status.success(), "{}", text(&output));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    for expected in [
+        "7:8: bus[0].host: \"10.0.0.5:502\" includes a port; write host = \"10.0.0.5\" and port = 502",
+        "21:12: bus[0].device[0].point[1].deadband: a deadband applies only to numeric types",
+    ] {
+        assert!(stderr.contains(expected), "missing {expected:?}:\n{stderr}");
+    }
+
+    // The status-word point alone: its topic is the device's status topic.
+    let status = dir.path().join("status.toml");
+    std::fs::write(
+        &status,
+        "[broker]\n[agent]\nprefix = \"site/gw\"\n\
+         [[bus]]\nname = \"plc\"\nkind = \"tcp\"\nhost = \"10.0.0.5\"\n\
+         [[bus.device]]\nname = \"press\"\n\
+         [[bus.device.point]]\nname = \"status\"\nkind = \"holding\"\naddress = 0\n\
+         [[bus.device.point]]\nname = \"running\"\nkind = \"holding\"\naddress = 0\n\
+         type = \"bit\"\nbit = 0\n",
+    )
+    .expect("write config");
+    let output = check_config(&status);
+    assert!(!output.status.success(), "{}", text(&output));
+    assert!(
+        String::from_utf8_lossy(&output.stderr).contains(
+            "bus[0].device[0].point[0].name: point \"status\" of device \"press\" would publish \
+             on \"site/gw/press/status\", which is already the online/offline status of device \
+             \"press\" (bus[0].device[0].name)"
+        ),
+        "{}",
+        text(&output)
+    );
+    // Renamed, the word and its bit on one register are fine.
+    std::fs::write(
+        &status,
+        std::fs::read_to_string(&status)
+            .expect("read")
+            .replace("name = \"status\"", "name = \"status_word\""),
+    )
+    .expect("write config");
+    let output = check_config(&status);
+    assert!(output.status.success(), "{}", text(&output));
+
+    let spellings = dir.path().join("spellings.toml");
+    std::fs::write(
+        &spellings,
+        "[broker]\nallow_anonymous = true\n[[broker.listeners]]\nbind = \"localhost:1883\"\n\
+         [[broker.listeners]]\nbind = \"1884\"\n\
+         [upstream]\nurl = \"ssl://broker.example.net\"\n",
+    )
+    .expect("write config");
+    let output = check_config(&spellings);
+    assert!(output.status.success(), "{}", text(&output));
+    assert!(
+        String::from_utf8_lossy(&output.stdout).contains("upstream: ssl://broker.example.net"),
+        "{}",
+        text(&output)
+    );
+}
