@@ -63,7 +63,8 @@ native=0
 # ── Files and modes as packed (dpkg-deb -x keeps the modes, not the owners) ───────────
 expect_mode "$root/usr/bin/fieldbridge" 755
 expect_mode "$root/etc/fieldbridge/fieldbridge.toml" 640
-unit=$(find "$root" -name fieldbridge.service -path '*systemd/system*' | head -n 1)
+unit=$(find "$root" -name fieldbridge.service -path '*systemd/system*' || true)
+unit=$(head -n 1 <<<"$unit")
 [ -n "$unit" ] || fail "no systemd unit in the package"
 for example in config/*.toml; do
     name=$(basename "$example")
@@ -115,8 +116,8 @@ fi
 
 # ── Maintainer scripts ───────────────────────────────────────────────────────────────
 postinst=$work/control/postinst
-mkdir_line=$(grep -n 'mkdir -p /var/lib/fieldbridge' "$postinst" | head -n 1 | cut -d: -f1)
-adduser_line=$(grep -n 'adduser --system' "$postinst" | head -n 1 | cut -d: -f1)
+mkdir_line=$({ grep -n 'mkdir -p /var/lib/fieldbridge' "$postinst" || true; } | head -n 1 | cut -d: -f1)
+adduser_line=$({ grep -n 'adduser --system' "$postinst" || true; } | head -n 1 | cut -d: -f1)
 [ -n "$mkdir_line" ] && [ -n "$adduser_line" ] && [ "$mkdir_line" -lt "$adduser_line" ] \
     || fail "postinst does not create /var/lib/fieldbridge before the user"
 grep -q 'deb-systemd-helper' "$postinst" || fail "postinst does not enable the unit"
