@@ -286,10 +286,8 @@ impl Config {
         claims
     }
 
-    /// Opens every file the config names and looks for its serial ports: problems
-    /// (a file that cannot be read or parsed) and warnings (a serial port that does not
-    /// exist), each with its key.
-    pub fn check_files(&self) -> (Vec<Invalid>, Vec<Invalid>) {
+    /// Opens every file the config names and looks for its serial ports.
+    pub fn check_files(&self) -> FileCheck {
         let mut errors = Problems::new();
         let mut warnings = Problems::new();
         if let Some(broker) = &self.broker {
@@ -355,8 +353,20 @@ impl Config {
                 );
             }
         }
-        (errors.into_vec(), warnings.into_vec())
+        FileCheck {
+            problems: errors.into_vec(),
+            warnings: warnings.into_vec(),
+        }
     }
+}
+
+/// What [`Config::check_files`] found, each with the key that names the file or port.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct FileCheck {
+    /// A file that cannot be read or parsed.
+    pub problems: Vec<Invalid>,
+    /// A serial port that does not exist (yet).
+    pub warnings: Vec<Invalid>,
 }
 
 /// Opens `path` (named by `key`) and hands it to `load`; reports what fails with the
@@ -510,7 +520,7 @@ pub fn check(path: &Path) -> Result<Checked, Error> {
     let text = read(path)?;
     let file = path.display().to_string();
     let config = parse(&file, &text)?;
-    let (errors, warnings) = config.check_files();
+    let FileCheck { problems, warnings } = config.check_files();
     let entries = toml_edit::ImDocument::parse(text.as_str())
         .map(|doc| Entries::of(&doc))
         .unwrap_or(Entries(Vec::new()));
@@ -529,9 +539,9 @@ pub fn check(path: &Path) -> Result<Checked, Error> {
             })
             .collect()
     };
-    if !errors.is_empty() {
+    if !problems.is_empty() {
         return Err(Error::Invalid {
-            problems: locate(errors),
+            problems: locate(problems),
         });
     }
     Ok(Checked {
