@@ -11,7 +11,6 @@
 #   there and no fieldbridge package is installed yet; the package is purged at the end.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-repo=$(pwd)
 export PATH="$PATH:/usr/sbin:/sbin"
 
 install=1
@@ -118,10 +117,13 @@ fi
 postinst=$work/control/postinst
 mkdir_line=$({ grep -n 'mkdir -p /var/lib/fieldbridge' "$postinst" || true; } | head -n 1 | cut -d: -f1)
 adduser_line=$({ grep -n 'adduser --system' "$postinst" || true; } | head -n 1 | cut -d: -f1)
-[ -n "$mkdir_line" ] && [ -n "$adduser_line" ] && [ "$mkdir_line" -lt "$adduser_line" ] \
-    || fail "postinst does not create /var/lib/fieldbridge before the user"
+if [ -z "$mkdir_line" ] || [ -z "$adduser_line" ] || [ "$mkdir_line" -ge "$adduser_line" ]; then
+    fail "postinst does not create /var/lib/fieldbridge before the user"
+fi
 grep -q 'deb-systemd-helper' "$postinst" || fail "postinst does not enable the unit"
-sh -n "$postinst" && sh -n "$work/control/postrm" || fail "a maintainer script has a syntax error"
+for script in "$postinst" "$work/control/postrm"; do
+    sh -n "$script" || fail "$(basename "$script") has a syntax error"
+done
 
 # ── dpkg -i, where the machine allows ────────────────────────────────────────────────
 if [ "$install" = 0 ]; then
