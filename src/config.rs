@@ -18,7 +18,15 @@
 //!   problem type in the leaf [`crate::problem`], so no section imports this module.
 //! - [`load`] returns a config only if it has no problem at all, so the agent never
 //!   starts (or reloads into) a half-valid configuration.
-//! - Reading the file is the only I/O here.
+//! - Every topic the agent would publish has one owner ([`Config::claims`], checked by
+//!   [`crate::topics::collisions`]): two keys wanting one topic are a problem naming both.
+//! - A type error stops only its own section: each top-level section (each `[[bus]]`,
+//!   each `[profile.NAME]`) is read alone when the whole file does not deserialize, so
+//!   one run reports a type error in each.
+//! - [`load`] reads only the config file. [`check`] (`check-config`) also opens every
+//!   file the config names, with the loader of the module that will use it, and looks
+//!   for the serial ports; a serial port that is missing is a warning (a USB adapter may
+//!   be plugged in later), a file that cannot be read or parsed is a problem.
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -31,9 +39,10 @@ use crate::broker::BrokerConfig;
 use crate::field::{BusConfig, FieldConfig, ProfileConfig};
 use crate::mqtt::QoS;
 use crate::store::StoreConfig;
+use crate::topics::{Claim, Topics};
 use crate::uplink::UplinkConfig;
 
-use crate::problem::{Invalid, Problems};
+use crate::problem::{Invalid, Problems, Scope};
 
 /// The whole configuration file.
 #[derive(Debug, Clone, Default)]
@@ -184,7 +193,224 @@ impl Config {
             };
             problems.at("").report("", message);
         }
+        // Duplicate device or point names are reported by their sections; their topics
+        // would only repeat that.
+        if problems.is_empty() {
+            let topics = Topics::new(&self.agent.resolved_prefix(&hostname()));
+            let claims = self.claims(&topics);
+            for (first, second) in crate::topics::collisions(&claims) {
+                let fix = if second.key.ends_with(".name") {
+                    "rename it or give it a `topic`"
+                } else {
+                    "choose another topic"
+                };
+                problems.at("").report(
+                    &second.key,
+                    format!(
+                        "{} would publish on {:?}, which is already {} ({}); every topic \
+                         needs one owner: {fix}",
+                        second.what, second.topic, first.what, first.key
+                    ),
+                );
+            }
+        }
         problems.into_vec()
+    }
+
+    /// Every topic the agent publishes on with this config, each with the key that
+    /// makes it publish there: the agent's status and health, the upstream status
+    /// topic, then per device its status, its batch topic and its points.
+    pub fn claims(&self, topics: &Topics) -> Vec<Claim> {
+        let mut claims = vec![
+            Claim::new(
+                topics.status(),
+                "agent.prefix",
+                "the agent's online/offline status",
+            ),
+            Claim::new(topics.health(), "agent.prefix", "the health report"),
+        ];
+        if let Some(status) = self.upstream.as_ref().and_then(|u| u.status_topic.clone()) {
+            if status != topics.status() {
+                claims.push(Claim::new(
+                    status,
+                    "upstream.status_topic",
+                    "the upstream online/offline status",
+                ));
+            }
+        }
+        for (b, bus) in self.field.buses.iter().enumerate() {
+            for (d, device) in bus.devices.iter().enumerate() {
+                let at = format!("bus[{b}].device[{d}]");
+                let name = &device.name;
+                claims.push(Claim::new(
+                    topics.device_status(name),
+                    format!("{at}.name"),
+                    format!("the online/offline status of device {name:?}"),
+                ));
+                if device.batch {
+                    claims.push(Claim::new(
+                        topics.device_batch(name),
+                        format!("{at}.batch"),
+                        format!("the batch message of device {name:?}"),
+                    ));
+                }
+                let profile = device
+                    .profile
+                    .as_ref()
+                    .and_then(|profile| self.field.profiles.get(profile).map(|p| (profile, p)));
+                let from_profile = profile.into_iter().flat_map(|(profile, p)| {
+                    p.points
+                        .iter()
+                        .enumerate()
+                        .map(move |(i, point)| (format!("profile.{profile}.point[{i}]"), point))
+                });
+                let own = device
+                    .points
+                    .iter()
+                    .enumerate()
+                    .map(|(i, point)| (format!("{at}.point[{i}]"), point));
+                for (key, point) in from_profile.chain(own) {
+                    let field = if point.topic.is_some() {
+                        "topic"
+                    } else {
+                        "name"
+                    };
+                    claims.push(Claim::new(
+                        topics.point(name, &point.name, point.topic.as_deref()),
+                        format!("{key}.{field}"),
+                        format!("point {:?} of device {name:?}", point.name),
+                    ));
+                }
+            }
+        }
+        claims
+    }
+
+    /// Opens every file the config names and looks for its serial ports.
+    pub fn check_files(&self) -> FileCheck {
+        let mut errors = Problems::new();
+        let mut warnings = Problems::new();
+        if let Some(broker) = &self.broker {
+            let mut at = errors.at("broker");
+            if let Some(path) = &broker.password_file {
+                check_file(&mut at, "password_file", path, |path| {
+                    crate::broker::PasswordFile::load(path).map(drop)
+                });
+            }
+            if let Some(path) = &broker.acl_file {
+                check_file(&mut at, "acl_file", path, |path| {
+                    crate::broker::Acl::load(path).map(drop)
+                });
+            }
+            for (i, listener) in broker.listeners.iter().enumerate() {
+                let Some(tls) = &listener.tls else { continue };
+                let mut at = at.at(&format!("listeners[{i}].tls"));
+                let both = readable(&mut at, "cert_file", &tls.cert_file)
+                    & readable(&mut at, "key_file", &tls.key_file);
+                if both {
+                    if let Err(err) = crate::broker::server_config(tls) {
+                        let files = [("cert_file", &tls.cert_file), ("key_file", &tls.key_file)];
+                        report_at_file(&mut at, &files, crate::problem::each_cause_once(&err));
+                    }
+                }
+            }
+        }
+        if let Some(upstream) = &self.upstream {
+            let mut at = errors.at("upstream");
+            if let Some(path) = &upstream.password_file {
+                readable(&mut at, "password_file", path);
+            }
+            let tls = &upstream.tls;
+            let mut at = at.at("tls");
+            let files: Vec<(&str, &PathBuf)> = [
+                ("ca_file", &tls.ca_file),
+                ("cert_file", &tls.cert_file),
+                ("key_file", &tls.key_file),
+            ]
+            .into_iter()
+            .filter_map(|(key, path)| Some((key, path.as_ref()?)))
+            .collect();
+            let mut all_read = true;
+            for (key, path) in &files {
+                all_read &= readable(&mut at, key, path);
+            }
+            let uses_tls = crate::uplink::BrokerUrl::parse(&upstream.url).is_ok_and(|u| u.tls);
+            if all_read && uses_tls {
+                if let Err(err) = crate::uplink::tls::client_config(tls) {
+                    report_at_file(&mut at, &files, crate::problem::each_cause_once(&err));
+                }
+            }
+        }
+        for (b, bus) in self.field.buses.iter().enumerate() {
+            if let Some(port) = bus.serial_path() {
+                warnings.at(format!("bus[{b}]")).check(
+                    Path::new(port).exists(),
+                    "port",
+                    format!(
+                        "serial port {port} does not exist (yet): the bus retries until it \
+                         appears; check the adapter or HAT and its device name (ls /dev/tty*)"
+                    ),
+                );
+            }
+        }
+        FileCheck {
+            problems: errors.into_vec(),
+            warnings: warnings.into_vec(),
+        }
+    }
+}
+
+/// What [`Config::check_files`] found, each with the key that names the file or port.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct FileCheck {
+    /// A file that cannot be read or parsed.
+    pub problems: Vec<Invalid>,
+    /// A serial port that does not exist (yet).
+    pub warnings: Vec<Invalid>,
+}
+
+/// Opens `path` (named by `key`) and hands it to `load`; reports what fails with the
+/// path and the reason. Returns whether the file could be read.
+fn check_file<E: std::error::Error>(
+    at: &mut Scope<'_>,
+    key: &str,
+    path: &Path,
+    load: impl FnOnce(&Path) -> Result<(), E>,
+) -> bool {
+    if let Err(err) = std::fs::File::open(path) {
+        let hint = denied_hint(&err, path)
+            .map(|hint| format!(": {hint}"))
+            .unwrap_or_default();
+        at.report(key, format!("cannot read {}: {err}{hint}", path.display()));
+        return false;
+    }
+    if let Err(err) = load(path) {
+        at.report(key, crate::problem::each_cause_once(&err));
+    }
+    true
+}
+
+/// Reports `message` at the key of the file it names (the first one whose path it
+/// shows), or at the scope itself.
+fn report_at_file(at: &mut Scope<'_>, files: &[(&str, &PathBuf)], message: String) {
+    let key = files
+        .iter()
+        .find(|(_, path)| message.contains(&path.display().to_string()))
+        .map_or("", |(key, _)| *key);
+    at.report(key, message);
+}
+
+/// Opens `path` (named by `key`); reports it with the reason when it cannot be read.
+fn readable(at: &mut Scope<'_>, key: &str, path: &Path) -> bool {
+    check_file(at, key, path, |_| Ok::<(), std::io::Error>(()))
+}
+
+/// For a permission error: who may read `path` and how to get in.
+fn denied_hint(err: &std::io::Error, path: &Path) -> Option<String> {
+    if err.kind() == std::io::ErrorKind::PermissionDenied {
+        crate::files::why_denied(path)
+    } else {
+        None
     }
 }
 
@@ -201,11 +427,13 @@ pub fn hostname() -> String {
 /// A configuration file that could not be used.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    #[error("{}: cannot read: {source}", path.display())]
+    #[error("{}: cannot read: {source}{}", path.display(), hint.as_deref().map(|hint| format!("; {hint}")).unwrap_or_default())]
     Read {
         path: PathBuf,
         #[source]
         source: std::io::Error,
+        /// Who may read the file, when permission was denied.
+        hint: Option<String>,
     },
     #[error("{}", render(problems))]
     Invalid { problems: Vec<Problem> },
@@ -248,11 +476,63 @@ fn render(problems: &[Problem]) -> String {
 /// [`Error::Read`] if the file cannot be read; [`Error::Invalid`] with every problem
 /// found, each with its position.
 pub fn load(path: &Path) -> Result<Config, Error> {
-    let text = std::fs::read_to_string(path).map_err(|source| Error::Read {
+    parse(&path.display().to_string(), &read(path)?)
+}
+
+fn read(path: &Path) -> Result<String, Error> {
+    std::fs::read_to_string(path).map_err(|source| Error::Read {
+        hint: denied_hint(&source, path),
         path: path.to_path_buf(),
         source,
-    })?;
-    parse(&path.display().to_string(), &text)
+    })
+}
+
+/// A configuration that `check-config` accepts, and what it warns about.
+#[derive(Debug)]
+pub struct Checked {
+    pub config: Config,
+    /// Positioned like problems: a serial port that does not exist.
+    pub warnings: Vec<Problem>,
+}
+
+/// What `check-config` does: [`load`], then open every file the config names
+/// ([`Config::check_files`]).
+///
+/// # Errors
+/// As [`load`]; [`Error::Invalid`] also for each named file that cannot be read or
+/// parsed, at the key that names it.
+pub fn check(path: &Path) -> Result<Checked, Error> {
+    let text = read(path)?;
+    let file = path.display().to_string();
+    let config = parse(&file, &text)?;
+    let FileCheck { problems, warnings } = config.check_files();
+    let entries = toml_edit::ImDocument::parse(text.as_str())
+        .map(|doc| Entries::of(&doc))
+        .unwrap_or(Entries(Vec::new()));
+    let locate = |found: Vec<Invalid>| -> Vec<Problem> {
+        found
+            .into_iter()
+            .map(|problem| {
+                let (line, column) = line_column(&text, entries.offset_of(&problem.key));
+                Problem {
+                    file: file.clone(),
+                    line,
+                    column,
+                    key: problem.key,
+                    message: problem.message,
+                }
+            })
+            .collect()
+    };
+    if !problems.is_empty() {
+        return Err(Error::Invalid {
+            problems: locate(problems),
+        });
+    }
+    Ok(Checked {
+        warnings: locate(warnings),
+        config,
+    })
 }
 
 /// Parses and validates configuration text; `file` names it in problems.
@@ -279,13 +559,20 @@ pub fn parse(file: &str, text: &str) -> Result<Config, Error> {
     })?;
     let entries = Entries::of(&doc);
     let parsed: File = toml::from_str(text).map_err(|err| {
-        let span = err.span().unwrap_or(0..0);
-        let key = entries.key_at(&span).unwrap_or_default();
-        let message = crate::problem::in_plain_words(err.message().trim());
-        let problem = at(span.start, key, message);
-        Error::Invalid {
-            problems: vec![problem],
+        let first = (err.span().unwrap_or(0..0), err.message().trim().to_string());
+        let mut found = section_type_errors(&doc);
+        if !found.iter().any(|(span, _)| span.start == first.0.start) {
+            found.push(first);
         }
+        found.sort_by_key(|(span, _)| span.start);
+        let problems = found
+            .into_iter()
+            .map(|(span, message)| {
+                let key = entries.key_at(&span).unwrap_or_default();
+                at(span.start, key, crate::problem::in_plain_words(&message))
+            })
+            .collect();
+        Error::Invalid { problems }
     })?;
     let config = Config {
         agent: parsed.agent,
@@ -313,6 +600,68 @@ pub fn parse(file: &str, text: &str) -> Result<Config, Error> {
         })
         .collect();
     Err(Error::Invalid { problems })
+}
+
+/// The sections a file may have, in the order serde names them.
+const SECTIONS: [&str; 6] = ["agent", "broker", "store", "upstream", "bus", "profile"];
+
+/// The type errors of each top-level section read alone (each `[[bus]]` and each
+/// `[profile.NAME]` apart), and unknown sections, with their spans.
+fn section_type_errors(doc: &toml_edit::ImDocument<&str>) -> Vec<(Range<usize>, String)> {
+    let mut found = Vec::new();
+    for (name, item) in doc.as_table() {
+        if !SECTIONS.contains(&name) {
+            let span = doc
+                .as_table()
+                .get_key_value(name)
+                .and_then(|(key, _)| key.span())
+                .or(item.span())
+                .unwrap_or(0..0);
+            let expected: Vec<String> = SECTIONS.iter().map(|s| format!("`{s}`")).collect();
+            found.push((
+                span,
+                format!(
+                    "unknown field `{name}`, expected one of {}",
+                    expected.join(", ")
+                ),
+            ));
+            continue;
+        }
+        match (name, item) {
+            ("agent", _) => found.extend(type_error::<AgentConfig>(item)),
+            ("broker", _) => found.extend(type_error::<BrokerConfig>(item)),
+            ("store", _) => found.extend(type_error::<StoreConfig>(item)),
+            ("upstream", _) => found.extend(type_error::<UplinkConfig>(item)),
+            ("bus", toml_edit::Item::ArrayOfTables(buses)) => {
+                for bus in buses {
+                    let bus = toml_edit::Item::Table(bus.clone());
+                    found.extend(type_error::<BusConfig>(&bus));
+                }
+            }
+            ("profile", toml_edit::Item::Table(profiles)) => {
+                for (_, profile) in profiles {
+                    found.extend(type_error::<ProfileConfig>(profile));
+                }
+            }
+            ("bus", _) => found.extend(type_error::<Vec<BusConfig>>(item)),
+            ("profile", _) => found.extend(type_error::<BTreeMap<String, ProfileConfig>>(item)),
+            _ => {}
+        }
+    }
+    found
+}
+
+/// The error of deserializing `item` alone as a `T`, at its span (or the item's own
+/// span, for an error about the table as a whole such as a missing key).
+fn type_error<T: serde::de::DeserializeOwned>(
+    item: &toml_edit::Item,
+) -> Option<(Range<usize>, String)> {
+    use serde::de::IntoDeserializer;
+    let whole = item.span();
+    let value = item.clone().into_value().ok()?;
+    let err = T::deserialize(value.into_deserializer()).err()?;
+    let span = err.span().or(whole).unwrap_or(0..0);
+    Some((span, err.message().trim().to_string()))
 }
 
 /// 1-based line and character column of a byte offset.
@@ -567,6 +916,134 @@ mod tests {
         let entries = Entries::of(&doc);
         let at = entries.offset_of("profile.m.point[1].address");
         assert_eq!(&text[at..at + 5], "99999");
+    }
+
+    /// Regression: only the first type error was reported; each section is read alone.
+    #[test]
+    fn a_type_error_in_each_section_is_reported() {
+        let text = "[agent]\nhealth_interval_secs = \"often\"\n\
+                    [broker]\nmax_connections = \"many\"\n\
+                    [[bus]]\nname = \"a\"\nkind = \"tcp\"\nhost = \"h\"\n\
+                    [[bus.device]]\nname = \"d\"\nunit_id = 300\n\
+                    [[bus]]\nname = \"b\"\n\
+                    [profile.x]\n[[profile.x.point]]\nname = \"p\"\nscale = \"big\"\n";
+        let found = problems(text);
+        let keys: Vec<&str> = found
+            .iter()
+            .map(|p| p.split(": ").next().unwrap_or_default())
+            .collect();
+        assert_eq!(
+            keys,
+            [
+                "test.toml:2:24",
+                "test.toml:4:19",
+                "test.toml:11:11",
+                "test.toml:12:1",
+                "test.toml:17:9",
+            ],
+            "{found:#?}"
+        );
+        assert!(
+            found[1].contains("broker.max_connections: invalid type"),
+            "{found:#?}"
+        );
+        assert!(found[2].contains("bus[0].device[0].unit_id"), "{found:#?}");
+        assert!(
+            found[3].contains("bus[1]: missing field `kind`"),
+            "{found:#?}"
+        );
+        assert!(found[4].contains("profile.x.point[0].scale"), "{found:#?}");
+    }
+
+    #[test]
+    fn an_unknown_section_is_still_reported_beside_type_errors() {
+        let found = problems("[broker]\nmax_connections = \"many\"\n[brokr]\n");
+        assert_eq!(found.len(), 2, "{found:#?}");
+        assert!(found[1].contains("unknown field `brokr`"), "{found:#?}");
+    }
+
+    const METER: &str = "[broker]\n[agent]\nprefix = \"site/gw\"\n\
+                         [[bus]]\nname = \"plc\"\nkind = \"tcp\"\nhost = \"10.0.0.5\"\n\
+                         [[bus.device]]\nname = \"meter\"\n\
+                         [[bus.device.point]]\nname = \"voltage\"\nkind = \"input\"\naddress = 0\n";
+
+    /// Regression: a point named `status` published on `{prefix}/{device}/status` and
+    /// overwrote the device's retained online/offline status.
+    #[test]
+    fn a_point_named_status_is_refused_naming_both_keys() {
+        let text = format!(
+            "{METER}[[bus.device.point]]\nname = \"status\"\nkind = \"holding\"\naddress = 0\n"
+        );
+        let found = problems(&text);
+        assert_eq!(found.len(), 1, "{found:#?}");
+        assert!(
+            found[0].starts_with(
+                "test.toml:15:8: bus[0].device[0].point[1].name: point \"status\" of device \
+                 \"meter\" would publish on \"site/gw/meter/status\", which is already the \
+                 online/offline status of device \"meter\" (bus[0].device[0].name)"
+            ),
+            "{found:#?}"
+        );
+    }
+
+    #[test]
+    fn a_custom_topic_taken_by_health_another_point_or_the_upstream_status_is_refused() {
+        let point = |name: &str, topic: &str| {
+            format!(
+                "[[bus.device.point]]\nname = \"{name}\"\nkind = \"input\"\naddress = 1\n\
+                 topic = \"{topic}\"\n"
+            )
+        };
+        let text = format!(
+            "{METER}{}{}{}[upstream]\nurl = \"mqtt://h\"\nstatus_topic = \"plant/v\"\n",
+            point("h", "site/gw/health"),
+            point("v", "site/gw/meter/voltage"),
+            point("w", "plant/v"),
+        );
+        let found = problems(&text);
+        let keys: Vec<String> = found
+            .iter()
+            .map(|p| p.split(": ").nth(1).unwrap_or_default().to_string())
+            .collect();
+        assert_eq!(
+            keys,
+            [
+                "bus[0].device[0].point[1].topic",
+                "bus[0].device[0].point[2].topic",
+                "bus[0].device[0].point[3].topic",
+            ],
+            "{found:#?}"
+        );
+        assert!(
+            found[0].contains("the health report (agent.prefix)"),
+            "{found:#?}"
+        );
+        assert!(found[0].ends_with("choose another topic"), "{found:#?}");
+        assert!(
+            found[1]
+                .contains("point \"voltage\" of device \"meter\" (bus[0].device[0].point[0].name)"),
+            "{found:#?}"
+        );
+        assert!(found[2].contains("(upstream.status_topic)"), "{found:#?}");
+    }
+
+    #[test]
+    fn distinct_topics_pass_and_claims_list_every_topic() {
+        let config = parse("test.toml", METER).expect("valid");
+        let topics: Vec<String> = config
+            .claims(&Topics::new("site/gw"))
+            .into_iter()
+            .map(|claim| claim.topic)
+            .collect();
+        assert_eq!(
+            topics,
+            [
+                "site/gw/status",
+                "site/gw/health",
+                "site/gw/meter/status",
+                "site/gw/meter/voltage"
+            ]
+        );
     }
 
     #[test]

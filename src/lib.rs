@@ -15,6 +15,7 @@
 //! | [`clock`] | the wall clock (ms since the epoch), one copy for every module |
 //! | [`future`] | small future helpers for `select!` loops (an optional future as a disabled arm) |
 //! | [`topics`] | the topic namespace: every topic the agent publishes or subscribes to |
+//! | [`files`] | private modes of created files, user and group names, why a file cannot be read (a leaf) |
 //!
 //! See `ARCHITECTURE.md` for the data flow and the invariants across modules.
 #![cfg_attr(not(test), deny(clippy::unwrap_used))]
@@ -24,6 +25,7 @@ pub mod broker;
 pub mod clock;
 pub mod config;
 pub mod field;
+pub mod files;
 pub mod future;
 pub mod mqtt;
 pub mod problem;

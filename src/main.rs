@@ -52,11 +52,16 @@ enum Command {
         #[arg(long, default_value_t = 1883)]
         port: u16,
     },
-    /// Validate a configuration file, then print the devices, read plans and topics.
+    /// Validate a configuration file and open every file it names (password and ACL
+    /// files, certificates and keys), then print the devices, read plans and topics.
     CheckConfig {
         /// Configuration file.
         #[arg(short, long, default_value = DEFAULT_CONFIG)]
         config: PathBuf,
+        /// Check with the rights of this user, e.g. the service's `fieldbridge` (needs
+        /// root).
+        #[arg(long, value_name = "USER")]
+        as_user: Option<String>,
     },
     /// Read registers from a Modbus device and print every decoding of them (types ×
     /// byte orders), plus the TOML for the chosen one.
@@ -67,12 +72,20 @@ enum Command {
         command: QueueCommand,
     },
     /// Add or replace a user in a mosquitto-format password file. The password is read
-    /// from standard input (one line; not echoed on a terminal).
+    /// from standard input: on a terminal asked twice and not echoed, else one line.
+    /// An existing file keeps its owner, group and mode; a new one is created 0640 with
+    /// the group of its directory.
     Passwd {
+        /// Batch mode, as mosquitto_passwd -b: the password is the third argument.
+        #[arg(short = 'b', requires = "password")]
+        batch: bool,
         /// Password file; created if missing.
         file: PathBuf,
         /// User name.
         user: String,
+        /// With -b: the password.
+        #[arg(requires = "batch")]
+        password: Option<String>,
     },
 }
 
@@ -144,8 +157,16 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Run { config } => run(&config),
         Command::Demo { upstream, port } => demo(upstream, port),
-        Command::CheckConfig { config } => check_config(&config),
-        Command::Passwd { file, user } => passwd(&file, &user),
+        Command::CheckConfig { config, as_user } => match as_user {
+            Some(user) => check_config_as(&config, &user),
+            None => check_config(&config),
+        },
+        Command::Passwd {
+            file,
+            user,
+            password,
+            ..
+        } => passwd(&file, &user, password),
         Command::Probe(args) => probe(&args),
         Command::Queue {
             command: QueueCommand::Stats(args),
@@ -154,7 +175,10 @@ fn main() -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
-            eprintln!("error: {}", each_cause_once(&err));
+            eprintln!(
+                "error: {}",
+                fieldbridge::problem::each_cause_once(err.as_ref())
+            );
             ExitCode::FAILURE
         }
     }
@@ -173,25 +197,6 @@ fn write_stdout(args: std::fmt::Arguments<'_>) {
         eprintln!("error: cannot write to standard output: {err}");
         std::process::exit(1);
     }
-}
-
-/// The error and its causes, `outer: inner: …`, each said once. Many errors below the
-/// binary put their cause in their own message and also return it as `source()`, so
-/// anyhow's `{:#}` repeats it; a cause that the text so far already ends with is left
-/// out.
-fn each_cause_once(err: &anyhow::Error) -> String {
-    let mut text = String::new();
-    for cause in err.chain() {
-        let cause = cause.to_string();
-        if text.ends_with(&cause) {
-            continue;
-        }
-        if !text.is_empty() {
-            text.push_str(": ");
-        }
-        text.push_str(&cause);
-    }
-    text
 }
 
 /// Logs to stderr; under systemd (JOURNAL_STREAM set) without timestamps or colours,
@@ -232,7 +237,11 @@ fn demo(upstream: Option<String>, port: u16) -> anyhow::Result<()> {
 }
 
 fn check_config(path: &Path) -> anyhow::Result<()> {
-    let config = config::load(path)?;
+    let checked = config::check(path)?;
+    let config = &checked.config;
+    for warning in &checked.warnings {
+        eprintln!("warning: {warning}");
+    }
     let topics = Topics::new(&config.agent.resolved_prefix(&config::hostname()));
     println!("{}: ok", path.display());
     println!("prefix: {}", topics.prefix());
@@ -253,29 +262,51 @@ fn check_config(path: &Path) -> anyhow::Result<()> {
     }
     println!();
     println!("topics:");
-    println!("  {}", topics.status());
-    println!("  {}", topics.health());
-    for bus in &config.field.buses {
-        for device in &bus.devices {
-            let profile = device
-                .profile
-                .as_ref()
-                .and_then(|name| config.field.profiles.get(name))
-                .map(|profile| profile.points.as_slice())
-                .unwrap_or_default();
-            println!("  {}", topics.device_status(&device.name));
-            if device.batch {
-                println!("  {}", topics.device_batch(&device.name));
-            }
-            for point in profile.iter().chain(&device.points) {
-                let topic = topics.point(&device.name, &point.name, point.topic.as_deref());
-                println!("  {topic}");
-            }
-        }
+    for claim in config.claims(&topics) {
+        println!("  {}", claim.topic);
     }
     if !config.field.buses.is_empty() {
         println!();
         print!("{}", field::describe_plans(&config.field));
+    }
+    let root = fieldbridge::files::effective_uid() == Some(0);
+    if root && fieldbridge::files::user(SERVICE_USER).is_some() {
+        eprintln!(
+            "note: checked as root; the service runs as {SERVICE_USER}: \
+             `sudo fieldbridge check-config --as-user {SERVICE_USER}` checks with its rights"
+        );
+    }
+    Ok(())
+}
+
+/// The user the systemd unit runs the agent as.
+const SERVICE_USER: &str = "fieldbridge";
+
+/// `check-config --as-user USER`: the same check, run by `setpriv` with the user's
+/// ids and groups; exits with its status.
+fn check_config_as(path: &Path, user: &str) -> anyhow::Result<()> {
+    let account = fieldbridge::files::user(user)
+        .with_context(|| format!("--as-user {user}: no such user in /etc/passwd"))?;
+    if fieldbridge::files::effective_uid() != Some(0) {
+        anyhow::bail!(
+            "--as-user needs root to take the rights of {user}: \
+             sudo fieldbridge check-config --as-user {user}"
+        );
+    }
+    let exe = std::env::current_exe().context("cannot find this program's path")?;
+    let status = std::process::Command::new("setpriv")
+        .arg(format!("--reuid={}", account.uid))
+        .arg(format!("--regid={}", account.gid))
+        .arg("--init-groups")
+        .arg("--")
+        .arg(exe)
+        .arg("check-config")
+        .arg("--config")
+        .arg(path)
+        .status()
+        .context("cannot run setpriv (util-linux) to take the user's rights")?;
+    if !status.success() {
+        std::process::exit(status.code().unwrap_or(1));
     }
     Ok(())
 }
@@ -308,82 +339,63 @@ fn queue_stats(args: &QueueArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn passwd(file: &Path, user: &str) -> anyhow::Result<()> {
+fn passwd(file: &Path, user: &str, batch_password: Option<String>) -> anyhow::Result<()> {
     if user.is_empty() || user.contains(':') {
         anyhow::bail!("user name must be non-empty and must not contain ':'");
     }
-    let password = read_password()?;
+    let password = match batch_password {
+        Some(password) => password,
+        None => read_password()?,
+    };
     if password.is_empty() {
         anyhow::bail!("empty password");
     }
-    let line = broker::passwd_line(user, &password);
-    let existing = match std::fs::read_to_string(file) {
-        Ok(text) => text,
-        Err(err) if err.kind() == std::io::ErrorKind::NotFound => String::new(),
-        Err(err) => return Err(err).with_context(|| format!("cannot read {}", file.display())),
-    };
-    let mut replaced = false;
-    let mut out = String::new();
-    for existing_line in existing.lines() {
-        if existing_line.split(':').next() == Some(user) {
-            out.push_str(&line);
-            replaced = true;
-        } else {
-            out.push_str(existing_line);
-        }
-        out.push('\n');
-    }
-    if !replaced {
-        out.push_str(&line);
-        out.push('\n');
-    }
-    write_private(file, &out).with_context(|| format!("cannot write {}", file.display()))?;
+    let change = broker::set_password(file, user, &password)?;
     eprintln!(
         "{} user {user} in {}",
-        if replaced { "updated" } else { "added" },
+        match change {
+            broker::PasswdChange::Added => "added",
+            broker::PasswdChange::Updated => "updated",
+        },
         file.display()
     );
     Ok(())
 }
 
-/// Writes through a temporary file and a rename, with mode 0600 like mosquitto_passwd.
-fn write_private(file: &Path, text: &str) -> std::io::Result<()> {
-    use std::os::unix::fs::OpenOptionsExt;
-    let tmp = file.with_extension("tmp");
-    let mut out = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(&tmp)?;
-    out.write_all(text.as_bytes())?;
-    out.sync_all()?;
-    std::fs::rename(&tmp, file)
-}
-
-/// One line from stdin; on a terminal, prompted and not echoed (via `stty`).
+/// One line from stdin; on a terminal, asked twice and not echoed (via `stty`).
 fn read_password() -> anyhow::Result<String> {
     let stdin = std::io::stdin();
-    let terminal = stdin.is_terminal();
+    if !stdin.is_terminal() {
+        let mut line = String::new();
+        stdin
+            .lock()
+            .read_line(&mut line)
+            .context("cannot read the password from standard input")?;
+        return Ok(line.trim_end_matches(['\n', '\r']).to_string());
+    }
     let stty = |arg: &str| {
         std::process::Command::new("stty")
             .arg(arg)
             .stdin(std::process::Stdio::inherit())
             .status()
     };
-    if terminal {
-        eprint!("Password: ");
+    let ask = |prompt: &str| -> anyhow::Result<String> {
+        eprint!("{prompt}");
         let _ = std::io::stderr().flush();
         let _ = stty("-echo");
-    }
-    let mut line = String::new();
-    let read = stdin.lock().read_line(&mut line);
-    if terminal {
+        let mut line = String::new();
+        let read = stdin.lock().read_line(&mut line);
         let _ = stty("echo");
         eprintln!();
+        read.context("cannot read the password from the terminal")?;
+        Ok(line.trim_end_matches(['\n', '\r']).to_string())
+    };
+    let first = ask("Password: ")?;
+    let second = ask("Reenter password: ")?;
+    if first != second {
+        anyhow::bail!("the passwords do not match; the file is unchanged");
     }
-    read.context("cannot read the password from standard input")?;
-    Ok(line.trim_end_matches(['\n', '\r']).to_string())
+    Ok(first)
 }
 
 /// Parses a config-file word (`holding`, `f32`, `CDAB`, `even`) with the same serde

@@ -224,6 +224,23 @@ pub fn in_plain_words(message: &str) -> String {
     out
 }
 
+/// An error's message followed by each cause its text so far does not already show,
+/// `outer: inner: …`. Many errors put their cause in their own message and also return
+/// it as `source()`, so printing the whole chain would say it twice.
+pub fn each_cause_once(err: &dyn std::error::Error) -> String {
+    let mut text = err.to_string();
+    let mut cause = err.source();
+    while let Some(inner) = cause {
+        let more = inner.to_string();
+        if !text.contains(&more) {
+            text.push_str(": ");
+            text.push_str(&more);
+        }
+        cause = inner.source();
+    }
+    text
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -14,6 +14,9 @@
 //!   produces `//`. An empty prefix (which config validation rejects) yields topics
 //!   without a leading `/`.
 //! - A point's topic override is used verbatim, without the prefix.
+//! - Every topic the agent publishes has one owner: [`collisions`] finds each topic two
+//!   [`Claim`]s want, so the config composer can refuse the file (a point named
+//!   `status` would overwrite its device's retained online/offline status).
 //! - This module is a leaf: it imports nothing from the crate, so every layer can use it.
 
 /// Builds the agent's topics under one prefix.
@@ -80,9 +83,84 @@ impl Topics {
     }
 }
 
+/// One topic the configuration makes the agent publish on, and who wants it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Claim {
+    pub topic: String,
+    /// The config key that makes the agent publish there (`bus[0].device[1].point[2].name`).
+    pub key: String,
+    /// What is published there, for a message: `the status of device "meter1"`.
+    pub what: String,
+}
+
+impl Claim {
+    pub fn new(topic: String, key: impl Into<String>, what: impl Into<String>) -> Claim {
+        Claim {
+            topic,
+            key: key.into(),
+            what: what.into(),
+        }
+    }
+}
+
+/// Every claim on a topic an earlier claim already holds, paired with that earlier one
+/// (`(first, second)`), in the order of the claims.
+pub fn collisions(claims: &[Claim]) -> Vec<(&Claim, &Claim)> {
+    let mut owners: std::collections::HashMap<&str, &Claim> = std::collections::HashMap::new();
+    let mut found = Vec::new();
+    for claim in claims {
+        match owners.get(claim.topic.as_str()) {
+            Some(first) => found.push((*first, claim)),
+            None => {
+                owners.insert(claim.topic.as_str(), claim);
+            }
+        }
+    }
+    found
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_topic_claimed_twice_names_both_claims() {
+        let topics = Topics::new("site/gw1");
+        let claims = [
+            Claim::new(topics.status(), "agent.prefix", "the agent's status"),
+            Claim::new(
+                topics.device_status("meter1"),
+                "bus[0].device[0].name",
+                "the status of device \"meter1\"",
+            ),
+            Claim::new(
+                topics.point("meter1", "status", None),
+                "bus[0].device[0].point[0].name",
+                "point \"status\"",
+            ),
+            Claim::new(
+                topics.point("meter1", "x", Some("site/gw1/status")),
+                "bus[0].device[0].point[1].topic",
+                "point \"x\"",
+            ),
+            Claim::new(
+                topics.point("meter1", "voltage", None),
+                "bus[0].device[0].point[2].name",
+                "point \"voltage\"",
+            ),
+        ];
+        let found: Vec<(&str, &str)> = collisions(&claims)
+            .into_iter()
+            .map(|(first, second)| (first.key.as_str(), second.key.as_str()))
+            .collect();
+        assert_eq!(
+            found,
+            [
+                ("bus[0].device[0].name", "bus[0].device[0].point[0].name"),
+                ("agent.prefix", "bus[0].device[0].point[1].topic"),
+            ]
+        );
+    }
 
     #[test]
     fn every_topic_is_under_the_prefix() {

@@ -51,6 +51,134 @@ pub enum AuthError {
         line: usize,
         message: String,
     },
+    #[error("cannot write {path}: {source}")]
+    Write {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+}
+
+/// What [`set_password`] did to the file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PasswdChange {
+    Added,
+    Updated,
+}
+
+/// Adds `username` to the password file at `path`, or replaces its line, as
+/// `mosquitto_passwd` does: through a temporary file in the same directory and a rename,
+/// so a reader never sees half a file.
+///
+/// The service reads this file as its own user, so its access is kept: an existing file
+/// keeps its owner, group and mode (a symbolic link is followed, the link stays); a new
+/// file is created 0640 with the group of its directory (`/etc/fieldbridge` is
+/// `root:fieldbridge`), or the caller's group where the caller may not give it that one.
+///
+/// # Errors
+/// [`AuthError::Read`] when the existing file cannot be read, [`AuthError::Write`] when
+/// the new one cannot be written or the owner cannot be kept.
+pub fn set_password(
+    path: &Path,
+    username: &str,
+    password: &str,
+) -> Result<PasswdChange, AuthError> {
+    let target = match std::fs::canonicalize(path) {
+        Ok(target) => target,
+        Err(err) if err.kind() == std::io::ErrorKind::NotFound => path.to_owned(),
+        Err(source) => {
+            return Err(AuthError::Read {
+                path: path.to_owned(),
+                source,
+            })
+        }
+    };
+    let existing = match std::fs::read_to_string(&target) {
+        Ok(text) => Some(text),
+        Err(err) if err.kind() == std::io::ErrorKind::NotFound => None,
+        Err(source) => {
+            return Err(AuthError::Read {
+                path: target,
+                source,
+            })
+        }
+    };
+    let line = passwd_line(username, password);
+    let mut change = PasswdChange::Added;
+    let mut text = String::new();
+    for old in existing.as_deref().unwrap_or_default().lines() {
+        if old.split(':').next() == Some(username) {
+            text.push_str(&line);
+            change = PasswdChange::Updated;
+        } else {
+            text.push_str(old);
+        }
+        text.push('\n');
+    }
+    if change == PasswdChange::Added {
+        text.push_str(&line);
+        text.push('\n');
+    }
+    replace_keeping_access(&target, existing.is_some(), &text).map_err(|source| {
+        AuthError::Write {
+            path: target.clone(),
+            source,
+        }
+    })?;
+    Ok(change)
+}
+
+/// Writes `text` to `target` through a temporary file and a rename, with the owner,
+/// group and mode of the file it replaces, or [`crate::files::PRIVATE_MODE`] and the
+/// directory's group for a new file.
+fn replace_keeping_access(target: &Path, exists: bool, text: &str) -> std::io::Result<()> {
+    use std::io::Write as _;
+    use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
+
+    let dir = match target.parent() {
+        Some(dir) if !dir.as_os_str().is_empty() => dir.to_owned(),
+        _ => PathBuf::from("."),
+    };
+    let name = target
+        .file_name()
+        .map(|name| name.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let tmp = dir.join(format!(".{name}.{}.tmp", std::process::id()));
+    let write = || -> std::io::Result<()> {
+        // Private until owner, group and mode are right.
+        let mut file = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&tmp)?;
+        file.write_all(text.as_bytes())?;
+        let mine = file.metadata()?;
+        let (uid, gid, mode) = if exists {
+            let old = std::fs::metadata(target)?;
+            (old.uid(), old.gid(), old.mode() & 0o7777)
+        } else {
+            let dir_gid = std::fs::metadata(&dir)?.gid();
+            (mine.uid(), dir_gid, crate::files::PRIVATE_MODE)
+        };
+        if (uid, gid) != (mine.uid(), mine.gid()) {
+            match std::os::unix::fs::fchown(&file, Some(uid), Some(gid)) {
+                Ok(()) => {}
+                // A new file in a directory of a group the caller is not in (/tmp) keeps
+                // the caller's group.
+                Err(err) if !exists && err.kind() == std::io::ErrorKind::PermissionDenied => {}
+                Err(err) => return Err(err),
+            }
+        }
+        file.set_permissions(std::fs::Permissions::from_mode(mode))?;
+        file.sync_all()?;
+        std::fs::rename(&tmp, target)?;
+        // The rename is durable once the directory is.
+        std::fs::File::open(&dir)?.sync_all()
+    };
+    let result = write();
+    if result.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    result
 }
 
 /// A mosquitto password file line for `username` with a fresh random salt, in the

@@ -68,11 +68,48 @@ pub struct BrokerConfig {
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ListenerConfig {
-    /// Address and port, e.g. `"0.0.0.0:1883"`. Port 0 picks a free port.
+    /// Address and port, e.g. `"0.0.0.0:1883"`; as in mosquitto, `"localhost:1883"` is
+    /// loopback (`127.0.0.1`) and a port alone (`"1883"` or `1883`) is every interface
+    /// (`0.0.0.0`). Port 0 picks a free port.
+    #[serde(deserialize_with = "bind_address")]
     pub bind: SocketAddr,
     /// Serve MQTT over TLS on this listener. Default: plain TCP.
     #[serde(default)]
     pub tls: Option<TlsListenerConfig>,
+}
+
+/// `bind` as written: `IP:PORT`, `[IPv6]:PORT`, `localhost:PORT`, or a port alone.
+fn bind_address<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<SocketAddr, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Bind {
+        Port(u16),
+        Text(String),
+    }
+    let text = match Bind::deserialize(deserializer)? {
+        Bind::Port(port) => return Ok(SocketAddr::from(([0, 0, 0, 0], port))),
+        Bind::Text(text) => text,
+    };
+    parse_bind(&text).map_err(serde::de::Error::custom)
+}
+
+/// See [`bind_address`]; the error is the message for the config file.
+fn parse_bind(text: &str) -> Result<SocketAddr, String> {
+    if let Ok(addr) = text.parse::<SocketAddr>() {
+        return Ok(addr);
+    }
+    if let Ok(port) = text.parse::<u16>() {
+        return Ok(SocketAddr::from(([0, 0, 0, 0], port)));
+    }
+    if let Some(port) = text.strip_prefix("localhost:") {
+        if let Ok(port) = port.parse::<u16>() {
+            return Ok(SocketAddr::from(([127, 0, 0, 1], port)));
+        }
+    }
+    Err(format!(
+        "{text:?} is not a listen address: write IP:PORT (\"0.0.0.0:1883\", \"[::]:1883\"), \
+         \"localhost:PORT\", or the port alone for every interface"
+    ))
 }
 
 /// Certificate and key of a TLS listener (PEM files).
@@ -276,6 +313,30 @@ mod tests {
                 "broker.max_keep_alive"
             ]
         );
+    }
+
+    /// Regression: `bind = "localhost:1883"` and `bind = "1883"` were refused; mosquitto
+    /// takes both (`listener 1883 localhost`, `listener 1883`).
+    #[test]
+    fn bind_takes_localhost_and_a_bare_port_like_mosquitto() {
+        let binds = |text: &str| -> Vec<SocketAddr> {
+            let config: BrokerConfig = toml::from_str(text).unwrap();
+            config.listeners.iter().map(|l| l.bind).collect()
+        };
+        assert_eq!(
+            binds("[[listeners]]\nbind = \"localhost:1883\"\n[[listeners]]\nbind = \"1884\"\n[[listeners]]\nbind = 1885\n[[listeners]]\nbind = \"[::1]:1886\"\n"),
+            [
+                "127.0.0.1:1883".parse().unwrap(),
+                "0.0.0.0:1884".parse().unwrap(),
+                "0.0.0.0:1885".parse().unwrap(),
+                "[::1]:1886".parse().unwrap(),
+            ]
+        );
+        let err = toml::from_str::<BrokerConfig>("[[listeners]]\nbind = \"gateway:1883\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("\"localhost:PORT\""), "{err}");
+        assert!(toml::from_str::<BrokerConfig>("[[listeners]]\nbind = 70000\n").is_err());
     }
 
     #[test]

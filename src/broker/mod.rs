@@ -57,7 +57,7 @@ use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-pub use auth::{passwd_line, AuthError};
+pub use auth::{passwd_line, set_password, Acl, AuthError, PasswdChange, PasswordFile};
 pub use config::{BrokerConfig, ListenerConfig, TlsListenerConfig};
 pub use persist::PersistError;
 pub use router::BrokerStats;
@@ -148,7 +148,8 @@ fn tls_acceptor(addr: SocketAddr, tls: &TlsListenerConfig) -> Result<TlsAcceptor
         .map_err(|source| Error::Tls { addr, source })
 }
 
-fn server_config(tls: &TlsListenerConfig) -> Result<rustls::ServerConfig, TlsError> {
+/// The rustls configuration of a TLS listener (also what `check-config` loads).
+pub fn server_config(tls: &TlsListenerConfig) -> Result<rustls::ServerConfig, TlsError> {
     let read = |path: &Path| {
         std::fs::read(path).map_err(|source| TlsError::Read {
             path: path.to_owned(),

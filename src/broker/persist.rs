@@ -38,6 +38,11 @@ pub enum PersistError {
         path: PathBuf,
         source: rusqlite::Error,
     },
+    #[error("persistence file {path}: cannot create: {source}")]
+    Create {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("persistence file {path} has format version {found}, this build reads 1")]
     Version { path: PathBuf, found: i64 },
     /// The writer thread cannot be started.
@@ -288,6 +293,10 @@ impl Persister {
             path: path.to_owned(),
             source,
         };
+        crate::files::create_private(path).map_err(|source| PersistError::Create {
+            path: path.to_owned(),
+            source,
+        })?;
         let conn = Connection::open(path).map_err(sqlite)?;
         let version: i64 = conn
             .query_row("PRAGMA user_version", [], |r| r.get(0))

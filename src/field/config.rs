@@ -46,7 +46,7 @@
 //! Point keys: `name` (required), `unit` (none), `kind` (required on Modbus buses),
 //! `address` (required on Modbus buses), `type`, `order`, `bit` (for `type = "bit"`,
 //! 0..=15, 0 = least significant), `registers` (for `type = "string"`), `scale` (1.0),
-//! `offset` (0.0), `deadband` (none: publish every poll), `deadband_percent` (none),
+//! `offset` (0.0), `deadband` (numeric types; none: publish every poll), `deadband_percent` (none),
 //! `heartbeat_secs` (60, with a deadband: publish at least this often; 0 = never),
 //! `topic` (none: `{prefix}/{device}/{point}`; set: used verbatim), `field` (lines: the
 //! regex capture group or key to read; default the point's name).
@@ -57,6 +57,8 @@
 //! and `*`). Lines device keys: `request` (poll mode: text to send, e.g. "R\r\n"),
 //! `regex` (named captures; without it, lines are parsed as `key=value` pairs separated
 //! by spaces, commas or semicolons).
+//!
+//! Points of one device may share registers (a status word whole and bit by bit).
 //!
 //! Addresses are 0-based protocol addresses everywhere: in this file, in errors, in logs
 //! and in `probe` output. It is the number on the wire, so it is the one convention that
@@ -154,7 +156,7 @@ pub struct BusConfig {
     pub kind: BusKind,
     /// rtu/lines: serial device path (required). tcp: port number, default 502.
     pub port: Option<PortSetting>,
-    /// tcp: host name or address (required).
+    /// tcp: host name or address, without the port (required).
     pub host: Option<String>,
     /// tcp: `tcp` (default) or `rtu` (RTU frames over TCP).
     pub framing: Option<Framing>,

@@ -7,6 +7,9 @@
 //! - No problems means [`super::resolve`] succeeds and every device's read plan fits the
 //!   protocol's limits (125 registers / 2000 bits per request, addresses 0..=65535).
 //! - Keys that do not apply to a bus's kind are problems, not silently ignored.
+//! - Points may share registers: a status word read whole and bit by bit, or a `u32`
+//!   and its low word, are served by the same request. (Writes, when they come, are
+//!   where overlaps need care.)
 
 use std::collections::{HashMap, HashSet};
 
@@ -98,13 +101,12 @@ impl FieldConfig {
             }
             validate_point(&mut p, bus.kind, device, point);
         }
-        if bus.kind != BusKind::Lines {
-            check_overlaps(at, device, &points);
-        } else if let Some(re) = device
+        let regex = device
             .regex
             .as_deref()
-            .and_then(|r| regex_lite::Regex::new(r).ok())
-        {
+            .filter(|_| bus.kind == BusKind::Lines)
+            .and_then(|r| regex_lite::Regex::new(r).ok());
+        if let Some(re) = regex {
             let captures: HashSet<&str> = re.capture_names().flatten().collect();
             for (pkey, p) in &points {
                 at.absolute(pkey.as_str()).check(
@@ -243,11 +245,22 @@ fn validate_serial_line(at: &mut Scope<'_>, bus: &BusConfig) {
 
 /// A tcp bus: host and port, and no serial-line keys.
 fn validate_tcp_endpoint(at: &mut Scope<'_>, bus: &BusConfig) {
-    at.check(
-        bus.host.as_deref().is_some_and(|host| !host.is_empty()),
-        "host",
-        "a tcp bus needs `host`",
-    );
+    let host = bus.host.as_deref().unwrap_or_default();
+    if at.check(!host.is_empty(), "host", "a tcp bus needs `host`") {
+        if let Some((name, port)) = host_with_port(host) {
+            at.report(
+                "host",
+                format!(
+                    "{host:?} includes a port; write host = {name:?} and port = {port}{}",
+                    if bus.port.is_some() {
+                        " (port is already set)"
+                    } else {
+                        ""
+                    }
+                ),
+            );
+        }
+    }
     at.check(
         bus.tcp_port().is_some(),
         "port",
@@ -262,6 +275,21 @@ fn validate_tcp_endpoint(at: &mut Scope<'_>, bus: &BusConfig) {
         bus.inter_frame_ms.is_some() && bus.framing() != Framing::Rtu,
         "rtu buses and tcp buses with framing = \"rtu\"",
     );
+}
+
+/// `host` split as host and port when it carries one (`10.0.0.5:502`, `[fe80::1]:502`,
+/// `plc.local:502`); a bare IPv6 address is a host without a port.
+fn host_with_port(host: &str) -> Option<(&str, u16)> {
+    if host.parse::<std::net::Ipv6Addr>().is_ok() {
+        return None;
+    }
+    let (name, port) = host.rsplit_once(':')?;
+    let port = port.parse().ok()?;
+    let name = name
+        .strip_prefix('[')
+        .and_then(|name| name.strip_suffix(']'))
+        .unwrap_or(name);
+    Some((name, port))
 }
 
 /// The Modbus-only rules of a device on an rtu or tcp bus.
@@ -363,7 +391,17 @@ fn validate_point(at: &mut Scope<'_>, bus: BusKind, device: &DeviceConfig, p: &P
         ("deadband_percent", p.deadband_percent),
     ] {
         if let Some(v) = v {
-            at.check(v.is_finite() && v >= 0.0, key, "must be a number ≥ 0");
+            let numeric = at.check(
+                t.is_numeric(),
+                key,
+                format!(
+                    "a deadband applies only to numeric types, not to \"{}\"",
+                    t.name()
+                ),
+            );
+            if numeric {
+                at.check(v.is_finite() && v >= 0.0, key, "must be a number ≥ 0");
+            }
         }
     }
     if let Some(topic) = &p.topic {
@@ -476,63 +514,6 @@ fn validate_extent(
     );
 }
 
-/// Two points of one device must not share registers, except different bits of one
-/// register (`type = "bit"`). Reports at the later point.
-fn check_overlaps(at: &mut Scope<'_>, device: &DeviceConfig, points: &[(String, &PointConfig)]) {
-    /// Where one point sits, and where it came from for the message.
-    struct Span<'a> {
-        kind: RegisterKind,
-        start: u32,
-        end: u32,
-        bit: Option<u8>,
-        name: &'a str,
-        key: &'a str,
-    }
-    let mut spans: Vec<Span<'_>> = points
-        .iter()
-        .filter_map(|(key, p)| {
-            let kind = p.kind?;
-            let start = p.address?;
-            // A zero width or an address near u32::MAX is reported by validate_modbus_point;
-            // such a point has no range to overlap with.
-            let end = start.checked_add(u32::from(p.width()))?.checked_sub(1)?;
-            let is_bit = p.data_type_or_default() == DataType::Bit;
-            Some(Span {
-                kind,
-                start,
-                end,
-                bit: if is_bit { p.bit } else { None },
-                name: p.name.as_str(),
-                key: key.as_str(),
-            })
-        })
-        .collect();
-    spans.sort_by_key(|s| (s.kind, s.start, s.end));
-    for pair in spans.windows(2) {
-        let (a, b) = (&pair[0], &pair[1]);
-        if a.kind != b.kind || b.start > a.end {
-            continue;
-        }
-        // Different bits of one register are meant to share it.
-        if a.start == b.start && a.bit.is_some() && b.bit.is_some() && a.bit != b.bit {
-            continue;
-        }
-        at.absolute(b.key).report(
-            "address",
-            format!(
-                "{} {} overlaps point {:?} ({} {}..={}) in device {:?}",
-                b.kind.name(),
-                b.start,
-                a.name,
-                a.kind.name(),
-                a.start,
-                a.end,
-                device.name
-            ),
-        );
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -543,7 +524,7 @@ mod tests {
     }
 
     #[test]
-    fn overlaps_and_out_of_range_are_found() {
+    fn out_of_range_addresses_are_found() {
         let c = parse(
             r#"
             [[bus]]
@@ -552,15 +533,6 @@ mod tests {
             host = "h"
             [[bus.device]]
             name = "d"
-            [[bus.device.point]]
-            name = "a"
-            kind = "holding"
-            address = 0
-            type = "f32"
-            [[bus.device.point]]
-            name = "b"
-            kind = "holding"
-            address = 1
             [[bus.device.point]]
             name = "c"
             kind = "input"
@@ -582,10 +554,9 @@ mod tests {
         assert_eq!(
             keys,
             vec![
-                "bus[0].device[0].point[2].address",
-                "bus[0].device[0].point[3].address",
-                "bus[0].device[0].point[4].type",
+                "bus[0].device[0].point[0].address",
                 "bus[0].device[0].point[1].address",
+                "bus[0].device[0].point[2].type",
             ],
             "{problems:#?}"
         );
@@ -594,10 +565,101 @@ mod tests {
             "{}",
             problems[1].message
         );
+    }
+
+    /// Regression: a `u16` and a `bit` (or several bits and the whole word) on one
+    /// register were refused as overlapping; reading a status word whole and bit by bit
+    /// is standard, and one request serves them all.
+    #[test]
+    fn overlapping_reads_of_a_status_word_are_allowed() {
+        let c = parse(
+            r#"
+            [[bus]]
+            name = "b"
+            kind = "tcp"
+            host = "h"
+            [[bus.device]]
+            name = "d"
+            [[bus.device.point]]
+            name = "status_word"
+            kind = "holding"
+            address = 20
+            [[bus.device.point]]
+            name = "running"
+            kind = "holding"
+            address = 20
+            type = "bit"
+            bit = 0
+            [[bus.device.point]]
+            name = "running_again"
+            kind = "holding"
+            address = 20
+            type = "bit"
+            bit = 0
+            [[bus.device.point]]
+            name = "energy"
+            kind = "holding"
+            address = 19
+            type = "u32"
+            "#,
+        );
+        assert_eq!(c.validate(), vec![]);
+        let plans = crate::field::describe_plans(&c);
+        assert!(plans.contains("4 points, 1 request per poll"), "{plans}");
         assert!(
-            problems[3].message.contains("overlaps point \"a\""),
+            plans.contains("fc03 holding 19..=20 (2 registers, 4 points)"),
+            "{plans}"
+        );
+    }
+
+    /// Regression: `host = "10.0.0.5:502"` with `port` passed and failed at runtime
+    /// connecting to `10.0.0.5:502:502`.
+    #[test]
+    fn a_host_with_a_port_is_refused_with_the_fix() {
+        let mut c = parse(GOOD);
+        c.buses[1].host = Some("10.0.0.5:502".into());
+        let found = c.validate();
+        assert_eq!(found.len(), 1, "{found:?}");
+        assert_eq!(found[0].key, "bus[1].host");
+        assert!(
+            found[0]
+                .message
+                .contains("write host = \"10.0.0.5\" and port = 502 (port is already set)"),
             "{}",
-            problems[3].message
+            found[0].message
+        );
+        c.buses[1].port = None;
+        c.buses[1].host = Some("[fe80::1]:1502".into());
+        let found = c.validate();
+        assert!(
+            found[0]
+                .message
+                .contains("host = \"fe80::1\" and port = 1502"),
+            "{found:?}"
+        );
+        for fine in ["fe80::1", "plc.local", "10.0.0.5"] {
+            c.buses[1].host = Some(fine.into());
+            assert_eq!(c.validate(), vec![], "{fine}");
+        }
+    }
+
+    /// Regression: `deadband` on a string point was accepted and silently meaningless.
+    #[test]
+    fn a_deadband_on_a_string_or_bool_is_refused() {
+        let mut c = parse(GOOD);
+        c.buses[1].devices[0].points[0].deadband = Some(1.0);
+        c.buses[1].devices[0].points[1].deadband_percent = Some(5.0);
+        let found: Vec<String> = c
+            .validate()
+            .into_iter()
+            .map(|i| format!("{}: {}", i.key, i.message))
+            .collect();
+        assert_eq!(
+            found,
+            [
+                "bus[1].device[0].point[0].deadband: a deadband applies only to numeric types, not to \"string\"",
+                "bus[1].device[0].point[1].deadband_percent: a deadband applies only to numeric types, not to \"bit\"",
+            ]
         );
     }
 
@@ -672,13 +734,12 @@ mod tests {
             keys,
             vec![
                 "bus[0].device[0].point[0].name",
-                "bus[0].device[0].point[0].address",
                 "bus[0].device[1].profile",
                 "bus[1].device[0].name",
             ],
             "{problems:#?}"
         );
-        assert!(problems[2].message.contains("sdm630"));
+        assert!(problems[1].message.contains("sdm630"));
     }
 
     #[test]

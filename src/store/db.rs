@@ -167,6 +167,10 @@ impl Db {
     }
 
     fn try_open(path: &Path, synchronous: Synchronous) -> Result<Db, Error> {
+        crate::files::create_private(path).map_err(|source| Error::Io {
+            path: path.to_path_buf(),
+            source,
+        })?;
         let conn = Connection::open(path)?;
         conn.busy_timeout(BUSY_TIMEOUT)?;
         let check: String = conn.query_row("PRAGMA quick_check(1)", [], |r| r.get(0))?;

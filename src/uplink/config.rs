@@ -26,8 +26,9 @@ pub const MAX_WINDOW: u16 = 65_000;
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct UplinkConfig {
-    /// Broker URL: `mqtt://host:1883` or `mqtts://host:8883`. The port defaults to 1883
-    /// for `mqtt://` and 8883 for `mqtts://`. The host is resolved again at every
+    /// Broker URL: `mqtt://host:1883` or `mqtts://host:8883` (`tcp://` and `ssl://`, as
+    /// Paho and Telegraf write them, are the same). The port defaults to 1883 for
+    /// `mqtt://` and 8883 for `mqtts://`. The host is resolved again at every
     /// connection attempt. Required.
     pub url: String,
     /// Client identifier. It must be stable across restarts: the broker keeps the
@@ -251,8 +252,8 @@ impl UplinkConfig {
                 up.check(
                     url.tls || !self.tls.is_set(),
                     "tls",
-                    "TLS settings are given but the URL starts with mqtt://; use mqtts:// \
-                     to connect with TLS",
+                    "TLS settings are given but the URL is not a TLS one; use mqtts:// \
+                     (or ssl://) to connect with TLS",
                 );
             }
             Err(reason) => up.report("url", reason),
@@ -407,7 +408,7 @@ impl fmt::Debug for Password {
     }
 }
 
-/// A parsed `mqtt://` or `mqtts://` URL.
+/// A parsed `mqtt://` or `mqtts://` URL (or `tcp://`, `ssl://`).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct BrokerUrl {
     /// `mqtts://`.
@@ -418,18 +419,20 @@ pub struct BrokerUrl {
 }
 
 impl BrokerUrl {
-    /// Parses `mqtt[s]://host[:port][/]`.
+    /// Parses `mqtt[s]://host[:port][/]`; `tcp://` is `mqtt://` and `ssl://` is
+    /// `mqtts://`, as Paho and Telegraf users write them.
     ///
     /// # Errors
     /// A sentence saying what is wrong, for a config error message.
     pub fn parse(url: &str) -> Result<BrokerUrl, String> {
-        let (tls, rest) = if let Some(rest) = url.strip_prefix("mqtts://") {
+        let scheme = |prefix: &str| url.strip_prefix(prefix);
+        let (tls, rest) = if let Some(rest) = scheme("mqtts://").or_else(|| scheme("ssl://")) {
             (true, rest)
-        } else if let Some(rest) = url.strip_prefix("mqtt://") {
+        } else if let Some(rest) = scheme("mqtt://").or_else(|| scheme("tcp://")) {
             (false, rest)
         } else {
             return Err(format!(
-                "{url:?} must start with mqtt:// or mqtts:// (ssl:// and tcp:// are not accepted)"
+                "{url:?} must start with mqtt:// or mqtts:// (or tcp://, ssl://)"
             ));
         };
         let authority = rest.strip_suffix('/').unwrap_or(rest);
@@ -506,7 +509,8 @@ mod tests {
         let url = BrokerUrl::parse("mqtt://[fe80::1]").unwrap();
         assert_eq!((url.host.as_str(), url.port), ("fe80::1", 1883));
         for bad in [
-            "tcp://host:1883",
+            "http://host:1883",
+            "ws://host:1883",
             "host:1883",
             "mqtt://",
             "mqtt://:1883",
@@ -612,8 +616,30 @@ mod tests {
                 "upstream.subscribe[1]",
             ]
         );
-        let config = UplinkConfig::new("ssl://host");
+        let config = UplinkConfig::new("http://host");
         assert_eq!(keys(&config), ["upstream.url"]);
+    }
+
+    /// Regression: `tcp://` and `ssl://` URLs (what Paho and Telegraf users type) were
+    /// refused.
+    #[test]
+    fn tcp_and_ssl_urls_are_aliases_of_mqtt_and_mqtts() {
+        assert_eq!(
+            BrokerUrl::parse("tcp://broker.example.com"),
+            BrokerUrl::parse("mqtt://broker.example.com")
+        );
+        let url = BrokerUrl::parse("ssl://broker.example.com").unwrap();
+        assert_eq!((url.tls, url.port), (true, 8883));
+        let url = BrokerUrl::parse("ssl://10.0.0.1:443/").unwrap();
+        assert_eq!(
+            (url.tls, url.host.as_str(), url.port),
+            (true, "10.0.0.1", 443)
+        );
+        let mut config = UplinkConfig::new("ssl://broker.example.com");
+        config.tls.server_name = Some("broker.example.com".into());
+        assert!(config.validate().is_empty(), "{:?}", config.validate());
+        config.url = "tcp://broker.example.com".into();
+        assert_eq!(keys(&config), ["upstream.tls"]);
     }
 
     #[test]
