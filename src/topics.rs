@@ -3,7 +3,7 @@
 //! | topic | payload | retained | built by |
 //! |---|---|---|---|
 //! | `{prefix}/status` | `online` / `offline` (birth, will, shutdown; upstream: `upstream.status_topic` when set) | yes | [`Topics::status`] |
-//! | `{prefix}/health` | the JSON health report | no | [`Topics::health`] |
+//! | `{prefix}/health` | the JSON health report | on the LAN broker (a new subscriber sees the last report at once); not upstream | [`Topics::health`] |
 //! | `{prefix}/{device}/status` | the device's state: `online`, `offline`, `quarantined` | yes | [`Topics::device_status`] |
 //! | `{prefix}/{device}` | one JSON object per poll (devices with `batch = true`) | no | [`Topics::device_batch`] |
 //! | `{prefix}/{device}/{point}` | one reading's JSON, or the point's `topic` override verbatim | `agent.retain` locally, `agent.retain_upstream` upstream | [`Topics::point`] |
