@@ -45,6 +45,14 @@ pub struct BrokerConfig {
     pub max_inflight_messages: u16,
     /// Seconds a new TCP connection may take to send CONNECT. Default: 10.
     pub connect_timeout_secs: u64,
+    /// Largest CONNECT accepted, in bytes: the most a connection that has not logged in
+    /// yet can make the broker hold for it. Default: 64 KiB.
+    pub max_connect_packet_size: u32,
+    /// Connections that have not logged in yet (TLS handshake and CONNECT not done),
+    /// served at once. When a new connection would go over this or over
+    /// `max_connections`, the oldest connection that has not logged in is closed to
+    /// make room, so idle connections cannot lock clients out. Default: 64.
+    pub max_pending_connections: usize,
     /// Largest keepalive granted, in seconds. A 5.0 client asking for more (or for none)
     /// is told this value; a 3.1.1 client asking for more is refused. Default: unset.
     pub max_keep_alive: Option<u16>,
@@ -102,6 +110,8 @@ impl Default for BrokerConfig {
             max_queued_bytes: 1024 * 1024,
             max_inflight_messages: 20,
             connect_timeout_secs: 10,
+            max_connect_packet_size: 64 * 1024,
+            max_pending_connections: 64,
             max_keep_alive: None,
             sys_interval_secs: 10,
             persistent_session_expiry_secs: None,
@@ -200,6 +210,15 @@ impl BrokerConfig {
             "must be at least 1 second",
         );
         broker.check(
+            (MIN_PACKET_SIZE..=self.max_packet_size).contains(&self.max_connect_packet_size),
+            "max_connect_packet_size",
+            format!(
+                "must be between {MIN_PACKET_SIZE} bytes and max_packet_size ({})",
+                self.max_packet_size
+            ),
+        );
+        broker.at_least("max_pending_connections", self.max_pending_connections, 1);
+        broker.check(
             self.max_keep_alive != Some(0),
             "max_keep_alive",
             "must be at least 1 second (leave it unset for no limit)",
@@ -262,6 +281,8 @@ mod tests {
             max_packet_size: 10,
             max_inflight_messages: 0,
             connect_timeout_secs: 0,
+            max_connect_packet_size: 2 << 20,
+            max_pending_connections: 0,
             max_keep_alive: Some(0),
             ..BrokerConfig::default()
         };
@@ -273,6 +294,8 @@ mod tests {
                 "broker.max_packet_size",
                 "broker.max_inflight_messages",
                 "broker.connect_timeout_secs",
+                "broker.max_connect_packet_size",
+                "broker.max_pending_connections",
                 "broker.max_keep_alive"
             ]
         );
