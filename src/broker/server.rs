@@ -143,6 +143,10 @@ impl Lobby {
         }
     }
 
+    fn is_full(&self) -> bool {
+        self.waiting().by_age.len() >= self.limit
+    }
+
     /// Closes the oldest waiting connection; false when none waits.
     fn close_oldest(&self) -> bool {
         let oldest = self.waiting().by_age.pop_first();
@@ -169,6 +173,13 @@ impl Lobby {
 /// oldest connection that has not logged in (closed for it). `None` when every slot is
 /// held by a logged-in client.
 async fn take_slot(shared: &Shared) -> Option<OwnedSemaphorePermit> {
+    if shared.lobby.is_full() || shared.slots.available_permits() == 0 {
+        // Someone may be about to close. First let the waiting connections read what
+        // already arrived: in a burst of real clients (all reconnecting after a restart,
+        // on one core) their CONNECTs are in the sockets, and they leave the lobby
+        // instead of being closed.
+        tokio::task::yield_now().await;
+    }
     if let Ok(permit) = shared.slots.clone().try_acquire_owned() {
         return Some(permit);
     }
@@ -205,7 +216,8 @@ pub(crate) async fn accept_loop(listener: TcpListener, tls: Option<TlsAcceptor>,
             }
             continue;
         };
-        let ticket = shared.lobby.enter(&shared.cancel);
+        // Boxed: the connection's task keeps the room for it after logging in.
+        let ticket = Box::new(shared.lobby.enter(&shared.cancel));
         let _ = stream.set_nodelay(true);
         let task_shared = shared.clone();
         // Two task shapes, so a plain connection does not carry the size of a TLS one.
@@ -237,7 +249,7 @@ pub(crate) async fn accept_loop(listener: TcpListener, tls: Option<TlsAcceptor>,
 
 /// Serves one connection from CONNECT to close; it leaves the lobby once its CONNECT
 /// is read.
-pub(crate) async fn serve<S>(stream: S, peer: SocketAddr, ticket: Ticket, shared: &Shared)
+pub(crate) async fn serve<S>(stream: S, peer: SocketAddr, ticket: Box<Ticket>, shared: &Shared)
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
@@ -301,7 +313,7 @@ fn flush_counters(conn: &mut Conn, router: &Router) {
 async fn handshake<S>(
     io: &mut Connection<S>,
     peer: SocketAddr,
-    ticket: Ticket,
+    ticket: Box<Ticket>,
     shared: &Shared,
 ) -> Option<Box<Conn>>
 where
@@ -435,5 +447,74 @@ where
             Event::Io(Ready::Flushed) | Event::Mail => {}
             Event::Io(Ready::Closed) => return (Close::Lost, None),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::{Read, Write};
+
+    use crate::broker::{Broker, BrokerConfig, ListenerConfig};
+
+    /// Regression: with the lobby full, a new connection closed the oldest waiting one
+    /// at once, before that one's task had run; in a burst of real clients (all with
+    /// their CONNECT already sent) on one core, clients were closed for each other.
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_burst_of_real_clients_larger_than_the_lobby_all_log_in() {
+        let broker = Broker::start(
+            BrokerConfig {
+                listeners: vec![ListenerConfig {
+                    bind: "127.0.0.1:0".parse().unwrap(),
+                    tls: None,
+                }],
+                max_pending_connections: 2,
+                ..BrokerConfig::default()
+            },
+            Vec::new(),
+        )
+        .await
+        .unwrap();
+        let addr = broker.local_addrs()[0];
+        // Blocking sockets: the broker's accept loop runs only once this test awaits,
+        // so all of them wait in the backlog with their CONNECT sent.
+        let clients: Vec<std::net::TcpStream> = (0..20u8)
+            .map(|i| {
+                let mut s = std::net::TcpStream::connect(addr).unwrap();
+                s.write_all(&[
+                    0x10,
+                    13,
+                    0,
+                    4,
+                    b'M',
+                    b'Q',
+                    b'T',
+                    b'T',
+                    4,
+                    2,
+                    0,
+                    60,
+                    0,
+                    1,
+                    b'a' + i,
+                ])
+                .unwrap();
+                s
+            })
+            .collect();
+        let acks = tokio::task::spawn_blocking(move || {
+            clients
+                .into_iter()
+                .map(|mut s| {
+                    s.set_read_timeout(Some(std::time::Duration::from_secs(10)))
+                        .unwrap();
+                    let mut ack = [0u8; 4];
+                    s.read_exact(&mut ack).map(|()| ack).ok()
+                })
+                .collect::<Vec<_>>()
+        })
+        .await
+        .unwrap();
+        assert!(acks.iter().all(|a| *a == Some([0x20, 2, 0, 0])), "{acks:?}");
+        broker.shutdown().await;
     }
 }
