@@ -45,8 +45,9 @@ pub struct BrokerConfig {
     pub max_inflight_messages: u16,
     /// Seconds a new TCP connection may take to send CONNECT. Default: 10.
     pub connect_timeout_secs: u64,
-    /// Largest CONNECT accepted, in bytes: the most a connection that has not logged in
-    /// yet can make the broker hold for it. Default: 64 KiB.
+    /// Largest CONNECT accepted, in bytes (at most `max_packet_size`): the most a
+    /// connection that has not logged in yet can make the broker hold for it.
+    /// Default: 64 KiB.
     pub max_connect_packet_size: u32,
     /// Connections that have not logged in yet (TLS handshake and CONNECT not done),
     /// served at once. When a new connection would go over this or over
@@ -176,6 +177,12 @@ impl BrokerConfig {
         }
     }
 
+    /// The CONNECT size limit in force: `max_connect_packet_size`, capped by
+    /// `max_packet_size`.
+    pub fn connect_packet_limit(&self) -> u32 {
+        self.max_connect_packet_size.min(self.max_packet_size)
+    }
+
     /// Whether clients without credentials may connect (see `allow_anonymous`).
     pub fn anonymous_allowed(&self) -> bool {
         match self.allow_anonymous {
@@ -210,12 +217,9 @@ impl BrokerConfig {
             "must be at least 1 second",
         );
         broker.check(
-            (MIN_PACKET_SIZE..=self.max_packet_size).contains(&self.max_connect_packet_size),
+            self.max_connect_packet_size >= MIN_PACKET_SIZE,
             "max_connect_packet_size",
-            format!(
-                "must be between {MIN_PACKET_SIZE} bytes and max_packet_size ({})",
-                self.max_packet_size
-            ),
+            format!("must be at least {MIN_PACKET_SIZE} bytes"),
         );
         broker.at_least("max_pending_connections", self.max_pending_connections, 1);
         broker.check(
@@ -281,7 +285,7 @@ mod tests {
             max_packet_size: 10,
             max_inflight_messages: 0,
             connect_timeout_secs: 0,
-            max_connect_packet_size: 2 << 20,
+            max_connect_packet_size: 100,
             max_pending_connections: 0,
             max_keep_alive: Some(0),
             ..BrokerConfig::default()
@@ -299,6 +303,14 @@ mod tests {
                 "broker.max_keep_alive"
             ]
         );
+    }
+
+    #[test]
+    fn a_small_max_packet_size_caps_the_connect_limit() {
+        let config: BrokerConfig = toml::from_str("max_packet_size = 4096").unwrap();
+        assert!(config.validate().is_empty());
+        assert_eq!(config.connect_packet_limit(), 4096);
+        assert_eq!(BrokerConfig::default().connect_packet_limit(), 64 * 1024);
     }
 
     #[test]

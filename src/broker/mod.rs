@@ -248,7 +248,7 @@ impl Broker {
             slots: Arc::new(Semaphore::new(config.max_connections)),
             lobby: Arc::new(server::Lobby::new(
                 config.max_pending_connections,
-                config.max_connect_packet_size as usize,
+                config.connect_packet_limit() as usize,
             )),
             cancel: cancel.clone(),
             tracker: tracker.clone(),
