@@ -30,7 +30,9 @@ pub struct BrokerConfig {
     /// SQLite file holding retained messages and persistent sessions. Default: none
     /// (nothing survives a restart).
     pub persistence_path: Option<PathBuf>,
-    /// Connections served at once; more are closed right after accept. Default: 1024.
+    /// Connections served at once. When all are taken, a new connection closes the
+    /// oldest one that has not logged in yet; with every one logged in, it is closed
+    /// right after accept. Default: 1024.
     pub max_connections: usize,
     /// Largest packet accepted from a client, in bytes (advertised to 5.0 clients).
     /// Default: 1 MiB.
