@@ -1034,6 +1034,6 @@ fn sighup_applies_removed_users_and_withdrawn_acl_grants_to_open_connections() {
     }
     assert_eq!(bob.wait_messages(1, ARRIVE), ["lab/end marker"]);
     let log = agent.log();
-    assert!(log.contains("subscription withdrawn"), "{log}");
+    assert!(log.contains("subscriptions withdrawn"), "{log}");
     assert!(log.contains("credentials withdrawn"), "{log}");
 }

@@ -496,7 +496,7 @@ impl Conn {
             filters = ?withdrawn,
             queued_messages = purged,
             will = will_dropped,
-            "subscription withdrawn: the ACL in force no longer grants it"
+            "subscriptions withdrawn: the ACL in force no longer grants them"
         );
         if !withdrawn.is_empty() {
             let unsubscribe = mqtt::Unsubscribe {
