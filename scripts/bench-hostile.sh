@@ -4,8 +4,8 @@
 # each kind; scripts/hostile_first_packets.py generates the load and reads the broker's
 # RSS from /proc:
 #
-# - 200 connections each announcing a 1 MB PUBLISH as their first packet and pushing
-#   the body as fast as the broker takes it;
+# - 200 connections each announcing a 1 MB PUBLISH as their first packet and sending
+#   all of it but the last byte as fast as the broker takes it, then waiting;
 # - the same with a 1 MB CONNECT;
 # - 200 connections each sending 60,000 bytes of a 60,001-byte CONNECT and waiting;
 # - time from a bad first byte (0x30) to the broker closing the connection;
@@ -83,19 +83,21 @@ for kind in "${kinds[@]}"; do header+=" $kind |"; rule+="---:|"; done
 echo "$header"; echo "$rule"
 for scenario in publish_first connect_oversize connect_trickle; do
     label=$(case $scenario in
-        publish_first) echo "200 × 1 MB PUBLISH as first packet: RSS before → during (closed)" ;;
-        connect_oversize) echo "200 × 1 MB CONNECT: RSS before → during (closed)" ;;
-        connect_trickle) echo "200 × 60,000 bytes of a CONNECT, waiting: RSS before → during (closed)" ;;
+        publish_first) echo "200 × 1 MB PUBLISH as first packet (all but its last byte sent)" ;;
+        connect_oversize) echo "200 × 1 MB CONNECT (all but its last byte sent)" ;;
+        connect_trickle) echo "200 × 60,000 bytes of a 60,001-byte CONNECT" ;;
     esac)
-    row="| $label |"
+    row="| $label: RSS before → during, peak (connections closed) |"
     for kind in "${kinds[@]}"; do
-        row+=" $(mib "$(field "$scenario/$kind" rss_before_kib)") → $(mib "$(field "$scenario/$kind" rss_kib)") ($(field "$scenario/$kind" closed)) |"
+        f=$scenario/$kind
+        row+=" $(mib "$(field "$f" rss_before_kib)") → $(mib "$(field "$f" rss_kib)"), $(mib "$(field "$f" peak_kib)") ($(field "$f" closed)) |"
     done
     echo "$row"
 done
-row="| bad first byte to close, p50 / p99 / max |"
+row="| bad first byte (0x30) to close: p50 / p99 / max (samples) |"
 for kind in "${kinds[@]}"; do
-    row+=" $(field "close_time/$kind" p50_us) / $(field "close_time/$kind" p99_us) / $(field "close_time/$kind" max_us) µs |"
+    f=close_time/$kind
+    row+=" $(field "$f" p50_us) / $(field "$f" p99_us) / $(field "$f" max_us) µs ($(field "$f" n)) |"
 done
 echo "$row"
 row="| 1100 idle connections, then a real client gets in after |"

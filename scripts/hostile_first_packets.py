@@ -5,30 +5,36 @@ scripts/bench-hostile.sh, once per broker, in the same run).
 Prints one `key=value` line per scenario:
 
 - `publish_first`: CONNS connections each send a PUBLISH announcing SIZE bytes as their
-  first packet, then push the whole body as fast as the broker takes it. RSS of the
-  broker before, while the connections are open, and how many the broker closed.
+  first packet, then all of it but the last byte as fast as the broker takes it, and
+  wait. RSS of the broker before, while the connections are open, its peak, and how
+  many connections the broker closed.
 - `connect_oversize`: the same with a CONNECT announcing SIZE bytes.
 - `connect_trickle`: CONNS connections each send the first 60,000 bytes of a 60,001-byte
   CONNECT and wait (the most a connection that has not logged in can make us hold).
 - `close_time`: time from sending one bad first byte (0x30) to the broker closing the
-  connection, over ROUNDS connections, one after the other.
+  connection, over ROUNDS connections one after the other (at most 15 s in all).
 - `idle_flood`: IDLE connections that never send anything, then how long a real client
   (CONNECT, CONNACK) takes to get in.
 """
 
 import argparse
+import math
 import select
 import socket
 import statistics
 import time
 
 
-def rss_kib(pid):
+def status_kib(pid, key):
     with open(f"/proc/{pid}/status") as f:
         for line in f:
-            if line.startswith("VmRSS:"):
+            if line.startswith(key + ":"):
                 return int(line.split()[1])
-    raise RuntimeError("no VmRSS")
+    raise RuntimeError(f"no {key}")
+
+
+def rss_kib(pid):
+    return status_kib(pid, "VmRSS")
 
 
 def vbi(n):
@@ -60,7 +66,8 @@ def is_closed(sock):
 
 def hostile(port, pid, conns, first, body, settle):
     """Opens `conns` connections, each sending `first` then as much of `body` as the
-    broker takes within `settle` seconds. Returns (RSS before, RSS after, closed)."""
+    broker takes within `settle` seconds, and keeps them open. Returns (RSS before,
+    RSS after, peak RSS, closed)."""
     before = rss_kib(pid)
     socks = []
     for _ in range(conns):
@@ -90,15 +97,21 @@ def hostile(port, pid, conns, first, body, settle):
         if not e[2] and is_closed(e[0]):
             e[2] = True
     after = rss_kib(pid)
+    peak = status_kib(pid, "VmHWM")
     closed = sum(1 for e in socks if e[2])
     for e in socks:
         e[0].close()
-    return before, after, closed
+    return before, after, peak, closed
 
 
-def close_time(port, rounds):
+def close_time(port, rounds, budget=15.0):
+    """Closing times of one bad first byte, one connection after the other, for
+    `rounds` connections or `budget` seconds, whichever ends first."""
     times = []
+    end = time.monotonic() + budget
     for _ in range(rounds):
+        if time.monotonic() > end:
+            break
         s = socket.create_connection(("127.0.0.1", port))
         s.settimeout(30)
         start = time.perf_counter()
@@ -110,7 +123,8 @@ def close_time(port, rounds):
         times.append((time.perf_counter() - start) * 1e6)
         s.close()
     times.sort()
-    return statistics.median(times), times[int(len(times) * 0.99) - 1], times[-1]
+    p99 = times[min(len(times), math.ceil(len(times) * 0.99)) - 1]
+    return len(times), statistics.median(times), p99, times[-1]
 
 
 def idle_flood(port, idle):
@@ -155,7 +169,8 @@ def main():
     p.add_argument("--settle", type=float, default=5.0)
     a = p.parse_args()
 
-    body = b"\x00\x01t" + b"x" * (a.size - 3)
+    # All of the announced packet but its last byte: the broker has to hold it all.
+    body = b"\x00\x01t" + b"x" * (a.size - 4)
     if a.scenario in ("publish_first", "connect_oversize", "connect_trickle"):
         if a.scenario == "publish_first":
             first = b"\x30" + vbi(a.size)
@@ -165,11 +180,14 @@ def main():
             # The first 60,000 bytes of a 60,001-byte CONNECT (a client id that long).
             first = b"\x10" + vbi(60_001)
             body = (b"\x00\x04MQTT\x04\x02\x00\x3c\xea\x55" + b"x" * 60_000)[:60_000]
-        before, after, closed = hostile(a.port, a.pid, a.conns, first, body, a.settle)
-        print(f"{a.scenario} rss_before_kib={before} rss_kib={after} closed={closed}/{a.conns}")
+        before, after, peak, closed = hostile(a.port, a.pid, a.conns, first, body, a.settle)
+        print(
+            f"{a.scenario} rss_before_kib={before} rss_kib={after} peak_kib={peak} "
+            f"closed={closed}/{a.conns}"
+        )
     elif a.scenario == "close_time":
-        p50, p99, worst = close_time(a.port, a.rounds)
-        print(f"close_time p50_us={p50:.0f} p99_us={p99:.0f} max_us={worst:.0f}")
+        n, p50, p99, worst = close_time(a.port, a.rounds)
+        print(f"close_time n={n} p50_us={p50:.0f} p99_us={p99:.0f} max_us={worst:.0f}")
     else:
         opened, got_in, attempts = idle_flood(a.port, a.idle)
         got = "never" if got_in is None else f"{got_in * 1000:.0f}"

@@ -223,21 +223,22 @@ pub(crate) async fn accept_loop(listener: TcpListener, tls: Option<TlsAcceptor>,
         // Two task shapes, so a plain connection does not carry the size of a TLS one.
         match tls.clone() {
             None => {
-                shared.tracker.spawn(async move {
-                    let _permit = permit;
-                    serve(stream, peer, ticket, &task_shared).await;
-                });
+                // Spawned as it is: a wrapping block would keep room for its arguments.
+                shared
+                    .tracker
+                    .spawn(serve(stream, peer, permit, ticket, task_shared));
             }
             Some(acceptor) => {
                 shared.tracker.spawn(async move {
-                    let _permit = permit;
                     let timeout = task_shared.router.settings.connect_timeout;
                     let handshake = tokio::select! {
                         h = tokio::time::timeout(timeout, acceptor.accept(stream)) => h,
                         () = ticket.closed.cancelled() => return,
                     };
                     match handshake {
-                        Ok(Ok(stream)) => serve(stream, peer, ticket, &task_shared).await,
+                        Ok(Ok(stream)) => {
+                            serve(stream, peer, permit, ticket, task_shared).await;
+                        }
                         Ok(Err(e)) => tracing::info!(%peer, error = %e, "TLS handshake failed"),
                         Err(_) => tracing::info!(%peer, "TLS handshake timed out"),
                     }
@@ -247,12 +248,18 @@ pub(crate) async fn accept_loop(listener: TcpListener, tls: Option<TlsAcceptor>,
     }
 }
 
-/// Serves one connection from CONNECT to close; it leaves the lobby once its CONNECT
-/// is read.
-pub(crate) async fn serve<S>(stream: S, peer: SocketAddr, ticket: Box<Ticket>, shared: &Shared)
-where
+/// Serves one connection from CONNECT to close, holding its slot of `max_connections`;
+/// it leaves the lobby once its CONNECT is read.
+pub(crate) async fn serve<S>(
+    stream: S,
+    peer: SocketAddr,
+    _slot: OwnedSemaphorePermit,
+    ticket: Box<Ticket>,
+    shared: Shared,
+) where
     S: AsyncRead + AsyncWrite + Unpin,
 {
+    let shared = &shared;
     let router = &shared.router;
     let mut io = Connection::new(stream);
     // Boxed: CONNECT handling holds large packets for a moment; the task keeps only what
