@@ -15,6 +15,7 @@
 #        PROFILE=bench scripts/bench-broker.sh  (quicker build without LTO, for iterating)
 set -euo pipefail
 cd "$(dirname "$0")/.."
+. scripts/lib.sh
 
 ROUNDS=${ROUNDS:-3}
 IDLE_CONNS=${IDLE_CONNS:-1000}
@@ -36,16 +37,6 @@ cleanup() {
     rm -rf "$work"
 }
 trap cleanup EXIT
-
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
-wait_port() {
-    for _ in $(seq 100); do
-        (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0
-        sleep 0.05
-    done
-    echo "nothing listens on port $1" >&2; exit 1
-}
-rss_kib() { awk '/^VmRSS:/ {print $2}' "/proc/$1/status"; }
 
 port_m=$(free_port)
 port_f=$(free_port)

@@ -684,3 +684,212 @@ fn shutdown_delivers_what_was_queued_before_it() {
         );
     }
 }
+
+// ─── Hostile first packets, idle connection floods, reloads on open connections ─────
+
+/// A raw TCP connection to the broker that waits at most [`WAIT`] for each read.
+fn raw_connection(port: u16) -> TcpStream {
+    let raw = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    raw.set_read_timeout(Some(WAIT)).unwrap();
+    raw
+}
+
+/// Whether the broker closed `raw` (end of file, or a reset when it closed with our
+/// bytes unread) before the read timeout.
+fn closed_by_broker(raw: &mut TcpStream) -> bool {
+    let mut rest = Vec::new();
+    match raw.read_to_end(&mut rest) {
+        Ok(_) => true,
+        Err(e) => e.kind() == std::io::ErrorKind::ConnectionReset,
+    }
+}
+
+/// Regression: the first packet was buffered whole before its type was checked, so a
+/// first byte other than CONNECT's was only closed after `connect_timeout_secs` (and a
+/// PUBLISH announcing 1 MB as the first packet made the broker hold 1 MB for it).
+#[test]
+fn first_byte_other_than_connect_is_closed_at_once() {
+    let broker = TestBroker::start(BrokerConfig {
+        connect_timeout_secs: 600,
+        ..BrokerConfig::default()
+    });
+    let sub = broker.sub(&["-t", "ok", "-v"]);
+    for first in [
+        &[0x30][..],
+        // PUBLISH announcing 1,000,000 bytes, within max_packet_size.
+        &[0x30, 0xC0, 0x84, 0x3D, 0, 1, b'x'],
+        // CONNECT with reserved flags set [MQTT-2.2.2-2].
+        &[0x11, 12, 0, 4, b'M', b'Q'],
+        &[0x82, 9, 0, 1],
+        &[0xC0],
+        &[0x00],
+    ] {
+        let mut raw = raw_connection(broker.port);
+        raw.write_all(first).unwrap();
+        assert!(
+            closed_by_broker(&mut raw),
+            "first bytes {first:02x?}: still open after {WAIT:?}"
+        );
+    }
+    broker.publish(&["-t", "ok", "-m", "still fine"]);
+    assert_eq!(sub.wait_messages(1, WAIT), ["ok still fine"]);
+}
+
+/// Regression: a CONNECT was allowed up to `max_packet_size` (1 MiB), so a connection
+/// that had not logged in could make the broker buffer a megabyte.
+#[test]
+fn connect_larger_than_the_connect_limit_is_closed_from_its_header() {
+    let broker = TestBroker::start(BrokerConfig {
+        connect_timeout_secs: 600,
+        ..BrokerConfig::default()
+    });
+    let mut raw = raw_connection(broker.port);
+    // 200,000 bytes announced: under max_packet_size, over the 64 KiB CONNECT limit.
+    raw.write_all(&[0x10, 0xC0, 0x9A, 0x0C, 0, 4, b'M', b'Q', b'T', b'T'])
+        .unwrap();
+    assert!(closed_by_broker(&mut raw), "still open after {WAIT:?}");
+    // A CONNECT of ordinary size still logs in.
+    broker.publish(&["-t", "x", "-m", "m"]);
+}
+
+/// Regression: connections that never send CONNECT counted against `max_connections`
+/// like logged-in clients, so a flood of idle TCP connections locked every real client
+/// out for `connect_timeout_secs`.
+#[test]
+fn idle_connections_that_never_log_in_do_not_lock_real_clients_out() {
+    let broker = TestBroker::start(BrokerConfig {
+        max_connections: 8,
+        connect_timeout_secs: 600,
+        ..BrokerConfig::default()
+    });
+    // The broker accepts in arrival order: the client comes after the whole flood.
+    let mut flood: Vec<TcpStream> = (0..8).map(|_| raw_connection(broker.port)).collect();
+    let sub = broker.sub(&["-t", "real/#", "-v"]);
+    assert!(
+        closed_by_broker(&mut flood[0]),
+        "the oldest idle connection makes room"
+    );
+    // A second wave finds the logged-in subscriber holding its slot.
+    flood.extend((0..8).map(|_| raw_connection(broker.port)));
+    broker.publish(&["-t", "real/in", "-m", "got in"]);
+    assert_eq!(sub.wait_messages(1, WAIT), ["real/in got in"]);
+    // Slots held by logged-in clients are never taken: with every slot logged in, a new
+    // connection is refused.
+    drop(flood);
+    // Dropped flood connections still waiting to be noticed are pending too: they
+    // give way to these.
+    let _logged_in: Vec<Sub> = (0..7).map(|_| broker.sub(&["-t", "fill"])).collect();
+    let over = mosquitto_pub(broker.port, &["-t", "real/in", "-m", "over"]);
+    assert!(
+        !over.status.success(),
+        "refused when every slot is logged in"
+    );
+    assert_eq!(
+        sub.messages(),
+        ["real/in got in"],
+        "the subscriber kept its slot"
+    );
+}
+
+#[test]
+fn pending_connections_over_their_limit_close_the_oldest_first() {
+    let broker = TestBroker::start(BrokerConfig {
+        max_pending_connections: 4,
+        connect_timeout_secs: 600,
+        ..BrokerConfig::default()
+    });
+    let mut idle: Vec<TcpStream> = (0..6).map(|_| raw_connection(broker.port)).collect();
+    assert!(closed_by_broker(&mut idle[0]), "oldest closed");
+    assert!(closed_by_broker(&mut idle[1]), "second oldest closed");
+    for (i, raw) in idle.iter_mut().enumerate().skip(2) {
+        raw.set_nonblocking(true).unwrap();
+        let still_open =
+            matches!(raw.read(&mut [0u8; 1]), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock);
+        assert!(still_open, "connection {i} is among the newest four");
+    }
+    broker.publish(&["-t", "x", "-m", "a real client still gets in"]);
+}
+
+/// Regression: a user removed from the password file, or an ACL grant withdrawn, by a
+/// reload kept receiving on a connection opened before it.
+#[test]
+fn reload_disconnects_removed_users_and_withdraws_denied_subscriptions() {
+    let dir = tempfile::tempdir().unwrap();
+    let passwd = dir.path().join("passwd");
+    let acl = dir.path().join("acl");
+    let alice_line = fieldbridge::broker::passwd_line("alice", "wonderland") + "\n";
+    let bob_line = fieldbridge::broker::passwd_line("bob", "builder") + "\n";
+    std::fs::write(&passwd, alice_line.clone() + &bob_line).unwrap();
+    std::fs::write(
+        &acl,
+        "user alice\ntopic read lab/#\nuser bob\ntopic read lab/#\ntopic read sensors/#\n",
+    )
+    .unwrap();
+    let broker = TestBroker::start(BrokerConfig {
+        password_file: Some(passwd.clone()),
+        acl_file: Some(acl.clone()),
+        ..BrokerConfig::default()
+    });
+    for v in VERSIONS {
+        std::fs::write(&passwd, alice_line.clone() + &bob_line).unwrap();
+        std::fs::write(
+            &acl,
+            "user alice\ntopic read lab/#\nuser bob\ntopic read lab/#\ntopic read sensors/#\n",
+        )
+        .unwrap();
+        broker.rt.block_on(broker.handle().reload_auth()).unwrap();
+        let mut alice = broker.sub(&[
+            "-V",
+            v,
+            "-u",
+            "alice",
+            "-P",
+            "wonderland",
+            "-t",
+            "lab/#",
+            "-v",
+        ]);
+        let bob = broker.sub(&[
+            "-V",
+            v,
+            "-u",
+            "bob",
+            "-P",
+            "builder",
+            "-t",
+            "sensors/#",
+            "-t",
+            "lab/#",
+            "-v",
+        ]);
+        let subscriptions = broker.stats().subscriptions;
+
+        // bob's line stays as it was: his credentials still hold.
+        std::fs::write(&passwd, &bob_line).unwrap();
+        std::fs::write(&acl, "user bob\ntopic read lab/#\n").unwrap();
+        broker.rt.block_on(broker.handle().reload_auth()).unwrap();
+
+        // 3.1.1 has no DISCONNECT from the broker: the client reconnects and is refused.
+        alice.wait_exit(WAIT);
+        let told = match v {
+            "mqttv5" => alice
+                .messages()
+                .contains(&"Received DISCONNECT (135)".to_string()),
+            _ => alice.stderr().contains("bad user name or password"),
+        };
+        assert!(told, "{v}: {:?} {}", alice.messages(), alice.stderr());
+        // In order from one publisher: when the marker arrives, the sensor reading
+        // would have arrived before it.
+        for (topic, payload) in [("sensors/t", "withdrawn"), ("lab/end", "marker")] {
+            broker
+                .handle()
+                .publish(topic, Bytes::from(payload), QoS::AtLeastOnce, false);
+        }
+        assert_eq!(bob.wait_messages(1, WAIT), ["lab/end marker"], "{v}");
+        assert_eq!(
+            broker.stats().subscriptions,
+            subscriptions - 2,
+            "{v}: alice's and bob's sensors subscriptions left the tree"
+        );
+    }
+}

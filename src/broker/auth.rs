@@ -201,7 +201,7 @@ pub fn passwd_line(username: &str, password: &str) -> String {
     )
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 enum Hash {
     Pbkdf2 {
         iterations: u32,
@@ -299,7 +299,7 @@ impl PasswordFile {
         })
     }
 
-    fn parse(text: &str) -> Result<PasswordFile, (usize, String)> {
+    pub(crate) fn parse(text: &str) -> Result<PasswordFile, (usize, String)> {
         let mut users = HashMap::new();
         for (n, line) in text.lines().enumerate() {
             let line = line.trim_end_matches('\r');
@@ -592,6 +592,23 @@ impl Policy {
         }
     }
 
+    /// Whether credentials that `before` admitted still hold under this policy, for a
+    /// client already connected. The password is not kept after CONNECT, so a user
+    /// checked against a password file holds only while the file has the very same
+    /// line for them: a removed user or a changed password does not.
+    pub fn readmits(&self, before: &Policy, username: Option<&str>) -> bool {
+        match (username, &before.passwords, &self.passwords) {
+            (Some(user), Some(old), Some(new)) => {
+                let line = old.users.get(user);
+                line.is_some() && line == new.users.get(user)
+            }
+            // Admitted without a password check, and there is a file to check against
+            // now.
+            (Some(_), None, Some(_)) => false,
+            (None, _, _) | (Some(_), _, None) => self.anonymous_allowed,
+        }
+    }
+
     /// Whether publishing needs a check at all (saves work on every PUBLISH).
     pub fn restricts_publish(&self) -> bool {
         self.acl.is_some() || !self.protected.is_empty()
@@ -768,6 +785,39 @@ pattern read users/%u/#
             ..policy
         };
         assert!(granted.can_publish(anon, "fieldbridge/gw1/temp"));
+    }
+
+    #[test]
+    fn a_reload_readmits_only_unchanged_password_lines() {
+        let bob = passwd_line("bob", "builder");
+        let with = |lines: &str| Policy {
+            passwords: Some(PasswordFile::parse(lines).unwrap()),
+            ..Policy::default()
+        };
+        let before = with(&format!("{MOSQUITTO_LINE}\n{bob}\n"));
+        let after = with(&bob);
+        assert!(after.readmits(&before, Some("bob")));
+        assert!(!after.readmits(&before, Some("alice")), "removed");
+        assert!(
+            !with(&passwd_line("bob", "builder")).readmits(&before, Some("bob")),
+            "new line"
+        );
+        assert!(
+            !after.readmits(&before, None),
+            "anonymous is still not allowed"
+        );
+        let open = Policy {
+            anonymous_allowed: true,
+            ..Policy::default()
+        };
+        assert!(
+            !after.readmits(&open, Some("bob")),
+            "now checked against a file"
+        );
+        assert!(
+            open.readmits(&before, Some("bob")),
+            "no file: anonymous with a name"
+        );
     }
 
     #[test]

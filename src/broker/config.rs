@@ -30,7 +30,9 @@ pub struct BrokerConfig {
     /// SQLite file holding retained messages and persistent sessions. Default: none
     /// (nothing survives a restart).
     pub persistence_path: Option<PathBuf>,
-    /// Connections served at once; more are closed right after accept. Default: 1024.
+    /// Connections served at once. When all are taken, a new connection closes the
+    /// oldest one that has not logged in yet; with every one logged in, it is closed
+    /// right after accept. Default: 1024.
     pub max_connections: usize,
     /// Largest packet accepted from a client, in bytes (advertised to 5.0 clients).
     /// Default: 1 MiB.
@@ -45,6 +47,15 @@ pub struct BrokerConfig {
     pub max_inflight_messages: u16,
     /// Seconds a new TCP connection may take to send CONNECT. Default: 10.
     pub connect_timeout_secs: u64,
+    /// Largest CONNECT accepted, in bytes (at most `max_packet_size`): the most a
+    /// connection that has not logged in yet can make the broker hold for it.
+    /// Default: 64 KiB.
+    pub max_connect_packet_size: u32,
+    /// Connections that have not logged in yet (TLS handshake and CONNECT not done),
+    /// served at once. When a new connection would go over this or over
+    /// `max_connections`, the oldest connection that has not logged in is closed to
+    /// make room, so idle connections cannot lock clients out. Default: 64.
+    pub max_pending_connections: usize,
     /// Largest keepalive granted, in seconds. A 5.0 client asking for more (or for none)
     /// is told this value; a 3.1.1 client asking for more is refused. Default: unset.
     pub max_keep_alive: Option<u16>,
@@ -139,6 +150,8 @@ impl Default for BrokerConfig {
             max_queued_bytes: 1024 * 1024,
             max_inflight_messages: 20,
             connect_timeout_secs: 10,
+            max_connect_packet_size: 64 * 1024,
+            max_pending_connections: 64,
             max_keep_alive: None,
             sys_interval_secs: 10,
             persistent_session_expiry_secs: None,
@@ -203,6 +216,12 @@ impl BrokerConfig {
         }
     }
 
+    /// The CONNECT size limit in force: `max_connect_packet_size`, capped by
+    /// `max_packet_size`.
+    pub fn connect_packet_limit(&self) -> u32 {
+        self.max_connect_packet_size.min(self.max_packet_size)
+    }
+
     /// Whether clients without credentials may connect (see `allow_anonymous`).
     pub fn anonymous_allowed(&self) -> bool {
         match self.allow_anonymous {
@@ -236,6 +255,12 @@ impl BrokerConfig {
             "connect_timeout_secs",
             "must be at least 1 second",
         );
+        broker.check(
+            self.max_connect_packet_size >= MIN_PACKET_SIZE,
+            "max_connect_packet_size",
+            format!("must be at least {MIN_PACKET_SIZE} bytes"),
+        );
+        broker.at_least("max_pending_connections", self.max_pending_connections, 1);
         broker.check(
             self.max_keep_alive != Some(0),
             "max_keep_alive",
@@ -299,6 +324,8 @@ mod tests {
             max_packet_size: 10,
             max_inflight_messages: 0,
             connect_timeout_secs: 0,
+            max_connect_packet_size: 100,
+            max_pending_connections: 0,
             max_keep_alive: Some(0),
             ..BrokerConfig::default()
         };
@@ -310,6 +337,8 @@ mod tests {
                 "broker.max_packet_size",
                 "broker.max_inflight_messages",
                 "broker.connect_timeout_secs",
+                "broker.max_connect_packet_size",
+                "broker.max_pending_connections",
                 "broker.max_keep_alive"
             ]
         );
@@ -337,6 +366,14 @@ mod tests {
             .to_string();
         assert!(err.contains("\"localhost:PORT\""), "{err}");
         assert!(toml::from_str::<BrokerConfig>("[[listeners]]\nbind = 70000\n").is_err());
+    }
+
+    #[test]
+    fn a_small_max_packet_size_caps_the_connect_limit() {
+        let config: BrokerConfig = toml::from_str("max_packet_size = 4096").unwrap();
+        assert!(config.validate().is_empty());
+        assert_eq!(config.connect_packet_limit(), 4096);
+        assert_eq!(BrokerConfig::default().connect_packet_limit(), 64 * 1024);
     }
 
     #[test]

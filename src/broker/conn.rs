@@ -13,8 +13,12 @@
 //! - On resume, unacknowledged messages go out first, in their original order, with
 //!   DUP set (and PUBREL for those already received).
 //! - A message larger than the client's 5.0 maximum packet size is dropped, counted.
-//! - Access is checked against the current policy; a reload is picked up at the next
-//!   packet.
+//! - Access is checked against the policy in force. A reload wakes every connection,
+//!   which applies it before anything else it does: a client whose credentials the
+//!   new policy does not readmit is disconnected (its will discarded); subscriptions
+//!   the new ACL does not grant are dropped, with the queued messages it no longer lets
+//!   the client read, and a will it no longer lets the client publish. A resumed
+//!   session is held to the policy in force the same way.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -45,6 +49,8 @@ pub(crate) enum Close {
     Kicked(Kick),
     /// Nothing received within 1.5 times the keepalive.
     KeepAliveTimeout,
+    /// A reload withdrew the client's credentials: the will is discarded.
+    Revoked,
     /// The network connection failed or the client closed it.
     Lost,
 }
@@ -59,6 +65,7 @@ impl Close {
             Close::KeepAliveTimeout | Close::Kicked(Kick::KeepAlive) => {
                 Some(ReasonCode::KEEP_ALIVE_TIMEOUT)
             }
+            Close::Revoked => Some(ReasonCode::NOT_AUTHORIZED),
             Close::Normal | Close::WithWill | Close::Lost => None,
         }
     }
@@ -296,7 +303,9 @@ impl Conn {
     ) -> Option<Conn> {
         let protocol = connect.protocol;
         let settings = &router.settings;
-        let (policy, policy_generation) = router.policy();
+        // The generation first: the policy read after it is at least as new.
+        let policy_generation = router.policy_generation();
+        let (policy, _) = router.policy();
         let mut properties = Properties::default();
         let keep_alive = match admit(&mut connect, settings, &policy, peer, &mut properties) {
             Ok(keep_alive) => keep_alive,
@@ -320,7 +329,12 @@ impl Conn {
             "client connected"
         );
         let connack = connack(opened.present, properties, settings, protocol);
+        let resumed = opened.present;
         let mut conn = Conn::new(router, connect, opened, (policy, policy_generation));
+        if resumed {
+            // Parked sessions kept their subscriptions through any reload since.
+            conn.enforce_acl();
+        }
         conn.session.expiry = expiry;
         let keep_alive_timeout =
             (keep_alive > 0).then(|| Duration::from_millis(u64::from(keep_alive) * 1500));
@@ -412,10 +426,85 @@ impl Conn {
         }
     }
 
-    fn refresh_policy(&mut self) {
+    /// Whether a reload happened that this connection has not applied yet.
+    pub fn reload_pending(&self) -> bool {
+        self.router.policy_generation() != self.policy_generation
+    }
+
+    /// Applies a reload, if there was one since the last look: ends the connection when
+    /// the new policy does not readmit its credentials, else holds it to the new ACL.
+    fn refresh_policy(&mut self) -> Result<(), Close> {
         let generation = self.router.policy_generation();
-        if generation != self.policy_generation {
-            (self.policy, self.policy_generation) = self.router.policy();
+        if generation == self.policy_generation {
+            return Ok(());
+        }
+        let (policy, _) = self.router.policy();
+        if !policy.readmits(&self.policy, self.username.as_deref()) {
+            tracing::info!(
+                client_id = %self.client_id(),
+                username = self.username.as_deref().unwrap_or(""),
+                "credentials withdrawn by a reload; disconnecting"
+            );
+            return Err(Close::Revoked);
+        }
+        (self.policy, self.policy_generation) = (policy, generation);
+        self.enforce_acl();
+        Ok(())
+    }
+
+    /// Drops what the ACL in force does not grant: subscriptions, queued messages the
+    /// client may not read, a will it may not publish. One log line per client.
+    fn enforce_acl(&mut self) {
+        if self.policy.acl.is_none() {
+            // Without an ACL every topic is readable, and the will was checked against
+            // the protected trees, which a reload does not change.
+            return;
+        }
+        let policy = self.policy.clone();
+        let client_id = self.session.client_id().clone();
+        let who = Identity {
+            client_id: &client_id,
+            username: self.username.as_deref(),
+        };
+        let withdrawn: Vec<String> = self
+            .session
+            .subscriptions
+            .iter()
+            .filter(|(filter, _)| {
+                super::router::split_shared(filter)
+                    .is_some_and(|(_, filter)| !policy.can_subscribe(who, filter))
+            })
+            .map(|(filter, _)| filter.to_string())
+            .collect();
+        let purged = self
+            .session
+            .mailbox
+            .lock()
+            .retain(|d| policy.can_subscribe(who, &d.msg.topic));
+        let will_dropped = self
+            .will
+            .as_ref()
+            .is_some_and(|w| policy.restricts_publish() && !policy.can_publish(who, &w.topic));
+        if will_dropped {
+            self.will = None;
+        }
+        if withdrawn.is_empty() && purged == 0 && !will_dropped {
+            return;
+        }
+        tracing::info!(
+            client_id = %client_id,
+            filters = ?withdrawn,
+            queued_messages = purged,
+            will = will_dropped,
+            "subscriptions withdrawn: the ACL in force no longer grants them"
+        );
+        if !withdrawn.is_empty() {
+            let unsubscribe = mqtt::Unsubscribe {
+                pkid: 0,
+                filters: withdrawn,
+                properties: Properties::default(),
+            };
+            self.router.unsubscribe(&mut self.session, &unsubscribe);
         }
     }
 
@@ -477,7 +566,7 @@ impl Conn {
                 write(&Packet::PubComp(comp), self.protocol, out)
             }
             Packet::Subscribe(sub) => {
-                self.refresh_policy();
+                self.refresh_policy()?;
                 let sub_id = sub
                     .properties
                     .subscription_identifiers
@@ -575,7 +664,7 @@ impl Conn {
                 return Err(Close::Protocol(ReasonCode::RECEIVE_MAXIMUM_EXCEEDED));
             }
         }
-        self.refresh_policy();
+        self.refresh_policy()?;
         let allowed =
             !self.policy.restricts_publish() || self.policy.can_publish(self.who(), &p.topic);
         let mut reason = ReasonCode::SUCCESS;
@@ -622,18 +711,21 @@ impl Conn {
     }
 
     /// Appends queued messages to `out` while the inflight window has room and `out` is
-    /// shorter than `budget`. An error when the broker wants this connection gone; at a
-    /// broker shutdown what is already queued is appended first, so a status published
-    /// just before the shutdown still reaches the connected clients.
+    /// shorter than `budget`, after applying a reload. An error when the broker wants
+    /// this connection gone; at a broker shutdown what is already queued is appended
+    /// first, so a status published just before the shutdown still reaches the
+    /// connected clients.
     pub fn drain(&mut self, out: &mut BytesMut, budget: usize) -> Result<(), Close> {
         let mailbox = self.session.mailbox.clone();
-        let mut queue = mailbox.lock();
-        let shutdown = match queue.kick() {
+        let kick = mailbox.lock().kick();
+        let shutdown = match kick {
             Some(Kick::KeepAlive) => return Err(Close::KeepAliveTimeout),
             Some(Kick::Shutdown) => true,
             Some(kick) => return Err(Close::Kicked(kick)),
             None => false,
         };
+        self.refresh_policy()?;
+        let mut queue = mailbox.lock();
         let now = Instant::now();
         let mut expired = 0;
         while out.len() < budget {
@@ -718,6 +810,7 @@ impl Conn {
                     (Close::KeepAliveTimeout | Close::Kicked(Kick::KeepAlive), _) => {
                         "nothing received within 1.5 times the keepalive"
                     }
+                    (Close::Revoked, _) => "credentials withdrawn by a reload",
                     _ => "protocol error",
                 };
                 // Allowed on DISCONNECT whatever the client asked for.
@@ -738,8 +831,9 @@ impl Conn {
     pub fn close(mut self, why: Close) {
         let will = match why {
             // The client said goodbye, or the broker itself is going away: a will is
-            // for a client that vanished.
-            Close::Normal | Close::Kicked(Kick::Shutdown) => None,
+            // for a client that vanished. A client whose credentials were withdrawn no
+            // longer publishes anything.
+            Close::Normal | Close::Kicked(Kick::Shutdown) | Close::Revoked => None,
             _ => self.will.take(),
         };
         let will = will.map(|w| {

@@ -9,23 +9,30 @@
 //!   bytes that arrived.
 //! - Packets are decoded with [`mqtt::decode`]: the fixed header is checked against the
 //!   maximum packet size before the body is buffered; "need more bytes" is `Ok(None)`.
+//! - The first packet must be CONNECT [MQTT-3.1.0-1]: its first byte is checked as soon
+//!   as it arrives, before any packet is decoded or buffer reserved, and its size is
+//!   held to the CONNECT limit, far below the maximum packet size. A connection that
+//!   has not logged in costs at most the first read and that limit.
 //! - Buffered packets are not decoded while more than [`READ_PAUSE`] bytes wait to be
 //!   written (the client does not read its acknowledgements), and nothing more is read
 //!   then either, so a flooding client is held back by TCP.
 //! - One value owns both directions; there is no split reader and writer, so the socket
 //!   task polls reading and writing from one place.
 
+use std::future::poll_fn;
 use std::io;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 
 use bytes::{Buf, BytesMut};
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 
 use crate::mqtt::{self, Packet, Protocol};
 
 /// Reading stops while this much waits to be written.
 const READ_PAUSE: usize = 256 * 1024;
+/// The first byte of every valid CONNECT: packet type 1, no flags [MQTT-2.2.2-2].
+const CONNECT_BYTE: u8 = 0x10;
 /// Size of a read into a connection without a buffer.
 const FIRST_READ: usize = 2048;
 /// Reads at least this large keep the buffer for the next one.
@@ -38,6 +45,9 @@ pub(crate) enum ReadError {
     Io(#[source] io::Error),
     #[error("{0}")]
     Malformed(#[source] mqtt::Error),
+    /// The first packet is not CONNECT: the byte that showed it.
+    #[error("first packet is not CONNECT (first byte 0x{0:02x})")]
+    NotConnect(u8),
 }
 
 /// What [`Connection::poll_io`] got done.
@@ -73,23 +83,31 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
         }
     }
 
-    /// Reads until a whole packet is buffered and decodes it. `Ok(None)` when the client
+    /// Reads the first packet, which must be a CONNECT of at most `max_connect` bytes.
+    /// The first byte is checked as soon as it arrives. `Ok(None)` when the client
     /// closed the connection first.
     ///
     /// # Errors
-    /// When reading fails or the bytes are not a valid packet.
-    pub async fn read_packet(
+    /// When reading fails, the first byte is not CONNECT's (0x10), or the bytes are not
+    /// a valid CONNECT within the limit.
+    pub async fn read_connect(
         &mut self,
-        protocol: Protocol,
-        max_packet_size: usize,
-    ) -> Result<Option<Packet>, ReadError> {
+        max_connect: usize,
+    ) -> Result<Option<mqtt::Connect>, ReadError> {
         loop {
-            let decoded = mqtt::decode(&mut self.rbuf, protocol, max_packet_size);
-            if let Some(packet) = decoded.map_err(ReadError::Malformed)? {
-                return Ok(Some(packet));
+            if let Some(&first) = self.rbuf.first() {
+                if first != CONNECT_BYTE {
+                    return Err(ReadError::NotConnect(first));
+                }
+                let decoded = mqtt::decode(&mut self.rbuf, Protocol::V311, max_connect);
+                match decoded.map_err(ReadError::Malformed)? {
+                    Some(Packet::Connect(connect)) => return Ok(Some(connect)),
+                    Some(_) => return Err(ReadError::NotConnect(first)),
+                    None => {}
+                }
             }
-            self.rbuf.reserve(FIRST_READ);
-            match self.stream.read_buf(&mut self.rbuf).await {
+            let read = poll_fn(|cx| poll_read(Pin::new(&mut self.stream), cx, &mut self.rbuf));
+            match read.await {
                 Ok(0) => return Ok(None),
                 Ok(_) => {}
                 Err(e) => return Err(ReadError::Io(e)),
@@ -216,5 +234,68 @@ fn poll_read<S: AsyncRead>(
             Poll::Ready(Ok(n))
         }
         other => other.map(|r| r.map(|()| 0)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::AsyncWriteExt;
+
+    /// The broker's side of a connection whose client wrote `bytes` and then went
+    /// quiet (kept open).
+    async fn fed(bytes: &[u8]) -> (Connection<tokio::io::DuplexStream>, tokio::io::DuplexStream) {
+        let (broker, mut client) = tokio::io::duplex(4 << 20);
+        client.write_all(bytes).await.unwrap();
+        (Connection::new(broker), client)
+    }
+
+    /// Regression: the first packet was decoded with the maximum packet size, so a
+    /// PUBLISH announcing 1 MB as the first packet had 1 MB reserved for it before its
+    /// type was looked at.
+    #[tokio::test]
+    async fn a_first_byte_other_than_connect_is_refused_before_anything_is_buffered() {
+        let mut announced = vec![0x30, 0xC0, 0x84, 0x3D];
+        announced.extend(std::iter::repeat(b'x').take(100_000));
+        let (mut io, _client) = fed(&announced).await;
+        let read = io.read_connect(64 * 1024).await;
+        assert!(matches!(read, Err(ReadError::NotConnect(0x30))), "{read:?}");
+        // What one read brought, not the megabyte announced.
+        assert!(
+            io.rbuf.capacity() <= 5 * FIRST_READ,
+            "{}",
+            io.rbuf.capacity()
+        );
+    }
+
+    #[tokio::test]
+    async fn a_connect_over_the_connect_limit_is_refused_from_its_header() {
+        let (mut io, _client) = fed(&[0x10, 0xC0, 0x9A, 0x0C, 0, 4]).await;
+        let read = io.read_connect(64 * 1024).await;
+        assert!(
+            matches!(
+                read,
+                Err(ReadError::Malformed(mqtt::Error::PacketTooLarge { .. }))
+            ),
+            "{read:?}"
+        );
+        assert!(io.rbuf.capacity() <= FIRST_READ, "{}", io.rbuf.capacity());
+    }
+
+    #[tokio::test]
+    async fn a_connect_in_pieces_is_read_whole() {
+        let connect = [0x10, 12, 0, 4, b'M', b'Q', b'T', b'T', 4, 2, 0, 60, 0, 0];
+        let (broker, mut client) = tokio::io::duplex(1024);
+        let mut io = Connection::new(broker);
+        let writer = tokio::spawn(async move {
+            for byte in connect {
+                client.write_all(&[byte]).await.unwrap();
+                tokio::task::yield_now().await;
+            }
+            client
+        });
+        let read = io.read_connect(64 * 1024).await;
+        assert!(matches!(read, Ok(Some(_))), "{read:?}");
+        drop(writer.await);
     }
 }

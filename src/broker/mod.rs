@@ -247,6 +247,10 @@ impl Broker {
         let shared = server::Shared {
             router: router.clone(),
             slots: Arc::new(Semaphore::new(config.max_connections)),
+            lobby: Arc::new(server::Lobby::new(
+                config.max_pending_connections,
+                config.connect_packet_limit() as usize,
+            )),
             cancel: cancel.clone(),
             tracker: tracker.clone(),
         };
@@ -314,7 +318,10 @@ impl BrokerHandle {
         });
     }
 
-    /// Re-reads the password and ACL files (SIGHUP). On error the old ones stay in force.
+    /// Re-reads the password and ACL files (SIGHUP) and applies them to open
+    /// connections too: a client whose credentials the new files withdrew is
+    /// disconnected, subscriptions the new ACL no longer grants are dropped (see
+    /// `conn.rs`). On error the old ones stay in force.
     ///
     /// # Errors
     /// When a file cannot be read or parsed.

@@ -366,6 +366,15 @@ impl Registry {
         }
     }
 
+    /// Wakes every connection (a reload for them to apply).
+    pub fn wake_all(&self) {
+        for slot in self.sessions().values() {
+            if slot.parked.is_none() {
+                slot.mailbox.wake();
+            }
+        }
+    }
+
     /// Calls `f` with every parked persistent session (persistence snapshot on
     /// shutdown).
     pub fn for_each_parked(&self, mut f: impl FnMut(&Session)) {

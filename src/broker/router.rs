@@ -176,9 +176,11 @@ impl Router {
         self.policy_generation.load(Ordering::Acquire)
     }
 
+    /// Puts `policy` in force and wakes every connection to apply it.
     pub fn set_policy(&self, policy: Policy) {
         *write(&self.policy) = Arc::new(policy);
         self.policy_generation.fetch_add(1, Ordering::AcqRel);
+        self.registry.wake_all();
     }
 
     /// Routes `msg` to every matching subscriber and stores it if retained. Returns the

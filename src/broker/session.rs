@@ -152,6 +152,20 @@ impl Queue {
     pub fn clear_kick(&mut self) {
         self.kick = None;
     }
+
+    /// Keeps the deliveries `keep` accepts, in order; returns how many were dropped.
+    pub fn retain(&mut self, mut keep: impl FnMut(&Delivery) -> bool) -> usize {
+        let (before, mut bytes) = (self.items.len(), self.bytes);
+        self.items.retain(|d| {
+            let kept = keep(d);
+            if !kept {
+                bytes -= d.msg.size();
+            }
+            kept
+        });
+        self.bytes = bytes;
+        before - self.items.len()
+    }
 }
 
 /// The queue of messages for one session, shared by publishers and its connection.
@@ -219,6 +233,14 @@ impl Mailbox {
             q.kick = Some(why);
             q.waker.take()
         };
+        if let Some(waker) = waker {
+            waker.wake();
+        }
+    }
+
+    /// Wakes the connection task without a kick (to re-check a reloaded access policy).
+    pub fn wake(&self) {
+        let waker = self.lock().waker.take();
         if let Some(waker) = waker {
             waker.wake();
         }

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 
-use super::auth::{Acl, Policy};
+use super::auth::{passwd_line, Acl, Policy};
 use super::config::BrokerConfig;
 use super::conn::{Close, Conn};
 use super::router::{Router, Settings};
@@ -958,4 +958,121 @@ fn tls_error_keeps_the_io_error_as_source() {
     let tls_error = err.source().expect("the TLS error is the source");
     let io = tls_error.source().expect("the I/O error is kept");
     assert!(io.downcast_ref::<std::io::Error>().is_some());
+}
+
+/// A waker that remembers being woken.
+#[derive(Default)]
+struct Woken(std::sync::atomic::AtomicBool);
+
+impl std::task::Wake for Woken {
+    fn wake(self: Arc<Self>) {
+        self.0.store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+fn acl_policy(rules: &str) -> Policy {
+    Policy {
+        anonymous_allowed: true,
+        acl: Some(Acl::parse(rules).unwrap()),
+        ..Policy::default()
+    }
+}
+
+/// Regression: an ACL grant withdrawn by a reload kept delivering to a connection
+/// subscribed before it.
+#[tokio::test]
+async fn a_reload_withdraws_subscriptions_and_queued_messages_the_acl_no_longer_grants() {
+    let rules = "topic readwrite sensors/#\ntopic readwrite lab/#\n";
+    let router = router_with(BrokerConfig::default(), acl_policy(rules));
+    let mut sub = connect(&router, Protocol::V5, "reader").await;
+    sub.subscribe("sensors/#", QoS::AtLeastOnce);
+    sub.subscribe("lab/#", QoS::AtLeastOnce);
+    let mut publisher = connect(&router, Protocol::V5, "writer").await;
+    publisher.publish("sensors/queued", b"queued before", QoS::AtLeastOnce, 1);
+    assert_eq!(router.stats().subscriptions, 2);
+
+    let woken = Arc::new(Woken::default());
+    let waker = std::task::Waker::from(woken.clone());
+    let mut cx = std::task::Context::from_waker(&waker);
+    assert!(sub
+        .conn()
+        .mailbox()
+        .poll_ready(&mut cx, true, false)
+        .is_pending());
+    router.set_policy(acl_policy("topic readwrite lab/#\n"));
+    assert!(
+        woken.0.load(std::sync::atomic::Ordering::SeqCst),
+        "the reload wakes the connection"
+    );
+    publisher.publish("lab/x", b"still granted", QoS::AtLeastOnce, 2);
+    assert_eq!(payloads(&sub.recv()), [b"still granted"]);
+    assert_eq!(router.stats().subscriptions, 1, "sensors/# left the tree");
+    publisher.publish("sensors/after", b"after", QoS::AtLeastOnce, 3);
+    assert!(sub.recv().is_empty());
+}
+
+/// A parked session picks up a reload when it comes back.
+#[tokio::test]
+async fn a_resumed_session_is_checked_against_the_acl_in_force() {
+    let rules = "topic readwrite sensors/#\ntopic readwrite lab/#\n";
+    let router = router_with(BrokerConfig::default(), acl_policy(rules));
+    let mut c = connect_packet(Protocol::V311, "keeper");
+    c.clean_start = false;
+    let (mut sub, _) = open(&router, c.clone()).await;
+    sub.subscribe("sensors/#", QoS::AtLeastOnce);
+    sub.subscribe("lab/#", QoS::AtLeastOnce);
+    sub.close(Close::Lost);
+    let mut publisher = connect(&router, Protocol::V311, "writer").await;
+    publisher.publish("sensors/a", b"queued offline", QoS::AtLeastOnce, 1);
+    publisher.publish("lab/a", b"lab offline", QoS::AtLeastOnce, 2);
+
+    router.set_policy(acl_policy("topic readwrite lab/#\n"));
+    let (mut sub, ack) = open(&router, c).await;
+    assert!(ack.session_present);
+    assert_eq!(payloads(&sub.recv()), [b"lab offline"]);
+    assert_eq!(router.stats().subscriptions, 1);
+}
+
+/// Regression: a user removed from the password file by a reload stayed connected.
+#[tokio::test]
+async fn a_reload_ends_connections_whose_credentials_it_withdrew() {
+    let passwords = |lines: &[&str]| Policy {
+        passwords: Some(super::auth::PasswordFile::parse(&lines.join("\n")).unwrap()),
+        ..Policy::default()
+    };
+    let (alice_line, bob_line) = (passwd_line("alice", "a"), passwd_line("bob", "b"));
+    let router = router_with(
+        BrokerConfig::default(),
+        passwords(&[&alice_line, &bob_line]),
+    );
+    let login = |protocol, user: &str, password: &str| {
+        let mut c = connect_packet(protocol, user);
+        c.username = Some(user.into());
+        c.password = Some(Bytes::copy_from_slice(password.as_bytes()));
+        c
+    };
+    let (mut alice, ack) = open(&router, login(Protocol::V5, "alice", "a")).await;
+    assert_eq!(ack.code, ReasonCode::SUCCESS);
+    let (mut bob, _) = open(&router, login(Protocol::V311, "bob", "b")).await;
+
+    // bob's line is unchanged, alice's is gone.
+    router.set_policy(passwords(&[&bob_line]));
+    let mut out = BytesMut::new();
+    assert_eq!(
+        alice.conn().drain(&mut out, usize::MAX),
+        Err(Close::Revoked)
+    );
+    alice.conn().goodbye(Close::Revoked, None, &mut out);
+    alice.out = out;
+    assert!(
+        matches!(&alice.decode()[..], [Packet::Disconnect(d)] if d.reason == ReasonCode::NOT_AUTHORIZED),
+        "a 5.0 client is told"
+    );
+    alice.close(Close::Revoked);
+    assert!(bob.recv().is_empty(), "bob stays connected");
+
+    // A changed password ends the connection too.
+    router.set_policy(passwords(&[&passwd_line("bob", "b2")]));
+    let mut out = BytesMut::new();
+    assert_eq!(bob.conn().drain(&mut out, usize::MAX), Err(Close::Revoked));
 }
