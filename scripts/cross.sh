@@ -122,7 +122,7 @@ declare -A triple=(
 declare -A label=([v6]="ARMv6 (static musl)" [v7]="ARMv7 (glibc)" [a64]="AArch64 (glibc)"
     [x64]="x86_64 (native)")
 declare -A bin=(
-    [v6]=target/arm-unknown-linux-musleabihf/release/fieldbridge
+    [v6]=target/cross/armv6/arm-unknown-linux-musleabihf/release/fieldbridge
     [v7]=target/armv7-unknown-linux-gnueabihf/release/fieldbridge
     [a64]=target/aarch64-unknown-linux-gnu/release/fieldbridge
     [x64]=target/release/fieldbridge)
@@ -131,20 +131,25 @@ declare -A runner=([v6]="qemu-arm-static -cpu arm1176"
     [v7]="qemu-arm-static -cpu cortex-a7 -L /usr/arm-linux-gnueabihf"
     [a64]="qemu-aarch64-static -cpu cortex-a53 -L /usr/aarch64-linux-gnu" [x64]="")
 declare -A cpu=([v6]=arm1176 [v7]=cortex-a7 [a64]=cortex-a53 [x64]=host)
-declare -A build_secs
+declare -A build_secs build_cpu
 
 build() { # NAME COMMAND...
-    local name=$1 t0
+    local name=$1 times
     shift
     step "build ${label[$name]}: $*"
-    t0=$(date +%s)
-    nice -n 10 "$@" >"$logs/build-$name.log" 2>&1 || { tail -30 "$logs/build-$name.log"; fail "build $name"; }
-    build_secs[$name]=$(($(date +%s) - t0))
-    echo "${bin[$name]}: $(stat -c %s "${bin[$name]}") bytes, ${build_secs[$name]} s"
+    times="$work/time-$name"
+    /usr/bin/time -f '%e %U %S' -o "$times" nice -n 10 "$@" >"$logs/build-$name.log" 2>&1 ||
+        { tail -30 "$logs/build-$name.log"; fail "build $name"; }
+    build_secs[$name]=$(awk '{printf "%d", $1}' "$times")
+    build_cpu[$name]=$(awk '{printf "%d", $2 + $3}' "$times")
+    echo "${bin[$name]}: $(stat -c %s "${bin[$name]}") bytes; ${build_secs[$name]} s, ${build_cpu[$name]} CPU s"
 }
 # link-self-contained=no: rustc would pass the crt1.o of the prebuilt musl target, which
-# does not exist for a standard library built from source; Zig supplies its own.
-CARGO_TARGET_ARM_UNKNOWN_LINUX_MUSLEABIHF_RUSTFLAGS="-C link-self-contained=no" \
+# does not exist for a standard library built from source; Zig supplies its own. Its own
+# target directory: -Z build-std and RUSTC_BOOTSTRAP change the host units (proc macros,
+# build scripts) too, and sharing target/ would rebuild them for every other target.
+CARGO_TARGET_DIR=target/cross/armv6 \
+    CARGO_TARGET_ARM_UNKNOWN_LINUX_MUSLEABIHF_RUSTFLAGS="-C link-self-contained=no" \
     RUSTC_BOOTSTRAP=1 build v6 cargo zigbuild --locked --release \
     -Z build-std=std,panic_unwind --target arm-unknown-linux-musleabihf
 build v7 cargo zigbuild --locked --release --target "armv7-unknown-linux-gnueabihf.$GLIBC"
@@ -184,7 +189,7 @@ wrapper=$(ls -t "$HOME"/.cache/cargo-zigbuild/*/wrappers/*/zigcc-arm-unknown-lin
 printf 'int main(void) { return 0; }\n' >"$work/empty.c"
 zig_inputs=$(ZIG_VERBOSE_LINK=1 "$wrapper" -static "$work/empty.c" -lunwind -o "$work/empty" 2>&1 |
     tr ' ' '\n' | grep -E '^/.*\.(a|o)$' | grep -v '/empty\.o$' | sort -u)
-build_inputs=$(find target/arm-unknown-linux-musleabihf/release/build -path '*/out/*' -name '*.o')
+build_inputs=$(find target/cross/armv6/arm-unknown-linux-musleabihf/release/build -path '*/out/*' -name '*.o')
 : >"$work/attrs"
 for f in $zig_inputs $build_inputs; do
     # readelf names archive members "File: a.a(m.o)"; a plain object gets its path here.
@@ -318,13 +323,38 @@ agent_run() {
     last_rss=$(rss_kib "$agent")
     kill -TERM "$agent"
     wait "$agent" || fail "$name $run: exit $? after SIGTERM (see $logs/$name-$run.log)"
-    local polls
-    polls=$(grep -c "/press/polls {\"value\":" "$work/$name-$run.sub" || true)
+    local readings
+    readings=$(grep -c ' {"value":' "$work/$name-$run.sub" || true)
     grep -q '/press/pressure {"value":42.7' "$work/$name-$run.sub" ||
         fail "$name $run: no pressure reading upstream: $(head -3 "$work/$name-$run.sub")"
     [ "$(grep -o '/press/polls {"value":[0-9]*' "$work/$name-$run.sub" | sort -u | wc -l)" -ge 5 ] ||
         fail "$name $run: fewer than 5 distinct poll counts upstream"
-    echo "$name $run: $polls+ readings upstream, e.g. $(grep -m1 '/press/pressure' "$work/$name-$run.sub")"
+    echo "$name $run: listening after $last_ms ms; $readings readings upstream, RSS $last_rss KiB, e.g. $(grep -m1 '/press/pressure' "$work/$name-$run.sub")"
+}
+
+# demo_run NAME RUNNER KEY: `demo` serving mosquitto_sub on the host; records
+# demo_ms[KEY] (spawn to listening) and demo_rss[KEY] (KiB, after the readings).
+demo_run() {
+    local name=$1 key=$3 port agent t0 values with on=""
+    read -ra with <<<"$2"
+    [ "$key" = "$name" ] || on=" ($2)"
+    port=$(free_port)
+    t0=$(now_ms)
+    "${with[@]}" "${bin[$name]}" demo --port "$port" >"$logs/$key-demo.log" 2>&1 &
+    agent=$!
+    pids+=("$agent")
+    wait_port "$port" "$agent" || { cat "$logs/$key-demo.log"; fail "$key demo: nothing listens on $port"; }
+    demo_ms[$key]=$(($(now_ms) - t0))
+    grep -q "local MQTT broker on 127.0.0.1:$port" "$logs/$key-demo.log" || fail "$key demo: not on port $port"
+    mosquitto_sub -h 127.0.0.1 -p "$port" -t 'fieldbridge/demo/#' -v -C 10 -W 60 >"$work/$key-demo.sub" ||
+        fail "$key demo: mosquitto_sub got $(wc -l <"$work/$key-demo.sub") messages"
+    demo_rss[$key]=$(rss_kib "$agent")
+    kill -TERM "$agent"
+    wait "$agent" || fail "$key demo: exit $? after SIGTERM"
+    values=$(grep -c '{"value":' "$work/$key-demo.sub" || true)
+    [ "$values" -ge 5 ] || fail "$key demo: $values readings in $(cat "$work/$key-demo.sub")"
+    echo "demo$on: listening after ${demo_ms[$key]} ms; LAN subscriber got $values readings," \
+        "e.g. $(grep -m1 'temperature' "$work/$key-demo.sub" || head -1 "$work/$key-demo.sub"); RSS ${demo_rss[$key]} KiB"
 }
 
 for name in "${names[@]}"; do
@@ -352,24 +382,12 @@ for name in "${names[@]}"; do
     configs_ok[$name]=$n
     echo "check-config: $n of $(ls config/*.toml | wc -l) examples pass"
 
-    port=$(free_port)
-    t0=$(now_ms)
-    "${with[@]}" "$b" demo --port "$port" >"$logs/$name-demo.log" 2>&1 &
-    agent=$!
-    pids+=("$agent")
-    wait_line "$logs/$name-demo.log" 'local MQTT broker on 127.0.0.1:[0-9]+'
-    port=$(grep -oE 'local MQTT broker on 127.0.0.1:[0-9]+' "$logs/$name-demo.log" | grep -oE '[0-9]+$')
-    wait_port "$port" "$agent" || { cat "$logs/$name-demo.log"; fail "$name demo: no listener"; }
-    demo_ms[$name]=$(($(now_ms) - t0))
-    mosquitto_sub -h 127.0.0.1 -p "$port" -t 'fieldbridge/demo/#' -v -C 10 -W 60 >"$work/$name-demo.sub" ||
-        fail "$name demo: mosquitto_sub got $(wc -l <"$work/$name-demo.sub") messages"
-    demo_rss[$name]=$(rss_kib "$agent")
-    kill -TERM "$agent"
-    wait "$agent" || fail "$name demo: exit $? after SIGTERM"
-    values=$(grep -c '{"value":' "$work/$name-demo.sub" || true)
-    [ "$values" -ge 5 ] || fail "$name demo: $values readings in $(cat "$work/$name-demo.sub")"
-    echo "demo: listening after ${demo_ms[$name]} ms; LAN subscriber got $values readings," \
-        "e.g. $(grep -m1 'temperature' "$work/$name-demo.sub" || head -1 "$work/$name-demo.sub"); RSS ${demo_rss[$name]} KiB"
+    demo_run "$name" "${runner[$name]}" "$name"
+    if [ "$name" = v6 ]; then
+        # The one armhf package on the newer Pis with a 32-bit OS: Pi 2 (Cortex-A7) and
+        # an ARMv8 core in AArch32 (qemu's "max"), as Pi 3/4/5.
+        for c in cortex-a7 max; do demo_run v6 "qemu-arm-static -cpu $c" "v6-$c"; done
+    fi
 
     agent_run "$name" mqtt "mqtt://127.0.0.1:$up_port" 'protocol = "3.1.1"'
     run_ms[$name]=$last_ms
@@ -387,8 +405,13 @@ declare -A deb_arch=([v6]=armhf [a64]=arm64 [x64]=amd64)
 declare -A deb_file
 for name in v6 a64 x64; do
     args=(--no-build --no-strip --locked --output "$packages")
-    [ "$name" = x64 ] || args+=(--target "${triple[$name]}" --variant "${deb_arch[$name]}")
-    cargo deb "${args[@]}" >"$logs/deb-$name.log" 2>&1 || { cat "$logs/deb-$name.log"; fail "cargo deb $name"; }
+    [ "$name" = x64 ] || args+=(--target "${triple[$name]}")
+    # arm64: the variant states the glibc the binary was linked against.
+    [ "$name" = a64 ] && args+=(--variant arm64)
+    dir=target
+    [ "$name" = v6 ] && dir=target/cross/armv6
+    CARGO_TARGET_DIR=$dir cargo deb "${args[@]}" >"$logs/deb-$name.log" 2>&1 ||
+        { cat "$logs/deb-$name.log"; fail "cargo deb $name"; }
     deb_file[$name]=$(ls "$packages"/fieldbridge_*_"${deb_arch[$name]}".deb)
 done
 
@@ -471,12 +494,14 @@ step "report"
 {
     echo "# Cross builds of fieldbridge $version ($(date -u +%Y-%m-%d), $(rustc --version | cut -d' ' -f1-2), zig $ZIGLANG_VERSION, $(qemu-arm-static --version | head -1 | cut -d' ' -f1-3))"
     echo
-    echo "| build | target | size | glibc floor | qemu CPU | build s | --version ms | demo: listening ms | demo RSS KiB | run: listening ms | run RSS KiB | TLS run RSS KiB |"
+    echo "| build | target | size | glibc floor | qemu CPU | build s (CPU s) | --version ms | demo: listening ms | demo RSS KiB | run: listening ms | run RSS KiB | TLS run RSS KiB |"
     echo "|---|---|---|---|---|---|---|---|---|---|---|---|"
     for name in "${names[@]}"; do
         s=$(stat -c %s "${bin[$name]}")
-        echo "| ${label[$name]} | \`${triple[$name]}\` | $s B ($(mib "$s")) | ${floor[$name]} | ${cpu[$name]} | ${build_secs[$name]} | ${version_ms[$name]} | ${demo_ms[$name]} | ${demo_rss[$name]} | ${run_ms[$name]} | ${run_rss[$name]} | ${tls_rss[$name]} |"
+        echo "| ${label[$name]} | \`${triple[$name]}\` | $s B ($(mib "$s")) | ${floor[$name]} | ${cpu[$name]} | ${build_secs[$name]} (${build_cpu[$name]}) | ${version_ms[$name]} | ${demo_ms[$name]} | ${demo_rss[$name]} | ${run_ms[$name]} | ${run_rss[$name]} | ${tls_rss[$name]} |"
     done
+    echo
+    echo "The ARMv6 binary's demo on newer 32-bit cores: Cortex-A7 listening after ${demo_ms[v6-cortex-a7]} ms, RSS ${demo_rss[v6-cortex-a7]} KiB; ARMv8 AArch32 (max) ${demo_ms[v6-max]} ms, RSS ${demo_rss[v6-max]} KiB."
     echo
     echo "Each: check-config passed on ${configs_ok[v6]} example configs; demo readings reached mosquitto_sub;"
     echo "the pymodbus slave's readings reached the upstream mosquitto over MQTT 3.1.1 and over TLS + MQTT 5."
