@@ -37,9 +37,10 @@
 # (the figures), target/cross/logs/. About 20 minutes on two idle cores from a clean
 # target/; re-runs rebuild only what changed.
 #
-# Usage: scripts/cross.sh            (as root, for apt and the install check)
+# Usage: scripts/cross.sh            (as root: apt-get, and the install check's chroot)
 set -euo pipefail
 cd "$(dirname "$0")/.."
+[ "$(id -u)" -eq 0 ] || { echo "scripts/cross.sh: run as root (apt-get, chroot)" >&2; exit 1; }
 export PATH="$PATH:/usr/sbin:/sbin:$HOME/.cargo/bin"
 
 GLIBC=2.28               # Raspberry Pi OS buster; bullseye has 2.31, bookworm 2.36
@@ -259,7 +260,7 @@ cafile $work/ca.pem
 certfile $work/server.pem
 keyfile $work/server.key
 EOF
-[ "$(id -u)" -eq 0 ] && echo "user root" >>"$work/mosquitto.conf"
+echo "user root" >>"$work/mosquitto.conf"
 mosquitto -c "$work/mosquitto.conf" >"$logs/mosquitto.log" 2>&1 &
 pids+=($!)
 wait_port "$up_port" $! && wait_port "$tls_port" $! || fail "mosquitto did not start (see $logs/mosquitto.log)"
@@ -465,8 +466,8 @@ inspect() { # NAME
     grep -qE '^-rwxr-xr-x .* \./usr/bin/fieldbridge$' "$logs/deb-$name-contents.txt" || fail "$deb: no usr/bin/fieldbridge 755"
     [ "$(dpkg-deb --fsys-tarfile "$deb" | tar -xOf - ./usr/bin/fieldbridge | sha256sum | cut -d' ' -f1)" = \
         "$(sha256sum <"${bin[$name]}" | cut -d' ' -f1)" ] || fail "$deb: usr/bin/fieldbridge is not ${bin[$name]}"
-    if [ -x scripts/package-check.sh ]; then
-        scripts/package-check.sh "$deb" || fail "scripts/package-check.sh $deb"
+    if [ -f scripts/package-check.sh ]; then
+        bash scripts/package-check.sh "$deb" || fail "scripts/package-check.sh $deb"
     fi
     echo "ok: Architecture $arch, Depends $depends, maintainer scripts $(ls "$x/DEBIAN" | tr '\n' ' ')"
 }
