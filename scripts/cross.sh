@@ -8,8 +8,8 @@
 #
 # Zig (the `ziglang` Python package, driven by cargo-zigbuild) is the C compiler and linker
 # for the three ARM builds: it links against the glibc version named in the target, so the
-# floor is chosen here instead of inherited from the build machine. Rust ships no standard
-# library for the ARMv6 targets any more, so that one is built from source (`-Z
+# floor is chosen here instead of inherited from the build machine. rustup has no standard
+# library to download for the ARMv6 targets, so that one is built from source (`-Z
 # build-std`, rust-src); it is linked statically against Zig's musl, compiled for ARMv6
 # with VFPv2, so no library on the Pi can bring in an ARMv7 instruction.
 #
@@ -34,8 +34,8 @@
 #      service user and config checked, then purged.
 #
 # Output: target/cross/packages/ (three .deb files and SHA256SUMS), target/cross/report.md
-# (the figures), target/cross/logs/. About 20 minutes on two idle cores from a clean
-# target/; re-runs rebuild only what changed.
+# (the figures), target/cross/logs/. The first run took 20 minutes on two cores shared
+# with other builds; a re-run rebuilds only what changed (2 minutes with nothing to).
 #
 # Usage: scripts/cross.sh            (as root: apt-get, and the install check's chroot)
 set -euo pipefail
@@ -94,7 +94,7 @@ mib() { awk -v b="$1" 'BEGIN {printf "%.2f MiB", b / 1048576}'; }
 # ─── 1. tools ─────────────────────────────────────────────────────────────────────────
 step "install what is missing"
 apt_packages=(qemu-user-static libc6-armhf-cross libc6-arm64-cross mosquitto mosquitto-clients
-    mmdebstrap openssl binutils python3)
+    mmdebstrap openssl binutils time)
 missing=()
 for p in "${apt_packages[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
@@ -331,7 +331,7 @@ agent_run() {
         >"$work/$name-$run.sub" 2>&1 &
     sub=$!
     pids+=("$sub")
-    wait_line "$logs/mosquitto.log" " $topic"
+    wait_line "$logs/mosquitto.log" " ${topic//+/\\+}"
     t0=$(now_ms)
     "${with[@]}" "${bin[$name]}" run --config "$work/$name-$run.toml" \
         >"$logs/$name-$run.log" 2>&1 &
