@@ -1,0 +1,232 @@
+//! The LAN broker's queues across crashes, with real parts only: the `fieldbridge`
+//! binary (broker-only config, SQLite persistence file), killed with SIGKILL, and
+//! `mosquitto_sub -c` / `mosquitto_pub` as the clients.
+//!
+//! Guards issue 11, part 2: a persistent subscriber (clean session 0) offline while
+//! messages arrive lost every queued message on kill -9 of the agent (the queues were
+//! written only by the shutdown snapshot), and after a clean restart the snapshot was
+//! deleted as soon as it was loaded, so any later crash lost every queue.
+//!
+//! A test waits for the queued messages to be in the persistence file (the broker's
+//! group commit, read from the file with SQLite) before it kills the broker: that is
+//! the event "the broker has them", no sleep.
+
+mod common;
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use common::clients::{run_bounded, Sub};
+use common::util::{free_port, tool, wait_for, wait_for_port};
+
+const START: Duration = Duration::from_secs(15);
+const ARRIVE: Duration = Duration::from_secs(20);
+/// Messages queued for the offline subscriber in each test.
+const QUEUED: usize = 100;
+
+/// A `fieldbridge run` process serving only its broker, log in a file. Killed on drop.
+struct Broker {
+    child: Option<Child>,
+    config: PathBuf,
+    log: PathBuf,
+    db: PathBuf,
+    port: u16,
+}
+
+impl Broker {
+    fn start(dir: &Path, extra: &str) -> Broker {
+        let port = free_port();
+        let db = dir.join("broker.db");
+        let config = dir.join("fieldbridge.toml");
+        std::fs::write(
+            &config,
+            format!(
+                "[broker]\npersistence_path = \"{}\"\n{extra}\n[[broker.listeners]]\nbind = \"127.0.0.1:{port}\"\n",
+                db.display()
+            ),
+        )
+        .expect("write config");
+        let mut broker = Broker {
+            child: None,
+            config,
+            log: dir.join("fieldbridge.log"),
+            db,
+            port,
+        };
+        broker.launch();
+        broker
+    }
+
+    fn launch(&mut self) {
+        assert!(self.child.is_none(), "broker already running");
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)
+            .expect("open log");
+        let child = Command::new(env!("CARGO_BIN_EXE_fieldbridge"))
+            .arg("run")
+            .arg("--config")
+            .arg(&self.config)
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("spawn fieldbridge");
+        self.child = Some(child);
+        wait_for_port(self.port, START);
+    }
+
+    /// SIGKILL: no shutdown code runs.
+    fn kill9(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// SIGTERM, then waits for a clean exit.
+    fn stop(&mut self) {
+        let mut child = self.child.take().expect("broker running");
+        let status = Command::new("kill")
+            .arg("-TERM")
+            .arg(child.id().to_string())
+            .status()
+            .expect("run kill");
+        assert!(status.success());
+        let exit = wait_for("fieldbridge to exit", START, || {
+            child.try_wait().ok().flatten()
+        });
+        assert!(exit.success(), "fieldbridge exited with {exit}");
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Messages the persistence file holds for `client_id` (queued or in flight).
+    fn persisted(&self, client_id: &str) -> usize {
+        let Ok(conn) = rusqlite::Connection::open_with_flags(
+            &self.db,
+            rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY,
+        ) else {
+            return 0;
+        };
+        conn.query_row(
+            "SELECT count(*) FROM queued WHERE client_id = ?1",
+            [client_id],
+            |r| r.get::<_, i64>(0),
+        )
+        .map_or(0, |n| usize::try_from(n).unwrap_or(0))
+    }
+
+    /// Waits until the file holds `n` messages for `client_id`.
+    fn wait_persisted(&self, client_id: &str, n: usize) {
+        wait_for(
+            &format!("{n} queued messages of {client_id} in the persistence file"),
+            ARRIVE,
+            || (self.persisted(client_id) >= n).then_some(()),
+        );
+    }
+}
+
+impl Drop for Broker {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            eprintln!("fieldbridge log:\n{}", self.log());
+        }
+        self.kill9();
+    }
+}
+
+/// Opens the persistent session of `id` subscribed to `inbox/#` and leaves it offline
+/// (mosquitto_sub -E exits with a DISCONNECT once subscribed).
+fn park_subscriber(port: u16, id: &str, qos: u8) {
+    let mut sub = Sub::start(
+        port,
+        &["-c", "-i", id, "-q", &qos.to_string(), "-t", "inbox/#", "-E"],
+    );
+    sub.wait_subscribed(START);
+    assert!(sub.wait_exit(START).success(), "{}", sub.stderr());
+}
+
+/// Publishes `inbox/a` messages `m1`..`mN` at `qos`, one connection, one per line.
+fn publish_lines(port: u16, qos: u8, n: usize) -> Vec<String> {
+    let payloads: Vec<String> = (1..=n).map(|i| format!("m{i}")).collect();
+    let mut input = tempfile::NamedTempFile::new().expect("temp file");
+    writeln!(input, "{}", payloads.join("\n")).expect("write payloads");
+    let mut command = Command::new(tool("mosquitto_pub", "mosquitto-clients"));
+    command.args(["-h", "127.0.0.1", "-p", &port.to_string()]);
+    command.args(["-q", &qos.to_string(), "-t", "inbox/a", "-l"]);
+    command.stdin(std::fs::File::open(input.path()).expect("open payloads"));
+    let output = run_bounded(command);
+    assert!(
+        output.status.success(),
+        "mosquitto_pub failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    payloads
+}
+
+/// Resumes the session of `id` and collects `n` messages.
+fn resume_and_receive(port: u16, id: &str, qos: u8, n: usize) -> Vec<String> {
+    let mut sub = Sub::start(
+        port,
+        &[
+            "-c",
+            "-i",
+            id,
+            "-q",
+            &qos.to_string(),
+            "-t",
+            "inbox/#",
+            "-C",
+            &n.to_string(),
+        ],
+    );
+    let got = sub.wait_messages(n, ARRIVE);
+    assert!(sub.wait_exit(START).success(), "{}", sub.stderr());
+    got
+}
+
+fn queued_messages_survive_kill_9(qos: u8) {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let mut broker = Broker::start(dir.path(), "");
+    let id = format!("offline-q{qos}");
+    park_subscriber(broker.port, &id, qos);
+    let sent = publish_lines(broker.port, qos, QUEUED);
+    broker.wait_persisted(&id, QUEUED);
+    broker.kill9();
+    broker.launch();
+    assert_eq!(resume_and_receive(broker.port, &id, qos, QUEUED), sent);
+}
+
+#[test]
+fn queued_messages_of_an_offline_subscriber_survive_kill_9_qos1() {
+    queued_messages_survive_kill_9(1);
+}
+
+#[test]
+fn queued_messages_of_an_offline_subscriber_survive_kill_9_qos2() {
+    queued_messages_survive_kill_9(2);
+}
+
+/// The snapshot read at start-up stays in the file until its messages are delivered:
+/// a crash long after a clean restart still finds them.
+#[test]
+fn a_crash_after_a_clean_restart_keeps_the_queued_messages() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let mut broker = Broker::start(dir.path(), "");
+    let id = "offline-restarted";
+    park_subscriber(broker.port, id, 1);
+    let sent = publish_lines(broker.port, 1, QUEUED);
+    broker.stop();
+    broker.launch();
+    assert_eq!(broker.persisted(id), QUEUED, "{}", broker.log());
+    broker.kill9();
+    broker.launch();
+    assert_eq!(resume_and_receive(broker.port, id, 1, QUEUED), sent);
+}
