@@ -18,8 +18,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use common::clients::{run_bounded, Sub};
-use common::util::{free_port, tool, wait_for, wait_for_port};
+use common::clients::Sub;
+use common::util::{free_port, poll_until, tool, wait_for, wait_for_port};
 
 const START: Duration = Duration::from_secs(15);
 const ARRIVE: Duration = Duration::from_secs(20);
@@ -107,20 +107,18 @@ impl Broker {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
-    /// Messages the persistence file holds for `client_id` (queued or in flight).
+    /// Messages the persistence file holds for `client_id` (queued or in flight). A
+    /// second connection to the WAL file, as the broker's own would see it.
     fn persisted(&self, client_id: &str) -> usize {
-        let Ok(conn) = rusqlite::Connection::open_with_flags(
-            &self.db,
-            rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY,
-        ) else {
-            return 0;
-        };
-        conn.query_row(
+        let conn = rusqlite::Connection::open(&self.db).expect("open the persistence file");
+        match conn.query_row(
             "SELECT count(*) FROM queued WHERE client_id = ?1",
             [client_id],
             |r| r.get::<_, i64>(0),
-        )
-        .map_or(0, |n| usize::try_from(n).unwrap_or(0))
+        ) {
+            Ok(n) => usize::try_from(n).unwrap_or(0),
+            Err(e) => panic!("read the persistence file: {e}"),
+        }
     }
 
     /// Waits until the file holds `n` messages for `client_id`.
@@ -158,15 +156,22 @@ fn publish_lines(port: u16, qos: u8, n: usize) -> Vec<String> {
     let payloads: Vec<String> = (1..=n).map(|i| format!("m{i}")).collect();
     let mut input = tempfile::NamedTempFile::new().expect("temp file");
     writeln!(input, "{}", payloads.join("\n")).expect("write payloads");
-    let mut command = Command::new(tool("mosquitto_pub", "mosquitto-clients"));
-    command.args(["-h", "127.0.0.1", "-p", &port.to_string()]);
-    command.args(["-q", &qos.to_string(), "-t", "inbox/a", "-l"]);
-    command.stdin(std::fs::File::open(input.path()).expect("open payloads"));
-    let output = run_bounded(command);
+    // Not `run_bounded`: that one gives the client no stdin.
+    let mut child = Command::new(tool("mosquitto_pub", "mosquitto-clients"))
+        .args(["-h", "127.0.0.1", "-p", &port.to_string()])
+        .args(["-q", &qos.to_string(), "-t", "inbox/a", "-l"])
+        .stdin(std::fs::File::open(input.path()).expect("open payloads"))
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("spawn mosquitto_pub");
+    let status = poll_until(START, || child.try_wait().ok().flatten());
+    if status.is_none() {
+        let _ = child.kill();
+    }
     assert!(
-        output.status.success(),
-        "mosquitto_pub failed: {}",
-        String::from_utf8_lossy(&output.stderr)
+        status.is_some_and(|s| s.success()),
+        "mosquitto_pub -l failed or hung: {status:?}"
     );
     payloads
 }

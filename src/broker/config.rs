@@ -62,6 +62,37 @@ pub struct BrokerConfig {
     /// Retained messages stored (one per topic); a retained message for a new topic
     /// beyond this is delivered but not kept. Default: 100000.
     pub max_retained_messages: usize,
+    /// Offline persistent sessions kept; when another one goes offline, the one offline
+    /// the longest ends (its queued messages are counted as lost). Default: 10000.
+    pub max_sessions: usize,
+    /// Bytes queued for offline sessions, all of them together (topic, payload and
+    /// about 100 bytes of bookkeeping per queued copy). Messages for clients online are
+    /// not held to it but count towards it. Default: 16 MiB.
+    pub max_queued_bytes_total: usize,
+    /// What gives way at `max_queued_bytes_total`: `drop_oldest` (default; the oldest
+    /// messages queued for the session the new one is for) or `drop_newest` (the new
+    /// message). Counted either way.
+    pub queue_budget_policy: QueuePolicy,
+    /// Seconds an offline MQTT 3.1.1 persistent session (clean session 0) is kept: 3.1.1
+    /// has no session expiry of its own. Default: 259200 (3 days, a weekend with the
+    /// consumer switched off). `persistent_session_expiry_secs` caps it.
+    pub v311_session_expiry_secs: u64,
+    /// Group commit of the persistence file: at most one transaction per this many
+    /// milliseconds. A kill -9 loses the queue changes of at most this long.
+    /// Default: 100.
+    pub persistence_commit_ms: u64,
+}
+
+/// What gives way when the broker-wide queue budget is reached.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum QueuePolicy {
+    /// Keep the newest: the oldest queued messages of the offline session receiving
+    /// the new one go first.
+    #[default]
+    DropOldest,
+    /// Keep the backlog: the new message is not queued.
+    DropNewest,
 }
 
 /// One listening socket.
@@ -108,6 +139,11 @@ impl Default for BrokerConfig {
             max_topic_alias: 10,
             max_subscriptions_per_client: 10_000,
             max_retained_messages: 100_000,
+            max_sessions: 10_000,
+            max_queued_bytes_total: 16 * 1024 * 1024,
+            queue_budget_policy: QueuePolicy::DropOldest,
+            v311_session_expiry_secs: 3 * 24 * 3600,
+            persistence_commit_ms: 100,
         }
     }
 }
@@ -204,6 +240,21 @@ impl BrokerConfig {
             "max_keep_alive",
             "must be at least 1 second (leave it unset for no limit)",
         );
+        broker.at_least("max_sessions", self.max_sessions, 1);
+        broker.check(
+            self.max_queued_bytes_total >= self.max_queued_bytes,
+            "max_queued_bytes_total",
+            format!(
+                "must be at least max_queued_bytes ({}), or one offline client could not \
+                 get its own queue",
+                self.max_queued_bytes
+            ),
+        );
+        broker.check(
+            (1..=60_000).contains(&self.persistence_commit_ms),
+            "persistence_commit_ms",
+            "must be between 1 and 60000 milliseconds",
+        );
         problems.into_vec()
     }
 }
@@ -274,6 +325,25 @@ mod tests {
                 "broker.max_inflight_messages",
                 "broker.connect_timeout_secs",
                 "broker.max_keep_alive"
+            ]
+        );
+    }
+
+    #[test]
+    fn memory_bounds_are_checked_with_their_key_paths() {
+        let config: BrokerConfig = toml::from_str(
+            "max_sessions = 0\nmax_queued_bytes_total = 1000\npersistence_commit_ms = 0\n\
+             queue_budget_policy = \"drop_newest\"\n",
+        )
+        .unwrap();
+        assert_eq!(config.queue_budget_policy, QueuePolicy::DropNewest);
+        let keys: Vec<_> = config.validate().into_iter().map(|p| p.key).collect();
+        assert_eq!(
+            keys,
+            [
+                "broker.max_sessions",
+                "broker.max_queued_bytes_total",
+                "broker.persistence_commit_ms"
             ]
         );
     }

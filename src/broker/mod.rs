@@ -58,7 +58,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 pub use auth::{passwd_line, AuthError};
-pub use config::{BrokerConfig, ListenerConfig, TlsListenerConfig};
+pub use config::{BrokerConfig, ListenerConfig, QueuePolicy, TlsListenerConfig};
 pub use persist::PersistError;
 pub use router::BrokerStats;
 
@@ -201,7 +201,8 @@ impl Broker {
         let (persister, loaded) = match &config.persistence_path {
             Some(path) => {
                 let path = path.clone();
-                let (p, l) = tokio::task::spawn_blocking(move || Persister::open(&path))
+                let interval = Duration::from_millis(config.persistence_commit_ms);
+                let (p, l) = tokio::task::spawn_blocking(move || Persister::open(&path, interval))
                     .await
                     .map_err(|source| Error::Loader {
                         what: "persistence loader",
