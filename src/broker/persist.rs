@@ -449,6 +449,7 @@ impl Persister {
     }
 
     /// Blocks until everything recorded so far is committed (or a commit failed).
+    #[cfg(test)]
     pub fn flush(&self) {
         let (tx, rx) = std::sync::mpsc::channel();
         self.shared.record(|p| p.flushes.push(tx));

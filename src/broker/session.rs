@@ -146,10 +146,6 @@ impl Budget {
         self.used.load(Ordering::Relaxed)
     }
 
-    pub fn max_bytes(&self) -> usize {
-        self.max_bytes
-    }
-
     /// Messages dropped by the budget so far.
     pub fn dropped(&self) -> u64 {
         self.dropped.load(Ordering::Relaxed)
