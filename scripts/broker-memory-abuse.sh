@@ -24,6 +24,10 @@ secs="${1:-30}"
 budget_mib="${BUDGET_MIB:-64}"
 sessions="${SESSIONS:-50000}"
 subscribers="${SUBSCRIBERS:-2000}"
+# PERSIST=0: no persistence file (the queues in memory only), for comparison.
+persist="${PERSIST:-1}"
+# BROKER_KEYS: extra [broker] lines, e.g. "max_queued_bytes_total = 8388608".
+broker_keys="${BROKER_KEYS:-}"
 work="$(mktemp -d)"
 pids=()
 cleanup() {
@@ -78,8 +82,8 @@ log_level = "info"
 health_interval_secs = 30
 
 [broker]
-persistence_path = "$work/broker.db"
 sys_interval_secs = 1
+$broker_keys
 [[broker.listeners]]
 bind = "127.0.0.1:$port"
 
@@ -89,6 +93,7 @@ kind = "tcp"
 host = "127.0.0.1"
 port = $slave_port
 EOF
+[ "$persist" = 1 ] && sed -i "s|^\[broker\]|[broker]\npersistence_path = \"$work/broker.db\"|" "$work/fieldbridge.toml"
 for unit in $(seq 1 10); do
     printf '\n[[bus.device]]\nname = "dev%s"\nunit_id = %s\npoll_interval_ms = 1000\nprofile = "fifty"\n' \
         "$unit" "$unit" >>"$work/fieldbridge.toml"
@@ -132,7 +137,7 @@ echo "   live subscriber: $got readings in ${secs} s (polled: ~$((500 * secs)))"
 for t in clients/total messages/queued/bytes messages/dropped messages/dropped/budget clients/evicted; do
     echo "   \$SYS/broker/$t = $(sys_value "\$SYS/broker/$t")"
 done
-echo "   persistence file: $(du -k "$work"/broker.db* | awk '{s += $1} END {print s}') KiB"
+[ "$persist" = 1 ] && echo "   persistence file: $(du -k "$work"/broker.db* | awk '{s += $1} END {print s}') KiB"
 
 kill -9 "$agent"
 wait "$agent" 2>/dev/null || true

@@ -69,9 +69,11 @@ pub struct BrokerConfig {
     /// about 100 bytes of bookkeeping per queued copy). Messages for clients online are
     /// not held to it but count towards it. Default: 16 MiB.
     pub max_queued_bytes_total: usize,
-    /// What gives way at `max_queued_bytes_total`: `drop_oldest` (default; the oldest
-    /// messages queued for the session the new one is for) or `drop_newest` (the new
-    /// message). Counted either way.
+    /// What gives way at `max_queued_bytes_total`: `drop_newest` (default, as
+    /// mosquitto: the new message is not queued, the backlog is kept) or `drop_oldest`
+    /// (the oldest messages queued for the session the new one is for; costs a queue
+    /// change, and with a persistence file a write, per message and offline session).
+    /// Counted either way.
     pub queue_budget_policy: QueuePolicy,
     /// Seconds an offline MQTT 3.1.1 persistent session (clean session 0) is kept: 3.1.1
     /// has no session expiry of its own. Default: 259200 (3 days, a weekend with the
@@ -89,9 +91,9 @@ pub struct BrokerConfig {
 pub enum QueuePolicy {
     /// Keep the newest: the oldest queued messages of the offline session receiving
     /// the new one go first.
-    #[default]
     DropOldest,
     /// Keep the backlog: the new message is not queued.
+    #[default]
     DropNewest,
 }
 
@@ -141,7 +143,7 @@ impl Default for BrokerConfig {
             max_retained_messages: 100_000,
             max_sessions: 10_000,
             max_queued_bytes_total: 16 * 1024 * 1024,
-            queue_budget_policy: QueuePolicy::DropOldest,
+            queue_budget_policy: QueuePolicy::DropNewest,
             v311_session_expiry_secs: 3 * 24 * 3600,
             persistence_commit_ms: 100,
         }
@@ -333,10 +335,10 @@ mod tests {
     fn memory_bounds_are_checked_with_their_key_paths() {
         let config: BrokerConfig = toml::from_str(
             "max_sessions = 0\nmax_queued_bytes_total = 1000\npersistence_commit_ms = 0\n\
-             queue_budget_policy = \"drop_newest\"\n",
+             queue_budget_policy = \"drop_oldest\"\n",
         )
         .unwrap();
-        assert_eq!(config.queue_budget_policy, QueuePolicy::DropNewest);
+        assert_eq!(config.queue_budget_policy, QueuePolicy::DropOldest);
         let keys: Vec<_> = config.validate().into_iter().map(|p| p.key).collect();
         assert_eq!(
             keys,

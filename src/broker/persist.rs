@@ -41,7 +41,9 @@ use bytes::BytesMut;
 use rusqlite::{params, Connection};
 use tokio::time::Instant;
 
-use super::session::{Change, Delivery, LogSink, Message, QueueLog, Session, Slot, SubRecord};
+use super::session::{
+    Budget, Change, Delivery, LogSink, Message, QueueLog, Session, Slot, SubRecord,
+};
 use crate::mqtt::{self, Packet, Protocol, Publish, QoS, RetainHandling, SubscriptionOptions};
 
 /// The persistence file cannot be used.
@@ -112,6 +114,9 @@ struct Batch {
     /// Client ids whose rows up to this `seq` go (the session ended).
     forget: HashMap<Arc<str>, u64>,
     queued: HashMap<(Arc<str>, u64), Change>,
+    /// What the queue changes hold in the broker-wide budget, released once written.
+    held: usize,
+    budget: Option<Arc<Budget>>,
 }
 
 impl Batch {
@@ -124,8 +129,18 @@ impl Batch {
 
     /// Adds the queue changes of `log`.
     fn take_log(&mut self, log: &QueueLog) {
-        for (seq, change) in log.take() {
+        let (changes, held) = log.take();
+        self.held += held;
+        self.budget.get_or_insert_with(|| log.budget.clone());
+        for (seq, change) in changes {
             self.put_change(log.client_id.clone(), seq, change);
+        }
+    }
+
+    /// Written: what the changes held in the budget is free again.
+    fn release(&mut self) {
+        if let Some(budget) = &self.budget {
+            budget.release(std::mem::take(&mut self.held));
         }
     }
 
@@ -155,6 +170,10 @@ impl Batch {
         }
         self.retained.extend(newer.retained);
         self.sessions.extend(newer.sessions);
+        self.held += newer.held;
+        if self.budget.is_none() {
+            self.budget = newer.budget;
+        }
         for ((client_id, seq), change) in newer.queued {
             self.put_change(client_id, seq, change);
         }
@@ -520,6 +539,7 @@ fn writer(mut conn: Connection, shared: &Shared, path: &Path, interval: Duration
                     tracing::info!(path = %path.display(), "persistence file writable again");
                     failing = false;
                 }
+                carried.release();
                 carried = Batch::default();
                 retry = interval;
                 not_before = started + interval;

@@ -554,6 +554,7 @@ impl Router {
         will: Option<(Message, u32)>,
     ) {
         let client_id = session.client_id().clone();
+        let mailbox = session.mailbox.clone();
         let expiry = self
             .settings
             .offline_expiry(session.mailbox.protocol(), session.expiry);
@@ -563,6 +564,9 @@ impl Router {
                 self.persist_session(s);
             });
         if matches!(released, Released::Parked(_)) {
+            // What it got while online (retained messages on subscribe, a backlog it
+            // did not read) is held to the budget now.
+            self.fit_budget(&mailbox);
             self.end_over_limit();
         }
         match released {
@@ -626,6 +630,14 @@ impl Router {
         (sessions, lost)
     }
 
+    /// Holds an offline session's queue to the broker-wide budget.
+    fn fit_budget(&self, mailbox: &Mailbox) {
+        let dropped = mailbox.lock().fit_budget();
+        if dropped > 0 {
+            tracing::debug!(client_id = %mailbox.client_id, dropped, "queue budget: messages of an offline session dropped");
+        }
+    }
+
     /// Ends the sessions offline the longest while more than `max_sessions` are.
     fn end_over_limit(&self) {
         let evicted = self.registry.take_over_limit();
@@ -677,6 +689,7 @@ impl Router {
         if let Some(sink) = &self.sink {
             mailbox.journal(sink);
         }
+        self.fit_budget(&mailbox);
         let expiry = self.settings.offline_expiry(record.protocol, record.expiry);
         let expires_at = (expiry != NEVER_EXPIRES)
             .then(|| Instant::now() + Duration::from_secs(u64::from(expiry)));

@@ -152,7 +152,7 @@ impl Budget {
     }
 
     /// Counts `cost` if it fits (or unconditionally with `force`).
-    fn reserve(&self, cost: usize, force: bool) -> bool {
+    pub fn reserve(&self, cost: usize, force: bool) -> bool {
         let before = self.used.fetch_add(cost, Ordering::Relaxed);
         if force || before + cost <= self.max_bytes {
             return true;
@@ -161,7 +161,7 @@ impl Budget {
         false
     }
 
-    fn release(&self, cost: usize) {
+    pub fn release(&self, cost: usize) {
         self.used.fetch_sub(cost, Ordering::Relaxed);
     }
 }
@@ -169,7 +169,7 @@ impl Budget {
 impl Default for Budget {
     /// No bound (tests of other parts).
     fn default() -> Budget {
-        Budget::new(usize::MAX, QueuePolicy::DropOldest)
+        Budget::new(usize::MAX, QueuePolicy::DropNewest)
     }
 }
 
@@ -190,6 +190,19 @@ pub(crate) struct Change {
     pub on_file: bool,
 }
 
+/// Bytes a pending change costs beyond its own struct (map entry, key).
+const CHANGE_OVERHEAD: usize = 48;
+
+impl Change {
+    /// What it holds in memory until written, counted in the budget: a writer that
+    /// falls behind fills the budget, and offline sessions then take no more messages.
+    fn cost(&self) -> usize {
+        std::mem::size_of::<Change>()
+            + CHANGE_OVERHEAD
+            + self.row.as_ref().map_or(0, |(d, _)| d.msg.size())
+    }
+}
+
 /// Where journaled mailboxes report that they have changes to write.
 pub(crate) trait LogSink: Send + Sync + std::fmt::Debug {
     /// A key for a new delivery, unique in the file.
@@ -206,6 +219,24 @@ struct LogState {
     /// The session ended: nothing more is recorded.
     closed: bool,
     last_seq: u64,
+    /// What `changes` cost in the budget.
+    held: usize,
+}
+
+impl LogState {
+    fn put(&mut self, seq: u64, change: Change, budget: &Budget) {
+        let cost = change.cost();
+        budget.reserve(cost, true);
+        self.held += cost;
+        if let Some(old) = self.changes.insert(seq, change) {
+            self.unhold(old.cost(), budget);
+        }
+    }
+
+    fn unhold(&mut self, cost: usize, budget: &Budget) {
+        self.held -= cost;
+        budget.release(cost);
+    }
 }
 
 /// The changes of one persistent session's queue the persistence file does not have yet.
@@ -214,6 +245,8 @@ pub(crate) struct QueueLog {
     pub client_id: Arc<str>,
     mailbox: Weak<Mailbox>,
     sink: Arc<dyn LogSink>,
+    /// Pending changes count in it until they are committed.
+    pub budget: Arc<Budget>,
     state: Mutex<LogState>,
 }
 
@@ -236,14 +269,17 @@ impl QueueLog {
             state.last_seq = state.last_seq.max(seq);
             let change = state.changes.remove(&seq);
             let (row, on_file) = match change {
-                Some(c) => (c.row, c.on_file),
+                Some(c) => {
+                    state.unhold(c.cost(), &self.budget);
+                    (c.row, c.on_file)
+                }
                 // No pending change: the row was written by an earlier commit (or, for
                 // a new delivery, `f` ignores it).
                 None => (None, true),
             };
             let row = f(row);
             if row.is_some() || on_file {
-                state.changes.insert(seq, Change { row, on_file });
+                state.put(seq, Change { row, on_file }, &self.budget);
             }
             !std::mem::replace(&mut state.noted, true)
         };
@@ -259,13 +295,11 @@ impl QueueLog {
                 return;
             }
             state.last_seq = state.last_seq.max(d.seq);
-            state.changes.insert(
-                d.seq,
-                Change {
-                    row: Some((d.clone(), None)),
-                    on_file: false,
-                },
-            );
+            let change = Change {
+                row: Some((d.clone(), None)),
+                on_file: false,
+            };
+            state.put(d.seq, change, &self.budget);
             !std::mem::replace(&mut state.noted, true)
         };
         if notify {
@@ -281,13 +315,15 @@ impl QueueLog {
         self.record(seq, |_| None);
     }
 
-    /// Takes the changes to write, under the mailbox lock (see the module doc).
-    pub fn take(&self) -> BTreeMap<u64, Change> {
+    /// Takes the changes to write, under the mailbox lock (see the module doc), with
+    /// what they hold in the budget: the writer releases it once they are committed.
+    pub fn take(&self) -> (BTreeMap<u64, Change>, usize) {
         let mailbox = self.mailbox.upgrade();
         let _queue = mailbox.as_ref().map(|m| m.lock());
         let mut state = self.state();
         state.noted = false;
-        std::mem::take(&mut state.changes)
+        let held = std::mem::take(&mut state.held);
+        (std::mem::take(&mut state.changes), held)
     }
 
     /// The session ended: drops what was not written and stops recording. Returns the
@@ -296,6 +332,8 @@ impl QueueLog {
         let mut state = self.state();
         state.closed = true;
         state.changes.clear();
+        let held = std::mem::take(&mut state.held);
+        self.budget.release(held);
         state.last_seq
     }
 }
@@ -363,6 +401,12 @@ impl Queue {
     /// into the inflight window before it lets go of the lock.
     pub fn pop(&mut self) -> Option<Delivery> {
         let d = self.items.pop_front()?;
+        self.forget(&d);
+        Some(d)
+    }
+
+    /// Accounts for `d` leaving the queue (front or back).
+    fn forget(&mut self, d: &Delivery) {
         self.bytes -= d.msg.size();
         let cost = d.cost();
         self.cost -= cost;
@@ -372,7 +416,11 @@ impl Queue {
                 log.done(d.seq);
             }
         }
-        Some(d)
+        // An emptied queue gives its buffer back: thousands of offline sessions must
+        // not each keep the capacity of their longest backlog.
+        if self.items.is_empty() && self.items.capacity() > 16 {
+            self.items = VecDeque::new();
+        }
     }
 
     fn push_back(&mut self, d: Delivery, cost: usize) {
@@ -381,17 +429,45 @@ impl Queue {
         self.items.push_back(d);
     }
 
-    /// Makes room in the budget for `cost` by dropping the oldest queued messages;
-    /// returns how many went, or `None` when even an empty queue leaves no room.
+    /// Makes room for a message of `cost` by dropping this queue's oldest messages
+    /// worth at least as much (the total stays as it was); returns how many went, or
+    /// `None` (nothing dropped) when the queue holds less than that.
     fn evict_for(&mut self, cost: usize) -> Option<u64> {
-        let mut evicted = 0;
-        loop {
-            if self.budget.reserve(cost, false) {
-                return Some(evicted);
+        let mut worth = 0;
+        let mut n = 0;
+        for d in &self.items {
+            if worth >= cost {
+                break;
             }
-            self.pop()?;
-            evicted += 1;
+            worth += d.cost();
+            n += 1;
         }
+        if worth < cost {
+            return None;
+        }
+        for _ in 0..n {
+            self.pop();
+        }
+        self.budget.reserve(cost, true);
+        Some(n)
+    }
+
+    /// Drops queued messages, by the budget's policy, while the broker-wide budget is
+    /// exceeded (a session going offline with what it got while online, or restored
+    /// from the file); returns how many went, counted as dropped by the budget.
+    pub fn fit_budget(&mut self) -> u64 {
+        let mut dropped = 0;
+        while self.budget.used() > self.budget.max_bytes {
+            let d = match self.budget.policy {
+                QueuePolicy::DropOldest => self.items.pop_front(),
+                QueuePolicy::DropNewest => self.items.pop_back(),
+            };
+            let Some(d) = d else { break };
+            self.forget(&d);
+            dropped += 1;
+        }
+        self.budget.dropped.fetch_add(dropped, Ordering::Relaxed);
+        dropped
     }
 
     pub fn kick(&self) -> Option<Kick> {
@@ -522,6 +598,7 @@ impl Mailbox {
                     client_id: self.client_id.clone(),
                     mailbox: Arc::downgrade(self),
                     sink: sink.clone(),
+                    budget: q.budget.clone(),
                     state: Mutex::default(),
                 })
             })
