@@ -112,7 +112,7 @@ start_agent() {
     wait_port "$port"
 }
 
-echo "binary $bin; budget ${budget_mib} MiB RSS; broker defaults: max_sessions 10000, max_queued_bytes_total 16 MiB"
+echo "binary $bin; budget ${budget_mib} MiB RSS; broker defaults: max_sessions 5000, max_queued_bytes_total 8 MiB"
 start_agent
 sleep 3
 report "1. idle, 10 devices x 50 points polled at 1 s"

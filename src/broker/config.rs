@@ -63,11 +63,14 @@ pub struct BrokerConfig {
     /// beyond this is delivered but not kept. Default: 100000.
     pub max_retained_messages: usize,
     /// Offline persistent sessions kept; when another one goes offline, the one offline
-    /// the longest ends (its queued messages are counted as lost). Default: 10000.
+    /// the longest ends (its queued messages are counted as lost). Default: 5000
+    /// (about 2.7 KiB of RSS each, see BENCHMARKS.md).
     pub max_sessions: usize,
     /// Bytes queued for offline sessions, all of them together (topic, payload and
     /// about 100 bytes of bookkeeping per queued copy). Messages for clients online are
-    /// not held to it but count towards it. Default: 16 MiB.
+    /// not held to it but count towards it, and so do queue changes not yet written to
+    /// `persistence_path`. Default: 8 MiB (RSS grows by up to about 3.5 times this
+    /// under churn, see BENCHMARKS.md).
     pub max_queued_bytes_total: usize,
     /// What gives way at `max_queued_bytes_total`: `drop_newest` (default, as
     /// mosquitto: the new message is not queued, the backlog is kept) or `drop_oldest`
@@ -141,8 +144,8 @@ impl Default for BrokerConfig {
             max_topic_alias: 10,
             max_subscriptions_per_client: 10_000,
             max_retained_messages: 100_000,
-            max_sessions: 10_000,
-            max_queued_bytes_total: 16 * 1024 * 1024,
+            max_sessions: 5_000,
+            max_queued_bytes_total: 8 * 1024 * 1024,
             queue_budget_policy: QueuePolicy::DropNewest,
             v311_session_expiry_secs: 3 * 24 * 3600,
             persistence_commit_ms: 100,

@@ -11,11 +11,11 @@
 //! | `conn.rs` | the protocol of one connection, no I/O (CONNECT to DISCONNECT) |
 //! | `router.rs` | routing: tree, retained, policy, counters; a session's start and end (subscriptions, wills) |
 //! | `registry.rs` | sessions by client id: online or parked, takeover, pending wills, expiry |
-//! | `session.rs` | messages, mailboxes (per-client bounded queues), inflight window |
+//! | `session.rs` | messages, mailboxes (per-client bounded queues), the queue budget, queue journals, inflight window |
 //! | `tree.rs` | the subscription tree (`+`, `#`, shared groups) |
 //! | `retained.rs` | retained messages by topic level |
 //! | `auth.rs` | password file, ACL file, protected topic trees |
-//! | `persist.rs` | SQLite persistence of retained messages and sessions |
+//! | `persist.rs` | SQLite persistence of retained messages, sessions and their queues |
 //! | `sys.rs` | `$SYS` topics and housekeeping |
 //!
 //! # Invariants
@@ -23,8 +23,8 @@
 //! - Publishers never wait for subscribers: routing pushes into bounded per-client
 //!   mailboxes; what does not fit is dropped and counted in [`BrokerStats::dropped`].
 //! - Every resource is bounded: connections, packet size, queued messages and bytes
-//!   per client, inflight window, topic aliases, subscriptions per client, retained
-//!   messages.
+//!   per client, queued bytes for offline clients broker-wide, offline sessions,
+//!   inflight window, topic aliases, subscriptions per client, retained messages.
 //! - LAN clients may read the protected topic trees but may publish into them only
 //!   with an ACL write grant; [`BrokerHandle::publish`] (the agent) always may.
 //! - A malformed packet or protocol error closes that one connection.

@@ -679,6 +679,7 @@ fn load(conn: &Connection) -> rusqlite::Result<Loaded> {
             r.get::<_, String>(4)?,
         ))
     })?;
+    let mut messages: HashMap<(Vec<u8>, Option<i64>), Arc<Message>> = HashMap::new();
     let mut queued_stmt = conn.prepare(
         "SELECT message, qos, retain, sub_ids, pkid, released, expires_at_ms, seq FROM queued
          WHERE client_id = ?1 ORDER BY seq",
@@ -718,12 +719,22 @@ fn load(conn: &Connection) -> rusqlite::Result<Loaded> {
         })?;
         for row in rows {
             let (blob, qos, retain, sub_ids, pkid, released, expires, seq) = row?;
-            let Some(msg) = decode_message(&blob, expires) else {
-                continue;
+            // A message queued for many sessions is one row each; in memory it is one
+            // message again, as it was before the restart.
+            let msg = match messages.get(&(blob.clone(), expires)) {
+                Some(msg) => Arc::clone(msg),
+                None => {
+                    let Some(msg) = decode_message(&blob, expires) else {
+                        continue;
+                    };
+                    let msg = Arc::new(msg);
+                    messages.insert((blob, expires), msg.clone());
+                    msg
+                }
             };
             let sub_ids: Vec<u32> = serde_json::from_str(&sub_ids).unwrap_or_default();
             let mut delivery = Delivery::new(
-                Arc::new(msg),
+                msg,
                 QoS::from_u8(qos).unwrap_or(QoS::AtLeastOnce),
                 retain,
                 sub_ids.into_boxed_slice(),

@@ -561,12 +561,17 @@ impl Router {
         let released = self
             .registry
             .release(session, generation, will, expiry, |s| {
-                self.persist_session(s);
+                if let Some(persister) = &self.persister {
+                    persister.session(s.client_id(), SessionRecord::of(s));
+                }
             });
         if matches!(released, Released::Parked(_)) {
             // What it got while online (retained messages on subscribe, a backlog it
-            // did not read) is held to the budget now.
+            // did not read) is held to the budget now, and what is left goes on file.
             self.fit_budget(&mailbox);
+            if let (Some(sink), Some(_)) = (&self.sink, mailbox.log()) {
+                mailbox.journal(sink);
+            }
             self.end_over_limit();
         }
         match released {

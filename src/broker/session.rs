@@ -557,7 +557,10 @@ impl Mailbox {
                     }
                 }
             }
-            if d.qos != QoS::AtMostOnce {
+            // Retained messages of a subscribe (unbounded) are journaled only if the
+            // session goes offline with them (see `journal`): a client that subscribes
+            // to a big retained tree and reads it costs no writes.
+            if d.qos != QoS::AtMostOnce && bounded {
                 if let Some(log) = q.log.clone() {
                     d.seq = log.sink.next_seq();
                     log.queued(&d);
@@ -584,12 +587,12 @@ impl Mailbox {
         q.push_back(d, cost);
     }
 
-    /// Journals this mailbox from now on (idempotent): the QoS 1/2 deliveries queued
-    /// and not on file yet are recorded at once.
+    /// Journals this mailbox from now on, and records the QoS 1/2 deliveries queued
+    /// and not on file yet (those queued before, and the retained messages of a
+    /// subscribe, which are journaled only once the session goes offline with them).
+    /// From the first of those on, every delivery is recorded under a new key, so the
+    /// file keeps the queue's order.
     pub fn journal(self: &Arc<Self>, sink: &Arc<dyn LogSink>) {
-        if self.log.get().is_some() {
-            return;
-        }
         let mut q = self.lock();
         let log = self
             .log
@@ -603,8 +606,13 @@ impl Mailbox {
                 })
             })
             .clone();
-        for d in &mut q.items {
-            if d.seq == 0 && d.qos != QoS::AtMostOnce {
+        let mut renumber = false;
+        for d in q.items.iter_mut().filter(|d| d.qos != QoS::AtMostOnce) {
+            renumber |= d.seq == 0;
+            if renumber {
+                if d.seq != 0 {
+                    log.done(d.seq);
+                }
                 d.seq = sink.next_seq();
                 log.queued(d);
             }

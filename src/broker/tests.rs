@@ -1218,3 +1218,41 @@ async fn offline_311_sessions_expire_by_default_with_one_summary_line() {
     assert_eq!(lines.len(), 1, "{text}");
     assert!(lines[0].contains("sessions=20000"), "{}", lines[0]);
 }
+
+/// Found by scripts/broker-memory-abuse.sh: the retained messages a subscriber gets on
+/// subscribe bypass the bounds, so 2,000 clients that subscribe to the readings and
+/// leave held 2,000 copies of every retained reading. Once offline they are held to
+/// the budget.
+#[tokio::test]
+async fn retained_messages_queued_on_subscribe_are_held_to_the_budget_once_offline() {
+    let config = offline_budget_config(super::config::QueuePolicy::DropNewest);
+    let router = router_with(
+        config.clone(),
+        Policy {
+            anonymous_allowed: true,
+            ..Policy::default()
+        },
+    );
+    let mut publisher = connect(&router, Protocol::V5, "pub").await;
+    for topic in ["t/1", "t/2", "t/3", "t/4", "t/5", "t/6", "t/7", "t/8"] {
+        publisher.publish_with(Publish {
+            retain: true,
+            qos: QoS::AtLeastOnce,
+            pkid: 1,
+            topic: topic.into(),
+            payload: Bytes::from_static(b"v"),
+            ..Publish::default()
+        });
+    }
+    for id in ["leaver1", "leaver2", "leaver3"] {
+        park(&router, Protocol::V311, id).await;
+    }
+    let stats = router.stats();
+    assert!(
+        stats.queued_bytes <= config.max_queued_bytes_total,
+        "{} queued bytes over a budget of {}",
+        stats.queued_bytes,
+        config.max_queued_bytes_total
+    );
+    assert!(stats.dropped_budget >= 3 * 8 - 4, "{stats:?}");
+}
