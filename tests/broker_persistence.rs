@@ -145,7 +145,16 @@ impl Drop for Broker {
 fn park_subscriber(port: u16, id: &str, qos: u8) {
     let mut sub = Sub::start(
         port,
-        &["-c", "-i", id, "-q", &qos.to_string(), "-t", "inbox/#", "-E"],
+        &[
+            "-c",
+            "-i",
+            id,
+            "-q",
+            &qos.to_string(),
+            "-t",
+            "inbox/#",
+            "-E",
+        ],
     );
     sub.wait_subscribed(START);
     assert!(sub.wait_exit(START).success(), "{}", sub.stderr());
@@ -234,4 +243,60 @@ fn a_crash_after_a_clean_restart_keeps_the_queued_messages() {
     broker.kill9();
     broker.launch();
     assert_eq!(resume_and_receive(broker.port, id, 1, QUEUED), sent);
+}
+
+/// The latest value of a `$SYS` topic, as a number.
+fn sys_number(port: u16, topic: &str) -> u64 {
+    let mut sub = Sub::start(port, &["-t", topic, "-C", "1"]);
+    let got = sub.wait_messages(1, START);
+    assert!(sub.wait_exit(START).success(), "{}", sub.stderr());
+    got[0]
+        .trim()
+        .parse()
+        .unwrap_or_else(|_| panic!("{topic} = {:?}", got[0]))
+}
+
+/// Issue 11, part 3, with the real binary and real clients: at most `max_sessions`
+/// offline sessions (the oldest go first, counted and logged once), offline queues
+/// held to the broker-wide budget (drops counted and logged once), and a client
+/// online meanwhile gets every message.
+#[test]
+fn offline_sessions_and_their_queues_are_bounded_and_a_live_client_gets_everything() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let broker = Broker::start(
+        dir.path(),
+        "max_sessions = 3\nmax_queued_bytes = 2048\nmax_queued_bytes_total = 2048\nsys_interval_secs = 1",
+    );
+    for i in 1..=5 {
+        park_subscriber(broker.port, &format!("parked-{i}"), 1);
+    }
+    let live = Sub::start(broker.port, &["-t", "inbox/#", "-q", "1"]);
+    live.wait_subscribed(START);
+    let sent = publish_lines(broker.port, 1, QUEUED);
+    assert_eq!(live.wait_messages(QUEUED, ARRIVE), sent);
+    wait_for("the evictions in $SYS", START, || {
+        (sys_number(broker.port, "$SYS/broker/clients/evicted") == 2).then_some(())
+    });
+    assert_eq!(
+        sys_number(broker.port, "$SYS/broker/clients/total"),
+        4,
+        "3 parked + live"
+    );
+    let dropped = sys_number(broker.port, "$SYS/broker/messages/dropped/budget");
+    assert!(
+        dropped >= (3 * QUEUED - 30) as u64,
+        "{dropped} dropped by the budget"
+    );
+    assert!(sys_number(broker.port, "$SYS/broker/messages/queued/bytes") <= 2048 + 1024);
+    let log = broker.log();
+    // One line at the first eviction, then one per doubling.
+    assert_eq!(log.matches("too many offline sessions").count(), 2, "{log}");
+    assert_eq!(
+        log.matches("broker queue budget reached").count(),
+        1,
+        "{log}"
+    );
+    // The newest parked session kept the oldest messages (drop_newest keeps the backlog).
+    let kept = resume_and_receive(broker.port, "parked-5", 1, 1);
+    assert_eq!(kept, ["m1"]);
 }

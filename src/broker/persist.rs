@@ -494,7 +494,10 @@ impl Persister {
 }
 
 /// Waits for work, no sooner than `not_before` unless a flush or the stop asks.
-fn next_batch(shared: &Shared, not_before: std::time::Instant) -> (Batch, Vec<std::sync::mpsc::Sender<()>>, bool) {
+fn next_batch(
+    shared: &Shared,
+    not_before: std::time::Instant,
+) -> (Batch, Vec<std::sync::mpsc::Sender<()>>, bool) {
     let mut pending = shared.lock();
     loop {
         let urgent = pending.stop || !pending.flushes.is_empty();
@@ -569,7 +572,10 @@ fn commit(conn: &mut Connection, batch: &Batch) -> rusqlite::Result<()> {
     let tx = conn.transaction()?;
     for (client_id, upto) in &batch.forget {
         tx.prepare_cached("DELETE FROM queued WHERE client_id = ?1 AND seq <= ?2")?
-            .execute(params![&**client_id, i64::try_from(*upto).unwrap_or(i64::MAX)])?;
+            .execute(params![
+                &**client_id,
+                i64::try_from(*upto).unwrap_or(i64::MAX)
+            ])?;
     }
     for (topic, msg) in &batch.retained {
         match msg {

@@ -37,8 +37,8 @@ use super::persist::{Loaded, Persister, QueuedRecord, SessionRecord};
 use super::registry::{DueWill, Ended, Opened, Registry, Released};
 use super::retained::RetainedStore;
 use super::session::{
-    Budget, Delivery, Kick, Limits, LogSink, Mailbox, Message, Pushed, Session, SubRecord,
-    Target, NEVER_EXPIRES,
+    Budget, Delivery, Kick, Limits, LogSink, Mailbox, Message, Pushed, Session, SubRecord, Target,
+    NEVER_EXPIRES,
 };
 use super::tree::{Subscriber, SubscriptionTree};
 use crate::mqtt::topic;
@@ -612,7 +612,11 @@ impl Router {
         let expired = self.registry.take_expired(now);
         if !expired.is_empty() {
             let lost = self.end_sessions(expired, &self.counters.sessions_expired);
-            tracing::info!(sessions = lost.0, queued_messages_lost = lost.1, "offline sessions expired");
+            tracing::info!(
+                sessions = lost.0,
+                queued_messages_lost = lost.1,
+                "offline sessions expired"
+            );
         }
         let gone = write(&self.retained).retain(|m| !m.expired(now));
         if gone > 0 {

@@ -46,7 +46,10 @@ pub(crate) fn sys_values(stats: &BrokerStats) -> Vec<(&'static str, String)> {
             "$SYS/broker/messages/dropped/budget",
             stats.dropped_budget.to_string(),
         ),
-        ("$SYS/broker/messages/queued/bytes", stats.queued_bytes.to_string()),
+        (
+            "$SYS/broker/messages/queued/bytes",
+            stats.queued_bytes.to_string(),
+        ),
         (
             "$SYS/broker/clients/expired",
             stats.sessions_expired.to_string(),
@@ -140,7 +143,11 @@ impl LossLog {
         );
         self.client_queues.check(
             stats.dropped,
-            || tracing::warn!("client queues full: messages for slow or offline clients are dropped"),
+            || {
+                tracing::warn!(
+                    "client queues full: messages for slow or offline clients are dropped"
+                )
+            },
             |dropped| tracing::info!(dropped, "client queues take messages again"),
         );
     }

@@ -963,7 +963,11 @@ fn tls_error_keeps_the_io_error_as_source() {
 
 /// What a kill -9 leaves: the persistence file (and its WAL) as they are once the
 /// writer has committed, copied aside while nothing else is written.
-fn crash_image(path: &std::path::Path, router: &Router, into: &std::path::Path) -> std::path::PathBuf {
+fn crash_image(
+    path: &std::path::Path,
+    router: &Router,
+    into: &std::path::Path,
+) -> std::path::PathBuf {
     router.persister().expect("persistent").flush();
     let image = into.join("crashed.db");
     for suffix in ["", "-wal"] {
@@ -1012,9 +1016,14 @@ async fn a_crash_keeps_every_flow_state_of_a_persistent_session() {
     let (mut sub, _) = open(&router, c.clone()).await;
     sub.subscribe("d/#", QoS::ExactlyOnce);
     let mut publisher = connect(&router, Protocol::V5, "pub").await;
-    for (i, qos) in [QoS::ExactlyOnce, QoS::ExactlyOnce, QoS::AtLeastOnce, QoS::AtLeastOnce]
-        .into_iter()
-        .enumerate()
+    for (i, qos) in [
+        QoS::ExactlyOnce,
+        QoS::ExactlyOnce,
+        QoS::AtLeastOnce,
+        QoS::AtLeastOnce,
+    ]
+    .into_iter()
+    .enumerate()
     {
         let payload: &'static [u8] = [b"m1", b"m2", b"m3", b"m4"][i];
         publisher.publish("d/x", payload, qos, i as u16 + 1);
@@ -1119,12 +1128,18 @@ async fn the_queue_budget_bounds_offline_sessions_and_spares_online_ones() {
                 live.send(Packet::PubAck(Ack::new(p.pkid))).unwrap();
             }
         }
-        assert_eq!(got, values, "{policy:?}: the online subscriber gets everything");
+        assert_eq!(
+            got, values,
+            "{policy:?}: the online subscriber gets everything"
+        );
         let stats = router.stats();
         assert!(stats.queued_bytes <= offline_budget_config(policy).max_queued_bytes_total);
         assert!(stats.dropped_budget >= 3, "{policy:?}: {stats:?}");
         let mut first = resume(&router, Protocol::V311, "away1").await;
-        let kept = payloads(&first.recv()).iter().map(|p| p.to_vec()).collect::<Vec<_>>();
+        let kept = payloads(&first.recv())
+            .iter()
+            .map(|p| p.to_vec())
+            .collect::<Vec<_>>();
         match policy {
             QueuePolicy::DropOldest => assert_eq!(kept.last().map(Vec::as_slice), Some(&b"4"[..])),
             QueuePolicy::DropNewest => assert_eq!(kept.first().map(Vec::as_slice), Some(&b"1"[..])),
@@ -1151,10 +1166,16 @@ async fn max_sessions_ends_the_session_offline_longest() {
     let mut publisher = connect(&router, Protocol::V5, "pub").await;
     publisher.publish("t/a", b"v", QoS::AtLeastOnce, 1);
     // s2 comes and goes again: s1 is now the one offline longest.
-    resume(&router, Protocol::V5, "s2").await.close(Close::Normal);
+    resume(&router, Protocol::V5, "s2")
+        .await
+        .close(Close::Normal);
     park(&router, Protocol::V311, "s3").await;
     let stats = router.stats();
-    assert_eq!((stats.sessions, stats.sessions_evicted), (3, 1), "{stats:?}");
+    assert_eq!(
+        (stats.sessions, stats.sessions_evicted),
+        (3, 1),
+        "{stats:?}"
+    );
     assert_eq!(stats.dropped_with_sessions, 1, "s1's queued message");
     let mut c = connect_packet(Protocol::V311, "s1");
     c.clean_start = false;
