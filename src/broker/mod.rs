@@ -218,9 +218,10 @@ impl Broker {
             persister,
         ));
         let (retained, sessions) = (loaded.retained.len(), loaded.sessions.len());
+        let queued: usize = loaded.sessions.iter().map(|(_, _, q)| q.len()).sum();
         router.restore(loaded);
         if config.persistence_path.is_some() {
-            tracing::info!(retained, sessions, "restored broker state");
+            tracing::info!(retained, sessions, queued, "restored broker state");
         }
 
         let mut bound = Vec::new();

@@ -5,8 +5,9 @@
 //! - A [`Mailbox`] is the only way messages reach a client, online or offline. It is
 //!   bounded by message count and payload bytes; a push over the bound drops the new
 //!   message and reports it (the router counts drops). QoS 0 messages for an offline
-//!   session are not queued. Retained messages sent on subscribe bypass the bound: they
-//!   are already bounded by the retained store, and a subscriber must get all of them.
+//!   session are not queued. Retained messages sent on subscribe bypass the bounds: they
+//!   are already bounded by the retained store, and a subscriber must get all of them;
+//!   a session that goes offline before reading them is held to the budget then.
 //! - Pushing never blocks on the client: it takes the mailbox lock for a queue
 //!   operation only, and wakes the connection if it is waiting for messages. A waiting
 //!   connection is one stored waker, not a future per connection.
