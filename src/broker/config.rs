@@ -64,13 +64,13 @@ pub struct BrokerConfig {
     pub max_retained_messages: usize,
     /// Offline persistent sessions kept; when another one goes offline, the one offline
     /// the longest ends (its queued messages are counted as lost). Default: 5000
-    /// (about 2.7 KiB of RSS each, see BENCHMARKS.md).
+    /// (about 3 KiB of RSS each, see BENCHMARKS.md).
     pub max_sessions: usize,
     /// Bytes queued for offline sessions, all of them together (topic, payload and
     /// about 100 bytes of bookkeeping per queued copy). Messages for clients online are
     /// not held to it but count towards it, and so do queue changes not yet written to
-    /// `persistence_path`. Default: 8 MiB (RSS grows by up to about 3.5 times this
-    /// under churn, see BENCHMARKS.md).
+    /// `persistence_path`. Default: 8 MiB (RSS grows by about 3.4 times this under
+    /// churn, see BENCHMARKS.md).
     pub max_queued_bytes_total: usize,
     /// What gives way at `max_queued_bytes_total`: `drop_newest` (default, as
     /// mosquitto: the new message is not queued, the backlog is kept) or `drop_oldest`
