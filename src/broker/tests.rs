@@ -794,28 +794,21 @@ fn persistent_router(path: &std::path::Path) -> Arc<Router> {
     router
 }
 
-/// Regression guard for the restart path: messages in every flow state, inbound QoS 2
-/// ids and retained properties come back from the SQLite file as they were.
-#[tokio::test]
-async fn a_restart_keeps_every_flow_state_of_a_persistent_session() {
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("broker.db");
-    let router = persistent_router(&path);
+/// A 5.0 session "durable" (expiry 600 s) subscribed to `d/#` at QoS 2, sent `m1`..`m4`
+/// at `qos` and holding them unacknowledged but for `m1`, whose PUBREC it sent (so
+/// `m1` waits for PUBCOMP). Returns its CONNECT, the client, the publisher and the
+/// packet ids of `m1`..`m4`.
+async fn durable_with_flows(
+    router: &Arc<Router>,
+    qos: [QoS; 4],
+) -> (Connect, Client, Client, Vec<u16>) {
     let mut c = connect_packet(Protocol::V5, "durable");
     c.clean_start = false;
     c.properties.session_expiry_interval = Some(600);
-    let (mut sub, _) = open(&router, c.clone()).await;
+    let (mut sub, _) = open(router, c.clone()).await;
     sub.subscribe("d/#", QoS::ExactlyOnce);
-    let mut publisher = connect(&router, Protocol::V5, "pub").await;
-    for (i, qos) in [
-        QoS::ExactlyOnce,
-        QoS::ExactlyOnce,
-        QoS::ExactlyOnce,
-        QoS::AtLeastOnce,
-    ]
-    .into_iter()
-    .enumerate()
-    {
+    let mut publisher = connect(router, Protocol::V5, "pub").await;
+    for (i, qos) in qos.into_iter().enumerate() {
         let payload: &'static [u8] = [b"m1", b"m2", b"m3", b"m4"][i];
         publisher.publish("d/x", payload, qos, i as u16 + 1);
     }
@@ -824,6 +817,23 @@ async fn a_restart_keeps_every_flow_state_of_a_persistent_session() {
     assert_eq!(pkids.len(), 4);
     sub.send(Packet::PubRec(Ack::new(pkids[0]))).unwrap();
     assert_eq!(sub.decode(), [Packet::PubRel(Ack::new(pkids[0]))]);
+    (c, sub, publisher, pkids)
+}
+
+/// Regression guard for the restart path: messages in every flow state, inbound QoS 2
+/// ids and retained properties come back from the SQLite file as they were.
+#[tokio::test]
+async fn a_restart_keeps_every_flow_state_of_a_persistent_session() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("broker.db");
+    let router = persistent_router(&path);
+    let qos = [
+        QoS::ExactlyOnce,
+        QoS::ExactlyOnce,
+        QoS::ExactlyOnce,
+        QoS::AtLeastOnce,
+    ];
+    let (c, mut sub, mut publisher, pkids) = durable_with_flows(&router, qos).await;
     // Inbound QoS 2 from the subscriber, not yet released.
     sub.publish("elsewhere", b"in", QoS::ExactlyOnce, 77);
     sub.close(Close::Lost);
@@ -1010,28 +1020,13 @@ async fn a_crash_keeps_every_flow_state_of_a_persistent_session() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("broker.db");
     let router = persistent_router(&path);
-    let mut c = connect_packet(Protocol::V5, "durable");
-    c.clean_start = false;
-    c.properties.session_expiry_interval = Some(600);
-    let (mut sub, _) = open(&router, c.clone()).await;
-    sub.subscribe("d/#", QoS::ExactlyOnce);
-    let mut publisher = connect(&router, Protocol::V5, "pub").await;
-    for (i, qos) in [
+    let qos = [
         QoS::ExactlyOnce,
         QoS::ExactlyOnce,
         QoS::AtLeastOnce,
         QoS::AtLeastOnce,
-    ]
-    .into_iter()
-    .enumerate()
-    {
-        let payload: &'static [u8] = [b"m1", b"m2", b"m3", b"m4"][i];
-        publisher.publish("d/x", payload, qos, i as u16 + 1);
-    }
-    let sent = sub.recv();
-    let pkids: Vec<u16> = publishes(&sent).iter().map(|p| p.pkid).collect();
-    sub.send(Packet::PubRec(Ack::new(pkids[0]))).unwrap();
-    assert_eq!(sub.decode(), [Packet::PubRel(Ack::new(pkids[0]))]);
+    ];
+    let (c, mut sub, mut publisher, pkids) = durable_with_flows(&router, qos).await;
     sub.send(Packet::PubAck(Ack::new(pkids[2]))).unwrap();
     sub.close(Close::Lost);
     publisher.publish("d/x", b"m5", QoS::AtLeastOnce, 9);
