@@ -247,15 +247,6 @@ impl BrokerConfig {
         );
         broker.at_least("max_sessions", self.max_sessions, 1);
         broker.check(
-            self.max_queued_bytes_total >= self.max_queued_bytes,
-            "max_queued_bytes_total",
-            format!(
-                "must be at least max_queued_bytes ({}), or one offline client could not \
-                 get its own queue",
-                self.max_queued_bytes
-            ),
-        );
-        broker.check(
             (1..=60_000).contains(&self.persistence_commit_ms),
             "persistence_commit_ms",
             "must be between 1 and 60000 milliseconds",
@@ -337,7 +328,7 @@ mod tests {
     #[test]
     fn memory_bounds_are_checked_with_their_key_paths() {
         let config: BrokerConfig = toml::from_str(
-            "max_sessions = 0\nmax_queued_bytes_total = 1000\npersistence_commit_ms = 0\n\
+            "max_sessions = 0\npersistence_commit_ms = 0\n\
              queue_budget_policy = \"drop_oldest\"\n",
         )
         .unwrap();
@@ -345,11 +336,7 @@ mod tests {
         let keys: Vec<_> = config.validate().into_iter().map(|p| p.key).collect();
         assert_eq!(
             keys,
-            [
-                "broker.max_sessions",
-                "broker.max_queued_bytes_total",
-                "broker.persistence_commit_ms"
-            ]
+            ["broker.max_sessions", "broker.persistence_commit_ms"]
         );
     }
 
