@@ -73,6 +73,42 @@ pub struct BrokerConfig {
     /// Retained messages stored (one per topic); a retained message for a new topic
     /// beyond this is delivered but not kept. Default: 100000.
     pub max_retained_messages: usize,
+    /// Offline persistent sessions kept; when another one goes offline, the one offline
+    /// the longest ends (its queued messages are counted as lost). Default: 5000
+    /// (about 3 KiB of RSS each, see BENCHMARKS.md).
+    pub max_sessions: usize,
+    /// Bytes queued for offline sessions, all of them together (topic, payload and
+    /// about 100 bytes of bookkeeping per queued copy). Messages for clients online are
+    /// not held to it but count towards it, and so do queue changes not yet written to
+    /// `persistence_path`. Default: 8 MiB (RSS grows by about 3.4 times this under
+    /// churn, see BENCHMARKS.md).
+    pub max_queued_bytes_total: usize,
+    /// What gives way at `max_queued_bytes_total`: `drop_newest` (default, as
+    /// mosquitto: the new message is not queued, the backlog is kept) or `drop_oldest`
+    /// (the oldest messages queued for the session the new one is for; costs a queue
+    /// change, and with a persistence file a write, per message and offline session).
+    /// Counted either way.
+    pub queue_budget_policy: QueuePolicy,
+    /// Seconds an offline MQTT 3.1.1 persistent session (clean session 0) is kept: 3.1.1
+    /// has no session expiry of its own. Default: 259200 (3 days, a weekend with the
+    /// consumer switched off). `persistent_session_expiry_secs` caps it.
+    pub v311_session_expiry_secs: u64,
+    /// Group commit of the persistence file: at most one transaction per this many
+    /// milliseconds. A kill -9 loses the queue changes of at most this long.
+    /// Default: 100.
+    pub persistence_commit_ms: u64,
+}
+
+/// What gives way when the broker-wide queue budget is reached.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum QueuePolicy {
+    /// Keep the newest: the oldest queued messages of the offline session receiving
+    /// the new one go first.
+    DropOldest,
+    /// Keep the backlog: the new message is not queued.
+    #[default]
+    DropNewest,
 }
 
 /// One listening socket.
@@ -158,6 +194,11 @@ impl Default for BrokerConfig {
             max_topic_alias: 10,
             max_subscriptions_per_client: 10_000,
             max_retained_messages: 100_000,
+            max_sessions: 5_000,
+            max_queued_bytes_total: 8 * 1024 * 1024,
+            queue_budget_policy: QueuePolicy::DropNewest,
+            v311_session_expiry_secs: 3 * 24 * 3600,
+            persistence_commit_ms: 100,
         }
     }
 }
@@ -265,6 +306,12 @@ impl BrokerConfig {
             self.max_keep_alive != Some(0),
             "max_keep_alive",
             "must be at least 1 second (leave it unset for no limit)",
+        );
+        broker.at_least("max_sessions", self.max_sessions, 1);
+        broker.check(
+            (1..=60_000).contains(&self.persistence_commit_ms),
+            "persistence_commit_ms",
+            "must be between 1 and 60000 milliseconds",
         );
         problems.into_vec()
     }
@@ -374,6 +421,21 @@ mod tests {
         assert!(config.validate().is_empty());
         assert_eq!(config.connect_packet_limit(), 4096);
         assert_eq!(BrokerConfig::default().connect_packet_limit(), 64 * 1024);
+    }
+
+    #[test]
+    fn memory_bounds_are_checked_with_their_key_paths() {
+        let config: BrokerConfig = toml::from_str(
+            "max_sessions = 0\npersistence_commit_ms = 0\n\
+             queue_budget_policy = \"drop_oldest\"\n",
+        )
+        .unwrap();
+        assert_eq!(config.queue_budget_policy, QueuePolicy::DropOldest);
+        let keys: Vec<_> = config.validate().into_iter().map(|p| p.key).collect();
+        assert_eq!(
+            keys,
+            ["broker.max_sessions", "broker.persistence_commit_ms"]
+        );
     }
 
     #[test]

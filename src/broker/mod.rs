@@ -11,11 +11,11 @@
 //! | `conn.rs` | the protocol of one connection, no I/O (CONNECT to DISCONNECT) |
 //! | `router.rs` | routing: tree, retained, policy, counters; a session's start and end (subscriptions, wills) |
 //! | `registry.rs` | sessions by client id: online or parked, takeover, pending wills, expiry |
-//! | `session.rs` | messages, mailboxes (per-client bounded queues), inflight window |
+//! | `session.rs` | messages, mailboxes (per-client bounded queues), the queue budget, queue journals, inflight window |
 //! | `tree.rs` | the subscription tree (`+`, `#`, shared groups) |
 //! | `retained.rs` | retained messages by topic level |
 //! | `auth.rs` | password file, ACL file, protected topic trees |
-//! | `persist.rs` | SQLite persistence of retained messages and sessions |
+//! | `persist.rs` | SQLite persistence of retained messages, sessions and their queues |
 //! | `sys.rs` | `$SYS` topics and housekeeping |
 //!
 //! # Invariants
@@ -23,8 +23,8 @@
 //! - Publishers never wait for subscribers: routing pushes into bounded per-client
 //!   mailboxes; what does not fit is dropped and counted in [`BrokerStats::dropped`].
 //! - Every resource is bounded: connections, packet size, queued messages and bytes
-//!   per client, inflight window, topic aliases, subscriptions per client, retained
-//!   messages.
+//!   per client, queued bytes for offline clients broker-wide, offline sessions,
+//!   inflight window, topic aliases, subscriptions per client, retained messages.
 //! - LAN clients may read the protected topic trees but may publish into them only
 //!   with an ACL write grant; [`BrokerHandle::publish`] (the agent) always may.
 //! - A malformed packet or protocol error closes that one connection.
@@ -58,7 +58,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 pub use auth::{passwd_line, set_password, Acl, AuthError, PasswdChange, PasswordFile};
-pub use config::{BrokerConfig, ListenerConfig, TlsListenerConfig};
+pub use config::{BrokerConfig, ListenerConfig, QueuePolicy, TlsListenerConfig};
 pub use persist::PersistError;
 pub use router::BrokerStats;
 
@@ -202,7 +202,8 @@ impl Broker {
         let (persister, loaded) = match &config.persistence_path {
             Some(path) => {
                 let path = path.clone();
-                let (p, l) = tokio::task::spawn_blocking(move || Persister::open(&path))
+                let interval = Duration::from_millis(config.persistence_commit_ms);
+                let (p, l) = tokio::task::spawn_blocking(move || Persister::open(&path, interval))
                     .await
                     .map_err(|source| Error::Loader {
                         what: "persistence loader",
@@ -218,9 +219,10 @@ impl Broker {
             persister,
         ));
         let (retained, sessions) = (loaded.retained.len(), loaded.sessions.len());
+        let queued: usize = loaded.sessions.iter().map(|(_, _, q)| q.len()).sum();
         router.restore(loaded);
         if config.persistence_path.is_some() {
-            tracing::info!(retained, sessions, "restored broker state");
+            tracing::info!(retained, sessions, queued, "restored broker state");
         }
 
         let mut bound = Vec::new();

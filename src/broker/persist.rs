@@ -1,25 +1,39 @@
 //! SQLite persistence of retained messages and persistent sessions.
 //!
 //! One writer thread owns the database connection. Callers never wait for it: they
-//! record what changed in a map keyed by topic or client id (so a sensor republished
-//! a thousand times between two commits is written once), and the thread commits
-//! everything that changed in one transaction, then looks again.
+//! record what changed in a map keyed by topic, client id or queue entry (so a sensor
+//! republished a thousand times between two commits is written once, and a message
+//! queued and acknowledged between two commits is never written), and the thread
+//! commits everything that changed in one transaction, then looks again.
 //!
 //! What is written when:
 //! - retained messages (except `$`-topics): on every change, batched as above;
 //! - session records (protocol, expiry, subscriptions, inbound QoS 2 ids): when a
-//!   persistent session subscribes, unsubscribes, disconnects or ends;
-//! - queued and unacknowledged messages of persistent sessions: in the snapshot taken
-//!   on shutdown. They are deleted from the file once loaded at start-up, since from
-//!   then on they live in memory and a later snapshot rewrites them.
+//!   persistent session subscribes, unsubscribes, disconnects or ends, and on shutdown;
+//! - the queued and unacknowledged QoS 1/2 messages of persistent sessions, online or
+//!   offline: as they change, through each mailbox's [`QueueLog`] (queued, sent with a
+//!   packet id, released, done).
+//!
+//! Invariants:
+//! - Group commit: at most one transaction per `commit_interval` (a flush for shutdown
+//!   or a test goes at once), so a burst costs one commit and the flash is spared. A
+//!   kill -9 loses at most the changes of the last interval.
+//! - A row leaves the file only when its message is done with (acknowledged, expired,
+//!   dropped by a limit and counted) or its session ends; reading the file at start-up
+//!   deletes nothing, so a crash at any later time finds the same messages.
+//! - A failed commit keeps its changes and is retried with backoff, merged with what
+//!   changed since; one log line when writing fails and one when it works again.
 //!
 //! On-disk format (`PRAGMA user_version = 1`): messages are stored as MQTT 5.0 PUBLISH
 //! packets encoded by [`crate::mqtt::encode`] (topic, QoS, retain, properties, payload)
 //! with the expiry as wall-clock milliseconds beside them, since a monotonic instant
-//! does not survive a restart.
+//! does not survive a restart. A queued message is keyed by its session's client id
+//! and a `seq` unique in the file (increasing in queue order); `pkid` is set once it was
+//! sent, `released` once its QoS 2 PUBREL was.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -27,7 +41,9 @@ use bytes::BytesMut;
 use rusqlite::{params, Connection};
 use tokio::time::Instant;
 
-use super::session::{Delivery, Message, Session, Slot, SubRecord};
+use super::session::{
+    Budget, Change, Delivery, LogSink, Message, QueueLog, Session, Slot, SubRecord,
+};
 use crate::mqtt::{self, Packet, Protocol, Publish, QoS, RetainHandling, SubscriptionOptions};
 
 /// The persistence file cannot be used.
@@ -82,6 +98,7 @@ impl SessionRecord {
 /// A message queued for (or in flight to) a persistent session.
 #[derive(Debug, Clone)]
 pub(crate) struct QueuedRecord {
+    /// The delivery; its `seq` is the row's key.
     pub delivery: Delivery,
     /// The packet id and flow state when the message was already sent.
     pub pkid: Option<(u16, Slot)>,
@@ -94,67 +111,133 @@ pub(crate) struct Loaded {
     pub sessions: Vec<(String, SessionRecord, Vec<QueuedRecord>)>,
 }
 
-/// A persistent session's full state, for the shutdown snapshot.
-pub(crate) type SessionSnapshot = (Arc<str>, SessionRecord, Vec<QueuedRecord>);
+/// One commit's worth of changes (or several, merged after a failed commit).
+#[derive(Debug, Default)]
+struct Batch {
+    retained: HashMap<String, Option<Arc<Message>>>,
+    sessions: HashMap<Arc<str>, Option<SessionRecord>>,
+    /// Client ids whose rows up to this `seq` go (the session ended).
+    forget: HashMap<Arc<str>, u64>,
+    queued: HashMap<(Arc<str>, u64), Change>,
+    /// What the queue changes hold in the broker-wide budget, released once written.
+    held: usize,
+    budget: Option<Arc<Budget>>,
+}
 
-/// The snapshot of one parked session: unacknowledged messages first, then the queue.
-pub(crate) fn snapshot(session: &Session) -> SessionSnapshot {
-    let mut queued: Vec<QueuedRecord> = session
-        .inflight
-        .iter()
-        .map(|(pkid, slot)| {
-            let delivery = match slot {
-                Slot::Sent(d) => d.clone(),
-                // The message itself is delivered; only its id must be released. A
-                // placeholder carries the id through the file.
-                Slot::Released => Delivery::new(
-                    Arc::new(Message {
-                        topic: "$released".into(),
-                        payload: bytes::Bytes::new(),
-                        qos: QoS::ExactlyOnce,
-                        retain: false,
-                        properties: None,
-                        expires_at: None,
-                        origin: 0,
-                    }),
-                    QoS::ExactlyOnce,
-                    false,
-                    Box::new([]),
-                ),
-            };
-            QueuedRecord {
-                delivery,
-                pkid: Some((*pkid, slot.clone())),
+impl Batch {
+    fn is_empty(&self) -> bool {
+        self.retained.is_empty()
+            && self.sessions.is_empty()
+            && self.forget.is_empty()
+            && self.queued.is_empty()
+    }
+
+    /// Adds the queue changes of `log`.
+    fn take_log(&mut self, log: &QueueLog) {
+        let (changes, held) = log.take();
+        self.held += held;
+        self.budget.get_or_insert_with(|| log.budget.clone());
+        for (seq, change) in changes {
+            self.put_change(log.client_id.clone(), seq, change);
+        }
+    }
+
+    /// Written: what the changes held in the budget is free again.
+    fn release(&mut self) {
+        if let Some(budget) = &self.budget {
+            budget.release(std::mem::take(&mut self.held));
+        }
+    }
+
+    fn put_change(&mut self, client_id: Arc<str>, seq: u64, change: Change) {
+        match self.queued.entry((client_id, seq)) {
+            std::collections::hash_map::Entry::Occupied(mut older) => {
+                // The row was on file if the older change said so.
+                let on_file = older.get().on_file;
+                *older.get_mut() = Change {
+                    on_file: on_file || change.on_file,
+                    row: change.row,
+                };
             }
-        })
-        .collect();
-    queued.extend(session.mailbox.lock().items.iter().map(|d| QueuedRecord {
-        delivery: d.clone(),
-        pkid: None,
-    }));
-    (
-        session.client_id().clone(),
-        SessionRecord::of(session),
-        queued,
-    )
+            std::collections::hash_map::Entry::Vacant(slot) => {
+                slot.insert(change);
+            }
+        }
+    }
+
+    /// Lays `newer` over this (older) batch: the result writes what both would.
+    fn merge(&mut self, newer: Batch) {
+        for (client_id, upto) in newer.forget {
+            self.queued
+                .retain(|(c, seq), _| !(*c == client_id && *seq <= upto));
+            let bound = self.forget.entry(client_id).or_insert(0);
+            *bound = (*bound).max(upto);
+        }
+        self.retained.extend(newer.retained);
+        self.sessions.extend(newer.sessions);
+        self.held += newer.held;
+        if self.budget.is_none() {
+            self.budget = newer.budget;
+        }
+        for ((client_id, seq), change) in newer.queued {
+            self.put_change(client_id, seq, change);
+        }
+    }
 }
 
 #[derive(Default)]
 struct Pending {
-    retained: HashMap<String, Option<Arc<Message>>>,
-    sessions: HashMap<Arc<str>, Option<SessionRecord>>,
-    snapshot: Option<Vec<SessionSnapshot>>,
+    batch: Batch,
+    /// Journals with changes not yet taken.
+    logs: Vec<Arc<QueueLog>>,
+    /// Waiting for everything recorded before they asked to be on disk.
+    flushes: Vec<std::sync::mpsc::Sender<()>>,
     stop: bool,
+}
+
+impl Pending {
+    fn has_work(&self) -> bool {
+        !self.batch.is_empty() || !self.logs.is_empty() || !self.flushes.is_empty()
+    }
 }
 
 struct Shared {
     pending: Mutex<Pending>,
     wake: Condvar,
+    /// The next queue `seq`.
+    next_seq: AtomicU64,
+}
+
+impl std::fmt::Debug for Shared {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("persistence writer")
+    }
 }
 
 impl Shared {
     fn lock(&self) -> MutexGuard<'_, Pending> {
         self.pending.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Records with `f` unless the writer stopped, and wakes it.
+    fn record(&self, f: impl FnOnce(&mut Pending)) {
+        let mut pending = self.lock();
+        if pending.stop {
+            return;
+        }
+        f(&mut pending);
+        drop(pending);
+        self.wake.notify_one();
+    }
+}
+
+impl LogSink for Shared {
+    fn next_seq(&self) -> u64 {
+        self.next_seq.fetch_add(1, Ordering::Relaxed)
+    }
+
+    fn changed(&self, log: Arc<QueueLog>) {
+        self.record(|p| p.logs.push(log));
     }
 }
 
@@ -198,6 +281,9 @@ CREATE TABLE IF NOT EXISTS queued (
     PRIMARY KEY (client_id, seq)
 );
 ";
+
+/// The longest wait between two attempts after a failed commit.
+const MAX_RETRY: Duration = Duration::from_secs(30);
 
 fn expiry_to_ms(at: Option<Instant>) -> Option<i64> {
     at.map(|at| {
@@ -284,11 +370,15 @@ fn protocol_from(level: i64) -> Protocol {
 }
 
 impl Persister {
-    /// Opens (or creates) the file, reads what it holds and starts the writer thread.
+    /// Opens (or creates) the file, reads what it holds and starts the writer thread,
+    /// which commits at most once per `commit_interval`.
     ///
     /// # Errors
     /// When the file cannot be opened, is not a database, or is of another version.
-    pub fn open(path: &Path) -> Result<(Persister, Loaded), PersistError> {
+    pub fn open(
+        path: &Path,
+        commit_interval: Duration,
+    ) -> Result<(Persister, Loaded), PersistError> {
         let sqlite = |source| PersistError::Sqlite {
             path: path.to_owned(),
             source,
@@ -313,18 +403,35 @@ impl Persister {
         conn.execute_batch(SCHEMA).map_err(sqlite)?;
         conn.execute_batch("PRAGMA user_version = 1")
             .map_err(sqlite)?;
+        // Shutdown snapshots of earlier builds numbered each session's rows from 0, and
+        // 0 means "not on file" in memory: shift them to 1.. (through negative keys, so
+        // no two rows ever share one).
+        let min_seq: Option<i64> = conn
+            .query_row("SELECT min(seq) FROM queued", [], |r| r.get(0))
+            .map_err(sqlite)?;
+        if min_seq == Some(0) {
+            conn.execute_batch(
+                "UPDATE queued SET seq = -seq - 1; UPDATE queued SET seq = -seq WHERE seq < 0;",
+            )
+            .map_err(sqlite)?;
+        }
         let loaded = load(&conn).map_err(sqlite)?;
-        conn.execute("DELETE FROM queued", []).map_err(sqlite)?;
+        let next_seq: i64 = conn
+            .query_row("SELECT coalesce(max(seq), 0) + 1 FROM queued", [], |r| {
+                r.get(0)
+            })
+            .map_err(sqlite)?;
 
         let shared = Arc::new(Shared {
             pending: Mutex::new(Pending::default()),
             wake: Condvar::new(),
+            next_seq: AtomicU64::new(u64::try_from(next_seq).unwrap_or(1).max(1)),
         });
         let thread_shared = shared.clone();
         let thread_path = path.to_owned();
         let thread = std::thread::Builder::new()
             .name("broker-persist".into())
-            .spawn(move || writer(conn, &thread_shared, &thread_path))
+            .spawn(move || writer(conn, &thread_shared, &thread_path, commit_interval))
             .map_err(|source| PersistError::Thread {
                 path: path.to_owned(),
                 source,
@@ -338,37 +445,54 @@ impl Persister {
         ))
     }
 
+    /// Where journaled mailboxes report their changes.
+    pub fn sink(&self) -> Arc<dyn LogSink> {
+        self.shared.clone()
+    }
+
     /// Records the retained message of `topic` (`None`: cleared).
     pub fn retained(&self, topic: &str, msg: Option<Arc<Message>>) {
-        let mut pending = self.shared.lock();
-        if pending.stop {
-            return;
-        }
-        pending.retained.insert(topic.to_owned(), msg);
-        drop(pending);
-        self.shared.wake.notify_one();
+        self.shared.record(|p| {
+            p.batch.retained.insert(topic.to_owned(), msg);
+        });
     }
 
-    /// Records a persistent session's state (`None`: the session ended).
-    pub fn session(&self, client_id: &Arc<str>, record: Option<SessionRecord>) {
-        let mut pending = self.shared.lock();
-        if pending.stop {
-            return;
-        }
-        pending.sessions.insert(client_id.clone(), record);
-        drop(pending);
-        self.shared.wake.notify_one();
+    /// Records a persistent session's state.
+    pub fn session(&self, client_id: &Arc<str>, record: SessionRecord) {
+        self.shared.record(|p| {
+            p.batch.sessions.insert(client_id.clone(), Some(record));
+        });
     }
 
-    /// Writes the final snapshot of parked sessions and stops the thread. Blocks until
-    /// it is on disk.
-    pub fn close(&self, snapshot: Vec<SessionSnapshot>) {
-        {
-            let mut pending = self.shared.lock();
-            pending.snapshot = Some(snapshot);
-            pending.stop = true;
-        }
-        self.shared.wake.notify_one();
+    /// A session ended: its record goes, and its queued rows up to `last_seq` (those
+    /// of a newer session under the same client id have higher keys).
+    pub fn forget(&self, client_id: &Arc<str>, last_seq: u64) {
+        self.shared.record(|p| {
+            p.batch.sessions.insert(client_id.clone(), None);
+            p.batch.merge(Batch {
+                forget: HashMap::from([(client_id.clone(), last_seq)]),
+                ..Batch::default()
+            });
+        });
+    }
+
+    /// Blocks until everything recorded so far is committed (or a commit failed).
+    #[cfg(test)]
+    pub fn flush(&self) {
+        let (tx, rx) = std::sync::mpsc::channel();
+        self.shared.record(|p| p.flushes.push(tx));
+        let _ = rx.recv();
+    }
+
+    /// Writes the final session records with every queue change still pending and
+    /// stops the thread. Blocks until it is on disk.
+    pub fn close(&self, records: Vec<(Arc<str>, SessionRecord)>) {
+        self.shared.record(|p| {
+            for (client_id, record) in records {
+                p.batch.sessions.insert(client_id, Some(record));
+            }
+            p.stop = true;
+        });
         let thread = self.thread.lock().unwrap_or_else(|e| e.into_inner()).take();
         if let Some(thread) = thread {
             if thread.join().is_err() {
@@ -378,26 +502,90 @@ impl Persister {
     }
 }
 
-fn writer(mut conn: Connection, shared: &Shared, path: &Path) {
+/// Waits for work, no sooner than `not_before` unless a flush or the stop asks.
+fn next_batch(
+    shared: &Shared,
+    not_before: std::time::Instant,
+) -> (Batch, Vec<std::sync::mpsc::Sender<()>>, bool) {
+    let mut pending = shared.lock();
     loop {
-        let mut pending = shared.lock();
-        while pending.retained.is_empty() && pending.sessions.is_empty() && !pending.stop {
+        let urgent = pending.stop || !pending.flushes.is_empty();
+        let now = std::time::Instant::now();
+        if pending.has_work() || pending.stop {
+            if urgent || now >= not_before {
+                break;
+            }
+            pending = shared
+                .wake
+                .wait_timeout(pending, not_before - now)
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+        } else {
             pending = shared.wake.wait(pending).unwrap_or_else(|e| e.into_inner());
         }
-        let batch = std::mem::take(&mut *pending);
-        pending.stop = batch.stop;
-        drop(pending);
-        if let Err(e) = commit(&mut conn, &batch) {
-            tracing::error!(path = %path.display(), error = %e, "cannot write to the persistence file");
+    }
+    let mut batch = std::mem::take(&mut pending.batch);
+    let logs = std::mem::take(&mut pending.logs);
+    let flushes = std::mem::take(&mut pending.flushes);
+    let stop = pending.stop;
+    drop(pending);
+    // Taken outside the pending lock: a journal takes its mailbox's lock.
+    for log in logs {
+        batch.take_log(&log);
+    }
+    (batch, flushes, stop)
+}
+
+fn writer(mut conn: Connection, shared: &Shared, path: &Path, interval: Duration) {
+    let mut carried = Batch::default();
+    let mut failing = false;
+    let mut retry = interval;
+    let mut not_before = std::time::Instant::now();
+    loop {
+        let (batch, flushes, stop) = next_batch(shared, not_before);
+        carried.merge(batch);
+        let started = std::time::Instant::now();
+        match commit(&mut conn, &carried) {
+            Ok(()) => {
+                if failing {
+                    tracing::info!(path = %path.display(), "persistence file writable again");
+                    failing = false;
+                }
+                carried.release();
+                carried = Batch::default();
+                retry = interval;
+                not_before = started + interval;
+            }
+            Err(e) => {
+                if !failing {
+                    tracing::error!(path = %path.display(), error = %e, "cannot write to the persistence file; changes kept in memory and retried");
+                    failing = true;
+                }
+                retry = (retry * 2).clamp(Duration::from_millis(100), MAX_RETRY);
+                not_before = started + retry;
+            }
         }
-        if batch.stop {
+        for done in flushes {
+            let _ = done.send(());
+        }
+        if stop {
             return;
         }
     }
 }
 
-fn commit(conn: &mut Connection, batch: &Pending) -> rusqlite::Result<()> {
+fn commit(conn: &mut Connection, batch: &Batch) -> rusqlite::Result<()> {
+    if batch.is_empty() {
+        return Ok(());
+    }
     let tx = conn.transaction()?;
+    for (client_id, upto) in &batch.forget {
+        tx.prepare_cached("DELETE FROM queued WHERE client_id = ?1 AND seq <= ?2")?
+            .execute(params![
+                &**client_id,
+                i64::try_from(*upto).unwrap_or(i64::MAX)
+            ])?;
+    }
     for (topic, msg) in &batch.retained {
         match msg {
             Some(msg) => {
@@ -415,31 +603,31 @@ fn commit(conn: &mut Connection, batch: &Pending) -> rusqlite::Result<()> {
     for (client_id, record) in &batch.sessions {
         write_session(&tx, client_id, record.as_ref())?;
     }
-    if let Some(snapshot) = &batch.snapshot {
-        for (client_id, record, queued) in snapshot {
-            write_session(&tx, client_id, Some(record))?;
-            let mut insert = tx.prepare_cached(
-                "INSERT INTO queued (client_id, seq, message, qos, retain, sub_ids, pkid, released, expires_at_ms)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
-            )?;
-            for (seq, q) in queued.iter().enumerate() {
-                let d = &q.delivery;
-                let (pkid, released) = match &q.pkid {
-                    Some((pkid, slot)) => (Some(*pkid), matches!(slot, Slot::Released)),
-                    None => (None, false),
-                };
-                insert.execute(params![
+    for ((client_id, seq), change) in &batch.queued {
+        let seq = i64::try_from(*seq).unwrap_or(i64::MAX);
+        match &change.row {
+            Some((d, flow)) => {
+                tx.prepare_cached(
+                    "INSERT OR REPLACE INTO queued (client_id, seq, message, qos, retain, sub_ids, pkid, released, expires_at_ms)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
+                )?
+                .execute(params![
                     &**client_id,
-                    seq as i64,
+                    seq,
                     encode_message(&d.msg),
                     d.qos as u8,
                     d.retain,
                     serde_json::to_string(&d.sub_ids).unwrap_or_default(),
-                    pkid,
-                    released,
+                    flow.map(|f| f.pkid),
+                    flow.is_some_and(|f| f.released),
                     expiry_to_ms(d.msg.expires_at),
                 ])?;
             }
+            None if change.on_file => {
+                tx.prepare_cached("DELETE FROM queued WHERE client_id = ?1 AND seq = ?2")?
+                    .execute(params![&**client_id, seq])?;
+            }
+            None => {}
         }
     }
     tx.commit()
@@ -450,8 +638,6 @@ fn write_session(
     client_id: &str,
     record: Option<&SessionRecord>,
 ) -> rusqlite::Result<()> {
-    tx.prepare_cached("DELETE FROM queued WHERE client_id = ?1")?
-        .execute([client_id])?;
     match record {
         Some(r) => {
             let subs: Vec<(&str, u8, u32)> = r
@@ -508,8 +694,9 @@ fn load(conn: &Connection) -> rusqlite::Result<Loaded> {
             r.get::<_, String>(4)?,
         ))
     })?;
+    let mut messages: HashMap<(Vec<u8>, Option<i64>), Arc<Message>> = HashMap::new();
     let mut queued_stmt = conn.prepare(
-        "SELECT message, qos, retain, sub_ids, pkid, released, expires_at_ms FROM queued
+        "SELECT message, qos, retain, sub_ids, pkid, released, expires_at_ms, seq FROM queued
          WHERE client_id = ?1 ORDER BY seq",
     )?;
     for row in rows {
@@ -542,20 +729,32 @@ fn load(conn: &Connection) -> rusqlite::Result<Loaded> {
                 r.get::<_, Option<u16>>(4)?,
                 r.get::<_, bool>(5)?,
                 r.get::<_, Option<i64>>(6)?,
+                r.get::<_, i64>(7)?,
             ))
         })?;
         for row in rows {
-            let (blob, qos, retain, sub_ids, pkid, released, expires) = row?;
-            let Some(msg) = decode_message(&blob, expires) else {
-                continue;
+            let (blob, qos, retain, sub_ids, pkid, released, expires, seq) = row?;
+            // A message queued for many sessions is one row each; in memory it is one
+            // message again, as it was before the restart.
+            let msg = match messages.get(&(blob.clone(), expires)) {
+                Some(msg) => Arc::clone(msg),
+                None => {
+                    let Some(msg) = decode_message(&blob, expires) else {
+                        continue;
+                    };
+                    let msg = Arc::new(msg);
+                    messages.insert((blob, expires), msg.clone());
+                    msg
+                }
             };
             let sub_ids: Vec<u32> = serde_json::from_str(&sub_ids).unwrap_or_default();
-            let delivery = Delivery::new(
-                Arc::new(msg),
+            let mut delivery = Delivery::new(
+                msg,
                 QoS::from_u8(qos).unwrap_or(QoS::AtLeastOnce),
                 retain,
                 sub_ids.into_boxed_slice(),
             );
+            delivery.seq = u64::try_from(seq).unwrap_or(0);
             let pkid = pkid.filter(|p| *p != 0).map(|p| {
                 let slot = if released {
                     Slot::Released
@@ -605,7 +804,7 @@ mod tests {
             conn.execute_batch("CREATE TABLE x (y); PRAGMA user_version = 7")
                 .unwrap();
         }
-        let err = Persister::open(&path).unwrap_err();
+        let err = Persister::open(&path, Duration::ZERO).unwrap_err();
         assert!(
             matches!(err, PersistError::Version { found: 7, .. }),
             "{err}"

@@ -16,8 +16,10 @@
 //! - A pending will lives in the slot of its parked session: it is taken by its delay
 //!   timer, by the end of the session (expiry or a clean start), or dropped when the
 //!   session is resumed.
+//! - Every parked session is in the parked index, by the order it went offline; at most
+//!   `max_sessions` stay parked: beyond that the one offline longest ends first.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
@@ -25,7 +27,7 @@ use std::time::Duration;
 use tokio::sync::oneshot;
 use tokio::time::Instant;
 
-use super::session::{Kick, Mailbox, Message, Session, NEVER_EXPIRES};
+use super::session::{Budget, Kick, Mailbox, Message, Session, NEVER_EXPIRES};
 use crate::mqtt::Protocol;
 
 /// How long a new connection waits for the one it takes over to let go.
@@ -43,6 +45,50 @@ struct SessionSlot {
     expires_at: Option<Instant>,
     /// The will of the last connection, waiting for its delay.
     will: Option<Arc<Message>>,
+    /// Its key in the parked index while parked.
+    parked_order: u64,
+}
+
+/// The sessions and the index of the parked ones.
+#[derive(Debug, Default)]
+struct Sessions {
+    by_id: HashMap<Arc<str>, SessionSlot>,
+    /// Parked sessions by the order they went offline, oldest first.
+    parked: BTreeMap<u64, Arc<str>>,
+    next_order: u64,
+}
+
+impl Sessions {
+    fn get_mut(&mut self, client_id: &str) -> Option<&mut SessionSlot> {
+        self.by_id.get_mut(client_id)
+    }
+
+    /// Puts the session into `slot` and into the parked index.
+    fn park(&mut self, client_id: &Arc<str>, session: Session) {
+        self.next_order += 1;
+        let order = self.next_order;
+        if let Some(slot) = self.by_id.get_mut(client_id) {
+            slot.parked = Some(Box::new(session));
+            slot.parked_order = order;
+            self.parked.insert(order, client_id.clone());
+        }
+    }
+
+    /// Takes the parked session out of `client_id`'s slot and out of the index.
+    fn unpark(&mut self, client_id: &str) -> Option<Session> {
+        let slot = self.by_id.get_mut(client_id)?;
+        let session = slot.parked.take()?;
+        self.parked.remove(&slot.parked_order);
+        Some(*session)
+    }
+
+    fn remove(&mut self, client_id: &str) -> Option<SessionSlot> {
+        let slot = self.by_id.remove(client_id)?;
+        if slot.parked.is_some() {
+            self.parked.remove(&slot.parked_order);
+        }
+        Some(slot)
+    }
 }
 
 /// A session handed to a connection.
@@ -83,6 +129,16 @@ pub(crate) enum DueWill {
     After(u32),
 }
 
+/// The end of a parked session taken out of the registry.
+fn end_parked(mut slot: SessionSlot) -> Option<Ended> {
+    let session = slot.parked.take()?;
+    Some(Ended {
+        session: *session,
+        will: slot.will.take(),
+        forget: true,
+    })
+}
+
 fn ended(session: Session, will: Option<(Message, u32)>, forget: bool) -> Released {
     Released::Ended(Ended {
         session,
@@ -94,25 +150,29 @@ fn ended(session: Session, will: Option<(Message, u32)>, forget: bool) -> Releas
 /// Sessions by client id.
 #[derive(Debug)]
 pub(crate) struct Registry {
-    sessions: Mutex<HashMap<Arc<str>, SessionSlot>>,
+    sessions: Mutex<Sessions>,
     /// Connections waiting for a session to be parked (takeover), rare and short-lived;
     /// locked only inside `sessions`.
     takeovers: Mutex<Vec<(Arc<str>, oneshot::Sender<()>)>>,
     next_id: AtomicU64,
+    /// The broker-wide queue budget every mailbox counts in.
+    budget: Arc<Budget>,
+    /// Parked sessions kept at most.
+    max_sessions: usize,
 }
 
-impl Default for Registry {
-    fn default() -> Self {
+impl Registry {
+    pub fn new(budget: Arc<Budget>, max_sessions: usize) -> Registry {
         Registry {
             sessions: Mutex::default(),
             takeovers: Mutex::default(),
             next_id: AtomicU64::new(1),
+            budget,
+            max_sessions,
         }
     }
-}
 
-impl Registry {
-    fn sessions(&self) -> MutexGuard<'_, HashMap<Arc<str>, SessionSlot>> {
+    fn sessions(&self) -> MutexGuard<'_, Sessions> {
         self.sessions.lock().unwrap_or_else(|e| e.into_inner())
     }
 
@@ -123,7 +183,7 @@ impl Registry {
     /// A mailbox with a new id, for a new session.
     pub fn new_mailbox(&self, client_id: Arc<str>, protocol: Protocol) -> Arc<Mailbox> {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
-        Arc::new(Mailbox::new(id, client_id, protocol))
+        Arc::new(Mailbox::new(id, client_id, protocol, self.budget.clone()))
     }
 
     /// Gives the session of `client_id` to a new connection: continues it (unless
@@ -147,7 +207,9 @@ impl Registry {
                         rx
                     }
                     Some(slot) if slot.parked.is_some() => {
-                        return self.resume(slot, client_id, clean_start, protocol);
+                        let session = sessions.unpark(client_id).expect("checked parked");
+                        let slot = sessions.get_mut(client_id).expect("still there");
+                        return self.resume(slot, session, client_id, clean_start, protocol);
                     }
                     Some(_) => {
                         // The old connection did not let go in time: give up on its
@@ -174,11 +236,11 @@ impl Registry {
     fn resume(
         &self,
         slot: &mut SessionSlot,
+        mut session: Session,
         client_id: &str,
         clean_start: bool,
         protocol: Protocol,
     ) -> (Opened, Option<Ended>) {
-        let mut session = *slot.parked.take().expect("the caller checked it is parked");
         slot.generation += 1;
         slot.expires_at = None;
         let pending_will = slot.will.take();
@@ -209,15 +271,10 @@ impl Registry {
         (opened, ended)
     }
 
-    fn insert_new(
-        &self,
-        sessions: &mut HashMap<Arc<str>, SessionSlot>,
-        client_id: &str,
-        protocol: Protocol,
-    ) -> Opened {
+    fn insert_new(&self, sessions: &mut Sessions, client_id: &str, protocol: Protocol) -> Opened {
         let mailbox = self.new_mailbox(client_id.into(), protocol);
         mailbox.set_online(true);
-        sessions.insert(
+        sessions.by_id.insert(
             mailbox.client_id.clone(),
             SessionSlot {
                 mailbox: mailbox.clone(),
@@ -225,6 +282,7 @@ impl Registry {
                 generation: 1,
                 expires_at: None,
                 will: None,
+                parked_order: 0,
             },
         );
         Opened {
@@ -235,15 +293,16 @@ impl Registry {
     }
 
     /// A connection lets go of its session: it ends (no expiry, or stale after a
-    /// takeover timeout) or is parked. `will` is the will to publish (abnormal end), with
-    /// its delay in seconds. `persist` is called with a session about to be parked,
-    /// before another connection can take it.
+    /// takeover timeout) or is parked for `expiry` seconds (the session's own, capped
+    /// by the broker). `will` is the will to publish (abnormal end), with its delay in
+    /// seconds. `persist` is called with a session about to be parked, before another
+    /// connection can take it.
     pub fn release(
         &self,
         session: Session,
         generation: u64,
         will: Option<(Message, u32)>,
-        max_expiry: u32,
+        expiry: u32,
         persist: impl FnOnce(&Session),
     ) -> Released {
         session.mailbox.set_online(false);
@@ -261,20 +320,22 @@ impl Registry {
             _ => return ended(session, will, false),
         };
         let kicked = session.mailbox.lock().kick();
-        if session.expiry == 0 {
+        if session.expiry == 0 || expiry == 0 {
             sessions.remove(&client_id);
             return ended(session, will, true);
         }
-        let expiry = session.expiry.min(max_expiry);
         slot.expires_at = (expiry != NEVER_EXPIRES)
             .then(|| Instant::now() + Duration::from_secs(u64::from(expiry)));
         if kicked == Some(Kick::Shutdown) {
             // Kept for the persistence snapshot; no will on our own shutdown.
-            slot.parked = Some(Box::new(session));
+            sessions.park(&client_id, session);
             return Released::Parked(None);
         }
         persist(&session);
-        slot.parked = Some(Box::new(session));
+        sessions.park(&client_id, session);
+        let Some(slot) = sessions.get_mut(&client_id) else {
+            return Released::Parked(None);
+        };
         let Some((will, delay)) = will else {
             return Released::Parked(None);
         };
@@ -311,7 +372,7 @@ impl Registry {
 
     /// Kicks the connections whose keepalive ran out by `now_ms`.
     pub fn kick_silent(&self, now_ms: u64) {
-        for slot in self.sessions().values() {
+        for slot in self.sessions().by_id.values() {
             if slot.parked.is_none() && slot.mailbox.keep_alive_expired(now_ms) {
                 slot.mailbox.kick(Kick::KeepAlive);
             }
@@ -323,43 +384,59 @@ impl Registry {
         let expired: Vec<SessionSlot> = {
             let mut sessions = self.sessions();
             let ids: Vec<Arc<str>> = sessions
+                .by_id
                 .iter()
                 .filter(|(_, s)| s.parked.is_some() && s.expires_at.is_some_and(|at| at <= now))
                 .map(|(id, _)| id.clone())
                 .collect();
             ids.iter().filter_map(|id| sessions.remove(id)).collect()
         };
-        expired
-            .into_iter()
-            .filter_map(|mut slot| {
-                let session = slot.parked.take()?;
-                Some(Ended {
-                    session: *session,
-                    will: slot.will.take(),
-                    forget: true,
-                })
-            })
-            .collect()
+        expired.into_iter().filter_map(end_parked).collect()
+    }
+
+    /// Removes the parked sessions offline the longest while more than `max_sessions`
+    /// are parked.
+    pub fn take_over_limit(&self) -> Vec<Ended> {
+        let evicted: Vec<SessionSlot> = {
+            let mut sessions = self.sessions();
+            let mut out = Vec::new();
+            while sessions.parked.len() > self.max_sessions {
+                let Some((_, id)) = sessions.parked.pop_first() else {
+                    break;
+                };
+                if let Some(mut slot) = sessions.by_id.remove(&id) {
+                    // Already out of the index.
+                    slot.parked_order = 0;
+                    out.push(slot);
+                }
+            }
+            out
+        };
+        evicted.into_iter().filter_map(end_parked).collect()
     }
 
     /// Adds a session restored from persistence, parked.
     pub fn insert_parked(&self, session: Session, expires_at: Option<Instant>) {
         let mailbox = session.mailbox.clone();
-        self.sessions().insert(
-            mailbox.client_id.clone(),
+        let client_id = mailbox.client_id.clone();
+        let mut sessions = self.sessions();
+        sessions.by_id.insert(
+            client_id.clone(),
             SessionSlot {
                 mailbox,
-                parked: Some(Box::new(session)),
+                parked: None,
                 generation: 1,
                 expires_at,
                 will: None,
+                parked_order: 0,
             },
         );
+        sessions.park(&client_id, session);
     }
 
     /// Kicks every connection with `why`.
     pub fn kick_all(&self, why: Kick) {
-        for slot in self.sessions().values() {
+        for slot in self.sessions().by_id.values() {
             if slot.parked.is_none() {
                 slot.mailbox.kick(why);
             }
@@ -368,7 +445,7 @@ impl Registry {
 
     /// Wakes every connection (a reload for them to apply).
     pub fn wake_all(&self) {
-        for slot in self.sessions().values() {
+        for slot in self.sessions().by_id.values() {
             if slot.parked.is_none() {
                 slot.mailbox.wake();
             }
@@ -378,7 +455,7 @@ impl Registry {
     /// Calls `f` with every parked persistent session (persistence snapshot on
     /// shutdown).
     pub fn for_each_parked(&self, mut f: impl FnMut(&Session)) {
-        for slot in self.sessions().values() {
+        for slot in self.sessions().by_id.values() {
             if let Some(session) = &slot.parked {
                 if session.expiry > 0 {
                     f(session);
@@ -390,9 +467,7 @@ impl Registry {
     /// Sessions in the registry, and how many of them are online.
     pub fn counts(&self) -> (usize, usize) {
         let sessions = self.sessions();
-        (
-            sessions.len(),
-            sessions.values().filter(|s| s.parked.is_none()).count(),
-        )
+        let all = sessions.by_id.len();
+        (all, all - sessions.parked.len())
     }
 }

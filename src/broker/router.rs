@@ -16,6 +16,13 @@
 //!   parked, so an offline persistent session keeps queueing.
 //! - A message is encoded once per distinct wire form (protocol, QoS, retain) and the
 //!   bytes are shared among subscribers.
+//! - With a persistence file, a persistent session's record is written when it
+//!   subscribes and when it goes offline, and its mailbox is journaled from then on
+//!   (see `persist.rs`); a session that ends for good is forgotten with its rows.
+//! - Memory is bounded broker-wide: at most `max_sessions` parked sessions (the one
+//!   offline longest ends first), and the queue budget of `session.rs`. What a limit
+//!   takes is counted in [`BrokerStats`] and logged once per state change (see
+//!   `sys.rs`), never once per message or session.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
@@ -26,11 +33,12 @@ use tokio_util::sync::CancellationToken;
 
 use super::auth::{Identity, Policy};
 use super::config::BrokerConfig;
-use super::persist::{Loaded, Persister, SessionRecord};
+use super::persist::{Loaded, Persister, QueuedRecord, SessionRecord};
 use super::registry::{DueWill, Ended, Opened, Registry, Released};
 use super::retained::RetainedStore;
 use super::session::{
-    Delivery, Kick, Limits, Mailbox, Message, Pushed, Session, SubRecord, Target, NEVER_EXPIRES,
+    Budget, Delivery, Kick, Limits, LogSink, Mailbox, Message, Pushed, Session, SubRecord, Target,
+    NEVER_EXPIRES,
 };
 use super::tree::{Subscriber, SubscriptionTree};
 use crate::mqtt::topic;
@@ -58,6 +66,17 @@ pub struct BrokerStats {
     /// Messages dropped because a client's queue was full (or a message was larger than
     /// the client accepts).
     pub dropped: u64,
+    /// Messages for offline sessions dropped by the broker-wide queue budget
+    /// (`max_queued_bytes_total`): new ones or, with `drop_oldest`, older ones.
+    pub dropped_budget: u64,
+    /// Bytes queued now, all sessions (as `max_queued_bytes_total` counts them).
+    pub queued_bytes: usize,
+    /// Offline sessions ended because their expiry passed.
+    pub sessions_expired: u64,
+    /// Offline sessions ended because `max_sessions` were offline.
+    pub sessions_evicted: u64,
+    /// Queued messages lost with sessions that expired or were evicted.
+    pub dropped_with_sessions: u64,
     /// Queued messages dropped because their expiry interval passed.
     pub expired: u64,
     /// PUBLISH packets refused by the ACL or the protected topic trees.
@@ -78,11 +97,26 @@ pub(crate) struct Settings {
     pub connect_timeout: Duration,
     /// Cap on session expiry, seconds.
     pub max_session_expiry: u32,
+    /// Expiry of an offline 3.1.1 persistent session, seconds (already capped).
+    pub v311_session_expiry: u32,
+    pub max_sessions: usize,
+    pub max_queued_bytes_total: usize,
+    pub queue_policy: super::config::QueuePolicy,
     pub max_subscriptions: usize,
     pub max_retained: usize,
 }
 
 impl Settings {
+    /// How long a session of `protocol` asking for `expiry` seconds stays parked: 3.1.1
+    /// has no expiry of its own ("never"), so it gets the broker's.
+    pub fn offline_expiry(&self, protocol: Protocol, expiry: u32) -> u32 {
+        match (protocol, expiry) {
+            (_, 0) => 0,
+            (Protocol::V311, NEVER_EXPIRES) => self.v311_session_expiry,
+            _ => expiry.min(self.max_session_expiry),
+        }
+    }
+
     pub fn from_config(config: &BrokerConfig) -> Settings {
         Settings {
             limits: Limits {
@@ -97,6 +131,16 @@ impl Settings {
             max_session_expiry: config
                 .persistent_session_expiry_secs
                 .map_or(NEVER_EXPIRES, |s| u32::try_from(s).unwrap_or(NEVER_EXPIRES)),
+            v311_session_expiry: u32::try_from(config.v311_session_expiry_secs)
+                .unwrap_or(NEVER_EXPIRES)
+                .min(
+                    config
+                        .persistent_session_expiry_secs
+                        .map_or(NEVER_EXPIRES, |s| u32::try_from(s).unwrap_or(NEVER_EXPIRES)),
+                ),
+            max_sessions: config.max_sessions,
+            max_queued_bytes_total: config.max_queued_bytes_total,
+            queue_policy: config.queue_budget_policy,
             max_subscriptions: config.max_subscriptions_per_client,
             max_retained: config.max_retained_messages,
         }
@@ -114,6 +158,9 @@ pub(crate) struct Counters {
     pub expired: AtomicU64,
     pub denied: AtomicU64,
     pub retained_refused: AtomicU64,
+    pub sessions_expired: AtomicU64,
+    pub sessions_evicted: AtomicU64,
+    pub dropped_with_sessions: AtomicU64,
 }
 
 impl Counters {
@@ -131,10 +178,13 @@ pub(crate) struct Router {
     tree: RwLock<SubscriptionTree<Target>>,
     retained: RwLock<RetainedStore<Arc<Message>>>,
     registry: Registry,
+    budget: Arc<Budget>,
     policy: RwLock<Arc<Policy>>,
     policy_generation: AtomicU64,
     pub counters: Counters,
     persister: Option<Persister>,
+    /// Where journaled mailboxes report to (with a persistence file).
+    sink: Option<Arc<dyn LogSink>>,
     started: Instant,
     /// Cancels pending will timers on shutdown.
     pub cancel: CancellationToken,
@@ -151,14 +201,20 @@ fn write<T>(lock: &RwLock<T>) -> RwLockWriteGuard<'_, T> {
 
 impl Router {
     pub fn new(settings: Settings, policy: Policy, persister: Option<Persister>) -> Router {
+        let budget = Arc::new(Budget::new(
+            settings.max_queued_bytes_total,
+            settings.queue_policy,
+        ));
         Router {
+            registry: Registry::new(budget.clone(), settings.max_sessions),
+            budget,
             settings,
             tree: RwLock::default(),
             retained: RwLock::default(),
-            registry: Registry::default(),
             policy: RwLock::new(Arc::new(policy)),
             policy_generation: AtomicU64::new(0),
             counters: Counters::default(),
+            sink: persister.as_ref().map(Persister::sink),
             persister,
             started: Instant::now(),
             cancel: CancellationToken::new(),
@@ -250,9 +306,9 @@ impl Router {
                 delivery.wire_protocol = protocol;
             }
             match mailbox.push(delivery, self.settings.limits, true) {
-                Pushed::Queued => queued += 1,
+                Pushed::Queued | Pushed::Evicted(_) => queued += 1,
                 Pushed::Dropped => dropped += 1,
-                Pushed::Skipped => {}
+                Pushed::OverBudget | Pushed::Skipped => {}
             }
         }
         Counters::add(&self.counters.dropped, dropped);
@@ -302,18 +358,21 @@ impl Router {
         for (client_id, record, queued) in loaded.sessions {
             self.restore_session(&client_id, record, queued);
         }
+        self.end_over_limit();
     }
 
-    /// Writes the snapshot of every parked persistent session and stops the
-    /// persistence thread. Blocks until the file is written.
+    /// Writes the record of every parked persistent session with every queue change
+    /// still pending and stops the persistence thread. Blocks until the file is
+    /// written.
     pub fn persist_and_close(&self) {
         let Some(persister) = &self.persister else {
             return;
         };
-        let mut snapshot = Vec::new();
-        self.registry
-            .for_each_parked(|s| snapshot.push(super::persist::snapshot(s)));
-        persister.close(snapshot);
+        let mut records = Vec::new();
+        self.registry.for_each_parked(|s| {
+            records.push((s.client_id().clone(), SessionRecord::of(s)));
+        });
+        persister.close(records);
     }
 
     /// Handles the filters of a SUBSCRIBE; returns one reason code per filter and queues
@@ -413,10 +472,12 @@ impl Router {
         codes
     }
 
+    /// Writes the record of a persistent session and journals its mailbox from now on.
     fn persist_session(&self, session: &Session) {
-        if let Some(persister) = &self.persister {
+        if let (Some(persister), Some(sink)) = (&self.persister, &self.sink) {
             if session.expiry > 0 {
-                persister.session(session.client_id(), Some(SessionRecord::of(session)));
+                persister.session(session.client_id(), SessionRecord::of(session));
+                session.mailbox.journal(sink);
             }
         }
     }
@@ -461,12 +522,11 @@ impl Router {
             forget,
         } = ended;
         self.drop_subscriptions(&session);
-        let queued = session.mailbox.lock().items.len();
-        if queued > 0 {
-            tracing::debug!(client_id = %session.client_id(), queued, "session ended with queued messages");
-        }
-        if let (Some(persister), true) = (&self.persister, forget) {
-            persister.session(session.client_id(), None);
+        if let Some(persister) = &self.persister {
+            let last_seq = session.mailbox.log().map_or(0, |log| log.close());
+            if forget {
+                persister.forget(session.client_id(), last_seq);
+            }
         }
         if let Some(will) = will {
             self.publish_will(will);
@@ -496,12 +556,26 @@ impl Router {
         will: Option<(Message, u32)>,
     ) {
         let client_id = session.client_id().clone();
-        let max_expiry = self.settings.max_session_expiry;
+        let mailbox = session.mailbox.clone();
+        let expiry = self
+            .settings
+            .offline_expiry(session.mailbox.protocol(), session.expiry);
         let released = self
             .registry
-            .release(session, generation, will, max_expiry, |s| {
-                self.persist_session(s);
+            .release(session, generation, will, expiry, |s| {
+                if let Some(persister) = &self.persister {
+                    persister.session(s.client_id(), SessionRecord::of(s));
+                }
             });
+        if matches!(released, Released::Parked(_)) {
+            // What it got while online (retained messages on subscribe, a backlog it
+            // did not read) is held to the budget now, and what is left goes on file.
+            self.fit_budget(&mailbox);
+            if let (Some(sink), Some(_)) = (&self.sink, mailbox.log()) {
+                mailbox.journal(sink);
+            }
+            self.end_over_limit();
+        }
         match released {
             Released::Ended(ended) => self.end_session(ended),
             Released::Parked(None) => {}
@@ -537,9 +611,14 @@ impl Router {
         let now_ms = u64::try_from(now.saturating_duration_since(self.started).as_millis())
             .unwrap_or(u64::MAX);
         self.registry.kick_silent(now_ms);
-        for ended in self.registry.take_expired(now) {
-            tracing::info!(client_id = %ended.session.client_id(), "session expired");
-            self.end_session(ended);
+        let expired = self.registry.take_expired(now);
+        if !expired.is_empty() {
+            let lost = self.end_sessions(expired, &self.counters.sessions_expired);
+            tracing::info!(
+                sessions = lost.0,
+                queued_messages_lost = lost.1,
+                "offline sessions expired"
+            );
         }
         let gone = write(&self.retained).retain(|m| !m.expired(now));
         if gone > 0 {
@@ -547,13 +626,50 @@ impl Router {
         }
     }
 
+    /// Ends parked sessions for good, counting them in `counter` and the queued
+    /// messages they take along; returns both counts.
+    fn end_sessions(&self, ended: Vec<Ended>, counter: &AtomicU64) -> (u64, u64) {
+        let sessions = ended.len() as u64;
+        let mut lost = 0;
+        for e in ended {
+            lost += e.session.mailbox.lock().items.len() as u64 + e.session.inflight.len() as u64;
+            tracing::debug!(client_id = %e.session.client_id(), "offline session ended");
+            self.end_session(e);
+        }
+        Counters::add(counter, sessions);
+        Counters::add(&self.counters.dropped_with_sessions, lost);
+        (sessions, lost)
+    }
+
+    /// Holds an offline session's queue to the broker-wide budget.
+    fn fit_budget(&self, mailbox: &Mailbox) {
+        let dropped = mailbox.lock().fit_budget();
+        if dropped > 0 {
+            tracing::debug!(client_id = %mailbox.client_id, dropped, "queue budget: messages of an offline session dropped");
+        }
+    }
+
+    /// Ends the sessions offline the longest while more than `max_sessions` are.
+    fn end_over_limit(&self) {
+        let evicted = self.registry.take_over_limit();
+        if !evicted.is_empty() {
+            let before = self.counters.sessions_evicted.load(Ordering::Relaxed);
+            let (sessions, lost) = self.end_sessions(evicted, &self.counters.sessions_evicted);
+            // One line when the limit is first reached, then at every power of two.
+            let after = before + sessions;
+            if before == 0 || (before + 1..=after).any(u64::is_power_of_two) {
+                tracing::warn!(
+                    max_sessions = self.settings.max_sessions,
+                    evicted_total = after,
+                    queued_messages_lost = lost,
+                    "too many offline sessions: the ones offline longest end"
+                );
+            }
+        }
+    }
+
     /// Restores a persisted session as parked.
-    fn restore_session(
-        &self,
-        client_id: &str,
-        record: SessionRecord,
-        queued: Vec<super::persist::QueuedRecord>,
-    ) {
+    fn restore_session(&self, client_id: &str, record: SessionRecord, queued: Vec<QueuedRecord>) {
         let mailbox = self.registry.new_mailbox(client_id.into(), record.protocol);
         let mut session = Session::new(mailbox.clone());
         session.expiry = record.expiry;
@@ -577,14 +693,17 @@ impl Router {
         }
         for q in queued {
             match q.pkid {
-                Some((pkid, slot)) => session.inflight.push(pkid, slot),
-                None => {
-                    mailbox.push(q.delivery, self.settings.limits, false);
-                }
+                Some((pkid, slot)) => session.inflight.restore(pkid, slot, q.delivery.seq),
+                None => mailbox.restore(q.delivery),
             }
         }
-        let expires_at = (record.expiry != NEVER_EXPIRES)
-            .then(|| Instant::now() + Duration::from_secs(u64::from(record.expiry)));
+        if let Some(sink) = &self.sink {
+            mailbox.journal(sink);
+        }
+        self.fit_budget(&mailbox);
+        let expiry = self.settings.offline_expiry(record.protocol, record.expiry);
+        let expires_at = (expiry != NEVER_EXPIRES)
+            .then(|| Instant::now() + Duration::from_secs(u64::from(expiry)));
         self.registry.insert_parked(session, expires_at);
     }
 
@@ -610,6 +729,11 @@ impl Router {
             subscriptions: read(&self.tree).len(),
             retained: read(&self.retained).len(),
             dropped: c.dropped.load(Ordering::Relaxed),
+            dropped_budget: self.budget.dropped(),
+            queued_bytes: self.budget.used(),
+            sessions_expired: c.sessions_expired.load(Ordering::Relaxed),
+            sessions_evicted: c.sessions_evicted.load(Ordering::Relaxed),
+            dropped_with_sessions: c.dropped_with_sessions.load(Ordering::Relaxed),
             expired: c.expired.load(Ordering::Relaxed),
             denied: c.denied.load(Ordering::Relaxed),
             retained_refused: c.retained_refused.load(Ordering::Relaxed),

@@ -780,7 +780,8 @@ async fn keepalive_runs_out_at_one_and_a_half_times_its_value() {
 }
 
 fn persistent_router(path: &std::path::Path) -> Arc<Router> {
-    let (persister, loaded) = super::persist::Persister::open(path).unwrap();
+    let (persister, loaded) =
+        super::persist::Persister::open(path, Duration::from_millis(100)).unwrap();
     let router = Arc::new(Router::new(
         Settings::from_config(&BrokerConfig::default()),
         Policy {
@@ -793,28 +794,21 @@ fn persistent_router(path: &std::path::Path) -> Arc<Router> {
     router
 }
 
-/// Regression guard for the restart path: messages in every flow state, inbound QoS 2
-/// ids and retained properties come back from the SQLite file as they were.
-#[tokio::test]
-async fn a_restart_keeps_every_flow_state_of_a_persistent_session() {
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("broker.db");
-    let router = persistent_router(&path);
+/// A 5.0 session "durable" (expiry 600 s) subscribed to `d/#` at QoS 2, sent `m1`..`m4`
+/// at `qos` and holding them unacknowledged but for `m1`, whose PUBREC it sent (so
+/// `m1` waits for PUBCOMP). Returns its CONNECT, the client, the publisher and the
+/// packet ids of `m1`..`m4`.
+async fn durable_with_flows(
+    router: &Arc<Router>,
+    qos: [QoS; 4],
+) -> (Connect, Client, Client, Vec<u16>) {
     let mut c = connect_packet(Protocol::V5, "durable");
     c.clean_start = false;
     c.properties.session_expiry_interval = Some(600);
-    let (mut sub, _) = open(&router, c.clone()).await;
+    let (mut sub, _) = open(router, c.clone()).await;
     sub.subscribe("d/#", QoS::ExactlyOnce);
-    let mut publisher = connect(&router, Protocol::V5, "pub").await;
-    for (i, qos) in [
-        QoS::ExactlyOnce,
-        QoS::ExactlyOnce,
-        QoS::ExactlyOnce,
-        QoS::AtLeastOnce,
-    ]
-    .into_iter()
-    .enumerate()
-    {
+    let mut publisher = connect(router, Protocol::V5, "pub").await;
+    for (i, qos) in qos.into_iter().enumerate() {
         let payload: &'static [u8] = [b"m1", b"m2", b"m3", b"m4"][i];
         publisher.publish("d/x", payload, qos, i as u16 + 1);
     }
@@ -823,6 +817,23 @@ async fn a_restart_keeps_every_flow_state_of_a_persistent_session() {
     assert_eq!(pkids.len(), 4);
     sub.send(Packet::PubRec(Ack::new(pkids[0]))).unwrap();
     assert_eq!(sub.decode(), [Packet::PubRel(Ack::new(pkids[0]))]);
+    (c, sub, publisher, pkids)
+}
+
+/// Regression guard for the restart path: messages in every flow state, inbound QoS 2
+/// ids and retained properties come back from the SQLite file as they were.
+#[tokio::test]
+async fn a_restart_keeps_every_flow_state_of_a_persistent_session() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("broker.db");
+    let router = persistent_router(&path);
+    let qos = [
+        QoS::ExactlyOnce,
+        QoS::ExactlyOnce,
+        QoS::ExactlyOnce,
+        QoS::AtLeastOnce,
+    ];
+    let (c, mut sub, mut publisher, pkids) = durable_with_flows(&router, qos).await;
     // Inbound QoS 2 from the subscriber, not yet released.
     sub.publish("elsewhere", b"in", QoS::ExactlyOnce, 77);
     sub.close(Close::Lost);
@@ -1075,4 +1086,306 @@ async fn a_reload_ends_connections_whose_credentials_it_withdrew() {
     router.set_policy(passwords(&[&passwd_line("bob", "b2")]));
     let mut out = BytesMut::new();
     assert_eq!(bob.conn().drain(&mut out, usize::MAX), Err(Close::Revoked));
+}
+
+/// What a kill -9 leaves: the persistence file (and its WAL) as they are once the
+/// writer has committed, copied aside while nothing else is written.
+fn crash_image(
+    path: &std::path::Path,
+    router: &Router,
+    into: &std::path::Path,
+) -> std::path::PathBuf {
+    router.persister().expect("persistent").flush();
+    let image = into.join("crashed.db");
+    for suffix in ["", "-wal"] {
+        let from = std::path::PathBuf::from(format!("{}{suffix}", path.display()));
+        if from.exists() {
+            std::fs::copy(&from, format!("{}{suffix}", image.display())).unwrap();
+        }
+    }
+    image
+}
+
+/// Opens `id`'s persistent session, subscribes it to `t/#` at QoS 1 and leaves it
+/// offline.
+async fn park(router: &Arc<Router>, protocol: Protocol, id: &str) {
+    let mut c = connect_packet(protocol, id);
+    c.clean_start = false;
+    if protocol == Protocol::V5 {
+        c.properties.session_expiry_interval = Some(600);
+    }
+    let (mut sub, _) = open(router, c).await;
+    sub.subscribe("t/#", QoS::AtLeastOnce);
+    sub.close(Close::Normal);
+}
+
+async fn resume(router: &Arc<Router>, protocol: Protocol, id: &str) -> Client {
+    let mut c = connect_packet(protocol, id);
+    c.clean_start = false;
+    if protocol == Protocol::V5 {
+        c.properties.session_expiry_interval = Some(600);
+    }
+    let (client, ack) = open(router, c).await;
+    assert!(ack.session_present, "{id} was not kept");
+    client
+}
+
+/// Regression test for issue 11, part 2 (queues lost on kill -9): every flow state of
+/// a persistent session is in the file as it changes, with no shutdown snapshot.
+#[tokio::test]
+async fn a_crash_keeps_every_flow_state_of_a_persistent_session() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("broker.db");
+    let router = persistent_router(&path);
+    let qos = [
+        QoS::ExactlyOnce,
+        QoS::ExactlyOnce,
+        QoS::AtLeastOnce,
+        QoS::AtLeastOnce,
+    ];
+    let (c, mut sub, mut publisher, pkids) = durable_with_flows(&router, qos).await;
+    sub.send(Packet::PubAck(Ack::new(pkids[2]))).unwrap();
+    sub.close(Close::Lost);
+    publisher.publish("d/x", b"m5", QoS::AtLeastOnce, 9);
+    let image = crash_image(&path, &router, dir.path());
+
+    let crashed = persistent_router(&image);
+    let (mut sub, ack) = open(&crashed, c).await;
+    assert!(ack.session_present);
+    let resent = sub.decode();
+    assert_eq!(resent[0], Packet::PubRel(Ack::new(pkids[0])), "released m1");
+    let dup: Vec<(u16, bool, &[u8])> = publishes(&resent)
+        .iter()
+        .map(|p| (p.pkid, p.dup, &p.payload[..]))
+        .collect();
+    assert_eq!(
+        dup,
+        [(pkids[1], true, &b"m2"[..]), (pkids[3], true, &b"m4"[..])],
+        "m3 was acknowledged"
+    );
+    assert_eq!(payloads(&sub.recv()), [&b"m5"[..]]);
+}
+
+/// The file holds what is still owed: acknowledged messages leave it, and a restart
+/// reads it without deleting anything.
+#[tokio::test]
+async fn acknowledged_messages_leave_the_file_and_a_restart_deletes_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("broker.db");
+    let rows = |path: &std::path::Path| -> i64 {
+        let conn = rusqlite::Connection::open(path).unwrap();
+        conn.query_row("SELECT count(*) FROM queued", [], |r| r.get(0))
+            .unwrap()
+    };
+    let router = persistent_router(&path);
+    park(&router, Protocol::V311, "keeper").await;
+    let mut publisher = connect(&router, Protocol::V5, "pub").await;
+    for pkid in 1..=5 {
+        publisher.publish("t/a", b"v", QoS::AtLeastOnce, pkid);
+    }
+    router.persister().unwrap().flush();
+    assert_eq!(rows(&path), 5);
+    router.persist_and_close();
+    drop(router);
+
+    let router = persistent_router(&path);
+    assert_eq!(rows(&path), 5, "loading keeps the rows");
+    let mut sub = resume(&router, Protocol::V311, "keeper").await;
+    let got = sub.recv();
+    let pkids: Vec<u16> = publishes(&got).iter().map(|p| p.pkid).collect();
+    assert_eq!(pkids.len(), 5);
+    for pkid in &pkids[..3] {
+        sub.send(Packet::PubAck(Ack::new(*pkid))).unwrap();
+    }
+    router.persister().unwrap().flush();
+    assert_eq!(rows(&path), 2, "the unacknowledged two stay");
+    sub.close(Close::Normal);
+    router.persist_and_close();
+}
+
+fn offline_budget_config(policy: super::config::QueuePolicy) -> BrokerConfig {
+    BrokerConfig {
+        // Room for about four queued copies of a small message, all sessions together.
+        max_queued_bytes_total: 4 * (std::mem::size_of::<super::session::Delivery>() + 8),
+        max_queued_bytes: 64,
+        queue_budget_policy: policy,
+        ..BrokerConfig::default()
+    }
+}
+
+/// Issue 11, part 3: offline sessions share one byte budget; what it drops is
+/// counted, and an online subscriber still gets every message.
+#[tokio::test]
+async fn the_queue_budget_bounds_offline_sessions_and_spares_online_ones() {
+    use super::config::QueuePolicy;
+    for policy in [QueuePolicy::DropOldest, QueuePolicy::DropNewest] {
+        let router = router_with(
+            offline_budget_config(policy),
+            Policy {
+                anonymous_allowed: true,
+                ..Policy::default()
+            },
+        );
+        let mut live = connect(&router, Protocol::V311, "live").await;
+        live.subscribe("t/#", QoS::AtLeastOnce);
+        park(&router, Protocol::V311, "away1").await;
+        park(&router, Protocol::V311, "away2").await;
+        let mut publisher = connect(&router, Protocol::V5, "pub").await;
+        let values: [&'static [u8]; 4] = [b"1", b"2", b"3", b"4"];
+        let mut got = Vec::new();
+        for (i, v) in values.into_iter().enumerate() {
+            publisher.publish("t/a", v, QoS::AtLeastOnce, i as u16 + 1);
+            for p in publishes(&live.recv()) {
+                got.push(p.payload.clone());
+                live.send(Packet::PubAck(Ack::new(p.pkid))).unwrap();
+            }
+        }
+        assert_eq!(
+            got, values,
+            "{policy:?}: the online subscriber gets everything"
+        );
+        let stats = router.stats();
+        assert!(stats.queued_bytes <= offline_budget_config(policy).max_queued_bytes_total);
+        assert!(stats.dropped_budget >= 3, "{policy:?}: {stats:?}");
+        let mut first = resume(&router, Protocol::V311, "away1").await;
+        let kept = payloads(&first.recv())
+            .iter()
+            .map(|p| p.to_vec())
+            .collect::<Vec<_>>();
+        match policy {
+            QueuePolicy::DropOldest => assert_eq!(kept.last().map(Vec::as_slice), Some(&b"4"[..])),
+            QueuePolicy::DropNewest => assert_eq!(kept.first().map(Vec::as_slice), Some(&b"1"[..])),
+        }
+    }
+}
+
+/// Issue 11, part 3: at most `max_sessions` offline sessions; the one offline longest
+/// ends first, counted with the messages it held.
+#[tokio::test]
+async fn max_sessions_ends_the_session_offline_longest() {
+    let router = router_with(
+        BrokerConfig {
+            max_sessions: 2,
+            ..BrokerConfig::default()
+        },
+        Policy {
+            anonymous_allowed: true,
+            ..Policy::default()
+        },
+    );
+    park(&router, Protocol::V311, "s1").await;
+    park(&router, Protocol::V5, "s2").await;
+    let mut publisher = connect(&router, Protocol::V5, "pub").await;
+    publisher.publish("t/a", b"v", QoS::AtLeastOnce, 1);
+    // s2 comes and goes again: s1 is now the one offline longest.
+    resume(&router, Protocol::V5, "s2")
+        .await
+        .close(Close::Normal);
+    park(&router, Protocol::V311, "s3").await;
+    let stats = router.stats();
+    assert_eq!(
+        (stats.sessions, stats.sessions_evicted),
+        (3, 1),
+        "{stats:?}"
+    );
+    assert_eq!(stats.dropped_with_sessions, 1, "s1's queued message");
+    let mut c = connect_packet(Protocol::V311, "s1");
+    c.clean_start = false;
+    let (_, ack) = open(&router, c).await;
+    assert!(!ack.session_present, "s1 went first");
+    resume(&router, Protocol::V5, "s2").await;
+}
+
+/// A writer for captured log lines.
+#[derive(Clone, Default)]
+struct Captured(Arc<std::sync::Mutex<Vec<u8>>>);
+
+impl std::io::Write for Captured {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// Issue 11, part 3: a 3.1.1 persistent session ends after `v311_session_expiry_secs`
+/// offline, and expiring 20,000 of them at once is one log line.
+#[tokio::test(start_paused = true)]
+async fn offline_311_sessions_expire_by_default_with_one_summary_line() {
+    let router = router_with(
+        BrokerConfig {
+            v311_session_expiry_secs: 3600,
+            max_sessions: 50_000,
+            ..BrokerConfig::default()
+        },
+        Policy {
+            anonymous_allowed: true,
+            ..Policy::default()
+        },
+    );
+    const N: usize = 20_000;
+    for i in 0..N {
+        park(&router, Protocol::V311, &format!("abandoned-{i}")).await;
+    }
+    assert_eq!(router.stats().sessions, N);
+    tokio::time::advance(Duration::from_secs(3599)).await;
+    router.housekeeping(tokio::time::Instant::now());
+    assert_eq!(router.stats().sessions, N, "not before the expiry");
+    tokio::time::advance(Duration::from_secs(2)).await;
+    let captured = Captured::default();
+    let writer = captured.clone();
+    let subscriber = tracing_subscriber::fmt()
+        .with_writer(move || writer.clone())
+        .with_ansi(false)
+        .with_max_level(tracing::Level::INFO)
+        .finish();
+    tracing::subscriber::with_default(subscriber, || {
+        router.housekeeping(tokio::time::Instant::now());
+    });
+    let stats = router.stats();
+    assert_eq!((stats.sessions, stats.sessions_expired), (0, N as u64));
+    let text = String::from_utf8(captured.0.lock().unwrap().clone()).unwrap();
+    let lines: Vec<&str> = text.lines().collect();
+    assert_eq!(lines.len(), 1, "{text}");
+    assert!(lines[0].contains("sessions=20000"), "{}", lines[0]);
+}
+
+/// Found by scripts/broker-memory-abuse.sh: the retained messages a subscriber gets on
+/// subscribe bypass the bounds, so 2,000 clients that subscribe to the readings and
+/// leave held 2,000 copies of every retained reading. Once offline they are held to
+/// the budget.
+#[tokio::test]
+async fn retained_messages_queued_on_subscribe_are_held_to_the_budget_once_offline() {
+    let config = offline_budget_config(super::config::QueuePolicy::DropNewest);
+    let router = router_with(
+        config.clone(),
+        Policy {
+            anonymous_allowed: true,
+            ..Policy::default()
+        },
+    );
+    let mut publisher = connect(&router, Protocol::V5, "pub").await;
+    for topic in ["t/1", "t/2", "t/3", "t/4", "t/5", "t/6", "t/7", "t/8"] {
+        publisher.publish_with(Publish {
+            retain: true,
+            qos: QoS::AtLeastOnce,
+            pkid: 1,
+            topic: topic.into(),
+            payload: Bytes::from_static(b"v"),
+            ..Publish::default()
+        });
+    }
+    for id in ["leaver1", "leaver2", "leaver3"] {
+        park(&router, Protocol::V311, id).await;
+    }
+    let stats = router.stats();
+    assert!(
+        stats.queued_bytes <= config.max_queued_bytes_total,
+        "{} queued bytes over a budget of {}",
+        stats.queued_bytes,
+        config.max_queued_bytes_total
+    );
+    assert!(stats.dropped_budget >= 3 * 8 - 4, "{stats:?}");
 }
