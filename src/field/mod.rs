@@ -46,6 +46,7 @@ mod modbus;
 mod resolve;
 mod task;
 mod validate;
+pub mod write;
 
 use std::fmt::Write as _;
 
@@ -127,6 +128,42 @@ pub fn spawn_buses(
         .iter()
         .map(|bus| spawn_bus(bus, tx.clone(), shutdown.clone()))
         .collect())
+}
+
+/// The command topics of every writable point with what a write does and its limits,
+/// for `check-config`; empty when no point is writable.
+pub fn describe_commands(config: &FieldConfig, topics: &crate::topics::Topics) -> String {
+    let mut out = String::new();
+    for bus in resolve::resolve_buses(config) {
+        for d in bus.devices.iter() {
+            for p in &d.points {
+                let (Some(spec), Some(span)) = (&p.write, p.span) else {
+                    continue;
+                };
+                let function = match (span.kind, p.codec.data_type) {
+                    (RegisterKind::Coil, _) => "FC5".to_string(),
+                    (_, DataType::Bit) if spec.mask_write => format!("FC22 bit {}", p.codec.bit),
+                    (_, DataType::Bit) => {
+                        format!("read-modify-write (FC3+FC6) bit {}", p.codec.bit)
+                    }
+                    _ if span.width > 1 || spec.multiple => "FC16".to_string(),
+                    _ => "FC6".to_string(),
+                };
+                let _ = writeln!(
+                    out,
+                    "  {} -> {} {} {} ({}), {}, {}",
+                    topics.command(&d.name, &p.name),
+                    d.name,
+                    span.kind.name(),
+                    span.address,
+                    p.codec.data_type.name(),
+                    function,
+                    spec.describe()
+                );
+            }
+        }
+    }
+    out
 }
 
 /// The read plan of every device, for `check-config`: requests per poll, what each reads,

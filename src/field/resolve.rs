@@ -20,6 +20,7 @@ use super::decode::{ByteOrder, Codec};
 use super::plan::{Limits, PointSpan, ReadPlan};
 use super::reading::{Quality, Reading, Value};
 use super::schedule::Band;
+use super::write::WriteSpec;
 
 /// Counters of one bus, shared with whoever holds its [`ResolvedBus`].
 #[derive(Debug, Default)]
@@ -89,6 +90,8 @@ pub(crate) struct ResolvedPoint {
     pub field: String,
     pub band: Band,
     pub heartbeat: Option<Duration>,
+    /// Writable points: their limits and write functions.
+    pub write: Option<WriteSpec>,
 }
 
 /// A device with its profile merged in.
@@ -170,7 +173,7 @@ impl ResolvedBus {
     }
 }
 
-fn resolve_point(p: &PointConfig) -> ResolvedPoint {
+fn resolve_point(d: &DeviceConfig, p: &PointConfig) -> ResolvedPoint {
     let data_type = p.data_type_or_default();
     let codec = Codec {
         data_type,
@@ -203,6 +206,7 @@ fn resolve_point(p: &PointConfig) -> ResolvedPoint {
         band,
         heartbeat: (band != Band::Every && p.heartbeat_secs > 0)
             .then(|| Duration::from_secs(p.heartbeat_secs)),
+        write: WriteSpec::of(d, p),
     }
 }
 
@@ -237,7 +241,7 @@ fn resolve_device(config: &FieldConfig, bus: &BusConfig, d: &DeviceConfig) -> Re
         points: profile_points
             .iter()
             .chain(&d.points)
-            .map(resolve_point)
+            .map(|p| resolve_point(d, p))
             .collect(),
     }
 }
