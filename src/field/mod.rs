@@ -40,6 +40,7 @@ pub mod probe;
 pub mod reading;
 pub mod schedule;
 
+pub mod command;
 mod lines;
 mod link;
 mod modbus;
@@ -54,12 +55,14 @@ use tokio::sync::mpsc::Sender;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
+pub use command::{BusCommand, CommandQueue, WriteFailure, WriteReport};
 pub use config::{BusConfig, BusKind, DeviceConfig, FieldConfig, PointConfig, ProfileConfig};
 pub use decode::{ByteOrder, DataType, RegisterKind};
 pub use link::{Disconnect, ReadError};
 pub use probe::{probe, ProbeError, ProbeTarget, ProbeTransport};
 pub use reading::{DeviceState, FieldEvent, Quality, Reading, Value};
-pub use resolve::{ResolvedBus, StatsSnapshot};
+pub use resolve::{PlannedWrite, ResolvedBus, StatsSnapshot};
+pub use write::{Refusal, Requested, WriteOp};
 
 /// Errors of the field layer.
 #[derive(Debug, thiserror::Error)]

@@ -15,12 +15,13 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use super::command::CommandQueue;
 use super::config::{BusConfig, BusKind, DeviceConfig, FieldConfig, LineMode, PointConfig};
 use super::decode::{ByteOrder, Codec};
 use super::plan::{Limits, PointSpan, ReadPlan};
 use super::reading::{Quality, Reading, Value};
 use super::schedule::Band;
-use super::write::WriteSpec;
+use super::write::{encode, Refusal, Requested, WriteOp, WriteSpec};
 
 /// Counters of one bus, shared with whoever holds its [`ResolvedBus`].
 #[derive(Debug, Default)]
@@ -151,6 +152,17 @@ pub struct ResolvedBus {
     pub(crate) config: BusConfig,
     pub(crate) devices: Arc<[ResolvedDevice]>,
     pub(crate) stats: Arc<BusStats>,
+    pub(crate) commands: CommandQueue,
+}
+
+/// A command checked against its point and encoded, ready for the bus queue.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PlannedWrite {
+    pub device: usize,
+    pub point: usize,
+    pub op: WriteOp,
+    /// The point's least time between writes.
+    pub min_interval: Duration,
 }
 
 impl ResolvedBus {
@@ -165,6 +177,43 @@ impl ResolvedBus {
     /// The bus's counters so far (kept across respawns of the same `ResolvedBus`).
     pub fn stats(&self) -> StatsSnapshot {
         self.stats.snapshot()
+    }
+
+    /// The bus's command queue (kept across respawns of its task).
+    pub fn commands(&self) -> &CommandQueue {
+        &self.commands
+    }
+
+    /// Checks `value` for `device`/`point` and encodes the write; `None` when the
+    /// device is not on this bus.
+    pub fn plan_write(
+        &self,
+        device: &str,
+        point: &str,
+        value: Requested,
+    ) -> Option<Result<PlannedWrite, Refusal>> {
+        let d = self.devices.iter().position(|d| d.name == device)?;
+        let points = &self.devices[d].points;
+        let Some(p) = points.iter().position(|p| p.name == point) else {
+            return Some(Err(Refusal::UnknownPoint));
+        };
+        let rp = &points[p];
+        let (Some(spec), Some(span)) = (&rp.write, rp.span) else {
+            return Some(Err(Refusal::NotWritable));
+        };
+        Some(encode(spec, span, &rp.codec, value).map(|op| PlannedWrite {
+            device: d,
+            point: p,
+            op,
+            min_interval: spec.min_interval,
+        }))
+    }
+
+    /// Whether any point on this bus is writable.
+    pub fn has_writable_points(&self) -> bool {
+        self.devices
+            .iter()
+            .any(|d| d.points.iter().any(|p| p.write.is_some()))
     }
 
     /// The device names on this bus.
@@ -260,6 +309,7 @@ pub(crate) fn resolve_buses(config: &FieldConfig) -> Vec<ResolvedBus> {
                 .collect::<Vec<_>>()
                 .into(),
             stats: Arc::new(BusStats::default()),
+            commands: CommandQueue::default(),
         })
         .collect()
 }

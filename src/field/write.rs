@@ -254,8 +254,8 @@ fn as_bool(value: Requested) -> Result<bool, Refusal> {
         Requested::Bool(b) => Ok(b),
         Requested::Int(0) => Ok(false),
         Requested::Int(1) => Ok(true),
-        Requested::Float(f) if f == 0.0 => Ok(false),
-        Requested::Float(f) if f == 1.0 => Ok(true),
+        Requested::Float(0.0) => Ok(false),
+        Requested::Float(1.0) => Ok(true),
         _ => Err(Refusal::OutOfRange(
             "an on/off point takes true/false, 1/0 or ON/OFF".into(),
         )),
