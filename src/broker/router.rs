@@ -138,6 +138,8 @@ pub(crate) struct Router {
     started: Instant,
     /// Cancels pending will timers on shutdown.
     pub cancel: CancellationToken,
+    /// LAN publishes handed to the agent (commands).
+    pub taps: super::tap::Taps,
 }
 
 fn read<T>(lock: &RwLock<T>) -> RwLockReadGuard<'_, T> {
@@ -162,6 +164,7 @@ impl Router {
             persister,
             started: Instant::now(),
             cancel: CancellationToken::new(),
+            taps: super::tap::Taps::default(),
         }
     }
 
