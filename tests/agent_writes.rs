@@ -85,6 +85,44 @@ fn lan_pub(port: u16, user: &str, topic: &str, payload: &str, extra: &[&str]) ->
     )
 }
 
+/// A raw MQTT 3.1.1 client (no client library sets DUP on demand): as `operator`, sends
+/// one QoS 1 PUBLISH with packet id 9 and then its resend with DUP set, and returns the
+/// two PUBACKs.
+fn publish_twice_with_dup(port: u16, topic: &str, payload: &[u8]) -> Vec<u8> {
+    use std::io::{Read, Write};
+    fn string(out: &mut Vec<u8>, s: &[u8]) {
+        out.extend_from_slice(&(s.len() as u16).to_be_bytes());
+        out.extend_from_slice(s);
+    }
+    fn packet(header: u8, body: &[u8]) -> Vec<u8> {
+        assert!(body.len() < 128);
+        let mut out = vec![header, body.len() as u8];
+        out.extend_from_slice(body);
+        out
+    }
+    let mut stream = std::net::TcpStream::connect(("127.0.0.1", port)).expect("connect");
+    stream.set_read_timeout(Some(ARRIVE)).unwrap();
+    let mut connect = Vec::new();
+    string(&mut connect, b"MQTT");
+    connect.extend_from_slice(&[4, 0xC2, 0, 60]);
+    for field in [&b"dup-test"[..], b"operator", b"pw"] {
+        string(&mut connect, field);
+    }
+    stream.write_all(&packet(0x10, &connect)).unwrap();
+    let mut connack = [0u8; 4];
+    stream.read_exact(&mut connack).unwrap();
+    assert_eq!(connack, [0x20, 2, 0, 0], "CONNACK accepted");
+    let mut publish = Vec::new();
+    string(&mut publish, topic.as_bytes());
+    publish.extend_from_slice(&9u16.to_be_bytes());
+    publish.extend_from_slice(payload);
+    stream.write_all(&packet(0x32, &publish)).unwrap();
+    stream.write_all(&packet(0x3A, &publish)).unwrap();
+    let mut acks = vec![0u8; 8];
+    stream.read_exact(&mut acks).unwrap();
+    acks
+}
+
 fn writes(slave: &Slave) -> usize {
     slave.requests().iter().filter(|r| r.function >= 5).count()
 }
@@ -229,13 +267,27 @@ async fn lan_commands_need_an_acl_grant_are_confirmed_by_read_back_and_execute_o
     assert_eq!(repeated[0], repeated[1]);
     assert_eq!(writes(&slave), before + 1, "{:?}", slave.requests());
 
+    // A QoS 1 resend (DUP) of the same packet: written once, the result repeated.
+    let before = writes(&slave);
+    let acks = publish_twice_with_dup(port, &set, b"19.5");
+    assert_eq!(acks, [0x40, 0x02, 0x00, 0x09, 0x40, 0x02, 0x00, 0x09]);
+    let resent = wait_for("the result twice", ARRIVE, || {
+        let r: Vec<Value> = results(&sub.messages(), &result_topic)
+            .into_iter()
+            .filter(|r| r["value"] == json!(19.5))
+            .collect();
+        (r.len() == 2).then_some(r)
+    });
+    assert_eq!(resent[0], resent[1]);
+    assert_eq!(writes(&slave), before + 1, "{:?}", slave.requests());
+
     // The counters in the health report.
     let health = wait_for("command counters in the health report", ARRIVE, || {
         results(&sub.messages(), &format!("{prefix}/health"))
             .into_iter()
-            .find(|v| v["commands"]["duplicates"] == json!(1))
+            .find(|v| v["commands"]["duplicates"] == json!(2))
     });
-    assert_eq!(health["commands"]["ok"], json!(3), "{health}");
+    assert_eq!(health["commands"]["ok"], json!(4), "{health}");
     assert_eq!(
         health["commands"]["refused"]["out_of_range"],
         json!(1),
@@ -306,4 +358,40 @@ async fn upstream_commands_are_written_and_a_stale_one_after_an_outage_is_refuse
     );
     assert_eq!(slave.read_independently(1, "holding", 0, 1), [220]);
     agent.shutdown().await;
+}
+
+#[test]
+fn check_config_prints_the_command_topics_and_their_limits() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let path = dir.path().join("writes.toml");
+    let text = config(
+        "site/gw",
+        None,
+        Some("mqtt://127.0.0.1:1883"),
+        &dir.path().join("store.db"),
+        5020,
+    );
+    std::fs::write(&path, text).unwrap();
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_fieldbridge"))
+        .arg("check-config")
+        .arg("--config")
+        .arg(&path)
+        .output()
+        .expect("run check-config");
+    let out = common::util::output_text(&output);
+    assert!(output.status.success(), "{out}");
+    assert!(
+        out.contains("commands (results on <command>/result; older than 1500 ms refused):"),
+        "{out}"
+    );
+    assert!(
+        out.contains(
+            "  site/gw/boiler/setpoint/set -> boiler holding 0 (i16), FC6, min 5, max 30\n"
+        ),
+        "{out}"
+    );
+    assert!(
+        out.contains("  site/gw/boiler/pump/set -> boiler coil 0 (bool), FC5, no limits\n"),
+        "{out}"
+    );
 }
