@@ -19,7 +19,7 @@ const ARRIVE: Duration = Duration::from_secs(20);
 
 const POINTS: &str = "[[bus.device.point]]\nname = \"setpoint\"\nkind = \"holding\"\naddress = 0\n\
     type = \"i16\"\nscale = 0.1\nwritable = true\nmin = 5.0\nmax = 30.0\n\
-    [[bus.device.point]]\nname = \"pump\"\nkind = \"coil\"\naddress = 0\nwritable = true\n";
+    [[bus.device.point]]\nname = \"pump\"\nkind = \"coil\"\naddress = 0\nwritable = true\nmin_interval_ms = 60000\n";
 
 fn config(
     prefix: &str,
@@ -251,6 +251,21 @@ async fn lan_commands_need_an_acl_grant_are_confirmed_by_read_back_and_execute_o
     });
     assert_eq!(pump["ok"], json!(true), "{pump}");
     assert_eq!(slave.read_independently(1, "coil", 0, 1), [0]);
+    // A pump switched again within its least interval: refused, left as it is.
+    lan_pub(
+        port,
+        "operator",
+        &format!("{prefix}/boiler/pump/set"),
+        "ON",
+        &[],
+    );
+    let again = wait_for("the too-soon refusal", ARRIVE, || {
+        results(&sub.messages(), &format!("{prefix}/boiler/pump/set/result"))
+            .get(1)
+            .cloned()
+    });
+    assert_eq!(again["reason"], json!("too_soon"), "{again}");
+    assert_eq!(slave.read_independently(1, "coil", 0, 1), [0]);
 
     // The same id twice: written once, the result repeated.
     let before = writes(&slave);
@@ -290,6 +305,11 @@ async fn lan_commands_need_an_acl_grant_are_confirmed_by_read_back_and_execute_o
     assert_eq!(health["commands"]["ok"], json!(4), "{health}");
     assert_eq!(
         health["commands"]["refused"]["out_of_range"],
+        json!(1),
+        "{health}"
+    );
+    assert_eq!(
+        health["commands"]["refused"]["too_soon"],
         json!(1),
         "{health}"
     );
@@ -391,7 +411,7 @@ fn check_config_prints_the_command_topics_and_their_limits() {
         "{out}"
     );
     assert!(
-        out.contains("  site/gw/boiler/pump/set -> boiler coil 0 (bool), FC5, no limits\n"),
+        out.contains("  site/gw/boiler/pump/set -> boiler coil 0 (bool), FC5, at most one write per 60000 ms\n"),
         "{out}"
     );
 }

@@ -394,6 +394,12 @@ impl Router {
         match self.admit(&ctx, parsed) {
             Ok((bus_queue, command, answer)) => match bus_queue.submit(command) {
                 Ok(()) => {
+                    // Only a command the bus took counts for the point's least interval.
+                    self.memory
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .last_write
+                        .insert((ctx.device.clone(), ctx.point.clone()), Instant::now());
                     let router = self.clone();
                     tokio::spawn(async move { router.finish(ctx, answer).await });
                 }
@@ -458,7 +464,7 @@ impl Router {
             return Err(Refusal::DeviceOffline);
         }
         {
-            let mut memory = self.memory.lock().unwrap_or_else(|e| e.into_inner());
+            let memory = self.memory.lock().unwrap_or_else(|e| e.into_inner());
             let at = (ctx.device.clone(), ctx.point.clone());
             if let Some(last) = memory.last_write.get(&at) {
                 if now < *last + planned.min_interval {
@@ -467,7 +473,6 @@ impl Router {
                     });
                 }
             }
-            memory.last_write.insert(at, now);
         }
         let (reply, answer) = oneshot::channel();
         let command = BusCommand {
