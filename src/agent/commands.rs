@@ -670,6 +670,103 @@ async fn recv<T>(rx: &mut Option<mpsc::Receiver<T>>) -> Option<T> {
 mod tests {
     use super::*;
 
+    /// A router over one bus whose task is not running, so what reaches the bus stays
+    /// in its queue; results go nowhere, the counters tell the outcome.
+    fn router() -> (Router, mpsc::Receiver<FieldEvent>) {
+        let config: crate::field::FieldConfig = toml::from_str(
+            "[[bus]]\nname = \"b\"\nkind = \"tcp\"\nhost = \"127.0.0.1\"\n\
+             [[bus.device]]\nname = \"boiler\"\n[[bus.device.point]]\nname = \"setpoint\"\n\
+             kind = \"holding\"\naddress = 0\nwritable = true\n",
+        )
+        .unwrap();
+        let buses = crate::field::resolve(&config).unwrap();
+        let (events, rx) = mpsc::channel(8);
+        let router = Router::new(
+            Topics::new("gw"),
+            Duration::from_millis(5000),
+            Arc::new(Mutex::new(buses)),
+            Arc::default(),
+            events,
+            None,
+            None,
+            Arc::default(),
+        );
+        (router, rx)
+    }
+
+    fn command(payload: &str, expiry_secs: Option<u32>) -> Inbound {
+        Inbound {
+            source: Source::Upstream,
+            topic: "gw/boiler/setpoint/set".into(),
+            payload: Bytes::from(payload.to_string()),
+            qos: QoS::AtLeastOnce,
+            dup: false,
+            pkid: 1,
+            response_topic: None,
+            correlation_data: None,
+            expiry_secs,
+            arrived: Instant::now(),
+        }
+    }
+
+    fn refused(router: &Router, reason: &str) -> u64 {
+        router.counters.json()["refused"][reason]
+            .as_u64()
+            .unwrap_or(0)
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn stale_offline_and_busy_commands_never_reach_the_bus() {
+        let (router, _events) = router();
+        let queue = router.buses.lock().unwrap()[0].commands().clone();
+        let mut inbox = queue.inbox().await;
+
+        // 5.0 message expiry: it arrived with 1 s to live and was handled 2 s later.
+        let late = command("21", Some(1));
+        tokio::time::advance(Duration::from_secs(2)).await;
+        router.handle(late);
+        // Arrival without any expiry, handled after the maximum age.
+        let old = command("21", None);
+        tokio::time::advance(Duration::from_secs(6)).await;
+        router.handle(old);
+        // The payload's own expiry and sending time.
+        let now = now_ms();
+        router.handle(command(
+            &format!(r#"{{"value": 21, "expires_ms": {}}}"#, now - 1),
+            None,
+        ));
+        router.handle(command(
+            &format!(r#"{{"value": 21, "ts": {}}}"#, now - 6000),
+            None,
+        ));
+        assert_eq!(refused(&router, "stale"), 4);
+        assert!(inbox.try_recv().is_err(), "nothing reached the bus");
+
+        // An offline device is not written.
+        router
+            .devices
+            .lock()
+            .unwrap()
+            .insert("boiler".into(), DeviceState::Quarantined);
+        router.handle(command("21", None));
+        assert_eq!(refused(&router, "device_offline"), 1);
+        router.devices.lock().unwrap().clear();
+
+        // A full bus queue refuses at once instead of waiting.
+        for i in 0..crate::field::command::QUEUE_CAPACITY + 1 {
+            let mut c = command("21", None);
+            c.pkid = i as u16 + 10;
+            router.handle(c);
+        }
+        assert_eq!(refused(&router, "busy"), 1);
+        let mut taken = 0;
+        while let Ok(cmd) = inbox.try_recv() {
+            assert!(cmd.deadline.is_some());
+            taken += 1;
+        }
+        assert_eq!(taken, crate::field::command::QUEUE_CAPACITY);
+    }
+
     #[test]
     fn payloads_home_assistant_sends_are_understood() {
         let value = |p: &str| parse_payload(p.as_bytes()).map(|p| p.value);
