@@ -14,7 +14,9 @@
 //! | `resolve` | the resolved model: buses, devices, points with profiles merged; counters |
 //! | `task` | the skeleton of every bus task: device runs, next due, the `Poller` hand-off, sending |
 //! | `link` | the Modbus connection: timeouts, exceptions vs faults, reconnect |
-//! | `modbus` | the poll loop of a Modbus bus: plan blocks, retries, splits, decoding |
+//! | `modbus` | the poll loop of a Modbus bus: plan blocks, retries, splits, decoding; writes before each request, read-back |
+//! | [`write`](mod@write) | writable points: rules, limits, refusals, encoding a value into a write request |
+//! | [`command`] | the bus command queue, commands and their reports |
 //! | `lines` | line splitting, NMEA checksums, regex/key=value parsing, stream and poll loops |
 //!
 //! Data flows one way: `resolve` ← `task` ← (`modbus`, `lines`). The skeleton knows no
@@ -25,7 +27,8 @@
 //! # Invariants
 //!
 //! - One task per bus, and the task is the only user of its port or connection, so requests
-//!   on a bus are strictly sequential (with the inter-frame silence on serial lines).
+//!   on a bus are strictly sequential (with the inter-frame silence on serial lines),
+//!   writes included: a command waits at most for the request on the wire.
 //! - Every failed read gives readings with a bad [`Quality`] and no value; nothing is
 //!   ever published as good unless it was just read.
 //! - Addresses are 0-based protocol addresses everywhere (config, errors, logs, probe).
