@@ -109,6 +109,9 @@ pub struct AgentConfig {
     pub batch_max: usize,
     /// Time allowed for a graceful shutdown, in milliseconds. Default 4000.
     pub shutdown_timeout_ms: u64,
+    /// Commands older than this (from arrival, unless the command says more) are
+    /// refused as stale, in milliseconds. Default 5000.
+    pub command_max_age_ms: u64,
 }
 
 impl Default for AgentConfig {
@@ -123,6 +126,7 @@ impl Default for AgentConfig {
             channel_capacity: 4096,
             batch_max: 1024,
             shutdown_timeout_ms: 4000,
+            command_max_age_ms: 5000,
         }
     }
 }
@@ -150,6 +154,7 @@ impl AgentConfig {
             );
         }
         agent.at_least("health_interval_secs", self.health_interval_secs, 1);
+        agent.at_least("command_max_age_ms", self.command_max_age_ms, 1);
         agent.check(QoS::from_u8(self.qos).is_some(), "qos", "must be 0, 1 or 2");
         agent.at_least("channel_capacity", self.channel_capacity, 1);
         agent.at_least("batch_max", self.batch_max, 1);

@@ -8,10 +8,10 @@
 //! | [`broker`] | the local LAN broker: listeners, sessions, subscriptions, retained store, auth, `$SYS` |
 //! | [`uplink`] | the upstream MQTT client: connection state machine, inflight window, reconnect, TLS |
 //! | [`store`] | the SQLite store-and-forward queue |
-//! | [`field`] | Modbus RTU/TCP and serial-line buses, read plans, decoding, scheduling |
+//! | [`field`] | Modbus RTU/TCP and serial-line buses, read plans, decoding, scheduling, writes |
 //! | [`problem`] | config problems with key paths and the collector validators write rules into (a leaf) |
 //! | [`config`] | composes the sections' schemas and validation; spans for `file:line:column` |
-//! | [`agent`] | wiring, lifecycle, shutdown, reload, systemd notify |
+//! | [`agent`] | wiring, lifecycle, shutdown, reload, systemd notify, the command router |
 //! | [`clock`] | the wall clock (ms since the epoch), one copy for every module |
 //! | [`future`] | small future helpers for `select!` loops (an optional future as a disabled arm) |
 //! | [`topics`] | the topic namespace: every topic the agent publishes or subscribes to |

@@ -265,6 +265,15 @@ fn check_config(path: &Path) -> anyhow::Result<()> {
     for claim in config.claims(&topics) {
         println!("  {}", claim.topic);
     }
+    let commands = field::describe_commands(&config.field, &topics);
+    if !commands.is_empty() {
+        println!();
+        println!(
+            "commands (results on <command>/result; older than {} ms refused):",
+            config.agent.command_max_age_ms
+        );
+        print!("{commands}");
+    }
     if !config.field.buses.is_empty() {
         println!();
         print!("{}", field::describe_plans(&config.field));

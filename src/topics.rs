@@ -7,7 +7,9 @@
 //! | `{prefix}/{device}/status` | the device's state: `online`, `offline`, `quarantined` | yes | [`Topics::device_status`] |
 //! | `{prefix}/{device}` | one JSON object per poll (devices with `batch = true`) | no | [`Topics::device_batch`] |
 //! | `{prefix}/{device}/{point}` | one reading's JSON, or the point's `topic` override verbatim | `agent.retain` locally, `agent.retain_upstream` upstream | [`Topics::point`] |
-//! | commands, results, discovery | not yet: they get their builders here | — | — |
+//! | `{prefix}/{device}/{point}/set` | a command to a writable point (subscribed: LAN in-process, upstream) | no | [`Topics::command`] |
+//! | `{prefix}/{device}/{point}/set/result` | the command's JSON result | no | [`Topics::command_result`] |
+//! | discovery | not yet: it gets its builders here | — | — |
 //!
 //! Invariants:
 //! - The prefix has no trailing `/`: [`Topics::new`] trims it once, so no builder
@@ -65,6 +67,33 @@ impl Topics {
         match topic_override {
             Some(topic) => topic.to_string(),
             None => self.join(&[device, point]),
+        }
+    }
+
+    /// `{prefix}/{device}/{point}/set`: commands to a writable point (a point's topic
+    /// override does not move its command topic).
+    pub fn command(&self, device: &str, point: &str) -> String {
+        self.join(&[device, point, "set"])
+    }
+
+    /// `{prefix}/{device}/{point}/set/result`: the result of each command.
+    pub fn command_result(&self, device: &str, point: &str) -> String {
+        self.join(&[device, point, "set", "result"])
+    }
+
+    /// The `(device, point)` of a command topic, or `None` for any other topic.
+    pub fn parse_command<'t>(&self, topic: &'t str) -> Option<(&'t str, &'t str)> {
+        let rest = if self.prefix.is_empty() {
+            topic
+        } else {
+            topic
+                .strip_prefix(self.prefix.as_str())?
+                .strip_prefix('/')?
+        };
+        let mut levels = rest.split('/');
+        match (levels.next(), levels.next(), levels.next(), levels.next()) {
+            (Some(device), Some(point), Some("set"), None) => Some((device, point)),
+            _ => None,
         }
     }
 
@@ -174,6 +203,26 @@ mod tests {
             topics.point("meter1", "voltage", None),
             "site/gw1/meter1/voltage"
         );
+    }
+
+    #[test]
+    fn command_topics_round_trip() {
+        let topics = Topics::new("site/gw1");
+        let set = topics.command("boiler", "setpoint");
+        assert_eq!(set, "site/gw1/boiler/setpoint/set");
+        assert_eq!(
+            topics.command_result("boiler", "setpoint"),
+            "site/gw1/boiler/setpoint/set/result"
+        );
+        assert_eq!(topics.parse_command(&set), Some(("boiler", "setpoint")));
+        for other in [
+            "site/gw1/boiler/setpoint",
+            "site/gw1/boiler/setpoint/set/result",
+            "site/gw10/boiler/setpoint/set",
+            "other/boiler/setpoint/set",
+        ] {
+            assert_eq!(topics.parse_command(other), None, "{other}");
+        }
     }
 
     #[test]

@@ -9,6 +9,7 @@
 //!  "queue":{"depth":0,"oldest_age_ms":null,...store::Stats...},
 //!  "upstream":{"state":"connected","last_error":null,"connects":1,"published":36000,...},
 //!  "lan":{"clients":3,"messages_sent":108000,"denied":0},
+//!  "commands":{"ok":12,"failed":0,"duplicates":1,"refused":{"out_of_range":2}},
 //!  "dropped":{"store_refused":0,"queue":0,"upstream":0,"lan":0},
 //!  "buses":{"rs485":{"requests":7200,"failed_requests":0,"readings":36000,
 //!           "garbage_lines":0,"devices":{"meter1":"online","meter2":"quarantined"}}}}
@@ -34,6 +35,7 @@ use serde_json::{json, Map, Value};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
+use super::commands::CommandCounters;
 use super::pipeline::{Counters, DeviceStates};
 use super::systemd::{Heartbeat, BEAT_PERIOD};
 use crate::broker::BrokerHandle;
@@ -59,6 +61,7 @@ pub struct Health {
     pub counters: Arc<Counters>,
     pub devices: DeviceStates,
     pub buses: BusMap,
+    pub commands: Arc<CommandCounters>,
 }
 
 impl Health {
@@ -106,6 +109,7 @@ impl Health {
                 "store_refused": self.counters.store_failed.load(Ordering::Relaxed),
             }),
         );
+        report.insert("commands".into(), self.commands.json());
         let mut dropped = Map::new();
         dropped.insert(
             "store_refused".into(),

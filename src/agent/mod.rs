@@ -19,6 +19,7 @@
 //! - A panicking bus task is restarted with backoff by [`supervisor`]; it never ends
 //!   the agent.
 
+mod commands;
 pub mod demo;
 mod health;
 mod pipeline;
@@ -139,8 +140,10 @@ impl Agent {
     pub async fn start(config: Config) -> Result<Agent, Error> {
         let started = Instant::now();
         let topics = Topics::new(&config.agent.resolved_prefix(&config::hostname()));
+        let resolved = field::resolve(&config.field)?;
+        let writable = resolved.iter().any(ResolvedBus::has_writable_points);
         let broker = start_broker(&config, &topics).await?;
-        let (queue, uplink) = open_upstream(&config, &topics)?;
+        let (queue, uplink, upstream_commands) = open_upstream(&config, &topics, writable)?;
         let outputs = Outputs {
             topics,
             broker,
@@ -148,6 +151,7 @@ impl Agent {
             uplink,
             counters: Arc::default(),
             devices: Arc::default(),
+            commands: Arc::default(),
         };
 
         let (events, events_rx) = mpsc::channel(config.agent.channel_capacity);
@@ -158,12 +162,14 @@ impl Agent {
                 .run(events_rx, pipeline_beat.clone()),
         );
 
-        let resolved = field::resolve(&config.field)?;
         let supervisor_beat = Heartbeat::new("bus supervisor");
         let bus_map: health::BusMap = Arc::new(Mutex::new(resolved.clone()));
         let buses = start_buses(resolved, events.clone(), supervisor_beat.clone());
 
         let background = CancellationToken::new();
+        if writable {
+            outputs.start_commands(&config, &bus_map, &events, upstream_commands, &background);
+        }
         let health_beat = Heartbeat::new("health");
         let health = tokio::spawn(
             outputs
@@ -378,17 +384,31 @@ async fn start_broker(config: &Config, topics: &Topics) -> Result<Option<BrokerH
 
 /// Opens the store and spawns the uplink that drains it, when there is an
 /// `[upstream]`; LAN-only there is neither.
-fn open_upstream(
-    config: &Config,
-    topics: &Topics,
-) -> Result<(Option<Queue>, Option<Arc<UplinkHandle>>), Error> {
+/// With `writable` points the uplink also subscribes to the command topics, and their
+/// messages are returned for the command router.
+type UpstreamParts = (
+    Option<Queue>,
+    Option<Arc<UplinkHandle>>,
+    Option<mpsc::Receiver<crate::mqtt::Publish>>,
+);
+
+fn open_upstream(config: &Config, topics: &Topics, writable: bool) -> Result<UpstreamParts, Error> {
     let Some(upstream) = &config.upstream else {
         tracing::info!("no [upstream]: LAN-only, no store");
-        return Ok((None, None));
+        return Ok((None, None, None));
     };
     let queue = Queue::open(config.store.clone())?;
-    let uplink = Uplink::spawn(upstream.clone(), topics.prefix().to_string(), queue.clone())?;
-    Ok((Some(queue), Some(Arc::new(uplink))))
+    let mut upstream = upstream.clone();
+    if writable {
+        upstream.subscribe.push(topics.command("+", "+"));
+    }
+    let mut uplink = Uplink::spawn(upstream, topics.prefix().to_string(), queue.clone())?;
+    let incoming = if writable {
+        uplink.take_incoming()
+    } else {
+        None
+    };
+    Ok((Some(queue), Some(Arc::new(uplink)), incoming))
 }
 
 /// Where the pipeline and the health report send things, and the figures they share.
@@ -399,9 +419,44 @@ struct Outputs {
     uplink: Option<Arc<UplinkHandle>>,
     counters: Arc<Counters>,
     devices: pipeline::DeviceStates,
+    commands: Arc<commands::CommandCounters>,
 }
 
 impl Outputs {
+    /// Starts the command router on the LAN broker's command topics (in process) and
+    /// on what the uplink receives on its command subscription, until `stop`.
+    fn start_commands(
+        &self,
+        config: &Config,
+        buses: &health::BusMap,
+        events: &mpsc::Sender<FieldEvent>,
+        upstream: Option<mpsc::Receiver<crate::mqtt::Publish>>,
+        stop: &CancellationToken,
+    ) {
+        let filter = self.topics.command("+", "+");
+        let lan = self
+            .broker
+            .as_ref()
+            .map(|broker| broker.tap(&filter, field::command::QUEUE_CAPACITY * 4));
+        tracing::info!(
+            lan = lan.is_some(),
+            upstream = upstream.is_some(),
+            topics = %filter,
+            "taking commands for writable points"
+        );
+        let router = commands::Router::new(
+            self.topics.clone(),
+            Duration::from_millis(config.agent.command_max_age_ms),
+            buses.clone(),
+            self.devices.clone(),
+            events.clone(),
+            self.broker.clone(),
+            self.queue.clone(),
+            self.commands.clone(),
+        );
+        tokio::spawn(router.run(lan, upstream, stop.clone()));
+    }
+
     /// The pipeline, sending to these outputs.
     fn pipeline(&self, config: &Config) -> pipeline::Pipeline {
         pipeline::Pipeline {
@@ -432,6 +487,7 @@ impl Outputs {
             counters: self.counters.clone(),
             devices: self.devices.clone(),
             buses,
+            commands: self.commands.clone(),
         }
     }
 

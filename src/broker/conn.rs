@@ -31,6 +31,7 @@ use super::auth::{Identity, Policy, Refusal};
 use super::registry::Opened;
 use super::router::{Counters, Router, Settings};
 use super::session::{Delivery, Kick, Message, Session, Slot, NEVER_EXPIRES};
+use super::tap::Tapped;
 use crate::mqtt::{
     self, Ack, ConnAck, Connect, Disconnect, Packet, Properties, Protocol, Publish, QoS,
     ReasonCode, SubAck, UnsubAck, Will,
@@ -670,6 +671,21 @@ impl Conn {
         let mut reason = ReasonCode::SUCCESS;
         if allowed {
             let now = Instant::now();
+            if self.router.taps.wants(&p.topic) {
+                self.router.taps.offer(&Tapped {
+                    topic: p.topic.clone(),
+                    payload: p.payload.clone(),
+                    qos: p.qos,
+                    dup: p.dup,
+                    pkid: p.pkid,
+                    response_topic: p.properties.response_topic.clone(),
+                    correlation_data: p.properties.correlation_data.clone(),
+                    expiry_secs: p.properties.message_expiry_interval,
+                    client_id: self.client_id().to_string(),
+                    username: self.username.as_deref().map(str::to_string),
+                    arrived: now,
+                });
+            }
             let msg = Message {
                 expires_at: expires_at(&p.properties, now),
                 properties: forwarded(&p.properties),

@@ -15,6 +15,7 @@
 //! | `tree.rs` | the subscription tree (`+`, `#`, shared groups) |
 //! | `retained.rs` | retained messages by topic level |
 //! | `auth.rs` | password file, ACL file, protected topic trees |
+//! | `tap.rs` | LAN publishes on chosen filters handed to the agent in process (commands) |
 //! | `persist.rs` | SQLite persistence of retained messages, sessions and their queues |
 //! | `sys.rs` | `$SYS` topics and housekeeping |
 //!
@@ -40,6 +41,7 @@ mod router;
 mod server;
 mod session;
 mod sys;
+mod tap;
 mod tree;
 
 #[cfg(test)]
@@ -61,6 +63,7 @@ pub use auth::{passwd_line, set_password, Acl, AuthError, PasswdChange, Password
 pub use config::{BrokerConfig, ListenerConfig, QueuePolicy, TlsListenerConfig};
 pub use persist::PersistError;
 pub use router::BrokerStats;
+pub use tap::Tapped;
 
 use auth::Policy;
 use persist::Persister;
@@ -318,6 +321,38 @@ impl BrokerHandle {
             expires_at: None,
             origin: 0,
         });
+    }
+
+    /// Publishes from inside the process with 5.0 correlation data (an answer on a
+    /// command's response topic); otherwise as [`BrokerHandle::publish`].
+    pub fn publish_response(&self, topic: &str, payload: Bytes, correlation: Option<Bytes>) {
+        if topic::validate_topic_name(topic).is_err() {
+            tracing::warn!(topic, "in-process publish to an invalid topic name dropped");
+            return;
+        }
+        let properties = correlation.map(|data| {
+            Box::new(crate::mqtt::Properties {
+                correlation_data: Some(data),
+                ..Default::default()
+            })
+        });
+        self.inner.router.publish(Message {
+            topic: topic.to_string(),
+            payload,
+            qos: QoS::AtLeastOnce,
+            retain: false,
+            properties,
+            expires_at: None,
+            origin: 0,
+        });
+    }
+
+    /// What LAN clients publish on topics matching `filter`, once the ACL allowed it,
+    /// with who published it; `capacity` bounds the channel (a full one drops).
+    pub fn tap(&self, filter: &str, capacity: usize) -> tokio::sync::mpsc::Receiver<Tapped> {
+        let (tx, rx) = tokio::sync::mpsc::channel(capacity);
+        self.inner.router.taps.add(filter.to_string(), tx);
+        rx
     }
 
     /// Re-reads the password and ACL files (SIGHUP) and applies them to open

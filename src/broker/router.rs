@@ -188,6 +188,8 @@ pub(crate) struct Router {
     started: Instant,
     /// Cancels pending will timers on shutdown.
     pub cancel: CancellationToken,
+    /// LAN publishes handed to the agent (commands).
+    pub taps: super::tap::Taps,
 }
 
 fn read<T>(lock: &RwLock<T>) -> RwLockReadGuard<'_, T> {
@@ -218,6 +220,7 @@ impl Router {
             persister,
             started: Instant::now(),
             cancel: CancellationToken::new(),
+            taps: super::tap::Taps::default(),
         }
     }
 

@@ -49,7 +49,9 @@
 //! `offset` (0.0), `deadband` (numeric types; none: publish every poll), `deadband_percent` (none),
 //! `heartbeat_secs` (60, with a deadband: publish at least this often; 0 = never),
 //! `topic` (none: `{prefix}/{device}/{point}`; set: used verbatim), `field` (lines: the
-//! regex capture group or key to read; default the point's name).
+//! regex capture group or key to read; default the point's name). Write keys
+//! (`writable`, `min`, `max`, `step`, `allowed`, `min_interval_ms`, `write_function`,
+//! and the device's `mask_write`): see `field/write.rs`.
 //!
 //! Lines bus keys: `mode` ("stream": the device talks on its own, default; "poll": send
 //! each device's `request` and read one line), `max_line` (bytes, default 256),
@@ -231,6 +233,10 @@ pub struct DeviceConfig {
     /// `[[bus.device.point]]` tables, added to the profile's points. Default: none.
     #[serde(default, rename = "point")]
     pub points: Vec<PointConfig>,
+    /// The device implements function 22 (mask write); false: `bit` points are written
+    /// by read-modify-write. Default true.
+    #[serde(default = "default_mask_write")]
+    pub mask_write: bool,
 }
 
 /// One `[profile.NAME]` table.
@@ -284,6 +290,22 @@ pub struct PointConfig {
     pub topic: Option<String>,
     /// lines: capture group or key to read. Default: the point's name.
     pub field: Option<String>,
+    // Writes (rules and defaults in `field/write.rs`).
+    /// Commands may write this point (coils and holding registers). Default false.
+    #[serde(default)]
+    pub writable: bool,
+    /// Writes: lowest value accepted, engineering units. Default: none.
+    pub min: Option<f64>,
+    /// Writes: highest value accepted, engineering units. Default: none.
+    pub max: Option<f64>,
+    /// Writes: the value must be `min` (or 0) plus a multiple of this. Default: none.
+    pub step: Option<f64>,
+    /// Writes: the only values accepted (modes). Default: any.
+    pub allowed: Option<Vec<f64>>,
+    /// Writes: least time between two writes of the point, ms. Default 0.
+    pub min_interval_ms: Option<u64>,
+    /// Writes of one register: 6 (default) or 16.
+    pub write_function: Option<u8>,
 }
 
 pub(super) fn default_unit_id() -> u8 {
@@ -309,6 +331,9 @@ fn default_quarantine_after() -> u32 {
 }
 fn default_backoff_max_ms() -> u64 {
     60_000
+}
+fn default_mask_write() -> bool {
+    true
 }
 fn default_scale() -> f64 {
     1.0

@@ -302,6 +302,22 @@ impl Codec {
         out
     }
 
+    /// The registers that hold the most-significant-first words `be` in this point's
+    /// byte/word order: the inverse of decoding's reordering (used to write a value).
+    pub fn order_words(&self, be: &[u16]) -> Vec<u16> {
+        let n = be.len();
+        (0..n)
+            .map(|i| {
+                let src = if self.order.reverse_words() {
+                    n - 1 - i
+                } else {
+                    i
+                };
+                self.word(be[src])
+            })
+            .collect()
+    }
+
     fn be32(&self, regs: &[u16]) -> u32 {
         let [hi, lo] = self.ordered::<2>(regs);
         (u32::from(hi) << 16) | u32::from(lo)

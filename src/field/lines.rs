@@ -20,6 +20,7 @@ use tokio::sync::mpsc::Sender;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
+use super::command::Inbox;
 use super::config::{Checksum, LineMode};
 use super::decode::{Codec, DataType};
 use super::link::{open_serial, same_cause, Chain, Disconnect, ReadError};
@@ -515,7 +516,7 @@ struct LinePoller<'a> {
 }
 
 impl Poller for LinePoller<'_> {
-    async fn poll(&mut self, run: &mut DeviceRun) -> Polled {
+    async fn poll(&mut self, run: &mut DeviceRun, _inbox: &mut Inbox) -> Polled {
         poll_line_device(self.port, &run.spec, self.checksum).await
     }
 }

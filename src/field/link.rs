@@ -39,7 +39,7 @@ use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::time::Instant;
-use tokio_modbus::client::{Context, Reader};
+use tokio_modbus::client::{Context, Reader, Writer};
 use tokio_modbus::prelude::SlaveContext;
 use tokio_modbus::{ExceptionCode, Slave};
 
@@ -47,6 +47,7 @@ use super::config::{BusConfig, BusKind, Framing, Parity};
 use super::decode::RegisterKind;
 use super::reading::Quality;
 use super::schedule::Outcome;
+use super::write::WriteOp;
 
 /// Why a block read (or a line) produced no answer. Each error's `Display` names only its
 /// own level; the cause is its `source()` (log lines render the whole chain).
@@ -214,6 +215,33 @@ pub trait Link: Send {
         count: u16,
         timeout: Duration,
     ) -> impl Future<Output = Result<Result<Words, ExceptionCode>, ReadError>> + Send;
+
+    /// Sends one write to `unit` (a read-modify-write is two calls by the caller, so
+    /// this never sees one); the device's acknowledgement is `Ok(Ok(()))`.
+    fn write(
+        &mut self,
+        unit: u8,
+        op: &WriteOp,
+        timeout: Duration,
+    ) -> impl Future<Output = Result<Result<(), ExceptionCode>, ReadError>> + Send;
+}
+
+/// One transaction: a block read, or a write.
+#[derive(Debug, Clone, Copy)]
+enum Request<'a> {
+    Read {
+        kind: RegisterKind,
+        start: u16,
+        count: u16,
+    },
+    Write(&'a WriteOp),
+}
+
+/// What a transaction's answer carried.
+#[derive(Debug)]
+enum Answer {
+    Words(Words),
+    Written,
 }
 
 /// Where and how to connect.
@@ -540,11 +568,29 @@ impl ModbusLink {
     async fn transact(
         ctx: &mut Context,
         unit: u8,
-        kind: RegisterKind,
-        start: u16,
-        count: u16,
-    ) -> tokio_modbus::Result<Words> {
+        request: Request<'_>,
+    ) -> tokio_modbus::Result<Answer> {
         ctx.set_slave(Slave(unit));
+        let (kind, start, count) = match request {
+            Request::Read { kind, start, count } => (kind, start, count),
+            Request::Write(op) => {
+                let written = match op {
+                    WriteOp::Coil { address, on } => ctx.write_single_coil(*address, *on).await?,
+                    WriteOp::Register { address, word } => {
+                        ctx.write_single_register(*address, *word).await?
+                    }
+                    WriteOp::Registers { address, words } => {
+                        ctx.write_multiple_registers(*address, words).await?
+                    }
+                    WriteOp::Mask { address, and, or } => {
+                        ctx.masked_write_register(*address, *and, *or).await?
+                    }
+                    // Never one request: `write` sends it as a read and a write.
+                    WriteOp::ReadModifyWrite { .. } => Err(ExceptionCode::IllegalFunction),
+                };
+                return Ok(written.map(|()| Answer::Written));
+            }
+        };
         Ok(match kind {
             RegisterKind::Coil => ctx.read_coils(start, count).await?.map(Words::Bits),
             RegisterKind::Discrete => ctx
@@ -559,7 +605,8 @@ impl ModbusLink {
                 .read_input_registers(start, count)
                 .await?
                 .map(Words::Registers),
-        })
+        }
+        .map(Answer::Words))
     }
 }
 
@@ -585,6 +632,58 @@ impl Link for ModbusLink {
         count: u16,
         timeout: Duration,
     ) -> Result<Result<Words, ExceptionCode>, ReadError> {
+        let request = Request::Read { kind, start, count };
+        Ok(match self.exchange(unit, request, timeout).await? {
+            Ok(Answer::Words(words)) => Ok(words),
+            Ok(Answer::Written) => return Err(ReadError::WrongCount { got: 0, count }),
+            Err(code) => Err(code),
+        })
+    }
+
+    async fn write(
+        &mut self,
+        unit: u8,
+        op: &WriteOp,
+        timeout: Duration,
+    ) -> Result<Result<(), ExceptionCode>, ReadError> {
+        let register;
+        let op = match *op {
+            WriteOp::ReadModifyWrite { address, bit, on } => {
+                // Two transactions, each with its silence, and nothing in between: the
+                // bus task holds the link until both are done.
+                let word = match self
+                    .read(unit, RegisterKind::Holding, address, 1, timeout)
+                    .await?
+                {
+                    Ok(Words::Registers(words)) => words.first().copied().unwrap_or_default(),
+                    Ok(Words::Bits(_)) => return Err(ReadError::WrongCount { got: 0, count: 1 }),
+                    Err(code) => return Ok(Err(code)),
+                };
+                let mask = 1u16 << (bit & 15);
+                register = WriteOp::Register {
+                    address,
+                    word: if on { word | mask } else { word & !mask },
+                };
+                &register
+            }
+            ref op => op,
+        };
+        Ok(self
+            .exchange(unit, Request::Write(op), timeout)
+            .await?
+            .map(|_| ()))
+    }
+}
+
+impl ModbusLink {
+    /// One transaction on the wire: connect if needed, keep the inter-frame silence,
+    /// wait at most `timeout`, and name what went wrong.
+    async fn exchange(
+        &mut self,
+        unit: u8,
+        request: Request<'_>,
+        timeout: Duration,
+    ) -> Result<Result<Answer, ExceptionCode>, ReadError> {
         self.connect().await?;
         let rtu = self.endpoint.rtu_framed();
         if rtu {
@@ -596,8 +695,7 @@ impl Link for ModbusLink {
         let Some(ctx) = self.ctx.as_mut() else {
             return Err(ReadError::disconnected(Disconnect::NotConnected));
         };
-        let outcome =
-            tokio::time::timeout(timeout, Self::transact(ctx, unit, kind, start, count)).await;
+        let outcome = tokio::time::timeout(timeout, Self::transact(ctx, unit, request)).await;
         self.quiet_since = Some(Instant::now());
         let result = match outcome {
             Err(_elapsed) => {
@@ -614,17 +712,25 @@ impl Link for ModbusLink {
                     Err(ReadError::Timeout)
                 }
             }
-            Ok(Ok(Ok(words))) => {
+            Ok(Ok(Ok(answer))) => {
                 // Registers must match exactly; bits come padded to whole bytes.
-                let (got, ok) = match &words {
-                    Words::Registers(r) => (r.len(), r.len() == usize::from(count)),
-                    Words::Bits(b) => (b.len(), b.len() >= usize::from(count)),
+                let count = match request {
+                    Request::Read { count, .. } => usize::from(count),
+                    Request::Write(_) => 0,
+                };
+                let (got, ok) = match &answer {
+                    Answer::Words(Words::Registers(r)) => (r.len(), r.len() == count),
+                    Answer::Words(Words::Bits(b)) => (b.len(), b.len() >= count),
+                    Answer::Written => (0, true),
                 };
                 if ok {
                     self.note_answer();
-                    Ok(Ok(words))
+                    Ok(Ok(answer))
                 } else {
-                    Err(ReadError::WrongCount { got, count })
+                    Err(ReadError::WrongCount {
+                        got,
+                        count: count as u16,
+                    })
                 }
             }
             Ok(Ok(Err(code))) => {

@@ -14,7 +14,9 @@
 //! | `resolve` | the resolved model: buses, devices, points with profiles merged; counters |
 //! | `task` | the skeleton of every bus task: device runs, next due, the `Poller` hand-off, sending |
 //! | `link` | the Modbus connection: timeouts, exceptions vs faults, reconnect |
-//! | `modbus` | the poll loop of a Modbus bus: plan blocks, retries, splits, decoding |
+//! | `modbus` | the poll loop of a Modbus bus: plan blocks, retries, splits, decoding; writes before each request, read-back |
+//! | [`write`](mod@write) | writable points: rules, limits, refusals, encoding a value into a write request |
+//! | [`command`] | the bus command queue, commands and their reports |
 //! | `lines` | line splitting, NMEA checksums, regex/key=value parsing, stream and poll loops |
 //!
 //! Data flows one way: `resolve` ← `task` ← (`modbus`, `lines`). The skeleton knows no
@@ -25,7 +27,8 @@
 //! # Invariants
 //!
 //! - One task per bus, and the task is the only user of its port or connection, so requests
-//!   on a bus are strictly sequential (with the inter-frame silence on serial lines).
+//!   on a bus are strictly sequential (with the inter-frame silence on serial lines),
+//!   writes included: a command waits at most for the request on the wire.
 //! - Every failed read gives readings with a bad [`Quality`] and no value; nothing is
 //!   ever published as good unless it was just read.
 //! - Addresses are 0-based protocol addresses everywhere (config, errors, logs, probe).
@@ -40,12 +43,14 @@ pub mod probe;
 pub mod reading;
 pub mod schedule;
 
+pub mod command;
 mod lines;
 mod link;
 mod modbus;
 mod resolve;
 mod task;
 mod validate;
+pub mod write;
 
 use std::fmt::Write as _;
 
@@ -53,12 +58,14 @@ use tokio::sync::mpsc::Sender;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
+pub use command::{BusCommand, CommandQueue, WriteFailure, WriteReport};
 pub use config::{BusConfig, BusKind, DeviceConfig, FieldConfig, PointConfig, ProfileConfig};
 pub use decode::{ByteOrder, DataType, RegisterKind};
 pub use link::{Disconnect, ReadError};
 pub use probe::{probe, ProbeError, ProbeTarget, ProbeTransport};
 pub use reading::{DeviceState, FieldEvent, Quality, Reading, Value};
-pub use resolve::{ResolvedBus, StatsSnapshot};
+pub use resolve::{PlannedWrite, ResolvedBus, StatsSnapshot};
+pub use write::{Refusal, Requested, WriteOp};
 
 /// Errors of the field layer.
 #[derive(Debug, thiserror::Error)]
@@ -127,6 +134,42 @@ pub fn spawn_buses(
         .iter()
         .map(|bus| spawn_bus(bus, tx.clone(), shutdown.clone()))
         .collect())
+}
+
+/// The command topics of every writable point with what a write does and its limits,
+/// for `check-config`; empty when no point is writable.
+pub fn describe_commands(config: &FieldConfig, topics: &crate::topics::Topics) -> String {
+    let mut out = String::new();
+    for bus in resolve::resolve_buses(config) {
+        for d in bus.devices.iter() {
+            for p in &d.points {
+                let (Some(spec), Some(span)) = (&p.write, p.span) else {
+                    continue;
+                };
+                let function = match (span.kind, p.codec.data_type) {
+                    (RegisterKind::Coil, _) => "FC5".to_string(),
+                    (_, DataType::Bit) if spec.mask_write => format!("FC22 bit {}", p.codec.bit),
+                    (_, DataType::Bit) => {
+                        format!("read-modify-write (FC3+FC6) bit {}", p.codec.bit)
+                    }
+                    _ if span.width > 1 || spec.multiple => "FC16".to_string(),
+                    _ => "FC6".to_string(),
+                };
+                let _ = writeln!(
+                    out,
+                    "  {} -> {} {} {} ({}), {}, {}",
+                    topics.command(&d.name, &p.name),
+                    d.name,
+                    span.kind.name(),
+                    span.address,
+                    p.codec.data_type.name(),
+                    function,
+                    spec.describe()
+                );
+            }
+        }
+    }
+    out
 }
 
 /// The read plan of every device, for `check-config`: requests per poll, what each reads,

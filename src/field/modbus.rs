@@ -14,12 +14,14 @@ use tokio::sync::mpsc::Sender;
 use tokio_modbus::ExceptionCode;
 use tokio_util::sync::CancellationToken;
 
+use super::command::{BusCommand, Inbox, WriteFailure, WriteReport};
 use super::decode::{DecodeError, RegisterKind};
 use super::link::{Link, ReadError, Words};
 use super::reading::{FieldEvent, Quality, Reading, Value};
 use super::resolve::{BusStats, ResolvedBus, ResolvedDevice};
 use super::schedule::Outcome;
 use super::task::{run_polls, DeviceRun, Polled, Poller};
+use super::write::WriteOp;
 use crate::clock::now_ms;
 
 /// Exceptions after which a joined block is split: the device may not implement a
@@ -57,12 +59,22 @@ type PointResult = (Option<Value>, Quality, i64);
 
 /// Polls one Modbus device through its plan. Returns one reading per point, the outcome
 /// and the fault that ended the poll, if any.
-async fn poll_modbus<L: Link>(link: &mut L, stats: &BusStats, run: &mut DeviceRun) -> Polled {
+async fn poll_modbus<L: Link>(
+    bus: &Bus<'_>,
+    link: &mut L,
+    run: &mut DeviceRun,
+    inbox: &mut Inbox,
+) -> Polled {
+    let stats = bus.stats;
     let mut results: Vec<Option<PointResult>> = vec![None; run.spec.points.len()];
     let mut answered = false;
     let mut fault = None;
     let mut i = 0;
     while i < run.plan.blocks.len() {
+        // Commands go before the next request.
+        while let Ok(command) = inbox.try_recv() {
+            execute(bus, link, command).await;
+        }
         let (kind, start, count) = {
             let b = &run.plan.blocks[i];
             (b.kind, b.start, b.count)
@@ -166,15 +178,117 @@ fn finish(
     }
 }
 
+/// What a Modbus bus task reads from its resolved bus.
+struct Bus<'a> {
+    stats: &'a BusStats,
+    devices: &'a [ResolvedDevice],
+}
+
 /// The Modbus way of polling a device: through its read plan, on the bus's link.
 struct ModbusPoller<'a, L> {
     link: &'a mut L,
-    stats: &'a BusStats,
+    bus: Bus<'a>,
 }
 
 impl<L: Link> Poller for ModbusPoller<'_, L> {
-    async fn poll(&mut self, run: &mut DeviceRun) -> Polled {
-        poll_modbus(self.link, self.stats, run).await
+    async fn poll(&mut self, run: &mut DeviceRun, inbox: &mut Inbox) -> Polled {
+        poll_modbus(&self.bus, self.link, run, inbox).await
+    }
+
+    async fn execute(&mut self, command: BusCommand) {
+        execute(&self.bus, self.link, command).await;
+    }
+}
+
+/// Writes, retrying the faults worth retrying (every write is absolute, so a repeat
+/// after a lost answer leaves the same value).
+async fn write_with_retries<L: Link>(
+    link: &mut L,
+    stats: &BusStats,
+    dev: &ResolvedDevice,
+    op: &WriteOp,
+) -> Result<Result<(), ExceptionCode>, ReadError> {
+    let mut attempt = 0;
+    loop {
+        let result = link.write(dev.unit_id, op, dev.timeout).await;
+        stats.add_request(result.is_err());
+        match result {
+            Err(e) if e.is_retryable() && attempt < dev.retries => attempt += 1,
+            result => return result,
+        }
+    }
+}
+
+/// Carries out one write, reads the point back and answers the command.
+async fn execute<L: Link>(bus: &Bus<'_>, link: &mut L, command: BusCommand) {
+    let BusCommand {
+        device,
+        point,
+        op,
+        deadline,
+        reply,
+    } = command;
+    let Some(dev) = bus.devices.get(device) else {
+        return;
+    };
+    let Some(span) = dev.points.get(point).and_then(|p| p.span) else {
+        return;
+    };
+    let written_ms = now_ms();
+    if deadline.is_some_and(|d| tokio::time::Instant::now() > d) {
+        let _ = reply.send(WriteReport {
+            outcome: Err(WriteFailure::Stale),
+            written_ms,
+            readback: None,
+            expected: None,
+        });
+        return;
+    }
+    let outcome = match write_with_retries(link, bus.stats, dev, &op).await {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(code)) => Err(WriteFailure::Exception {
+            code: u8::from(code),
+        }),
+        Err(e) => Err(WriteFailure::Fault(e)),
+    };
+    let codec = &dev.points[point].codec;
+    let expected = expected_value(&op, codec);
+    let readback = if outcome.is_ok() {
+        let result =
+            read_with_retries(link, bus.stats, dev, span.kind, span.address, span.width).await;
+        let ts = now_ms();
+        let (value, quality) = match result {
+            Ok(Ok(Words::Registers(regs))) => match codec.decode_registers(&regs) {
+                Ok(v) => (Some(v), Quality::Good),
+                Err(_) => (None, Quality::Parse),
+            },
+            Ok(Ok(Words::Bits(bits))) => match bits.first() {
+                Some(b) => (Some(codec.decode_bit(*b)), Quality::Good),
+                None => (None, Quality::Parse),
+            },
+            Ok(Err(code)) => (None, Quality::Exception(u8::from(code))),
+            Err(e) => (None, e.quality()),
+        };
+        bus.stats.add_readings(1);
+        Some(dev.reading(point, value, quality, ts))
+    } else {
+        None
+    };
+    let _ = reply.send(WriteReport {
+        outcome,
+        written_ms,
+        readback,
+        expected,
+    });
+}
+
+/// The value the point reads as after `op`.
+fn expected_value(op: &WriteOp, codec: &super::decode::Codec) -> Option<Value> {
+    match op {
+        WriteOp::Coil { on, .. } | WriteOp::ReadModifyWrite { on, .. } => Some(Value::Bool(*on)),
+        WriteOp::Mask { or, .. } => Some(Value::Bool(*or != 0)),
+        WriteOp::Register { word, .. } => codec.decode_registers(&[*word]).ok(),
+        WriteOp::Registers { words, .. } => codec.decode_registers(words).ok(),
     }
 }
 
@@ -187,7 +301,10 @@ pub(crate) async fn run_modbus<L: Link>(
 ) {
     let mut poller = ModbusPoller {
         link,
-        stats: &bus.stats,
+        bus: Bus {
+            stats: &bus.stats,
+            devices: &bus.devices,
+        },
     };
     run_polls(bus, &mut poller, tx, shutdown).await;
 }
@@ -218,6 +335,8 @@ mod tests {
         requests: Arc<Mutex<Vec<(u8, Instant)>>>,
         /// Units that answer every read with this exception.
         refuse: Arc<Mutex<HashMap<u8, ExceptionCode>>>,
+        /// Writes, each with the number of reads before it.
+        writes: Arc<Mutex<Vec<(usize, WriteOp)>>>,
     }
 
     impl Link for Model {
@@ -247,6 +366,24 @@ mod tests {
             let regs = self.registers.lock().unwrap()[&unit].clone();
             let range = usize::from(start)..usize::from(start) + usize::from(count);
             Ok(Ok(Words::Registers(regs[range].to_vec())))
+        }
+
+        async fn write(
+            &mut self,
+            unit: u8,
+            op: &WriteOp,
+            _timeout: Duration,
+        ) -> Result<Result<(), ExceptionCode>, ReadError> {
+            self.writes
+                .lock()
+                .unwrap()
+                .push((self.requests.lock().unwrap().len(), op.clone()));
+            tokio::time::sleep(Duration::from_millis(5)).await;
+            if let WriteOp::Register { address, word } = op {
+                self.registers.lock().unwrap().get_mut(&unit).unwrap()[usize::from(*address)] =
+                    *word;
+            }
+            Ok(Ok(()))
         }
     }
 
@@ -491,5 +628,72 @@ mod tests {
             .all(|r| r.quality == Quality::Exception(4) && r.value.is_none()));
         let stats = bus.stats();
         assert_eq!((stats.requests, stats.failed_requests), (4, 0));
+    }
+
+    /// A command waits at most for the request on the wire: on a bus busy with a
+    /// device of many blocks, it goes out right after the read in progress, not after
+    /// the poll, and the point is read back at once.
+    #[tokio::test(start_paused = true)]
+    async fn a_command_goes_out_before_the_next_request_of_a_poll_in_progress() {
+        let mut points = String::new();
+        for k in 0..10 {
+            points.push_str(&format!(
+                "[[bus.device.point]]\nname = \"p{k}\"\nkind = \"holding\"\naddress = {}\n",
+                k * 100
+            ));
+        }
+        points.push_str("writable = true\n");
+        let config: FieldConfig = toml::from_str(&format!(
+            "[[bus]]\nname = \"rs485\"\nkind = \"rtu\"\nport = \"/dev/null\"\n\
+             [[bus.device]]\nname = \"plc\"\nunit_id = 1\nmax_gap = 0\npoll_interval_ms = 1\n{points}"
+        ))
+        .unwrap();
+        let bus = crate::field::resolve(&config).unwrap().remove(0);
+        let model = Model::default();
+        model.registers.lock().unwrap().insert(1, vec![0; 1000]);
+        let (tx, mut rx) = tokio::sync::mpsc::channel(1024);
+        let shutdown = CancellationToken::new();
+        let task = {
+            let (bus, mut link, shutdown) = (bus.clone(), model.clone(), shutdown.clone());
+            tokio::spawn(async move { run_modbus(&bus, &mut link, &tx, &shutdown).await })
+        };
+        let drain = tokio::spawn(async move { while rx.recv().await.is_some() {} });
+        // Into the middle of a poll: 10 blocks of 5 ms each, polled back to back.
+        tokio::time::sleep(Duration::from_millis(123)).await;
+        let planned = bus
+            .plan_write("plc", "p9", crate::field::Requested::Int(4242))
+            .unwrap()
+            .unwrap();
+        let (reply, answer) = tokio::sync::oneshot::channel();
+        let reads_before = model.requests.lock().unwrap().len();
+        let sent = Instant::now();
+        bus.commands()
+            .submit(BusCommand {
+                device: planned.device,
+                point: planned.point,
+                op: planned.op,
+                deadline: None,
+                reply,
+            })
+            .unwrap();
+        let report = answer.await.unwrap();
+        let took = sent.elapsed();
+        assert!(report.outcome.is_ok());
+        assert_eq!(report.held(), Some(true));
+        let readback = report.readback.unwrap();
+        assert_eq!(readback.value, Some(Value::UInt(4242)));
+        let writes = model.writes.lock().unwrap().clone();
+        assert_eq!(writes.len(), 1);
+        // At most the read on the wire went first.
+        assert!(
+            writes[0].0 <= reads_before + 1,
+            "write after read {} (command arrived at read {reads_before})",
+            writes[0].0
+        );
+        // One read in progress (≤ 5 ms), the write (5 ms), the read-back (5 ms).
+        assert!(took <= Duration::from_millis(15), "{took:?}");
+        shutdown.cancel();
+        task.await.unwrap();
+        drain.abort();
     }
 }

@@ -15,11 +15,13 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use super::command::CommandQueue;
 use super::config::{BusConfig, BusKind, DeviceConfig, FieldConfig, LineMode, PointConfig};
 use super::decode::{ByteOrder, Codec};
 use super::plan::{Limits, PointSpan, ReadPlan};
 use super::reading::{Quality, Reading, Value};
 use super::schedule::Band;
+use super::write::{encode, Refusal, Requested, WriteOp, WriteSpec};
 
 /// Counters of one bus, shared with whoever holds its [`ResolvedBus`].
 #[derive(Debug, Default)]
@@ -89,6 +91,8 @@ pub(crate) struct ResolvedPoint {
     pub field: String,
     pub band: Band,
     pub heartbeat: Option<Duration>,
+    /// Writable points: their limits and write functions.
+    pub write: Option<WriteSpec>,
 }
 
 /// A device with its profile merged in.
@@ -148,6 +152,17 @@ pub struct ResolvedBus {
     pub(crate) config: BusConfig,
     pub(crate) devices: Arc<[ResolvedDevice]>,
     pub(crate) stats: Arc<BusStats>,
+    pub(crate) commands: CommandQueue,
+}
+
+/// A command checked against its point and encoded, ready for the bus queue.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PlannedWrite {
+    pub device: usize,
+    pub point: usize,
+    pub op: WriteOp,
+    /// The point's least time between writes.
+    pub min_interval: Duration,
 }
 
 impl ResolvedBus {
@@ -164,13 +179,50 @@ impl ResolvedBus {
         self.stats.snapshot()
     }
 
+    /// The bus's command queue (kept across respawns of its task).
+    pub fn commands(&self) -> &CommandQueue {
+        &self.commands
+    }
+
+    /// Checks `value` for `device`/`point` and encodes the write; `None` when the
+    /// device is not on this bus.
+    pub fn plan_write(
+        &self,
+        device: &str,
+        point: &str,
+        value: Requested,
+    ) -> Option<Result<PlannedWrite, Refusal>> {
+        let d = self.devices.iter().position(|d| d.name == device)?;
+        let points = &self.devices[d].points;
+        let Some(p) = points.iter().position(|p| p.name == point) else {
+            return Some(Err(Refusal::UnknownPoint));
+        };
+        let rp = &points[p];
+        let (Some(spec), Some(span)) = (&rp.write, rp.span) else {
+            return Some(Err(Refusal::NotWritable));
+        };
+        Some(encode(spec, span, &rp.codec, value).map(|op| PlannedWrite {
+            device: d,
+            point: p,
+            op,
+            min_interval: spec.min_interval,
+        }))
+    }
+
+    /// Whether any point on this bus is writable.
+    pub fn has_writable_points(&self) -> bool {
+        self.devices
+            .iter()
+            .any(|d| d.points.iter().any(|p| p.write.is_some()))
+    }
+
     /// The device names on this bus.
     pub fn device_names(&self) -> Vec<String> {
         self.devices.iter().map(|d| d.name.clone()).collect()
     }
 }
 
-fn resolve_point(p: &PointConfig) -> ResolvedPoint {
+fn resolve_point(d: &DeviceConfig, p: &PointConfig) -> ResolvedPoint {
     let data_type = p.data_type_or_default();
     let codec = Codec {
         data_type,
@@ -203,6 +255,7 @@ fn resolve_point(p: &PointConfig) -> ResolvedPoint {
         band,
         heartbeat: (band != Band::Every && p.heartbeat_secs > 0)
             .then(|| Duration::from_secs(p.heartbeat_secs)),
+        write: WriteSpec::of(d, p),
     }
 }
 
@@ -237,7 +290,7 @@ fn resolve_device(config: &FieldConfig, bus: &BusConfig, d: &DeviceConfig) -> Re
         points: profile_points
             .iter()
             .chain(&d.points)
-            .map(resolve_point)
+            .map(|p| resolve_point(d, p))
             .collect(),
     }
 }
@@ -256,6 +309,7 @@ pub(crate) fn resolve_buses(config: &FieldConfig) -> Vec<ResolvedBus> {
                 .collect::<Vec<_>>()
                 .into(),
             stats: Arc::new(BusStats::default()),
+            commands: CommandQueue::default(),
         })
         .collect()
 }

@@ -19,6 +19,7 @@ use tokio::sync::mpsc::Sender;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
+use super::command::{BusCommand, Inbox};
 use super::link::{Chain, ReadError};
 use super::plan::{PointSpan, ReadPlan};
 use super::reading::{batch_json, DeviceState, FieldEvent, Reading};
@@ -39,12 +40,26 @@ pub(crate) struct Polled {
 /// One protocol's way of polling one device, plugged into [`run_polls`].
 pub(crate) trait Poller: Send {
     /// Polls the device of `run` once. May change the run's plan (a split), never its
-    /// schedule or health: those are the skeleton's.
-    fn poll(&mut self, run: &mut DeviceRun) -> impl Future<Output = Polled> + Send;
+    /// schedule or health: those are the skeleton's. A poller that writes carries out
+    /// the commands waiting in `inbox` before each of its requests.
+    fn poll(
+        &mut self,
+        run: &mut DeviceRun,
+        inbox: &mut Inbox,
+    ) -> impl Future<Output = Polled> + Send;
+
+    /// Carries out one command and answers it. The default (a bus that cannot write;
+    /// validation keeps commands away from it) drops it, which the sender sees.
+    fn execute(&mut self, command: BusCommand) -> impl Future<Output = ()> + Send {
+        drop(command);
+        std::future::ready(())
+    }
 }
 
 /// The loop of a polled bus: poll the device due first, forever, until shutdown or until
-/// the receiver is gone. A poll in progress is abandoned at shutdown.
+/// the receiver is gone, and carry out each command as it arrives (while idle at once,
+/// while polling before the poll's next request). A poll in progress is abandoned at
+/// shutdown.
 pub(crate) async fn run_polls<P: Poller>(
     bus: &ResolvedBus,
     poller: &mut P,
@@ -52,13 +67,33 @@ pub(crate) async fn run_polls<P: Poller>(
     shutdown: &CancellationToken,
 ) {
     let mut runs = device_runs(bus);
-    while let Some(i) = next_due(&runs, shutdown).await {
+    let mut inbox = tokio::select! {
+        biased;
+        _ = shutdown.cancelled() => return,
+        inbox = bus.commands.inbox() => inbox,
+    };
+    loop {
+        let i = tokio::select! {
+            biased;
+            _ = shutdown.cancelled() => return,
+            Some(command) = inbox.recv() => {
+                tokio::select! {
+                    biased;
+                    _ = shutdown.cancelled() => return,
+                    () = poller.execute(command) => continue,
+                }
+            }
+            due = next_due(&runs, shutdown) => match due {
+                Some(i) => i,
+                None => return,
+            },
+        };
         let started = now_ms();
         let run = &mut runs[i];
         let polled = tokio::select! {
             biased;
             _ = shutdown.cancelled() => return,
-            polled = poller.poll(run) => polled,
+            polled = poller.poll(run, &mut inbox) => polled,
         };
         bus.stats.add_readings(polled.readings.len());
         let events = run.finish_poll(polled, started);

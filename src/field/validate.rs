@@ -407,6 +407,7 @@ fn validate_point(at: &mut Scope<'_>, bus: BusKind, device: &DeviceConfig, p: &P
     if let Some(topic) = &p.topic {
         topic_name(at, "topic", topic);
     }
+    super::write::validate_point(at, bus, p);
 }
 
 fn validate_lines_point(at: &mut Scope<'_>, p: &PointConfig, t: DataType) {

@@ -27,6 +27,8 @@ const SCRIPT: &str = concat!(
     "/tests/fixtures/modbus_slave.py"
 );
 
+const READER: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/modbus_read.py");
+
 /// A running pymodbus slave; killed on drop.
 pub struct Slave {
     child: Child,
@@ -144,6 +146,30 @@ impl Slave {
                 })
             })
             .collect()
+    }
+
+    /// What the slave holds now, read by an independent pymodbus client
+    /// (`tests/fixtures/modbus_read.py`; TCP slaves): `kind` is "holding" or "coil".
+    pub fn read_independently(&self, unit: u8, kind: &str, address: u16, count: u16) -> Vec<u16> {
+        let python = tool("python3", "python3");
+        let out = Command::new(python)
+            .arg(READER)
+            .args([
+                "--port",
+                &self.port().to_string(),
+                "--unit",
+                &unit.to_string(),
+            ])
+            .args(["--kind", kind, "--address", &address.to_string()])
+            .args(["--count", &count.to_string()])
+            .output()
+            .expect("run the independent Modbus reader");
+        assert!(
+            out.status.success(),
+            "independent read failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice(&out.stdout).expect("the reader prints a JSON list")
     }
 
     /// Stops the slave now (its TCP port closes; an RTU slave stops answering).
