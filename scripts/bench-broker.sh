@@ -29,14 +29,6 @@ cargo build --profile "$PROFILE" --example broker --example mqtt_load 2>&1 | tai
 LOAD=target/release/examples/mqtt_load
 BROKER=target/release/examples/broker
 
-work=$(mktemp -d)
-pids=()
-cleanup() {
-    for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done
-    wait 2>/dev/null || true
-    rm -rf "$work"
-}
-trap cleanup EXIT
 
 port_m=$(free_port)
 port_f=$(free_port)

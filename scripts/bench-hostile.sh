@@ -31,15 +31,7 @@ if [ -z "${FIELDBRIDGE_BIN:-}" ]; then
     FIELDBRIDGE_BIN=target/release/fieldbridge
 fi
 
-work=$(mktemp -d)
 pid=
-cleanup() {
-    [ -n "$pid" ] && kill "$pid" 2>/dev/null || true
-    wait 2>/dev/null || true
-    rm -rf "$work"
-}
-trap cleanup EXIT
-
 
 start() { # kind port -> sets pid
     case "$1" in
@@ -57,6 +49,7 @@ start() { # kind port -> sets pid
             ;;
     esac
     pid=$!
+    pids+=("$pid")
     wait_port "$2"
     sleep 0.3
 }

@@ -18,6 +18,7 @@
 # Usage: scripts/broker-memory-abuse.sh [SECONDS, default 30]
 set -euo pipefail
 cd "$(dirname "$0")/.."
+. scripts/lib.sh
 export PATH="$PATH:/usr/sbin:/sbin"
 
 secs="${1:-30}"
@@ -28,25 +29,7 @@ subscribers="${SUBSCRIBERS:-2000}"
 persist="${PERSIST:-1}"
 # BROKER_KEYS: extra [broker] lines, e.g. "max_queued_bytes_total = 8388608".
 broker_keys="${BROKER_KEYS:-}"
-work="$(mktemp -d)"
-pids=()
-cleanup() {
-    for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done
-    wait 2>/dev/null || true
-    rm -rf "$work"
-}
-trap cleanup EXIT
 
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
-rss_kib() { awk '/VmRSS/ {print $2}' "/proc/$1/status"; }
-wait_port() {
-    for _ in $(seq 1 400); do
-        (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0
-        sleep 0.05
-    done
-    echo "nothing listens on $1" >&2
-    exit 1
-}
 worst=0
 report() { # $1 = step name
     local rss
@@ -72,7 +55,7 @@ json.dump({"units": units}, open(sys.argv[1], "w"))
 EOF
 python3 tests/fixtures/modbus_slave.py --tcp "$slave_port" --image "@$work/image.json" >"$work/slave.log" 2>&1 &
 pids+=($!)
-wait_port "$slave_port"
+wait_port "$slave_port" 20
 
 port=$(free_port)
 cat >"$work/fieldbridge.toml" <<EOF
@@ -109,7 +92,7 @@ start_agent() {
     "$bin" run --config "$work/fieldbridge.toml" 2>>"$work/agent.log" &
     agent=$!
     pids+=("$agent")
-    wait_port "$port"
+    wait_port "$port" 20
 }
 
 echo "binary $bin; budget ${budget_mib} MiB RSS; broker defaults: max_sessions 5000, max_queued_bytes_total 8 MiB"

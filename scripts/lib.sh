@@ -1,11 +1,24 @@
-# Helpers the benchmark scripts source: free loopback ports, waiting for a listener,
-# a process's RSS.
+# Helpers the benchmark and fault scripts source (`. scripts/lib.sh`): a scratch
+# directory with the processes to stop at exit, free loopback ports, waiting for a
+# listener, a process's RSS and CPU time.
+
+# A scratch directory in $work; every pid appended to $pids is killed at exit, and
+# the directory removed.
+work="$(mktemp -d)"
+pids=()
+cleanup() {
+    for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done
+    wait 2>/dev/null || true
+    rm -rf "$work"
+}
+trap cleanup EXIT
 
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 
-# Waits up to 10 s for something to listen on 127.0.0.1:PORT; exits the script if not.
+# wait_port PORT [SECONDS]: waits (10 s by default) for something to listen on
+# 127.0.0.1:PORT; exits the script if nothing does.
 wait_port() {
-    for _ in $(seq 200); do
+    for _ in $(seq $((${2:-10} * 20))); do
         (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0
         sleep 0.05
     done
@@ -14,3 +27,6 @@ wait_port() {
 }
 
 rss_kib() { awk '/^VmRSS:/ {print $2}' "/proc/$1/status"; }
+
+# User plus system CPU time of a process, in clock ticks.
+cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
