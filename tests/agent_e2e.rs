@@ -9,10 +9,11 @@ mod common;
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::Read;
 use std::os::unix::net::UnixDatagram;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Stdio};
+use std::path::Path;
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+use common::agent::Agent;
 use common::clients::Sub;
 use common::mosquitto::{retained, Mosquitto, SubOptions, Subscriber};
 use common::slave::Slave;
@@ -21,131 +22,6 @@ use serde_json::{json, Value};
 
 const START: Duration = Duration::from_secs(15);
 const ARRIVE: Duration = Duration::from_secs(20);
-
-/// A `fieldbridge run` process with its log in a file. Killed on drop.
-struct Agent {
-    child: Option<Child>,
-    config: PathBuf,
-    log: PathBuf,
-    env: Vec<(String, String)>,
-    launches: usize,
-}
-
-impl Agent {
-    fn start(dir: &Path, config: &str) -> Agent {
-        Agent::start_with_env(dir, config, Vec::new())
-    }
-
-    fn start_with_env(dir: &Path, config: &str, env: Vec<(String, String)>) -> Agent {
-        let path = dir.join("fieldbridge.toml");
-        std::fs::write(&path, config).expect("write config");
-        let mut agent = Agent {
-            child: None,
-            config: path,
-            log: dir.join("fieldbridge.log"),
-            env,
-            launches: 0,
-        };
-        agent.launch();
-        agent
-    }
-
-    fn launch(&mut self) {
-        assert!(self.child.is_none(), "agent already running");
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&self.log)
-            .expect("open agent log");
-        // systemd names the watched process in WATCHDOG_PID; a shell that execs the agent
-        // knows that pid before it starts.
-        let mut command = if self.env.iter().any(|(key, _)| key == "WATCHDOG_USEC") {
-            let mut shell = Command::new("sh");
-            shell.args([
-                "-c",
-                "WATCHDOG_PID=$$ exec \"$0\" \"$@\"",
-                env!("CARGO_BIN_EXE_fieldbridge"),
-            ]);
-            shell
-        } else {
-            Command::new(env!("CARGO_BIN_EXE_fieldbridge"))
-        };
-        let child = command
-            .arg("run")
-            .arg("--config")
-            .arg(&self.config)
-            .env("RUST_LOG", "info")
-            .envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .expect("spawn fieldbridge");
-        self.child = Some(child);
-        self.launches += 1;
-    }
-
-    fn pid(&self) -> u32 {
-        self.child.as_ref().expect("agent running").id()
-    }
-
-    /// Sends `signal` once the current process has its handlers installed (it logs
-    /// "fieldbridge running" after that).
-    fn signal(&self, signal: &str) {
-        self.wait_log("fieldbridge running", self.launches);
-        let status = Command::new("kill")
-            .arg(format!("-{signal}"))
-            .arg(self.pid().to_string())
-            .status()
-            .expect("run kill");
-        assert!(status.success(), "kill -{signal} failed");
-    }
-
-    /// Waits for the process to exit by itself.
-    fn wait_exit(&mut self, timeout: Duration) -> ExitStatus {
-        let child = self.child.as_mut().expect("agent running");
-        let status = wait_for("fieldbridge to exit", timeout, || {
-            child.try_wait().ok().flatten()
-        });
-        self.child = None;
-        status
-    }
-
-    /// SIGKILL: no shutdown code runs.
-    fn kill9(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
-
-    fn is_running(&mut self) -> bool {
-        self.child
-            .as_mut()
-            .is_some_and(|child| child.try_wait().ok().flatten().is_none())
-    }
-
-    fn log(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-
-    fn wait_log(&self, needle: &str, count: usize) {
-        wait_for(
-            &format!("{count}× {needle:?} in the agent log"),
-            START,
-            || (self.log().matches(needle).count() >= count).then_some(()),
-        );
-    }
-}
-
-impl Drop for Agent {
-    fn drop(&mut self) {
-        if std::thread::panicking() {
-            eprintln!("fieldbridge log:\n{}", self.log());
-        }
-        self.kill9();
-    }
-}
 
 /// The JSON `value` of a reading payload.
 fn value_of(payload: &str) -> Option<Value> {
@@ -509,7 +385,7 @@ fn sighup_adds_a_point_keeps_queue_and_session_and_rejects_a_broken_config() {
         (depth >= 5).then_some(depth)
     });
 
-    std::fs::write(&agent.config, setup(VOLTAGE_AND_ENERGY, upstream.url()))
+    std::fs::write(agent.config(), setup(VOLTAGE_AND_ENERGY, upstream.url()))
         .expect("rewrite config");
     agent.signal("HUP");
     agent.wait_log("device maps reloaded", 1);
@@ -524,7 +400,7 @@ fn sighup_adds_a_point_keeps_queue_and_session_and_rejects_a_broken_config() {
     );
 
     // A broken config is rejected and the running one goes on.
-    std::fs::write(&agent.config, "[agent]\nprefix = \"x/#\"\n[broker]\n").expect("break config");
+    std::fs::write(agent.config(), "[agent]\nprefix = \"x/#\"\n[broker]\n").expect("break config");
     agent.signal("HUP");
     agent.wait_log("reload rejected", 1);
     assert!(

@@ -4,6 +4,8 @@
 
 mod common;
 
+use common::agent::Agent;
+
 use std::path::Path;
 use std::process::{Command, Output, Stdio};
 
@@ -220,56 +222,6 @@ fn probe_expect_tries_scales_negative_values_and_high_addresses() {
     assert!(!out.contains("scale ="), "{out}");
 }
 
-/// `fieldbridge run` with its log lines collected as they come; killed on drop.
-struct Agent {
-    child: std::process::Child,
-    lines: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
-}
-
-impl Agent {
-    fn start(config: &Path) -> Agent {
-        use std::io::BufRead;
-        let mut child = fieldbridge()
-            .args(["run", "--config"])
-            .arg(config)
-            .env_remove("RUST_LOG")
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("start fieldbridge run");
-        let stderr = child.stderr.take().expect("piped stderr");
-        let lines = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
-        let sink = lines.clone();
-        std::thread::spawn(move || {
-            for line in std::io::BufReader::new(stderr).lines() {
-                let Ok(line) = line else { break };
-                sink.lock().expect("lock").push(line);
-            }
-        });
-        Agent { child, lines }
-    }
-
-    fn lines(&self) -> Vec<String> {
-        self.lines.lock().expect("lock").clone()
-    }
-
-    fn count(&self, text: &str) -> usize {
-        self.lines().iter().filter(|l| l.contains(text)).count()
-    }
-
-    fn wait_line(&self, text: &str) -> String {
-        common::util::poll_until(WAIT, || self.lines().into_iter().find(|l| l.contains(text)))
-            .unwrap_or_else(|| panic!("no log line with {text:?} in:\n{}", self.lines().join("\n")))
-    }
-}
-
-impl Drop for Agent {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
 const WAIT: std::time::Duration = std::time::Duration::from_secs(30);
 
 /// The health report retained on fieldbridge's own broker, once `wanted` holds.
@@ -296,20 +248,15 @@ fn an_upstream_outage_is_logged_once_then_its_recovery_and_the_drained_backlog()
     broker.stop();
     let dir = tempfile::tempdir().expect("temp dir");
     let lan = common::util::free_port();
-    let config = dir.path().join("fieldbridge.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "[agent]\nprefix = \"t/gw\"\nhealth_interval_secs = 1\n\
+    let config = format!(
+        "[agent]\nprefix = \"t/gw\"\nhealth_interval_secs = 1\n\
              [broker]\n[[broker.listeners]]\nbind = \"127.0.0.1:{lan}\"\n\
              [store]\npath = {:?}\n\
              [upstream]\nurl = \"{}\"\nbackoff_min_ms = 50\nbackoff_max_ms = 200\n",
-            dir.path().join("queue.db").display().to_string(),
-            broker.url()
-        ),
-    )
-    .expect("write config");
-    let agent = Agent::start(&config);
+        dir.path().join("queue.db").display().to_string(),
+        broker.url()
+    );
+    let agent = Agent::start(dir.path(), &config);
     let report = health(
         lan,
         "t/gw/health",
@@ -324,14 +271,14 @@ fn an_upstream_outage_is_logged_once_then_its_recovery_and_the_drained_backlog()
         .as_str()
         .unwrap_or_default();
     assert!(last_error.contains("Connection refused"), "{report}");
-    let lines = agent.lines().join("\n");
+    let lines = agent.log();
     assert_eq!(agent.count("upstream connection failed"), 1, "{lines}");
     assert_eq!(agent.count("WARN"), 1, "{lines}");
 
     broker.restart();
-    let recovered = agent.wait_line("upstream connected again after");
+    let recovered = agent.wait_line("upstream connected again after", WAIT);
     assert!(recovered.contains("rows waiting"), "{recovered}");
-    let drained = agent.wait_line("backlog drained in");
+    let drained = agent.wait_line("backlog drained in", WAIT);
     assert!(drained.contains(" rows)"), "{drained}");
     let report = health(lan, "t/gw/health", "a connected report", |r| {
         r["upstream"]["state"] == "connected"

@@ -15,9 +15,10 @@ mod common;
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::Duration;
 
+use common::agent::Agent;
 use common::clients::Sub;
 use common::util::{free_port, poll_until, tool, wait_for, wait_for_port};
 
@@ -26,11 +27,9 @@ const ARRIVE: Duration = Duration::from_secs(20);
 /// Messages queued for the offline subscriber in each test.
 const QUEUED: usize = 100;
 
-/// A `fieldbridge run` process serving only its broker, log in a file. Killed on drop.
+/// A `fieldbridge run` process serving only its broker, with its persistence file.
 struct Broker {
-    child: Option<Child>,
-    config: PathBuf,
-    log: PathBuf,
+    agent: Agent,
     db: PathBuf,
     port: u16,
 }
@@ -39,72 +38,34 @@ impl Broker {
     fn start(dir: &Path, extra: &str) -> Broker {
         let port = free_port();
         let db = dir.join("broker.db");
-        let config = dir.join("fieldbridge.toml");
-        std::fs::write(
-            &config,
-            format!(
-                "[broker]\npersistence_path = \"{}\"\n{extra}\n[[broker.listeners]]\nbind = \"127.0.0.1:{port}\"\n",
-                db.display()
-            ),
-        )
-        .expect("write config");
-        let mut broker = Broker {
-            child: None,
-            config,
-            log: dir.join("fieldbridge.log"),
+        let config = format!(
+            "[broker]\npersistence_path = \"{}\"\n{extra}\n[[broker.listeners]]\nbind = \"127.0.0.1:{port}\"\n",
+            db.display()
+        );
+        let broker = Broker {
+            agent: Agent::start(dir, &config),
             db,
             port,
         };
-        broker.launch();
+        wait_for_port(port, START);
         broker
     }
 
     fn launch(&mut self) {
-        assert!(self.child.is_none(), "broker already running");
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&self.log)
-            .expect("open log");
-        let child = Command::new(env!("CARGO_BIN_EXE_fieldbridge"))
-            .arg("run")
-            .arg("--config")
-            .arg(&self.config)
-            .env("RUST_LOG", "info")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .expect("spawn fieldbridge");
-        self.child = Some(child);
+        self.agent.launch();
         wait_for_port(self.port, START);
     }
 
-    /// SIGKILL: no shutdown code runs.
     fn kill9(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
+        self.agent.kill9();
     }
 
-    /// SIGTERM, then waits for a clean exit.
     fn stop(&mut self) {
-        let mut child = self.child.take().expect("broker running");
-        let status = Command::new("kill")
-            .arg("-TERM")
-            .arg(child.id().to_string())
-            .status()
-            .expect("run kill");
-        assert!(status.success());
-        let exit = wait_for("fieldbridge to exit", START, || {
-            child.try_wait().ok().flatten()
-        });
-        assert!(exit.success(), "fieldbridge exited with {exit}");
+        self.agent.stop();
     }
 
     fn log(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
+        self.agent.log()
     }
 
     /// Messages the persistence file holds for `client_id` (queued or in flight). A
@@ -128,15 +89,6 @@ impl Broker {
             ARRIVE,
             || (self.persisted(client_id) >= n).then_some(()),
         );
-    }
-}
-
-impl Drop for Broker {
-    fn drop(&mut self) {
-        if std::thread::panicking() {
-            eprintln!("fieldbridge log:\n{}", self.log());
-        }
-        self.kill9();
     }
 }
 

@@ -5,6 +5,7 @@
 //! Each integration test binary uses only some of these helpers.
 #![allow(dead_code)]
 
+pub mod agent;
 pub mod clients;
 pub mod mosquitto;
 pub mod slave;
