@@ -33,7 +33,7 @@ use crate::broker::BrokerHandle;
 use crate::clock::now_ms;
 use crate::field::ResolvedBus;
 use crate::mqtt::QoS;
-use crate::store::{Message, Priority, Queue};
+use crate::store::{Done, Message, Priority, Queue};
 use crate::topics::Topics;
 use crate::uplink::{LinkState, UplinkHandle};
 
@@ -204,9 +204,14 @@ impl Health {
                 created_ms: now_ms(),
                 priority: Priority::Periodic,
             };
-            if let Err(err) = queue.append(vec![message]).await {
-                tracing::debug!(error = %err, "health report not queued");
-            }
+            // Handed over without waiting for the commit: a full disk must not stop the
+            // report.
+            let done: Done = Box::new(|result| {
+                if let Err(err) = result {
+                    tracing::debug!(error = %err, "health report not queued");
+                }
+            });
+            queue.submit(vec![message], done).await;
         }
     }
 }

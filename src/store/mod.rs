@@ -107,6 +107,7 @@ pub use config::{DropPolicy, StoreConfig, Synchronous};
 pub use error::Error;
 pub use message::{DrainOrder, Message, Priority, Stored, ROW_OVERHEAD_BYTES};
 pub use queue::Queue;
+pub use request::Done;
 pub use stats::{DropCounts, DropReason, Stats};
 
 /// Reads the statistics of a queue file without writing to it, while the agent that

@@ -20,7 +20,7 @@ use super::config::StoreConfig;
 use super::db::{Counters, Db};
 use super::error::Error;
 use super::message::{DrainOrder, Message, Stored};
-use super::request::{Command, Flow, Reply, Request, CHANNEL_CAPACITY};
+use super::request::{Command, Done, Flow, Reply, Request, CHANNEL_CAPACITY};
 use super::stats::Stats;
 use super::worker::Worker;
 
@@ -120,7 +120,8 @@ impl Queue {
     /// `commit_interval_ms` later, or when the disk is writable again). Returns the row
     /// ids in batch order. A row may already have been dropped by a retention limit in
     /// the same commit (`drop_newest` drops the newest rows); such drops are counted in
-    /// [`Stats::dropped`].
+    /// [`Stats::dropped`]. A caller that must not wait for the disk uses
+    /// [`Queue::submit`].
     ///
     /// # Errors
     /// [`Error::Dropped`] when the whole batch was dropped from the memory buffer while
@@ -131,7 +132,10 @@ impl Queue {
             return Ok(Vec::new());
         }
         let (reply, answer) = oneshot::channel();
-        if let Err(command) = self.send(Command::Append { batch, reply }).await {
+        let done: Done = Box::new(move |result| {
+            let _ = reply.send(result);
+        });
+        if let Err(command) = self.send(Command::Append { batch, done }).await {
             let batch = match command {
                 Command::Append { batch, .. } => batch,
                 _ => Vec::new(),
@@ -139,6 +143,25 @@ impl Queue {
             return Err(Error::Closed(batch));
         }
         answer.await.map_err(|_| Error::Closed(Vec::new()))?
+    }
+
+    /// Hands a batch to the store thread without waiting for its commit: resolves as
+    /// soon as the thread has the request queued (it waits only while
+    /// [`CHANNEL_CAPACITY`] requests are already queued). `done` is called later, once,
+    /// on the store thread, with what [`Queue::append`] would have returned; at once
+    /// with [`Error::Closed`] when the queue is closed. While the disk cannot be
+    /// written, submitted batches wait in the memory buffer (`memory_buffer_rows`) and
+    /// beyond it the drop policy answers them with [`Error::Dropped`].
+    pub async fn submit(&self, batch: Vec<Message>, done: Done) {
+        if batch.is_empty() {
+            done(Ok(Vec::new()));
+            return;
+        }
+        if let Err(Command::Append { batch, done }) =
+            self.send(Command::Append { batch, done }).await
+        {
+            done(Err(Error::Closed(batch)));
+        }
     }
 
     /// Hands out up to `max` pending rows and marks them in flight. `OldestFirst` gives
@@ -240,8 +263,10 @@ impl Queue {
         self.join().await;
     }
 
+    /// Runs a pragma on the store's connection: `max_page_count` makes the disk full,
+    /// `query_only` read-only, for the tests of what the store and the pipeline do then.
     #[cfg(test)]
-    pub(super) async fn pragma(&self, sql: &str) -> Result<(), Error> {
+    pub(crate) async fn pragma(&self, sql: &str) -> Result<(), Error> {
         let sql = sql.to_string();
         self.call(|reply| Command::Pragma { sql, reply }).await
     }

@@ -29,9 +29,9 @@ use super::cursor::Cursor;
 use super::db::{self, Counters, Db};
 use super::error::Error;
 use super::message::Message;
-use super::request::{Command, Flow, Reply, Request, CHANNEL_CAPACITY};
+use super::request::{Command, Done, Flow, Request, CHANNEL_CAPACITY};
 use super::retention;
-use super::stats::{DropReason, Stats};
+use super::stats::{DiskState, DropReason, Stats};
 
 /// A checkpoint runs at least this often while there are commits...
 const CHECKPOINT_INTERVAL: Duration = Duration::from_secs(10);
@@ -50,6 +50,9 @@ struct Failing {
     since: Instant,
     attempts: u32,
     next_retry: Instant,
+    state: DiskState,
+    /// Whether the memory buffer has overflowed in this episode (logged once).
+    overflowed: bool,
 }
 
 pub(super) struct Worker {
@@ -178,7 +181,7 @@ impl Worker {
 
     fn handle(&mut self, command: Command) {
         match command {
-            Command::Append { batch, reply } => self.append(batch, reply),
+            Command::Append { batch, done } => self.append(batch, done),
             Command::Next { max, order, reply } => {
                 let out = self.cursor.next(&self.db.conn, max, order);
                 let _ = reply.send(out.map_err(Error::from));
@@ -212,8 +215,8 @@ impl Worker {
         }
     }
 
-    fn append(&mut self, batch: Vec<Message>, reply: Reply<Vec<i64>>) {
-        self.buffer.push(batch, reply);
+    fn append(&mut self, batch: Vec<Message>, done: Done) {
+        self.buffer.push(batch, done);
         self.mark_dirty();
         if self.failing.is_some() {
             self.enforce_memory_bound();
@@ -366,7 +369,7 @@ impl Worker {
             tracing::info!(
                 after_ms = failing.since.elapsed().as_millis() as u64,
                 attempts = failing.attempts,
-                "store writable again; buffered readings committed"
+                "store accepts readings again"
             );
         }
         if !written.dropped.is_empty() && !self.dropping {
@@ -382,27 +385,45 @@ impl Worker {
         }
     }
 
+    /// Counts a failed commit and schedules the retry; one log line when the store
+    /// starts failing (retries are logged at debug level).
     fn failed(&mut self, error: &rusqlite::Error) {
         self.counters.commit_failures += 1;
         self.counters_dirty = true;
         let now = Instant::now();
+        let buffered = self.buffer.rows();
+        let state = DiskState::of(error);
+        let entering = self.failing.is_none();
         let failing = self.failing.get_or_insert(Failing {
             since: now,
             attempts: 0,
             next_retry: now,
+            state,
+            overflowed: false,
         });
         failing.attempts += 1;
+        failing.state = state;
         let backoff = RETRY_MIN
             .saturating_mul(1 << (failing.attempts - 1).min(16))
             .min(RETRY_MAX);
         failing.next_retry = now + backoff;
-        if failing.attempts.is_power_of_two() {
+        let what = match state {
+            DiskState::Full => "store full",
+            DiskState::ReadOnly => "store read-only",
+            DiskState::Writable | DiskState::Failing => "store cannot write",
+        };
+        if entering {
             tracing::warn!(
                 %error,
+                limit = self.config.memory_buffer_rows,
+                "{what}: {buffered} rows buffered in memory"
+            );
+        } else {
+            tracing::debug!(
+                %error,
                 attempts = failing.attempts,
-                buffered_rows = self.buffer.rows(),
                 retry_in_ms = backoff.as_millis() as u64,
-                "store cannot commit (disk full or read-only?); holding readings in memory"
+                "{what}: {buffered} rows buffered in memory"
             );
         }
     }
@@ -416,6 +437,14 @@ impl Worker {
         }
         if self.config.policy == DropPolicy::DropOldest && self.evict_and_commit() {
             return;
+        }
+        if let Some(failing) = self.failing.as_mut().filter(|f| !f.overflowed) {
+            failing.overflowed = true;
+            tracing::warn!(
+                limit = self.config.memory_buffer_rows,
+                policy = ?self.config.policy,
+                "store memory buffer full: dropping readings by policy (counted as dropped.disk_full)"
+            );
         }
         while self.buffer.rows() > self.config.memory_buffer_rows {
             let Some(rows) = self.buffer.drop_one(self.config.policy) else {
