@@ -68,10 +68,27 @@ impl Buffer {
         self.batches.iter()
     }
 
-    /// Takes every batch, for the commit that stored them.
-    pub fn take(&mut self) -> VecDeque<Batch> {
-        self.rows = 0;
-        std::mem::take(&mut self.batches)
+    /// How many batches from the front one commit writes: as many as fit in
+    /// `max_rows` rows, and at least one.
+    pub fn prefix(&self, max_rows: usize) -> usize {
+        let mut rows = 0;
+        let fit = self
+            .batches
+            .iter()
+            .take_while(|b| {
+                rows += b.messages.len();
+                rows <= max_rows
+            })
+            .count();
+        fit.max(1).min(self.batches.len())
+    }
+
+    /// Takes the first `n` batches, for the commit that stored them.
+    pub fn take_front(&mut self, n: usize) -> VecDeque<Batch> {
+        let rest = self.batches.split_off(n.min(self.batches.len()));
+        let taken = std::mem::replace(&mut self.batches, rest);
+        self.rows -= taken.iter().map(|b| b.messages.len()).sum::<usize>();
+        taken
     }
 
     /// The highest priority buffered: what a disk-full eviction may drop up to.

@@ -96,6 +96,7 @@ mod message;
 mod queue;
 mod request;
 mod retention;
+mod space;
 mod stats;
 #[cfg(test)]
 mod tests;
@@ -108,7 +109,7 @@ pub use error::Error;
 pub use message::{DrainOrder, Message, Priority, Stored, ROW_OVERHEAD_BYTES};
 pub use queue::Queue;
 pub use request::Done;
-pub use stats::{DropCounts, DropReason, Stats};
+pub use stats::{DiskState, DropCounts, DropReason, Stats};
 
 /// Reads the statistics of a queue file without writing to it, while the agent that
 /// owns it may be running (`fieldbridge queue stats`).

@@ -18,6 +18,7 @@ use tokio::sync::{oneshot, watch, Semaphore};
 
 use super::config::StoreConfig;
 use super::db::{Counters, Db};
+use super::space::Space;
 use super::error::Error;
 use super::message::{DrainOrder, Message, Stored};
 use super::request::{Command, Done, Flow, Reply, Request, CHANNEL_CAPACITY};
@@ -63,14 +64,24 @@ impl Queue {
         if let Some(text) = crate::problem::Invalid::summary(&config.validate()) {
             return Err(Error::Config(text));
         }
-        let db = Db::open(&config.path, config.synchronous)?;
+        let mut space = Space::new(&config.path);
+        let db = Db::open(&config.path, config.synchronous, &mut space)?;
         let counters = Counters::load(&db.conn)?;
         let (rows, bytes, max_id) = db.totals()?;
         tracing::info!(path = %config.path.display(), rows, bytes, "store opened");
         let (pending_tx, pending_rx) = watch::channel(rows);
         let (requests, inbox) = std_mpsc::channel();
+        if !space.restore() {
+            tracing::warn!(
+                path = %config.path.display(),
+                reserve_bytes = space.bytes(),
+                free_bytes = space.free(),
+                "no room for the store's reserve yet: a full disk could keep delivered readings from being deleted"
+            );
+        }
         let worker = Worker::new(
             db,
+            space,
             config.clone(),
             counters,
             rows,

@@ -118,4 +118,12 @@ pub struct Stats {
     pub bytes_written: u64,
     /// Current size of the database file plus its WAL.
     pub file_bytes: u64,
+    /// Whether the last commit could write the file (always `writable` from
+    /// [`read_stats`](super::read_stats), which does not write).
+    pub disk: DiskState,
+    /// Bytes free on the filesystem that holds the file (0 when it cannot be asked).
+    pub fs_free_bytes: u64,
+    /// Bytes the store keeps in reserve on that filesystem for deleting delivered rows
+    /// when it is full (0 while released).
+    pub reserve_bytes: u64,
 }

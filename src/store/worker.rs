@@ -31,12 +31,12 @@ use super::error::Error;
 use super::message::Message;
 use super::request::{Command, Done, Flow, Request, CHANNEL_CAPACITY};
 use super::retention;
+use super::space::Space;
 use super::stats::{DiskState, DropReason, Stats};
 
-/// A checkpoint runs at least this often while there are commits...
+/// A checkpoint runs at least this often while there are commits, or once the WAL has
+/// grown by half the reserve ([`Space::checkpoint_bytes`]).
 const CHECKPOINT_INTERVAL: Duration = Duration::from_secs(10);
-/// ...or once the WAL has grown by about this much.
-const CHECKPOINT_WAL_BYTES: u64 = 4 << 20;
 /// Counters are persisted at most this often (and on close): writing them with every
 /// commit would add a page write per commit.
 const COUNTERS_INTERVAL: Duration = Duration::from_secs(10);
@@ -47,7 +47,6 @@ const RETRY_MAX: Duration = Duration::from_secs(30);
 
 /// State while commits fail (disk full, read-only filesystem, I/O errors).
 struct Failing {
-    since: Instant,
     attempts: u32,
     next_retry: Instant,
     state: DiskState,
@@ -78,6 +77,12 @@ pub(super) struct Worker {
     last_checkpoint: Instant,
     next_age_sweep: Instant,
     failing: Option<Failing>,
+    /// The file is held at its size because its filesystem is full ([`Db::pin_size`]).
+    pinned: bool,
+    /// Since when readings could not all be written (failing or pinned), for the one
+    /// log line when that ends.
+    unwritable: Option<Instant>,
+    space: Space,
     dropping: bool,
     /// Per priority class, where `drop_oldest` looks for its next victims.
     scan_from: [i64; 3],
@@ -85,8 +90,10 @@ pub(super) struct Worker {
 }
 
 impl Worker {
+    #[allow(clippy::too_many_arguments)] // the state read from the file at open
     pub fn new(
         db: Db,
+        space: Space,
         config: StoreConfig,
         counters: Counters,
         rows: u64,
@@ -118,6 +125,9 @@ impl Worker {
             last_checkpoint: now,
             next_age_sweep: now,
             failing: None,
+            pinned: false,
+            unwritable: None,
+            space,
             dropping: false,
             scan_from: [i64::MIN; 3],
             pending,
@@ -270,23 +280,110 @@ impl Worker {
     }
 
     /// One group commit. On failure everything stays buffered for the retry, except
-    /// that acks and flow updates are tried alone, so delivery can go on (and free
-    /// space) while appends cannot be written.
+    /// that acks and flow updates are tried alone, in small steps, so delivery can go
+    /// on (and free pages) while appends cannot be written. On a full filesystem the
+    /// file is first held at its size ([`Worker::hold_size`]).
     fn commit(&mut self) {
+        if self.pinned {
+            self.try_unpin();
+        }
         let counters = self.counters_due();
         let all = Work::all(counters);
         match self.write(all) {
             Ok(written) => self.applied(written, all),
             Err(error) => {
-                if !self.cursor.acking().is_empty() || !self.flows.is_empty() {
-                    let small = Work::without_inserts(counters);
-                    if let Ok(written) = self.write(small) {
-                        self.applied(written, small);
-                    }
+                let full = DiskState::of(&error) == DiskState::Full;
+                if full {
+                    self.hold_size();
                 }
+                self.write_deletes(counters, full);
                 self.failed(&error);
                 self.enforce_memory_bound();
             }
+        }
+    }
+
+    /// The filesystem is full: what is committed is checkpointed (with the reserve
+    /// released when that needs room), so the WAL starts over in the space it already
+    /// has; then the file is held at its size, so no later transaction commits pages
+    /// that a checkpoint could not write. Inserts then go into free pages only.
+    fn hold_size(&mut self) {
+        if !self.checkpoint_now() && self.release_reserve() {
+            self.checkpoint_now();
+        }
+        if !self.pinned {
+            match self.db.pin_size() {
+                Ok(()) => self.pinned = true,
+                Err(error) => tracing::debug!(%error, "could not hold the store file at its size"),
+            }
+        }
+    }
+
+    /// Acks and flow updates in transactions of at most [`commit::SMALL_DELETES`]
+    /// deletes each. On a full filesystem a step that finds no room releases the
+    /// reserve and is tried once more, and each step is checkpointed, so the next one
+    /// reuses the same WAL space.
+    fn write_deletes(&mut self, mut counters: bool, full: bool) {
+        while !self.cursor.acking().is_empty() || !self.flows.is_empty() {
+            let work = Work::small_deletes(counters);
+            match self.write(work) {
+                Ok(written) => {
+                    self.applied(written, work);
+                    counters = false;
+                    if full {
+                        self.checkpoint_now();
+                    }
+                }
+                Err(error) if DiskState::of(&error) == DiskState::Full && self.release_reserve() => {
+                    self.checkpoint_now();
+                }
+                Err(_) => return,
+            }
+        }
+    }
+
+    /// Deletes the reserve; returns whether it was there. One log line per release.
+    fn release_reserve(&mut self) -> bool {
+        if !self.space.release() {
+            return false;
+        }
+        tracing::warn!(
+            reserve_bytes = self.space.bytes(),
+            "disk full: released the store's reserve so delivered readings can still be deleted"
+        );
+        true
+    }
+
+    /// While pinned: once the filesystem has room again (the reserve written back, or
+    /// room for it twice over), the file may grow again.
+    fn try_unpin(&mut self) {
+        if !self.space.restore() && self.space.free() < 2 * self.space.bytes() {
+            return;
+        }
+        match self.db.unpin_size() {
+            Ok(()) => {
+                self.pinned = false;
+                tracing::info!(
+                    free_bytes = self.space.free(),
+                    reserve_held = self.space.held(),
+                    "disk has room again: the store file may grow"
+                );
+                self.note_writable();
+            }
+            Err(error) => tracing::debug!(%error, "could not lift the store file's size limit"),
+        }
+    }
+
+    /// Logs once that readings are written again, when nothing holds them back.
+    fn note_writable(&mut self) {
+        if self.failing.is_some() || self.pinned {
+            return;
+        }
+        if let Some(since) = self.unwritable.take() {
+            tracing::info!(
+                after_ms = since.elapsed().as_millis() as u64,
+                "store accepts readings again"
+            );
         }
     }
 
@@ -316,13 +413,13 @@ impl Worker {
     /// caller whose append resolved sees the new count.
     fn applied(&mut self, mut written: Written, work: Work) {
         let batches = if work.inserts {
-            self.buffer.take()
+            self.buffer.take_front(written.ids.len())
         } else {
             VecDeque::new()
         };
         let flows = std::mem::take(&mut self.flows);
         let ids = std::mem::take(&mut written.ids);
-        self.cursor.acks_committed();
+        self.cursor.acks_committed(&written.acked);
         self.take_totals(&written, work);
         self.log_state_changes(&written, work);
         if written.added_rows > 0 {
@@ -334,8 +431,9 @@ impl Worker {
         }
         self.last_commit = Instant::now();
         self.commits_since_checkpoint += 1;
-        self.wal_estimate += written.added_bytes + 2 * self.db.page_size;
-        if self.wal_estimate >= CHECKPOINT_WAL_BYTES {
+        self.wal_estimate +=
+            written.added_bytes + written.removed_bytes + 2 * self.db.page_size;
+        if self.wal_estimate >= self.space.checkpoint_bytes() {
             self.checkpoint();
         }
     }
@@ -365,12 +463,9 @@ impl Worker {
     /// One log line when the disk is writable again, and one when retention starts or
     /// stops dropping.
     fn log_state_changes(&mut self, written: &Written, work: Work) {
-        if let Some(failing) = self.failing.take_if(|_| work.inserts) {
-            tracing::info!(
-                after_ms = failing.since.elapsed().as_millis() as u64,
-                attempts = failing.attempts,
-                "store accepts readings again"
-            );
+        if work.inserts {
+            self.failing = None;
+            self.note_writable();
         }
         if !written.dropped.is_empty() && !self.dropping {
             tracing::warn!(
@@ -393,9 +488,9 @@ impl Worker {
         let now = Instant::now();
         let buffered = self.buffer.rows();
         let state = DiskState::of(error);
-        let entering = self.failing.is_none();
+        let entering = self.unwritable.is_none();
+        self.unwritable.get_or_insert(now);
         let failing = self.failing.get_or_insert(Failing {
-            since: now,
             attempts: 0,
             next_retry: now,
             state,
@@ -479,7 +574,8 @@ impl Worker {
     /// buffer fits into the freed pages. Returns whether anything was deleted.
     fn evict_stored(&mut self) -> bool {
         let ceiling = self.buffer.ceiling();
-        let wanted = self.buffer.rows();
+        // In steps small enough for the WAL space a full disk leaves.
+        let wanted = self.buffer.rows().min(4 * commit::SMALL_DELETES);
         match commit::evict(&mut self.db.conn, ceiling, wanted, &self.cursor) {
             Ok((0, _)) | Err(_) => false,
             Ok((rows, freed)) => {
@@ -515,6 +611,13 @@ impl Worker {
             commit_failures: self.counters.commit_failures,
             bytes_written: self.counters.bytes_written,
             file_bytes: self.db.file_bytes(),
+            disk: match &self.failing {
+                Some(failing) => failing.state,
+                None if self.pinned => DiskState::Full,
+                None => DiskState::Writable,
+            },
+            fs_free_bytes: self.space.free(),
+            reserve_bytes: if self.space.held() { self.space.bytes() } else { 0 },
         })
     }
 
@@ -529,6 +632,10 @@ impl Worker {
         }
         if now >= self.next_age_sweep {
             self.next_age_sweep = now + AGE_SWEEP_INTERVAL;
+            if !self.pinned {
+                // A reserve that did not fit at open, or was released and not restored.
+                self.space.restore();
+            }
             let sweep = (self.counters_dirty && self.counters_due()) || self.has_expired_rows();
             if sweep && self.failing.is_none() {
                 let work = Work::sweep();
@@ -547,22 +654,12 @@ impl Worker {
         )
     }
 
+    /// A checkpoint, then the incremental vacuum when a drain left many free pages.
     fn checkpoint(&mut self) {
-        self.last_checkpoint = Instant::now();
-        self.commits_since_checkpoint = 0;
-        self.wal_estimate = 0;
-        match self.db.checkpoint() {
-            Ok(bytes) => {
-                self.counters.bytes_written += bytes;
-                self.counters_dirty = true;
-            }
-            Err(error) => tracing::debug!(%error, "checkpoint failed; retried with the next one"),
-        }
+        self.checkpoint_now();
         match self.db.vacuum_if_worth_it() {
             Ok(true) => {
-                if let Ok(bytes) = self.db.checkpoint() {
-                    self.counters.bytes_written += bytes;
-                }
+                self.checkpoint_now();
                 tracing::info!(
                     file_bytes = self.db.file_bytes(),
                     "store file shrunk after a drain"
@@ -570,6 +667,25 @@ impl Worker {
             }
             Ok(false) => {}
             Err(error) => tracing::debug!(%error, "incremental vacuum failed"),
+        }
+    }
+
+    /// A checkpoint alone; returns whether every committed page is in the file now, so
+    /// the next transaction starts the WAL over.
+    fn checkpoint_now(&mut self) -> bool {
+        self.last_checkpoint = Instant::now();
+        self.commits_since_checkpoint = 0;
+        self.wal_estimate = 0;
+        match self.db.checkpoint() {
+            Ok((bytes, complete)) => {
+                self.counters.bytes_written += bytes;
+                self.counters_dirty = true;
+                complete
+            }
+            Err(error) => {
+                tracing::debug!(%error, "checkpoint failed; retried with the next one");
+                false
+            }
         }
     }
 

@@ -1,0 +1,137 @@
+//! The filesystem under the store: its free space, and the reserve that keeps the
+//! delete path working when the filesystem is full.
+//!
+//! Invariants:
+//! - The reserve is a file of its own beside the database (`<name>.reserve`, zeros,
+//!   written in full and synced), [`Space::bytes`] long: 1/32 of the filesystem, at
+//!   least [`RESERVE_MIN`] and at most [`RESERVE_MAX`]. It is deleted only when the
+//!   filesystem is full ([`Space::release`]), so that the checkpoint of what is already
+//!   committed and the deletes of delivered rows find the space they need, and it is
+//!   written again only once the filesystem has room for it twice over
+//!   ([`Space::restore`]).
+//! - The store checkpoints before its WAL holds more than half of the reserve
+//!   ([`Space::checkpoint_bytes`]), so releasing the reserve is always enough for the
+//!   checkpoint that lets the WAL start over.
+//! - Nothing here panics or fails the store: a filesystem that cannot be asked
+//!   (`statvfs` fails) reports no free bytes, and a reserve that cannot be written is
+//!   simply not held.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+/// Smallest reserve: a few checkpoints' worth of pages on a tiny filesystem.
+const RESERVE_MIN: u64 = 256 << 10;
+/// Largest reserve: twice the WAL the store lets grow between checkpoints.
+const RESERVE_MAX: u64 = 8 << 20;
+/// The WAL is checkpointed at least this often (bytes written to it), whatever the
+/// reserve.
+const CHECKPOINT_MAX: u64 = 4 << 20;
+
+/// Free and total bytes of a filesystem, as an unprivileged process may use them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) struct Usage {
+    pub free: u64,
+    pub total: u64,
+}
+
+/// What `statvfs` says of the filesystem that holds `path` (a file or a directory).
+pub(super) fn usage(path: &Path) -> Option<Usage> {
+    let dir = if path.is_dir() {
+        path
+    } else {
+        path.parent().filter(|d| !d.as_os_str().is_empty())?
+    };
+    let stat = nix::sys::statvfs::statvfs(dir).ok()?;
+    let unit = u64::from(stat.fragment_size()).max(1);
+    Some(Usage {
+        free: u64::from(stat.blocks_available()).saturating_mul(unit),
+        total: u64::from(stat.blocks()).saturating_mul(unit),
+    })
+}
+
+/// The reserve beside one database file.
+pub(super) struct Space {
+    db: PathBuf,
+    reserve: PathBuf,
+    bytes: u64,
+    held: bool,
+}
+
+impl Space {
+    /// Sizes the reserve for the filesystem of `db`, and notes whether it already
+    /// exists in full (left by a previous run).
+    pub fn new(db: &Path) -> Space {
+        let mut name = db.as_os_str().to_owned();
+        name.push(".reserve");
+        let reserve = PathBuf::from(name);
+        let bytes = usage(db).map_or(RESERVE_MIN, |u| {
+            (u.total / 32).clamp(RESERVE_MIN, RESERVE_MAX)
+        });
+        let held = std::fs::metadata(&reserve).is_ok_and(|m| m.len() >= bytes);
+        Space {
+            db: db.to_path_buf(),
+            reserve,
+            bytes,
+            held,
+        }
+    }
+
+    /// The reserve's size.
+    pub fn bytes(&self) -> u64 {
+        self.bytes
+    }
+
+    /// Whether the reserve is on disk.
+    pub fn held(&self) -> bool {
+        self.held
+    }
+
+    /// WAL bytes after which a checkpoint is due: half the reserve.
+    pub fn checkpoint_bytes(&self) -> u64 {
+        (self.bytes / 2).min(CHECKPOINT_MAX)
+    }
+
+    /// Free bytes on the filesystem (0 when it cannot be asked).
+    pub fn free(&self) -> u64 {
+        usage(&self.db).map_or(0, |u| u.free)
+    }
+
+    /// Deletes the reserve, for the checkpoint and deletes of a full filesystem.
+    /// Returns whether that freed anything.
+    pub fn release(&mut self) -> bool {
+        let existed = std::fs::remove_file(&self.reserve).is_ok();
+        let was_held = std::mem::replace(&mut self.held, false);
+        existed || was_held
+    }
+
+    /// Writes the reserve when it is missing and the filesystem has room for it twice
+    /// over. Returns whether the reserve is held afterwards.
+    pub fn restore(&mut self) -> bool {
+        if self.held {
+            return true;
+        }
+        if self.free() < self.bytes.saturating_mul(2) {
+            return false;
+        }
+        match self.write() {
+            Ok(()) => self.held = true,
+            Err(error) => {
+                let _ = std::fs::remove_file(&self.reserve);
+                tracing::debug!(%error, path = %self.reserve.display(), "reserve not written");
+            }
+        }
+        self.held
+    }
+
+    fn write(&self) -> std::io::Result<()> {
+        let mut file = std::fs::File::create(&self.reserve)?;
+        let block = vec![0u8; 64 << 10];
+        let mut left = self.bytes;
+        while left > 0 {
+            let n = left.min(block.len() as u64) as usize;
+            file.write_all(&block[..n])?;
+            left -= n as u64;
+        }
+        file.sync_all()
+    }
+}
