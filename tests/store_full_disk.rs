@@ -23,7 +23,7 @@ use bytes::Bytes;
 use fieldbridge::mqtt::QoS;
 use fieldbridge::store::{DiskState, DrainOrder, Message, Priority, Queue, Stats, StoreConfig};
 
-use common::util::wait_for_async;
+use common::util::poll_until_async;
 
 const WAIT: Duration = Duration::from_secs(30);
 
@@ -138,11 +138,15 @@ impl Outcomes {
 }
 
 async fn wait_stats(queue: &Queue, what: &str, check: impl Fn(&Stats) -> bool) -> Stats {
-    wait_for_async(what, WAIT, || async {
+    let last = std::sync::Mutex::new(None);
+    let found = poll_until_async(WAIT, || async {
         let stats = queue.stats().await.expect("stats");
-        check(&stats).then_some(stats)
+        let ok = check(&stats);
+        *last.lock().expect("lock") = Some(stats.clone());
+        ok.then_some(stats)
     })
-    .await
+    .await;
+    found.unwrap_or_else(|| panic!("timed out waiting for {what}: {:?}", last.lock().expect("lock")))
 }
 
 /// Submits batches of 100 rows until the store reports a full disk and the memory
@@ -281,5 +285,45 @@ async fn a_restart_on_a_full_filesystem_opens_the_store_and_recovers_when_space_
     })
     .await;
     assert_eq!(outcomes.stored.load(Ordering::Relaxed), 100);
+    queue.close().await.expect("close");
+}
+
+/// With no room even for the `-shm` file and no reserve, the store still opens (with
+/// exclusive locking), hands out its rows and holds new ones in memory; they are
+/// committed once space returns.
+#[tokio::test]
+async fn with_no_room_at_all_the_store_still_opens_hands_out_rows_and_recovers() {
+    let Some(disk) = small_disk("4m") else {
+        return;
+    };
+    let path = disk.path("q.db");
+    let queue = Queue::open(config(&path)).expect("open");
+    queue
+        .append((0..100).map(message).collect())
+        .await
+        .expect("append");
+    queue.close().await.expect("close");
+    std::fs::remove_file(disk.path("q.db.reserve")).expect("a reserve was written");
+    let filler = disk.fill();
+
+    let queue = Queue::open(config(&path)).expect("the store opens with no room at all");
+    let rows = queue.next(10, DrainOrder::OldestFirst).await.expect("next");
+    assert_eq!(rows.len(), 10);
+    let outcomes = Arc::new(Outcomes::default());
+    queue
+        .submit((100..110).map(message).collect(), outcomes.done(10))
+        .await;
+    let stats = wait_stats(&queue, "the batch held in memory", |s| {
+        s.buffered == 10 && s.disk == DiskState::Full
+    })
+    .await;
+    assert_eq!(stats.depth, 100, "{stats:?}");
+
+    std::fs::remove_file(filler).expect("space returns");
+    wait_stats(&queue, "the held batch committed", |s| {
+        s.disk == DiskState::Writable && s.buffered == 0 && s.depth == 110
+    })
+    .await;
+    assert_eq!(outcomes.stored.load(Ordering::Relaxed), 10);
     queue.close().await.expect("close");
 }

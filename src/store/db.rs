@@ -177,13 +177,14 @@ impl Db {
     /// succeeds on a full filesystem: there the reserve is released for the `-shm`
     /// file, and without room even for that, the file is opened with exclusive locking.
     pub fn open(path: &Path, synchronous: Synchronous, space: &mut Space) -> Result<Db, Error> {
+        let wal_limit = space.checkpoint_bytes();
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
             std::fs::create_dir_all(dir).map_err(|source| Error::Io {
                 path: dir.to_path_buf(),
                 source,
             })?;
         }
-        match Db::try_open(path, synchronous, Locking::Shared) {
+        match Db::try_open(path, synchronous, Locking::Shared, wal_limit) {
             Err(error) if is_corruption(&error) => {
                 let aside = move_aside(path)?;
                 tracing::error!(
@@ -193,7 +194,7 @@ impl Db {
                     "queue database is corrupt: moved aside for forensics, starting a fresh one; \
                      its undelivered readings are not forwarded"
                 );
-                Db::try_open(path, synchronous, Locking::Shared)
+                Db::try_open(path, synchronous, Locking::Shared, wal_limit)
             }
             Err(error) if is_unwritable(&error) && path.exists() => {
                 if space.release() {
@@ -202,11 +203,11 @@ impl Db {
                         %error,
                         "disk full at start: released the store's reserve to open the queue"
                     );
-                    if let Ok(db) = Db::try_open(path, synchronous, Locking::Shared) {
+                    if let Ok(db) = Db::try_open(path, synchronous, Locking::Shared, wal_limit) {
                         return Ok(db);
                     }
                 }
-                let db = Db::try_open(path, synchronous, Locking::Exclusive)?;
+                let db = Db::try_open(path, synchronous, Locking::Exclusive, wal_limit)?;
                 tracing::warn!(
                     path = %path.display(),
                     %error,
@@ -219,7 +220,12 @@ impl Db {
         }
     }
 
-    fn try_open(path: &Path, synchronous: Synchronous, locking: Locking) -> Result<Db, Error> {
+    fn try_open(
+        path: &Path,
+        synchronous: Synchronous,
+        locking: Locking,
+        wal_limit: u64,
+    ) -> Result<Db, Error> {
         let conn = Connection::open(path)?;
         if locking == Locking::Exclusive {
             // Before the first access, so SQLite never makes a -shm file.
@@ -257,8 +263,10 @@ impl Db {
             Synchronous::Full => "PRAGMA synchronous = FULL",
         })?;
         // The queue checkpoints itself, so it can count the bytes written; the WAL is
-        // truncated back to 4 MiB after a checkpoint that let it grow beyond.
-        conn.execute_batch("PRAGMA wal_autocheckpoint = 0; PRAGMA journal_size_limit = 4194304;")?;
+        // truncated back to what the store lets it grow between two checkpoints.
+        conn.execute_batch(&format!(
+            "PRAGMA wal_autocheckpoint = 0; PRAGMA journal_size_limit = {wal_limit};"
+        ))?;
         let tables: i64 = conn.query_row(
             "SELECT COUNT(*) FROM sqlite_master WHERE type = 'table' AND name IN ('message', 'counter')",
             [],
@@ -364,9 +372,11 @@ impl Db {
         ))
     }
 
-    /// Gives free pages back to the filesystem when they are many: after a long outage
-    /// drained, the file shrinks again. Keeps 1 MiB of free pages to reuse.
-    pub fn vacuum_if_worth_it(&mut self) -> Result<bool, rusqlite::Error> {
+    /// Gives up to `max_pages` free pages back to the filesystem when they are many:
+    /// after a long outage drained, the file shrinks again. Keeps 1 MiB of free pages
+    /// to reuse. Returns whether it gave pages back; the caller checkpoints between
+    /// steps, so each step fits into the WAL space a full disk leaves.
+    pub fn vacuum_step(&mut self, max_pages: u64) -> Result<bool, rusqlite::Error> {
         if !self.incremental_vacuum {
             return Ok(false);
         }
@@ -378,10 +388,11 @@ impl Db {
         if free <= keep || free * 4 < total {
             return Ok(false);
         }
+        let pages = (free - keep).min(i64::try_from(max_pages).unwrap_or(i64::MAX));
         // Each step frees one page: step it to the end.
         let mut vacuum = self
             .conn
-            .prepare(&format!("PRAGMA incremental_vacuum({})", free - keep))?;
+            .prepare(&format!("PRAGMA incremental_vacuum({pages})"))?;
         let mut steps = vacuum.query([])?;
         while steps.next()?.is_some() {}
         Ok(true)

@@ -476,6 +476,26 @@ async fn a_read_only_database_holds_appends_and_acks_in_memory_until_writable() 
     queue.close().await.expect("close");
 }
 
+/// Regression (issue 11): every open wrote `PRAGMA user_version`, so a restart on a
+/// full or read-only disk failed and the agent never started. Reopening an existing
+/// file of the current format must write nothing: its WAL stays empty.
+#[tokio::test]
+async fn opening_an_existing_file_writes_nothing() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("q.db");
+    let queue = Queue::open(config(&path)).expect("open");
+    queue.append(batch("a", 0..3)).await.expect("append");
+    queue.close().await.expect("close");
+
+    let queue = Queue::open(config(&path)).expect("reopen");
+    // A round trip: the store thread runs and has read the file.
+    let stats = queue.stats().await.expect("stats");
+    assert_eq!(stats.depth, 3);
+    let wal = std::fs::metadata(dir.path().join("q.db-wal")).map_or(0, |m| m.len());
+    assert_eq!(wal, 0, "opening wrote to the file");
+    queue.close().await.expect("close");
+}
+
 mod model {
     //! Model-based test: random sequences of append, next, ack, release, set_flow,
     //! close + reopen and crash + reopen against a plain in-memory model. Nothing

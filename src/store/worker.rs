@@ -42,6 +42,9 @@ const CHECKPOINT_INTERVAL: Duration = Duration::from_secs(10);
 const COUNTERS_INTERVAL: Duration = Duration::from_secs(10);
 /// Idle queues are checked for rows past `max_age_secs` this often.
 const AGE_SWEEP_INTERVAL: Duration = Duration::from_secs(10);
+/// While the file is held at its size, this often the store looks whether a drain
+/// left pages to give back and whether the filesystem has room again.
+const ROOM_CHECK_INTERVAL: Duration = Duration::from_secs(1);
 const RETRY_MIN: Duration = Duration::from_millis(100);
 const RETRY_MAX: Duration = Duration::from_secs(30);
 
@@ -79,6 +82,7 @@ pub(super) struct Worker {
     failing: Option<Failing>,
     /// The file is held at its size because its filesystem is full ([`Db::pin_size`]).
     pinned: bool,
+    next_room_check: Instant,
     /// Since when readings could not all be written (failing or pinned), for the one
     /// log line when that ends.
     unwritable: Option<Instant>,
@@ -126,6 +130,7 @@ impl Worker {
             next_age_sweep: now,
             failing: None,
             pinned: false,
+            next_room_check: now,
             unwritable: None,
             space,
             dropping: false,
@@ -246,9 +251,11 @@ impl Worker {
     }
 
     fn next_wake(&self, now: Instant) -> Instant {
-        let wake = (self.last_checkpoint + CHECKPOINT_INTERVAL)
-            .min(self.next_age_sweep)
-            .max(now);
+        let mut wake = (self.last_checkpoint + CHECKPOINT_INTERVAL).min(self.next_age_sweep);
+        if self.pinned {
+            wake = wake.min(self.next_room_check);
+        }
+        let wake = wake.max(now);
         match self.commit_at() {
             Some(due) => wake.min(due),
             None => wake,
@@ -621,8 +628,16 @@ impl Worker {
         })
     }
 
-    /// Periodic work that is not a group commit: checkpoints, counters, the age sweep.
+    /// Periodic work that is not a group commit: checkpoints, counters, the age sweep,
+    /// and while the file is held at its size, the look for room.
     fn maintain(&mut self, now: Instant) {
+        if self.pinned && now >= self.next_room_check {
+            self.next_room_check = now + ROOM_CHECK_INTERVAL;
+            // A drain while the disk was full leaves free pages: give them back, and
+            // let the file grow again once the filesystem has room.
+            self.checkpoint();
+            self.try_unpin();
+        }
         if now >= self.last_checkpoint + CHECKPOINT_INTERVAL {
             if self.commits_since_checkpoint > 0 {
                 self.checkpoint();
@@ -654,19 +669,30 @@ impl Worker {
         )
     }
 
-    /// A checkpoint, then the incremental vacuum when a drain left many free pages.
+    /// A checkpoint, then the incremental vacuum when a drain left many free pages,
+    /// in steps of a quarter of the WAL the store lets grow, each checkpointed.
     fn checkpoint(&mut self) {
         self.checkpoint_now();
-        match self.db.vacuum_if_worth_it() {
-            Ok(true) => {
-                self.checkpoint_now();
-                tracing::info!(
-                    file_bytes = self.db.file_bytes(),
-                    "store file shrunk after a drain"
-                );
+        let step = (self.space.checkpoint_bytes() / self.db.page_size.max(512) / 4).max(8);
+        let mut shrunk = false;
+        loop {
+            match self.db.vacuum_step(step) {
+                Ok(true) => {
+                    shrunk = true;
+                    self.checkpoint_now();
+                }
+                Ok(false) => break,
+                Err(error) => {
+                    tracing::debug!(%error, "incremental vacuum failed");
+                    break;
+                }
             }
-            Ok(false) => {}
-            Err(error) => tracing::debug!(%error, "incremental vacuum failed"),
+        }
+        if shrunk {
+            tracing::info!(
+                file_bytes = self.db.file_bytes(),
+                "store file shrunk after a drain"
+            );
         }
     }
 
