@@ -3,6 +3,11 @@
 //! rows are deleted although the filesystem is full, the file shrinks after the drain,
 //! and a restart on a full filesystem opens the store and recovers once space returns.
 //!
+//! The agent test runs the `fieldbridge` binary with its store on such a disk (filled
+//! by another file, as a runaway log would), a pymodbus slave and mosquitto_sub on the
+//! LAN broker, with the upstream down: polling, LAN readings and health reports go on,
+//! and a restart on the full disk comes up.
+//!
 //! Mounting needs root (or CAP_SYS_ADMIN). Where the machine does not allow it, these
 //! tests print why and pass; the same faults are then still exercised with SQLite's
 //! page-count limit by the unit tests in `src/store/tests.rs` (`disk_full_*`,
@@ -23,7 +28,9 @@ use bytes::Bytes;
 use fieldbridge::mqtt::QoS;
 use fieldbridge::store::{DiskState, DrainOrder, Message, Priority, Queue, Stats, StoreConfig};
 
-use common::util::poll_until_async;
+use common::clients::Sub;
+use common::slave::Slave;
+use common::util::{free_port, poll_until, poll_until_async, wait_for_port};
 
 const WAIT: Duration = Duration::from_secs(30);
 
@@ -326,4 +333,150 @@ async fn with_no_room_at_all_the_store_still_opens_hands_out_rows_and_recovers()
     .await;
     assert_eq!(outcomes.stored.load(Ordering::Relaxed), 10);
     queue.close().await.expect("close");
+}
+
+/// `fieldbridge run` with its log in a file; killed on drop.
+struct Running {
+    child: std::process::Child,
+    log: PathBuf,
+}
+
+impl Running {
+    fn start(config: &Path, log: &Path) -> Running {
+        let stderr = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(log)
+            .expect("agent log");
+        let child = Command::new(env!("CARGO_BIN_EXE_fieldbridge"))
+            .arg("run")
+            .arg("--config")
+            .arg(config)
+            .env("RUST_LOG", "info")
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(stderr)
+            .spawn()
+            .expect("spawn fieldbridge");
+        Running {
+            child,
+            log: log.to_path_buf(),
+        }
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// SIGTERM, then waits for the exit.
+    fn stop(mut self) {
+        let _ = Command::new("kill")
+            .arg(self.child.id().to_string())
+            .status();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            eprintln!("fieldbridge log:\n{}", self.log());
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The last health report mosquitto_sub printed (`-v`: `topic payload`).
+fn last_health(sub: &Sub) -> Option<serde_json::Value> {
+    let line = sub.messages().into_iter().rev().find(|l| l.starts_with("fb/health "))?;
+    serde_json::from_str(line.split_once(' ')?.1).ok()
+}
+
+/// Waits for a health report that satisfies `check`, newer than the `after`-th line.
+fn wait_health(sub: &Sub, what: &str, check: impl Fn(&serde_json::Value) -> bool) -> serde_json::Value {
+    poll_until(WAIT, || last_health(sub).filter(|h| check(h))).unwrap_or_else(|| {
+        panic!("timed out waiting for {what}; last report: {:?}", last_health(sub))
+    })
+}
+
+/// Waits until `n` more readings than `before` arrived on the LAN.
+fn wait_readings(sub: &Sub, before: usize, n: usize, what: &str) -> usize {
+    poll_until(WAIT, || {
+        let count = sub.messages().iter().filter(|l| l.starts_with("fb/meter/")).count();
+        (count >= before + n).then_some(count)
+    })
+    .unwrap_or_else(|| panic!("timed out waiting for {n} readings on the LAN {what}"))
+}
+
+/// Regression (issue 11): a full disk stopped polling, the LAN readings and the health
+/// report (each waited for a commit), and a restart on the full disk exited at once.
+#[test]
+fn the_agent_polls_serves_the_lan_and_reports_health_on_a_full_disk_and_restarts_there() {
+    let Some(disk) = small_disk("4m") else {
+        return;
+    };
+    let image = serde_json::json!({"units": {"1": {
+        "holding": {"0": vec![0; 10]},
+        "counter": (0..10).map(|a| serde_json::json!({"kind": "holding", "address": a})).collect::<Vec<_>>(),
+    }}});
+    let slave = Slave::tcp(&image);
+    let lan = free_port();
+    let conf = tempfile::tempdir().expect("tempdir");
+    let points: String = (0..10)
+        .map(|a| format!("[[bus.device.point]]\nname = \"p{a}\"\nkind = \"holding\"\naddress = {a}\ntype = \"u16\"\n"))
+        .collect();
+    let config = conf.path().join("fieldbridge.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[agent]\nprefix = \"fb\"\nhealth_interval_secs = 1\n\n\
+             [broker]\n[[broker.listeners]]\nbind = \"127.0.0.1:{lan}\"\n\n\
+             [store]\npath = {store:?}\ncommit_interval_ms = 20\nmemory_buffer_rows = 200\n\n\
+             [upstream]\nurl = \"mqtt://127.0.0.1:{down}\"\nbackoff_min_ms = 100\nbackoff_max_ms = 500\n\n\
+             [[bus]]\nname = \"plant\"\nkind = \"tcp\"\nhost = \"127.0.0.1\"\nport = {port}\n\n\
+             [[bus.device]]\nname = \"meter\"\nunit_id = 1\npoll_interval_ms = 20\n\n{points}",
+            store = disk.path("queue.db").display().to_string(),
+            down = free_port(),
+            port = slave.port(),
+        ),
+    )
+    .expect("write config");
+    let log = conf.path().join("fieldbridge.log");
+
+    let agent = Running::start(&config, &log);
+    wait_for_port(lan, WAIT);
+    let sub = Sub::start(lan, &["-t", "fb/#", "-v"]);
+    sub.wait_subscribed(WAIT);
+    wait_health(&sub, "a first health report", |h| h["disk"]["state"] == "writable");
+    let filler = disk.fill();
+    let full = wait_health(&sub, "the store full, dropping beyond its memory buffer", |h| {
+        h["disk"]["state"] == "full" && h["queue"]["dropped"]["disk_full"].as_u64() > Some(0)
+    });
+    assert!(full["queue"]["buffered"].as_u64() <= Some(200), "{full}");
+    let seen = sub.messages().iter().filter(|l| l.starts_with("fb/meter/")).count();
+    wait_readings(&sub, seen, 200, "while the disk is full");
+    let reports = sub.messages().iter().filter(|l| l.starts_with("fb/health ")).count();
+    poll_until(WAIT, || {
+        let now = sub.messages().iter().filter(|l| l.starts_with("fb/health ")).count();
+        (now >= reports + 2).then_some(())
+    })
+    .expect("health reports go on while the disk is full");
+    assert_eq!(agent.log().matches("store full:").count(), 1, "one line per state change");
+    agent.stop();
+    drop(sub);
+
+    let agent = Running::start(&config, &log);
+    wait_for_port(lan, WAIT);
+    let sub = Sub::start(lan, &["-t", "fb/#", "-v"]);
+    sub.wait_subscribed(WAIT);
+    wait_readings(&sub, 0, 200, "after a restart on the full disk");
+    wait_health(&sub, "a health report after the restart", |h| h["disk"]["state"] == "full");
+
+    std::fs::remove_file(filler).expect("space returns");
+    wait_health(&sub, "the store writable again", |h| {
+        h["disk"]["state"] == "writable" && h["disk"]["buffered"] == 0
+    });
+    assert!(agent.log().contains("store accepts readings again"), "{}", agent.log());
+    agent.stop();
 }

@@ -71,6 +71,16 @@ impl Queue {
         tracing::info!(path = %config.path.display(), rows, bytes, "store opened");
         let (pending_tx, pending_rx) = watch::channel(rows);
         let (requests, inbox) = std_mpsc::channel();
+        let room = space.room(db.file_bytes());
+        if config.max_bytes > room {
+            tracing::warn!(
+                path = %config.path.display(),
+                max_bytes = config.max_bytes,
+                room_bytes = room,
+                "store.max_bytes is more than its filesystem has room for: the disk would fill \
+                 first (readings then wait in memory and the drop policy applies)"
+            );
+        }
         if !space.restore() {
             tracing::warn!(
                 path = %config.path.display(),

@@ -96,6 +96,15 @@ impl Space {
         usage(&self.db).map_or(0, |u| u.free)
     }
 
+    /// What the store may fill on its filesystem: what is free plus what its file
+    /// (`file_bytes`, with the WAL) already takes, less the reserve and the WAL the
+    /// store lets grow.
+    pub fn room(&self, file_bytes: u64) -> u64 {
+        let reserve_on_disk = if self.held { self.bytes } else { 0 };
+        (self.free() + file_bytes + reserve_on_disk)
+            .saturating_sub(self.bytes + self.checkpoint_bytes())
+    }
+
     /// Deletes the reserve, for the checkpoint and deletes of a full filesystem.
     /// Returns whether that freed anything.
     pub fn release(&mut self) -> bool {
