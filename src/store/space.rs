@@ -3,12 +3,14 @@
 //!
 //! Invariants:
 //! - The reserve is a file of its own beside the database (`<name>.reserve`, zeros,
-//!   written in full and synced), [`Space::bytes`] long: 1/32 of the filesystem, at
-//!   least [`RESERVE_MIN`] and at most [`RESERVE_MAX`]. It is deleted only when the
+//!   synced), at most [`Space::bytes`] long: 1/32 of the filesystem, at least
+//!   [`RESERVE_MIN`] and at most [`RESERVE_MAX`]. It is deleted only when the
 //!   filesystem is full ([`Space::release`]), so that the checkpoint of what is already
-//!   committed and the deletes of delivered rows find the space they need, and it is
-//!   written again only once the filesystem has room for it twice over
-//!   ([`Space::restore`]).
+//!   committed and the deletes of delivered rows find the space they need. While the
+//!   disk stays full, whatever space comes free is taken back into it
+//!   ([`Space::top_up`]), so another writer (a runaway log) cannot take it; it counts
+//!   as complete again ([`Space::restore`]) only once the filesystem has room for it
+//!   twice over.
 //! - The store checkpoints before its WAL holds more than half of the reserve
 //!   ([`Space::checkpoint_bytes`]), so releasing the reserve is always enough for the
 //!   checkpoint that lets the WAL start over.
@@ -23,6 +25,8 @@ use std::path::{Path, PathBuf};
 const RESERVE_MIN: u64 = 256 << 10;
 /// Largest reserve: twice the WAL the store lets grow between checkpoints.
 const RESERVE_MAX: u64 = 8 << 20;
+/// Space [`Space::top_up`] leaves free.
+const TOP_UP_MARGIN: u64 = 64 << 10;
 /// The WAL is checkpointed at least this often (bytes written to it), whatever the
 /// reserve.
 const CHECKPOINT_MAX: u64 = 4 << 20;
@@ -54,7 +58,8 @@ pub(super) struct Space {
     db: PathBuf,
     reserve: PathBuf,
     bytes: u64,
-    held: bool,
+    /// The reserve file's length (0: none).
+    len: u64,
 }
 
 impl Space {
@@ -67,12 +72,12 @@ impl Space {
         let bytes = usage(db).map_or(RESERVE_MIN, |u| {
             (u.total / 32).clamp(RESERVE_MIN, RESERVE_MAX)
         });
-        let held = std::fs::metadata(&reserve).is_ok_and(|m| m.len() >= bytes);
+        let len = std::fs::metadata(&reserve).map_or(0, |m| m.len());
         Space {
             db: db.to_path_buf(),
             reserve,
             bytes,
-            held,
+            len,
         }
     }
 
@@ -81,9 +86,14 @@ impl Space {
         self.bytes
     }
 
-    /// Whether the reserve is on disk.
+    /// Whether the reserve is on disk in full.
     pub fn held(&self) -> bool {
-        self.held
+        self.len >= self.bytes
+    }
+
+    /// The reserve's length on disk now.
+    pub fn len(&self) -> u64 {
+        self.len
     }
 
     /// WAL bytes after which a checkpoint is due: half the reserve.
@@ -100,8 +110,7 @@ impl Space {
     /// (`file_bytes`, with the WAL) already takes, less the reserve and the WAL the
     /// store lets grow.
     pub fn room(&self, file_bytes: u64) -> u64 {
-        let reserve_on_disk = if self.held { self.bytes } else { 0 };
-        (self.free() + file_bytes + reserve_on_disk)
+        (self.free() + file_bytes + self.len)
             .saturating_sub(self.bytes + self.checkpoint_bytes())
     }
 
@@ -109,38 +118,54 @@ impl Space {
     /// Returns whether that freed anything.
     pub fn release(&mut self) -> bool {
         let existed = std::fs::remove_file(&self.reserve).is_ok();
-        let was_held = std::mem::replace(&mut self.held, false);
-        existed || was_held
+        let had = std::mem::take(&mut self.len) > 0;
+        existed || had
     }
 
-    /// Writes the reserve when it is missing and the filesystem has room for it twice
-    /// over. Returns whether the reserve is held afterwards.
+    /// Completes the reserve when the filesystem has room for it twice over. Returns
+    /// whether the reserve is held in full afterwards.
     pub fn restore(&mut self) -> bool {
-        if self.held {
+        if self.held() {
             return true;
         }
-        if self.free() < self.bytes.saturating_mul(2) {
+        let missing = self.bytes - self.len;
+        if self.free() < missing + self.bytes {
             return false;
         }
-        match self.write() {
-            Ok(()) => self.held = true,
-            Err(error) => {
-                let _ = std::fs::remove_file(&self.reserve);
-                tracing::debug!(%error, path = %self.reserve.display(), "reserve not written");
-            }
-        }
-        self.held
+        self.grow(missing);
+        self.held()
     }
 
-    fn write(&self) -> std::io::Result<()> {
-        let mut file = std::fs::File::create(&self.reserve)?;
-        let block = vec![0u8; 64 << 10];
-        let mut left = self.bytes;
-        while left > 0 {
-            let n = left.min(block.len() as u64) as usize;
-            file.write_all(&block[..n])?;
-            left -= n as u64;
+    /// While the disk is full: takes what came free back into the reserve (up to its
+    /// size, leaving [`TOP_UP_MARGIN`] free).
+    pub fn top_up(&mut self) {
+        let room = self.free().saturating_sub(TOP_UP_MARGIN);
+        let missing = self.bytes.saturating_sub(self.len);
+        if room > 0 && missing > 0 {
+            self.grow(room.min(missing));
         }
-        file.sync_all()
+    }
+
+    /// Appends `bytes` zeros to the reserve (synced); on a failure, what was written
+    /// stays, and its length is taken from the file.
+    fn grow(&mut self, bytes: u64) {
+        let result = (|| -> std::io::Result<()> {
+            let mut file = std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(&self.reserve)?;
+            let block = vec![0u8; 64 << 10];
+            let mut left = bytes;
+            while left > 0 {
+                let n = left.min(block.len() as u64) as usize;
+                file.write_all(&block[..n])?;
+                left -= n as u64;
+            }
+            file.sync_all()
+        })();
+        if let Err(error) = result {
+            tracing::debug!(%error, path = %self.reserve.display(), "reserve not written in full");
+        }
+        self.len = std::fs::metadata(&self.reserve).map_or(0, |m| m.len());
     }
 }

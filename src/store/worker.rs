@@ -313,9 +313,12 @@ impl Worker {
     /// The filesystem is full: what is committed is checkpointed (with the reserve
     /// released when that needs room), so the WAL starts over in the space it already
     /// has; then the file is held at its size, so no later transaction commits pages
-    /// that a checkpoint could not write. Inserts then go into free pages only.
+    /// that a checkpoint could not write. Inserts then go into free pages only. A
+    /// commit that fails again while the file is held needs more WAL than it has: the
+    /// reserve (topped up from what comes free, see [`Worker::maintain`]) gives it.
     fn hold_size(&mut self) {
-        if !self.checkpoint_now() && self.release_reserve() {
+        let complete = self.checkpoint_now();
+        if (!complete || self.pinned) && self.release_reserve() {
             self.checkpoint_now();
         }
         if !self.pinned {
@@ -349,22 +352,28 @@ impl Worker {
         }
     }
 
-    /// Deletes the reserve; returns whether it was there. One log line per release.
+    /// Deletes the reserve; returns whether it was there. One log line per full-disk
+    /// episode (later releases of what was topped up are logged at debug level).
     fn release_reserve(&mut self) -> bool {
+        let bytes = self.space.len();
         if !self.space.release() {
             return false;
         }
-        tracing::warn!(
-            reserve_bytes = self.space.bytes(),
-            "disk full: released the store's reserve so delivered readings can still be deleted"
-        );
+        if self.unwritable.is_none() {
+            tracing::warn!(
+                reserve_bytes = bytes,
+                "disk full: released the store's reserve so delivered readings can still be deleted"
+            );
+        } else {
+            tracing::debug!(reserve_bytes = bytes, "released the store's reserve");
+        }
         true
     }
 
-    /// While pinned: once the filesystem has room again (the reserve written back, or
-    /// room for it twice over), the file may grow again.
+    /// While pinned: once the filesystem has room again (the reserve complete, and
+    /// room for it once more), the file may grow again.
     fn try_unpin(&mut self) {
-        if !self.space.restore() && self.space.free() < 2 * self.space.bytes() {
+        if !self.space.restore() {
             return;
         }
         match self.db.unpin_size() {
@@ -624,7 +633,7 @@ impl Worker {
                 None => DiskState::Writable,
             },
             fs_free_bytes: self.space.free(),
-            reserve_bytes: if self.space.held() { self.space.bytes() } else { 0 },
+            reserve_bytes: self.space.len(),
         })
     }
 
@@ -634,9 +643,13 @@ impl Worker {
         if self.pinned && now >= self.next_room_check {
             self.next_room_check = now + ROOM_CHECK_INTERVAL;
             // A drain while the disk was full leaves free pages: give them back, and
-            // let the file grow again once the filesystem has room.
+            // let the file grow again once the filesystem has room; meanwhile keep
+            // what came free in the reserve.
             self.checkpoint();
             self.try_unpin();
+            if self.pinned {
+                self.space.top_up();
+            }
         }
         if now >= self.last_checkpoint + CHECKPOINT_INTERVAL {
             if self.commits_since_checkpoint > 0 {
@@ -682,6 +695,11 @@ impl Worker {
                     self.checkpoint_now();
                 }
                 Ok(false) => break,
+                Err(error)
+                    if DiskState::of(&error) == DiskState::Full && self.release_reserve() =>
+                {
+                    self.checkpoint_now();
+                }
                 Err(error) => {
                     tracing::debug!(%error, "incremental vacuum failed");
                     break;
