@@ -80,7 +80,10 @@ impl SmallDisk {
 
 impl Drop for SmallDisk {
     fn drop(&mut self) {
-        let _ = Command::new("umount").arg("-l").arg(self.dir.path()).status();
+        let _ = Command::new("umount")
+            .arg("-l")
+            .arg(self.dir.path())
+            .status();
     }
 }
 
@@ -111,7 +114,10 @@ fn message(serial: u64) -> Message {
     Message {
         topic: "fb/meter/power".to_string(),
         // About what a reading's JSON weighs, padded so the disk fills quickly.
-        payload: Bytes::from(format!("{{\"value\":{serial},\"pad\":\"{}\"}}", "x".repeat(160))),
+        payload: Bytes::from(format!(
+            "{{\"value\":{serial},\"pad\":\"{}\"}}",
+            "x".repeat(160)
+        )),
         qos: QoS::AtLeastOnce,
         retain: false,
         created_ms: fieldbridge::clock::now_ms(),
@@ -153,7 +159,12 @@ async fn wait_stats(queue: &Queue, what: &str, check: impl Fn(&Stats) -> bool) -
         ok.then_some(stats)
     })
     .await;
-    found.unwrap_or_else(|| panic!("timed out waiting for {what}: {:?}", last.lock().expect("lock")))
+    found.unwrap_or_else(|| {
+        panic!(
+            "timed out waiting for {what}: {:?}",
+            last.lock().expect("lock")
+        )
+    })
 }
 
 /// Submits batches of 100 rows until the store reports a full disk and the memory
@@ -164,14 +175,20 @@ async fn fill_store(queue: &Queue, outcomes: &Arc<Outcomes>, from: u64) -> u64 {
     loop {
         let batch: Vec<Message> = (serial..serial + 100).map(message).collect();
         serial += 100;
-        tokio::time::timeout(Duration::from_secs(5), queue.submit(batch, outcomes.done(100)))
-            .await
-            .expect("the store takes batches while its disk is full");
+        tokio::time::timeout(
+            Duration::from_secs(5),
+            queue.submit(batch, outcomes.done(100)),
+        )
+        .await
+        .expect("the store takes batches while its disk is full");
         let stats = queue.stats().await.expect("stats");
         if stats.disk == DiskState::Full && stats.dropped.disk_full > 0 {
             return serial - from;
         }
-        assert!(serial - from < 2_000_000, "the disk never filled: {stats:?}");
+        assert!(
+            serial - from < 2_000_000,
+            "the disk never filled: {stats:?}"
+        );
         if stats.buffered > 0 {
             // Let the store thread retry (it backs off), as real readings would.
             tokio::time::sleep(Duration::from_millis(1)).await;
@@ -184,7 +201,10 @@ async fn drain(queue: &Queue) -> u64 {
     let deadline = tokio::time::Instant::now() + WAIT;
     let mut delivered = 0;
     loop {
-        let rows = queue.next(500, DrainOrder::OldestFirst).await.expect("next");
+        let rows = queue
+            .next(500, DrainOrder::OldestFirst)
+            .await
+            .expect("next");
         if rows.is_empty() {
             let stats = queue.stats().await.expect("stats");
             if stats.depth == 0 && stats.buffered == 0 {
@@ -218,7 +238,10 @@ async fn a_full_filesystem_keeps_taking_readings_then_drains_deletes_and_shrinks
     let submitted = fill_store(&queue, &outcomes, 0).await;
     let full = queue.stats().await.expect("stats");
     assert!(full.commit_failures > 0, "{full:?}");
-    assert!(full.buffered <= 2_000, "the memory buffer is bounded: {full:?}");
+    assert!(
+        full.buffered <= 2_000,
+        "the memory buffer is bounded: {full:?}"
+    );
 
     // Upstream is back: every stored row is delivered and deleted, while the
     // filesystem stays as full as it was.
@@ -389,21 +412,36 @@ impl Drop for Running {
 
 /// The last health report mosquitto_sub printed (`-v`: `topic payload`).
 fn last_health(sub: &Sub) -> Option<serde_json::Value> {
-    let line = sub.messages().into_iter().rev().find(|l| l.starts_with("fb/health "))?;
+    let line = sub
+        .messages()
+        .into_iter()
+        .rev()
+        .find(|l| l.starts_with("fb/health "))?;
     serde_json::from_str(line.split_once(' ')?.1).ok()
 }
 
 /// Waits for a health report that satisfies `check`, newer than the `after`-th line.
-fn wait_health(sub: &Sub, what: &str, check: impl Fn(&serde_json::Value) -> bool) -> serde_json::Value {
+fn wait_health(
+    sub: &Sub,
+    what: &str,
+    check: impl Fn(&serde_json::Value) -> bool,
+) -> serde_json::Value {
     poll_until(WAIT, || last_health(sub).filter(|h| check(h))).unwrap_or_else(|| {
-        panic!("timed out waiting for {what}; last report: {:?}", last_health(sub))
+        panic!(
+            "timed out waiting for {what}; last report: {:?}",
+            last_health(sub)
+        )
     })
 }
 
 /// Waits until `n` more readings than `before` arrived on the LAN.
 fn wait_readings(sub: &Sub, before: usize, n: usize, what: &str) -> usize {
     poll_until(WAIT, || {
-        let count = sub.messages().iter().filter(|l| l.starts_with("fb/meter/")).count();
+        let count = sub
+            .messages()
+            .iter()
+            .filter(|l| l.starts_with("fb/meter/"))
+            .count();
         (count >= before + n).then_some(count)
     })
     .unwrap_or_else(|| panic!("timed out waiting for {n} readings on the LAN {what}"))
@@ -448,21 +486,41 @@ fn the_agent_polls_serves_the_lan_and_reports_health_on_a_full_disk_and_restarts
     wait_for_port(lan, WAIT);
     let sub = Sub::start(lan, &["-t", "fb/#", "-v"]);
     sub.wait_subscribed(WAIT);
-    wait_health(&sub, "a first health report", |h| h["disk"]["state"] == "writable");
-    let filler = disk.fill();
-    let full = wait_health(&sub, "the store full, dropping beyond its memory buffer", |h| {
-        h["disk"]["state"] == "full" && h["queue"]["dropped"]["disk_full"].as_u64() > Some(0)
+    wait_health(&sub, "a first health report", |h| {
+        h["disk"]["state"] == "writable"
     });
+    let filler = disk.fill();
+    let full = wait_health(
+        &sub,
+        "the store full, dropping beyond its memory buffer",
+        |h| h["disk"]["state"] == "full" && h["queue"]["dropped"]["disk_full"].as_u64() > Some(0),
+    );
     assert!(full["queue"]["buffered"].as_u64() <= Some(200), "{full}");
-    let seen = sub.messages().iter().filter(|l| l.starts_with("fb/meter/")).count();
+    let seen = sub
+        .messages()
+        .iter()
+        .filter(|l| l.starts_with("fb/meter/"))
+        .count();
     wait_readings(&sub, seen, 200, "while the disk is full");
-    let reports = sub.messages().iter().filter(|l| l.starts_with("fb/health ")).count();
+    let reports = sub
+        .messages()
+        .iter()
+        .filter(|l| l.starts_with("fb/health "))
+        .count();
     poll_until(WAIT, || {
-        let now = sub.messages().iter().filter(|l| l.starts_with("fb/health ")).count();
+        let now = sub
+            .messages()
+            .iter()
+            .filter(|l| l.starts_with("fb/health "))
+            .count();
         (now >= reports + 2).then_some(())
     })
     .expect("health reports go on while the disk is full");
-    assert_eq!(agent.log().matches("store full:").count(), 1, "one line per state change");
+    assert_eq!(
+        agent.log().matches("store full:").count(),
+        1,
+        "one line per state change"
+    );
     agent.stop();
     drop(sub);
 
@@ -471,12 +529,18 @@ fn the_agent_polls_serves_the_lan_and_reports_health_on_a_full_disk_and_restarts
     let sub = Sub::start(lan, &["-t", "fb/#", "-v"]);
     sub.wait_subscribed(WAIT);
     wait_readings(&sub, 0, 200, "after a restart on the full disk");
-    wait_health(&sub, "a health report after the restart", |h| h["disk"]["state"] == "full");
+    wait_health(&sub, "a health report after the restart", |h| {
+        h["disk"]["state"] == "full"
+    });
 
     std::fs::remove_file(filler).expect("space returns");
     wait_health(&sub, "the store writable again", |h| {
         h["disk"]["state"] == "writable" && h["disk"]["buffered"] == 0
     });
-    assert!(agent.log().contains("store accepts readings again"), "{}", agent.log());
+    assert!(
+        agent.log().contains("store accepts readings again"),
+        "{}",
+        agent.log()
+    );
     agent.stop();
 }

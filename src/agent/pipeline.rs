@@ -122,7 +122,9 @@ impl Pipeline {
             if handover.is_none() && !pending.is_empty() {
                 if let Some(queue) = &self.queue {
                     let batch = std::mem::take(&mut pending);
-                    let done = self.counters.on_answer(std::mem::take(&mut pending_readings));
+                    let done = self
+                        .counters
+                        .on_answer(std::mem::take(&mut pending_readings));
                     let queue = queue.clone();
                     handover = Some(Box::pin(async move { queue.submit(batch, done).await }));
                     handover_since = Instant::now();
@@ -282,7 +284,10 @@ mod tests {
             if check(&stats) {
                 return;
             }
-            assert!(Instant::now() < deadline, "timed out waiting for {what}: {stats:?}");
+            assert!(
+                Instant::now() < deadline,
+                "timed out waiting for {what}: {stats:?}"
+            );
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
     }

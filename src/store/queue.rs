@@ -18,10 +18,10 @@ use tokio::sync::{oneshot, watch, Semaphore};
 
 use super::config::StoreConfig;
 use super::db::{Counters, Db};
-use super::space::Space;
 use super::error::Error;
 use super::message::{DrainOrder, Message, Stored};
 use super::request::{Command, Done, Flow, Reply, Request, CHANNEL_CAPACITY};
+use super::space::Space;
 use super::stats::Stats;
 use super::worker::Worker;
 

@@ -110,8 +110,7 @@ impl Space {
     /// (`file_bytes`, with the WAL) already takes, less the reserve and the WAL the
     /// store lets grow.
     pub fn room(&self, file_bytes: u64) -> u64 {
-        (self.free() + file_bytes + self.len)
-            .saturating_sub(self.bytes + self.checkpoint_bytes())
+        (self.free() + file_bytes + self.len).saturating_sub(self.bytes + self.checkpoint_bytes())
     }
 
     /// Deletes the reserve, for the checkpoint and deletes of a full filesystem.

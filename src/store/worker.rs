@@ -344,7 +344,9 @@ impl Worker {
                         self.checkpoint_now();
                     }
                 }
-                Err(error) if DiskState::of(&error) == DiskState::Full && self.release_reserve() => {
+                Err(error)
+                    if DiskState::of(&error) == DiskState::Full && self.release_reserve() =>
+                {
                     self.checkpoint_now();
                 }
                 Err(_) => return,
@@ -447,8 +449,7 @@ impl Worker {
         }
         self.last_commit = Instant::now();
         self.commits_since_checkpoint += 1;
-        self.wal_estimate +=
-            written.added_bytes + written.removed_bytes + 2 * self.db.page_size;
+        self.wal_estimate += written.added_bytes + written.removed_bytes + 2 * self.db.page_size;
         if self.wal_estimate >= self.space.checkpoint_bytes() {
             self.checkpoint();
         }
