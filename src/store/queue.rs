@@ -81,17 +81,22 @@ impl Queue {
                  first (readings then wait in memory and the drop policy applies)"
             );
         }
-        if !space.restore() {
+        // The file grows only while the reserve is complete (see `space.rs`).
+        let pinned = !space.restore();
+        if pinned {
+            db.pin_size()?;
             tracing::warn!(
                 path = %config.path.display(),
                 reserve_bytes = space.bytes(),
                 free_bytes = space.free(),
-                "no room for the store's reserve yet: a full disk could keep delivered readings from being deleted"
+                "disk nearly full: no room for the store's reserve, so the store file does not \
+                 grow until there is (readings go into its free pages, then wait in memory)"
             );
         }
         let worker = Worker::new(
             db,
             space,
+            pinned,
             config.clone(),
             counters,
             rows,

@@ -12,8 +12,9 @@
 //!   as complete again ([`Space::restore`]) only once the filesystem has room for it
 //!   twice over.
 //! - The store checkpoints before its WAL holds more than half of the reserve
-//!   ([`Space::checkpoint_bytes`]), so releasing the reserve is always enough for the
-//!   checkpoint that lets the WAL start over.
+//!   ([`Space::checkpoint_bytes`]), and its file grows only while the reserve is
+//!   complete (otherwise it is held at its size, also from the start), so releasing
+//!   the reserve is always enough for the checkpoint that lets the WAL start over.
 //! - Nothing here panics or fails the store: a filesystem that cannot be asked
 //!   (`statvfs` fails) reports no free bytes, and a reserve that cannot be written is
 //!   simply not held.
