@@ -47,10 +47,14 @@ pub(super) fn usage(path: &Path) -> Option<Usage> {
         path.parent().filter(|d| !d.as_os_str().is_empty())?
     };
     let stat = nix::sys::statvfs::statvfs(dir).ok()?;
+    // The field types are u32 on 32-bit targets (the Pi's armv7) and u64 here.
+    #[allow(clippy::useless_conversion)]
     let unit = u64::from(stat.fragment_size()).max(1);
+    #[allow(clippy::useless_conversion)]
+    let (free, total) = (u64::from(stat.blocks_available()), u64::from(stat.blocks()));
     Some(Usage {
-        free: u64::from(stat.blocks_available()).saturating_mul(unit),
-        total: u64::from(stat.blocks()).saturating_mul(unit),
+        free: free.saturating_mul(unit),
+        total: total.saturating_mul(unit),
     })
 }
 
