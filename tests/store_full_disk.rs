@@ -274,13 +274,8 @@ async fn a_full_filesystem_keeps_taking_readings_then_drains_deletes_and_shrinks
     queue.close().await.expect("close");
 }
 
-/// Regression (issue 11): opening the store wrote to the file (`PRAGMA user_version`),
-/// so a restart on a full filesystem exited at once and the agent never started.
-#[tokio::test]
-async fn a_restart_on_a_full_filesystem_opens_the_store_and_recovers_when_space_returns() {
-    let Some(disk) = small_disk("4m") else {
-        return;
-    };
+/// A queue file on `disk` with 100 rows, closed (as before a restart); returns its path.
+async fn stored_and_closed(disk: &SmallDisk) -> PathBuf {
     let path = disk.path("q.db");
     let queue = Queue::open(config(&path)).expect("open");
     queue
@@ -288,6 +283,17 @@ async fn a_restart_on_a_full_filesystem_opens_the_store_and_recovers_when_space_
         .await
         .expect("append");
     queue.close().await.expect("close");
+    path
+}
+
+/// Regression (issue 11): opening the store wrote to the file (`PRAGMA user_version`),
+/// so a restart on a full filesystem exited at once and the agent never started.
+#[tokio::test]
+async fn a_restart_on_a_full_filesystem_opens_the_store_and_recovers_when_space_returns() {
+    let Some(disk) = small_disk("4m") else {
+        return;
+    };
+    let path = stored_and_closed(&disk).await;
     let filler = disk.fill();
 
     let queue = Queue::open(config(&path)).expect("the store opens on a full filesystem");
@@ -326,13 +332,7 @@ async fn with_no_room_at_all_the_store_still_opens_hands_out_rows_and_recovers()
     let Some(disk) = small_disk("4m") else {
         return;
     };
-    let path = disk.path("q.db");
-    let queue = Queue::open(config(&path)).expect("open");
-    queue
-        .append((0..100).map(message).collect())
-        .await
-        .expect("append");
-    queue.close().await.expect("close");
+    let path = stored_and_closed(&disk).await;
     std::fs::remove_file(disk.path("q.db.reserve")).expect("a reserve was written");
     let filler = disk.fill();
 

@@ -53,8 +53,6 @@ struct Failing {
     attempts: u32,
     next_retry: Instant,
     state: DiskState,
-    /// Whether the memory buffer has overflowed in this episode (logged once).
-    overflowed: bool,
 }
 
 pub(super) struct Worker {
@@ -86,6 +84,8 @@ pub(super) struct Worker {
     /// Since when readings could not all be written (failing or pinned), for the one
     /// log line when that ends.
     unwritable: Option<Instant>,
+    /// Whether the memory buffer overflowed since `unwritable` (logged once).
+    overflowed: bool,
     space: Space,
     dropping: bool,
     /// Per priority class, where `drop_oldest` looks for its next victims.
@@ -133,6 +133,7 @@ impl Worker {
             pinned,
             next_room_check: now,
             unwritable: pinned.then_some(now),
+            overflowed: false,
             space,
             dropping: false,
             scan_from: [i64::MIN; 3],
@@ -398,6 +399,7 @@ impl Worker {
         if self.failing.is_some() || self.pinned {
             return;
         }
+        self.overflowed = false;
         if let Some(since) = self.unwritable.take() {
             tracing::info!(
                 after_ms = since.elapsed().as_millis() as u64,
@@ -512,7 +514,6 @@ impl Worker {
             attempts: 0,
             next_retry: now,
             state,
-            overflowed: false,
         });
         failing.attempts += 1;
         failing.state = state;
@@ -548,16 +549,15 @@ impl Worker {
         if self.buffer.rows() <= self.config.memory_buffer_rows {
             return;
         }
-        if self.config.policy == DropPolicy::DropOldest && self.evict_and_commit() {
-            return;
-        }
-        if let Some(failing) = self.failing.as_mut().filter(|f| !f.overflowed) {
-            failing.overflowed = true;
+        if !std::mem::replace(&mut self.overflowed, true) {
             tracing::warn!(
                 limit = self.config.memory_buffer_rows,
                 policy = ?self.config.policy,
                 "store memory buffer full: dropping readings by policy (counted as dropped.disk_full)"
             );
+        }
+        if self.config.policy == DropPolicy::DropOldest && self.evict_and_commit() {
+            return;
         }
         while self.buffer.rows() > self.config.memory_buffer_rows {
             let Some(rows) = self.buffer.drop_one(self.config.policy) else {
@@ -602,7 +602,7 @@ impl Worker {
                 self.counters.dropped.disk_full += rows;
                 self.counters.commits += 1;
                 self.counters_dirty = true;
-                tracing::warn!(
+                tracing::debug!(
                     rows,
                     "disk full: dropped the oldest stored readings to make room"
                 );
