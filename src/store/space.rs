@@ -16,8 +16,8 @@
 //!   complete (otherwise it is held at its size, also from the start), so releasing
 //!   the reserve is always enough for the checkpoint that lets the WAL start over.
 //! - Nothing here panics or fails the store: a filesystem that cannot be asked
-//!   (`statvfs` fails) reports no free bytes, and a reserve that cannot be written is
-//!   simply not held.
+//!   (`statvfs` fails) reports no free bytes but does not keep the reserve from being
+//!   written, and a reserve that cannot be written is simply not held.
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -44,7 +44,10 @@ pub(super) fn usage(path: &Path) -> Option<Usage> {
     let dir = if path.is_dir() {
         path
     } else {
-        path.parent().filter(|d| !d.as_os_str().is_empty())?
+        match path.parent() {
+            Some(dir) if !dir.as_os_str().is_empty() => dir,
+            _ => Path::new("."),
+        }
     };
     let stat = nix::sys::statvfs::statvfs(dir).ok()?;
     // The field types are u32 on 32-bit targets (the Pi's armv7) and u64 here.
@@ -133,7 +136,9 @@ impl Space {
             return true;
         }
         let missing = self.bytes - self.len;
-        if self.free() < missing + self.bytes {
+        // A filesystem that cannot be asked: the write itself finds out.
+        let free = usage(&self.db).map_or(u64::MAX, |u| u.free);
+        if free < missing + self.bytes {
             return false;
         }
         self.grow(missing);
@@ -171,5 +176,34 @@ impl Space {
             tracing::debug!(%error, path = %self.reserve.display(), "reserve not written in full");
         }
         self.len = std::fs::metadata(&self.reserve).map_or(0, |m| m.len());
+    }
+}
+
+#[cfg(test)]
+mod unit {
+    use super::*;
+
+    #[test]
+    fn a_relative_file_name_is_asked_about_the_current_directory() {
+        let usage = usage(Path::new("queue.db")).expect("statvfs of the current directory");
+        assert!(usage.total > 0 && usage.free <= usage.total, "{usage:?}");
+    }
+
+    #[test]
+    fn the_reserve_is_written_released_and_topped_up() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut space = Space::new(&dir.path().join("q.db"));
+        assert!((RESERVE_MIN..=RESERVE_MAX).contains(&space.bytes()));
+        assert!(space.restore(), "a temp dir has room for the reserve");
+        assert_eq!(
+            std::fs::metadata(dir.path().join("q.db.reserve"))
+                .map(|m| m.len())
+                .ok(),
+            Some(space.bytes())
+        );
+        assert!(space.release());
+        assert!(!space.release(), "released once");
+        space.top_up();
+        assert!(space.held(), "what is free is taken back");
     }
 }
