@@ -11,7 +11,7 @@
 //! Mounting needs root (or CAP_SYS_ADMIN). Where the machine does not allow it, these
 //! tests print why and pass; the same faults are then still exercised with SQLite's
 //! page-count limit by the unit tests in `src/store/tests.rs` (`disk_full_*`,
-//! `acked_rows_are_deleted_on_a_full_disk_*`, `opening_*`) and
+//! `acked_rows_are_deleted_in_steps_on_a_full_disk_*`, `opening_*`) and
 //! `agent::pipeline::tests`, and `scripts/fault-full-disk.sh` runs the whole scenario
 //! end to end with the agent binary.
 
