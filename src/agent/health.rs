@@ -7,6 +7,8 @@
 //! {"version":"0.1.0","uptime_secs":3600,"ts":1700000000000,
 //!  "readings":{"accepted":36000,"per_sec":10.0,"store_refused":0},
 //!  "queue":{"depth":0,"oldest_age_ms":null,...store::Stats...},
+//!  "disk":{"state":"writable","free_bytes":1800000000,"store_bytes":4100000,
+//!          "reserve_bytes":8388608,"buffered":0},
 //!  "upstream":{"state":"connected","last_error":null,"connects":1,"published":36000,...},
 //!  "lan":{"clients":3,"messages_sent":108000,"denied":0},
 //!  "commands":{"ok":12,"failed":0,"duplicates":1,"refused":{"out_of_range":2}},
@@ -15,7 +17,10 @@
 //!           "garbage_lines":0,"devices":{"meter1":"online","meter2":"quarantined"}}}}
 //! ```
 //!
-//! `queue` is absent without an upstream (no store), `upstream` when LAN-only, `lan`
+//! `disk` is the store's filesystem: `state` is `writable`, `full` (readings wait in
+//! the memory buffer, `buffered`), `read_only` or `failing`; `free_bytes` what is free
+//! on that filesystem, `store_bytes` the queue file with its WAL.
+//! `queue` and `disk` are absent without an upstream (no store), `upstream` when LAN-only, `lan`
 //! without a local broker. A device that has not reported a state yet is `"starting"`.
 //! `upstream.state` is one word (`connecting`, `connected`, `backoff`, `stopped`) and
 //! `upstream.last_error` why it backs off (`null` otherwise), so a dashboard can
@@ -42,9 +47,12 @@ use crate::broker::BrokerHandle;
 use crate::clock::now_ms;
 use crate::field::ResolvedBus;
 use crate::mqtt::QoS;
-use crate::store::{Message, Priority, Queue};
+use crate::store::{Done, Message, Priority, Queue};
 use crate::topics::Topics;
 use crate::uplink::UplinkHandle;
+
+/// How long the report waits for the store's figures.
+const STATS_WAIT: Duration = Duration::from_secs(2);
 
 /// The running buses (replaced on reload), for their names, devices and counters.
 pub type BusMap = Arc<Mutex<Vec<ResolvedBus>>>;
@@ -116,12 +124,24 @@ impl Health {
             json!(self.counters.store_failed.load(Ordering::Relaxed)),
         );
         if let Some(queue) = &self.queue {
-            let stats = match queue.stats().await {
-                Ok(stats) => {
+            // Bounded: a store thread stuck in a disk call must not stop the report.
+            let stats = match tokio::time::timeout(STATS_WAIT, queue.stats()).await {
+                Ok(Ok(stats)) => {
                     dropped.insert("queue".into(), json!(stats.dropped.total()));
+                    report.insert(
+                        "disk".into(),
+                        json!({
+                            "state": stats.disk,
+                            "free_bytes": stats.fs_free_bytes,
+                            "store_bytes": stats.file_bytes,
+                            "reserve_bytes": stats.reserve_bytes,
+                            "buffered": stats.buffered,
+                        }),
+                    );
                     serde_json::to_value(stats).unwrap_or(Value::Null)
                 }
-                Err(err) => json!({ "error": err.to_string() }),
+                Ok(Err(err)) => json!({ "error": err.to_string() }),
+                Err(_) => json!({ "error": "the store did not answer in time (disk busy)" }),
             };
             report.insert("queue".into(), stats);
         }
@@ -220,9 +240,14 @@ impl Health {
                 created_ms: now_ms(),
                 priority: Priority::Periodic,
             };
-            if let Err(err) = queue.append(vec![message]).await {
-                tracing::debug!(error = %err, "health report not queued");
-            }
+            // Handed over without waiting for the commit: a full disk must not stop the
+            // report.
+            let done: Done = Box::new(|result| {
+                if let Err(err) = result {
+                    tracing::debug!(error = %err, "health report not queued");
+                }
+            });
+            queue.submit(vec![message], done).await;
         }
     }
 }

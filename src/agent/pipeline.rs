@@ -2,15 +2,23 @@
 //!
 //! Invariants:
 //! - A reading is published to the local broker as soon as it arrives (in-process,
-//!   never blocking) and appended to the store in batches; it counts as accepted only
-//!   once the store's append for it has resolved, i.e. after its commit. Without a
-//!   store (LAN-only) a reading is accepted once handed to the local broker.
-//! - At most one append is in flight, so the store sees readings in arrival order;
-//!   what arrives meanwhile forms the next batch (at most `batch_max`).
-//! - Everything is bounded: the input channel, and the pending batch (while it is full
-//!   and an append is in flight, the pipeline stops reading, so the bus tasks wait).
-//! - When every sender is gone, [`Pipeline::run`] appends what is pending, waits for the
-//!   last commit and returns: this is the "commit the pipeline" step of a shutdown.
+//!   never blocking) and handed to the store in batches; it counts as accepted only
+//!   once the store has committed it (the store calls back, see
+//!   [`Queue::submit`]). Without a store (LAN-only) a reading is accepted once handed
+//!   to the local broker.
+//! - The pipeline never waits for a commit: a batch is handed to the store thread as
+//!   soon as the previous one is queued there, so a full or read-only disk never stops
+//!   it reading (the store keeps what it cannot write in its bounded memory buffer and
+//!   counts what the drop policy drops). Batches are handed over one at a time, so the
+//!   store sees readings in arrival order.
+//! - Everything is bounded: the input channel, and the pending batch (at most
+//!   `batch_max`; only while the store thread has a full request channel, i.e. is
+//!   stuck in one disk call, does the pipeline stop reading).
+//! - Every reading handed to the store is counted once: `accepted` when committed,
+//!   `store_failed` when refused or dropped before it was stored.
+//! - When every sender is gone, [`Pipeline::run`] hands over what is pending, waits
+//!   until the store has answered every batch and returns: this is the "commit the
+//!   pipeline" step of a shutdown (bounded by the agent's shutdown timeout).
 
 use std::collections::BTreeMap;
 use std::future::Future;
@@ -20,7 +28,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, Notify};
 use tokio::time::Instant;
 
 use super::systemd::{Heartbeat, BEAT_PERIOD};
@@ -28,21 +36,53 @@ use crate::broker::BrokerHandle;
 use crate::field::{DeviceState, FieldEvent};
 use crate::future::maybe;
 use crate::mqtt::QoS;
-use crate::store::{self, Message, Priority, Queue};
+use crate::store::{Done, Message, Priority, Queue};
 use crate::topics::Topics;
 
-/// An append that takes longer than this counts as a stalled pipeline for the watchdog.
-const APPEND_STALL: Duration = Duration::from_secs(20);
+/// Handing a batch to the store thread that takes longer than this counts as a
+/// stalled pipeline for the watchdog (the store thread is stuck in one disk call).
+const HANDOVER_STALL: Duration = Duration::from_secs(20);
 
 /// Figures the health report and the tests read.
 #[derive(Debug, Default)]
 pub struct Counters {
     /// Readings accepted: committed to the store, or published locally when LAN-only.
     pub accepted: AtomicU64,
-    /// Readings the store refused (its error is logged); they reached the local broker.
+    /// Readings the store refused or dropped before storing them (the store logs why
+    /// and counts them by reason); they reached the local broker.
     pub store_failed: AtomicU64,
-    /// Commits the pipeline waited for.
+    /// Batches the store answered.
     pub appends: AtomicU64,
+    /// Batches handed to the store and not answered yet.
+    outstanding: AtomicU64,
+    /// Woken when `outstanding` drops to zero.
+    settled: Notify,
+}
+
+impl Counters {
+    /// What the store calls once a batch of `readings` readings is answered.
+    fn on_answer(self: &Arc<Self>, readings: u64) -> Done {
+        self.outstanding.fetch_add(1, Ordering::AcqRel);
+        let counters = Arc::clone(self);
+        Box::new(move |result| {
+            let counter = match result {
+                Ok(_) => &counters.accepted,
+                Err(_) => &counters.store_failed,
+            };
+            counter.fetch_add(readings, Ordering::Relaxed);
+            counters.appends.fetch_add(1, Ordering::Relaxed);
+            if counters.outstanding.fetch_sub(1, Ordering::AcqRel) == 1 {
+                counters.settled.notify_one();
+            }
+        })
+    }
+
+    /// Resolves once the store has answered every batch handed to it.
+    async fn all_answered(&self) {
+        while self.outstanding.load(Ordering::Acquire) > 0 {
+            self.settled.notified().await;
+        }
+    }
 }
 
 /// The last known state of every device, for the health report.
@@ -64,35 +104,34 @@ pub struct Pipeline {
     pub devices: DeviceStates,
 }
 
-type Append = Pin<Box<dyn Future<Output = (u64, Result<Vec<i64>, store::Error>)> + Send>>;
+type Handover = Pin<Box<dyn Future<Output = ()> + Send>>;
 
 impl Pipeline {
-    /// Runs until every sender of `events` is gone and the last batch is committed.
+    /// Runs until every sender of `events` is gone and the store answered every batch.
     pub async fn run(self, mut events: mpsc::Receiver<FieldEvent>, heartbeat: Heartbeat) {
         let mut pending: Vec<Message> = Vec::new();
         let mut pending_readings = 0u64;
-        let mut inflight: Option<Append> = None;
-        let mut inflight_since = Instant::now();
+        let mut handover: Option<Handover> = None;
+        let mut handover_since = Instant::now();
         let mut open = true;
         let mut received = Vec::with_capacity(self.batch_max);
-        let mut store_failing = false;
         let mut ticker = tokio::time::interval(BEAT_PERIOD);
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
 
         loop {
-            if inflight.is_none() && !pending.is_empty() {
+            if handover.is_none() && !pending.is_empty() {
                 if let Some(queue) = &self.queue {
                     let batch = std::mem::take(&mut pending);
-                    let readings = std::mem::take(&mut pending_readings);
+                    let done = self
+                        .counters
+                        .on_answer(std::mem::take(&mut pending_readings));
                     let queue = queue.clone();
-                    inflight = Some(Box::pin(
-                        async move { (readings, queue.append(batch).await) },
-                    ));
-                    inflight_since = Instant::now();
+                    handover = Some(Box::pin(async move { queue.submit(batch, done).await }));
+                    handover_since = Instant::now();
                 }
             }
-            if !open && inflight.is_none() && pending.is_empty() {
-                return;
+            if !open && handover.is_none() && pending.is_empty() {
+                break;
             }
             let room = self.batch_max.saturating_sub(pending.len());
             tokio::select! {
@@ -104,34 +143,16 @@ impl Pipeline {
                         pending_readings += self.handle(event, &mut pending);
                     }
                 }
-                (readings, result) = maybe(&mut inflight) => {
-                    inflight = None;
-                    self.counters.appends.fetch_add(1, Ordering::Relaxed);
-                    match result {
-                        Ok(_) => {
-                            self.counters.accepted.fetch_add(readings, Ordering::Relaxed);
-                            if store_failing {
-                                tracing::info!("store accepts readings again");
-                                store_failing = false;
-                            }
-                        }
-                        Err(err) => {
-                            self.counters.store_failed.fetch_add(readings, Ordering::Relaxed);
-                            if !store_failing {
-                                tracing::error!(error = %err, "store refused readings; they reached the local broker only");
-                                store_failing = true;
-                            }
-                        }
-                    }
-                }
+                () = maybe(&mut handover) => handover = None,
                 _ = ticker.tick() => {
-                    let stalled = inflight.is_some() && inflight_since.elapsed() > APPEND_STALL;
+                    let stalled = handover.is_some() && handover_since.elapsed() > HANDOVER_STALL;
                     if !stalled {
                         heartbeat.beat();
                     }
                 }
             }
         }
+        self.counters.all_answered().await;
     }
 
     /// Publishes one event locally and queues it for the store; returns how many
@@ -221,4 +242,109 @@ struct Outgoing {
     /// Readings it counts for once accepted: 1 for a reading, 0 for a batch (a summary
     /// of one poll, whose points are sent as readings too) or a device state.
     readings: u64,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::field::{Quality, Reading, Value};
+    use crate::store::StoreConfig;
+
+    fn reading(n: u64) -> FieldEvent {
+        FieldEvent::Reading(Reading {
+            device: "meter".into(),
+            point: "p".into(),
+            topic: None,
+            value: Some(Value::UInt(n)),
+            unit: None,
+            ts_ms: crate::clock::now_ms(),
+            quality: Quality::Good,
+        })
+    }
+
+    fn pipeline(queue: &Queue, counters: &Arc<Counters>) -> Pipeline {
+        Pipeline {
+            topics: Topics::new("fb"),
+            qos: QoS::AtLeastOnce,
+            retain: false,
+            retain_upstream: false,
+            batch_max: 10,
+            broker: None,
+            queue: Some(queue.clone()),
+            counters: counters.clone(),
+            devices: DeviceStates::default(),
+        }
+    }
+
+    /// Waits (bounded) until `check` holds on the store's stats.
+    async fn wait_stats(queue: &Queue, what: &str, check: impl Fn(&crate::store::Stats) -> bool) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let stats = queue.stats().await.expect("stats");
+            if check(&stats) {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "timed out waiting for {what}: {stats:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+
+    /// Regression (issue 11): with one append in flight that resolved only after its
+    /// commit, a full disk stopped the pipeline reading, so polling stopped and nothing
+    /// was counted as dropped.
+    #[tokio::test]
+    async fn a_full_disk_never_stops_the_pipeline_and_counts_every_drop() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let queue = Queue::open(StoreConfig {
+            path: dir.path().join("q.db"),
+            commit_interval_ms: 2,
+            memory_buffer_rows: 50,
+            ..StoreConfig::default()
+        })
+        .expect("open");
+        // Lower than the file: SQLite caps the file at its current size.
+        queue
+            .pragma("PRAGMA max_page_count = 1")
+            .await
+            .expect("max_page_count");
+        let counters = Arc::new(Counters::default());
+        let (tx, rx) = mpsc::channel(4);
+        let run = tokio::spawn(pipeline(&queue, &counters).run(rx, Heartbeat::new("test")));
+
+        let sent = 500u64;
+        for n in 0..sent {
+            tokio::time::timeout(Duration::from_secs(5), tx.send(reading(n)))
+                .await
+                .expect("the pipeline keeps taking readings while the disk is full")
+                .expect("pipeline running");
+        }
+        wait_stats(&queue, "drops beyond the memory buffer", |s| {
+            s.buffered <= 50 && s.dropped.disk_full >= sent - 50
+        })
+        .await;
+
+        queue
+            .pragma("PRAGMA max_page_count = 1048576")
+            .await
+            .expect("space returns");
+        drop(tx);
+        tokio::time::timeout(Duration::from_secs(10), run)
+            .await
+            .expect("the pipeline finishes once its input closes")
+            .expect("pipeline task");
+        let stats = queue.stats().await.expect("stats");
+        let accepted = counters.accepted.load(Ordering::Relaxed);
+        assert_eq!(stats.buffered, 0, "{stats:?}");
+        assert_eq!(accepted, stats.appended, "{stats:?}");
+        assert_eq!(
+            accepted + counters.store_failed.load(Ordering::Relaxed),
+            sent,
+            "every reading is accepted or counted as refused: {stats:?}"
+        );
+        assert_eq!(stats.depth + stats.dropped.total(), sent, "{stats:?}");
+        queue.close().await.expect("close");
+    }
 }

@@ -4,7 +4,7 @@
 //! Invariants:
 //! - `rows` is the number of messages in `batches`; batches are kept and committed in
 //!   append order, so ids follow append order.
-//! - A batch is committed or dropped whole, and its `append` is answered exactly once:
+//! - A batch is committed or dropped whole, and its [`Done`] is called exactly once:
 //!   with its ids after the commit ([`committed`]) or with [`Error::Dropped`].
 //! - Bounded: normally a commit is due once `commit_max_rows` rows wait; while commits
 //!   fail the worker keeps `rows` within `memory_buffer_rows` by [`Buffer::drop_one`].
@@ -16,27 +16,25 @@ use std::collections::VecDeque;
 use super::config::DropPolicy;
 use super::error::Error;
 use super::message::{Message, Priority};
-use super::request::Reply;
+use super::request::Done;
 use super::stats::DropReason;
 
 /// An appended batch waiting for its commit.
 pub(super) struct Batch {
     pub messages: Vec<Message>,
-    reply: Option<Reply<Vec<i64>>>,
+    done: Done,
     /// The highest priority in the batch: a batch is dropped whole, so it is worth what
     /// its most important message is.
     priority: Priority,
 }
 
 impl Batch {
-    /// Answers the `append` of a batch that will not be stored.
+    /// Answers a batch that will not be stored.
     fn refuse(self, reason: DropReason) {
-        if let Some(reply) = self.reply {
-            let _ = reply.send(Err(Error::Dropped {
-                rows: self.messages.len(),
-                reason,
-            }));
-        }
+        (self.done)(Err(Error::Dropped {
+            rows: self.messages.len(),
+            reason,
+        }));
     }
 }
 
@@ -47,7 +45,7 @@ pub(super) struct Buffer {
 }
 
 impl Buffer {
-    pub fn push(&mut self, messages: Vec<Message>, reply: Reply<Vec<i64>>) {
+    pub fn push(&mut self, messages: Vec<Message>, done: Done) {
         let priority = messages
             .iter()
             .map(|m| m.priority)
@@ -56,7 +54,7 @@ impl Buffer {
         self.rows += messages.len();
         self.batches.push_back(Batch {
             messages,
-            reply: Some(reply),
+            done,
             priority,
         });
     }
@@ -70,10 +68,27 @@ impl Buffer {
         self.batches.iter()
     }
 
-    /// Takes every batch, for the commit that stored them.
-    pub fn take(&mut self) -> VecDeque<Batch> {
-        self.rows = 0;
-        std::mem::take(&mut self.batches)
+    /// How many batches from the front one commit writes: as many as fit in
+    /// `max_rows` rows, and at least one.
+    pub fn prefix(&self, max_rows: usize) -> usize {
+        let mut rows = 0;
+        let fit = self
+            .batches
+            .iter()
+            .take_while(|b| {
+                rows += b.messages.len();
+                rows <= max_rows
+            })
+            .count();
+        fit.max(1).min(self.batches.len())
+    }
+
+    /// Takes the first `n` batches, for the commit that stored them.
+    pub fn take_front(&mut self, n: usize) -> VecDeque<Batch> {
+        let rest = self.batches.split_off(n.min(self.batches.len()));
+        let taken = std::mem::replace(&mut self.batches, rest);
+        self.rows -= taken.iter().map(|b| b.messages.len()).sum::<usize>();
+        taken
     }
 
     /// The highest priority buffered: what a disk-full eviction may drop up to.
@@ -86,7 +101,7 @@ impl Buffer {
     }
 
     /// Drops one batch of the lowest priority by the policy (the oldest or the newest of
-    /// that class), answers its `append` with [`DropReason::DiskFull`] and returns its
+    /// that class), answers it with [`DropReason::DiskFull`] and returns its
     /// rows; `None` when the buffer is empty.
     pub fn drop_one(&mut self, policy: DropPolicy) -> Option<usize> {
         let lowest = self
@@ -107,7 +122,7 @@ impl Buffer {
     }
 
     /// Drops every batch (the queue closes and the disk is still unavailable), answers
-    /// each `append` with `reason`, and returns the rows dropped.
+    /// each with `reason`, and returns the rows dropped.
     pub fn drop_all(&mut self, reason: DropReason) -> usize {
         let rows = self.rows;
         for batch in self.batches.drain(..) {
@@ -118,11 +133,9 @@ impl Buffer {
     }
 }
 
-/// Answers the `append` of each committed batch with its row ids (in batch order).
+/// Answers each committed batch with its row ids (in batch order).
 pub(super) fn committed(batches: VecDeque<Batch>, ids: Vec<Vec<i64>>) {
     for (batch, ids) in batches.into_iter().zip(ids) {
-        if let Some(reply) = batch.reply {
-            let _ = reply.send(Ok(ids));
-        }
+        (batch.done)(Ok(ids));
     }
 }

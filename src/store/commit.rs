@@ -23,12 +23,19 @@ use super::request::Flow;
 use super::retention;
 use super::stats::DropReason;
 
+/// Most deletes of acknowledged rows in one transaction while the disk is full: a
+/// step must fit into the WAL space the file already has.
+pub(super) const SMALL_DELETES: usize = 256;
+
 /// What one transaction should do.
 #[derive(Clone, Copy)]
 pub(super) struct Work {
+    /// Inserts the buffered batches that fit in `commit_max_rows` (at least one).
     pub inserts: bool,
     pub retention: bool,
     pub counters: bool,
+    /// Most acknowledged rows deleted.
+    pub deletes: usize,
 }
 
 impl Work {
@@ -38,15 +45,18 @@ impl Work {
             inserts: true,
             retention: true,
             counters,
+            deletes: usize::MAX,
         }
     }
 
-    /// Acks and flow updates alone, so delivery goes on while appends cannot be written.
-    pub fn without_inserts(counters: bool) -> Work {
+    /// A few acks and the flow updates alone, so delivery goes on (and frees pages)
+    /// while appends cannot be written.
+    pub fn small_deletes(counters: bool) -> Work {
         Work {
             inserts: false,
             retention: false,
             counters,
+            deletes: SMALL_DELETES,
         }
     }
 
@@ -56,6 +66,7 @@ impl Work {
             inserts: false,
             retention: true,
             counters: true,
+            deletes: usize::MAX,
         }
     }
 }
@@ -63,8 +74,10 @@ impl Work {
 /// What a committed transaction did, applied to the in-memory state after the commit.
 #[derive(Default)]
 pub(super) struct Written {
-    /// Ids per buffered batch, in buffer order.
+    /// Ids per inserted batch, in buffer order (the first `ids.len()` batches).
     pub ids: Vec<Vec<i64>>,
+    /// Acknowledged ids whose delete this transaction holds.
+    pub acked: Vec<i64>,
     pub added_rows: u64,
     pub added_bytes: u64,
     pub removed_rows: u64,
@@ -100,10 +113,11 @@ pub(super) fn write(
     let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
     let mut next_id = state.next_id;
     if work.inserts {
-        insert_batches(&tx, state.buffer, &mut next_id, &mut written)?;
+        let batches = state.buffer.prefix(state.config.commit_max_rows);
+        insert_batches(&tx, state.buffer, batches, &mut next_id, &mut written)?;
     }
     if !state.cursor.acking().is_empty() {
-        delete_acked(&tx, state.cursor, &mut written)?;
+        delete_acked(&tx, state.cursor, work.deletes, &mut written)?;
     }
     if !state.flows.is_empty() {
         update_flows(&tx, state.flows)?;
@@ -124,6 +138,7 @@ pub(super) fn write(
 fn insert_batches(
     tx: &Transaction<'_>,
     buffer: &Buffer,
+    batches: usize,
     next_id: &mut i64,
     written: &mut Written,
 ) -> Result<(), rusqlite::Error> {
@@ -131,7 +146,7 @@ fn insert_batches(
         "INSERT INTO message (id, topic, payload, qos, retain, created_ms, priority, size) \
          VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
     )?;
-    for batch in buffer.batches() {
+    for batch in buffer.batches().take(batches) {
         let mut ids = Vec::with_capacity(batch.messages.len());
         for m in &batch.messages {
             let size = m.stored_size();
@@ -155,19 +170,28 @@ fn insert_batches(
     Ok(())
 }
 
+/// Deletes up to `limit` acknowledged rows, lowest ids first (neighbours share pages).
 fn delete_acked(
     tx: &Transaction<'_>,
     cursor: &Cursor,
+    limit: usize,
     written: &mut Written,
 ) -> Result<(), rusqlite::Error> {
+    let mut ids: Vec<i64> = cursor.acking().iter().copied().collect();
+    if ids.len() > limit {
+        ids.select_nth_unstable(limit);
+        ids.truncate(limit);
+    }
+    ids.sort_unstable();
     let mut delete = tx.prepare_cached("DELETE FROM message WHERE id = ?1 RETURNING size")?;
-    for id in cursor.acking() {
+    for &id in &ids {
         if let Some(size) = delete.query_row([id], |r| r.get::<_, i64>(0)).optional()? {
             written.removed_rows += 1;
             written.removed_bytes += u64::try_from(size).unwrap_or(0);
             written.counters.delivered += 1;
         }
     }
+    written.acked = ids;
     Ok(())
 }
 

@@ -70,7 +70,10 @@ pub struct StoreConfig {
     /// `normal` (default) or `full`; see [`Synchronous`].
     pub synchronous: Synchronous,
     /// Most bytes of stored messages (topic + payload + a fixed per-row overhead of
-    /// [`ROW_OVERHEAD_BYTES`](super::ROW_OVERHEAD_BYTES)). Default 256 MiB.
+    /// [`ROW_OVERHEAD_BYTES`](super::ROW_OVERHEAD_BYTES)). Default 128 MiB: with the
+    /// WAL (at most 4 MiB) and the reserve (at most 8 MiB) it fits a 1 GiB SD card
+    /// with room for the system; about 1.2 million readings of ~110 bytes. The store
+    /// warns at start when its filesystem has less room than this.
     pub max_bytes: u64,
     /// Most stored messages. Default 5,000,000.
     pub max_rows: u64,
@@ -92,7 +95,7 @@ impl Default for StoreConfig {
             commit_max_rows: 1000,
             flow_commit_ms: 0,
             synchronous: Synchronous::Normal,
-            max_bytes: 256 * 1024 * 1024,
+            max_bytes: 128 * 1024 * 1024,
             max_rows: 5_000_000,
             max_age_secs: 7 * 24 * 3600,
             policy: DropPolicy::DropOldest,

@@ -60,9 +60,11 @@ impl Cursor {
         &self.acking
     }
 
-    /// The deletes of every acknowledged row have committed.
-    pub fn acks_committed(&mut self) {
-        self.acking.clear();
+    /// The deletes of these acknowledged rows have committed.
+    pub fn acks_committed(&mut self, ids: &[i64]) {
+        for id in ids {
+            self.acking.remove(id);
+        }
     }
 
     pub fn ack(&mut self, ids: Vec<i64>) {

@@ -11,7 +11,8 @@ use rusqlite::{params, Connection, ErrorCode, OpenFlags, OptionalExtension, Row}
 use super::config::Synchronous;
 use super::error::Error;
 use super::message::{Message, Priority, Stored};
-use super::stats::{DropCounts, Stats};
+use super::space::Space;
+use super::stats::{DiskState, DropCounts, Stats};
 use crate::mqtt::QoS;
 
 /// `PRAGMA user_version` of the format this build writes.
@@ -122,6 +123,8 @@ pub(super) struct Db {
     pub page_size: u64,
     /// Whether the file was created with `auto_vacuum = INCREMENTAL`.
     pub incremental_vacuum: bool,
+    /// The page limit the connection opened with, restored by [`Db::unpin_size`].
+    max_page_count: i64,
     /// WAL frames already counted in `bytes_written` since the WAL last restarted.
     wal_frames_seen: u64,
     /// Frames already counted as copied by checkpoints since the WAL last restarted.
@@ -140,17 +143,48 @@ fn is_corruption(error: &Error) -> bool {
     }
 }
 
+/// Whether an open failed for want of space or write access (a full or read-only
+/// filesystem: the `-shm` file cannot be made), rather than a bad file.
+fn is_unwritable(error: &Error) -> bool {
+    match error {
+        Error::Sqlite(e) => matches!(
+            e.sqlite_error_code(),
+            Some(
+                ErrorCode::DiskFull
+                    | ErrorCode::ReadOnly
+                    | ErrorCode::SystemIoFailure
+                    | ErrorCode::CannotOpen
+            )
+        ),
+        _ => false,
+    }
+}
+
+/// How the connection locks the file.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Locking {
+    /// Shared memory beside the file (`-shm`): readers such as `queue stats` may look.
+    Shared,
+    /// No `-shm` (the WAL index lives in the process's memory): what is left when the
+    /// filesystem has no room for one, or cannot be written. Other processes cannot
+    /// read the file while the store has it open.
+    Exclusive,
+}
+
 impl Db {
     /// Opens (or creates) the queue file; a corrupt file is moved aside and replaced by a
-    /// fresh one.
-    pub fn open(path: &Path, synchronous: Synchronous) -> Result<Db, Error> {
+    /// fresh one. Opening an existing file of the current format writes nothing, so it
+    /// succeeds on a full filesystem: there the reserve is released for the `-shm`
+    /// file, and without room even for that, the file is opened with exclusive locking.
+    pub fn open(path: &Path, synchronous: Synchronous, space: &mut Space) -> Result<Db, Error> {
+        let wal_limit = space.checkpoint_bytes();
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
             std::fs::create_dir_all(dir).map_err(|source| Error::Io {
                 path: dir.to_path_buf(),
                 source,
             })?;
         }
-        match Db::try_open(path, synchronous) {
+        match Db::try_open(path, synchronous, Locking::Shared, wal_limit) {
             Err(error) if is_corruption(&error) => {
                 let aside = move_aside(path)?;
                 tracing::error!(
@@ -160,18 +194,47 @@ impl Db {
                     "queue database is corrupt: moved aside for forensics, starting a fresh one; \
                      its undelivered readings are not forwarded"
                 );
-                Db::try_open(path, synchronous)
+                Db::try_open(path, synchronous, Locking::Shared, wal_limit)
+            }
+            Err(error) if is_unwritable(&error) && path.exists() => {
+                if space.release() {
+                    tracing::warn!(
+                        path = %path.display(),
+                        %error,
+                        "disk full at start: released the store's reserve to open the queue"
+                    );
+                    if let Ok(db) = Db::try_open(path, synchronous, Locking::Shared, wal_limit) {
+                        return Ok(db);
+                    }
+                }
+                let db = Db::try_open(path, synchronous, Locking::Exclusive, wal_limit)?;
+                tracing::warn!(
+                    path = %path.display(),
+                    %error,
+                    "queue opened with exclusive locking: its filesystem is full or read-only; \
+                     `fieldbridge queue stats` cannot read it until the agent restarts"
+                );
+                Ok(db)
             }
             other => other,
         }
     }
 
-    fn try_open(path: &Path, synchronous: Synchronous) -> Result<Db, Error> {
+    fn try_open(
+        path: &Path,
+        synchronous: Synchronous,
+        locking: Locking,
+        wal_limit: u64,
+    ) -> Result<Db, Error> {
         crate::files::create_private(path).map_err(|source| Error::Io {
             path: path.to_path_buf(),
             source,
         })?;
         let conn = Connection::open(path)?;
+        if locking == Locking::Exclusive {
+            // Before the first access, so SQLite never makes a -shm file.
+            let _: String = conn.query_row("PRAGMA locking_mode = EXCLUSIVE", [], |r| r.get(0))?;
+        }
         conn.busy_timeout(BUSY_TIMEOUT)?;
         let check: String = conn.query_row("PRAGMA quick_check(1)", [], |r| r.get(0))?;
         if check != "ok" {
@@ -185,34 +248,75 @@ impl Db {
                 supported: FORMAT_VERSION,
             });
         }
+        // Below, each write is made only when the file needs it: an existing file of
+        // the current format is opened without writing (a full or read-only disk).
         let page_count: i64 = conn.query_row("PRAGMA page_count", [], |r| r.get(0))?;
         if page_count == 0 {
             // Only takes effect before the first table exists.
             conn.execute_batch("PRAGMA auto_vacuum = INCREMENTAL")?;
         }
-        let mode: String = conn.query_row("PRAGMA journal_mode = WAL", [], |r| r.get(0))?;
+        let mode: String = conn.query_row("PRAGMA journal_mode", [], |r| r.get(0))?;
         if !mode.eq_ignore_ascii_case("wal") {
-            tracing::warn!(path = %path.display(), %mode, "queue database could not switch to WAL");
+            let mode: String = conn.query_row("PRAGMA journal_mode = WAL", [], |r| r.get(0))?;
+            if !mode.eq_ignore_ascii_case("wal") {
+                tracing::warn!(path = %path.display(), %mode, "queue database could not switch to WAL");
+            }
         }
         conn.execute_batch(match synchronous {
             Synchronous::Normal => "PRAGMA synchronous = NORMAL",
             Synchronous::Full => "PRAGMA synchronous = FULL",
         })?;
         // The queue checkpoints itself, so it can count the bytes written; the WAL is
-        // truncated back to 4 MiB after a checkpoint that let it grow beyond.
-        conn.execute_batch("PRAGMA wal_autocheckpoint = 0; PRAGMA journal_size_limit = 4194304;")?;
-        conn.execute_batch(SCHEMA)?;
-        conn.execute_batch(&format!("PRAGMA user_version = {FORMAT_VERSION}"))?;
+        // truncated back to what the store lets it grow between two checkpoints.
+        conn.execute_batch(&format!(
+            "PRAGMA wal_autocheckpoint = 0; PRAGMA journal_size_limit = {wal_limit};"
+        ))?;
+        let tables: i64 = conn.query_row(
+            "SELECT COUNT(*) FROM sqlite_master WHERE type = 'table' AND name IN ('message', 'counter')",
+            [],
+            |r| r.get(0),
+        )?;
+        if tables < 2 {
+            conn.execute_batch(SCHEMA)?;
+        }
+        if version != FORMAT_VERSION {
+            conn.execute_batch(&format!("PRAGMA user_version = {FORMAT_VERSION}"))?;
+        }
         let page_size: i64 = conn.query_row("PRAGMA page_size", [], |r| r.get(0))?;
         let auto_vacuum: i64 = conn.query_row("PRAGMA auto_vacuum", [], |r| r.get(0))?;
+        let max_page_count: i64 = conn.query_row("PRAGMA max_page_count", [], |r| r.get(0))?;
         Ok(Db {
             conn,
             path: path.to_path_buf(),
             page_size: u64::try_from(page_size).unwrap_or(4096),
             incremental_vacuum: auto_vacuum == 2,
+            max_page_count,
             wal_frames_seen: 0,
             ckpt_frames_seen: 0,
         })
+    }
+
+    /// Keeps the file at its current size (`max_page_count`): while the filesystem is
+    /// full, a transaction that would need a new page fails at once, instead of
+    /// committing into the WAL pages that no checkpoint could then write.
+    pub fn pin_size(&self) -> Result<(), rusqlite::Error> {
+        let pages: i64 = self.conn.query_row("PRAGMA page_count", [], |r| r.get(0))?;
+        let _: i64 = self.conn.query_row(
+            &format!("PRAGMA max_page_count = {}", pages.max(1)),
+            [],
+            |r| r.get(0),
+        )?;
+        Ok(())
+    }
+
+    /// Lets the file grow again (the limit it was opened with).
+    pub fn unpin_size(&self) -> Result<(), rusqlite::Error> {
+        let _: i64 = self.conn.query_row(
+            &format!("PRAGMA max_page_count = {}", self.max_page_count),
+            [],
+            |r| r.get(0),
+        )?;
+        Ok(())
     }
 
     /// Rows and bytes stored, and the largest id.
@@ -235,9 +339,10 @@ impl Db {
         first_created_ms(&self.conn)
     }
 
-    /// Runs a passive checkpoint and returns the bytes written since the last one: new
-    /// WAL frames plus the frames copied into the database file.
-    pub fn checkpoint(&mut self) -> Result<u64, rusqlite::Error> {
+    /// Runs a passive checkpoint and returns the bytes written since the last one (new
+    /// WAL frames plus the frames copied into the database file), and whether every
+    /// frame is in the file now, so the next transaction starts the WAL over.
+    pub fn checkpoint(&mut self) -> Result<(u64, bool), rusqlite::Error> {
         let (busy, log, done): (i64, i64, i64) =
             self.conn
                 .query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |r| {
@@ -256,7 +361,8 @@ impl Db {
         } else {
             done
         };
-        if busy == 0 && log > 0 && done == log {
+        let complete = busy == 0 && done == log;
+        if complete && log > 0 {
             // Fully checkpointed: the next write starts the WAL over.
             self.wal_frames_seen = 0;
             self.ckpt_frames_seen = 0;
@@ -264,12 +370,17 @@ impl Db {
             self.wal_frames_seen = log;
             self.ckpt_frames_seen = done;
         }
-        Ok(new_frames * (self.page_size + 24) + copied * self.page_size)
+        Ok((
+            new_frames * (self.page_size + 24) + copied * self.page_size,
+            complete,
+        ))
     }
 
-    /// Gives free pages back to the filesystem when they are many: after a long outage
-    /// drained, the file shrinks again. Keeps 1 MiB of free pages to reuse.
-    pub fn vacuum_if_worth_it(&mut self) -> Result<bool, rusqlite::Error> {
+    /// Gives up to `max_pages` free pages back to the filesystem when they are many:
+    /// after a long outage drained, the file shrinks again. Keeps 1 MiB of free pages
+    /// to reuse. Returns whether it gave pages back; the caller checkpoints between
+    /// steps, so each step fits into the WAL space a full disk leaves.
+    pub fn vacuum_step(&mut self, max_pages: u64) -> Result<bool, rusqlite::Error> {
         if !self.incremental_vacuum {
             return Ok(false);
         }
@@ -281,10 +392,11 @@ impl Db {
         if free <= keep || free * 4 < total {
             return Ok(false);
         }
+        let pages = (free - keep).min(i64::try_from(max_pages).unwrap_or(i64::MAX));
         // Each step frees one page: step it to the end.
         let mut vacuum = self
             .conn
-            .prepare(&format!("PRAGMA incremental_vacuum({})", free - keep))?;
+            .prepare(&format!("PRAGMA incremental_vacuum({pages})"))?;
         let mut steps = vacuum.query([])?;
         while steps.next()?.is_some() {}
         Ok(true)
@@ -434,6 +546,9 @@ pub(super) fn read_stats(path: &Path) -> Result<Stats, Error> {
         commit_failures: counters.commit_failures,
         bytes_written: counters.bytes_written,
         file_bytes: file_bytes(path),
+        disk: DiskState::Writable,
+        fs_free_bytes: super::space::usage(path).map_or(0, |u| u.free),
+        reserve_bytes: std::fs::metadata(sidecar(path, ".reserve")).map_or(0, |m| m.len()),
     })
 }
 

@@ -3,7 +3,9 @@
 //!
 //! # Invariants
 //! - A message is accepted only once the transaction that holds it has committed;
-//!   [`Queue::append`] resolves only then.
+//!   [`Queue::append`] resolves only then, and [`Queue::submit`]'s [`Done`] is called
+//!   only then (or with the reason it was not stored). `submit` itself never waits for
+//!   the disk, only for a request slot.
 //! - A row is deleted only by [`Queue::ack`] (after the upstream broker acknowledged
 //!   it) or by a retention drop, which is counted by reason in [`Stats::dropped`].
 //! - In-flight marks live in memory only: rows handed out by [`Queue::next`] and not yet
@@ -31,7 +33,8 @@
 //! ```text
 //!  queue.rs ──► request.rs ◄── worker.rs ──► commit.rs ──► retention.rs
 //!     └─────── spawns ───────────►  │            └──► buffer.rs, cursor.rs, db.rs
-//!                                   └──► buffer.rs, cursor.rs, retention.rs, db.rs
+//!                                   └──► buffer.rs, cursor.rs, retention.rs, db.rs, space.rs
+//!  db.rs ──► space.rs
 //!  every file ──► message.rs, stats.rs, error.rs, config.rs (leaves)
 //! ```
 //!
@@ -46,7 +49,9 @@
 //!   memory buffer drops.
 //! - `cursor.rs`: the drain cursor and the in-flight marks.
 //! - `retention.rs`: which stored rows give way to the limits and to a full disk.
-//! - `db.rs`: the file: open, schema, row mapping, counters, checkpoints, vacuum.
+//! - `db.rs`: the file: open, schema, row mapping, counters, checkpoints, vacuum,
+//!   holding the file at its size.
+//! - `space.rs`: the filesystem: free bytes, the reserve.
 //! - `message.rs`, `stats.rs`, `error.rs`: [`Message`] and [`Stored`], [`Stats`] and
 //!   the drop counts, [`Error`].
 //! - `config.rs`: the `[store]` section.
@@ -78,13 +83,29 @@
 //! # Faults
 //! - A corrupt file at open is moved aside as `<name>.corrupt-<UTC timestamp>` (with its
 //!   `-wal`), and a fresh one is created, with an error log line.
+//! - Opening an existing file of the current format writes nothing, so it succeeds on
+//!   a full or read-only filesystem. Without room for the `-shm` file the reserve is
+//!   released; without room even then, the file is opened with exclusive locking (the
+//!   WAL index in memory; `queue stats` cannot read it meanwhile).
 //! - When a commit fails (disk full, read-only filesystem, I/O error) the data stays in
-//!   the memory buffer, retries follow with backoff (100 ms doubling to 30 s), and the
-//!   failure is logged with backoff. When the buffer overflows, `drop_oldest` first
-//!   deletes the oldest stored rows of the lowest priority to make room on disk and
-//!   otherwise drops the oldest buffered batches; `drop_newest` drops the newest
-//!   buffered batches. Batches are dropped whole; their `append` fails with
-//!   [`Error::Dropped`].
+//!   the memory buffer, retries follow with backoff (100 ms doubling to 30 s), and one
+//!   line is logged ("store full: N rows buffered in memory"), and one more when it
+//!   ends ("store accepts readings again"). When the buffer overflows, `drop_oldest`
+//!   first deletes the oldest stored rows of the lowest priority to make room on disk
+//!   and otherwise drops the oldest buffered batches; `drop_newest` drops the newest
+//!   buffered batches. Batches are dropped whole, counted as `disk_full`, and answered
+//!   with [`Error::Dropped`].
+//! - A full filesystem must never keep delivered rows from being deleted. A WAL whose
+//!   commits grew the file cannot be checkpointed without room, and then cannot start
+//!   over, so every later transaction needs new space. Hence: a reserve file
+//!   (`<name>.reserve`, 1/32 of the filesystem, 256 KiB to 8 MiB) and a checkpoint
+//!   before the WAL holds half of it; on a full disk the store checkpoints (releasing
+//!   the reserve when that needs room), holds the file at its size (`max_page_count`,
+//!   so nothing commits pages a checkpoint could not write; inserts go into free
+//!   pages), and writes acks in steps of 256 deletes, each checkpointed so the next
+//!   reuses the same WAL space. A drain then shrinks the file by incremental vacuum in
+//!   small steps; once the filesystem has room for the reserve twice over, the reserve
+//!   is written back and the file may grow again.
 
 mod buffer;
 mod commit;
@@ -96,6 +117,7 @@ mod message;
 mod queue;
 mod request;
 mod retention;
+mod space;
 mod stats;
 #[cfg(test)]
 mod tests;
@@ -107,7 +129,8 @@ pub use config::{DropPolicy, StoreConfig, Synchronous};
 pub use error::Error;
 pub use message::{DrainOrder, Message, Priority, Stored, ROW_OVERHEAD_BYTES};
 pub use queue::Queue;
-pub use stats::{DropCounts, DropReason, Stats};
+pub use request::Done;
+pub use stats::{DiskState, DropCounts, DropReason, Stats};
 
 /// Reads the statistics of a queue file without writing to it, while the agent that
 /// owns it may be running (`fieldbridge queue stats`).

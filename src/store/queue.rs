@@ -20,7 +20,8 @@ use super::config::StoreConfig;
 use super::db::{Counters, Db};
 use super::error::Error;
 use super::message::{DrainOrder, Message, Stored};
-use super::request::{Command, Flow, Reply, Request, CHANNEL_CAPACITY};
+use super::request::{Command, Done, Flow, Reply, Request, CHANNEL_CAPACITY};
+use super::space::Space;
 use super::stats::Stats;
 use super::worker::Worker;
 
@@ -63,14 +64,39 @@ impl Queue {
         if let Some(text) = crate::problem::Invalid::summary(&config.validate()) {
             return Err(Error::Config(text));
         }
-        let db = Db::open(&config.path, config.synchronous)?;
+        let mut space = Space::new(&config.path);
+        let db = Db::open(&config.path, config.synchronous, &mut space)?;
         let counters = Counters::load(&db.conn)?;
         let (rows, bytes, max_id) = db.totals()?;
         tracing::info!(path = %config.path.display(), rows, bytes, "store opened");
         let (pending_tx, pending_rx) = watch::channel(rows);
         let (requests, inbox) = std_mpsc::channel();
+        let room = space.room(db.file_bytes());
+        if config.max_bytes > room {
+            tracing::warn!(
+                path = %config.path.display(),
+                max_bytes = config.max_bytes,
+                room_bytes = room,
+                "store.max_bytes is more than its filesystem has room for: the disk would fill \
+                 first (readings then wait in memory and the drop policy applies)"
+            );
+        }
+        // The file grows only while the reserve is complete (see `space.rs`).
+        let pinned = !space.restore();
+        if pinned {
+            db.pin_size()?;
+            tracing::warn!(
+                path = %config.path.display(),
+                reserve_bytes = space.bytes(),
+                free_bytes = space.free(),
+                "disk nearly full: no room for the store's reserve, so the store file does not \
+                 grow until there is (readings go into its free pages, then wait in memory)"
+            );
+        }
         let worker = Worker::new(
             db,
+            space,
+            pinned,
             config.clone(),
             counters,
             rows,
@@ -120,7 +146,8 @@ impl Queue {
     /// `commit_interval_ms` later, or when the disk is writable again). Returns the row
     /// ids in batch order. A row may already have been dropped by a retention limit in
     /// the same commit (`drop_newest` drops the newest rows); such drops are counted in
-    /// [`Stats::dropped`].
+    /// [`Stats::dropped`]. A caller that must not wait for the disk uses
+    /// [`Queue::submit`].
     ///
     /// # Errors
     /// [`Error::Dropped`] when the whole batch was dropped from the memory buffer while
@@ -131,7 +158,10 @@ impl Queue {
             return Ok(Vec::new());
         }
         let (reply, answer) = oneshot::channel();
-        if let Err(command) = self.send(Command::Append { batch, reply }).await {
+        let done: Done = Box::new(move |result| {
+            let _ = reply.send(result);
+        });
+        if let Err(command) = self.send(Command::Append { batch, done }).await {
             let batch = match command {
                 Command::Append { batch, .. } => batch,
                 _ => Vec::new(),
@@ -139,6 +169,25 @@ impl Queue {
             return Err(Error::Closed(batch));
         }
         answer.await.map_err(|_| Error::Closed(Vec::new()))?
+    }
+
+    /// Hands a batch to the store thread without waiting for its commit: resolves as
+    /// soon as the thread has the request queued (it waits only while
+    /// [`CHANNEL_CAPACITY`] requests are already queued). `done` is called later, once,
+    /// on the store thread, with what [`Queue::append`] would have returned; at once
+    /// with [`Error::Closed`] when the queue is closed. While the disk cannot be
+    /// written, submitted batches wait in the memory buffer (`memory_buffer_rows`) and
+    /// beyond it the drop policy answers them with [`Error::Dropped`].
+    pub async fn submit(&self, batch: Vec<Message>, done: Done) {
+        if batch.is_empty() {
+            done(Ok(Vec::new()));
+            return;
+        }
+        if let Err(Command::Append { batch, done }) =
+            self.send(Command::Append { batch, done }).await
+        {
+            done(Err(Error::Closed(batch)));
+        }
     }
 
     /// Hands out up to `max` pending rows and marks them in flight. `OldestFirst` gives
@@ -240,8 +289,10 @@ impl Queue {
         self.join().await;
     }
 
+    /// Runs a pragma on the store's connection: `max_page_count` makes the disk full,
+    /// `query_only` read-only, for the tests of what the store and the pipeline do then.
     #[cfg(test)]
-    pub(super) async fn pragma(&self, sql: &str) -> Result<(), Error> {
+    pub(crate) async fn pragma(&self, sql: &str) -> Result<(), Error> {
         let sql = sql.to_string();
         self.call(|reply| Command::Pragma { sql, reply }).await
     }

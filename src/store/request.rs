@@ -4,8 +4,9 @@
 //! Invariants:
 //! - The channel is bounded by a semaphore of [`CHANNEL_CAPACITY`] slots: a request holds
 //!   its slot until the thread has taken it, and callers beyond it wait for a slot.
-//! - Every request is answered exactly once through its [`Reply`] (or the reply is
-//!   dropped when the thread stops, which the handle reports as [`Error::Closed`]).
+//! - Every request is answered exactly once through its [`Reply`] or [`Done`] (or the
+//!   reply is dropped when the thread stops, which the handle reports as
+//!   [`Error::Closed`]).
 //! - A request that reached the thread is carried out, whether or not its caller still
 //!   waits for the answer.
 
@@ -21,10 +22,15 @@ pub(super) const CHANNEL_CAPACITY: usize = 256;
 
 pub(super) type Reply<T> = oneshot::Sender<Result<T, Error>>;
 
+/// What the thread calls, on its own thread and exactly once, with the outcome of an
+/// appended batch: its row ids once committed, or why it was not stored. It must not
+/// block: it runs between two commits.
+pub type Done = Box<dyn FnOnce(Result<Vec<i64>, Error>) + Send>;
+
 pub(super) enum Command {
     Append {
         batch: Vec<Message>,
-        reply: Reply<Vec<i64>>,
+        done: Done,
     },
     Next {
         max: usize,

@@ -31,6 +31,32 @@ impl std::fmt::Display for DropReason {
     }
 }
 
+/// Whether the store can write its file right now, as the last commit found it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DiskState {
+    /// Commits go through.
+    #[default]
+    Writable,
+    /// The filesystem (or the file's page limit) is full: readings wait in memory.
+    Full,
+    /// The file or its filesystem is read-only: readings wait in memory.
+    ReadOnly,
+    /// Commits fail with another error (I/O error, lock held elsewhere).
+    Failing,
+}
+
+impl DiskState {
+    /// The state a failed commit's error puts the store in.
+    pub(super) fn of(error: &rusqlite::Error) -> DiskState {
+        match error.sqlite_error_code() {
+            Some(rusqlite::ErrorCode::DiskFull) => DiskState::Full,
+            Some(rusqlite::ErrorCode::ReadOnly) => DiskState::ReadOnly,
+            _ => DiskState::Failing,
+        }
+    }
+}
+
 /// Dropped messages by reason, since the database was created.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
 pub struct DropCounts {
@@ -92,4 +118,12 @@ pub struct Stats {
     pub bytes_written: u64,
     /// Current size of the database file plus its WAL.
     pub file_bytes: u64,
+    /// Whether the last commit could write the file (always `writable` from
+    /// [`read_stats`](super::read_stats), which does not write).
+    pub disk: DiskState,
+    /// Bytes free on the filesystem that holds the file (0 when it cannot be asked).
+    pub fs_free_bytes: u64,
+    /// Bytes the store keeps in reserve on that filesystem for deleting delivered rows
+    /// when it is full (0 while released).
+    pub reserve_bytes: u64,
 }

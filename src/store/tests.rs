@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 
+use super::commit;
 use super::*;
 use crate::mqtt::QoS;
 
@@ -473,6 +474,78 @@ async fn a_read_only_database_holds_appends_and_acks_in_memory_until_writable() 
     assert_eq!(numbers(&left), vec![1, 2, 3, 4]);
     let stats = queue.stats().await.expect("stats");
     assert_eq!((stats.delivered, stats.depth), (1, 4));
+    queue.close().await.expect("close");
+}
+
+/// A full disk (the file capped by `max_page_count`): more acknowledged rows than one
+/// small delete step are all deleted, in steps, while appends cannot be written, and
+/// the held batch is stored afterwards.
+#[tokio::test]
+async fn acked_rows_are_deleted_in_steps_on_a_full_disk_and_the_held_batch_is_stored() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let queue = Queue::open(config(&dir.path().join("q.db"))).expect("open");
+    let stored = 3 * commit::SMALL_DELETES as u32;
+    queue
+        .append(
+            (0..stored)
+                .map(|n| big("a", n, Priority::Periodic))
+                .collect(),
+        )
+        .await
+        .expect("append");
+    queue
+        .pragma("PRAGMA max_page_count = 1")
+        .await
+        .expect("max_page_count");
+    let held = spawn_append(
+        &queue,
+        (stored..stored + 10)
+            .map(|n| big("a", n, Priority::Periodic))
+            .collect(),
+    );
+    wait_stats(&queue, "a failed commit", |s| {
+        s.commit_failures >= 1 && s.buffered == 10
+    })
+    .await;
+
+    let out = queue
+        .next(stored as usize, DrainOrder::OldestFirst)
+        .await
+        .expect("next");
+    queue
+        .ack(out.iter().map(|s| s.id).collect())
+        .await
+        .expect("ack");
+    let ids = held
+        .await
+        .expect("task")
+        .expect("stored once rows were deleted");
+    assert_eq!(ids.len(), 10);
+    let stats = wait_stats(&queue, "every acked row deleted", |s| {
+        s.delivered == u64::from(stored) && s.depth == 10
+    })
+    .await;
+    assert_eq!(stats.buffered, 0, "{stats:?}");
+    queue.close().await.expect("close");
+}
+
+/// Regression (issue 11): every open wrote `PRAGMA user_version`, so a restart on a
+/// full or read-only disk failed and the agent never started. Reopening an existing
+/// file of the current format must write nothing: its WAL stays empty.
+#[tokio::test]
+async fn opening_an_existing_file_writes_nothing() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("q.db");
+    let queue = Queue::open(config(&path)).expect("open");
+    queue.append(batch("a", 0..3)).await.expect("append");
+    queue.close().await.expect("close");
+
+    let queue = Queue::open(config(&path)).expect("reopen");
+    // A round trip: the store thread runs and has read the file.
+    let stats = queue.stats().await.expect("stats");
+    assert_eq!(stats.depth, 3);
+    let wal = std::fs::metadata(dir.path().join("q.db-wal")).map_or(0, |m| m.len());
+    assert_eq!(wal, 0, "opening wrote to the file");
     queue.close().await.expect("close");
 }
 

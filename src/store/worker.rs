@@ -29,27 +29,30 @@ use super::cursor::Cursor;
 use super::db::{self, Counters, Db};
 use super::error::Error;
 use super::message::Message;
-use super::request::{Command, Flow, Reply, Request, CHANNEL_CAPACITY};
+use super::request::{Command, Done, Flow, Request, CHANNEL_CAPACITY};
 use super::retention;
-use super::stats::{DropReason, Stats};
+use super::space::Space;
+use super::stats::{DiskState, DropReason, Stats};
 
-/// A checkpoint runs at least this often while there are commits...
+/// A checkpoint runs at least this often while there are commits, or once the WAL has
+/// grown by half the reserve ([`Space::checkpoint_bytes`]).
 const CHECKPOINT_INTERVAL: Duration = Duration::from_secs(10);
-/// ...or once the WAL has grown by about this much.
-const CHECKPOINT_WAL_BYTES: u64 = 4 << 20;
 /// Counters are persisted at most this often (and on close): writing them with every
 /// commit would add a page write per commit.
 const COUNTERS_INTERVAL: Duration = Duration::from_secs(10);
 /// Idle queues are checked for rows past `max_age_secs` this often.
 const AGE_SWEEP_INTERVAL: Duration = Duration::from_secs(10);
+/// While the file is held at its size, this often the store looks whether a drain
+/// left pages to give back and whether the filesystem has room again.
+const ROOM_CHECK_INTERVAL: Duration = Duration::from_secs(1);
 const RETRY_MIN: Duration = Duration::from_millis(100);
 const RETRY_MAX: Duration = Duration::from_secs(30);
 
 /// State while commits fail (disk full, read-only filesystem, I/O errors).
 struct Failing {
-    since: Instant,
     attempts: u32,
     next_retry: Instant,
+    state: DiskState,
 }
 
 pub(super) struct Worker {
@@ -75,6 +78,15 @@ pub(super) struct Worker {
     last_checkpoint: Instant,
     next_age_sweep: Instant,
     failing: Option<Failing>,
+    /// The file is held at its size because its filesystem is full ([`Db::pin_size`]).
+    pinned: bool,
+    next_room_check: Instant,
+    /// Since when readings could not all be written (failing or pinned), for the one
+    /// log line when that ends.
+    unwritable: Option<Instant>,
+    /// Whether the memory buffer overflowed since `unwritable` (logged once).
+    overflowed: bool,
+    space: Space,
     dropping: bool,
     /// Per priority class, where `drop_oldest` looks for its next victims.
     scan_from: [i64; 3],
@@ -82,8 +94,11 @@ pub(super) struct Worker {
 }
 
 impl Worker {
+    #[allow(clippy::too_many_arguments)] // the state read from the file at open
     pub fn new(
         db: Db,
+        space: Space,
+        pinned: bool,
         config: StoreConfig,
         counters: Counters,
         rows: u64,
@@ -115,6 +130,11 @@ impl Worker {
             last_checkpoint: now,
             next_age_sweep: now,
             failing: None,
+            pinned,
+            next_room_check: now,
+            unwritable: pinned.then_some(now),
+            overflowed: false,
+            space,
             dropping: false,
             scan_from: [i64::MIN; 3],
             pending,
@@ -178,7 +198,7 @@ impl Worker {
 
     fn handle(&mut self, command: Command) {
         match command {
-            Command::Append { batch, reply } => self.append(batch, reply),
+            Command::Append { batch, done } => self.append(batch, done),
             Command::Next { max, order, reply } => {
                 let out = self.cursor.next(&self.db.conn, max, order);
                 let _ = reply.send(out.map_err(Error::from));
@@ -212,8 +232,8 @@ impl Worker {
         }
     }
 
-    fn append(&mut self, batch: Vec<Message>, reply: Reply<Vec<i64>>) {
-        self.buffer.push(batch, reply);
+    fn append(&mut self, batch: Vec<Message>, done: Done) {
+        self.buffer.push(batch, done);
         self.mark_dirty();
         if self.failing.is_some() {
             self.enforce_memory_bound();
@@ -233,9 +253,11 @@ impl Worker {
     }
 
     fn next_wake(&self, now: Instant) -> Instant {
-        let wake = (self.last_checkpoint + CHECKPOINT_INTERVAL)
-            .min(self.next_age_sweep)
-            .max(now);
+        let mut wake = (self.last_checkpoint + CHECKPOINT_INTERVAL).min(self.next_age_sweep);
+        if self.pinned {
+            wake = wake.min(self.next_room_check);
+        }
+        let wake = wake.max(now);
         match self.commit_at() {
             Some(due) => wake.min(due),
             None => wake,
@@ -267,23 +289,122 @@ impl Worker {
     }
 
     /// One group commit. On failure everything stays buffered for the retry, except
-    /// that acks and flow updates are tried alone, so delivery can go on (and free
-    /// space) while appends cannot be written.
+    /// that acks and flow updates are tried alone, in small steps, so delivery can go
+    /// on (and free pages) while appends cannot be written. On a full filesystem the
+    /// file is first held at its size ([`Worker::hold_size`]).
     fn commit(&mut self) {
+        if self.pinned {
+            self.try_unpin();
+        }
         let counters = self.counters_due();
         let all = Work::all(counters);
         match self.write(all) {
             Ok(written) => self.applied(written, all),
             Err(error) => {
-                if !self.cursor.acking().is_empty() || !self.flows.is_empty() {
-                    let small = Work::without_inserts(counters);
-                    if let Ok(written) = self.write(small) {
-                        self.applied(written, small);
-                    }
+                let full = DiskState::of(&error) == DiskState::Full;
+                if full {
+                    self.hold_size();
                 }
+                self.write_deletes(counters, full);
                 self.failed(&error);
                 self.enforce_memory_bound();
             }
+        }
+    }
+
+    /// The filesystem is full: what is committed is checkpointed (with the reserve
+    /// released when that needs room), so the WAL starts over in the space it already
+    /// has; then the file is held at its size, so no later transaction commits pages
+    /// that a checkpoint could not write. Inserts then go into free pages only. A
+    /// commit that fails again while the file is held needs more WAL than it has: the
+    /// reserve (topped up from what comes free, see [`Worker::maintain`]) gives it.
+    fn hold_size(&mut self) {
+        let complete = self.checkpoint_now();
+        if (!complete || self.pinned) && self.release_reserve() {
+            self.checkpoint_now();
+        }
+        if !self.pinned {
+            match self.db.pin_size() {
+                Ok(()) => self.pinned = true,
+                Err(error) => tracing::debug!(%error, "could not hold the store file at its size"),
+            }
+        }
+    }
+
+    /// Acks and flow updates in transactions of at most [`commit::SMALL_DELETES`]
+    /// deletes each. On a full filesystem a step that finds no room releases the
+    /// reserve and is tried once more, and each step is checkpointed, so the next one
+    /// reuses the same WAL space.
+    fn write_deletes(&mut self, mut counters: bool, full: bool) {
+        while !self.cursor.acking().is_empty() || !self.flows.is_empty() {
+            let work = Work::small_deletes(counters);
+            match self.write(work) {
+                Ok(written) => {
+                    self.applied(written, work);
+                    counters = false;
+                    if full {
+                        self.checkpoint_now();
+                    }
+                }
+                Err(error)
+                    if DiskState::of(&error) == DiskState::Full && self.release_reserve() =>
+                {
+                    self.checkpoint_now();
+                }
+                Err(_) => return,
+            }
+        }
+    }
+
+    /// Deletes the reserve; returns whether it was there. One log line per full-disk
+    /// episode (later releases of what was topped up are logged at debug level).
+    fn release_reserve(&mut self) -> bool {
+        let bytes = self.space.len();
+        if !self.space.release() {
+            return false;
+        }
+        if self.unwritable.is_none() {
+            tracing::warn!(
+                reserve_bytes = bytes,
+                "disk full: released the store's reserve so delivered readings can still be deleted"
+            );
+        } else {
+            tracing::debug!(reserve_bytes = bytes, "released the store's reserve");
+        }
+        true
+    }
+
+    /// While pinned: once the filesystem has room again (the reserve complete, and
+    /// room for it once more), the file may grow again.
+    fn try_unpin(&mut self) {
+        if !self.space.restore() {
+            return;
+        }
+        match self.db.unpin_size() {
+            Ok(()) => {
+                self.pinned = false;
+                tracing::info!(
+                    free_bytes = self.space.free(),
+                    reserve_held = self.space.held(),
+                    "disk has room again: the store file may grow"
+                );
+                self.note_writable();
+            }
+            Err(error) => tracing::debug!(%error, "could not lift the store file's size limit"),
+        }
+    }
+
+    /// Logs once that readings are written again, when nothing holds them back.
+    fn note_writable(&mut self) {
+        if self.failing.is_some() || self.pinned {
+            return;
+        }
+        self.overflowed = false;
+        if let Some(since) = self.unwritable.take() {
+            tracing::info!(
+                after_ms = since.elapsed().as_millis() as u64,
+                "store accepts readings again"
+            );
         }
     }
 
@@ -313,13 +434,13 @@ impl Worker {
     /// caller whose append resolved sees the new count.
     fn applied(&mut self, mut written: Written, work: Work) {
         let batches = if work.inserts {
-            self.buffer.take()
+            self.buffer.take_front(written.ids.len())
         } else {
             VecDeque::new()
         };
         let flows = std::mem::take(&mut self.flows);
         let ids = std::mem::take(&mut written.ids);
-        self.cursor.acks_committed();
+        self.cursor.acks_committed(&written.acked);
         self.take_totals(&written, work);
         self.log_state_changes(&written, work);
         if written.added_rows > 0 {
@@ -331,8 +452,8 @@ impl Worker {
         }
         self.last_commit = Instant::now();
         self.commits_since_checkpoint += 1;
-        self.wal_estimate += written.added_bytes + 2 * self.db.page_size;
-        if self.wal_estimate >= CHECKPOINT_WAL_BYTES {
+        self.wal_estimate += written.added_bytes + written.removed_bytes + 2 * self.db.page_size;
+        if self.wal_estimate >= self.space.checkpoint_bytes() {
             self.checkpoint();
         }
     }
@@ -362,12 +483,9 @@ impl Worker {
     /// One log line when the disk is writable again, and one when retention starts or
     /// stops dropping.
     fn log_state_changes(&mut self, written: &Written, work: Work) {
-        if let Some(failing) = self.failing.take_if(|_| work.inserts) {
-            tracing::info!(
-                after_ms = failing.since.elapsed().as_millis() as u64,
-                attempts = failing.attempts,
-                "store writable again; buffered readings committed"
-            );
+        if work.inserts {
+            self.failing = None;
+            self.note_writable();
         }
         if !written.dropped.is_empty() && !self.dropping {
             tracing::warn!(
@@ -382,27 +500,44 @@ impl Worker {
         }
     }
 
+    /// Counts a failed commit and schedules the retry; one log line when the store
+    /// starts failing (retries are logged at debug level).
     fn failed(&mut self, error: &rusqlite::Error) {
         self.counters.commit_failures += 1;
         self.counters_dirty = true;
         let now = Instant::now();
+        let buffered = self.buffer.rows();
+        let state = DiskState::of(error);
+        let entering = self.unwritable.is_none();
+        self.unwritable.get_or_insert(now);
         let failing = self.failing.get_or_insert(Failing {
-            since: now,
             attempts: 0,
             next_retry: now,
+            state,
         });
         failing.attempts += 1;
+        failing.state = state;
         let backoff = RETRY_MIN
             .saturating_mul(1 << (failing.attempts - 1).min(16))
             .min(RETRY_MAX);
         failing.next_retry = now + backoff;
-        if failing.attempts.is_power_of_two() {
+        let what = match state {
+            DiskState::Full => "store full",
+            DiskState::ReadOnly => "store read-only",
+            DiskState::Writable | DiskState::Failing => "store cannot write",
+        };
+        if entering {
             tracing::warn!(
                 %error,
+                limit = self.config.memory_buffer_rows,
+                "{what}: {buffered} rows buffered in memory"
+            );
+        } else {
+            tracing::debug!(
+                %error,
                 attempts = failing.attempts,
-                buffered_rows = self.buffer.rows(),
                 retry_in_ms = backoff.as_millis() as u64,
-                "store cannot commit (disk full or read-only?); holding readings in memory"
+                "{what}: {buffered} rows buffered in memory"
             );
         }
     }
@@ -413,6 +548,13 @@ impl Worker {
     fn enforce_memory_bound(&mut self) {
         if self.buffer.rows() <= self.config.memory_buffer_rows {
             return;
+        }
+        if !std::mem::replace(&mut self.overflowed, true) {
+            tracing::warn!(
+                limit = self.config.memory_buffer_rows,
+                policy = ?self.config.policy,
+                "store memory buffer full: dropping readings by policy (counted as dropped.disk_full)"
+            );
         }
         if self.config.policy == DropPolicy::DropOldest && self.evict_and_commit() {
             return;
@@ -450,7 +592,8 @@ impl Worker {
     /// buffer fits into the freed pages. Returns whether anything was deleted.
     fn evict_stored(&mut self) -> bool {
         let ceiling = self.buffer.ceiling();
-        let wanted = self.buffer.rows();
+        // In steps small enough for the WAL space a full disk leaves.
+        let wanted = self.buffer.rows().min(4 * commit::SMALL_DELETES);
         match commit::evict(&mut self.db.conn, ceiling, wanted, &self.cursor) {
             Ok((0, _)) | Err(_) => false,
             Ok((rows, freed)) => {
@@ -459,7 +602,7 @@ impl Worker {
                 self.counters.dropped.disk_full += rows;
                 self.counters.commits += 1;
                 self.counters_dirty = true;
-                tracing::warn!(
+                tracing::debug!(
                     rows,
                     "disk full: dropped the oldest stored readings to make room"
                 );
@@ -486,11 +629,30 @@ impl Worker {
             commit_failures: self.counters.commit_failures,
             bytes_written: self.counters.bytes_written,
             file_bytes: self.db.file_bytes(),
+            disk: match &self.failing {
+                Some(failing) => failing.state,
+                None if self.pinned => DiskState::Full,
+                None => DiskState::Writable,
+            },
+            fs_free_bytes: self.space.free(),
+            reserve_bytes: self.space.len(),
         })
     }
 
-    /// Periodic work that is not a group commit: checkpoints, counters, the age sweep.
+    /// Periodic work that is not a group commit: checkpoints, counters, the age sweep,
+    /// and while the file is held at its size, the look for room.
     fn maintain(&mut self, now: Instant) {
+        if self.pinned && now >= self.next_room_check {
+            self.next_room_check = now + ROOM_CHECK_INTERVAL;
+            // A drain while the disk was full leaves free pages: give them back, and
+            // let the file grow again once the filesystem has room; meanwhile keep
+            // what came free in the reserve.
+            self.checkpoint();
+            self.try_unpin();
+            if self.pinned {
+                self.space.top_up();
+            }
+        }
         if now >= self.last_checkpoint + CHECKPOINT_INTERVAL {
             if self.commits_since_checkpoint > 0 {
                 self.checkpoint();
@@ -500,6 +662,10 @@ impl Worker {
         }
         if now >= self.next_age_sweep {
             self.next_age_sweep = now + AGE_SWEEP_INTERVAL;
+            if !self.pinned {
+                // A reserve that did not fit at open, or was released and not restored.
+                self.space.restore();
+            }
             let sweep = (self.counters_dirty && self.counters_due()) || self.has_expired_rows();
             if sweep && self.failing.is_none() {
                 let work = Work::sweep();
@@ -518,29 +684,54 @@ impl Worker {
         )
     }
 
+    /// A checkpoint, then the incremental vacuum when a drain left many free pages,
+    /// in steps of a quarter of the WAL the store lets grow, each checkpointed.
     fn checkpoint(&mut self) {
+        self.checkpoint_now();
+        let step = (self.space.checkpoint_bytes() / self.db.page_size.max(512) / 4).max(8);
+        let mut shrunk = false;
+        loop {
+            match self.db.vacuum_step(step) {
+                Ok(true) => {
+                    shrunk = true;
+                    self.checkpoint_now();
+                }
+                Ok(false) => break,
+                Err(error)
+                    if DiskState::of(&error) == DiskState::Full && self.release_reserve() =>
+                {
+                    self.checkpoint_now();
+                }
+                Err(error) => {
+                    tracing::debug!(%error, "incremental vacuum failed");
+                    break;
+                }
+            }
+        }
+        if shrunk {
+            tracing::info!(
+                file_bytes = self.db.file_bytes(),
+                "store file shrunk after a drain"
+            );
+        }
+    }
+
+    /// A checkpoint alone; returns whether every committed page is in the file now, so
+    /// the next transaction starts the WAL over.
+    fn checkpoint_now(&mut self) -> bool {
         self.last_checkpoint = Instant::now();
         self.commits_since_checkpoint = 0;
         self.wal_estimate = 0;
         match self.db.checkpoint() {
-            Ok(bytes) => {
+            Ok((bytes, complete)) => {
                 self.counters.bytes_written += bytes;
                 self.counters_dirty = true;
+                complete
             }
-            Err(error) => tracing::debug!(%error, "checkpoint failed; retried with the next one"),
-        }
-        match self.db.vacuum_if_worth_it() {
-            Ok(true) => {
-                if let Ok(bytes) = self.db.checkpoint() {
-                    self.counters.bytes_written += bytes;
-                }
-                tracing::info!(
-                    file_bytes = self.db.file_bytes(),
-                    "store file shrunk after a drain"
-                );
+            Err(error) => {
+                tracing::debug!(%error, "checkpoint failed; retried with the next one");
+                false
             }
-            Ok(false) => {}
-            Err(error) => tracing::debug!(%error, "incremental vacuum failed"),
         }
     }
 
