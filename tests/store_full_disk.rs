@@ -28,6 +28,7 @@ use bytes::Bytes;
 use fieldbridge::mqtt::QoS;
 use fieldbridge::store::{DiskState, DrainOrder, Message, Priority, Queue, Stats, StoreConfig};
 
+use common::agent::Agent;
 use common::clients::Sub;
 use common::slave::Slave;
 use common::util::{free_port, poll_until, poll_until_async, wait_for_port};
@@ -358,58 +359,6 @@ async fn with_no_room_at_all_the_store_still_opens_hands_out_rows_and_recovers()
     queue.close().await.expect("close");
 }
 
-/// `fieldbridge run` with its log in a file; killed on drop.
-struct Running {
-    child: std::process::Child,
-    log: PathBuf,
-}
-
-impl Running {
-    fn start(config: &Path, log: &Path) -> Running {
-        let stderr = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(log)
-            .expect("agent log");
-        let child = Command::new(env!("CARGO_BIN_EXE_fieldbridge"))
-            .arg("run")
-            .arg("--config")
-            .arg(config)
-            .env("RUST_LOG", "info")
-            .stdin(std::process::Stdio::null())
-            .stdout(std::process::Stdio::null())
-            .stderr(stderr)
-            .spawn()
-            .expect("spawn fieldbridge");
-        Running {
-            child,
-            log: log.to_path_buf(),
-        }
-    }
-
-    fn log(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-
-    /// SIGTERM, then waits for the exit.
-    fn stop(mut self) {
-        let _ = Command::new("kill")
-            .arg(self.child.id().to_string())
-            .status();
-        let _ = self.child.wait();
-    }
-}
-
-impl Drop for Running {
-    fn drop(&mut self) {
-        if std::thread::panicking() {
-            eprintln!("fieldbridge log:\n{}", self.log());
-        }
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
 /// The last health report mosquitto_sub printed (`-v`: `topic payload`).
 fn last_health(sub: &Sub) -> Option<serde_json::Value> {
     let line = sub
@@ -464,10 +413,7 @@ fn the_agent_polls_serves_the_lan_and_reports_health_on_a_full_disk_and_restarts
     let points: String = (0..10)
         .map(|a| format!("[[bus.device.point]]\nname = \"p{a}\"\nkind = \"holding\"\naddress = {a}\ntype = \"u16\"\n"))
         .collect();
-    let config = conf.path().join("fieldbridge.toml");
-    std::fs::write(
-        &config,
-        format!(
+    let config = format!(
             "[agent]\nprefix = \"fb\"\nhealth_interval_secs = 1\n\n\
              [broker]\n[[broker.listeners]]\nbind = \"127.0.0.1:{lan}\"\n\n\
              [store]\npath = {store:?}\ncommit_interval_ms = 20\nmemory_buffer_rows = 200\n\n\
@@ -477,12 +423,9 @@ fn the_agent_polls_serves_the_lan_and_reports_health_on_a_full_disk_and_restarts
             store = disk.path("queue.db").display().to_string(),
             down = free_port(),
             port = slave.port(),
-        ),
-    )
-    .expect("write config");
-    let log = conf.path().join("fieldbridge.log");
+        );
 
-    let agent = Running::start(&config, &log);
+    let mut agent = Agent::start(conf.path(), &config);
     wait_for_port(lan, WAIT);
     let sub = Sub::start(lan, &["-t", "fb/#", "-v"]);
     sub.wait_subscribed(WAIT);
@@ -521,10 +464,10 @@ fn the_agent_polls_serves_the_lan_and_reports_health_on_a_full_disk_and_restarts
         1,
         "one line per state change"
     );
-    agent.stop();
+    stop(&mut agent);
     drop(sub);
 
-    let agent = Running::start(&config, &log);
+    agent.launch();
     wait_for_port(lan, WAIT);
     let sub = Sub::start(lan, &["-t", "fb/#", "-v"]);
     sub.wait_subscribed(WAIT);
@@ -542,5 +485,11 @@ fn the_agent_polls_serves_the_lan_and_reports_health_on_a_full_disk_and_restarts
         "{}",
         agent.log()
     );
-    agent.stop();
+    stop(&mut agent);
+}
+
+/// SIGTERM, then waits for the exit, whatever its status.
+fn stop(agent: &mut Agent) {
+    agent.signal("TERM");
+    agent.wait_exit(WAIT);
 }
