@@ -246,6 +246,14 @@ printf 'subjectAltName=IP:127.0.0.1\nbasicConstraints=CA:FALSE\nextendedKeyUsage
     >"$work/server.ext"
 openssl x509 -req -in "$work/server.csr" -CA "$work/ca.pem" -CAkey "$work/ca.key" \
     -CAcreateserial -days 2 -extfile "$work/server.ext" -out "$work/server.pem" 2>/dev/null
+# check-config opens every file a config names: the examples' files under
+# /etc/fieldbridge get stand-ins here (the password file is written by each build's
+# own `passwd`, below).
+mkdir -p "$work/etc"
+cp "$work/ca.pem" "$work/etc/ca.pem"
+openssl req -x509 -new -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -days 2 \
+    -subj /CN=gw42 -keyout "$work/etc/client.key" -out "$work/etc/client.pem" 2>/dev/null
+printf 'user ha\ntopic read #\n' >"$work/etc/acl"
 up_port=$(free_port)
 tls_port=$(free_port)
 cat >"$work/mosquitto.conf" <<EOF
@@ -393,9 +401,13 @@ for name in "${names[@]}"; do
     version_ms[$name]=$best
     echo "--version: $v (${best} ms, best of 3)"
 
+    "${with[@]}" "$b" passwd -b "$work/etc/passwd" ha secret >"$logs/$name-passwd.log" 2>&1 ||
+        { cat "$logs/$name-passwd.log"; fail "$name passwd -b"; }
     n=0
     for config in config/*.toml; do
-        "${with[@]}" "$b" check-config --config "$config" >"$logs/$name-check-$(basename "$config").log" 2>&1 ||
+        copy="$work/check-$name-$(basename "$config")"
+        sed "s#/etc/fieldbridge/#$work/etc/#g" "$config" >"$copy"
+        "${with[@]}" "$b" check-config --config "$copy" >"$logs/$name-check-$(basename "$config").log" 2>&1 ||
             { cat "$logs/$name-check-$(basename "$config").log"; fail "$name check-config $config"; }
         n=$((n + 1))
     done
