@@ -2,7 +2,12 @@
 //! through its read plan, and the words are decoded into one reading per point.
 //!
 //! Invariants:
-//! - The bus task is the only user of its connection: requests are strictly sequential.
+//! - The bus task is the only user of its connection: requests are strictly sequential,
+//!   one at a time across all units (what a gateway needs), writes included.
+//! - Pacing: a request starts no earlier than the bus's `request_delay_ms` after the end
+//!   of the last request on the bus, and no earlier than its device's `request_delay_ms`
+//!   after the end of the last request to that device (retries and writes included).
+//! - A poll reads one poll group of a device (its plan), never the device's other groups.
 //! - A Modbus exception is an answer: it becomes the quality of the block's points. An
 //!   exception 02/03/04 on a joined block splits it in two at a point boundary, the two
 //!   halves are read at once, and the split stays in the plan for the task's lifetime.
@@ -10,7 +15,11 @@
 //!   device's `retries`; a fault that remains ends the poll, and the points not read yet
 //!   get its quality. A bus that is down ends it at once.
 
+use std::collections::HashMap;
+use std::time::Duration;
+
 use tokio::sync::mpsc::Sender;
+use tokio::time::Instant;
 use tokio_modbus::ExceptionCode;
 use tokio_util::sync::CancellationToken;
 
@@ -31,10 +40,80 @@ fn splittable(code: ExceptionCode) -> bool {
     matches!(u8::from(code), 0x02..=0x04)
 }
 
+/// The bus's connection with its request pacing: when the next request may start.
+struct Wire<'a, L> {
+    link: &'a mut L,
+    /// Least pause after any request on the bus (`request_delay_ms` of the bus).
+    bus_delay: Duration,
+    /// The next request on the bus starts no earlier.
+    bus_ready: Instant,
+    /// Per unit: its next request starts no earlier (the device's `request_delay_ms`).
+    unit_ready: HashMap<u8, Instant>,
+}
+
+impl<'a, L: Link> Wire<'a, L> {
+    fn new(link: &'a mut L, bus_delay: Duration) -> Wire<'a, L> {
+        let now = Instant::now();
+        Wire {
+            link,
+            bus_delay,
+            bus_ready: now,
+            unit_ready: HashMap::new(),
+        }
+    }
+
+    /// Waits until a request to `dev` may start.
+    async fn pace(&mut self, dev: &ResolvedDevice) {
+        let at = self
+            .unit_ready
+            .get(&dev.unit_id)
+            .map_or(self.bus_ready, |&u| u.max(self.bus_ready));
+        if at > Instant::now() {
+            tokio::time::sleep_until(at).await;
+        }
+    }
+
+    /// Notes that a request to `dev` just ended.
+    fn ended(&mut self, dev: &ResolvedDevice) {
+        let now = Instant::now();
+        self.bus_ready = now + self.bus_delay;
+        if !dev.request_delay.is_zero() {
+            self.unit_ready.insert(dev.unit_id, now + dev.request_delay);
+        }
+    }
+
+    async fn read(
+        &mut self,
+        dev: &ResolvedDevice,
+        kind: RegisterKind,
+        start: u16,
+        count: u16,
+    ) -> Result<Result<Words, ExceptionCode>, ReadError> {
+        self.pace(dev).await;
+        let result = self
+            .link
+            .read(dev.unit_id, kind, start, count, dev.timeout)
+            .await;
+        self.ended(dev);
+        result
+    }
+
+    async fn write(
+        &mut self,
+        dev: &ResolvedDevice,
+        op: &WriteOp,
+    ) -> Result<Result<(), ExceptionCode>, ReadError> {
+        self.pace(dev).await;
+        let result = self.link.write(dev.unit_id, op, dev.timeout).await;
+        self.ended(dev);
+        result
+    }
+}
+
 /// Reads one block, retrying the faults that are worth retrying. Every request counts;
 /// a request failed if it got no usable answer (an exception is an answer).
 async fn read_with_retries<L: Link>(
-    link: &mut L,
+    wire: &mut Wire<'_, L>,
     stats: &BusStats,
     dev: &ResolvedDevice,
     kind: RegisterKind,
@@ -43,9 +122,7 @@ async fn read_with_retries<L: Link>(
 ) -> Result<Result<Words, ExceptionCode>, ReadError> {
     let mut attempt = 0;
     loop {
-        let result = link
-            .read(dev.unit_id, kind, start, count, dev.timeout)
-            .await;
+        let result = wire.read(dev, kind, start, count).await;
         stats.add_request(result.is_err());
         match result {
             Err(e) if e.is_retryable() && attempt < dev.retries => attempt += 1,
@@ -61,7 +138,7 @@ type PointResult = (Option<Value>, Quality, i64);
 /// and the fault that ended the poll, if any.
 async fn poll_modbus<L: Link>(
     bus: &Bus<'_>,
-    link: &mut L,
+    wire: &mut Wire<'_, L>,
     run: &mut DeviceRun,
     inbox: &mut Inbox,
 ) -> Polled {
@@ -70,16 +147,17 @@ async fn poll_modbus<L: Link>(
     let mut answered = false;
     let mut fault = None;
     let mut i = 0;
-    while i < run.plan.blocks.len() {
+    let g = run.current;
+    while i < run.groups[g].plan.blocks.len() {
         // Commands go before the next request.
         while let Ok(command) = inbox.try_recv() {
-            execute(bus, link, command).await;
+            execute(bus, wire, command).await;
         }
         let (kind, start, count) = {
-            let b = &run.plan.blocks[i];
+            let b = &run.groups[g].plan.blocks[i];
             (b.kind, b.start, b.count)
         };
-        let result = read_with_retries(link, stats, &run.spec, kind, start, count).await;
+        let result = read_with_retries(wire, stats, &run.spec, kind, start, count).await;
         let ts = now_ms();
         match result {
             Ok(Ok(words)) => {
@@ -88,7 +166,7 @@ async fn poll_modbus<L: Link>(
             }
             Ok(Err(code)) => {
                 answered = true;
-                if splittable(code) && run.plan.split(i, &run.spans) {
+                if splittable(code) && run.groups[g].plan.split(i, &run.spans) {
                     tracing::info!(
                         device = %run.spec.name,
                         function = kind.function_code(),
@@ -99,7 +177,7 @@ async fn poll_modbus<L: Link>(
                     );
                     continue;
                 }
-                for &p in &run.plan.blocks[i].points {
+                for &p in &run.groups[g].plan.blocks[i].points {
                     results[p] = Some((None, Quality::Exception(u8::from(code)), ts));
                 }
             }
@@ -121,7 +199,7 @@ fn decode_block(
     ts: i64,
     results: &mut [Option<PointResult>],
 ) {
-    let block = &run.plan.blocks[i];
+    let block = &run.groups[run.current].plan.blocks[i];
     for &p in &block.points {
         let offset = block.offset_of(&run.spans[p]);
         let codec = &run.spec.points[p].codec;
@@ -158,11 +236,11 @@ fn finish(
         .map(ReadError::quality)
         .unwrap_or(Quality::Timeout);
     let ts = now_ms();
-    let readings: Vec<(usize, Reading)> = results
-        .into_iter()
-        .enumerate()
-        .map(|(p, r)| {
-            let (value, quality, ts) = r.unwrap_or((None, fault_quality, ts));
+    let readings: Vec<(usize, Reading)> = run.groups[run.current]
+        .points
+        .iter()
+        .map(|&p| {
+            let (value, quality, ts) = results[p].clone().unwrap_or((None, fault_quality, ts));
             (p, run.spec.reading(p, value, quality, ts))
         })
         .collect();
@@ -186,31 +264,31 @@ struct Bus<'a> {
 
 /// The Modbus way of polling a device: through its read plan, on the bus's link.
 struct ModbusPoller<'a, L> {
-    link: &'a mut L,
+    wire: Wire<'a, L>,
     bus: Bus<'a>,
 }
 
 impl<L: Link> Poller for ModbusPoller<'_, L> {
     async fn poll(&mut self, run: &mut DeviceRun, inbox: &mut Inbox) -> Polled {
-        poll_modbus(&self.bus, self.link, run, inbox).await
+        poll_modbus(&self.bus, &mut self.wire, run, inbox).await
     }
 
     async fn execute(&mut self, command: BusCommand) {
-        execute(&self.bus, self.link, command).await;
+        execute(&self.bus, &mut self.wire, command).await;
     }
 }
 
 /// Writes, retrying the faults worth retrying (every write is absolute, so a repeat
 /// after a lost answer leaves the same value).
 async fn write_with_retries<L: Link>(
-    link: &mut L,
+    wire: &mut Wire<'_, L>,
     stats: &BusStats,
     dev: &ResolvedDevice,
     op: &WriteOp,
 ) -> Result<Result<(), ExceptionCode>, ReadError> {
     let mut attempt = 0;
     loop {
-        let result = link.write(dev.unit_id, op, dev.timeout).await;
+        let result = wire.write(dev, op).await;
         stats.add_request(result.is_err());
         match result {
             Err(e) if e.is_retryable() && attempt < dev.retries => attempt += 1,
@@ -220,7 +298,7 @@ async fn write_with_retries<L: Link>(
 }
 
 /// Carries out one write, reads the point back and answers the command.
-async fn execute<L: Link>(bus: &Bus<'_>, link: &mut L, command: BusCommand) {
+async fn execute<L: Link>(bus: &Bus<'_>, wire: &mut Wire<'_, L>, command: BusCommand) {
     let BusCommand {
         device,
         point,
@@ -244,7 +322,7 @@ async fn execute<L: Link>(bus: &Bus<'_>, link: &mut L, command: BusCommand) {
         });
         return;
     }
-    let outcome = match write_with_retries(link, bus.stats, dev, &op).await {
+    let outcome = match write_with_retries(wire, bus.stats, dev, &op).await {
         Ok(Ok(())) => Ok(()),
         Ok(Err(code)) => Err(WriteFailure::Exception {
             code: u8::from(code),
@@ -255,7 +333,7 @@ async fn execute<L: Link>(bus: &Bus<'_>, link: &mut L, command: BusCommand) {
     let expected = expected_value(&op, codec);
     let readback = if outcome.is_ok() {
         let result =
-            read_with_retries(link, bus.stats, dev, span.kind, span.address, span.width).await;
+            read_with_retries(wire, bus.stats, dev, span.kind, span.address, span.width).await;
         let ts = now_ms();
         let (value, quality) = match result {
             Ok(Ok(Words::Registers(regs))) => match codec.decode_registers(&regs) {
@@ -299,8 +377,9 @@ pub(crate) async fn run_modbus<L: Link>(
     tx: &Sender<FieldEvent>,
     shutdown: &CancellationToken,
 ) {
+    let delay = Duration::from_millis(bus.config.request_delay_ms.unwrap_or(0));
     let mut poller = ModbusPoller {
-        link,
+        wire: Wire::new(link, delay),
         bus: Bus {
             stats: &bus.stats,
             devices: &bus.devices,
