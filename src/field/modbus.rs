@@ -775,4 +775,161 @@ mod tests {
         task.await.unwrap();
         drain.abort();
     }
+
+    /// Readings per point, with the (paused) time each arrived, until `until`.
+    async fn arrivals(
+        rx: &mut tokio::sync::mpsc::Receiver<FieldEvent>,
+        until: Instant,
+    ) -> HashMap<String, Vec<Instant>> {
+        let mut seen: HashMap<String, Vec<Instant>> = HashMap::new();
+        while let Ok(Some(event)) = tokio::time::timeout_at(until, rx.recv()).await {
+            if let FieldEvent::Reading(r) = event {
+                assert_eq!(r.quality, Quality::Good, "{r:?}");
+                seen.entry(format!("{}/{}", r.device, r.point))
+                    .or_default()
+                    .push(Instant::now());
+            }
+        }
+        seen
+    }
+
+    /// Two groups of one meter come at their own rates, on their grids; and on a bus
+    /// kept busy beyond its capacity by fast devices, the slow group still comes every
+    /// second (earliest due first: a group that waited goes before one just polled).
+    #[tokio::test(start_paused = true)]
+    async fn two_poll_groups_arrive_at_their_rates_and_a_busy_bus_does_not_starve_the_slow_one() {
+        let header = "[[bus]]\nname = \"rs485\"\nkind = \"rtu\"\nport = \"/dev/null\"\n";
+        let meter = String::from(
+            "[[bus.device]]\nname = \"meter\"\nunit_id = 1\npoll_interval_ms = 100\n\
+             poll_groups = { energy = 1000 }\n\
+             [[bus.device.point]]\nname = \"power\"\nkind = \"holding\"\naddress = 0\n\
+             [[bus.device.point]]\nname = \"energy\"\nkind = \"holding\"\naddress = 50\n\
+             poll_group = \"energy\"\n",
+        );
+        let config: FieldConfig = toml::from_str(&format!("{header}{meter}")).unwrap();
+        let model = Model::default();
+        for unit in 1..=5 {
+            model.registers.lock().unwrap().insert(unit, vec![0; 100]);
+        }
+        let run = |config: FieldConfig, seconds: u64| {
+            let model = model.clone();
+            async move {
+                let bus = crate::field::resolve(&config).unwrap().remove(0);
+                let (tx, mut rx) = tokio::sync::mpsc::channel(4096);
+                let shutdown = CancellationToken::new();
+                let t0 = Instant::now();
+                let task = {
+                    let (bus, mut link, shutdown) = (bus.clone(), model.clone(), shutdown.clone());
+                    tokio::spawn(async move { run_modbus(&bus, &mut link, &tx, &shutdown).await })
+                };
+                let seen = arrivals(&mut rx, t0 + Duration::from_secs(seconds)).await;
+                shutdown.cancel();
+                task.await.unwrap();
+                (t0, seen)
+            }
+        };
+
+        // Alone: 100 ms and 1 s, each on its grid (a poll of one 5 ms request).
+        let (t0, seen) = run(config, 10).await;
+        assert_eq!(seen["meter/power"].len(), 100, "10 per second for 10 s");
+        assert_eq!(seen["meter/energy"].len(), 10, "1 per second for 10 s");
+        for (k, at) in seen["meter/energy"].iter().enumerate() {
+            let late = at.duration_since(t0 + Duration::from_secs(k as u64));
+            assert!(
+                late <= Duration::from_millis(10),
+                "energy {k}: {late:?} late"
+            );
+        }
+        for (k, at) in seen["meter/power"].iter().enumerate() {
+            let late = at.duration_since(t0 + Duration::from_millis(100 * k as u64));
+            assert!(
+                late <= Duration::from_millis(10),
+                "power {k}: {late:?} late"
+            );
+        }
+
+        // Busy: four more devices every 10 ms, 5 ms per poll each: twice what the bus
+        // carries. The fast groups skip ticks; the slow group still comes every second,
+        // though the busy devices are listed first (and so win every tie).
+        let mut text = header.to_string();
+        for unit in 2..=5 {
+            text += &format!(
+                "[[bus.device]]\nname = \"busy{unit}\"\nunit_id = {unit}\npoll_interval_ms = 10\n\
+                 [[bus.device.point]]\nname = \"v\"\nkind = \"holding\"\naddress = 0\n"
+            );
+        }
+        text += &meter;
+        let config: FieldConfig = toml::from_str(&text).unwrap();
+        let (t0, seen) = run(config, 10).await;
+        let energy = &seen["meter/energy"];
+        assert_eq!(energy.len(), 10, "the slow group is not starved");
+        for (k, at) in energy.iter().enumerate() {
+            let late = at.duration_since(t0 + Duration::from_secs(k as u64));
+            // At most one poll of each other group goes first.
+            assert!(
+                late <= Duration::from_millis(30),
+                "energy {k}: {late:?} late"
+            );
+        }
+        assert!(
+            (90..=100).contains(&seen["meter/power"].len()),
+            "the 100 ms group keeps its rate: {}",
+            seen["meter/power"].len()
+        );
+        // The bus is kept busy: about one request every 5 ms.
+        let total: usize = seen.values().map(Vec::len).sum();
+        assert!(total >= 1900, "{total} polls in 10 s at 5 ms each");
+    }
+
+    /// `request_delay_ms`: a device that needs a pause gets it between its requests
+    /// (retries and polls included), while the bus serves another device meanwhile only
+    /// after the bus's own pause.
+    #[tokio::test(start_paused = true)]
+    async fn request_delay_paces_requests_to_a_device_and_across_the_bus() {
+        let config: FieldConfig = toml::from_str(
+            "[[bus]]\nname = \"gw\"\nkind = \"tcp\"\nhost = \"127.0.0.1\"\nrequest_delay_ms = 10\n\
+             [[bus.device]]\nname = \"slow\"\nunit_id = 1\nmax_gap = 0\npoll_interval_ms = 1\n\
+             request_delay_ms = 50\n\
+             [[bus.device.point]]\nname = \"a\"\nkind = \"holding\"\naddress = 0\n\
+             [[bus.device.point]]\nname = \"b\"\nkind = \"holding\"\naddress = 20\n\
+             [[bus.device.point]]\nname = \"c\"\nkind = \"holding\"\naddress = 40\n\
+             [[bus.device]]\nname = \"quick\"\nunit_id = 2\npoll_interval_ms = 1\n\
+             [[bus.device.point]]\nname = \"v\"\nkind = \"holding\"\naddress = 0\n",
+        )
+        .unwrap();
+        assert_eq!(config.validate(), vec![]);
+        let bus = crate::field::resolve(&config).unwrap().remove(0);
+        let model = Model::default();
+        model.registers.lock().unwrap().insert(1, vec![0; 50]);
+        model.registers.lock().unwrap().insert(2, vec![0; 50]);
+        let (tx, mut rx) = tokio::sync::mpsc::channel(4096);
+        let shutdown = CancellationToken::new();
+        let task = {
+            let (bus, mut link, shutdown) = (bus.clone(), model.clone(), shutdown.clone());
+            tokio::spawn(async move { run_modbus(&bus, &mut link, &tx, &shutdown).await })
+        };
+        let seen = arrivals(&mut rx, Instant::now() + Duration::from_secs(2)).await;
+        shutdown.cancel();
+        task.await.unwrap();
+        assert!(seen.contains_key("slow/c") && seen.contains_key("quick/v"));
+        let requests = model.requests.lock().unwrap().clone();
+        assert!(requests.len() > 20, "{}", requests.len());
+        let answer = Duration::from_millis(5);
+        for pair in requests.windows(2) {
+            let pause = pair[1].1.duration_since(pair[0].1) - answer;
+            assert!(pause >= Duration::from_millis(10), "bus pause {pause:?}");
+        }
+        let slow: Vec<Instant> = requests
+            .iter()
+            .filter(|(u, _)| *u == 1)
+            .map(|r| r.1)
+            .collect();
+        for pair in slow.windows(2) {
+            let pause = pair[1].duration_since(pair[0]) - answer;
+            assert!(pause >= Duration::from_millis(50), "device pause {pause:?}");
+        }
+        // The pauses of the slow device are not lost: the quick one is polled in them
+        // only between polls (a poll is not interleaved), so both are served.
+        assert!(requests.iter().filter(|(u, _)| *u == 2).count() >= 10);
+    }
 }
