@@ -267,10 +267,11 @@ fn describe_bus(out: &mut String, bus: &ResolvedBus) {
     for d in bus.devices.iter() {
         let _ = writeln!(
             out,
-            "  device {:?} (unit {}): {} points",
+            "  device {:?} (unit {}): {} point{}",
             d.name,
             d.unit_id,
-            d.points.len()
+            d.points.len(),
+            if d.points.len() == 1 { "" } else { "s" },
         );
         for g in d.groups() {
             let plan = d.plan_of(&g);
