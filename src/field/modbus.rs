@@ -932,4 +932,59 @@ mod tests {
         // only between polls (a poll is not interleaved), so both are served.
         assert!(requests.iter().filter(|(u, _)| *u == 2).count() >= 10);
     }
+
+    /// A dead device with two poll groups costs one poll per backoff, not one per
+    /// group: quarantined, all its groups wait; back, each group resumes its rate.
+    #[tokio::test(start_paused = true)]
+    async fn a_quarantined_device_with_two_groups_is_tried_once_per_backoff() {
+        let config: FieldConfig = toml::from_str(
+            "[[bus]]\nname = \"rs485\"\nkind = \"rtu\"\nport = \"/dev/null\"\n\
+             [[bus.device]]\nname = \"meter\"\nunit_id = 1\ntimeout_ms = 100\nretries = 0\n\
+             quarantine_after = 2\nbackoff_max_ms = 4000\npoll_groups = { slow = 3000 }\n\
+             [[bus.device.point]]\nname = \"fast\"\nkind = \"holding\"\naddress = 0\n\
+             [[bus.device.point]]\nname = \"slow\"\nkind = \"holding\"\naddress = 50\n\
+             poll_group = \"slow\"\n",
+        )
+        .unwrap();
+        let bus = crate::field::resolve(&config).unwrap().remove(0);
+        let model = Model::default();
+        model.registers.lock().unwrap().insert(1, vec![0; 60]);
+        let dead = Arc::new(AtomicBool::new(true));
+        model.dead.lock().unwrap().insert(1, Arc::clone(&dead));
+        let (tx, mut rx) = tokio::sync::mpsc::channel(4096);
+        let shutdown = CancellationToken::new();
+        let task = {
+            let (bus, mut link, shutdown) = (bus.clone(), model.clone(), shutdown.clone());
+            tokio::spawn(async move { run_modbus(&bus, &mut link, &tx, &shutdown).await })
+        };
+        let drain = tokio::spawn(async move {
+            let mut good = Vec::new();
+            while let Some(event) = rx.recv().await {
+                if let FieldEvent::Reading(r) = event {
+                    if r.quality == Quality::Good {
+                        good.push(r.point);
+                    }
+                }
+            }
+            good
+        });
+        tokio::time::sleep(Duration::from_secs(30)).await;
+        // Two failed polls (both groups at 0 s), then one try after 2 s and one every
+        // 4 s (the cap): about 9 requests in 30 s, not one per group each time.
+        let dead_requests = model.requests.lock().unwrap().len();
+        assert!(
+            (7..=10).contains(&dead_requests),
+            "{dead_requests} requests to a dead device in 30 s"
+        );
+        dead.store(false, Ordering::SeqCst);
+        tokio::time::sleep(Duration::from_secs(4) + Duration::from_secs(30)).await;
+        shutdown.cancel();
+        task.await.unwrap();
+        let good = drain.await.unwrap();
+        let fast = good.iter().filter(|p| *p == "fast").count();
+        let slow = good.iter().filter(|p| *p == "slow").count();
+        // Back within one backoff (≤ 4 s): 30 to 34 s on the grids of 1 s and 3 s.
+        assert!((30..=35).contains(&fast), "fast {fast} in 30-34 s back");
+        assert!((10..=12).contains(&slow), "slow {slow} in 30-34 s back");
+    }
 }
