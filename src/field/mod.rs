@@ -9,8 +9,8 @@
 //! | [`config`] | the TOML schema of buses, devices, profiles and points |
 //! | `validate` | the rules of the field sections: `FieldConfig::validate` |
 //! | [`decode`] | register words → values: types, byte orders, scale/offset |
-//! | [`plan`] | read plans: coalescing points into the fewest requests, splitting on refusal |
-//! | [`schedule`] | poll grids, device health and quarantine, deadband/heartbeat (no I/O) |
+//! | [`plan`] | read plans: coalescing points (of a device or of one poll group) into the fewest requests, splitting on refusal |
+//! | [`schedule`] | poll grids (one per poll group), device health and quarantine, deadband/heartbeat (no I/O) |
 //! | `resolve` | the resolved model: buses, devices, points with profiles merged; counters |
 //! | `task` | the skeleton of every bus task: device runs, next due, the `Poller` hand-off, sending |
 //! | `link` | the Modbus connection: timeouts, exceptions vs faults, reconnect |
