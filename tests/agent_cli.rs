@@ -493,7 +493,10 @@ fn check_config_prints_topics_and_read_plans() {
         format!("site/{host}/meter2/status"),
         format!("site/{host}/meter1/voltage_l1"),
         format!("site/{host}/meter2/export_energy"),
-        "device \"meter1\" (unit 1): 10 points, 3 requests per poll".to_string(),
+        "device \"meter1\" (unit 1): 10 points\n    every 1000 ms: 8 points, 3 requests per poll"
+            .to_string(),
+        "every 60000 ms (poll_group energy): 2 points, 1 request per poll".to_string(),
+        "bus load: 6.0 requests/s".to_string(),
         "fc04 input 0..=11".to_string(),
     ] {
         assert!(

@@ -645,3 +645,143 @@ async fn a_tcp_device_that_answers_garbage_is_quarantined_with_backoff() {
     }
     run.stop().await;
 }
+
+/// Two poll groups of one meter against the independent slave, in real time: power at
+/// the device's 200 ms, the energy counter in a 1 s group. Both arrive at their rates,
+/// and the slave saw the counter's register read only at its group's rate.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_poll_groups_arrive_at_their_rates_from_the_slave() {
+    let slave = Slave::tcp(&json!({"units": {"1": {"holding": {"0": vec![7; 60]}}}}));
+    let config = format!(
+        "[[bus]]\nname = \"plc\"\nkind = \"tcp\"\nhost = \"127.0.0.1\"\nport = {}\n\
+         [[bus.device]]\nname = \"meter\"\nunit_id = 1\npoll_interval_ms = 200\n\
+         poll_groups = {{ energy = 1000 }}\n{}{}",
+        slave.port(),
+        point("power", "holding", 0, ""),
+        point("energy", "holding", 50, "poll_group = \"energy\""),
+    );
+    let mut run = Running::start(&config);
+    let (mut power, mut energy) = (0, 0);
+    // From the first energy reading to the fourth: three seconds of polling.
+    while energy < 4 {
+        let r = run
+            .next("readings of meter", |e| match e {
+                FieldEvent::Reading(r) if r.device == "meter" => Some(r.clone()),
+                _ => None,
+            })
+            .await;
+        assert_eq!(r.quality, Quality::Good, "{r:?}");
+        match r.point.as_str() {
+            "energy" => energy += 1,
+            _ if energy > 0 => power += 1,
+            _ => {}
+        }
+    }
+    // 3 s at 200 ms is 15 polls; the grid never polls faster, a busy machine may skip.
+    assert!((10..=16).contains(&power), "{power} power readings in 3 s");
+    run.stop().await;
+    let requests = slave.requests();
+    let fast = requests.iter().filter(|r| r.address == 0).count();
+    let slow = requests.iter().filter(|r| r.address == 50).count();
+    assert!(
+        (4..=5).contains(&slow) && fast >= 3 * slow,
+        "{fast} reads of power, {slow} of energy: {requests:?}"
+    );
+    assert!(
+        requests.iter().all(|r| r.count == 1),
+        "groups never share a request"
+    );
+}
+
+/// The bus-load estimate of `check-config` beside measured RTU runs: over a bare pty
+/// (which carries bytes at once, so it measures what the estimate leaves out: the
+/// device's response and the agent's turnaround) and over a line paced at 9600 baud
+/// (`tests/fixtures/paced_line.py` between two ptys). Not in the default suite:
+/// `cargo test --test field_modbus -- --ignored --nocapture bus_load`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "a measurement, not a check"]
+async fn bus_load_estimate_beside_a_measured_rtu_run() {
+    for paced in [None, Some(9600u32)] {
+        let agent_side = PtyPair::new();
+        let device_side = PtyPair::new();
+        let _pacer = paced.map(|baud| {
+            let mut child = std::process::Command::new("python3")
+                .arg(concat!(
+                    env!("CARGO_MANIFEST_DIR"),
+                    "/tests/fixtures/paced_line.py"
+                ))
+                .arg("--a")
+                .arg(agent_side.slave_end())
+                .arg("--b")
+                .arg(device_side.master_end())
+                .args(["--baud", &baud.to_string(), "--bits", "10"])
+                .stdout(std::process::Stdio::piped())
+                .spawn()
+                .expect("python3 runs the line pacer");
+            let mut ready = String::new();
+            std::io::BufRead::read_line(
+                &mut std::io::BufReader::new(child.stdout.take().expect("piped")),
+                &mut ready,
+            )
+            .expect("the pacer starts");
+            assert_eq!(ready.trim(), "ready");
+            KillOnDrop(child)
+        });
+        let (agent_end, device_end) = match paced {
+            Some(_) => (agent_side.master_end(), device_side.slave_end()),
+            None => (agent_side.master_end(), agent_side.slave_end()),
+        };
+        let _slave = Slave::rtu(
+            &device_end,
+            &json!({"units": {"1": {"holding": {"0": vec![1; 125]}}}}),
+        );
+        let config = format!(
+            "[[bus]]\nname = \"rs485\"\nkind = \"rtu\"\nport = \"{}\"\nbaud = {}\nparity = \"none\"\n\
+             [[bus.device]]\nname = \"m\"\nunit_id = 1\npoll_interval_ms = 1000\n{}",
+            agent_end.display(),
+            paced.unwrap_or(19_200),
+            point("block", "holding", 0, "type = \"string\"\nregisters = 125"),
+        );
+        let parsed: FieldConfig = toml::from_str(&config).unwrap();
+        println!("{}", field::describe_plans(&parsed));
+        let fast: FieldConfig = toml::from_str(&config.replace("= 1000", "= 1")).unwrap();
+        let bus = field::resolve(&fast).unwrap().remove(0);
+        let (tx, mut rx) = mpsc::channel(1024);
+        let shutdown = CancellationToken::new();
+        let task = field::spawn_bus(&bus, tx, shutdown.clone());
+        // Warm up (open the port, first answer), then measure.
+        loop {
+            if let Some(FieldEvent::Reading(r)) = rx.recv().await {
+                assert_eq!(r.quality, Quality::Good);
+                break;
+            }
+        }
+        let (start, at) = (bus.stats().requests, std::time::Instant::now());
+        let drain = tokio::spawn(async move { while rx.recv().await.is_some() {} });
+        tokio::time::sleep(Duration::from_secs(10)).await;
+        let (n, took) = (bus.stats().requests - start, at.elapsed());
+        shutdown.cancel();
+        task.await.unwrap();
+        drain.abort();
+        println!(
+            "measured ({}): {n} requests of 125 registers in {took:.2?}: {:.2} requests/s, \
+             {:.1} ms each\n",
+            match paced {
+                Some(baud) => format!("line paced at {baud} baud"),
+                None => "bare pty".to_string(),
+            },
+            n as f64 / took.as_secs_f64(),
+            took.as_secs_f64() * 1000.0 / n as f64
+        );
+    }
+}
+
+/// A child process killed when the test ends.
+struct KillOnDrop(std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}

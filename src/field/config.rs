@@ -11,6 +11,7 @@
 //! stop_bits = 1             # rtu/lines: 1 or 2; default 1
 //! # inter_frame_ms = 4.0    # rtu (and tcp with framing = "rtu"): silence between frames;
 //!                           # default 3.5 characters at `baud`, 1.75 ms above 19200 baud
+//! # request_delay_ms = 0    # rtu/tcp: pause between any two requests on the bus (gateways)
 //!
 //!   [[bus.device]]
 //!   name = "meter1"         # required; unique across all buses; topic level
@@ -25,6 +26,8 @@
 //!   batch = false           # also send all points of a poll as one JSON message; default false
 //!   quarantine_after = 3    # consecutive failed polls before quarantine; default 3
 //!   backoff_max_ms = 60000  # cap of the quarantine retry interval; default 60000
+//!   request_delay_ms = 0    # pause between two requests to this device; default 0
+//!   poll_groups = { fast = 200 }     # group name -> poll interval ms, for points' `poll_group`
 //!
 //!     [[bus.device.point]]  # points may also come from the profile
 //!     name = "voltage"
@@ -35,6 +38,7 @@
 //!     order = "ABCD"        # ABCD | BADC | CDAB | DCBA; default ABCD
 //!
 //! [profile.sdm630]
+//!   poll_groups = { energy = 60000 } # the counters every minute, the rest at the device's interval
 //!   [[profile.sdm630.point]]
 //!   name = "voltage_l1"
 //!   unit = "V"
@@ -49,7 +53,9 @@
 //! `offset` (0.0), `deadband` (numeric types; none: publish every poll), `deadband_percent` (none),
 //! `heartbeat_secs` (60, with a deadband: publish at least this often; 0 = never),
 //! `topic` (none: `{prefix}/{device}/{point}`; set: used verbatim), `field` (lines: the
-//! regex capture group or key to read; default the point's name). Write keys
+//! regex capture group or key to read; default the point's name), `poll_interval_ms` or
+//! `poll_group` (Modbus, at most one: poll the point at its own interval or at its
+//! group's instead of the device's; points of one interval share requests). Write keys
 //! (`writable`, `min`, `max`, `step`, `allowed`, `min_interval_ms`, `write_function`,
 //! and the device's `mask_write`): see `field/write.rs`.
 //!
@@ -182,6 +188,10 @@ pub struct BusConfig {
     pub max_line: Option<usize>,
     /// lines: `none` (default) or `nmea`.
     pub checksum: Option<Checksum>,
+    /// rtu/tcp: least pause in ms between the end of one request on the bus (answer or
+    /// timeout) and the start of the next, whichever units they go to; for gateways that
+    /// need a breath between requests. Default 0.
+    pub request_delay_ms: Option<u64>,
     /// `[[bus.device]]` tables. Default: none.
     #[serde(default, rename = "device")]
     pub devices: Vec<DeviceConfig>,
@@ -233,6 +243,14 @@ pub struct DeviceConfig {
     /// `[[bus.device.point]]` tables, added to the profile's points. Default: none.
     #[serde(default, rename = "point")]
     pub points: Vec<PointConfig>,
+    /// Poll groups: group name → poll interval in ms, for points with `poll_group`.
+    /// Adds to (and overrides) the profile's `poll_groups`. Default: none.
+    #[serde(default)]
+    pub poll_groups: BTreeMap<String, u64>,
+    /// Least pause in ms between the end of one request to this device and the start of
+    /// the next one to it (devices that need time between requests). Default 0.
+    #[serde(default)]
+    pub request_delay_ms: u64,
     /// The device implements function 22 (mask write); false: `bit` points are written
     /// by read-modify-write. Default true.
     #[serde(default = "default_mask_write")]
@@ -248,6 +266,9 @@ pub struct ProfileConfig {
     /// `[[profile.NAME.point]]` tables. Default: none.
     #[serde(default, rename = "point")]
     pub points: Vec<PointConfig>,
+    /// Poll groups of the profile's points: name → interval in ms. Default: none.
+    #[serde(default)]
+    pub poll_groups: BTreeMap<String, u64>,
 }
 
 /// One point (in a device or a profile).
@@ -290,6 +311,12 @@ pub struct PointConfig {
     pub topic: Option<String>,
     /// lines: capture group or key to read. Default: the point's name.
     pub field: Option<String>,
+    // Poll groups (Modbus): at most one of the two; default the device's interval.
+    /// Poll this point every N ms instead of the device's `poll_interval_ms`.
+    pub poll_interval_ms: Option<u64>,
+    /// Poll this point at the interval of the named group (device or profile
+    /// `poll_groups`).
+    pub poll_group: Option<String>,
     // Writes (rules and defaults in `field/write.rs`).
     /// Commands may write this point (coils and holding registers). Default false.
     #[serde(default)]
@@ -435,6 +462,23 @@ pub fn inter_frame_default(baud: u32, bits_per_char: u32) -> std::time::Duration
 }
 
 impl DeviceConfig {
+    /// The poll interval of point `p` in ms: its own `poll_interval_ms`, else its
+    /// `poll_group`'s (the device's groups before `profile`'s), else the device's. `None`
+    /// for a group defined nowhere (validation reports it).
+    pub fn interval_of(&self, profile: Option<&ProfileConfig>, p: &PointConfig) -> Option<u64> {
+        if let Some(ms) = p.poll_interval_ms {
+            return Some(ms);
+        }
+        match &p.poll_group {
+            None => Some(self.poll_interval_ms),
+            Some(g) => self
+                .poll_groups
+                .get(g)
+                .or_else(|| profile.and_then(|pr| pr.poll_groups.get(g)))
+                .copied(),
+        }
+    }
+
     pub fn timeout_ms(&self, bus: &BusConfig) -> u64 {
         self.timeout_ms.unwrap_or(
             if bus.kind == BusKind::Lines && bus.mode() == LineMode::Stream {

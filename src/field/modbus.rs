@@ -2,7 +2,12 @@
 //! through its read plan, and the words are decoded into one reading per point.
 //!
 //! Invariants:
-//! - The bus task is the only user of its connection: requests are strictly sequential.
+//! - The bus task is the only user of its connection: requests are strictly sequential,
+//!   one at a time across all units (what a gateway needs), writes included.
+//! - Pacing: a request starts no earlier than the bus's `request_delay_ms` after the end
+//!   of the last request on the bus, and no earlier than its device's `request_delay_ms`
+//!   after the end of the last request to that device (retries and writes included).
+//! - A poll reads one poll group of a device (its plan), never the device's other groups.
 //! - A Modbus exception is an answer: it becomes the quality of the block's points. An
 //!   exception 02/03/04 on a joined block splits it in two at a point boundary, the two
 //!   halves are read at once, and the split stays in the plan for the task's lifetime.
@@ -10,7 +15,11 @@
 //!   device's `retries`; a fault that remains ends the poll, and the points not read yet
 //!   get its quality. A bus that is down ends it at once.
 
+use std::collections::HashMap;
+use std::time::Duration;
+
 use tokio::sync::mpsc::Sender;
+use tokio::time::Instant;
 use tokio_modbus::ExceptionCode;
 use tokio_util::sync::CancellationToken;
 
@@ -31,10 +40,80 @@ fn splittable(code: ExceptionCode) -> bool {
     matches!(u8::from(code), 0x02..=0x04)
 }
 
+/// The bus's connection with its request pacing: when the next request may start.
+struct Wire<'a, L> {
+    link: &'a mut L,
+    /// Least pause after any request on the bus (`request_delay_ms` of the bus).
+    bus_delay: Duration,
+    /// The next request on the bus starts no earlier.
+    bus_ready: Instant,
+    /// Per unit: its next request starts no earlier (the device's `request_delay_ms`).
+    unit_ready: HashMap<u8, Instant>,
+}
+
+impl<'a, L: Link> Wire<'a, L> {
+    fn new(link: &'a mut L, bus_delay: Duration) -> Wire<'a, L> {
+        let now = Instant::now();
+        Wire {
+            link,
+            bus_delay,
+            bus_ready: now,
+            unit_ready: HashMap::new(),
+        }
+    }
+
+    /// Waits until a request to `dev` may start.
+    async fn pace(&mut self, dev: &ResolvedDevice) {
+        let at = self
+            .unit_ready
+            .get(&dev.unit_id)
+            .map_or(self.bus_ready, |&u| u.max(self.bus_ready));
+        if at > Instant::now() {
+            tokio::time::sleep_until(at).await;
+        }
+    }
+
+    /// Notes that a request to `dev` just ended.
+    fn ended(&mut self, dev: &ResolvedDevice) {
+        let now = Instant::now();
+        self.bus_ready = now + self.bus_delay;
+        if !dev.request_delay.is_zero() {
+            self.unit_ready.insert(dev.unit_id, now + dev.request_delay);
+        }
+    }
+
+    async fn read(
+        &mut self,
+        dev: &ResolvedDevice,
+        kind: RegisterKind,
+        start: u16,
+        count: u16,
+    ) -> Result<Result<Words, ExceptionCode>, ReadError> {
+        self.pace(dev).await;
+        let result = self
+            .link
+            .read(dev.unit_id, kind, start, count, dev.timeout)
+            .await;
+        self.ended(dev);
+        result
+    }
+
+    async fn write(
+        &mut self,
+        dev: &ResolvedDevice,
+        op: &WriteOp,
+    ) -> Result<Result<(), ExceptionCode>, ReadError> {
+        self.pace(dev).await;
+        let result = self.link.write(dev.unit_id, op, dev.timeout).await;
+        self.ended(dev);
+        result
+    }
+}
+
 /// Reads one block, retrying the faults that are worth retrying. Every request counts;
 /// a request failed if it got no usable answer (an exception is an answer).
 async fn read_with_retries<L: Link>(
-    link: &mut L,
+    wire: &mut Wire<'_, L>,
     stats: &BusStats,
     dev: &ResolvedDevice,
     kind: RegisterKind,
@@ -43,9 +122,7 @@ async fn read_with_retries<L: Link>(
 ) -> Result<Result<Words, ExceptionCode>, ReadError> {
     let mut attempt = 0;
     loop {
-        let result = link
-            .read(dev.unit_id, kind, start, count, dev.timeout)
-            .await;
+        let result = wire.read(dev, kind, start, count).await;
         stats.add_request(result.is_err());
         match result {
             Err(e) if e.is_retryable() && attempt < dev.retries => attempt += 1,
@@ -61,7 +138,7 @@ type PointResult = (Option<Value>, Quality, i64);
 /// and the fault that ended the poll, if any.
 async fn poll_modbus<L: Link>(
     bus: &Bus<'_>,
-    link: &mut L,
+    wire: &mut Wire<'_, L>,
     run: &mut DeviceRun,
     inbox: &mut Inbox,
 ) -> Polled {
@@ -70,16 +147,17 @@ async fn poll_modbus<L: Link>(
     let mut answered = false;
     let mut fault = None;
     let mut i = 0;
-    while i < run.plan.blocks.len() {
+    let g = run.current;
+    while i < run.groups[g].plan.blocks.len() {
         // Commands go before the next request.
         while let Ok(command) = inbox.try_recv() {
-            execute(bus, link, command).await;
+            execute(bus, wire, command).await;
         }
         let (kind, start, count) = {
-            let b = &run.plan.blocks[i];
+            let b = &run.groups[g].plan.blocks[i];
             (b.kind, b.start, b.count)
         };
-        let result = read_with_retries(link, stats, &run.spec, kind, start, count).await;
+        let result = read_with_retries(wire, stats, &run.spec, kind, start, count).await;
         let ts = now_ms();
         match result {
             Ok(Ok(words)) => {
@@ -88,7 +166,7 @@ async fn poll_modbus<L: Link>(
             }
             Ok(Err(code)) => {
                 answered = true;
-                if splittable(code) && run.plan.split(i, &run.spans) {
+                if splittable(code) && run.groups[g].plan.split(i, &run.spans) {
                     tracing::info!(
                         device = %run.spec.name,
                         function = kind.function_code(),
@@ -99,7 +177,7 @@ async fn poll_modbus<L: Link>(
                     );
                     continue;
                 }
-                for &p in &run.plan.blocks[i].points {
+                for &p in &run.groups[g].plan.blocks[i].points {
                     results[p] = Some((None, Quality::Exception(u8::from(code)), ts));
                 }
             }
@@ -121,7 +199,7 @@ fn decode_block(
     ts: i64,
     results: &mut [Option<PointResult>],
 ) {
-    let block = &run.plan.blocks[i];
+    let block = &run.groups[run.current].plan.blocks[i];
     for &p in &block.points {
         let offset = block.offset_of(&run.spans[p]);
         let codec = &run.spec.points[p].codec;
@@ -158,11 +236,11 @@ fn finish(
         .map(ReadError::quality)
         .unwrap_or(Quality::Timeout);
     let ts = now_ms();
-    let readings: Vec<(usize, Reading)> = results
-        .into_iter()
-        .enumerate()
-        .map(|(p, r)| {
-            let (value, quality, ts) = r.unwrap_or((None, fault_quality, ts));
+    let readings: Vec<(usize, Reading)> = run.groups[run.current]
+        .points
+        .iter()
+        .map(|&p| {
+            let (value, quality, ts) = results[p].clone().unwrap_or((None, fault_quality, ts));
             (p, run.spec.reading(p, value, quality, ts))
         })
         .collect();
@@ -186,31 +264,31 @@ struct Bus<'a> {
 
 /// The Modbus way of polling a device: through its read plan, on the bus's link.
 struct ModbusPoller<'a, L> {
-    link: &'a mut L,
+    wire: Wire<'a, L>,
     bus: Bus<'a>,
 }
 
 impl<L: Link> Poller for ModbusPoller<'_, L> {
     async fn poll(&mut self, run: &mut DeviceRun, inbox: &mut Inbox) -> Polled {
-        poll_modbus(&self.bus, self.link, run, inbox).await
+        poll_modbus(&self.bus, &mut self.wire, run, inbox).await
     }
 
     async fn execute(&mut self, command: BusCommand) {
-        execute(&self.bus, self.link, command).await;
+        execute(&self.bus, &mut self.wire, command).await;
     }
 }
 
 /// Writes, retrying the faults worth retrying (every write is absolute, so a repeat
 /// after a lost answer leaves the same value).
 async fn write_with_retries<L: Link>(
-    link: &mut L,
+    wire: &mut Wire<'_, L>,
     stats: &BusStats,
     dev: &ResolvedDevice,
     op: &WriteOp,
 ) -> Result<Result<(), ExceptionCode>, ReadError> {
     let mut attempt = 0;
     loop {
-        let result = link.write(dev.unit_id, op, dev.timeout).await;
+        let result = wire.write(dev, op).await;
         stats.add_request(result.is_err());
         match result {
             Err(e) if e.is_retryable() && attempt < dev.retries => attempt += 1,
@@ -220,7 +298,7 @@ async fn write_with_retries<L: Link>(
 }
 
 /// Carries out one write, reads the point back and answers the command.
-async fn execute<L: Link>(bus: &Bus<'_>, link: &mut L, command: BusCommand) {
+async fn execute<L: Link>(bus: &Bus<'_>, wire: &mut Wire<'_, L>, command: BusCommand) {
     let BusCommand {
         device,
         point,
@@ -244,7 +322,7 @@ async fn execute<L: Link>(bus: &Bus<'_>, link: &mut L, command: BusCommand) {
         });
         return;
     }
-    let outcome = match write_with_retries(link, bus.stats, dev, &op).await {
+    let outcome = match write_with_retries(wire, bus.stats, dev, &op).await {
         Ok(Ok(())) => Ok(()),
         Ok(Err(code)) => Err(WriteFailure::Exception {
             code: u8::from(code),
@@ -255,7 +333,7 @@ async fn execute<L: Link>(bus: &Bus<'_>, link: &mut L, command: BusCommand) {
     let expected = expected_value(&op, codec);
     let readback = if outcome.is_ok() {
         let result =
-            read_with_retries(link, bus.stats, dev, span.kind, span.address, span.width).await;
+            read_with_retries(wire, bus.stats, dev, span.kind, span.address, span.width).await;
         let ts = now_ms();
         let (value, quality) = match result {
             Ok(Ok(Words::Registers(regs))) => match codec.decode_registers(&regs) {
@@ -299,8 +377,9 @@ pub(crate) async fn run_modbus<L: Link>(
     tx: &Sender<FieldEvent>,
     shutdown: &CancellationToken,
 ) {
+    let delay = Duration::from_millis(bus.config.request_delay_ms.unwrap_or(0));
     let mut poller = ModbusPoller {
-        link,
+        wire: Wire::new(link, delay),
         bus: Bus {
             stats: &bus.stats,
             devices: &bus.devices,
@@ -695,5 +774,217 @@ mod tests {
         shutdown.cancel();
         task.await.unwrap();
         drain.abort();
+    }
+
+    /// Readings per point, with the (paused) time each arrived, until `until`.
+    async fn arrivals(
+        rx: &mut tokio::sync::mpsc::Receiver<FieldEvent>,
+        until: Instant,
+    ) -> HashMap<String, Vec<Instant>> {
+        let mut seen: HashMap<String, Vec<Instant>> = HashMap::new();
+        while let Ok(Some(event)) = tokio::time::timeout_at(until, rx.recv()).await {
+            if let FieldEvent::Reading(r) = event {
+                assert_eq!(r.quality, Quality::Good, "{r:?}");
+                seen.entry(format!("{}/{}", r.device, r.point))
+                    .or_default()
+                    .push(Instant::now());
+            }
+        }
+        seen
+    }
+
+    /// Two groups of one meter come at their own rates, on their grids; and on a bus
+    /// kept busy beyond its capacity by fast devices, the slow group still comes every
+    /// second (earliest due first: a group that waited goes before one just polled).
+    #[tokio::test(start_paused = true)]
+    async fn two_poll_groups_arrive_at_their_rates_and_a_busy_bus_does_not_starve_the_slow_one() {
+        let header = "[[bus]]\nname = \"rs485\"\nkind = \"rtu\"\nport = \"/dev/null\"\n";
+        let meter = String::from(
+            "[[bus.device]]\nname = \"meter\"\nunit_id = 1\npoll_interval_ms = 100\n\
+             poll_groups = { energy = 1000 }\n\
+             [[bus.device.point]]\nname = \"power\"\nkind = \"holding\"\naddress = 0\n\
+             [[bus.device.point]]\nname = \"energy\"\nkind = \"holding\"\naddress = 50\n\
+             poll_group = \"energy\"\n",
+        );
+        let config: FieldConfig = toml::from_str(&format!("{header}{meter}")).unwrap();
+        let model = Model::default();
+        for unit in 1..=5 {
+            model.registers.lock().unwrap().insert(unit, vec![0; 100]);
+        }
+        let run = |config: FieldConfig, seconds: u64| {
+            let model = model.clone();
+            async move {
+                let bus = crate::field::resolve(&config).unwrap().remove(0);
+                let (tx, mut rx) = tokio::sync::mpsc::channel(4096);
+                let shutdown = CancellationToken::new();
+                let t0 = Instant::now();
+                let task = {
+                    let (bus, mut link, shutdown) = (bus.clone(), model.clone(), shutdown.clone());
+                    tokio::spawn(async move { run_modbus(&bus, &mut link, &tx, &shutdown).await })
+                };
+                let seen = arrivals(&mut rx, t0 + Duration::from_secs(seconds)).await;
+                shutdown.cancel();
+                task.await.unwrap();
+                (t0, seen)
+            }
+        };
+
+        // Alone: 100 ms and 1 s, each on its grid (a poll of one 5 ms request).
+        let (t0, seen) = run(config, 10).await;
+        assert_eq!(seen["meter/power"].len(), 100, "10 per second for 10 s");
+        assert_eq!(seen["meter/energy"].len(), 10, "1 per second for 10 s");
+        for (k, at) in seen["meter/energy"].iter().enumerate() {
+            let late = at.duration_since(t0 + Duration::from_secs(k as u64));
+            assert!(
+                late <= Duration::from_millis(10),
+                "energy {k}: {late:?} late"
+            );
+        }
+        for (k, at) in seen["meter/power"].iter().enumerate() {
+            let late = at.duration_since(t0 + Duration::from_millis(100 * k as u64));
+            assert!(
+                late <= Duration::from_millis(10),
+                "power {k}: {late:?} late"
+            );
+        }
+
+        // Busy: four more devices every 10 ms, 5 ms per poll each: twice what the bus
+        // carries. The fast groups skip ticks; the slow group still comes every second,
+        // though the busy devices are listed first (and so win every tie).
+        let mut text = header.to_string();
+        for unit in 2..=5 {
+            text += &format!(
+                "[[bus.device]]\nname = \"busy{unit}\"\nunit_id = {unit}\npoll_interval_ms = 10\n\
+                 [[bus.device.point]]\nname = \"v\"\nkind = \"holding\"\naddress = 0\n"
+            );
+        }
+        text += &meter;
+        let config: FieldConfig = toml::from_str(&text).unwrap();
+        let (t0, seen) = run(config, 10).await;
+        let energy = &seen["meter/energy"];
+        assert_eq!(energy.len(), 10, "the slow group is not starved");
+        for (k, at) in energy.iter().enumerate() {
+            let late = at.duration_since(t0 + Duration::from_secs(k as u64));
+            // At most one poll of each other group goes first.
+            assert!(
+                late <= Duration::from_millis(30),
+                "energy {k}: {late:?} late"
+            );
+        }
+        assert!(
+            (90..=100).contains(&seen["meter/power"].len()),
+            "the 100 ms group keeps its rate: {}",
+            seen["meter/power"].len()
+        );
+        // The bus is kept busy: about one request every 5 ms.
+        let total: usize = seen.values().map(Vec::len).sum();
+        assert!(total >= 1900, "{total} polls in 10 s at 5 ms each");
+    }
+
+    /// `request_delay_ms`: a device that needs a pause gets it between its requests
+    /// (retries and polls included), while the bus serves another device meanwhile only
+    /// after the bus's own pause.
+    #[tokio::test(start_paused = true)]
+    async fn request_delay_paces_requests_to_a_device_and_across_the_bus() {
+        let config: FieldConfig = toml::from_str(
+            "[[bus]]\nname = \"gw\"\nkind = \"tcp\"\nhost = \"127.0.0.1\"\nrequest_delay_ms = 10\n\
+             [[bus.device]]\nname = \"slow\"\nunit_id = 1\nmax_gap = 0\npoll_interval_ms = 1\n\
+             request_delay_ms = 50\n\
+             [[bus.device.point]]\nname = \"a\"\nkind = \"holding\"\naddress = 0\n\
+             [[bus.device.point]]\nname = \"b\"\nkind = \"holding\"\naddress = 20\n\
+             [[bus.device.point]]\nname = \"c\"\nkind = \"holding\"\naddress = 40\n\
+             [[bus.device]]\nname = \"quick\"\nunit_id = 2\npoll_interval_ms = 1\n\
+             [[bus.device.point]]\nname = \"v\"\nkind = \"holding\"\naddress = 0\n",
+        )
+        .unwrap();
+        assert_eq!(config.validate(), vec![]);
+        let bus = crate::field::resolve(&config).unwrap().remove(0);
+        let model = Model::default();
+        model.registers.lock().unwrap().insert(1, vec![0; 50]);
+        model.registers.lock().unwrap().insert(2, vec![0; 50]);
+        let (tx, mut rx) = tokio::sync::mpsc::channel(4096);
+        let shutdown = CancellationToken::new();
+        let task = {
+            let (bus, mut link, shutdown) = (bus.clone(), model.clone(), shutdown.clone());
+            tokio::spawn(async move { run_modbus(&bus, &mut link, &tx, &shutdown).await })
+        };
+        let seen = arrivals(&mut rx, Instant::now() + Duration::from_secs(2)).await;
+        shutdown.cancel();
+        task.await.unwrap();
+        assert!(seen.contains_key("slow/c") && seen.contains_key("quick/v"));
+        let requests = model.requests.lock().unwrap().clone();
+        assert!(requests.len() > 20, "{}", requests.len());
+        let answer = Duration::from_millis(5);
+        for pair in requests.windows(2) {
+            let pause = pair[1].1.duration_since(pair[0].1) - answer;
+            assert!(pause >= Duration::from_millis(10), "bus pause {pause:?}");
+        }
+        let slow: Vec<Instant> = requests
+            .iter()
+            .filter(|(u, _)| *u == 1)
+            .map(|r| r.1)
+            .collect();
+        for pair in slow.windows(2) {
+            let pause = pair[1].duration_since(pair[0]) - answer;
+            assert!(pause >= Duration::from_millis(50), "device pause {pause:?}");
+        }
+        // The pauses of the slow device are not lost: the quick one is polled in them
+        // only between polls (a poll is not interleaved), so both are served.
+        assert!(requests.iter().filter(|(u, _)| *u == 2).count() >= 10);
+    }
+
+    /// A dead device with two poll groups costs one poll per backoff, not one per
+    /// group: quarantined, all its groups wait; back, each group resumes its rate.
+    #[tokio::test(start_paused = true)]
+    async fn a_quarantined_device_with_two_groups_is_tried_once_per_backoff() {
+        let config: FieldConfig = toml::from_str(
+            "[[bus]]\nname = \"rs485\"\nkind = \"rtu\"\nport = \"/dev/null\"\n\
+             [[bus.device]]\nname = \"meter\"\nunit_id = 1\ntimeout_ms = 100\nretries = 0\n\
+             quarantine_after = 2\nbackoff_max_ms = 4000\npoll_groups = { slow = 3000 }\n\
+             [[bus.device.point]]\nname = \"fast\"\nkind = \"holding\"\naddress = 0\n\
+             [[bus.device.point]]\nname = \"slow\"\nkind = \"holding\"\naddress = 50\n\
+             poll_group = \"slow\"\n",
+        )
+        .unwrap();
+        let bus = crate::field::resolve(&config).unwrap().remove(0);
+        let model = Model::default();
+        model.registers.lock().unwrap().insert(1, vec![0; 60]);
+        let dead = Arc::new(AtomicBool::new(true));
+        model.dead.lock().unwrap().insert(1, Arc::clone(&dead));
+        let (tx, mut rx) = tokio::sync::mpsc::channel(4096);
+        let shutdown = CancellationToken::new();
+        let task = {
+            let (bus, mut link, shutdown) = (bus.clone(), model.clone(), shutdown.clone());
+            tokio::spawn(async move { run_modbus(&bus, &mut link, &tx, &shutdown).await })
+        };
+        let drain = tokio::spawn(async move {
+            let mut good = Vec::new();
+            while let Some(event) = rx.recv().await {
+                if let FieldEvent::Reading(r) = event {
+                    if r.quality == Quality::Good {
+                        good.push(r.point);
+                    }
+                }
+            }
+            good
+        });
+        tokio::time::sleep(Duration::from_secs(30)).await;
+        // Two failed polls (both groups at 0 s), then one try after 2 s and one every
+        // 4 s (the cap): about 9 requests in 30 s, not one per group each time.
+        let dead_requests = model.requests.lock().unwrap().len();
+        assert!(
+            (7..=10).contains(&dead_requests),
+            "{dead_requests} requests to a dead device in 30 s"
+        );
+        dead.store(false, Ordering::SeqCst);
+        tokio::time::sleep(Duration::from_secs(4) + Duration::from_secs(30)).await;
+        shutdown.cancel();
+        task.await.unwrap();
+        let good = drain.await.unwrap();
+        let fast = good.iter().filter(|p| *p == "fast").count();
+        let slow = good.iter().filter(|p| *p == "slow").count();
+        // Back within one backoff (≤ 4 s): 30 to 34 s on the grids of 1 s and 3 s.
+        assert!((30..=35).contains(&fast), "fast {fast} in 30-34 s back");
+        assert!((10..=12).contains(&slow), "slow {slow} in 30-34 s back");
     }
 }

@@ -124,6 +124,19 @@ impl ReadPlan {
         ReadPlan { blocks }
     }
 
+    /// The fewest requests that read the points `members` (indexes into `points`) within
+    /// `limits`; blocks name points by their index in `points`, as [`Self::build`] does.
+    pub fn build_for(points: &[PointSpan], members: &[usize], limits: Limits) -> ReadPlan {
+        let subset: Vec<PointSpan> = members.iter().map(|&i| points[i]).collect();
+        let mut plan = ReadPlan::build(&subset, limits);
+        for b in &mut plan.blocks {
+            for p in &mut b.points {
+                *p = members[*p];
+            }
+        }
+        plan
+    }
+
     /// Splits block `index` in two at the point boundary nearest its middle; the halves
     /// take its place (first half at `index`). Returns false for a block of one point
     /// (or of points that all start at one address), which cannot be split.
@@ -161,22 +174,30 @@ impl ReadPlan {
         self.blocks.len()
     }
 
+    /// Bytes on the wire of one poll (requests and answers, RTU framing).
+    pub fn wire_bytes(&self) -> usize {
+        self.blocks
+            .iter()
+            .map(|b| {
+                // Request: unit, function, address (2), count (2), CRC (2) = 8 bytes.
+                // Response: unit, function, byte count, data, CRC (2) = 5 + data bytes.
+                let data = if b.kind.is_bit() {
+                    usize::from(b.count).div_ceil(8)
+                } else {
+                    usize::from(b.count) * 2
+                };
+                8 + 5 + data
+            })
+            .sum()
+    }
+
     /// Estimated time on the wire of one poll at `baud` with `bits_per_char`, plus the
     /// inter-frame silence around each frame. The device's own think time is not
     /// included (it is not knowable from here).
     pub fn bus_time(&self, baud: u32, bits_per_char: u32, silence: Duration) -> Duration {
         let char_time = f64::from(bits_per_char) / f64::from(baud.max(1));
-        let mut total = 0.0;
-        for b in &self.blocks {
-            // Request: unit, function, address (2), count (2), CRC (2) = 8 bytes.
-            // Response: unit, function, byte count, data, CRC (2) = 5 + data bytes.
-            let data = if b.kind.is_bit() {
-                usize::from(b.count).div_ceil(8)
-            } else {
-                usize::from(b.count) * 2
-            };
-            total += (8 + 5 + data) as f64 * char_time + 2.0 * silence.as_secs_f64();
-        }
+        let total = self.wire_bytes() as f64 * char_time
+            + self.blocks.len() as f64 * 2.0 * silence.as_secs_f64();
         Duration::from_secs_f64(total)
     }
 

@@ -16,7 +16,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use super::command::CommandQueue;
-use super::config::{BusConfig, BusKind, DeviceConfig, FieldConfig, LineMode, PointConfig};
+use super::config::{
+    BusConfig, BusKind, DeviceConfig, FieldConfig, LineMode, PointConfig, ProfileConfig,
+};
 use super::decode::{ByteOrder, Codec};
 use super::plan::{Limits, PointSpan, ReadPlan};
 use super::reading::{Quality, Reading, Value};
@@ -93,6 +95,20 @@ pub(crate) struct ResolvedPoint {
     pub heartbeat: Option<Duration>,
     /// Writable points: their limits and write functions.
     pub write: Option<WriteSpec>,
+    /// How often the point is polled (its own, its group's, or the device's interval).
+    pub interval: Duration,
+    /// The `poll_group` it belongs to, if any.
+    pub group: Option<String>,
+}
+
+/// Points of one device polled at one interval: one read plan, one poll grid.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct PollGroup {
+    pub interval: Duration,
+    /// Indexes into the device's points, in order.
+    pub points: Vec<usize>,
+    /// The `poll_group` names among them (sorted, deduplicated).
+    pub names: Vec<String>,
 }
 
 /// A device with its profile merged in.
@@ -107,6 +123,8 @@ pub(crate) struct ResolvedDevice {
     pub quarantine_after: u32,
     pub backoff_max: Duration,
     pub limits: Limits,
+    /// Least pause between the end of one request to the device and the next to it.
+    pub request_delay: Duration,
     pub request: Option<String>,
     pub regex: Option<regex_lite::Regex>,
     pub points: Vec<ResolvedPoint>,
@@ -126,8 +144,48 @@ impl ResolvedDevice {
             .collect()
     }
 
-    pub fn plan(&self) -> ReadPlan {
-        ReadPlan::build(&self.spans(), self.limits)
+    /// The device's poll groups, fastest first: points of one interval share one group
+    /// (and so their requests), whatever group names brought them there.
+    pub fn groups(&self) -> Vec<PollGroup> {
+        let mut groups: Vec<PollGroup> = Vec::new();
+        for (i, p) in self.points.iter().enumerate() {
+            let g = match groups.iter().position(|g| g.interval == p.interval) {
+                Some(g) => g,
+                None => {
+                    groups.push(PollGroup {
+                        interval: p.interval,
+                        points: Vec::new(),
+                        names: Vec::new(),
+                    });
+                    groups.len() - 1
+                }
+            };
+            groups[g].points.push(i);
+            if let Some(name) = &p.group {
+                if !groups[g].names.contains(name) {
+                    groups[g].names.push(name.clone());
+                }
+            }
+        }
+        for g in &mut groups {
+            g.names.sort();
+        }
+        groups.sort_by_key(|g| g.interval);
+        groups
+    }
+
+    /// The read plan of one poll group.
+    pub fn plan_of(&self, group: &PollGroup) -> ReadPlan {
+        ReadPlan::build_for(&self.spans(), &group.points, self.limits)
+    }
+
+    /// The shortest interval of its groups (the base of its quarantine backoff).
+    pub fn fastest(&self) -> Duration {
+        self.points
+            .iter()
+            .map(|p| p.interval)
+            .min()
+            .unwrap_or(self.interval)
     }
 
     /// A reading of point `i` with the given outcome.
@@ -222,7 +280,11 @@ impl ResolvedBus {
     }
 }
 
-fn resolve_point(d: &DeviceConfig, p: &PointConfig) -> ResolvedPoint {
+fn resolve_point(
+    d: &DeviceConfig,
+    profile: Option<&ProfileConfig>,
+    p: &PointConfig,
+) -> ResolvedPoint {
     let data_type = p.data_type_or_default();
     let codec = Codec {
         data_type,
@@ -256,16 +318,21 @@ fn resolve_point(d: &DeviceConfig, p: &PointConfig) -> ResolvedPoint {
         heartbeat: (band != Band::Every && p.heartbeat_secs > 0)
             .then(|| Duration::from_secs(p.heartbeat_secs)),
         write: WriteSpec::of(d, p),
+        interval: Duration::from_millis(
+            d.interval_of(profile, p)
+                .unwrap_or(d.poll_interval_ms)
+                .max(1),
+        ),
+        group: p.poll_group.clone(),
     }
 }
 
 fn resolve_device(config: &FieldConfig, bus: &BusConfig, d: &DeviceConfig) -> ResolvedDevice {
-    let profile_points = d
+    let profile = d
         .profile
         .as_ref()
-        .and_then(|name| config.profiles.get(name))
-        .map(|p| p.points.as_slice())
-        .unwrap_or_default();
+        .and_then(|name| config.profiles.get(name));
+    let profile_points = profile.map(|p| p.points.as_slice()).unwrap_or_default();
     ResolvedDevice {
         name: d.name.clone(),
         unit_id: d.unit_id,
@@ -280,6 +347,7 @@ fn resolve_device(config: &FieldConfig, bus: &BusConfig, d: &DeviceConfig) -> Re
             max_registers: d.max_registers_per_request,
             max_bits: d.max_bits_per_request,
         },
+        request_delay: Duration::from_millis(d.request_delay_ms),
         request: (bus.kind == BusKind::Lines && bus.mode() == LineMode::Poll)
             .then(|| d.request.clone())
             .flatten(),
@@ -290,7 +358,7 @@ fn resolve_device(config: &FieldConfig, bus: &BusConfig, d: &DeviceConfig) -> Re
         points: profile_points
             .iter()
             .chain(&d.points)
-            .map(|p| resolve_point(d, p))
+            .map(|p| resolve_point(d, profile, p))
             .collect(),
     }
 }
@@ -312,4 +380,91 @@ pub(crate) fn resolve_buses(config: &FieldConfig) -> Vec<ResolvedBus> {
             commands: CommandQueue::default(),
         })
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::field::config::tests::parse;
+
+    /// A meter whose counters come every minute (profile group), one point at its own
+    /// 200 ms, one device group overriding the profile's, the rest at the device's 1 s.
+    const GROUPS: &str = r#"
+        [[bus]]
+        name = "rs485"
+        kind = "rtu"
+        port = "/dev/ttyUSB0"
+        [[bus.device]]
+        name = "meter"
+        profile = "em"
+        poll_groups = { status = 5000 }
+        [[bus.device.point]]
+        name = "power"
+        kind = "input"
+        address = 12
+        type = "f32"
+        poll_interval_ms = 200
+        [[bus.device.point]]
+        name = "alarm"
+        kind = "holding"
+        address = 100
+        poll_group = "status"
+        [profile.em]
+        poll_groups = { energy = 60000, status = 10000, counters = 60000 }
+        [[profile.em.point]]
+        name = "voltage"
+        kind = "input"
+        address = 0
+        type = "f32"
+        [[profile.em.point]]
+        name = "energy"
+        kind = "input"
+        address = 342
+        type = "f32"
+        poll_group = "energy"
+        [[profile.em.point]]
+        name = "hours"
+        kind = "input"
+        address = 344
+        type = "f32"
+        poll_group = "counters"
+    "#;
+
+    #[test]
+    fn points_of_one_interval_share_a_group_and_its_requests() {
+        let c = parse(GROUPS);
+        assert_eq!(c.validate(), vec![]);
+        let bus = crate::field::resolve(&c).unwrap().remove(0);
+        let d = &bus.devices[0];
+        let names = |g: &PollGroup| -> Vec<&str> {
+            g.points
+                .iter()
+                .map(|&i| d.points[i].name.as_str())
+                .collect()
+        };
+        let groups = d.groups();
+        let summary: Vec<(u128, Vec<&str>, Vec<String>)> = groups
+            .iter()
+            .map(|g| (g.interval.as_millis(), names(g), g.names.clone()))
+            .collect();
+        assert_eq!(
+            summary,
+            vec![
+                (200, vec!["power"], vec![]),
+                (1000, vec!["voltage"], vec![]),
+                (5000, vec!["alarm"], vec!["status".to_string()]),
+                (
+                    60_000,
+                    vec!["energy", "hours"],
+                    vec!["counters".to_string(), "energy".to_string()]
+                ),
+            ]
+        );
+        // Two groups of one interval read their neighbouring registers in one request.
+        let slow = d.plan_of(&groups[3]);
+        assert_eq!(slow.requests(), 1);
+        assert_eq!((slow.blocks[0].start, slow.blocks[0].count), (342, 4));
+        assert_eq!(slow.blocks[0].points, vec![1, 2]);
+        assert_eq!(d.fastest(), Duration::from_millis(200));
+    }
 }

@@ -2,12 +2,13 @@
 //! state is after a poll, and whether a reading is worth publishing.
 //!
 //! Invariants:
-//! - A device's polls sit on a fixed grid `anchor + k × interval`; a poll that overruns
-//!   skips the ticks it missed (tokio's `MissedTickBehavior::Skip`), it never bunches
-//!   them, and the grid never drifts with poll duration.
+//! - A poll group's polls (a device's points of one interval) sit on a fixed grid
+//!   `anchor + k × interval`; a poll that overruns skips the ticks it missed (tokio's
+//!   `MissedTickBehavior::Skip`), it never bunches them, and the grid never drifts with
+//!   poll duration.
 //! - After `quarantine_after` consecutive failed polls a device is quarantined and retried
-//!   after `2 × interval`, then twice as long each time, up to `backoff_max`; one answer
-//!   puts it back on its grid. A bus-level disconnection is not the device's fault and
+//!   after `2 × interval` (its fastest group's), then twice as long each time, up to
+//!   `backoff_max`; one answer puts it back on its grid. A bus-level disconnection is not the device's fault and
 //!   never quarantines it.
 //! - Without a deadband every reading is published. With one, a reading is published when
 //!   it is the first, its quality changed, its value moved beyond the band since the last
@@ -19,7 +20,7 @@ use tokio::time::Instant;
 
 use super::reading::{DeviceState, Quality, Value};
 
-/// The poll grid of one device.
+/// The poll grid of one poll group.
 #[derive(Debug, Clone)]
 pub struct Slot {
     anchor: Instant,

@@ -3,10 +3,13 @@
 //! choosing the device due next, and sending events into the agent's channel.
 //!
 //! Invariants:
-//! - The device due first is polled first, so a slow or dead device delays the others by
-//!   at most one poll of its own, and once quarantined by almost nothing.
-//! - Every point of a polled device yields exactly one reading per poll (good, or bad with
+//! - A device's points are polled in poll groups (one per interval, each with its own
+//!   plan and grid). The group due first is polled first, so a slow or dead device
+//!   delays the others by at most one poll of its own, once quarantined by almost
+//!   nothing, and a slow group is never starved by fast ones (see [`next_due`]).
+//! - Every point of a polled group yields exactly one reading per poll (good, or bad with
 //!   the reason); the point's filter then decides whether it is published.
+//! - A device's health is one for all its groups; quarantined, all its groups wait.
 //! - A device state event is sent, and logged, only when the state changes.
 //! - Sending into the bounded channel waits (backpressure) but never outlives shutdown.
 //! - The skeleton knows no protocol: a loop plugs in a [`Poller`], and the skeleton does
@@ -84,12 +87,14 @@ pub(crate) async fn run_polls<P: Poller>(
                 }
             }
             due = next_due(&runs, shutdown) => match due {
-                Some(i) => i,
+                Some(due) => due,
                 None => return,
             },
         };
         let started = now_ms();
+        let (i, g) = i;
         let run = &mut runs[i];
+        run.current = g;
         let polled = tokio::select! {
             biased;
             _ = shutdown.cancelled() => return,
@@ -103,12 +108,21 @@ pub(crate) async fn run_polls<P: Poller>(
     }
 }
 
+/// One poll group of a running device: its points' plan and its poll grid.
+pub(crate) struct GroupRun {
+    pub points: Vec<usize>,
+    pub plan: ReadPlan,
+    pub slot: Slot,
+}
+
 /// Per-device state inside a running bus task.
 pub(crate) struct DeviceRun {
     pub spec: ResolvedDevice,
-    pub plan: ReadPlan,
     pub spans: Vec<PointSpan>,
-    pub slot: Slot,
+    /// The device's poll groups, fastest first; a device without groups has one.
+    pub groups: Vec<GroupRun>,
+    /// The group being polled (set by the skeleton before each poll).
+    pub current: usize,
     pub health: Health,
     pub filters: Vec<PointFilter>,
 }
@@ -116,14 +130,22 @@ pub(crate) struct DeviceRun {
 impl DeviceRun {
     pub fn new(spec: &ResolvedDevice, anchor: Instant) -> DeviceRun {
         DeviceRun {
-            plan: spec.plan(),
             spans: spec.spans(),
-            slot: Slot::new(anchor, spec.interval),
-            health: Health::new(spec.quarantine_after, spec.interval, spec.backoff_max),
+            groups: spec
+                .groups()
+                .iter()
+                .map(|g| GroupRun {
+                    points: g.points.clone(),
+                    plan: spec.plan_of(g),
+                    slot: Slot::new(anchor, g.interval),
+                })
+                .collect(),
+            current: 0,
+            health: Health::new(spec.quarantine_after, spec.fastest(), spec.backoff_max),
             filters: spec
                 .points
                 .iter()
-                .map(|p| PointFilter::new(p.band, p.heartbeat, spec.interval))
+                .map(|p| PointFilter::new(p.band, p.heartbeat, p.interval))
                 .collect(),
             spec: spec.clone(),
         }
@@ -162,7 +184,19 @@ impl DeviceRun {
                 state,
             });
         }
-        self.slot.advance(now, self.health.backoff());
+        match self.health.backoff() {
+            // Quarantined: every group waits, so a dead device costs one poll per backoff.
+            Some(wait) => {
+                for g in &mut self.groups {
+                    g.slot.advance(now, Some(wait));
+                }
+            }
+            None => {
+                if let Some(g) = self.groups.get_mut(self.current) {
+                    g.slot.advance(now, None);
+                }
+            }
+        }
         events
     }
 
@@ -221,18 +255,32 @@ fn device_runs(bus: &ResolvedBus) -> Vec<DeviceRun> {
         .collect()
 }
 
-/// Waits until the device due first is due and returns its index (ties go to the
-/// device listed first); `None` once shutdown is requested. A bus without devices just
-/// waits for shutdown.
-async fn next_due(runs: &[DeviceRun], shutdown: &CancellationToken) -> Option<usize> {
-    let Some(i) = (0..runs.len()).min_by_key(|&i| (runs[i].slot.next, i)) else {
+/// Waits until the poll group due first is due and returns `(device, group)` (ties go
+/// to the device listed first, then to its slower group: the slow group waited longer);
+/// `None` once shutdown is requested. A bus without devices just waits for shutdown.
+///
+/// Earliest due first is what keeps slow groups from starving on a busy bus: a group
+/// that has waited is due earlier than any group that was just polled (whose next tick
+/// is never in the past), so it goes next.
+async fn next_due(runs: &[DeviceRun], shutdown: &CancellationToken) -> Option<(usize, usize)> {
+    let due = runs
+        .iter()
+        .enumerate()
+        .flat_map(|(i, r)| {
+            r.groups
+                .iter()
+                .enumerate()
+                .map(move |(g, group)| (group.slot.next, i, std::cmp::Reverse(g)))
+        })
+        .min();
+    let Some((at, i, std::cmp::Reverse(g))) = due else {
         shutdown.cancelled().await;
         return None;
     };
     tokio::select! {
         biased;
         _ = shutdown.cancelled() => None,
-        _ = tokio::time::sleep_until(runs[i].slot.next) => Some(i),
+        _ = tokio::time::sleep_until(at) => Some((i, g)),
     }
 }
 

@@ -33,6 +33,7 @@ impl FieldConfig {
                 "point",
                 "a profile needs at least one point",
             );
+            poll_group_intervals(&mut at, &profile.poll_groups);
         }
         let mut bus_names = HashSet::new();
         let mut device_names: HashMap<&str, String> = HashMap::new();
@@ -100,6 +101,7 @@ impl FieldConfig {
                 );
             }
             validate_point(&mut p, bus.kind, device, point);
+            self.validate_poll_group(&mut p, bus.kind, device, point);
         }
         let regex = device
             .regex
@@ -115,6 +117,57 @@ impl FieldConfig {
                     format!("the regex has no capture named {:?}", p.field()),
                 );
             }
+        }
+    }
+
+    /// A point's `poll_interval_ms` / `poll_group` (`at` is the point's path).
+    fn validate_poll_group(
+        &self,
+        at: &mut Scope<'_>,
+        bus: BusKind,
+        device: &DeviceConfig,
+        p: &PointConfig,
+    ) {
+        if bus == BusKind::Lines {
+            let modbus = "Modbus points (a line sensor has one interval)";
+            at.only_for("poll_interval_ms", p.poll_interval_ms.is_some(), modbus);
+            at.only_for("poll_group", p.poll_group.is_some(), modbus);
+            return;
+        }
+        if let Some(ms) = p.poll_interval_ms {
+            at.at_least("poll_interval_ms", ms, 1);
+            at.check(
+                p.poll_group.is_none(),
+                "poll_group",
+                "set `poll_interval_ms` or `poll_group`, not both",
+            );
+            return;
+        }
+        let Some(group) = &p.poll_group else {
+            return;
+        };
+        let profile = device.profile.as_ref().and_then(|n| self.profiles.get(n));
+        if device.interval_of(profile, p).is_none() {
+            let mut defined: Vec<&str> = device
+                .poll_groups
+                .keys()
+                .chain(profile.iter().flat_map(|pr| pr.poll_groups.keys()))
+                .map(String::as_str)
+                .collect();
+            defined.sort_unstable();
+            defined.dedup();
+            let defined = if defined.is_empty() {
+                "none".to_string()
+            } else {
+                defined.join(", ")
+            };
+            at.report(
+                "poll_group",
+                format!(
+                    "no poll group {group:?} in device {:?} or its profile; defined: {defined}",
+                    device.name
+                ),
+            );
         }
     }
 
@@ -198,6 +251,9 @@ fn validate_bus(at: &mut Scope<'_>, bus: &BusConfig) {
         at.in_range("inter_frame_ms", ms, 0.0..=1000.0);
     }
     if bus.kind != BusKind::Lines {
+        if let Some(ms) = bus.request_delay_ms {
+            at.in_range("request_delay_ms", ms, 0..=60_000);
+        }
         at.only_for("mode", bus.mode.is_some(), "lines buses");
         at.only_for("max_line", bus.max_line.is_some(), "lines buses");
         at.only_for("checksum", bus.checksum.is_some(), "lines buses");
@@ -205,6 +261,11 @@ fn validate_bus(at: &mut Scope<'_>, bus: &BusConfig) {
         at.only_for(
             "inter_frame_ms",
             bus.inter_frame_ms.is_some(),
+            "Modbus buses",
+        );
+        at.only_for(
+            "request_delay_ms",
+            bus.request_delay_ms.is_some(),
             "Modbus buses",
         );
         at.in_range("max_line", bus.max_line(), 8..=65_536);
@@ -293,7 +354,16 @@ fn host_with_port(host: &str) -> Option<(&str, u16)> {
 }
 
 /// The Modbus-only rules of a device on an rtu or tcp bus.
+/// `poll_groups` of a device or a profile (`at` is the owner): intervals of at least 1 ms.
+fn poll_group_intervals(at: &mut Scope<'_>, groups: &std::collections::BTreeMap<String, u64>) {
+    for (name, &ms) in groups {
+        at.at_least(&format!("poll_groups.{name}"), ms, 1);
+    }
+}
+
 fn validate_modbus_device(at: &mut Scope<'_>, bus: &BusConfig, device: &DeviceConfig) {
+    poll_group_intervals(at, &device.poll_groups);
+    at.in_range("request_delay_ms", device.request_delay_ms, 0..=60_000);
     at.check(
         bus.kind != BusKind::Rtu || (1..=247).contains(&device.unit_id),
         "unit_id",
@@ -349,6 +419,8 @@ fn validate_lines_device(at: &mut Scope<'_>, bus: &BusConfig, device: &DeviceCon
     }
     let modbus = "Modbus buses";
     at.only_for("unit_id", device.unit_id != default_unit_id(), modbus);
+    at.only_for("poll_groups", !device.poll_groups.is_empty(), modbus);
+    at.only_for("request_delay_ms", device.request_delay_ms != 0, modbus);
     at.only_for("max_gap", device.max_gap != default_max_gap(), modbus);
     at.only_for(
         "max_registers_per_request",
@@ -717,6 +789,47 @@ mod tests {
                 "bus[0].device[0].point[0].address",
                 "bus[0].device[0].point[1].address"
             ]
+        );
+    }
+
+    #[test]
+    fn poll_groups_must_be_defined_single_and_on_modbus_points() {
+        let mut c = parse(GOOD);
+        c.profiles.get_mut("sdm630").unwrap().poll_groups = [("energy".to_string(), 60_000)].into();
+        c.profiles.get_mut("sdm630").unwrap().points[1].poll_group = Some("energy".into());
+        c.buses[0].devices[1].points[0].poll_interval_ms = Some(200);
+        c.buses[0].devices[1].request_delay_ms = 20;
+        c.buses[1].request_delay_ms = Some(50);
+        assert_eq!(c.validate(), vec![]);
+
+        let mut bad = c.clone();
+        bad.buses[0].devices[1].points[0].poll_group = Some("energy".into());
+        bad.buses[1].devices[0].points[0].poll_group = Some("fast".into());
+        bad.buses[1].devices[0].poll_groups = [("slow".to_string(), 0)].into();
+        bad.buses[2].devices[0].points[0].poll_interval_ms = Some(100);
+        bad.buses[2].request_delay_ms = Some(10);
+        bad.buses[0].devices[0].request_delay_ms = 60_001;
+        assert_eq!(
+            keys(&bad),
+            vec![
+                "bus[0].device[0].request_delay_ms",
+                "bus[0].device[1].point[0].poll_group",
+                "bus[1].device[0].poll_groups.slow",
+                "bus[1].device[0].point[0].poll_group",
+                "bus[2].request_delay_ms",
+                "bus[2].device[0].point[0].poll_interval_ms",
+            ]
+        );
+        let unknown = bad
+            .validate()
+            .into_iter()
+            .find(|p| p.key == "bus[1].device[0].point[0].poll_group")
+            .unwrap();
+        assert!(
+            unknown.message.contains("no poll group \"fast\"")
+                && unknown.message.contains("defined: slow"),
+            "{}",
+            unknown.message
         );
     }
 
