@@ -40,7 +40,7 @@ use super::pipeline::{Counters, DeviceStates};
 use super::systemd::{Heartbeat, BEAT_PERIOD};
 use crate::broker::BrokerHandle;
 use crate::clock::now_ms;
-use crate::field::ResolvedBus;
+use crate::field::{ResolvedBus, StatsSnapshot};
 use crate::mqtt::QoS;
 use crate::store::{Message, Priority, Queue};
 use crate::topics::Topics;
@@ -168,31 +168,12 @@ impl Health {
     }
 
     fn bus_states(&self) -> Value {
-        let devices = self
-            .devices
-            .lock()
-            .map(|states| states.clone())
-            .unwrap_or_default();
-        let buses = self
-            .buses
-            .lock()
-            .map(|buses| buses.clone())
-            .unwrap_or_default();
         let mut out = Map::new();
-        for bus in buses {
-            let states: BTreeMap<String, String> = bus
-                .device_names()
-                .into_iter()
-                .map(|device| {
-                    let state = devices
-                        .get(&device)
-                        .map_or_else(|| "starting".to_string(), ToString::to_string);
-                    (device, state)
-                })
-                .collect();
-            let stats = bus.stats();
+        for bus in bus_snapshots(&self.buses, &self.devices) {
+            let states: BTreeMap<String, String> = bus.devices.into_iter().collect();
+            let stats = bus.stats;
             out.insert(
-                bus.name().to_string(),
+                bus.name,
                 json!({
                     "requests": stats.requests,
                     "failed_requests": stats.failed_requests,
@@ -225,4 +206,38 @@ impl Health {
             }
         }
     }
+}
+
+/// One bus at one moment: its counters and each device's state (`starting` until the
+/// device reports one), in configuration order.
+pub struct BusSnapshot {
+    pub name: String,
+    pub stats: StatsSnapshot,
+    pub devices: Vec<(String, String)>,
+}
+
+/// The buses now, as the health report and the metrics endpoint see them.
+pub fn bus_snapshots(buses: &BusMap, devices: &DeviceStates) -> Vec<BusSnapshot> {
+    let states = devices
+        .lock()
+        .map(|states| states.clone())
+        .unwrap_or_default();
+    let buses = buses.lock().map(|buses| buses.clone()).unwrap_or_default();
+    buses
+        .into_iter()
+        .map(|bus| BusSnapshot {
+            name: bus.name().to_string(),
+            stats: bus.stats(),
+            devices: bus
+                .device_names()
+                .into_iter()
+                .map(|device| {
+                    let state = states
+                        .get(&device)
+                        .map_or_else(|| "starting".to_string(), ToString::to_string);
+                    (device, state)
+                })
+                .collect(),
+        })
+        .collect()
 }
