@@ -153,6 +153,7 @@ fn metrics_parse_with_prometheus_client_and_follow_the_agent() {
         ("fieldbridge_bus_requests", "counter"),
         ("fieldbridge_bus_request_failures", "counter"),
         ("fieldbridge_bus_readings", "counter"),
+        ("fieldbridge_bus_request_duration_seconds", "histogram"),
         ("fieldbridge_device_state", "gauge"),
         ("fieldbridge_store_rows", "gauge"),
         ("fieldbridge_store_bytes", "gauge"),
@@ -206,13 +207,32 @@ fn metrics_parse_with_prometheus_client_and_follow_the_agent() {
     )
     .expect("plant requests");
     assert!(requests >= 1.0);
-    let yard_failures = sample(
+    // The closed port fails as `disconnected`; the slave answers, so plant has none.
+    let failures = |bus: &str, quality: &str| {
+        sample(
+            &families,
+            "fieldbridge_bus_request_failures_total",
+            &json!({"bus": bus, "quality": quality}),
+        )
+        .unwrap_or_else(|| panic!("no {quality} failures of {bus} in\n{text}"))
+    };
+    assert!(failures("yard", "disconnected") >= 1.0, "{text}");
+    assert_eq!(failures("plant", "timeout"), 0.0, "{text}");
+    // Every request of a bus is in its latency histogram, under +Inf.
+    let histogram_count = sample(
         &families,
-        "fieldbridge_bus_request_failures_total",
-        &json!({"bus": "yard"}),
+        "fieldbridge_bus_request_duration_seconds_count",
+        &json!({"bus": "plant"}),
     )
-    .expect("yard failures");
-    assert!(yard_failures >= 1.0, "{text}");
+    .expect("plant latency count");
+    let inf = sample(
+        &families,
+        "fieldbridge_bus_request_duration_seconds_bucket",
+        &json!({"bus": "plant", "le": "+Inf"}),
+    )
+    .expect("plant +Inf bucket");
+    assert_eq!(histogram_count, inf);
+    assert!(histogram_count >= 1.0, "{text}");
     let rss = sample(&families, "process_resident_memory_bytes", &json!({})).expect("rss");
     assert!(rss > 1_000_000.0, "RSS {rss} is in bytes");
 

@@ -22,7 +22,7 @@ use super::commands::CommandCounters;
 use super::health::{bus_snapshots, BusMap};
 use super::pipeline::{Counters, DeviceStates};
 use crate::broker::BrokerHandle;
-use crate::field::StatsSnapshot;
+use crate::field::{StatsSnapshot, FAILURE_QUALITIES, LATENCY_BUCKETS};
 use crate::http::Page;
 use crate::store::Queue;
 use crate::uplink::UplinkHandle;
@@ -109,16 +109,11 @@ impl Metrics {
 
     fn buses(&self, out: &mut Exposition) {
         let buses = bus_snapshots(&self.buses, &self.devices);
-        let counters: [(&str, &str, BusFigure); 5] = [
+        let counters: [(&str, &str, BusFigure); 4] = [
             (
                 "fieldbridge_bus_requests_total",
                 "Requests sent on the bus (each retry counts), or poll requests written on a lines bus.",
                 |s| s.requests,
-            ),
-            (
-                "fieldbridge_bus_request_failures_total",
-                "Requests that got no usable answer (timeout, corrupted, disconnected).",
-                |s| s.failed_requests,
             ),
             (
                 "fieldbridge_bus_readings_total",
@@ -141,6 +136,52 @@ impl Metrics {
             for bus in &buses {
                 out.sample(name, &[("bus", &bus.name)], value(&bus.stats) as f64);
             }
+        }
+        let name = "fieldbridge_bus_request_failures_total";
+        out.family(
+            name,
+            "counter",
+            "Requests that got no usable answer, by quality (timeout, crc, disconnected, protocol).",
+        );
+        for bus in &buses {
+            for (quality, value) in FAILURE_QUALITIES.iter().zip(bus.stats.failures) {
+                let quality = quality.to_string();
+                out.sample(
+                    name,
+                    &[("bus", &bus.name), ("quality", &quality)],
+                    value as f64,
+                );
+            }
+        }
+        let name = "fieldbridge_bus_request_duration_seconds";
+        out.family(
+            name,
+            "histogram",
+            "Time from sending a request to its answer or failure, per bus.",
+        );
+        for bus in &buses {
+            let mut cumulative = 0;
+            for (i, count) in bus.stats.latency.iter().enumerate() {
+                cumulative += count;
+                let le = LATENCY_BUCKETS
+                    .get(i)
+                    .map_or_else(|| "+Inf".to_string(), |bound| number(*bound));
+                out.sample(
+                    "fieldbridge_bus_request_duration_seconds_bucket",
+                    &[("bus", &bus.name), ("le", &le)],
+                    cumulative as f64,
+                );
+            }
+            out.sample(
+                "fieldbridge_bus_request_duration_seconds_sum",
+                &[("bus", &bus.name)],
+                bus.stats.latency_sum_us as f64 / 1e6,
+            );
+            out.sample(
+                "fieldbridge_bus_request_duration_seconds_count",
+                &[("bus", &bus.name)],
+                cumulative as f64,
+            );
         }
         let name = "fieldbridge_device_state";
         out.family(

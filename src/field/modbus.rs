@@ -11,6 +11,7 @@
 //!   get its quality. A bus that is down ends it at once.
 
 use tokio::sync::mpsc::Sender;
+use tokio::time::Instant;
 use tokio_modbus::ExceptionCode;
 use tokio_util::sync::CancellationToken;
 
@@ -43,10 +44,11 @@ async fn read_with_retries<L: Link>(
 ) -> Result<Result<Words, ExceptionCode>, ReadError> {
     let mut attempt = 0;
     loop {
+        let sent = Instant::now();
         let result = link
             .read(dev.unit_id, kind, start, count, dev.timeout)
             .await;
-        stats.add_request(result.is_err());
+        stats.add_request(sent, &result);
         match result {
             Err(e) if e.is_retryable() && attempt < dev.retries => attempt += 1,
             result => return result,
@@ -210,8 +212,9 @@ async fn write_with_retries<L: Link>(
 ) -> Result<Result<(), ExceptionCode>, ReadError> {
     let mut attempt = 0;
     loop {
+        let sent = Instant::now();
         let result = link.write(dev.unit_id, op, dev.timeout).await;
-        stats.add_request(result.is_err());
+        stats.add_request(sent, &result);
         match result {
             Err(e) if e.is_retryable() && attempt < dev.retries => attempt += 1,
             result => return result,
