@@ -196,6 +196,16 @@ impl Config {
         problems.extend(self.store.validate());
         problems.extend(self.upstream.iter().flat_map(UplinkConfig::validate));
         problems.extend(self.http.iter().flat_map(HttpConfig::validate));
+        let has_users = self
+            .broker
+            .as_ref()
+            .is_some_and(|broker| broker.password_file.is_some());
+        if self.http.as_ref().is_some_and(HttpConfig::needs_login) && !has_users {
+            problems.at("http").report(
+                "bind",
+                "outside loopback the endpoint asks for a login: set [broker] password_file (its users log in), or bind 127.0.0.1",
+            );
+        }
         problems.extend(self.field.validate());
         if self.broker.is_none() && self.upstream.is_none() {
             let message = if self.field.buses.is_empty() {
@@ -846,6 +856,24 @@ mod tests {
         let config = parse("test.toml", "[broker]\n").expect("valid");
         assert_eq!(config.agent, AgentConfig::default());
         assert!(config.upstream.is_none());
+    }
+
+    #[test]
+    fn http_is_off_unless_configured_and_outside_loopback_needs_a_password_file() {
+        let config = parse("test.toml", "[broker]\n").expect("valid");
+        assert!(config.http.is_none());
+        let config = parse("test.toml", "[broker]\n[http]\n").expect("valid");
+        let http = config.http.expect("[http] given");
+        assert!(http.bind.ip().is_loopback() && !http.needs_login());
+        let found = problems("[broker]\n[http]\nbind = \"0.0.0.0:9771\"\n");
+        assert_eq!(found.len(), 1, "{found:?}");
+        assert!(
+            found[0].starts_with("test.toml:3:8: http.bind: outside loopback"),
+            "{found:?}"
+        );
+        let with_users = "[broker]\npassword_file = \"/etc/fieldbridge/passwd\"\n\
+                          [http]\nbind = \"0.0.0.0:9771\"\n";
+        assert!(problems(with_users).is_empty());
     }
 
     #[test]

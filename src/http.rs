@@ -11,6 +11,9 @@
 //!   lives at most [`CONNECTION_LIFETIME`], so a slow client cannot hold a slot.
 //! - Off unless configured: no `[http]` section, no listening socket. The default bind is
 //!   loopback (`127.0.0.1:9771`), so turning it on exposes nothing to the network.
+//! - With an [`Authenticate`] (the agent gives one for any bind outside loopback) every
+//!   request needs HTTP basic credentials it accepts, or gets `401`; the check runs
+//!   before the route, so no page is computed for a stranger.
 
 use std::collections::BTreeMap;
 use std::convert::Infallible;
@@ -20,10 +23,11 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
+use base64::Engine;
 use bytes::Bytes;
 use http_body_util::Full;
 use hyper::body::Incoming;
-use hyper::header::{HeaderValue, ALLOW, CONTENT_TYPE};
+use hyper::header::{HeaderValue, ALLOW, AUTHORIZATION, CONTENT_TYPE, WWW_AUTHENTICATE};
 use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::{TokioIo, TokioTimer};
 use serde::Deserialize;
@@ -88,12 +92,25 @@ pub struct Page {
     pub body: Bytes,
 }
 
+/// Checks a user name and password (HTTP basic).
+pub type Authenticate = Arc<dyn Fn(&str, &[u8]) -> bool + Send + Sync>;
+
+impl HttpConfig {
+    /// Whether the bind needs credentials: anything but a loopback address.
+    pub fn needs_login(&self) -> bool {
+        !self.bind.ip().is_loopback()
+    }
+}
+
 type PageFuture = Pin<Box<dyn Future<Output = Page> + Send>>;
 type Handler = Arc<dyn Fn() -> PageFuture + Send + Sync>;
 
-/// The pages served, by exact path.
+/// The pages served, by exact path, and who may see them.
 #[derive(Clone, Default)]
-pub struct Routes(BTreeMap<&'static str, Handler>);
+pub struct Routes {
+    pages: BTreeMap<&'static str, Handler>,
+    login: Option<Authenticate>,
+}
 
 impl Routes {
     /// Serves `handler`'s page at `path`.
@@ -103,9 +120,40 @@ impl Routes {
         F: Fn() -> Fut + Send + Sync + 'static,
         Fut: Future<Output = Page> + Send + 'static,
     {
-        self.0
+        self.pages
             .insert(path, Arc::new(move || Box::pin(handler()) as PageFuture));
         self
+    }
+
+    /// Every request must carry basic credentials `login` accepts.
+    #[must_use]
+    pub fn login(mut self, login: Authenticate) -> Routes {
+        self.login = Some(login);
+        self
+    }
+
+    fn admitted(&self, request: &Request<Incoming>) -> bool {
+        let Some(login) = &self.login else {
+            return true;
+        };
+        let credentials = request
+            .headers()
+            .get(AUTHORIZATION)
+            .and_then(|value| value.to_str().ok())
+            .and_then(|value| value.strip_prefix("Basic "))
+            .and_then(|encoded| {
+                base64::engine::general_purpose::STANDARD
+                    .decode(encoded.trim())
+                    .ok()
+            });
+        let Some(credentials) = credentials else {
+            return false;
+        };
+        let Some(colon) = credentials.iter().position(|b| *b == b':') else {
+            return false;
+        };
+        let (user, password) = (&credentials[..colon], &credentials[colon + 1..]);
+        std::str::from_utf8(user).is_ok_and(|user| login(user, password))
     }
 
     async fn answer(&self, request: &Request<Incoming>) -> Response<Full<Bytes>> {
@@ -116,7 +164,15 @@ impl Routes {
                 .insert(ALLOW, HeaderValue::from_static("GET, HEAD"));
             return response;
         }
-        let Some(handler) = self.0.get(request.uri().path()) else {
+        if !self.admitted(request) {
+            let mut response = plain(StatusCode::UNAUTHORIZED, "login required\n");
+            response.headers_mut().insert(
+                WWW_AUTHENTICATE,
+                HeaderValue::from_static("Basic realm=\"fieldbridge\", charset=\"UTF-8\""),
+            );
+            return response;
+        }
+        let Some(handler) = self.pages.get(request.uri().path()) else {
             return plain(StatusCode::NOT_FOUND, "not found\n");
         };
         let page = handler().await;

@@ -45,13 +45,18 @@ fn start_agent(dir: &Path, config: &str) -> Agent {
 
 /// One HTTP/1.1 request; the status code and the body.
 fn http(port: u16, method: &str, path: &str) -> (u16, String) {
+    http_with(port, method, path, "")
+}
+
+/// One HTTP/1.1 request with extra header lines (each ending in `\r\n`).
+fn http_with(port: u16, method: &str, path: &str, headers: &str) -> (u16, String) {
     let mut stream = TcpStream::connect(("127.0.0.1", port)).expect("connect to /metrics");
     stream
         .set_read_timeout(Some(Duration::from_secs(10)))
         .expect("read timeout");
     write!(
         stream,
-        "{method} {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n"
+        "{method} {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n{headers}\r\n"
     )
     .expect("send request");
     let mut response = String::new();
@@ -275,4 +280,42 @@ fn the_endpoint_is_read_only_and_answers_404_for_unknown_paths() {
                 || name.starts_with("fieldbridge_store_")),
         "{text}"
     );
+}
+
+#[test]
+fn a_bind_outside_loopback_asks_for_a_user_of_the_broker_password_file() {
+    use base64::Engine;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let passwords = dir.path().join("passwd");
+    std::fs::write(
+        &passwords,
+        fieldbridge::broker::passwd_line("scraper", "s3cret"),
+    )
+    .expect("write password file");
+    let (lan_port, http_port) = (free_port(), free_port());
+    let config = format!(
+        "[broker]\npassword_file = {passwords:?}\n[[broker.listeners]]\nbind = \"127.0.0.1:{lan_port}\"\n\n\
+         [http]\nbind = \"0.0.0.0:{http_port}\"\n",
+        passwords = passwords.display().to_string(),
+    );
+    let _agent = start_agent(dir.path(), &config);
+    wait_for_port(http_port, START);
+    let basic = |user_password: &str| {
+        format!(
+            "Authorization: Basic {}\r\n",
+            base64::engine::general_purpose::STANDARD.encode(user_password)
+        )
+    };
+    assert_eq!(http(http_port, "GET", "/metrics").0, 401);
+    assert_eq!(
+        http_with(http_port, "GET", "/metrics", &basic("scraper:wrong")).0,
+        401
+    );
+    assert_eq!(
+        http_with(http_port, "GET", "/metrics", "Authorization: Basic !!!\r\n").0,
+        401
+    );
+    let (status, text) = http_with(http_port, "GET", "/metrics", &basic("scraper:s3cret"));
+    assert_eq!(status, 200, "{text}");
+    assert!(parse(dir.path(), &text).contains_key("fieldbridge_lan_clients"));
 }

@@ -184,7 +184,7 @@ impl Agent {
         );
         let http = match &config.http {
             Some(http_config) => {
-                let routes = outputs.routes(started, bus_map.clone());
+                let routes = outputs.routes(started, bus_map.clone(), &config)?;
                 let handle = http::start(http_config, routes, background.clone()).await?;
                 tracing::info!(addr = %handle.local_addr(), "http endpoint listening");
                 Some(handle)
@@ -512,7 +512,15 @@ impl Outputs {
     }
 
     /// The HTTP endpoint's pages: `/metrics` from the counters the health report reads.
-    fn routes(&self, started: Instant, buses: health::BusMap) -> http::Routes {
+    ///
+    /// A bind outside loopback asks for the users of the broker's password file (the
+    /// config refuses such a bind without one); the file is read at start.
+    fn routes(
+        &self,
+        started: Instant,
+        buses: health::BusMap,
+        config: &Config,
+    ) -> Result<http::Routes, Error> {
         let metrics = Arc::new(metrics::Metrics {
             started,
             broker: self.broker.clone(),
@@ -523,10 +531,25 @@ impl Outputs {
             buses,
             commands: self.commands.clone(),
         });
-        http::Routes::default().get("/metrics", move || {
+        let routes = http::Routes::default().get("/metrics", move || {
             let metrics = metrics.clone();
             async move { metrics.page().await }
-        })
+        });
+        let needs_login = config
+            .http
+            .as_ref()
+            .is_some_and(http::HttpConfig::needs_login);
+        let password_file = config
+            .broker
+            .as_ref()
+            .and_then(|broker| broker.password_file.as_ref());
+        match (needs_login, password_file) {
+            (true, Some(path)) => {
+                let users = broker::PasswordFile::load(path).map_err(broker::Error::from)?;
+                Ok(routes.login(Arc::new(move |user, password| users.verify(user, password))))
+            }
+            _ => Ok(routes),
+        }
     }
 
     /// The one line that says the agent is up and what it runs.
