@@ -120,7 +120,7 @@ fn metrics_parse_with_prometheus_client_and_follow_the_agent() {
         url = upstream.url(),
         slave = slave.port(),
     );
-    let _agent = start_agent(dir.path(), &config);
+    let mut agent = start_agent(dir.path(), &config);
     wait_for_port(http_port, START);
 
     let ready = poll_until(ARRIVE, || {
@@ -253,6 +253,21 @@ fn metrics_parse_with_prometheus_client_and_follow_the_agent() {
         )?;
         (now > first).then_some(())
     });
+
+    // The endpoint holds the uplink's handle through the health report's sources; a
+    // SIGTERM still ends with a clean DISCONNECT (the endpoint stops first).
+    let _open = TcpStream::connect(("127.0.0.1", http_port)).expect("an idle keep-alive");
+    let killed = Command::new("kill")
+        .args(["-TERM", &agent.0.id().to_string()])
+        .status()
+        .expect("run kill");
+    assert!(killed.success());
+    let status = wait_for("the agent to exit after SIGTERM", START, || {
+        agent.0.try_wait().expect("wait for agent")
+    });
+    let log = std::fs::read_to_string(dir.path().join("agent.log")).unwrap_or_default();
+    assert!(status.success(), "{log}");
+    assert!(log.contains("upstream disconnected"), "{log}");
 }
 
 #[test]

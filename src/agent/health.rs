@@ -49,7 +49,7 @@ use crate::uplink::UplinkHandle;
 /// The running buses (replaced on reload), for their names, devices and counters.
 pub type BusMap = Arc<Mutex<Vec<ResolvedBus>>>;
 
-/// What the report is made of.
+/// What the report is made of; `/metrics` reads the same (see `metrics::Metrics`).
 pub struct Health {
     pub topics: Topics,
     pub started: Instant,
@@ -66,7 +66,7 @@ pub struct Health {
 
 impl Health {
     /// Publishes a report every `interval` until `stop`.
-    pub async fn run(self, stop: CancellationToken, heartbeat: Heartbeat) {
+    pub async fn run(self: Arc<Self>, stop: CancellationToken, heartbeat: Heartbeat) {
         let mut report = tokio::time::interval(self.interval);
         report.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
         report.reset();

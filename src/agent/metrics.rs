@@ -16,16 +16,10 @@ use std::fmt::Write;
 use std::sync::Arc;
 
 use bytes::Bytes;
-use tokio::time::Instant;
 
-use super::commands::CommandCounters;
-use super::health::{bus_snapshots, BusMap};
-use super::pipeline::{Counters, DeviceStates};
-use crate::broker::BrokerHandle;
+use super::health::{bus_snapshots, Health};
 use crate::field::{StatsSnapshot, FAILURE_QUALITIES, LATENCY_BUCKETS};
 use crate::http::Page;
-use crate::store::Queue;
-use crate::uplink::UplinkHandle;
 
 /// Content type of the text exposition format.
 pub const CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
@@ -41,16 +35,9 @@ const USER_HZ: f64 = 100.0;
 /// One counter of a bus's stats.
 type BusFigure = fn(&StatsSnapshot) -> u64;
 
-/// Where the figures come from (the same handles the health report holds).
+/// The figures' sources: the health report's own.
 pub struct Metrics {
-    pub started: Instant,
-    pub broker: Option<BrokerHandle>,
-    pub queue: Option<Queue>,
-    pub uplink: Option<Arc<UplinkHandle>>,
-    pub counters: Arc<Counters>,
-    pub devices: DeviceStates,
-    pub buses: BusMap,
-    pub commands: Arc<CommandCounters>,
+    pub health: Arc<Health>,
 }
 
 impl Metrics {
@@ -79,7 +66,7 @@ impl Metrics {
             "fieldbridge_uptime_seconds",
             "gauge",
             "Seconds since the agent started.",
-            self.started.elapsed().as_millis() as f64 / 1000.0,
+            self.health.started.elapsed().as_millis() as f64 / 1000.0,
         );
         self.readings(&mut out);
         self.buses(&mut out);
@@ -97,18 +84,18 @@ impl Metrics {
             "fieldbridge_readings_accepted_total",
             "counter",
             "Readings accepted: committed to the store, or published on the LAN broker when LAN-only.",
-            self.counters.accepted.load(Relaxed) as f64,
+            self.health.counters.accepted.load(Relaxed) as f64,
         );
         out.single(
             "fieldbridge_readings_store_refused_total",
             "counter",
             "Readings the store refused (they reached the LAN broker only).",
-            self.counters.store_failed.load(Relaxed) as f64,
+            self.health.counters.store_failed.load(Relaxed) as f64,
         );
     }
 
     fn buses(&self, out: &mut Exposition) {
-        let buses = bus_snapshots(&self.buses, &self.devices);
+        let buses = bus_snapshots(&self.health.buses, &self.health.devices);
         let counters: [(&str, &str, BusFigure); 4] = [
             (
                 "fieldbridge_bus_requests_total",
@@ -203,7 +190,7 @@ impl Metrics {
     }
 
     async fn store(&self, out: &mut Exposition) {
-        let Some(queue) = &self.queue else {
+        let Some(queue) = &self.health.queue else {
             return;
         };
         let stats = match queue.stats().await {
@@ -318,7 +305,7 @@ impl Metrics {
     }
 
     fn uplink(&self, out: &mut Exposition) {
-        let Some(uplink) = &self.uplink else {
+        let Some(uplink) = &self.health.uplink else {
             return;
         };
         let word = uplink.state().borrow().word();
@@ -397,7 +384,7 @@ impl Metrics {
     }
 
     fn lan(&self, out: &mut Exposition) {
-        let Some(broker) = &self.broker else {
+        let Some(broker) = &self.health.broker else {
             return;
         };
         let stats = broker.stats();
@@ -478,7 +465,7 @@ impl Metrics {
     }
 
     fn commands(&self, out: &mut Exposition) {
-        let now = self.commands.snapshot();
+        let now = self.health.commands.snapshot();
         let name = "fieldbridge_commands_total";
         out.family(
             name,

@@ -177,14 +177,11 @@ impl Agent {
             outputs.start_commands(&config, &bus_map, &events, upstream_commands, &background);
         }
         let health_beat = Heartbeat::new("health");
-        let health = tokio::spawn(
-            outputs
-                .health(&config, started, bus_map.clone())
-                .run(background.clone(), health_beat.clone()),
-        );
+        let report = Arc::new(outputs.health(&config, started, bus_map.clone()));
+        let health = tokio::spawn(report.clone().run(background.clone(), health_beat.clone()));
         let http = match &config.http {
             Some(http_config) => {
-                let routes = outputs.routes(started, bus_map.clone(), &config)?;
+                let routes = routes(report, &config)?;
                 let handle = http::start(http_config, routes, background.clone()).await?;
                 tracing::info!(addr = %handle.local_addr(), "http endpoint listening");
                 Some(handle)
@@ -511,47 +508,6 @@ impl Outputs {
         }
     }
 
-    /// The HTTP endpoint's pages: `/metrics` from the counters the health report reads.
-    ///
-    /// A bind outside loopback asks for the users of the broker's password file (the
-    /// config refuses such a bind without one); the file is read at start.
-    fn routes(
-        &self,
-        started: Instant,
-        buses: health::BusMap,
-        config: &Config,
-    ) -> Result<http::Routes, Error> {
-        let metrics = Arc::new(metrics::Metrics {
-            started,
-            broker: self.broker.clone(),
-            queue: self.queue.clone(),
-            uplink: self.uplink.clone(),
-            counters: self.counters.clone(),
-            devices: self.devices.clone(),
-            buses,
-            commands: self.commands.clone(),
-        });
-        let routes = http::Routes::default().get("/metrics", move || {
-            let metrics = metrics.clone();
-            async move { metrics.page().await }
-        });
-        let needs_login = config
-            .http
-            .as_ref()
-            .is_some_and(http::HttpConfig::needs_login);
-        let password_file = config
-            .broker
-            .as_ref()
-            .and_then(|broker| broker.password_file.as_ref());
-        match (needs_login, password_file) {
-            (true, Some(path)) => {
-                let users = broker::PasswordFile::load(path).map_err(broker::Error::from)?;
-                Ok(routes.login(Arc::new(move |user, password| users.verify(user, password))))
-            }
-            _ => Ok(routes),
-        }
-    }
-
     /// The one line that says the agent is up and what it runs.
     fn log_running(&self, config: &Config) {
         tracing::info!(
@@ -562,6 +518,33 @@ impl Outputs {
             buses = config.field.buses.len(),
             "fieldbridge running"
         );
+    }
+}
+
+/// The HTTP endpoint's pages: `/metrics` from the health report's sources.
+///
+/// A bind outside loopback asks for the users of the broker's password file (the
+/// config refuses such a bind without one); the file is read at start.
+fn routes(health: Arc<health::Health>, config: &Config) -> Result<http::Routes, Error> {
+    let metrics = Arc::new(metrics::Metrics { health });
+    let routes = http::Routes::default().get("/metrics", move || {
+        let metrics = metrics.clone();
+        async move { metrics.page().await }
+    });
+    let needs_login = config
+        .http
+        .as_ref()
+        .is_some_and(http::HttpConfig::needs_login);
+    let password_file = config
+        .broker
+        .as_ref()
+        .and_then(|broker| broker.password_file.as_ref());
+    match (needs_login, password_file) {
+        (true, Some(path)) => {
+            let users = broker::PasswordFile::load(path).map_err(broker::Error::from)?;
+            Ok(routes.login(Arc::new(move |user, password| users.verify(user, password))))
+        }
+        _ => Ok(routes),
     }
 }
 
