@@ -5,6 +5,7 @@
 //! [broker]         # broker::BrokerConfig   (optional: no section, no local broker)
 //! [store]          # store::StoreConfig     (used when there is an upstream)
 //! [upstream]       # uplink::UplinkConfig   (optional: no section, LAN-only)
+//! [http]           # http::HttpConfig       (optional: no section, no HTTP endpoint)
 //! [[bus]]          # field::FieldConfig buses
 //! [profile.NAME]   # field::FieldConfig profiles
 //! ```
@@ -37,6 +38,7 @@ use serde::Deserialize;
 
 use crate::broker::BrokerConfig;
 use crate::field::{BusConfig, FieldConfig, ProfileConfig};
+use crate::http::HttpConfig;
 use crate::mqtt::QoS;
 use crate::store::StoreConfig;
 use crate::topics::{Claim, Topics};
@@ -55,6 +57,8 @@ pub struct Config {
     pub store: StoreConfig,
     /// `[upstream]`: the upstream MQTT connection. Absent: LAN-only.
     pub upstream: Option<UplinkConfig>,
+    /// `[http]`: the `/metrics` endpoint. Absent: no HTTP endpoint.
+    pub http: Option<HttpConfig>,
     /// `[[bus]]` and `[profile.NAME]`: the field devices.
     pub field: FieldConfig,
     /// The document as parsed, to tell which sections a reload changed.
@@ -73,6 +77,8 @@ struct File {
     store: StoreConfig,
     #[serde(default)]
     upstream: Option<UplinkConfig>,
+    #[serde(default)]
+    http: Option<HttpConfig>,
     #[serde(default)]
     bus: Vec<BusConfig>,
     #[serde(default)]
@@ -189,6 +195,17 @@ impl Config {
         problems.extend(self.broker.iter().flat_map(BrokerConfig::validate));
         problems.extend(self.store.validate());
         problems.extend(self.upstream.iter().flat_map(UplinkConfig::validate));
+        problems.extend(self.http.iter().flat_map(HttpConfig::validate));
+        let has_users = self
+            .broker
+            .as_ref()
+            .is_some_and(|broker| broker.password_file.is_some());
+        if self.http.as_ref().is_some_and(HttpConfig::needs_login) && !has_users {
+            problems.at("http").report(
+                "bind",
+                "outside loopback the endpoint asks for a login: set [broker] password_file (its users log in), or bind 127.0.0.1",
+            );
+        }
         problems.extend(self.field.validate());
         if self.broker.is_none() && self.upstream.is_none() {
             let message = if self.field.buses.is_empty() {
@@ -584,6 +601,7 @@ pub fn parse(file: &str, text: &str) -> Result<Config, Error> {
         broker: parsed.broker,
         store: parsed.store,
         upstream: parsed.upstream,
+        http: parsed.http,
         field: FieldConfig {
             buses: parsed.bus,
             profiles: parsed.profile,
@@ -608,7 +626,9 @@ pub fn parse(file: &str, text: &str) -> Result<Config, Error> {
 }
 
 /// The sections a file may have, in the order serde names them.
-const SECTIONS: [&str; 6] = ["agent", "broker", "store", "upstream", "bus", "profile"];
+const SECTIONS: [&str; 7] = [
+    "agent", "broker", "store", "upstream", "http", "bus", "profile",
+];
 
 /// The type errors of each top-level section read alone (each `[[bus]]` and each
 /// `[profile.NAME]` apart), and unknown sections, with their spans.
@@ -637,6 +657,7 @@ fn section_type_errors(doc: &toml_edit::ImDocument<&str>) -> Vec<(Range<usize>, 
             ("broker", _) => found.extend(type_error::<BrokerConfig>(item)),
             ("store", _) => found.extend(type_error::<StoreConfig>(item)),
             ("upstream", _) => found.extend(type_error::<UplinkConfig>(item)),
+            ("http", _) => found.extend(type_error::<HttpConfig>(item)),
             ("bus", toml_edit::Item::ArrayOfTables(buses)) => {
                 for bus in buses {
                     let bus = toml_edit::Item::Table(bus.clone());
@@ -835,6 +856,24 @@ mod tests {
         let config = parse("test.toml", "[broker]\n").expect("valid");
         assert_eq!(config.agent, AgentConfig::default());
         assert!(config.upstream.is_none());
+    }
+
+    #[test]
+    fn http_is_off_unless_configured_and_outside_loopback_needs_a_password_file() {
+        let config = parse("test.toml", "[broker]\n").expect("valid");
+        assert!(config.http.is_none());
+        let config = parse("test.toml", "[broker]\n[http]\n").expect("valid");
+        let http = config.http.expect("[http] given");
+        assert!(http.bind.ip().is_loopback() && !http.needs_login());
+        let found = problems("[broker]\n[http]\nbind = \"0.0.0.0:9771\"\n");
+        assert_eq!(found.len(), 1, "{found:?}");
+        assert!(
+            found[0].starts_with("test.toml:3:8: http.bind: outside loopback"),
+            "{found:?}"
+        );
+        let with_users = "[broker]\npassword_file = \"/etc/fieldbridge/passwd\"\n\
+                          [http]\nbind = \"0.0.0.0:9771\"\n";
+        assert!(problems(with_users).is_empty());
     }
 
     #[test]

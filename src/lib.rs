@@ -14,6 +14,7 @@
 //! | [`agent`] | wiring, lifecycle, shutdown, reload, systemd notify, the command router |
 //! | [`clock`] | the wall clock (ms since the epoch), one copy for every module |
 //! | [`future`] | small future helpers for `select!` loops (an optional future as a disabled arm) |
+//! | [`http`] | the `[http]` endpoint: a small read-only HTTP/1.1 server serving the routes the agent gives it |
 //! | [`topics`] | the topic namespace: every topic the agent publishes or subscribes to |
 //! | [`files`] | private modes of created files, user and group names, why a file cannot be read (a leaf) |
 //!
@@ -27,6 +28,7 @@ pub mod config;
 pub mod field;
 pub mod files;
 pub mod future;
+pub mod http;
 pub mod mqtt;
 pub mod problem;
 pub mod store;

@@ -64,15 +64,35 @@ pub struct CommandCounters {
     refused: Mutex<BTreeMap<&'static str, u64>>,
 }
 
+/// A copy of the command counters at one moment.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct CommandSnapshot {
+    pub ok: u64,
+    pub failed: u64,
+    pub duplicates: u64,
+    /// Refused commands by reason (`out_of_range`, `not_writable`, ...).
+    pub refused: BTreeMap<&'static str, u64>,
+}
+
 impl CommandCounters {
+    /// The counters now, for the metrics endpoint.
+    pub fn snapshot(&self) -> CommandSnapshot {
+        CommandSnapshot {
+            ok: self.ok.load(Ordering::Relaxed),
+            failed: self.failed.load(Ordering::Relaxed),
+            duplicates: self.duplicates.load(Ordering::Relaxed),
+            refused: self.refused.lock().map(|r| r.clone()).unwrap_or_default(),
+        }
+    }
+
     /// `{"ok":…,"failed":…,"duplicates":…,"refused":{"out_of_range":…}}`
     pub fn json(&self) -> Json {
-        let refused = self.refused.lock().map(|r| r.clone()).unwrap_or_default();
+        let now = self.snapshot();
         json!({
-            "ok": self.ok.load(Ordering::Relaxed),
-            "failed": self.failed.load(Ordering::Relaxed),
-            "duplicates": self.duplicates.load(Ordering::Relaxed),
-            "refused": refused,
+            "ok": now.ok,
+            "failed": now.failed,
+            "duplicates": now.duplicates,
+            "refused": now.refused,
         })
     }
 

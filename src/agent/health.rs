@@ -45,7 +45,7 @@ use super::pipeline::{Counters, DeviceStates};
 use super::systemd::{Heartbeat, BEAT_PERIOD};
 use crate::broker::BrokerHandle;
 use crate::clock::now_ms;
-use crate::field::ResolvedBus;
+use crate::field::{ResolvedBus, StatsSnapshot};
 use crate::mqtt::QoS;
 use crate::store::{Done, Message, Priority, Queue};
 use crate::topics::Topics;
@@ -57,7 +57,7 @@ const STATS_WAIT: Duration = Duration::from_secs(2);
 /// The running buses (replaced on reload), for their names, devices and counters.
 pub type BusMap = Arc<Mutex<Vec<ResolvedBus>>>;
 
-/// What the report is made of.
+/// What the report is made of; `/metrics` reads the same (see `metrics::Metrics`).
 pub struct Health {
     pub topics: Topics,
     pub started: Instant,
@@ -74,7 +74,7 @@ pub struct Health {
 
 impl Health {
     /// Publishes a report every `interval` until `stop`.
-    pub async fn run(self, stop: CancellationToken, heartbeat: Heartbeat) {
+    pub async fn run(self: Arc<Self>, stop: CancellationToken, heartbeat: Heartbeat) {
         let mut report = tokio::time::interval(self.interval);
         report.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
         report.reset();
@@ -188,31 +188,12 @@ impl Health {
     }
 
     fn bus_states(&self) -> Value {
-        let devices = self
-            .devices
-            .lock()
-            .map(|states| states.clone())
-            .unwrap_or_default();
-        let buses = self
-            .buses
-            .lock()
-            .map(|buses| buses.clone())
-            .unwrap_or_default();
         let mut out = Map::new();
-        for bus in buses {
-            let states: BTreeMap<String, String> = bus
-                .device_names()
-                .into_iter()
-                .map(|device| {
-                    let state = devices
-                        .get(&device)
-                        .map_or_else(|| "starting".to_string(), ToString::to_string);
-                    (device, state)
-                })
-                .collect();
-            let stats = bus.stats();
+        for bus in bus_snapshots(&self.buses, &self.devices) {
+            let states: BTreeMap<String, String> = bus.devices.into_iter().collect();
+            let stats = bus.stats;
             out.insert(
-                bus.name().to_string(),
+                bus.name,
                 json!({
                     "requests": stats.requests,
                     "failed_requests": stats.failed_requests,
@@ -250,4 +231,38 @@ impl Health {
             queue.submit(vec![message], done).await;
         }
     }
+}
+
+/// One bus at one moment: its counters and each device's state (`starting` until the
+/// device reports one), in configuration order.
+pub struct BusSnapshot {
+    pub name: String,
+    pub stats: StatsSnapshot,
+    pub devices: Vec<(String, String)>,
+}
+
+/// The buses now, as the health report and the metrics endpoint see them.
+pub fn bus_snapshots(buses: &BusMap, devices: &DeviceStates) -> Vec<BusSnapshot> {
+    let states = devices
+        .lock()
+        .map(|states| states.clone())
+        .unwrap_or_default();
+    let buses = buses.lock().map(|buses| buses.clone()).unwrap_or_default();
+    buses
+        .into_iter()
+        .map(|bus| BusSnapshot {
+            name: bus.name().to_string(),
+            stats: bus.stats(),
+            devices: bus
+                .device_names()
+                .into_iter()
+                .map(|device| {
+                    let state = states
+                        .get(&device)
+                        .map_or_else(|| "starting".to_string(), ToString::to_string);
+                    (device, state)
+                })
+                .collect(),
+        })
+        .collect()
 }

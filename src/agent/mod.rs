@@ -4,11 +4,12 @@
 //! bus tasks ──(bounded mpsc)──► pipeline ─┬─► local broker (in-process publish)
 //!  (supervised)                           └─► store ◄── uplink drains it
 //! health ──► local broker + store        signals ──► reload / shutdown
+//! http (/metrics) ◄── the same counters the health report reads
 //! ```
 //!
 //! Invariants:
-//! - Startup order: signals, local broker, store, uplink, pipeline, buses, health; then
-//!   READY=1 (the broker listens and the buses poll).
+//! - Startup order: signals, local broker, store, uplink, pipeline, buses, health, the
+//!   HTTP endpoint; then READY=1 (the broker listens and the buses poll).
 //! - Shutdown order (SIGTERM/SIGINT): stop polling; let the pipeline commit what it
 //!   holds; publish `offline` and disconnect upstream; `offline` on the local broker;
 //!   stop the broker; close the store. The whole sequence is bounded by
@@ -22,6 +23,7 @@
 mod commands;
 pub mod demo;
 mod health;
+mod metrics;
 mod pipeline;
 pub mod signals;
 mod supervisor;
@@ -41,6 +43,7 @@ use tokio_util::sync::CancellationToken;
 use crate::broker::{self, Broker, BrokerConfig, BrokerHandle};
 use crate::config::{self, Config};
 use crate::field::{self, FieldEvent, ResolvedBus};
+use crate::http::{self, HttpHandle};
 use crate::mqtt::QoS;
 use crate::store::{self, Queue};
 use crate::topics::Topics;
@@ -68,6 +71,8 @@ pub enum Error {
     Field(#[from] field::Error),
     #[error("{0}")]
     Io(#[source] std::io::Error),
+    #[error("http endpoint: {0}")]
+    Http(#[from] http::Error),
     #[error("cannot install signal handlers: {0}")]
     Signals(#[source] std::io::Error),
 }
@@ -129,6 +134,7 @@ pub struct Agent {
     pipeline: JoinHandle<()>,
     background: CancellationToken,
     health: JoinHandle<()>,
+    http: Option<HttpHandle>,
     watchdog: Option<JoinHandle<()>>,
 }
 
@@ -171,11 +177,17 @@ impl Agent {
             outputs.start_commands(&config, &bus_map, &events, upstream_commands, &background);
         }
         let health_beat = Heartbeat::new("health");
-        let health = tokio::spawn(
-            outputs
-                .health(&config, started, bus_map.clone())
-                .run(background.clone(), health_beat.clone()),
-        );
+        let report = Arc::new(outputs.health(&config, started, bus_map.clone()));
+        let health = tokio::spawn(report.clone().run(background.clone(), health_beat.clone()));
+        let http = match &config.http {
+            Some(http_config) => {
+                let routes = routes(report, &config)?;
+                let handle = http::start(http_config, routes, background.clone()).await?;
+                tracing::info!(addr = %handle.local_addr(), "http endpoint listening");
+                Some(handle)
+            }
+            None => None,
+        };
         let beats = vec![pipeline_beat, supervisor_beat.clone(), health_beat];
         let watchdog = spawn_watchdog(beats, &background);
 
@@ -191,6 +203,7 @@ impl Agent {
             pipeline,
             background,
             health,
+            http,
             watchdog,
         })
     }
@@ -223,7 +236,7 @@ impl Agent {
         } else {
             None
         };
-        for section in ["agent", "store", "upstream"] {
+        for section in ["agent", "store", "upstream", "http"] {
             if self.config.section_changed(&new, section) {
                 tracing::warn!(
                     section,
@@ -303,6 +316,9 @@ impl Agent {
         }
         drop(self.events);
         let _ = tokio::time::timeout_at(deadline, self.health).await;
+        if let Some(http) = self.http {
+            let _ = tokio::time::timeout_at(deadline, http.stopped()).await;
+        }
         match tokio::time::timeout_at(deadline, self.pipeline).await {
             Ok(_) => tracing::info!(
                 accepted = self
@@ -329,7 +345,8 @@ impl Agent {
             );
         }
         if let Some(uplink) = self.outputs.uplink {
-            // The health task has ended, so this is the last reference.
+            // The health task and the HTTP endpoint have ended, so this is the last
+            // reference.
             match Arc::into_inner(uplink) {
                 Some(uplink) => {
                     // The uplink takes up to UPLINK_RELEASE_GRACE beyond its timeout to
@@ -501,6 +518,33 @@ impl Outputs {
             buses = config.field.buses.len(),
             "fieldbridge running"
         );
+    }
+}
+
+/// The HTTP endpoint's pages: `/metrics` from the health report's sources.
+///
+/// A bind outside loopback asks for the users of the broker's password file (the
+/// config refuses such a bind without one); the file is read at start.
+fn routes(health: Arc<health::Health>, config: &Config) -> Result<http::Routes, Error> {
+    let metrics = Arc::new(metrics::Metrics { health });
+    let routes = http::Routes::default().get("/metrics", move || {
+        let metrics = metrics.clone();
+        async move { metrics.page().await }
+    });
+    let needs_login = config
+        .http
+        .as_ref()
+        .is_some_and(http::HttpConfig::needs_login);
+    let password_file = config
+        .broker
+        .as_ref()
+        .and_then(|broker| broker.password_file.as_ref());
+    match (needs_login, password_file) {
+        (true, Some(path)) => {
+            let users = broker::PasswordFile::load(path).map_err(broker::Error::from)?;
+            Ok(routes.login(Arc::new(move |user, password| users.verify(user, password))))
+        }
+        _ => Ok(routes),
     }
 }
 

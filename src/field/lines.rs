@@ -468,12 +468,13 @@ async fn poll_line_device(
     let request = spec.request.as_deref().unwrap_or_default();
     let mut attempt = 0;
     let (readings, outcome, fault) = loop {
+        let sent = Instant::now();
         let result = async {
             port.send(request).await?;
-            port.next_line(Instant::now() + spec.timeout).await
+            port.next_line(sent + spec.timeout).await
         }
         .await;
-        port.bus.stats.add_request(result.is_err());
+        port.bus.stats.add_request(sent, &result);
         match result {
             Ok(Line::Text(text)) => match parse_line(spec, checksum, &text, now_ms()) {
                 Ok(mut readings) => {

@@ -64,7 +64,7 @@ pub use decode::{ByteOrder, DataType, RegisterKind};
 pub use link::{Disconnect, ReadError};
 pub use probe::{probe, ProbeError, ProbeTarget, ProbeTransport};
 pub use reading::{DeviceState, FieldEvent, Quality, Reading, Value};
-pub use resolve::{PlannedWrite, ResolvedBus, StatsSnapshot};
+pub use resolve::{PlannedWrite, ResolvedBus, StatsSnapshot, FAILURE_QUALITIES, LATENCY_BUCKETS};
 pub use write::{Refusal, Requested, WriteOp};
 
 /// Errors of the field layer.

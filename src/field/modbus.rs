@@ -82,29 +82,38 @@ impl<'a, L: Link> Wire<'a, L> {
         }
     }
 
+    /// One read request, once pacing allows it; counted in `stats` with its time on
+    /// the wire (the pacing pause left out).
     async fn read(
         &mut self,
+        stats: &BusStats,
         dev: &ResolvedDevice,
         kind: RegisterKind,
         start: u16,
         count: u16,
     ) -> Result<Result<Words, ExceptionCode>, ReadError> {
         self.pace(dev).await;
+        let sent = Instant::now();
         let result = self
             .link
             .read(dev.unit_id, kind, start, count, dev.timeout)
             .await;
+        stats.add_request(sent, &result);
         self.ended(dev);
         result
     }
 
+    /// One write request, paced and counted as [`Wire::read`].
     async fn write(
         &mut self,
+        stats: &BusStats,
         dev: &ResolvedDevice,
         op: &WriteOp,
     ) -> Result<Result<(), ExceptionCode>, ReadError> {
         self.pace(dev).await;
+        let sent = Instant::now();
         let result = self.link.write(dev.unit_id, op, dev.timeout).await;
+        stats.add_request(sent, &result);
         self.ended(dev);
         result
     }
@@ -122,8 +131,7 @@ async fn read_with_retries<L: Link>(
 ) -> Result<Result<Words, ExceptionCode>, ReadError> {
     let mut attempt = 0;
     loop {
-        let result = wire.read(dev, kind, start, count).await;
-        stats.add_request(result.is_err());
+        let result = wire.read(stats, dev, kind, start, count).await;
         match result {
             Err(e) if e.is_retryable() && attempt < dev.retries => attempt += 1,
             result => return result,
@@ -288,8 +296,7 @@ async fn write_with_retries<L: Link>(
 ) -> Result<Result<(), ExceptionCode>, ReadError> {
     let mut attempt = 0;
     loop {
-        let result = wire.write(dev, op).await;
-        stats.add_request(result.is_err());
+        let result = wire.write(stats, dev, op).await;
         match result {
             Err(e) if e.is_retryable() && attempt < dev.retries => attempt += 1,
             result => return result,

@@ -15,21 +15,40 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use tokio::time::Instant;
+
 use super::command::CommandQueue;
 use super::config::{
     BusConfig, BusKind, DeviceConfig, FieldConfig, LineMode, PointConfig, ProfileConfig,
 };
 use super::decode::{ByteOrder, Codec};
+use super::link::ReadError;
 use super::plan::{Limits, PointSpan, ReadPlan};
 use super::reading::{Quality, Reading, Value};
 use super::schedule::Band;
 use super::write::{encode, Refusal, Requested, WriteOp, WriteSpec};
+
+/// Upper bounds (seconds) of the request latency histogram's buckets; a last, unbounded
+/// bucket takes the rest. From a fast TCP device (a few ms) to a slow RS-485 timeout.
+pub const LATENCY_BUCKETS: [f64; 10] = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0];
+
+/// The qualities a failed request can have, in the order of [`StatsSnapshot::failures`].
+pub const FAILURE_QUALITIES: [Quality; 4] = [
+    Quality::Timeout,
+    Quality::Crc,
+    Quality::Disconnected,
+    Quality::Protocol,
+];
 
 /// Counters of one bus, shared with whoever holds its [`ResolvedBus`].
 #[derive(Debug, Default)]
 pub struct BusStats {
     requests: AtomicU64,
     failed_requests: AtomicU64,
+    failures: [AtomicU64; FAILURE_QUALITIES.len()],
+    /// Requests per latency bucket (not cumulative); the last is above every bound.
+    latency: [AtomicU64; LATENCY_BUCKETS.len() + 1],
+    latency_sum_us: AtomicU64,
     readings: AtomicU64,
     lines: AtomicU64,
     garbage_lines: AtomicU64,
@@ -42,6 +61,13 @@ pub struct StatsSnapshot {
     pub requests: u64,
     /// Requests that got no usable answer (timeout, corrupted, disconnected).
     pub failed_requests: u64,
+    /// Of those, by quality, in the order of [`FAILURE_QUALITIES`].
+    pub failures: [u64; FAILURE_QUALITIES.len()],
+    /// Requests by latency (request sent to answer or failure), per bucket of
+    /// [`LATENCY_BUCKETS`] (not cumulative; the last is above every bound).
+    pub latency: [u64; LATENCY_BUCKETS.len() + 1],
+    /// Sum of all request latencies, in microseconds.
+    pub latency_sum_us: u64,
     /// Readings produced (before deadband filtering).
     pub readings: u64,
     /// Lines received on a lines bus.
@@ -55,16 +81,33 @@ impl BusStats {
         StatsSnapshot {
             requests: self.requests.load(Ordering::Relaxed),
             failed_requests: self.failed_requests.load(Ordering::Relaxed),
+            failures: std::array::from_fn(|i| self.failures[i].load(Ordering::Relaxed)),
+            latency: std::array::from_fn(|i| self.latency[i].load(Ordering::Relaxed)),
+            latency_sum_us: self.latency_sum_us.load(Ordering::Relaxed),
             readings: self.readings.load(Ordering::Relaxed),
             lines: self.lines.load(Ordering::Relaxed),
             garbage_lines: self.garbage_lines.load(Ordering::Relaxed),
         }
     }
 
-    pub(crate) fn add_request(&self, failed: bool) {
+    /// Counts a request sent at `sent` that ended with `result` now.
+    pub(crate) fn add_request<T>(&self, sent: Instant, result: &Result<T, ReadError>) {
         self.requests.fetch_add(1, Ordering::Relaxed);
-        if failed {
+        let latency = sent.elapsed();
+        let seconds = latency.as_secs_f64();
+        let bucket = LATENCY_BUCKETS
+            .iter()
+            .position(|bound| seconds <= *bound)
+            .unwrap_or(LATENCY_BUCKETS.len());
+        self.latency[bucket].fetch_add(1, Ordering::Relaxed);
+        let micros = u64::try_from(latency.as_micros()).unwrap_or(u64::MAX);
+        self.latency_sum_us.fetch_add(micros, Ordering::Relaxed);
+        if let Err(err) = result {
             self.failed_requests.fetch_add(1, Ordering::Relaxed);
+            let quality = err.quality();
+            if let Some(i) = FAILURE_QUALITIES.iter().position(|q| *q == quality) {
+                self.failures[i].fetch_add(1, Ordering::Relaxed);
+            }
         }
     }
 
@@ -386,6 +429,7 @@ pub(crate) fn resolve_buses(config: &FieldConfig) -> Vec<ResolvedBus> {
 mod tests {
     use super::*;
     use crate::field::config::tests::parse;
+    use crate::field::Disconnect;
 
     /// A meter whose counters come every minute (profile group), one point at its own
     /// 200 ms, one device group overriding the profile's, the rest at the device's 1 s.
@@ -466,5 +510,27 @@ mod tests {
         assert_eq!((slow.blocks[0].start, slow.blocks[0].count), (342, 4));
         assert_eq!(slow.blocks[0].points, vec![1, 2]);
         assert_eq!(d.fastest(), Duration::from_millis(200));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_request_lands_in_its_latency_bucket_and_a_failure_under_its_quality() {
+        let stats = BusStats::default();
+        let sent = Instant::now();
+        tokio::time::sleep(Duration::from_millis(30)).await;
+        stats.add_request(sent, &Ok::<(), ReadError>(()));
+        let sent = Instant::now();
+        tokio::time::sleep(Duration::from_secs(7)).await;
+        stats.add_request::<()>(sent, &Err(ReadError::Timeout));
+        stats.add_request::<()>(
+            Instant::now(),
+            &Err(ReadError::Disconnected(Arc::new(Disconnect::Closed))),
+        );
+        let now = stats.snapshot();
+        assert_eq!((now.requests, now.failed_requests), (3, 2));
+        // 30 ms: the 0.05 s bucket; 7 s: above every bound; 0 s: the first bucket.
+        let expected: [u64; 11] = [1, 0, 0, 1, 0, 0, 0, 0, 0, 0, 1];
+        assert_eq!(now.latency, expected);
+        assert_eq!(now.latency_sum_us, 7_030_000);
+        assert_eq!(now.failures, [1, 0, 1, 0]);
     }
 }
