@@ -5,6 +5,7 @@
 //! [broker]         # broker::BrokerConfig   (optional: no section, no local broker)
 //! [store]          # store::StoreConfig     (used when there is an upstream)
 //! [upstream]       # uplink::UplinkConfig   (optional: no section, LAN-only)
+//! [homeassistant]  # this module: MQTT discovery (optional: no section, no discovery)
 //! [[bus]]          # field::FieldConfig buses
 //! [profile.NAME]   # field::FieldConfig profiles
 //! ```
@@ -55,6 +56,8 @@ pub struct Config {
     pub store: StoreConfig,
     /// `[upstream]`: the upstream MQTT connection. Absent: LAN-only.
     pub upstream: Option<UplinkConfig>,
+    /// `[homeassistant]`: discovery on the LAN broker. Absent: no discovery.
+    pub homeassistant: Option<HomeAssistantConfig>,
     /// `[[bus]]` and `[profile.NAME]`: the field devices.
     pub field: FieldConfig,
     /// The document as parsed, to tell which sections a reload changed.
@@ -73,6 +76,8 @@ struct File {
     store: StoreConfig,
     #[serde(default)]
     upstream: Option<UplinkConfig>,
+    #[serde(default)]
+    homeassistant: Option<HomeAssistantConfig>,
     #[serde(default)]
     bus: Vec<BusConfig>,
     #[serde(default)]
@@ -176,6 +181,56 @@ impl AgentConfig {
     }
 }
 
+/// `[homeassistant]`: Home Assistant MQTT discovery messages on the LAN broker (see
+/// `agent/discovery.rs` for what is announced).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HomeAssistantConfig {
+    /// Home Assistant's discovery prefix. Default `"homeassistant"`.
+    pub discovery_prefix: String,
+    /// The gateway's id in discovery topics and unique ids (`[a-zA-Z0-9_-]`). Default:
+    /// the agent's prefix with every other character made `_`. Changing it makes Home
+    /// Assistant see new entities.
+    pub node_id: Option<String>,
+    /// A reading older than this many poll intervals (or heartbeats, with a deadband)
+    /// shows as unavailable. Default 3; 0: never.
+    pub expire_after_polls: u32,
+}
+
+impl Default for HomeAssistantConfig {
+    fn default() -> Self {
+        HomeAssistantConfig {
+            discovery_prefix: "homeassistant".into(),
+            node_id: None,
+            expire_after_polls: 3,
+        }
+    }
+}
+
+impl HomeAssistantConfig {
+    /// Problems with the `[homeassistant]` keys.
+    pub fn validate(&self) -> Vec<Invalid> {
+        let mut problems = Problems::new();
+        let mut ha = problems.at("homeassistant");
+        let prefix = &self.discovery_prefix;
+        if ha.non_empty("discovery_prefix", prefix.trim_matches('/')) {
+            ha.check(
+                !prefix.contains(['+', '#', '\0']) && !prefix.starts_with('$'),
+                "discovery_prefix",
+                "must not contain MQTT wildcards (`+`, `#`) or NUL, nor start with `$`",
+            );
+        }
+        if let Some(node_id) = &self.node_id {
+            ha.check(
+                !node_id.is_empty() && crate::topics::is_discovery_id(node_id),
+                "node_id",
+                "must be letters, digits, `_` or `-` (Home Assistant's discovery ids)",
+            );
+        }
+        problems.into_vec()
+    }
+}
+
 impl Config {
     /// Whether the top-level `section` differs between the two files.
     pub fn section_changed(&self, other: &Config, section: &str) -> bool {
@@ -189,6 +244,17 @@ impl Config {
         problems.extend(self.broker.iter().flat_map(BrokerConfig::validate));
         problems.extend(self.store.validate());
         problems.extend(self.upstream.iter().flat_map(UplinkConfig::validate));
+        problems.extend(
+            self.homeassistant
+                .iter()
+                .flat_map(HomeAssistantConfig::validate),
+        );
+        if self.homeassistant.is_some() && self.broker.is_none() {
+            problems.at("homeassistant").report(
+                "",
+                "discovery is announced on the LAN broker: configure a [broker] too",
+            );
+        }
         problems.extend(self.field.validate());
         if self.broker.is_none() && self.upstream.is_none() {
             let message = if self.field.buses.is_empty() {
@@ -584,6 +650,7 @@ pub fn parse(file: &str, text: &str) -> Result<Config, Error> {
         broker: parsed.broker,
         store: parsed.store,
         upstream: parsed.upstream,
+        homeassistant: parsed.homeassistant,
         field: FieldConfig {
             buses: parsed.bus,
             profiles: parsed.profile,
@@ -608,7 +675,15 @@ pub fn parse(file: &str, text: &str) -> Result<Config, Error> {
 }
 
 /// The sections a file may have, in the order serde names them.
-const SECTIONS: [&str; 6] = ["agent", "broker", "store", "upstream", "bus", "profile"];
+const SECTIONS: [&str; 7] = [
+    "agent",
+    "broker",
+    "store",
+    "upstream",
+    "homeassistant",
+    "bus",
+    "profile",
+];
 
 /// The type errors of each top-level section read alone (each `[[bus]]` and each
 /// `[profile.NAME]` apart), and unknown sections, with their spans.
@@ -637,6 +712,7 @@ fn section_type_errors(doc: &toml_edit::ImDocument<&str>) -> Vec<(Range<usize>, 
             ("broker", _) => found.extend(type_error::<BrokerConfig>(item)),
             ("store", _) => found.extend(type_error::<StoreConfig>(item)),
             ("upstream", _) => found.extend(type_error::<UplinkConfig>(item)),
+            ("homeassistant", _) => found.extend(type_error::<HomeAssistantConfig>(item)),
             ("bus", toml_edit::Item::ArrayOfTables(buses)) => {
                 for bus in buses {
                     let bus = toml_edit::Item::Table(bus.clone());

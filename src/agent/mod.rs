@@ -16,11 +16,14 @@
 //! - A reload (SIGHUP) replaces the bus tasks and re-reads the broker's password and
 //!   ACL files; the store, the upstream session and the pipeline are never touched. A
 //!   new config that fails validation is rejected and the running one stays.
+//! - With `[homeassistant]`, the discovery messages go out once the broker runs and
+//!   follow each reload of the device maps ([`discovery`]).
 //! - A panicking bus task is restarted with backoff by [`supervisor`]; it never ends
 //!   the agent.
 
 mod commands;
 pub mod demo;
+pub mod discovery;
 mod health;
 mod pipeline;
 pub mod signals;
@@ -130,6 +133,7 @@ pub struct Agent {
     background: CancellationToken,
     health: JoinHandle<()>,
     watchdog: Option<JoinHandle<()>>,
+    discovery: Option<discovery::Announcer>,
 }
 
 impl Agent {
@@ -167,6 +171,7 @@ impl Agent {
         let buses = start_buses(resolved, events.clone(), supervisor_beat.clone());
 
         let background = CancellationToken::new();
+        let discovery = outputs.start_discovery(&config, &bus_map, &background);
         if writable {
             outputs.start_commands(&config, &bus_map, &events, upstream_commands, &background);
         }
@@ -192,6 +197,7 @@ impl Agent {
             background,
             health,
             watchdog,
+            discovery,
         })
     }
 
@@ -223,7 +229,7 @@ impl Agent {
         } else {
             None
         };
-        for section in ["agent", "store", "upstream"] {
+        for section in ["agent", "store", "upstream", "homeassistant"] {
             if self.config.section_changed(&new, section) {
                 tracing::warn!(
                     section,
@@ -266,6 +272,13 @@ impl Agent {
                 }
                 if let Ok(mut map) = self.bus_map.lock() {
                     map.clone_from(&resolved);
+                }
+                if let (Some(announcer), Some(ha)) = (&self.discovery, &self.config.homeassistant) {
+                    announcer.update(discovery::announcements(
+                        ha,
+                        &self.outputs.topics,
+                        &resolved,
+                    ));
                 }
                 let count = resolved.len();
                 self.buses = Some(start_buses(
@@ -455,6 +468,27 @@ impl Outputs {
             self.commands.clone(),
         );
         tokio::spawn(router.run(lan, upstream, stop.clone()));
+    }
+
+    /// Announces the devices of `buses` to Home Assistant on the LAN broker, when
+    /// there is a `[homeassistant]` (validation makes it come with a `[broker]`).
+    fn start_discovery(
+        &self,
+        config: &Config,
+        buses: &health::BusMap,
+        stop: &CancellationToken,
+    ) -> Option<discovery::Announcer> {
+        let (ha, broker) = (config.homeassistant.as_ref()?, self.broker.as_ref()?);
+        let announcements = match buses.lock() {
+            Ok(buses) => discovery::announcements(ha, &self.topics, &buses),
+            Err(_) => return None,
+        };
+        Some(discovery::Announcer::start(
+            broker.clone(),
+            ha,
+            announcements,
+            stop.clone(),
+        ))
     }
 
     /// The pipeline, sending to these outputs.

@@ -16,7 +16,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use super::command::CommandQueue;
-use super::config::{BusConfig, BusKind, DeviceConfig, FieldConfig, LineMode, PointConfig};
+use super::config::{
+    BusConfig, BusKind, DeviceConfig, FieldConfig, HaComponent, LineMode, PointConfig, StateClass,
+};
 use super::decode::{ByteOrder, Codec};
 use super::plan::{Limits, PointSpan, ReadPlan};
 use super::reading::{Quality, Reading, Value};
@@ -93,6 +95,10 @@ pub(crate) struct ResolvedPoint {
     pub heartbeat: Option<Duration>,
     /// Writable points: their limits and write functions.
     pub write: Option<WriteSpec>,
+    /// Home Assistant discovery overrides.
+    pub device_class: Option<String>,
+    pub state_class: Option<StateClass>,
+    pub ha_component: Option<HaComponent>,
 }
 
 /// A device with its profile merged in.
@@ -110,6 +116,9 @@ pub(crate) struct ResolvedDevice {
     pub request: Option<String>,
     pub regex: Option<regex_lite::Regex>,
     pub points: Vec<ResolvedPoint>,
+    /// Home Assistant discovery: maker and model (the profile's name by default).
+    pub manufacturer: Option<String>,
+    pub model: Option<String>,
 }
 
 impl ResolvedDevice {
@@ -256,6 +265,9 @@ fn resolve_point(d: &DeviceConfig, p: &PointConfig) -> ResolvedPoint {
         heartbeat: (band != Band::Every && p.heartbeat_secs > 0)
             .then(|| Duration::from_secs(p.heartbeat_secs)),
         write: WriteSpec::of(d, p),
+        device_class: p.device_class.clone(),
+        state_class: p.state_class,
+        ha_component: p.ha_component,
     }
 }
 
@@ -292,6 +304,8 @@ fn resolve_device(config: &FieldConfig, bus: &BusConfig, d: &DeviceConfig) -> Re
             .chain(&d.points)
             .map(|p| resolve_point(d, p))
             .collect(),
+        manufacturer: d.manufacturer.clone(),
+        model: d.model.clone().or_else(|| d.profile.clone()),
     }
 }
 
