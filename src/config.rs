@@ -284,6 +284,17 @@ impl Config {
                     ),
                 );
             }
+            if self.homeassistant.is_some() {
+                for (first, second, id) in self.discovery_id_clashes() {
+                    problems.at("").report(
+                        &second,
+                        format!(
+                            "is {id:?} as a Home Assistant id, like {first}; rename one \
+                             (ids keep only letters, digits, `_` and `-`)"
+                        ),
+                    );
+                }
+            }
         }
         problems.into_vec()
     }
@@ -325,22 +336,7 @@ impl Config {
                         format!("the batch message of device {name:?}"),
                     ));
                 }
-                let profile = device
-                    .profile
-                    .as_ref()
-                    .and_then(|profile| self.field.profiles.get(profile).map(|p| (profile, p)));
-                let from_profile = profile.into_iter().flat_map(|(profile, p)| {
-                    p.points
-                        .iter()
-                        .enumerate()
-                        .map(move |(i, point)| (format!("profile.{profile}.point[{i}]"), point))
-                });
-                let own = device
-                    .points
-                    .iter()
-                    .enumerate()
-                    .map(|(i, point)| (format!("{at}.point[{i}]"), point));
-                for (key, point) in from_profile.chain(own) {
+                for (key, point) in self.points_of(&at, device) {
                     let field = if point.topic.is_some() {
                         "topic"
                     } else {
@@ -355,6 +351,56 @@ impl Config {
             }
         }
         claims
+    }
+
+    /// The points of `device` (at key path `at`): its profile's, then its own, each with
+    /// its key path.
+    fn points_of<'c>(
+        &'c self,
+        at: &'c str,
+        device: &'c crate::field::DeviceConfig,
+    ) -> impl Iterator<Item = (String, &'c crate::field::PointConfig)> + 'c {
+        let profile = device
+            .profile
+            .as_ref()
+            .and_then(|profile| self.field.profiles.get(profile).map(|p| (profile, p)));
+        let from_profile = profile.into_iter().flat_map(|(profile, p)| {
+            p.points
+                .iter()
+                .enumerate()
+                .map(move |(i, point)| (format!("profile.{profile}.point[{i}]"), point))
+        });
+        let own = device
+            .points
+            .iter()
+            .enumerate()
+            .map(move |(i, point)| (format!("{at}.point[{i}]"), point));
+        from_profile.chain(own)
+    }
+
+    /// Devices or points whose Home Assistant ids (names with other characters than
+    /// `[a-zA-Z0-9_-]` made `_`) are the same: `(first key, second key, id)`.
+    fn discovery_id_clashes(&self) -> Vec<(String, String, String)> {
+        let mut owners: std::collections::HashMap<String, String> = Default::default();
+        let mut clashes = Vec::new();
+        let mut claim = |id: String, key: String| match owners.get(&id) {
+            Some(first) => clashes.push((first.clone(), key, id)),
+            None => {
+                owners.insert(id, key);
+            }
+        };
+        for (b, bus) in self.field.buses.iter().enumerate() {
+            for (d, device) in bus.devices.iter().enumerate() {
+                let at = format!("bus[{b}].device[{d}]");
+                let device_id = crate::topics::discovery_id(&device.name);
+                claim(device_id.clone(), format!("{at}.name"));
+                for (key, point) in self.points_of(&at, device) {
+                    let id = crate::topics::discovery_object_id(&device.name, &point.name);
+                    claim(format!("{device_id}/{id}"), format!("{key}.name"));
+                }
+            }
+        }
+        clashes
     }
 
     /// Opens every file the config names and looks for its serial ports.

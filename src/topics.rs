@@ -172,6 +172,11 @@ pub fn discovery_id(text: &str) -> String {
         .collect()
 }
 
+/// The object id of a point's entity: `{device}__{point}`, as a discovery id.
+pub fn discovery_object_id(device: &str, point: &str) -> String {
+    discovery_id(&format!("{device}__{point}"))
+}
+
 /// One topic the configuration makes the agent publish on, and who wants it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Claim {

@@ -49,7 +49,7 @@ use crate::field::schedule::Band;
 use crate::field::{BusKind, DataType, HaComponent, ResolvedBus, StateClass};
 use crate::field::{ResolvedDevice, ResolvedPoint};
 use crate::mqtt::QoS;
-use crate::topics::{discovery_id, Discovery, Topics};
+use crate::topics::{discovery_id, discovery_object_id, Discovery, Topics};
 
 /// Discovery topic → its JSON payload.
 pub type Announcements = BTreeMap<String, String>;
@@ -111,14 +111,11 @@ pub fn announcements(
                 {"topic": topics.status()},
             ]);
             for point in &device.points {
-                let object = format!("{}__{}", device.name, point.name);
+                let object = discovery_object_id(&device.name, &point.name);
                 let kind = component(point);
                 let mut entity = Map::new();
                 entity.insert("name".into(), json!(point.name));
-                entity.insert(
-                    "unique_id".into(),
-                    json!(format!("{node}_{}", discovery_id(&object))),
-                );
+                entity.insert("unique_id".into(), json!(format!("{node}_{object}")));
                 entity.insert("device".into(), device_block.clone());
                 entity.insert("origin".into(), origin.clone());
                 entity.insert("availability".into(), availability.clone());
@@ -670,6 +667,21 @@ ha_component = "sensor"
             .to_string();
         assert!(
             err.contains("homeassistant.node_id: must be letters"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn names_that_become_the_same_id_are_refused() {
+        let file = format!(
+            "{FILE}[[bus.device.point]]\nname = \"level.x\"\nkind = \"holding\"\naddress = 13\n\
+             [[bus.device.point]]\nname = \"level x\"\nkind = \"holding\"\naddress = 14\n"
+        );
+        let err = crate::config::parse("test.toml", &file)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("bus[0].device[0].point[8].name: is \"meter_1/meter_1__level_x\" as a Home Assistant id, like bus[0].device[0].point[7].name"),
             "{err}"
         );
     }
