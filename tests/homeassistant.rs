@@ -65,6 +65,23 @@ impl Running {
     }
 }
 
+impl Running {
+    /// SIGTERM, and the wait for a clean exit (the broker writes its file).
+    fn stop(&mut self) {
+        self.wait_log("fieldbridge running");
+        let status = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status()
+            .expect("run kill");
+        assert!(status.success());
+        let child = &mut self.child;
+        let exit = wait_for("fieldbridge to exit", ARRIVE, || {
+            child.try_wait().ok().flatten()
+        });
+        assert!(exit.success(), "{exit}");
+    }
+}
+
 impl Drop for Running {
     fn drop(&mut self) {
         let _ = self.child.kill();
@@ -73,8 +90,13 @@ impl Drop for Running {
 }
 
 fn config(broker_port: u16, slave_port: u16, points: &str) -> String {
+    config_with(broker_port, slave_port, points, "")
+}
+
+/// With `broker` keys (`persistence_path = …`).
+fn config_with(broker_port: u16, slave_port: u16, points: &str, broker: &str) -> String {
     format!(
-        "[agent]\nprefix = \"ha/gw\"\n\n[broker]\n[[broker.listeners]]\nbind = \"127.0.0.1:{broker_port}\"\n\n\
+        "[agent]\nprefix = \"ha/gw\"\n\n[broker]\n{broker}\n[[broker.listeners]]\nbind = \"127.0.0.1:{broker_port}\"\n\n\
          [homeassistant]\n\n\
          [[bus]]\nname = \"plant\"\nkind = \"tcp\"\nhost = \"127.0.0.1\"\nport = {slave_port}\n\n\
          [[bus.device]]\nname = \"meter\"\npoll_interval_ms = 200\ntimeout_ms = 300\nretries = 0\nquarantine_after = 2\nbackoff_max_ms = 1000\n\n{points}"
@@ -231,6 +253,38 @@ fn a_point_removed_at_reload_has_its_discovery_message_cleared() {
         retained_on(port, PUMP),
         None,
         "the removal must be retained"
+    );
+    discovery(port, TEMP);
+}
+
+#[test]
+fn a_point_removed_while_stopped_is_cleared_at_the_next_start() {
+    let slave = slave();
+    let dir = tempfile::tempdir().expect("temp dir");
+    let port = free_port();
+    let persist = format!("persistence_path = {:?}", dir.path().join("broker.db"));
+    let both = config_with(
+        port,
+        slave.port(),
+        &format!("{TEMP_POINT}{PUMP_POINT}"),
+        &persist,
+    );
+    let mut agent = Running::start(dir.path(), &both);
+    wait_for_port(port, ARRIVE);
+    discovery(port, PUMP);
+    agent.stop();
+
+    // The broker's file brings the old announcement back; the start clears it.
+    let agent = Running::start(
+        dir.path(),
+        &config_with(port, slave.port(), TEMP_POINT, &persist),
+    );
+    agent.wait_log("removed=1");
+    wait_for_port(port, ARRIVE);
+    assert_eq!(
+        retained_on(port, PUMP),
+        None,
+        "the stale entity must be cleared"
     );
     discovery(port, TEMP);
 }

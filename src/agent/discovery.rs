@@ -30,9 +30,8 @@
 //! - `unique_id` is `{node}_{device}__{point}` (as ids), so it survives restarts and
 //!   reloads; only renaming the device or point (or `node_id`) makes a new entity.
 //! - A reload that drops a device or point publishes an empty retained message on each
-//!   of its topics, before the new ones. Entities a previous run announced and this
-//!   one's configuration no longer has are not found at start-up (the broker has no
-//!   retained lookup for the agent); a reload is what removes them.
+//!   of its topics, before the new ones; so does the start for what an earlier run left
+//!   retained on the LAN broker (with `broker.persistence_path`) under this node id.
 //! - Building the messages does no I/O ([`announcements`]); [`Announcer`] publishes.
 
 use std::collections::BTreeMap;
@@ -331,14 +330,25 @@ pub struct Announcer {
 }
 
 impl Announcer {
-    /// Publishes `initial` and answers Home Assistant's `online` on `{ha}/status` with
-    /// all messages again, until `stop`.
+    /// Clears what an earlier run announced for `node` (retained on the LAN broker)
+    /// that `initial` no longer has, publishes `initial`, and answers Home Assistant's
+    /// `online` on `{ha}/status` with all messages again, until `stop`.
     pub fn start(
         broker: BrokerHandle,
         config: &HomeAssistantConfig,
+        node: &str,
         initial: Announcements,
         stop: CancellationToken,
     ) -> Announcer {
+        let ha = Discovery::new(&config.discovery_prefix);
+        let stale: Vec<String> = broker
+            .retained_topics(&ha.node_filter(node))
+            .into_iter()
+            .filter(|topic| !initial.contains_key(topic))
+            .collect();
+        for topic in &stale {
+            broker.publish(topic, Bytes::new(), QoS::AtLeastOnce, true);
+        }
         let announcer = Announcer {
             broker,
             announced: Arc::new(Mutex::new(initial)),
@@ -346,10 +356,11 @@ impl Announcer {
         announcer.publish_all();
         tracing::info!(
             entities = announcer.count(),
+            removed = stale.len(),
             prefix = %config.discovery_prefix,
             "Home Assistant discovery announced"
         );
-        let status = Discovery::new(&config.discovery_prefix).status();
+        let status = ha.status();
         let mut births = announcer.broker.tap(&status, 8);
         let again = announcer.clone();
         tokio::spawn(async move {

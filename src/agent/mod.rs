@@ -486,6 +486,7 @@ impl Outputs {
         Some(discovery::Announcer::start(
             broker.clone(),
             ha,
+            &discovery::node_id(ha, &self.topics),
             announcements,
             stop.clone(),
         ))
