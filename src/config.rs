@@ -284,7 +284,17 @@ impl Config {
                     ),
                 );
             }
-            if self.homeassistant.is_some() {
+            if let Some(ha) = &self.homeassistant {
+                let discovery = ha.discovery_prefix.trim_end_matches('/');
+                if topics.prefix() == discovery {
+                    problems.at("homeassistant").report(
+                        "discovery_prefix",
+                        format!(
+                            "{discovery:?} is also agent.prefix: the agent's status would be \
+                             taken for Home Assistant's; choose another prefix for one of them"
+                        ),
+                    );
+                }
                 for (first, second, id) in self.discovery_id_clashes() {
                     problems.at("").report(
                         &second,

@@ -680,6 +680,14 @@ ha_component = "sensor"
             err.contains("homeassistant.node_id: must be letters"),
             "{err}"
         );
+        let file = FILE.replace("site/gw1", "homeassistant");
+        let err = crate::config::parse("test.toml", &file)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("homeassistant.discovery_prefix: \"homeassistant\" is also agent.prefix"),
+            "{err}"
+        );
     }
 
     #[test]
