@@ -295,6 +295,9 @@ impl Config {
                         ),
                     );
                 }
+                for (key, message) in self.ha_component_problems() {
+                    problems.at("").report(&key, message);
+                }
                 for (first, second, id) in self.discovery_id_clashes() {
                     problems.at("").report(
                         &second,
@@ -386,6 +389,33 @@ impl Config {
             .enumerate()
             .map(move |(i, point)| (format!("{at}.point[{i}]"), point));
         from_profile.chain(own)
+    }
+
+    /// Points whose `ha_component` cannot work: a command entity (number, switch,
+    /// select) on a point that is not writable, a select without `allowed`.
+    fn ha_component_problems(&self) -> Vec<(String, &'static str)> {
+        use crate::field::HaComponent;
+        let mut found = Vec::new();
+        for (b, bus) in self.field.buses.iter().enumerate() {
+            for (d, device) in bus.devices.iter().enumerate() {
+                let at = format!("bus[{b}].device[{d}]");
+                for (key, point) in self.points_of(&at, device) {
+                    let message = match point.ha_component {
+                        Some(HaComponent::Number | HaComponent::Switch | HaComponent::Select)
+                            if !point.writable =>
+                        {
+                            "a number, switch or select sends commands: the point needs `writable = true`"
+                        }
+                        Some(HaComponent::Select) if point.allowed.is_none() => {
+                            "a select offers the `allowed` values: the point needs `allowed`"
+                        }
+                        _ => continue,
+                    };
+                    found.push((format!("{key}.ha_component"), message));
+                }
+            }
+        }
+        found
     }
 
     /// Devices or points whose Home Assistant ids (names with other characters than

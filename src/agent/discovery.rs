@@ -680,6 +680,14 @@ ha_component = "sensor"
             err.contains("homeassistant.node_id: must be letters"),
             "{err}"
         );
+        let file = FILE.replace("ha_component = \"sensor\"", "ha_component = \"select\"");
+        let err = crate::config::parse("test.toml", &file)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("point[6].ha_component: a number, switch or select sends commands"),
+            "{err}"
+        );
         let file = FILE.replace("site/gw1", "homeassistant");
         let err = crate::config::parse("test.toml", &file)
             .unwrap_err()
