@@ -6,6 +6,7 @@
 //! [store]          # store::StoreConfig     (used when there is an upstream)
 //! [upstream]       # uplink::UplinkConfig   (optional: no section, LAN-only)
 //! [http]           # http::HttpConfig       (optional: no section, no HTTP endpoint)
+//! [homeassistant]  # this module: MQTT discovery (optional: no section, no discovery)
 //! [[bus]]          # field::FieldConfig buses
 //! [profile.NAME]   # field::FieldConfig profiles
 //! ```
@@ -59,6 +60,8 @@ pub struct Config {
     pub upstream: Option<UplinkConfig>,
     /// `[http]`: the `/metrics` endpoint. Absent: no HTTP endpoint.
     pub http: Option<HttpConfig>,
+    /// `[homeassistant]`: discovery on the LAN broker. Absent: no discovery.
+    pub homeassistant: Option<HomeAssistantConfig>,
     /// `[[bus]]` and `[profile.NAME]`: the field devices.
     pub field: FieldConfig,
     /// The document as parsed, to tell which sections a reload changed.
@@ -79,6 +82,7 @@ struct File {
     upstream: Option<UplinkConfig>,
     #[serde(default)]
     http: Option<HttpConfig>,
+    homeassistant: Option<HomeAssistantConfig>,
     #[serde(default)]
     bus: Vec<BusConfig>,
     #[serde(default)]
@@ -182,6 +186,56 @@ impl AgentConfig {
     }
 }
 
+/// `[homeassistant]`: Home Assistant MQTT discovery messages on the LAN broker (see
+/// `agent/discovery.rs` for what is announced).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HomeAssistantConfig {
+    /// Home Assistant's discovery prefix. Default `"homeassistant"`.
+    pub discovery_prefix: String,
+    /// The gateway's id in discovery topics and unique ids (`[a-zA-Z0-9_-]`). Default:
+    /// the agent's prefix with every other character made `_`. Changing it makes Home
+    /// Assistant see new entities.
+    pub node_id: Option<String>,
+    /// A reading older than this many poll intervals (or heartbeats, with a deadband)
+    /// shows as unavailable. Default 3; 0: never.
+    pub expire_after_polls: u32,
+}
+
+impl Default for HomeAssistantConfig {
+    fn default() -> Self {
+        HomeAssistantConfig {
+            discovery_prefix: "homeassistant".into(),
+            node_id: None,
+            expire_after_polls: 3,
+        }
+    }
+}
+
+impl HomeAssistantConfig {
+    /// Problems with the `[homeassistant]` keys.
+    pub fn validate(&self) -> Vec<Invalid> {
+        let mut problems = Problems::new();
+        let mut ha = problems.at("homeassistant");
+        let prefix = &self.discovery_prefix;
+        if ha.non_empty("discovery_prefix", prefix.trim_matches('/')) {
+            ha.check(
+                !prefix.contains(['+', '#', '\0']) && !prefix.starts_with('$'),
+                "discovery_prefix",
+                "must not contain MQTT wildcards (`+`, `#`) or NUL, nor start with `$`",
+            );
+        }
+        if let Some(node_id) = &self.node_id {
+            ha.check(
+                !node_id.is_empty() && crate::topics::is_discovery_id(node_id),
+                "node_id",
+                "must be letters, digits, `_` or `-` (Home Assistant's discovery ids)",
+            );
+        }
+        problems.into_vec()
+    }
+}
+
 impl Config {
     /// Whether the top-level `section` differs between the two files.
     pub fn section_changed(&self, other: &Config, section: &str) -> bool {
@@ -204,6 +258,17 @@ impl Config {
             problems.at("http").report(
                 "bind",
                 "outside loopback the endpoint asks for a login: set [broker] password_file (its users log in), or bind 127.0.0.1",
+            );
+        }
+        problems.extend(
+            self.homeassistant
+                .iter()
+                .flat_map(HomeAssistantConfig::validate),
+        );
+        if self.homeassistant.is_some() && self.broker.is_none() {
+            problems.at("homeassistant").report(
+                "",
+                "discovery is announced on the LAN broker: configure a [broker] too",
             );
         }
         problems.extend(self.field.validate());
@@ -234,6 +299,30 @@ impl Config {
                         second.what, second.topic, first.what, first.key
                     ),
                 );
+            }
+            if let Some(ha) = &self.homeassistant {
+                let discovery = ha.discovery_prefix.trim_end_matches('/');
+                if topics.prefix() == discovery {
+                    problems.at("homeassistant").report(
+                        "discovery_prefix",
+                        format!(
+                            "{discovery:?} is also agent.prefix: the agent's status would be \
+                             taken for Home Assistant's; choose another prefix for one of them"
+                        ),
+                    );
+                }
+                for (key, message) in self.ha_component_problems() {
+                    problems.at("").report(&key, message);
+                }
+                for (first, second, id) in self.discovery_id_clashes() {
+                    problems.at("").report(
+                        &second,
+                        format!(
+                            "is {id:?} as a Home Assistant id, like {first}; rename one \
+                             (ids keep only letters, digits, `_` and `-`)"
+                        ),
+                    );
+                }
             }
         }
         problems.into_vec()
@@ -276,22 +365,7 @@ impl Config {
                         format!("the batch message of device {name:?}"),
                     ));
                 }
-                let profile = device
-                    .profile
-                    .as_ref()
-                    .and_then(|profile| self.field.profiles.get(profile).map(|p| (profile, p)));
-                let from_profile = profile.into_iter().flat_map(|(profile, p)| {
-                    p.points
-                        .iter()
-                        .enumerate()
-                        .map(move |(i, point)| (format!("profile.{profile}.point[{i}]"), point))
-                });
-                let own = device
-                    .points
-                    .iter()
-                    .enumerate()
-                    .map(|(i, point)| (format!("{at}.point[{i}]"), point));
-                for (key, point) in from_profile.chain(own) {
+                for (key, point) in self.points_of(&at, device) {
                     let field = if point.topic.is_some() {
                         "topic"
                     } else {
@@ -306,6 +380,83 @@ impl Config {
             }
         }
         claims
+    }
+
+    /// The points of `device` (at key path `at`): its profile's, then its own, each with
+    /// its key path.
+    fn points_of<'c>(
+        &'c self,
+        at: &'c str,
+        device: &'c crate::field::DeviceConfig,
+    ) -> impl Iterator<Item = (String, &'c crate::field::PointConfig)> + 'c {
+        let profile = device
+            .profile
+            .as_ref()
+            .and_then(|profile| self.field.profiles.get(profile).map(|p| (profile, p)));
+        let from_profile = profile.into_iter().flat_map(|(profile, p)| {
+            p.points
+                .iter()
+                .enumerate()
+                .map(move |(i, point)| (format!("profile.{profile}.point[{i}]"), point))
+        });
+        let own = device
+            .points
+            .iter()
+            .enumerate()
+            .map(move |(i, point)| (format!("{at}.point[{i}]"), point));
+        from_profile.chain(own)
+    }
+
+    /// Points whose `ha_component` cannot work: a command entity (number, switch,
+    /// select) on a point that is not writable, a select without `allowed`.
+    fn ha_component_problems(&self) -> Vec<(String, &'static str)> {
+        use crate::field::HaComponent;
+        let mut found = Vec::new();
+        for (b, bus) in self.field.buses.iter().enumerate() {
+            for (d, device) in bus.devices.iter().enumerate() {
+                let at = format!("bus[{b}].device[{d}]");
+                for (key, point) in self.points_of(&at, device) {
+                    let message = match point.ha_component {
+                        Some(HaComponent::Number | HaComponent::Switch | HaComponent::Select)
+                            if !point.writable =>
+                        {
+                            "a number, switch or select sends commands: the point needs `writable = true`"
+                        }
+                        Some(HaComponent::Select) if point.allowed.is_none() => {
+                            "a select offers the `allowed` values: the point needs `allowed`"
+                        }
+                        _ => continue,
+                    };
+                    found.push((format!("{key}.ha_component"), message));
+                }
+            }
+        }
+        found
+    }
+
+    /// Devices or points whose Home Assistant ids (names with other characters than
+    /// `[a-zA-Z0-9_-]` made `_`) are the same: `(first key, second key, id)`.
+    fn discovery_id_clashes(&self) -> Vec<(String, String, String)> {
+        let mut owners: std::collections::HashMap<String, String> = Default::default();
+        let mut clashes = Vec::new();
+        let mut claim = |id: String, key: String| match owners.get(&id) {
+            Some(first) => clashes.push((first.clone(), key, id)),
+            None => {
+                owners.insert(id, key);
+            }
+        };
+        for (b, bus) in self.field.buses.iter().enumerate() {
+            for (d, device) in bus.devices.iter().enumerate() {
+                let at = format!("bus[{b}].device[{d}]");
+                let device_id = crate::topics::discovery_id(&device.name);
+                claim(device_id.clone(), format!("{at}.name"));
+                for (key, point) in self.points_of(&at, device) {
+                    let id = crate::topics::discovery_object_id(&device.name, &point.name);
+                    claim(format!("{device_id}/{id}"), format!("{key}.name"));
+                }
+            }
+        }
+        clashes
     }
 
     /// Opens every file the config names and looks for its serial ports.
@@ -602,6 +753,7 @@ pub fn parse(file: &str, text: &str) -> Result<Config, Error> {
         store: parsed.store,
         upstream: parsed.upstream,
         http: parsed.http,
+        homeassistant: parsed.homeassistant,
         field: FieldConfig {
             buses: parsed.bus,
             profiles: parsed.profile,
@@ -626,8 +778,15 @@ pub fn parse(file: &str, text: &str) -> Result<Config, Error> {
 }
 
 /// The sections a file may have, in the order serde names them.
-const SECTIONS: [&str; 7] = [
-    "agent", "broker", "store", "upstream", "http", "bus", "profile",
+const SECTIONS: [&str; 8] = [
+    "agent",
+    "broker",
+    "store",
+    "upstream",
+    "http",
+    "homeassistant",
+    "bus",
+    "profile",
 ];
 
 /// The type errors of each top-level section read alone (each `[[bus]]` and each
@@ -658,6 +817,7 @@ fn section_type_errors(doc: &toml_edit::ImDocument<&str>) -> Vec<(Range<usize>, 
             ("store", _) => found.extend(type_error::<StoreConfig>(item)),
             ("upstream", _) => found.extend(type_error::<UplinkConfig>(item)),
             ("http", _) => found.extend(type_error::<HttpConfig>(item)),
+            ("homeassistant", _) => found.extend(type_error::<HomeAssistantConfig>(item)),
             ("bus", toml_edit::Item::ArrayOfTables(buses)) => {
                 for bus in buses {
                     let bus = toml_edit::Item::Table(bus.clone());

@@ -9,7 +9,8 @@
 //! | `{prefix}/{device}/{point}` | one reading's JSON, or the point's `topic` override verbatim | `agent.retain` locally, `agent.retain_upstream` upstream | [`Topics::point`] |
 //! | `{prefix}/{device}/{point}/set` | a command to a writable point (subscribed: LAN in-process, upstream) | no | [`Topics::command`] |
 //! | `{prefix}/{device}/{point}/set/result` | the command's JSON result | no | [`Topics::command_result`] |
-//! | discovery | not yet: it gets its builders here | — | — |
+//! | `{ha}/{component}/{node}/{object}/config` | a Home Assistant discovery message (empty: removed) | yes (LAN broker) | [`Discovery::config`] |
+//! | `{ha}/status` | Home Assistant's own `online`/`offline` (subscribed: in-process tap) | — | [`Discovery::status`] |
 //!
 //! Invariants:
 //! - The prefix has no trailing `/`: [`Topics::new`] trims it once, so no builder
@@ -19,6 +20,9 @@
 //! - Every topic the agent publishes has one owner: [`collisions`] finds each topic two
 //!   [`Claim`]s want, so the config composer can refuse the file (a point named
 //!   `status` would overwrite its device's retained online/offline status).
+//! - Discovery topics live under Home Assistant's prefix (`{ha}`, default
+//!   `homeassistant`), not the agent's; their node and object ids are made of
+//!   `[a-zA-Z0-9_-]` only ([`discovery_id`]), as Home Assistant requires.
 //! - This module is a leaf: it imports nothing from the crate, so every layer can use it.
 
 /// Builds the agent's topics under one prefix.
@@ -110,6 +114,67 @@ impl Topics {
         }
         topic
     }
+}
+
+/// Builds Home Assistant's discovery topics under its discovery prefix.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Discovery {
+    /// Without a trailing `/`.
+    prefix: String,
+}
+
+impl Discovery {
+    /// The discovery namespace under `prefix`; trailing `/`s are dropped.
+    pub fn new(prefix: &str) -> Discovery {
+        Discovery {
+            prefix: prefix.trim_end_matches('/').to_string(),
+        }
+    }
+
+    /// `{ha}/{component}/{node}/{object}/config`: one entity's discovery message. The
+    /// ids are passed through [`discovery_id`].
+    pub fn config(&self, component: &str, node: &str, object: &str) -> String {
+        format!(
+            "{}/{component}/{}/{}/config",
+            self.prefix,
+            discovery_id(node),
+            discovery_id(object)
+        )
+    }
+
+    /// `{ha}/+/{node}/+/config`: every discovery message of one gateway.
+    pub fn node_filter(&self, node: &str) -> String {
+        format!("{}/+/{}/+/config", self.prefix, discovery_id(node))
+    }
+
+    /// `{ha}/status`: Home Assistant announces `online` there when it (re)starts.
+    pub fn status(&self) -> String {
+        format!("{}/status", self.prefix)
+    }
+}
+
+/// Whether `id` is made only of the characters Home Assistant allows in discovery ids.
+pub fn is_discovery_id(id: &str) -> bool {
+    id.bytes()
+        .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+}
+
+/// `text` as a discovery id: every character outside `[a-zA-Z0-9_-]` becomes `_`.
+pub fn discovery_id(text: &str) -> String {
+    text.chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '_' || c == '-' {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect()
+}
+
+/// The object id of a point's entity: `{device}__{point}`, as a discovery id.
+pub fn discovery_object_id(device: &str, point: &str) -> String {
+    discovery_id(&format!("{device}__{point}"))
 }
 
 /// One topic the configuration makes the agent publish on, and who wants it.
@@ -255,6 +320,21 @@ mod tests {
         assert_eq!(topics.device_status("meter1"), "meter1/status");
         assert_eq!(topics.point("meter1", "voltage", None), "meter1/voltage");
         assert_eq!(Topics::new("/").status(), "status");
+    }
+
+    #[test]
+    fn discovery_topics_use_only_id_characters() {
+        let ha = Discovery::new("homeassistant/");
+        assert_eq!(
+            ha.config("sensor", "site/gw 1", "meter.1__voltage"),
+            "homeassistant/sensor/site_gw_1/meter_1__voltage/config"
+        );
+        assert_eq!(ha.node_filter("gw1"), "homeassistant/+/gw1/+/config");
+        assert_eq!(ha.status(), "homeassistant/status");
+        assert!(is_discovery_id("gw-1_A"));
+        assert!(!is_discovery_id("gw/1"));
+        assert!(!is_discovery_id("zähler"));
+        assert_eq!(discovery_id("zähler"), "z_hler");
     }
 
     #[test]

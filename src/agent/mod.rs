@@ -17,11 +17,14 @@
 //! - A reload (SIGHUP) replaces the bus tasks and re-reads the broker's password and
 //!   ACL files; the store, the upstream session and the pipeline are never touched. A
 //!   new config that fails validation is rejected and the running one stays.
+//! - With `[homeassistant]`, the discovery messages go out once the broker runs and
+//!   follow each reload of the device maps ([`discovery`]).
 //! - A panicking bus task is restarted with backoff by [`supervisor`]; it never ends
 //!   the agent.
 
 mod commands;
 pub mod demo;
+pub mod discovery;
 mod health;
 mod metrics;
 mod pipeline;
@@ -136,6 +139,7 @@ pub struct Agent {
     health: JoinHandle<()>,
     http: Option<HttpHandle>,
     watchdog: Option<JoinHandle<()>>,
+    discovery: Option<discovery::Announcer>,
 }
 
 impl Agent {
@@ -173,6 +177,7 @@ impl Agent {
         let buses = start_buses(resolved, events.clone(), supervisor_beat.clone());
 
         let background = CancellationToken::new();
+        let discovery = outputs.start_discovery(&config, &bus_map, &background);
         if writable {
             outputs.start_commands(&config, &bus_map, &events, upstream_commands, &background);
         }
@@ -205,6 +210,7 @@ impl Agent {
             health,
             http,
             watchdog,
+            discovery,
         })
     }
 
@@ -236,7 +242,7 @@ impl Agent {
         } else {
             None
         };
-        for section in ["agent", "store", "upstream", "http"] {
+        for section in ["agent", "store", "upstream", "http", "homeassistant"] {
             if self.config.section_changed(&new, section) {
                 tracing::warn!(
                     section,
@@ -279,6 +285,13 @@ impl Agent {
                 }
                 if let Ok(mut map) = self.bus_map.lock() {
                     map.clone_from(&resolved);
+                }
+                if let (Some(announcer), Some(ha)) = (&self.discovery, &self.config.homeassistant) {
+                    announcer.update(discovery::announcements(
+                        ha,
+                        &self.outputs.topics,
+                        &resolved,
+                    ));
                 }
                 let count = resolved.len();
                 self.buses = Some(start_buses(
@@ -472,6 +485,28 @@ impl Outputs {
             self.commands.clone(),
         );
         tokio::spawn(router.run(lan, upstream, stop.clone()));
+    }
+
+    /// Announces the devices of `buses` to Home Assistant on the LAN broker, when
+    /// there is a `[homeassistant]` (validation makes it come with a `[broker]`).
+    fn start_discovery(
+        &self,
+        config: &Config,
+        buses: &health::BusMap,
+        stop: &CancellationToken,
+    ) -> Option<discovery::Announcer> {
+        let (ha, broker) = (config.homeassistant.as_ref()?, self.broker.as_ref()?);
+        let announcements = match buses.lock() {
+            Ok(buses) => discovery::announcements(ha, &self.topics, &buses),
+            Err(_) => return None,
+        };
+        Some(discovery::Announcer::start(
+            broker.clone(),
+            ha,
+            &discovery::node_id(ha, &self.topics),
+            announcements,
+            stop.clone(),
+        ))
     }
 
     /// The pipeline, sending to these outputs.

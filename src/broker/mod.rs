@@ -323,6 +323,15 @@ impl BrokerHandle {
         });
     }
 
+    /// The topics of the retained messages matching `filter` (the agent's own
+    /// announcements from an earlier run); an invalid filter matches nothing.
+    pub fn retained_topics(&self, filter: &str) -> Vec<String> {
+        if topic::validate_topic_filter(filter).is_err() {
+            return Vec::new();
+        }
+        self.inner.router.retained_topics(filter)
+    }
+
     /// Publishes from inside the process with 5.0 correlation data (an answer on a
     /// command's response topic); otherwise as [`BrokerHandle::publish`].
     pub fn publish_response(&self, topic: &str, payload: Bytes, correlation: Option<Bytes>) {

@@ -242,6 +242,13 @@ impl Router {
         self.registry.wake_all();
     }
 
+    /// The topics of the retained messages matching `filter` (a valid filter).
+    pub fn retained_topics(&self, filter: &str) -> Vec<String> {
+        let mut topics = Vec::new();
+        read(&self.retained).for_each_match(filter, |msg| topics.push(msg.topic.clone()));
+        topics
+    }
+
     /// Routes `msg` to every matching subscriber and stores it if retained. Returns the
     /// number of clients it was queued for.
     pub fn publish(&self, msg: Message) -> usize {

@@ -57,7 +57,9 @@
 //! `poll_group` (Modbus, at most one: poll the point at its own interval or at its
 //! group's instead of the device's; points of one interval share requests). Write keys
 //! (`writable`, `min`, `max`, `step`, `allowed`, `min_interval_ms`, `write_function`,
-//! and the device's `mask_write`): see `field/write.rs`.
+//! and the device's `mask_write`): see `field/write.rs`. Home Assistant keys (used with
+//! `[homeassistant]`): the point's `device_class`, `state_class` and `ha_component`, the
+//! device's `manufacturer` and `model`; see `agent/discovery.rs`.
 //!
 //! Lines bus keys: `mode` ("stream": the device talks on its own, default; "poll": send
 //! each device's `request` and read one line), `max_line` (bytes, default 256),
@@ -255,6 +257,11 @@ pub struct DeviceConfig {
     /// by read-modify-write. Default true.
     #[serde(default = "default_mask_write")]
     pub mask_write: bool,
+    /// Home Assistant discovery: the maker shown on the device. Default: none.
+    pub manufacturer: Option<String>,
+    /// Home Assistant discovery: the model shown on the device. Default: the profile's
+    /// name.
+    pub model: Option<String>,
 }
 
 /// One `[profile.NAME]` table.
@@ -333,6 +340,35 @@ pub struct PointConfig {
     pub min_interval_ms: Option<u64>,
     /// Writes of one register: 6 (default) or 16.
     pub write_function: Option<u8>,
+    /// Home Assistant discovery: the entity's device class (`temperature`, `energy`, …).
+    /// Default: inferred from `unit`.
+    pub device_class: Option<String>,
+    /// Home Assistant discovery: `measurement`, `total` or `total_increasing`. Default:
+    /// inferred from `unit` (numeric points).
+    pub state_class: Option<StateClass>,
+    /// Home Assistant discovery: the entity kind. Default: from the point's type and
+    /// write keys.
+    pub ha_component: Option<HaComponent>,
+}
+
+/// Home Assistant's `state_class` of a sensor.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum StateClass {
+    Measurement,
+    Total,
+    TotalIncreasing,
+}
+
+/// The Home Assistant entity kinds a point can be announced as.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum HaComponent {
+    Sensor,
+    BinarySensor,
+    Number,
+    Switch,
+    Select,
 }
 
 pub(super) fn default_unit_id() -> u8 {

@@ -59,12 +59,16 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 pub use command::{BusCommand, CommandQueue, WriteFailure, WriteReport};
-pub use config::{BusConfig, BusKind, DeviceConfig, FieldConfig, PointConfig, ProfileConfig};
+pub use config::{
+    BusConfig, BusKind, DeviceConfig, FieldConfig, HaComponent, PointConfig, ProfileConfig,
+    StateClass,
+};
 pub use decode::{ByteOrder, DataType, RegisterKind};
 pub use link::{Disconnect, ReadError};
 pub use probe::{probe, ProbeError, ProbeTarget, ProbeTransport};
 pub use reading::{DeviceState, FieldEvent, Quality, Reading, Value};
 pub use resolve::{PlannedWrite, ResolvedBus, StatsSnapshot, FAILURE_QUALITIES, LATENCY_BUCKETS};
+pub(crate) use resolve::{ResolvedDevice, ResolvedPoint};
 pub use write::{Refusal, Requested, WriteOp};
 
 /// Errors of the field layer.

@@ -19,7 +19,8 @@ use tokio::time::Instant;
 
 use super::command::CommandQueue;
 use super::config::{
-    BusConfig, BusKind, DeviceConfig, FieldConfig, LineMode, PointConfig, ProfileConfig,
+    BusConfig, BusKind, DeviceConfig, FieldConfig, HaComponent, LineMode, PointConfig,
+    ProfileConfig, StateClass,
 };
 use super::decode::{ByteOrder, Codec};
 use super::link::ReadError;
@@ -142,6 +143,10 @@ pub(crate) struct ResolvedPoint {
     pub interval: Duration,
     /// The `poll_group` it belongs to, if any.
     pub group: Option<String>,
+    /// Home Assistant discovery overrides.
+    pub device_class: Option<String>,
+    pub state_class: Option<StateClass>,
+    pub ha_component: Option<HaComponent>,
 }
 
 /// Points of one device polled at one interval: one read plan, one poll grid.
@@ -171,6 +176,9 @@ pub(crate) struct ResolvedDevice {
     pub request: Option<String>,
     pub regex: Option<regex_lite::Regex>,
     pub points: Vec<ResolvedPoint>,
+    /// Home Assistant discovery: maker and model (the profile's name by default).
+    pub manufacturer: Option<String>,
+    pub model: Option<String>,
 }
 
 impl ResolvedDevice {
@@ -367,6 +375,9 @@ fn resolve_point(
                 .max(1),
         ),
         group: p.poll_group.clone(),
+        device_class: p.device_class.clone(),
+        state_class: p.state_class,
+        ha_component: p.ha_component,
     }
 }
 
@@ -403,6 +414,8 @@ fn resolve_device(config: &FieldConfig, bus: &BusConfig, d: &DeviceConfig) -> Re
             .chain(&d.points)
             .map(|p| resolve_point(d, profile, p))
             .collect(),
+        manufacturer: d.manufacturer.clone(),
+        model: d.model.clone().or_else(|| d.profile.clone()),
     }
 }
 
