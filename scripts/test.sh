@@ -17,8 +17,8 @@ if [ ${#need_apt[@]} -gt 0 ]; then
     DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${need_apt[@]}" >/dev/null
 fi
 
-if ! python3 -c 'import pymodbus, paho.mqtt, serial, prometheus_client' >/dev/null 2>&1; then
-    echo "installing Python packages: pymodbus paho-mqtt pyserial prometheus-client"
+if ! python3 -c 'import pymodbus, paho.mqtt, serial, prometheus_client, jinja2' >/dev/null 2>&1; then
+    echo "installing Python packages: pymodbus paho-mqtt pyserial prometheus-client jinja2"
     python3 -m pip install -q -r scripts/requirements-test.txt
 fi
 
