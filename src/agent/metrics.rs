@@ -194,24 +194,17 @@ impl Metrics {
         let Some(queue) = &self.health.queue else {
             return;
         };
-        let stats = match queue.stats().await {
-            Ok(stats) => {
-                out.single(
-                    "fieldbridge_store_up",
-                    "gauge",
-                    "1 when the store answered for its figures.",
-                    1.0,
-                );
-                stats
-            }
+        let stats = queue.stats().await;
+        out.single(
+            "fieldbridge_store_up",
+            "gauge",
+            "1 when the store answered for its figures.",
+            f64::from(u8::from(stats.is_ok())),
+        );
+        let stats = match stats {
+            Ok(stats) => stats,
             Err(err) => {
                 tracing::debug!(error = %err, "store figures unavailable for /metrics");
-                out.single(
-                    "fieldbridge_store_up",
-                    "gauge",
-                    "1 when the store answered for its figures.",
-                    0.0,
-                );
                 return;
             }
         };
@@ -252,9 +245,7 @@ impl Metrics {
                 stats.reserve_bytes,
             ),
         ];
-        for (name, help, value) in gauges {
-            out.single(name, "gauge", help, value as f64);
-        }
+        out.singles("gauge", &gauges);
         let name = "fieldbridge_store_disk_state";
         out.family(
             name,
@@ -306,25 +297,21 @@ impl Metrics {
                 stats.bytes_written,
             ),
         ];
-        for (name, help, value) in counters {
-            out.single(name, "counter", help, value as f64);
-        }
-        let name = "fieldbridge_store_dropped_rows_total";
-        out.family(
-            name,
+        out.singles("counter", &counters);
+        let dropped = stats.dropped;
+        out.by_label(
+            "fieldbridge_store_dropped_rows_total",
             "counter",
             "Rows dropped by the store, by reason, since the database was created.",
+            "reason",
+            &[
+                ("max_rows", dropped.max_rows),
+                ("max_bytes", dropped.max_bytes),
+                ("max_age", dropped.max_age),
+                ("disk_full", dropped.disk_full),
+                ("shutdown", dropped.shutdown),
+            ],
         );
-        let dropped = stats.dropped;
-        for (reason, value) in [
-            ("max_rows", dropped.max_rows),
-            ("max_bytes", dropped.max_bytes),
-            ("max_age", dropped.max_age),
-            ("disk_full", dropped.disk_full),
-            ("shutdown", dropped.shutdown),
-        ] {
-            out.sample(name, &[("reason", reason)], value as f64);
-        }
         out.single(
             "fieldbridge_uplink_inflight_messages",
             "gauge",
@@ -394,22 +381,18 @@ impl Metrics {
                 stats.throttled,
             ),
         ];
-        for (name, help, value) in counters {
-            out.single(name, "counter", help, value as f64);
-        }
-        let name = "fieldbridge_uplink_dropped_total";
-        out.family(
-            name,
+        out.singles("counter", &counters);
+        out.by_label(
+            "fieldbridge_uplink_dropped_total",
             "counter",
             "Messages dropped by the uplink, by reason.",
+            "reason",
+            &[
+                ("too_large", stats.dropped_too_large),
+                ("invalid_topic", stats.dropped_invalid),
+                ("rejected", stats.rejected),
+            ],
         );
-        for (reason, value) in [
-            ("too_large", stats.dropped_too_large),
-            ("invalid_topic", stats.dropped_invalid),
-            ("rejected", stats.rejected),
-        ] {
-            out.sample(name, &[("reason", reason)], value as f64);
-        }
     }
 
     fn lan(&self, out: &mut Exposition) {
@@ -421,32 +404,30 @@ impl Metrics {
             (
                 "fieldbridge_lan_clients",
                 "Clients connected to the LAN broker.",
-                stats.clients_connected,
+                stats.clients_connected as u64,
             ),
             (
                 "fieldbridge_lan_sessions",
                 "LAN broker sessions, connected or not.",
-                stats.sessions,
+                stats.sessions as u64,
             ),
             (
                 "fieldbridge_lan_subscriptions",
                 "Subscriptions on the LAN broker.",
-                stats.subscriptions,
+                stats.subscriptions as u64,
             ),
             (
                 "fieldbridge_lan_retained_messages",
                 "Retained messages on the LAN broker.",
-                stats.retained,
+                stats.retained as u64,
             ),
             (
                 "fieldbridge_lan_queued_bytes",
                 "Bytes queued for LAN sessions.",
-                stats.queued_bytes,
+                stats.queued_bytes as u64,
             ),
         ];
-        for (name, help, value) in gauges {
-            out.single(name, "gauge", help, value as f64);
-        }
+        out.singles("gauge", &gauges);
         let counters = [
             (
                 "fieldbridge_lan_messages_received_total",
@@ -474,42 +455,36 @@ impl Metrics {
                 stats.denied,
             ),
         ];
-        for (name, help, value) in counters {
-            out.single(name, "counter", help, value as f64);
-        }
-        let name = "fieldbridge_lan_dropped_messages_total";
-        out.family(
-            name,
+        out.singles("counter", &counters);
+        out.by_label(
+            "fieldbridge_lan_dropped_messages_total",
             "counter",
             "Messages the LAN broker dropped, by reason.",
+            "reason",
+            &[
+                ("client_queue_full", stats.dropped),
+                ("queue_budget", stats.dropped_budget),
+                ("session_ended", stats.dropped_with_sessions),
+                ("expired", stats.expired),
+            ],
         );
-        for (reason, value) in [
-            ("client_queue_full", stats.dropped),
-            ("queue_budget", stats.dropped_budget),
-            ("session_ended", stats.dropped_with_sessions),
-            ("expired", stats.expired),
-        ] {
-            out.sample(name, &[("reason", reason)], value as f64);
-        }
     }
 
     fn commands(&self, out: &mut Exposition) {
         let now = self.health.commands.snapshot();
-        let name = "fieldbridge_commands_total";
-        out.family(
-            name,
+        let refused: u64 = now.refused.values().sum();
+        out.by_label(
+            "fieldbridge_commands_total",
             "counter",
             "Write commands by result: ok, failed (the device refused or did not answer), duplicate, refused.",
-        );
-        let refused: u64 = now.refused.values().sum();
-        for (result, value) in [
+            "result",
+            &[
             ("ok", now.ok),
             ("failed", now.failed),
             ("duplicate", now.duplicates),
             ("refused", refused),
-        ] {
-            out.sample(name, &[("result", result)], value as f64);
-        }
+        ],
+        );
         let name = "fieldbridge_commands_refused_total";
         out.family(
             name,
@@ -584,6 +559,21 @@ impl Exposition {
     fn single(&mut self, name: &str, kind: &str, help: &str, value: f64) {
         self.family(name, kind, help);
         self.sample(name, &[], value);
+    }
+
+    /// One unlabelled family of `kind` per `(name, help, value)`.
+    fn singles(&mut self, kind: &str, families: &[(&str, &str, u64)]) {
+        for &(name, help, value) in families {
+            self.single(name, kind, help, value as f64);
+        }
+    }
+
+    /// A family with one sample per value of the label `key`.
+    fn by_label(&mut self, name: &str, kind: &str, help: &str, key: &str, samples: &[(&str, u64)]) {
+        self.family(name, kind, help);
+        for &(label, value) in samples {
+            self.sample(name, &[(key, label)], value as f64);
+        }
     }
 
     fn sample(&mut self, name: &str, labels: &[(&str, &str)], value: f64) {
