@@ -39,6 +39,7 @@ fn reading(i: u64) -> Message {
         retain: false,
         created_ms: now_ms(),
         priority: Priority::Periodic,
+        unsynced: None,
     }
 }
 

@@ -7,6 +7,7 @@
 //! [upstream]       # uplink::UplinkConfig   (optional: no section, LAN-only)
 //! [http]           # http::HttpConfig       (optional: no section, no HTTP endpoint)
 //! [homeassistant]  # this module: MQTT discovery (optional: no section, no discovery)
+//! [time]           # time::TimeConfig       (how far the wall clock is trusted)
 //! [[bus]]          # field::FieldConfig buses
 //! [profile.NAME]   # field::FieldConfig profiles
 //! ```
@@ -42,6 +43,7 @@ use crate::field::{BusConfig, FieldConfig, ProfileConfig};
 use crate::http::HttpConfig;
 use crate::mqtt::QoS;
 use crate::store::StoreConfig;
+use crate::time::TimeConfig;
 use crate::topics::{Claim, Topics};
 use crate::uplink::UplinkConfig;
 
@@ -62,6 +64,8 @@ pub struct Config {
     pub http: Option<HttpConfig>,
     /// `[homeassistant]`: discovery on the LAN broker. Absent: no discovery.
     pub homeassistant: Option<HomeAssistantConfig>,
+    /// `[time]`: how far the wall clock is trusted; every key has a default.
+    pub time: TimeConfig,
     /// `[[bus]]` and `[profile.NAME]`: the field devices.
     pub field: FieldConfig,
     /// The document as parsed, to tell which sections a reload changed.
@@ -83,6 +87,8 @@ struct File {
     #[serde(default)]
     http: Option<HttpConfig>,
     homeassistant: Option<HomeAssistantConfig>,
+    #[serde(default)]
+    time: TimeConfig,
     #[serde(default)]
     bus: Vec<BusConfig>,
     #[serde(default)]
@@ -250,6 +256,7 @@ impl Config {
         problems.extend(self.store.validate());
         problems.extend(self.upstream.iter().flat_map(UplinkConfig::validate));
         problems.extend(self.http.iter().flat_map(HttpConfig::validate));
+        problems.extend(self.time.validate());
         let has_users = self
             .broker
             .as_ref()
@@ -754,6 +761,7 @@ pub fn parse(file: &str, text: &str) -> Result<Config, Error> {
         upstream: parsed.upstream,
         http: parsed.http,
         homeassistant: parsed.homeassistant,
+        time: parsed.time,
         field: FieldConfig {
             buses: parsed.bus,
             profiles: parsed.profile,
@@ -778,13 +786,14 @@ pub fn parse(file: &str, text: &str) -> Result<Config, Error> {
 }
 
 /// The sections a file may have, in the order serde names them.
-const SECTIONS: [&str; 8] = [
+const SECTIONS: [&str; 9] = [
     "agent",
     "broker",
     "store",
     "upstream",
     "http",
     "homeassistant",
+    "time",
     "bus",
     "profile",
 ];
@@ -818,6 +827,7 @@ fn section_type_errors(doc: &toml_edit::ImDocument<&str>) -> Vec<(Range<usize>, 
             ("upstream", _) => found.extend(type_error::<UplinkConfig>(item)),
             ("http", _) => found.extend(type_error::<HttpConfig>(item)),
             ("homeassistant", _) => found.extend(type_error::<HomeAssistantConfig>(item)),
+            ("time", _) => found.extend(type_error::<TimeConfig>(item)),
             ("bus", toml_edit::Item::ArrayOfTables(buses)) => {
                 for bus in buses {
                     let bus = toml_edit::Item::Table(bus.clone());

@@ -93,6 +93,33 @@ impl Metrics {
             "Readings the store refused (they reached the LAN broker only).",
             self.health.counters.store_failed.load(Relaxed) as f64,
         );
+        let time = &self.health.time;
+        out.single(
+            "fieldbridge_clock_synchronized",
+            "gauge",
+            "1 while the wall clock is synchronized to a time source, 0 while readings are marked unsynced.",
+            f64::from(u8::from(time.synced.load(Relaxed))),
+        );
+        out.singles(
+            "counter",
+            &[
+                (
+                    "fieldbridge_readings_unsynced_total",
+                    "Readings sent while the wall clock was not synchronized (marked \"time\":\"unsynced\").",
+                    time.unsynced.load(Relaxed),
+                ),
+                (
+                    "fieldbridge_readings_corrected_total",
+                    "Readings taken before the clock's sync whose time was corrected from the boot clock (marked \"time\":\"corrected\").",
+                    time.corrected.load(Relaxed),
+                ),
+                (
+                    "fieldbridge_clock_correction_failures_total",
+                    "Corrections of the stored readings' times that failed and were retried.",
+                    time.correction_failures.load(Relaxed),
+                ),
+            ],
+        );
     }
 
     fn buses(&self, out: &mut Exposition) {

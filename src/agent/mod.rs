@@ -49,6 +49,7 @@ use crate::field::{self, FieldEvent, ResolvedBus};
 use crate::http::{self, HttpHandle};
 use crate::mqtt::QoS;
 use crate::store::{self, Queue};
+use crate::time::{TimeCounters, TimeKeeper};
 use crate::topics::Topics;
 use crate::uplink::{self, Uplink, UplinkHandle};
 
@@ -153,7 +154,13 @@ impl Agent {
         let resolved = field::resolve(&config.field)?;
         let writable = resolved.iter().any(ResolvedBus::has_writable_points);
         let broker = start_broker(&config, &topics).await?;
-        let (queue, uplink, upstream_commands) = open_upstream(&config, &topics, writable)?;
+        let time = TimeKeeper::new(
+            config.time.source(),
+            config.time.require_sync,
+            Arc::default(),
+        );
+        let (queue, uplink, upstream_commands) =
+            open_upstream(&config, &topics, writable, time.holds_upstream()).await?;
         let outputs = Outputs {
             topics,
             broker,
@@ -162,13 +169,14 @@ impl Agent {
             counters: Arc::default(),
             devices: Arc::default(),
             commands: Arc::default(),
+            time: time.counters().clone(),
         };
 
         let (events, events_rx) = mpsc::channel(config.agent.channel_capacity);
         let pipeline_beat = Heartbeat::new("pipeline");
         let pipeline = tokio::spawn(
             outputs
-                .pipeline(&config)
+                .pipeline(&config, time)
                 .run(events_rx, pipeline_beat.clone()),
         );
 
@@ -242,7 +250,14 @@ impl Agent {
         } else {
             None
         };
-        for section in ["agent", "store", "upstream", "http", "homeassistant"] {
+        for section in [
+            "agent",
+            "store",
+            "upstream",
+            "http",
+            "homeassistant",
+            "time",
+        ] {
             if self.config.section_changed(&new, section) {
                 tracing::warn!(
                     section,
@@ -413,7 +428,8 @@ async fn start_broker(config: &Config, topics: &Topics) -> Result<Option<BrokerH
 }
 
 /// Opens the store and spawns the uplink that drains it, when there is an
-/// `[upstream]`; LAN-only there is neither.
+/// `[upstream]`; LAN-only there is neither. With `hold` (`time.require_sync` before
+/// the sync) the store holds its rows back from the uplink from the start.
 /// With `writable` points the uplink also subscribes to the command topics, and their
 /// messages are returned for the command router.
 type UpstreamParts = (
@@ -422,12 +438,23 @@ type UpstreamParts = (
     Option<mpsc::Receiver<crate::mqtt::Publish>>,
 );
 
-fn open_upstream(config: &Config, topics: &Topics, writable: bool) -> Result<UpstreamParts, Error> {
+async fn open_upstream(
+    config: &Config,
+    topics: &Topics,
+    writable: bool,
+    hold: bool,
+) -> Result<UpstreamParts, Error> {
     let Some(upstream) = &config.upstream else {
         tracing::info!("no [upstream]: LAN-only, no store");
         return Ok((None, None, None));
     };
     let queue = Queue::open(config.store.clone())?;
+    if hold {
+        queue.hold(true).await;
+        tracing::info!(
+            "time.require_sync: readings wait in the store until the clock is synchronized"
+        );
+    }
     let mut upstream = upstream.clone();
     if writable {
         upstream.subscribe.push(topics.command("+", "+"));
@@ -450,6 +477,7 @@ struct Outputs {
     counters: Arc<Counters>,
     devices: pipeline::DeviceStates,
     commands: Arc<commands::CommandCounters>,
+    time: Arc<TimeCounters>,
 }
 
 impl Outputs {
@@ -510,7 +538,7 @@ impl Outputs {
     }
 
     /// The pipeline, sending to these outputs.
-    fn pipeline(&self, config: &Config) -> pipeline::Pipeline {
+    fn pipeline(&self, config: &Config, time: TimeKeeper) -> pipeline::Pipeline {
         pipeline::Pipeline {
             topics: self.topics.clone(),
             qos: config.agent.qos(),
@@ -523,6 +551,7 @@ impl Outputs {
             queue: self.queue.clone(),
             counters: self.counters.clone(),
             devices: self.devices.clone(),
+            time,
         }
     }
 
@@ -540,6 +569,7 @@ impl Outputs {
             devices: self.devices.clone(),
             buses,
             commands: self.commands.clone(),
+            time: self.time.clone(),
         }
     }
 

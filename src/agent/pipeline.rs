@@ -16,6 +16,10 @@
 //!   stuck in one disk call, does the pipeline stop reading).
 //! - Every reading handed to the store is counted once: `accepted` when committed,
 //!   `store_failed` when refused or dropped before it was stored.
+//! - Readings are marked and corrected by the time keeper ([`TimeKeeper`]) as they
+//!   enter; when the clock's sync arrives (looked at every heartbeat tick) the pending
+//!   batch is corrected at once and the store's correction is handed over like a
+//!   batch, behind the batches handed over before it.
 //! - When every sender is gone, [`Pipeline::run`] hands over what is pending, waits
 //!   until the store has answered every batch and returns: this is the "commit the
 //!   pipeline" step of a shutdown (bounded by the agent's shutdown timeout).
@@ -37,6 +41,7 @@ use crate::field::{DeviceState, FieldEvent};
 use crate::future::maybe;
 use crate::mqtt::QoS;
 use crate::store::{Done, Message, Priority, Queue};
+use crate::time::TimeKeeper;
 use crate::topics::Topics;
 
 /// Handing a batch to the store thread that takes longer than this counts as a
@@ -102,13 +107,14 @@ pub struct Pipeline {
     pub queue: Option<Queue>,
     pub counters: Arc<Counters>,
     pub devices: DeviceStates,
+    pub time: TimeKeeper,
 }
 
 type Handover = Pin<Box<dyn Future<Output = ()> + Send>>;
 
 impl Pipeline {
     /// Runs until every sender of `events` is gone and the store answered every batch.
-    pub async fn run(self, mut events: mpsc::Receiver<FieldEvent>, heartbeat: Heartbeat) {
+    pub async fn run(mut self, mut events: mpsc::Receiver<FieldEvent>, heartbeat: Heartbeat) {
         let mut pending: Vec<Message> = Vec::new();
         let mut pending_readings = 0u64;
         let mut handover: Option<Handover> = None;
@@ -119,6 +125,12 @@ impl Pipeline {
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
 
         loop {
+            if let (None, Some(queue)) = (&handover, &self.queue) {
+                if let Some(work) = self.time.store_work(queue) {
+                    handover = Some(work);
+                    handover_since = Instant::now();
+                }
+            }
             if handover.is_none() && !pending.is_empty() {
                 if let Some(queue) = &self.queue {
                     let batch = std::mem::take(&mut pending);
@@ -145,6 +157,9 @@ impl Pipeline {
                 }
                 () = maybe(&mut handover) => handover = None,
                 _ = ticker.tick() => {
+                    if self.time.check() {
+                        self.time.correct_pending(&mut pending);
+                    }
                     let stalled = handover.is_some() && handover_since.elapsed() > HANDOVER_STALL;
                     if !stalled {
                         heartbeat.beat();
@@ -157,7 +172,8 @@ impl Pipeline {
 
     /// Publishes one event locally and queues it for the store; returns how many
     /// readings now wait for a commit (0 or 1).
-    fn handle(&self, event: FieldEvent, pending: &mut Vec<Message>) -> u64 {
+    fn handle(&self, mut event: FieldEvent, pending: &mut Vec<Message>) -> u64 {
+        let unsynced = self.time.mark(&mut event);
         let out = self.outgoing(event);
         let payload = Bytes::from(out.payload);
         if let Some(broker) = &self.broker {
@@ -177,6 +193,7 @@ impl Pipeline {
             retain: out.retain_upstream,
             created_ms: out.created_ms,
             priority: out.priority,
+            unsynced,
         });
         out.readings
     }
@@ -200,6 +217,7 @@ impl Pipeline {
                 device,
                 payload_json,
                 ts_ms,
+                ..
             } => Outgoing {
                 topic: self.topics.device_batch(&device),
                 payload: payload_json,
@@ -258,6 +276,8 @@ mod tests {
             value: Some(Value::UInt(n)),
             unit: None,
             ts_ms: crate::clock::now_ms(),
+            mono_ms: crate::clock::mono_ms(),
+            time: crate::field::TimeMark::Synced,
             quality: Quality::Good,
         })
     }
@@ -273,6 +293,7 @@ mod tests {
             queue: Some(queue.clone()),
             counters: counters.clone(),
             devices: DeviceStates::default(),
+            time: TimeKeeper::new(Arc::new(crate::clock::TrustedClock), false, Arc::default()),
         }
     }
 

@@ -68,6 +68,11 @@ impl Buffer {
         self.batches.iter()
     }
 
+    /// The buffered messages, for a clock correction before their commit.
+    pub fn messages_mut(&mut self) -> impl Iterator<Item = &mut Message> {
+        self.batches.iter_mut().flat_map(|b| b.messages.iter_mut())
+    }
+
     /// How many batches from the front one commit writes: as many as fit in
     /// `max_rows` rows, and at least one.
     pub fn prefix(&self, max_rows: usize) -> usize {

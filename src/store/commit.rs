@@ -143,8 +143,8 @@ fn insert_batches(
     written: &mut Written,
 ) -> Result<(), rusqlite::Error> {
     let mut insert = tx.prepare_cached(
-        "INSERT INTO message (id, topic, payload, qos, retain, created_ms, priority, size) \
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+        "INSERT INTO message (id, topic, payload, qos, retain, created_ms, priority, size, \
+         boot, mono_ms) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
     )?;
     for batch in buffer.batches().take(batches) {
         let mut ids = Vec::with_capacity(batch.messages.len());
@@ -159,6 +159,9 @@ fn insert_batches(
                 m.created_ms,
                 m.priority as u8,
                 i64::try_from(size).unwrap_or(i64::MAX),
+                m.unsynced.map(|s| s.boot),
+                m.unsynced
+                    .map(|s| i64::try_from(s.mono_ms).unwrap_or(i64::MAX)),
             ])?;
             ids.push(*next_id);
             *next_id = next_id.saturating_add(1);

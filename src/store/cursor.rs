@@ -12,6 +12,8 @@
 //!   the rows after `position`, never the in-flight and acknowledged rows in front. New
 //!   rows get ids above every stored id, hence above `position`.
 //! - A `next` that fails hands nothing out: what it took is put back.
+//! - While held ([`Cursor::hold`], `time.require_sync` before the first sync) `next`
+//!   hands nothing out and moves nothing.
 
 use std::collections::{BTreeSet, HashSet};
 
@@ -28,6 +30,7 @@ pub(super) struct Cursor {
     position: i64,
     /// Released rows at or below `position`: `next` hands them out first.
     released: BTreeSet<i64>,
+    held: bool,
 }
 
 impl Cursor {
@@ -37,7 +40,13 @@ impl Cursor {
             acking: HashSet::new(),
             position: i64::MIN,
             released: BTreeSet::new(),
+            held: false,
         }
+    }
+
+    /// Holds every row back from `next` (true) or hands them out again (false).
+    pub fn hold(&mut self, held: bool) {
+        self.held = held;
     }
 
     /// Whether the row is in flight or acknowledged: not to be handed out or dropped.
@@ -97,7 +106,7 @@ impl Cursor {
         order: DrainOrder,
     ) -> Result<Vec<Stored>, rusqlite::Error> {
         let mut out = Vec::with_capacity(max.min(1024));
-        if max == 0 {
+        if max == 0 || self.held {
             return Ok(out);
         }
         match order {

@@ -13,6 +13,7 @@ use super::error::Error;
 use super::message::{Message, Priority, Stored};
 use super::space::Space;
 use super::stats::{DiskState, DropCounts, Stats};
+use crate::clock::Stamp;
 use crate::mqtt::QoS;
 
 /// `PRAGMA user_version` of the format this build writes.
@@ -29,17 +30,28 @@ CREATE TABLE IF NOT EXISTS message (
     priority INTEGER NOT NULL,
     size INTEGER NOT NULL,
     pkid INTEGER,
-    pubrec INTEGER NOT NULL DEFAULT 0
+    pubrec INTEGER NOT NULL DEFAULT 0,
+    boot INTEGER,
+    mono_ms INTEGER
 );
+CREATE INDEX IF NOT EXISTS message_unsynced ON message (boot) WHERE mono_ms IS NOT NULL;
 CREATE TABLE IF NOT EXISTS counter (
     name TEXT PRIMARY KEY,
     value INTEGER NOT NULL
 ) WITHOUT ROWID;
 ";
 
+/// Columns of a file written before readings carried a boot-clock stamp, added at open:
+/// older builds of the same format read such a file as before (they name their columns).
+const STAMP_COLUMNS: &str = "
+ALTER TABLE message ADD COLUMN boot INTEGER;
+ALTER TABLE message ADD COLUMN mono_ms INTEGER;
+CREATE INDEX IF NOT EXISTS message_unsynced ON message (boot) WHERE mono_ms IS NOT NULL;
+";
+
 /// Columns read by [`stored_from_row`], in order.
 pub(super) const STORED_COLUMNS: &str =
-    "id, topic, payload, qos, retain, created_ms, priority, pkid, pubrec";
+    "id, topic, payload, qos, retain, created_ms, priority, pkid, pubrec, boot, mono_ms";
 
 /// How long a statement waits for a lock held by another connection (a `read_stats`
 /// reader, or a second agent started by mistake).
@@ -279,6 +291,14 @@ impl Db {
         if tables < 2 {
             conn.execute_batch(SCHEMA)?;
         }
+        let stamped: i64 = conn.query_row(
+            "SELECT COUNT(*) FROM pragma_table_info('message') WHERE name = 'mono_ms'",
+            [],
+            |r| r.get(0),
+        )?;
+        if stamped == 0 {
+            conn.execute_batch(STAMP_COLUMNS)?;
+        }
         if version != FORMAT_VERSION {
             conn.execute_batch(&format!("PRAGMA user_version = {FORMAT_VERSION}"))?;
         }
@@ -491,6 +511,8 @@ pub(super) fn priority_from_db(value: i64) -> Priority {
 pub(super) fn stored_from_row(row: &Row<'_>) -> Result<Stored, rusqlite::Error> {
     let qos: i64 = row.get(3)?;
     let pkid: Option<i64> = row.get(7)?;
+    let boot: Option<i64> = row.get(9)?;
+    let mono_ms: Option<i64> = row.get(10)?;
     Ok(Stored {
         id: row.get(0)?,
         message: Message {
@@ -503,6 +525,10 @@ pub(super) fn stored_from_row(row: &Row<'_>) -> Result<Stored, rusqlite::Error> 
             retain: row.get(4)?,
             created_ms: row.get(5)?,
             priority: priority_from_db(row.get(6)?),
+            unsynced: boot.zip(mono_ms).map(|(boot, mono)| Stamp {
+                boot,
+                mono_ms: u64::try_from(mono).unwrap_or(0),
+            }),
         },
         pkid: pkid.and_then(|p| u16::try_from(p).ok()),
         pubrec: row.get(8)?,

@@ -7,6 +7,7 @@
 
 use bytes::Bytes;
 
+use crate::clock::Stamp;
 use crate::mqtt::QoS;
 
 /// Bytes counted per row on top of topic and payload, for `max_bytes` and
@@ -33,6 +34,10 @@ pub struct Message {
     /// Wall clock, milliseconds since the Unix epoch.
     pub created_ms: i64,
     pub priority: Priority,
+    /// Set when the message was made while the wall clock was not synchronized: the
+    /// boot and boot-clock time of its reading, so a later sync can correct
+    /// `created_ms` and the payload ([`super::Queue::retime`]).
+    pub unsynced: Option<Stamp>,
 }
 
 impl Message {

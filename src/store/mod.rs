@@ -32,6 +32,7 @@
 //!
 //! ```text
 //!  queue.rs ──► request.rs ◄── worker.rs ──► commit.rs ──► retention.rs
+//!                  ▲                 └──► retime.rs ──► request.rs, buffer.rs, cursor.rs
 //!     └─────── spawns ───────────►  │            └──► buffer.rs, cursor.rs, db.rs
 //!                                   └──► buffer.rs, cursor.rs, retention.rs, db.rs, space.rs
 //!  db.rs ──► space.rs
@@ -49,6 +50,8 @@
 //!   memory buffer drops.
 //! - `cursor.rs`: the drain cursor and the in-flight marks.
 //! - `retention.rs`: which stored rows give way to the limits and to a full disk.
+//! - `retime.rs`: a clock correction of the rows and buffered messages of this boot
+//!   stamped while the wall clock was not synchronized.
 //! - `db.rs`: the file: open, schema, row mapping, counters, checkpoints, vacuum,
 //!   holding the file at its size.
 //! - `space.rs`: the filesystem: free bytes, the reserve.
@@ -76,7 +79,9 @@
 //! One SQLite file in WAL mode with `auto_vacuum = INCREMENTAL` (freed pages are
 //! reused, and the file shrinks after a drained backlog). Tables: `message` (id is the
 //! queue order; `size` is the byte count used for `max_bytes`; `pkid`/`pubrec` the QoS
-//! flow state) and `counter` (name → value, persisted at most every 10 s and on close).
+//! flow state; `boot`/`mono_ms` the boot-clock stamp of a reading taken while the wall
+//! clock was not synchronized, NULL otherwise, indexed by `message_unsynced`; added at
+//! open to a file that lacks them) and `counter` (name → value, persisted at most every 10 s and on close).
 //! `PRAGMA user_version` is the format version. Checkpoints are run by the queue itself
 //! (not by SQLite's auto-checkpoint), so it can count what it wrote.
 //!
@@ -117,6 +122,7 @@ mod message;
 mod queue;
 mod request;
 mod retention;
+mod retime;
 mod space;
 mod stats;
 #[cfg(test)]
@@ -130,6 +136,7 @@ pub use error::Error;
 pub use message::{DrainOrder, Message, Priority, Stored, ROW_OVERHEAD_BYTES};
 pub use queue::Queue;
 pub use request::Done;
+pub use request::{Retimed, Rewrite};
 pub use stats::{DiskState, DropCounts, DropReason, Stats};
 
 /// Reads the statistics of a queue file without writing to it, while the agent that

@@ -20,7 +20,9 @@ use super::config::StoreConfig;
 use super::db::{Counters, Db};
 use super::error::Error;
 use super::message::{DrainOrder, Message, Stored};
-use super::request::{Command, Done, Flow, Reply, Request, CHANNEL_CAPACITY};
+use super::request::{
+    Command, Done, Flow, Reply, Request, Retime, Retimed, Rewrite, CHANNEL_CAPACITY,
+};
 use super::space::Space;
 use super::stats::Stats;
 use super::worker::Worker;
@@ -237,6 +239,38 @@ impl Queue {
             })
         })
         .await
+    }
+
+    /// Corrects the times of the rows and buffered messages stamped in boot `boot`
+    /// ([`Message::unsynced`]) once the wall clock is synchronized: `created_ms`
+    /// becomes `offset_ms + mono_ms`, the payload is what `rewrite` makes of it for
+    /// that change (`None` leaves the row as it is), and the stamp goes. Rows in flight
+    /// are not touched. Like [`Queue::submit`] it resolves once the thread has the
+    /// request, behind every batch submitted before it; `done` gets the outcome on the
+    /// store thread.
+    pub async fn retime(
+        &self,
+        boot: i64,
+        offset_ms: i64,
+        rewrite: Rewrite,
+        done: Box<dyn FnOnce(Result<Retimed, Error>) + Send>,
+    ) {
+        let retime = Retime {
+            boot,
+            offset_ms,
+            rewrite,
+        };
+        if let Err(Command::Retime { done, .. }) = self.send(Command::Retime { retime, done }).await
+        {
+            done(Err(Error::Closed(Vec::new())));
+        }
+    }
+
+    /// Holds every row back from [`Queue::next`] (`true`: it hands out nothing) or
+    /// hands them out again (`false`, and the `pending` watch fires). Resolves once
+    /// the thread has the request; requests after it see it in force.
+    pub async fn hold(&self, held: bool) {
+        let _ = self.send(Command::Hold { held }).await;
     }
 
     /// A snapshot of depth, bytes, ages and counters.

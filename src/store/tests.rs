@@ -28,6 +28,7 @@ fn message(topic: &str, n: u32, priority: Priority) -> Message {
         retain: false,
         created_ms: crate::clock::now_ms(),
         priority,
+        unsynced: None,
     }
 }
 

@@ -31,6 +31,7 @@ use super::error::Error;
 use super::message::Message;
 use super::request::{Command, Done, Flow, Request, CHANNEL_CAPACITY};
 use super::retention;
+use super::retime;
 use super::space::Space;
 use super::stats::{DiskState, DropReason, Stats};
 
@@ -217,6 +218,18 @@ impl Worker {
             Command::SetFlow(flow) => {
                 self.flows.push(flow);
                 self.mark_dirty();
+            }
+            Command::Retime { retime, done } => {
+                let (retimed, error) =
+                    retime::apply(&retime, &mut self.db.conn, &mut self.buffer, &self.cursor);
+                self.bytes = self.bytes.saturating_add_signed(retimed.bytes_delta);
+                done(error.map_or(Ok(retimed), |e| Err(Error::from(e))));
+            }
+            Command::Hold { held } => {
+                self.cursor.hold(held);
+                if !held {
+                    self.pending.send_replace(self.pending_rows());
+                }
             }
             Command::Stats { reply } => {
                 let _ = reply.send(self.stats());

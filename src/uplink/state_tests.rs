@@ -44,6 +44,7 @@ fn row(id: i64, qos: QoS, topic: &str) -> Stored {
             retain: false,
             created_ms: 0,
             priority: Priority::Periodic,
+            unsynced: None,
         },
         pkid: None,
         pubrec: false,
