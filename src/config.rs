@@ -1270,4 +1270,28 @@ mod tests {
         };
         assert_eq!(agent.resolved_prefix("x"), "plant");
     }
+
+    #[test]
+    fn the_time_section_has_defaults_and_its_rules_point_at_the_value() {
+        let config = parse("test.toml", "[broker]\n").expect("valid");
+        assert_eq!(config.time, TimeConfig::default());
+        let text =
+            "[broker]\n[time]\ntrust = \"always\"\nrequire_sync = true\nsync_file = \"run/flag\"\n";
+        let found = problems(text);
+        assert_eq!(found.len(), 2, "{found:?}");
+        assert!(
+            found[0].starts_with("test.toml:5:13: time.sync_file: must be an absolute path"),
+            "{found:?}"
+        );
+        assert!(
+            found[1].starts_with("test.toml:4:16: time.require_sync: "),
+            "{found:?}"
+        );
+        let found = problems("[broker]\n[time]\ntrust = \"gps\"\n");
+        assert_eq!(found.len(), 1, "{found:?}");
+        assert!(
+            found[0].starts_with("test.toml:3:9: time.trust: unknown variant `gps`"),
+            "{found:?}"
+        );
+    }
 }

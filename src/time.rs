@@ -419,3 +419,360 @@ fn answered(
 fn true_time(offset_ms: i64, mono_ms: u64) -> i64 {
     offset_ms.saturating_add(i64::try_from(mono_ms).unwrap_or(i64::MAX))
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::AtomicI64;
+    use std::sync::Mutex;
+
+    use super::*;
+    use crate::field::{Quality, Reading, Value};
+    use crate::mqtt::QoS;
+    use crate::store::{DrainOrder, Priority, StoreConfig};
+
+    const BOOT: i64 = 42;
+
+    /// A clock the test sets: wall, boot clock, sync status.
+    #[derive(Default)]
+    struct FakeClock {
+        wall: AtomicI64,
+        mono: AtomicU64,
+        synced: AtomicBool,
+    }
+
+    impl FakeClock {
+        fn at(&self, wall_ms: i64, mono_ms: u64, synced: bool) {
+            self.wall.store(wall_ms, Ordering::SeqCst);
+            self.mono.store(mono_ms, Ordering::SeqCst);
+            self.synced.store(synced, Ordering::SeqCst);
+        }
+    }
+
+    impl ClockSource for FakeClock {
+        fn wall_ms(&self) -> i64 {
+            self.wall.load(Ordering::SeqCst)
+        }
+        fn mono_ms(&self) -> u64 {
+            self.mono.load(Ordering::SeqCst)
+        }
+        fn synced(&self) -> bool {
+            self.synced.load(Ordering::SeqCst)
+        }
+    }
+
+    fn keeper(clock: &Arc<FakeClock>, require_sync: bool) -> TimeKeeper {
+        let source: Arc<dyn ClockSource> = clock.clone();
+        TimeKeeper::with_boot(source, Some(BOOT), require_sync, Arc::default())
+    }
+
+    /// A reading taken now on `clock`.
+    fn reading(clock: &FakeClock) -> FieldEvent {
+        FieldEvent::Reading(Reading {
+            device: "meter".into(),
+            point: "power".into(),
+            topic: None,
+            value: Some(Value::Float(1.5)),
+            unit: None,
+            ts_ms: clock.wall_ms(),
+            mono_ms: clock.mono_ms(),
+            time: TimeMark::Synced,
+            quality: Quality::Good,
+        })
+    }
+
+    fn taken(event: FieldEvent) -> Reading {
+        match event {
+            FieldEvent::Reading(r) => r,
+            other => panic!("not a reading: {other:?}"),
+        }
+    }
+
+    fn stored(reading: &Reading, stamp: Option<Stamp>) -> Message {
+        Message {
+            topic: "fb/meter/power".into(),
+            payload: reading.payload_json().into(),
+            qos: QoS::AtLeastOnce,
+            retain: false,
+            created_ms: reading.ts_ms,
+            priority: Priority::Periodic,
+            unsynced: stamp,
+        }
+    }
+
+    fn json(message: &Message) -> serde_json::Value {
+        serde_json::from_slice(&message.payload).expect("json")
+    }
+
+    /// 1970 plus a few seconds, as a Pi without RTC and without a saved time boots.
+    const BOOTED_AT: i64 = 5_000;
+    /// The true time the sync brings: the wall clock then steps to it.
+    const TRUE_AT_SYNC: i64 = 1_764_590_000_000;
+
+    #[test]
+    fn readings_before_the_sync_are_marked_then_corrected_with_the_boot_clock_offset() {
+        let clock = Arc::new(FakeClock::default());
+        clock.at(BOOTED_AT, 10_000, false);
+        let mut time = keeper(&clock, false);
+        assert!(!time.counters().synced.load(Ordering::Relaxed));
+
+        let mut event = reading(&clock);
+        let stamp = time.mark(&mut event);
+        assert_eq!(
+            stamp,
+            Some(Stamp {
+                boot: BOOT,
+                mono_ms: 10_000
+            })
+        );
+        let early = taken(event);
+        assert_eq!(early.time, TimeMark::Unsynced);
+        assert_eq!(early.ts_ms, BOOTED_AT, "an unsynced time is sent as it is");
+        let mut pending = vec![stored(&early, stamp)];
+        assert_eq!(json(&pending[0])["time"], "unsynced");
+
+        // Taken 5 s later, still waiting in the channel when the sync arrives.
+        clock.at(BOOTED_AT + 5_000, 15_000, false);
+        let in_channel = reading(&clock);
+        // 10 s after the first reading NTP steps the clock.
+        clock.at(TRUE_AT_SYNC, 20_000, true);
+        assert!(time.check(), "the sync is news once");
+        assert!(!time.check());
+        assert!(time.counters().synced.load(Ordering::Relaxed));
+
+        assert_eq!(time.correct_pending(&mut pending), 1);
+        let corrected = &pending[0];
+        assert_eq!(corrected.created_ms, TRUE_AT_SYNC - 10_000);
+        assert_eq!(corrected.unsynced, None);
+        assert_eq!(json(corrected)["ts"], TRUE_AT_SYNC - 10_000);
+        assert_eq!(json(corrected)["time"], "corrected");
+
+        let mut event = in_channel;
+        assert_eq!(time.mark(&mut event), None);
+        let late = taken(event);
+        assert_eq!(
+            (late.time, late.ts_ms),
+            (TimeMark::Corrected, TRUE_AT_SYNC - 5_000)
+        );
+
+        clock.at(TRUE_AT_SYNC + 1_000, 21_000, true);
+        let mut event = reading(&clock);
+        assert_eq!(time.mark(&mut event), None);
+        let now = taken(event);
+        assert_eq!(
+            (now.time, now.ts_ms),
+            (TimeMark::Synced, TRUE_AT_SYNC + 1_000)
+        );
+        assert!(!now.payload_json().contains("time"));
+
+        let counters = time.counters();
+        assert_eq!(counters.unsynced.load(Ordering::Relaxed), 1);
+        assert_eq!(counters.corrected.load(Ordering::Relaxed), 2);
+    }
+
+    #[test]
+    fn a_batch_taken_before_the_sync_is_marked_and_corrected_as_a_whole() {
+        let clock = Arc::new(FakeClock::default());
+        clock.at(BOOTED_AT, 10_000, false);
+        let mut time = keeper(&clock, false);
+        let batch = |clock: &FakeClock| FieldEvent::Batch {
+            device: "meter".into(),
+            payload_json: crate::field::reading::batch_json(
+                clock.wall_ms(),
+                &[taken(reading(clock))],
+            ),
+            ts_ms: clock.wall_ms(),
+            mono_ms: clock.mono_ms(),
+        };
+        let mut unsynced = batch(&clock);
+        assert!(time.mark(&mut unsynced).is_some());
+        let FieldEvent::Batch { payload_json, .. } = &unsynced else {
+            unreachable!()
+        };
+        let parsed: serde_json::Value = serde_json::from_str(payload_json).unwrap();
+        assert_eq!(parsed["time"], "unsynced");
+
+        let mut in_channel = batch(&clock);
+        clock.at(TRUE_AT_SYNC, 20_000, true);
+        assert!(time.check());
+        assert_eq!(time.mark(&mut in_channel), None);
+        let FieldEvent::Batch {
+            payload_json,
+            ts_ms,
+            ..
+        } = &in_channel
+        else {
+            unreachable!()
+        };
+        let parsed: serde_json::Value = serde_json::from_str(payload_json).unwrap();
+        assert_eq!(*ts_ms, TRUE_AT_SYNC - 10_000);
+        assert_eq!(parsed["ts"], TRUE_AT_SYNC - 10_000);
+        assert_eq!(parsed["points"]["power"]["ts"], TRUE_AT_SYNC - 10_000);
+        assert_eq!(parsed["time"], "corrected");
+    }
+
+    #[test]
+    fn a_backwards_jump_of_a_synchronized_clock_is_no_sync_and_invents_nothing() {
+        let clock = Arc::new(FakeClock::default());
+        clock.at(TRUE_AT_SYNC, 20_000, true);
+        let mut time = keeper(&clock, false);
+        // An NTP step back by an hour: the clock stays synchronized.
+        clock.at(TRUE_AT_SYNC - 3_600_000, 21_000, true);
+        assert!(!time.check(), "no new sync, nothing to correct");
+        let mut event = reading(&clock);
+        assert_eq!(time.mark(&mut event), None);
+        let r = taken(event);
+        assert_eq!(
+            (r.time, r.ts_ms),
+            (TimeMark::Synced, TRUE_AT_SYNC - 3_600_000)
+        );
+
+        // Losing the sync marks again; the next sync takes a new offset.
+        clock.at(TRUE_AT_SYNC - 3_000_000, 22_000, false);
+        assert!(!time.check());
+        let mut event = reading(&clock);
+        assert!(time.mark(&mut event).is_some());
+        assert_eq!(taken(event).time, TimeMark::Unsynced);
+        clock.at(TRUE_AT_SYNC + 50_000, 30_000, true);
+        assert!(time.check());
+        let mut pending = vec![{
+            let r = Reading {
+                ts_ms: TRUE_AT_SYNC - 3_000_000,
+                mono_ms: 22_000,
+                time: TimeMark::Unsynced,
+                ..taken(reading(&clock))
+            };
+            stored(
+                &r,
+                Some(Stamp {
+                    boot: BOOT,
+                    mono_ms: 22_000,
+                }),
+            )
+        }];
+        assert_eq!(time.correct_pending(&mut pending), 1);
+        assert_eq!(pending[0].created_ms, TRUE_AT_SYNC + 42_000);
+    }
+
+    #[test]
+    fn without_a_boot_id_nothing_is_stamped_so_nothing_is_ever_corrected() {
+        let clock = Arc::new(FakeClock::default());
+        clock.at(BOOTED_AT, 10_000, false);
+        let source: Arc<dyn ClockSource> = clock.clone();
+        let mut time = TimeKeeper::with_boot(source, None, false, Arc::default());
+        let mut event = reading(&clock);
+        assert_eq!(time.mark(&mut event), None);
+        assert_eq!(taken(event).time, TimeMark::Unsynced);
+        clock.at(TRUE_AT_SYNC, 20_000, true);
+        assert!(time.check());
+        let dir = tempfile::tempdir().expect("tempdir");
+        let queue = Queue::open(StoreConfig {
+            path: dir.path().join("q.db"),
+            ..StoreConfig::default()
+        })
+        .expect("open");
+        assert!(
+            time.store_work(&queue).is_none(),
+            "no boot id, no hold: no request"
+        );
+    }
+
+    async fn wait_until(what: &str, check: impl Fn() -> bool) {
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while !check() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "timed out waiting for {what}"
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+
+    #[tokio::test]
+    async fn require_sync_holds_the_store_until_the_sync_and_its_correction() {
+        let clock = Arc::new(FakeClock::default());
+        clock.at(BOOTED_AT, 10_000, false);
+        let mut time = keeper(&clock, true);
+        assert!(time.holds_upstream());
+        let dir = tempfile::tempdir().expect("tempdir");
+        let queue = Queue::open(StoreConfig {
+            path: dir.path().join("q.db"),
+            commit_interval_ms: 2,
+            ..StoreConfig::default()
+        })
+        .expect("open");
+        queue.hold(true).await;
+        let mut event = reading(&clock);
+        let stamp = time.mark(&mut event);
+        queue
+            .append(vec![stored(&taken(event), stamp)])
+            .await
+            .expect("append");
+        assert!(time.store_work(&queue).is_none(), "not synchronized yet");
+        assert!(queue
+            .next(10, DrainOrder::OldestFirst)
+            .await
+            .expect("next")
+            .is_empty());
+
+        clock.at(TRUE_AT_SYNC, 20_000, true);
+        assert!(time.check());
+        time.store_work(&queue)
+            .expect("correction and release")
+            .await;
+        assert!(time.store_work(&queue).is_none(), "once");
+        let rows = queue.next(10, DrainOrder::OldestFirst).await.expect("next");
+        assert_eq!(rows.len(), 1, "released");
+        let message = &rows[0].message;
+        assert_eq!(message.created_ms, TRUE_AT_SYNC - 10_000);
+        assert_eq!(json(message)["time"], "corrected");
+        let counters = time.counters().clone();
+        wait_until("the correction counted", || {
+            counters.corrected.load(Ordering::Relaxed) == 1
+        })
+        .await;
+        queue.close().await.expect("close");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_failed_correction_is_retried_with_growing_waits() {
+        let clock = Arc::new(FakeClock::default());
+        clock.at(TRUE_AT_SYNC, 20_000, true);
+        let mut time = keeper(&clock, false);
+        let dir = tempfile::tempdir().expect("tempdir");
+        let queue = Queue::open(StoreConfig {
+            path: dir.path().join("q.db"),
+            ..StoreConfig::default()
+        })
+        .expect("open");
+        let attempts = Arc::new(Mutex::new(Vec::new()));
+        queue
+            .pragma("PRAGMA query_only = 1")
+            .await
+            .expect("read-only");
+        let start = Instant::now();
+        while attempts.lock().unwrap().len() < 3 {
+            if let Some(work) = time.store_work(&queue) {
+                attempts.lock().unwrap().push(start.elapsed());
+                work.await;
+                let counters = time.counters().clone();
+                let failures = attempts.lock().unwrap().len() as u64;
+                // The store answers on its own thread, which paused time does not wait
+                // for: wait on real time, bounded.
+                let deadline = std::time::Instant::now() + Duration::from_secs(10);
+                while counters.correction_failures.load(Ordering::Relaxed) < failures {
+                    assert!(
+                        std::time::Instant::now() < deadline,
+                        "no answer from the store"
+                    );
+                    std::thread::sleep(Duration::from_millis(1));
+                }
+            }
+            time.check();
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let attempts = attempts.lock().unwrap().clone();
+        let secs: Vec<u64> = attempts.iter().map(|d| d.as_secs()).collect();
+        assert_eq!(secs, [0, 1, 3], "1 s, then 2 s: {attempts:?}");
+        queue.close().await.expect("close");
+    }
+}

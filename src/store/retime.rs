@@ -126,3 +126,235 @@ fn stored(
         after = last;
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    use bytes::Bytes;
+    use tokio::sync::oneshot;
+
+    use crate::clock::Stamp;
+    use crate::mqtt::QoS;
+    use crate::store::{DrainOrder, Error, Message, Priority, Queue, Retimed, StoreConfig, Stored};
+
+    const THIS_BOOT: i64 = 7;
+
+    fn config(path: &Path, commit_interval_ms: u64) -> StoreConfig {
+        StoreConfig {
+            path: path.to_path_buf(),
+            commit_interval_ms,
+            ..StoreConfig::default()
+        }
+    }
+
+    fn message(payload: &str, created_ms: i64, unsynced: Option<(i64, u64)>) -> Message {
+        Message {
+            topic: "fb/meter/p".into(),
+            payload: Bytes::from(payload.to_string()),
+            qos: QoS::AtLeastOnce,
+            retain: false,
+            created_ms,
+            priority: Priority::Periodic,
+            unsynced: unsynced.map(|(boot, mono_ms)| Stamp { boot, mono_ms }),
+        }
+    }
+
+    /// The store does not know payloads: this one appends the change, and refuses
+    /// payloads starting with `x`.
+    fn rewrite(payload: &[u8], delta_ms: i64) -> Option<Vec<u8>> {
+        if payload.starts_with(b"x") {
+            return None;
+        }
+        let mut out = payload.to_vec();
+        out.extend(format!("{delta_ms:+}").bytes());
+        Some(out)
+    }
+
+    async fn retime(queue: &Queue, boot: i64, offset_ms: i64) -> Result<Retimed, Error> {
+        let (tx, rx) = oneshot::channel();
+        let done = Box::new(move |result| {
+            let _ = tx.send(result);
+        });
+        queue.retime(boot, offset_ms, rewrite, done).await;
+        rx.await.expect("the store answers a correction")
+    }
+
+    fn by_payload<'a>(rows: &'a [Stored], start: &str) -> &'a Stored {
+        rows.iter()
+            .find(|s| s.message.payload.starts_with(start.as_bytes()))
+            .unwrap_or_else(|| panic!("no row {start}: {rows:?}"))
+    }
+
+    #[tokio::test]
+    async fn a_sync_corrects_the_rows_and_buffered_messages_of_this_boot_and_nothing_else() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("q.db");
+        let queue = Queue::open(config(&path, 2)).expect("open");
+        queue
+            .append(vec![
+                message("flight", 50, Some((THIS_BOOT, 2000))),
+                message("this", 5, Some((THIS_BOOT, 1000))),
+                message("earlier-boot", 3, Some((THIS_BOOT - 1, 500))),
+                message("synced", 100, None),
+                message("xforeign", 7, Some((THIS_BOOT, 4000))),
+            ])
+            .await
+            .expect("append");
+        queue.close().await.expect("close");
+
+        // A group-commit interval long enough that the next batch is still buffered
+        // when the correction arrives right behind it.
+        let queue = Queue::open(config(&path, 10_000)).expect("reopen");
+        let flight = queue.next(1, DrainOrder::OldestFirst).await.expect("next");
+        assert_eq!(&flight[0].message.payload[..], b"flight");
+        queue
+            .submit(
+                vec![message("buffered", 60, Some((THIS_BOOT, 3000)))],
+                Box::new(|_| {}),
+            )
+            .await;
+        let done = retime(&queue, THIS_BOOT, 1_000_000).await.expect("retime");
+        assert_eq!((done.rows, done.in_flight), (2, 1), "{done:?}");
+        let tracked = queue.stats().await.expect("stats").bytes;
+        queue.close().await.expect("close");
+
+        let queue = Queue::open(config(&path, 2)).expect("reopen");
+        let rows = queue
+            .next(100, DrainOrder::OldestFirst)
+            .await
+            .expect("next");
+        let this = by_payload(&rows, "this");
+        assert_eq!(&this.message.payload[..], b"this+1000995");
+        assert_eq!(this.message.created_ms, 1_001_000);
+        assert_eq!(this.message.unsynced, None);
+        let buffered = by_payload(&rows, "buffered");
+        assert_eq!(&buffered.message.payload[..], b"buffered+1002940");
+        assert_eq!(buffered.message.created_ms, 1_003_000);
+        assert_eq!(buffered.message.unsynced, None);
+        for (left, created, stamp) in [
+            ("flight", 50, Some((THIS_BOOT, 2000))),
+            ("earlier-boot", 3, Some((THIS_BOOT - 1, 500))),
+            ("synced", 100, None),
+            ("xforeign", 7, Some((THIS_BOOT, 4000))),
+        ] {
+            assert_eq!(
+                by_payload(&rows, left).message,
+                message(left, created, stamp),
+                "left as it was"
+            );
+        }
+        let stats = queue.stats().await.expect("stats");
+        assert_eq!(
+            stats.bytes - buffered.message.stored_size(),
+            tracked,
+            "the thread's byte count follows the rewritten sizes"
+        );
+        queue.close().await.expect("close");
+    }
+
+    #[tokio::test]
+    async fn a_correction_the_disk_refuses_changes_nothing_and_says_why() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let queue = Queue::open(config(&dir.path().join("q.db"), 2)).expect("open");
+        queue
+            .append(vec![message("this", 5, Some((THIS_BOOT, 1000)))])
+            .await
+            .expect("append");
+        queue
+            .pragma("PRAGMA query_only = 1")
+            .await
+            .expect("read-only");
+        assert!(retime(&queue, THIS_BOOT, 1_000_000).await.is_err());
+        queue
+            .pragma("PRAGMA query_only = 0")
+            .await
+            .expect("writable");
+        let rows = queue.next(10, DrainOrder::OldestFirst).await.expect("next");
+        assert_eq!(rows[0].message, message("this", 5, Some((THIS_BOOT, 1000))));
+        let done = retime(&queue, THIS_BOOT, 1_000_000).await.expect("retried");
+        assert_eq!(
+            (done.rows, done.in_flight),
+            (0, 1),
+            "in flight since the next"
+        );
+        queue.close().await.expect("close");
+    }
+
+    #[tokio::test]
+    async fn a_held_store_hands_out_nothing_until_released() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let queue = Queue::open(config(&dir.path().join("q.db"), 2)).expect("open");
+        queue.hold(true).await;
+        queue
+            .append(vec![message("a", 1, None), message("b", 2, None)])
+            .await
+            .expect("append");
+        let mut pending = queue.pending();
+        pending.borrow_and_update();
+        assert!(queue
+            .next(10, DrainOrder::OldestFirst)
+            .await
+            .expect("next")
+            .is_empty());
+        queue.hold(false).await;
+        tokio::time::timeout(std::time::Duration::from_secs(10), pending.changed())
+            .await
+            .expect("the release wakes the uplink")
+            .expect("watch");
+        let rows = queue.next(10, DrainOrder::OldestFirst).await.expect("next");
+        assert_eq!(rows.len(), 2);
+        queue.close().await.expect("close");
+    }
+
+    /// Regression (issue 19): a reading taken while the clock was days behind looked
+    /// days old once NTP set the clock, and `max_age_secs` dropped it before the
+    /// correction could give it its true time.
+    #[tokio::test]
+    async fn a_reading_stamped_while_the_clock_was_behind_is_not_aged_out_when_it_jumps_forward() {
+        let Some(boot) = crate::clock::boot_id() else {
+            panic!("this test needs the kernel's boot id (/proc/sys/kernel/random/boot_id)");
+        };
+        let dir = tempfile::tempdir().expect("tempdir");
+        let queue = Queue::open(StoreConfig {
+            max_age_secs: 86_400,
+            ..config(&dir.path().join("q.db"), 2)
+        })
+        .expect("open");
+        let ten_days_ago = crate::clock::now_ms() - 10 * 86_400_000;
+        let now = crate::clock::mono_ms();
+        queue
+            .append(vec![
+                message("stale-clock", ten_days_ago, Some((boot, now))),
+                message("earlier-boot", ten_days_ago, Some((boot ^ 1, now))),
+                message("really-old", ten_days_ago, None),
+            ])
+            .await
+            .expect("append");
+        let stats = queue.stats().await.expect("stats");
+        assert_eq!(stats.dropped.max_age, 1, "{stats:?}");
+        let rows = queue.next(10, DrainOrder::OldestFirst).await.expect("next");
+        let kept: Vec<&[u8]> = rows.iter().map(|s| &s.message.payload[..]).collect();
+        assert_eq!(kept, [&b"stale-clock"[..], b"earlier-boot"]);
+        queue.close().await.expect("close");
+    }
+
+    #[tokio::test]
+    async fn rows_keep_their_order_when_the_wall_clock_goes_back() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let queue = Queue::open(config(&dir.path().join("q.db"), 2)).expect("open");
+        let t = crate::clock::now_ms();
+        queue
+            .append(vec![message("before", t, None)])
+            .await
+            .expect("append");
+        queue
+            .append(vec![message("after", t - 3_600_000, None)])
+            .await
+            .expect("append");
+        let rows = queue.next(10, DrainOrder::OldestFirst).await.expect("next");
+        let order: Vec<&[u8]> = rows.iter().map(|s| &s.message.payload[..]).collect();
+        assert_eq!(order, [&b"before"[..], b"after"]);
+        queue.close().await.expect("close");
+    }
+}
