@@ -80,12 +80,17 @@ pub struct Stamp {
     pub mono_ms: u64,
 }
 
-/// Wall clock, boot clock and sync status, as the time keeper reads them.
+/// Wall clock, boot clock and sync status, as the time keeper reads them (the system's
+/// clocks unless a test says otherwise).
 pub trait ClockSource: Send + Sync {
     /// Wall-clock milliseconds since the Unix epoch ([`now_ms`]).
-    fn wall_ms(&self) -> i64;
+    fn wall_ms(&self) -> i64 {
+        now_ms()
+    }
     /// Boot-clock milliseconds ([`mono_ms`]).
-    fn mono_ms(&self) -> u64;
+    fn mono_ms(&self) -> u64 {
+        mono_ms()
+    }
     /// Whether the wall clock is synchronized to a time source now.
     fn synced(&self) -> bool;
 }
@@ -100,14 +105,6 @@ pub struct SystemClock {
 }
 
 impl ClockSource for SystemClock {
-    fn wall_ms(&self) -> i64 {
-        now_ms()
-    }
-
-    fn mono_ms(&self) -> u64 {
-        mono_ms()
-    }
-
     fn synced(&self) -> bool {
         if let Some(file) = &self.sync_file {
             if file.parent().is_some_and(std::path::Path::is_dir) {
@@ -124,14 +121,6 @@ impl ClockSource for SystemClock {
 pub struct TrustedClock;
 
 impl ClockSource for TrustedClock {
-    fn wall_ms(&self) -> i64 {
-        now_ms()
-    }
-
-    fn mono_ms(&self) -> u64 {
-        mono_ms()
-    }
-
     fn synced(&self) -> bool {
         true
     }

@@ -423,7 +423,6 @@ fn true_time(offset_ms: i64, mono_ms: u64) -> i64 {
 #[cfg(test)]
 mod tests {
     use std::sync::atomic::AtomicI64;
-    use std::sync::Mutex;
 
     use super::*;
     use crate::field::{Quality, Reading, Value};
@@ -744,18 +743,18 @@ mod tests {
             ..StoreConfig::default()
         })
         .expect("open");
-        let attempts = Arc::new(Mutex::new(Vec::new()));
+        let mut attempts = Vec::new();
         queue
             .pragma("PRAGMA query_only = 1")
             .await
             .expect("read-only");
         let start = Instant::now();
-        while attempts.lock().unwrap().len() < 3 {
+        while attempts.len() < 3 {
             if let Some(work) = time.store_work(&queue) {
-                attempts.lock().unwrap().push(start.elapsed());
+                attempts.push(start.elapsed());
                 work.await;
                 let counters = time.counters().clone();
-                let failures = attempts.lock().unwrap().len() as u64;
+                let failures = attempts.len() as u64;
                 // The store answers on its own thread, which paused time does not wait
                 // for: wait on real time, bounded.
                 let deadline = std::time::Instant::now() + Duration::from_secs(10);
@@ -770,7 +769,6 @@ mod tests {
             time.check();
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
-        let attempts = attempts.lock().unwrap().clone();
         let secs: Vec<u64> = attempts.iter().map(|d| d.as_secs()).collect();
         assert_eq!(secs, [0, 1, 3], "1 s, then 2 s: {attempts:?}");
         queue.close().await.expect("close");
