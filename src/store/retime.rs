@@ -9,9 +9,10 @@
 //! - Rows in flight or acknowledged ([`Cursor::is_taken`]) are left as they are: a
 //!   resent PUBLISH must carry the same message. A payload the function refuses is
 //!   left as it is, stamp and all (a time is never guessed).
-//! - Stored rows are rewritten in transactions of [`ROWS_PER_TRANSACTION`]; a failed
-//!   one changes nothing in memory (the caller retries the whole correction, which
-//!   finds only the rows still stamped).
+//! - Stored rows are rewritten in transactions of [`ROWS_PER_TRANSACTION`] ([`step`]),
+//!   checkpointed between by the store thread; a failed one changes nothing (the caller
+//!   retries the whole correction, which finds only the rows still stamped). Buffered
+//!   messages ([`buffered`]) are corrected after the stored rows.
 
 use rusqlite::{params, Connection, TransactionBehavior};
 
@@ -23,19 +24,9 @@ use super::request::{Retime, Retimed};
 /// Rows rewritten per transaction, so a large backlog does not hold one long write.
 const ROWS_PER_TRANSACTION: usize = 1024;
 
-/// Corrects the stored rows, then the buffered messages. Returns what was done
-/// even when a transaction failed (what committed before it stays corrected), and
-/// the error.
-pub(super) fn apply(
-    retime: &Retime,
-    conn: &mut Connection,
-    buffer: &mut Buffer,
-    cursor: &Cursor,
-) -> (Retimed, Option<rusqlite::Error>) {
-    let mut done = Retimed::default();
-    if let Err(error) = stored(retime, conn, cursor, &mut done) {
-        return (done, Some(error));
-    }
+/// Corrects the buffered messages; returns how many.
+pub(super) fn buffered(retime: &Retime, buffer: &mut Buffer) -> u64 {
+    let mut corrected = 0;
     for message in buffer.messages_mut() {
         let Some(stamp) = message.unsynced.filter(|s| s.boot == retime.boot) else {
             continue;
@@ -47,10 +38,10 @@ pub(super) fn apply(
             message.payload = payload.into();
             message.created_ms = ts;
             message.unsynced = None;
-            done.rows += 1;
+            corrected += 1;
         }
     }
-    (done, None)
+    corrected
 }
 
 fn true_time(retime: &Retime, mono_ms: u64) -> i64 {
@@ -59,72 +50,79 @@ fn true_time(retime: &Retime, mono_ms: u64) -> i64 {
         .saturating_add(i64::try_from(mono_ms).unwrap_or(i64::MAX))
 }
 
-/// The stored rows, adding to `done` per committed transaction.
-fn stored(
+/// One transaction of the stored rows: up to [`ROWS_PER_TRANSACTION`] stamped rows of
+/// the boot with ids above `after`, which moves past them. `None` when there are none
+/// left; the caller checkpoints between steps, so a large backlog does not grow the WAL
+/// beyond what the store lets it.
+pub(super) fn step(
     retime: &Retime,
     conn: &mut Connection,
     cursor: &Cursor,
-    done: &mut Retimed,
-) -> Result<(), rusqlite::Error> {
-    let mut after = i64::MIN;
-    loop {
-        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-        let mut rows = Vec::new();
-        {
-            let mut select = tx.prepare_cached(
-                "SELECT id, topic, payload, created_ms, mono_ms FROM message \
-                     WHERE boot = ?1 AND mono_ms IS NOT NULL AND id > ?2 ORDER BY id LIMIT ?3",
-            )?;
-            let mut found = select.query(params![
-                retime.boot,
-                after,
-                i64::try_from(ROWS_PER_TRANSACTION).unwrap_or(i64::MAX)
-            ])?;
-            while let Some(row) = found.next()? {
-                let id: i64 = row.get(0)?;
-                let topic: String = row.get(1)?;
-                let payload: Vec<u8> = row.get(2)?;
-                let created: i64 = row.get(3)?;
-                let mono: i64 = row.get(4)?;
-                rows.push((id, topic.len(), payload, created, mono));
-            }
+    after: &mut i64,
+) -> Result<Option<Step>, rusqlite::Error> {
+    let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+    let mut rows = Vec::new();
+    {
+        let mut select = tx.prepare_cached(
+            "SELECT id, topic, payload, created_ms, mono_ms FROM message \
+             WHERE boot = ?1 AND mono_ms IS NOT NULL AND id > ?2 ORDER BY id LIMIT ?3",
+        )?;
+        let mut found = select.query(params![
+            retime.boot,
+            *after,
+            i64::try_from(ROWS_PER_TRANSACTION).unwrap_or(i64::MAX)
+        ])?;
+        while let Some(row) = found.next()? {
+            let id: i64 = row.get(0)?;
+            let topic: String = row.get(1)?;
+            let payload: Vec<u8> = row.get(2)?;
+            let created: i64 = row.get(3)?;
+            let mono: i64 = row.get(4)?;
+            rows.push((id, topic.len(), payload, created, mono));
         }
-        let Some(last) = rows.last().map(|r| r.0) else {
-            return Ok(());
-        };
-        let mut batch = Retimed::default();
-        {
-            let mut update = tx.prepare_cached(
-                "UPDATE message SET payload = ?2, created_ms = ?3, size = ?4, boot = NULL, \
-                     mono_ms = NULL WHERE id = ?1",
-            )?;
-            for (id, topic_len, payload, created, mono) in rows {
-                if cursor.is_taken(&id) {
-                    batch.in_flight += 1;
-                    continue;
-                }
-                let ts = true_time(retime, u64::try_from(mono).unwrap_or(0));
-                let Some(new) = (retime.rewrite)(&payload, ts.saturating_sub(created)) else {
-                    continue;
-                };
-                let size = topic_len as u64 + new.len() as u64 + ROW_OVERHEAD_BYTES;
-                update.execute(params![
-                    id,
-                    new,
-                    ts,
-                    i64::try_from(size).unwrap_or(i64::MAX)
-                ])?;
-                batch.rows += 1;
-                batch.bytes_delta += i64::try_from(new.len()).unwrap_or(0)
-                    - i64::try_from(payload.len()).unwrap_or(0);
-            }
-        }
-        tx.commit()?;
-        done.rows += batch.rows;
-        done.in_flight += batch.in_flight;
-        done.bytes_delta += batch.bytes_delta;
-        after = last;
     }
+    let Some(last) = rows.last().map(|r| r.0) else {
+        return Ok(None);
+    };
+    let mut done = Step::default();
+    {
+        let mut update = tx.prepare_cached(
+            "UPDATE message SET payload = ?2, created_ms = ?3, size = ?4, boot = NULL, \
+             mono_ms = NULL WHERE id = ?1",
+        )?;
+        for (id, topic_len, payload, created, mono) in rows {
+            if cursor.is_taken(&id) {
+                done.retimed.in_flight += 1;
+                continue;
+            }
+            let ts = true_time(retime, u64::try_from(mono).unwrap_or(0));
+            let Some(new) = (retime.rewrite)(&payload, ts.saturating_sub(created)) else {
+                continue;
+            };
+            let size = topic_len as u64 + new.len() as u64 + ROW_OVERHEAD_BYTES;
+            update.execute(params![
+                id,
+                new,
+                ts,
+                i64::try_from(size).unwrap_or(i64::MAX)
+            ])?;
+            done.retimed.rows += 1;
+            done.retimed.bytes_delta +=
+                i64::try_from(new.len()).unwrap_or(0) - i64::try_from(payload.len()).unwrap_or(0);
+            done.written_bytes += size;
+        }
+    }
+    tx.commit()?;
+    *after = last;
+    Ok(Some(done))
+}
+
+/// What one committed step did.
+#[derive(Default)]
+pub(super) struct Step {
+    pub retimed: Retimed,
+    /// The rewritten rows' sizes: what the step added to the WAL, roughly.
+    pub written_bytes: u64,
 }
 
 #[cfg(test)]

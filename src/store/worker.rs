@@ -29,7 +29,7 @@ use super::cursor::Cursor;
 use super::db::{self, Counters, Db};
 use super::error::Error;
 use super::message::Message;
-use super::request::{Command, Done, Flow, Request, CHANNEL_CAPACITY};
+use super::request::{Command, Done, Flow, Request, Retime, Retimed, CHANNEL_CAPACITY};
 use super::retention;
 use super::retime;
 use super::space::Space;
@@ -219,12 +219,7 @@ impl Worker {
                 self.flows.push(flow);
                 self.mark_dirty();
             }
-            Command::Retime { retime, done } => {
-                let (retimed, error) =
-                    retime::apply(&retime, &mut self.db.conn, &mut self.buffer, &self.cursor);
-                self.bytes = self.bytes.saturating_add_signed(retimed.bytes_delta);
-                done(error.map_or(Ok(retimed), |e| Err(Error::from(e))));
-            }
+            Command::Retime { retime, done } => done(self.retime(&retime)),
             Command::Hold { held } => {
                 self.cursor.hold(held);
                 if !held {
@@ -243,6 +238,25 @@ impl Worker {
             #[cfg(test)]
             Command::Crash { .. } => unreachable!("handled by take_queued"),
         }
+    }
+
+    /// A clock correction: the stored rows in steps, each counted towards the next
+    /// checkpoint like a commit, then the buffered messages.
+    fn retime(&mut self, retime: &Retime) -> Result<Retimed, Error> {
+        let mut total = Retimed::default();
+        let mut after = i64::MIN;
+        while let Some(step) = retime::step(retime, &mut self.db.conn, &self.cursor, &mut after)? {
+            self.bytes = self.bytes.saturating_add_signed(step.retimed.bytes_delta);
+            total.rows += step.retimed.rows;
+            total.in_flight += step.retimed.in_flight;
+            total.bytes_delta += step.retimed.bytes_delta;
+            self.wal_estimate += step.written_bytes + 2 * self.db.page_size;
+            if self.wal_estimate >= self.space.checkpoint_bytes() {
+                self.checkpoint();
+            }
+        }
+        total.rows += retime::buffered(retime, &mut self.buffer);
+        Ok(total)
     }
 
     fn append(&mut self, batch: Vec<Message>, done: Done) {
