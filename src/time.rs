@@ -133,6 +133,8 @@ pub struct TimeCounters {
     pub correction_failures: AtomicU64,
     /// Set by a failed store correction: the keeper tries again.
     retry: AtomicBool,
+    /// The last store correction failed (for one log line per change).
+    failing: AtomicBool,
 }
 
 type StoreWork = Pin<Box<dyn Future<Output = ()> + Send>>;
@@ -160,7 +162,6 @@ pub struct TimeKeeper {
     correction_due: bool,
     next_try: Instant,
     retry_wait: Duration,
-    failing: bool,
 }
 
 impl TimeKeeper {
@@ -190,7 +191,6 @@ impl TimeKeeper {
             correction_due: false,
             next_try: Instant::now(),
             retry_wait: RETRY_MIN,
-            failing: false,
         };
         if keeper.source.synced() {
             // Rows an earlier run of this boot left unsynced are corrected too.
@@ -238,12 +238,6 @@ impl TimeKeeper {
             self.correction_due = true;
             self.next_try = Instant::now() + self.retry_wait;
             self.retry_wait = (self.retry_wait * 2).min(RETRY_MAX);
-            if !self.failing {
-                self.failing = true;
-                tracing::warn!(
-                    "could not correct the stored readings' times; retrying with backoff"
-                );
-            }
         }
         let synced = self.source.synced();
         match (self.state, synced) {
@@ -365,11 +359,10 @@ impl TimeKeeper {
         let queue = queue.clone();
         let boot = self.boot;
         let counters = Arc::clone(&self.counters);
-        let was_failing = std::mem::take(&mut self.failing);
         Some(Box::pin(async move {
             if let Some(boot) = boot {
                 let done = Box::new(move |result: Result<Retimed, crate::store::Error>| {
-                    answered(&counters, result, was_failing);
+                    answered(&counters, result);
                 });
                 queue
                     .retime(
@@ -388,18 +381,16 @@ impl TimeKeeper {
     }
 }
 
-/// The store's answer to a correction (on the store thread: no waiting here).
-fn answered(
-    counters: &TimeCounters,
-    result: Result<Retimed, crate::store::Error>,
-    was_failing: bool,
-) {
+/// The store's answer to a correction (on the store thread: no waiting here). One log
+/// line when corrections start failing, one when one succeeds again.
+fn answered(counters: &TimeCounters, result: Result<Retimed, crate::store::Error>) {
     match result {
         Ok(retimed) => {
             counters
                 .corrected
                 .fetch_add(retimed.rows, Ordering::Relaxed);
-            if retimed.rows > 0 || was_failing {
+            let recovered = counters.failing.swap(false, Ordering::AcqRel);
+            if retimed.rows > 0 || recovered {
                 tracing::info!(
                     corrected = retimed.rows,
                     in_flight = retimed.in_flight,
@@ -409,8 +400,15 @@ fn answered(
         }
         Err(error) => {
             counters.correction_failures.fetch_add(1, Ordering::Relaxed);
+            if counters.failing.swap(true, Ordering::AcqRel) {
+                tracing::debug!(%error, "correcting the stored readings' times failed again");
+            } else {
+                tracing::warn!(
+                    %error,
+                    "could not correct the stored readings' times; retrying with backoff"
+                );
+            }
             counters.retry.store(true, Ordering::Release);
-            tracing::debug!(%error, "correcting the stored readings' times failed");
         }
     }
 }
