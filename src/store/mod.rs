@@ -127,7 +127,7 @@ use std::path::Path;
 
 pub use config::{DropPolicy, StoreConfig, Synchronous};
 pub use error::Error;
-pub use message::{DrainOrder, Message, Priority, Stored, ROW_OVERHEAD_BYTES};
+pub use message::{pkid_for_row, DrainOrder, Message, Priority, Stored, ROW_OVERHEAD_BYTES};
 pub use queue::Queue;
 pub use request::Done;
 pub use stats::{DiskState, DropCounts, DropReason, Stats};
