@@ -293,12 +293,12 @@ impl Worker {
             DrainOrder::OldestFirst => {
                 let mut out = self.cursor.next(&self.db.conn, max, order)?;
                 if out.len() < max {
-                    out.extend(self.from_memory(max - out.len(), order));
+                    out.extend(self.hand_out_buffered(max - out.len(), order));
                 }
                 Ok(out)
             }
             DrainOrder::NewestFirst => {
-                let fresh = self.from_memory(max, order);
+                let fresh = self.hand_out_buffered(max, order);
                 match self.cursor.next(&self.db.conn, max - fresh.len(), order) {
                     Ok(mut out) => {
                         out.extend(fresh);
@@ -319,7 +319,7 @@ impl Worker {
 
     /// Hands out buffered rows, under ids already reserved (a reservation is committed
     /// first when the buffered rows are past it and the disk may be written).
-    fn from_memory(&mut self, max: usize, order: DrainOrder) -> Vec<Stored> {
+    fn hand_out_buffered(&mut self, max: usize, order: DrainOrder) -> Vec<Stored> {
         let retry_due = self
             .failing
             .as_ref()
