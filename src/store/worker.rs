@@ -372,7 +372,7 @@ impl Worker {
 
     /// Stored rows not taken, and on the fast path buffered rows not handed out.
     fn pending_rows(&self) -> u64 {
-        let handed = self.buffer.rows() - self.buffer.unhanded();
+        let handed = self.buffer.rows().saturating_sub(self.buffer.unhanded());
         let stored_taken = self.cursor.taken().saturating_sub(handed) as u64;
         let fresh = if self.config.fast_path {
             self.buffer.unhanded() as u64
