@@ -493,8 +493,9 @@ pub(super) fn priority_from_db(value: i64) -> Priority {
     }
 }
 
-/// Most packet ids a sweep covers: all of them.
-const SWEEP_MAX: i64 = 65_535;
+/// Most ids a sweep covers (the newest): a few thousand packet ids always stay free for
+/// the uplink's own use.
+const SWEEP_MAX: i64 = 65_535 - 4_096;
 
 /// The packet ids of QoS 2 flows that rows held only in memory may have left open at
 /// the upstream broker: those of the ids in `from..to` that are not stored, less every

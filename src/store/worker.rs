@@ -255,7 +255,12 @@ impl Worker {
             }
             Command::Swept { reply } => {
                 if self.unswept.take().is_some() {
+                    // Promptly: until it is written, every later crash adds a
+                    // reservation's worth of ids to the next sweep.
                     self.counters_dirty = true;
+                    if self.failing.is_none() {
+                        self.write_counters();
+                    }
                 }
                 let _ = reply.send(Ok(()));
             }
@@ -335,6 +340,11 @@ impl Worker {
     /// Commits a new reservation of ids for rows handed out from memory.
     fn reserve(&mut self) {
         self.counters.next_id = self.next_id.saturating_add(RESERVE_IDS);
+        self.write_counters();
+    }
+
+    /// Commits the counters (with the acks and flow updates that wait).
+    fn write_counters(&mut self) {
         let work = Work::reserve();
         match self.write(work) {
             Ok(written) => self.applied(written, work),

@@ -261,6 +261,9 @@ impl Keepalive {
     }
 }
 
+/// Packet ids [`Session::room`] leaves free for status messages and SUBSCRIBE.
+const FREE_PKIDS_KEPT: usize = 16;
+
 /// A refusal that says "not now" rather than "never": 0x97 (quota exceeded) or 0x91
 /// (packet identifier in use).
 fn is_transient(code: ReasonCode) -> bool {
@@ -355,7 +358,9 @@ impl Session {
 
     /// Packet ids that QoS 2 flows cut by a crash may hold at the broker: released
     /// (PUBREL) on the first connection that resumes the session, before anything else.
-    pub fn sweep(&mut self, pkids: Vec<u16>) {
+    /// At most all ids but a few (the store gives far fewer), so some stay free.
+    pub fn sweep(&mut self, mut pkids: Vec<u16>) {
+        pkids.truncate(usize::from(u16::MAX) - 2 * FREE_PKIDS_KEPT);
         self.sweeping.extend(pkids);
     }
 
@@ -629,7 +634,12 @@ impl Session {
                 .min(self.limits.receive_maximum)
                 .min(MAX_WINDOW),
         );
-        window.saturating_sub(self.slots.len() + self.deferred.len())
+        let held = self.slots.len() + self.deferred.len();
+        // Packet ids stay free for the status messages and SUBSCRIBE whatever is
+        // being swept, so `free_pkid` always finds one.
+        let ids_left =
+            usize::from(u16::MAX).saturating_sub(held + self.sweeping.len() + FREE_PKIDS_KEPT);
+        window.saturating_sub(held).min(ids_left)
     }
 
     /// Rows the session holds (in the window or deferred), for release on shutdown.

@@ -1039,3 +1039,21 @@ fn no_sweep_when_the_broker_session_is_gone() {
         vec![(5, false, "payload 5".into())]
     );
 }
+
+/// Regression: a sweep of every packet id (four crashes in a row before a sweep was
+/// recorded) left `free_pkid` no id to find, and the birth message spun forever.
+#[test]
+fn a_sweep_of_every_packet_id_still_leaves_ids_for_the_birth_and_new_rows() {
+    let mut s = session(Protocol::V311);
+    s.sweep((1..=u16::MAX).collect());
+    connect(&mut s, connack(true));
+    let released = out(&mut s).len();
+    assert!(released > 60_000, "{released}");
+    let room = s.room();
+    assert!(room > 0 && room <= 16, "{room}");
+    for id in 0..room {
+        s.offer(row(id as i64 + 1, QoS::AtLeastOnce, "t/a"), now());
+    }
+    assert_eq!(publishes(&out(&mut s)).len(), room);
+    assert_eq!(s.room(), 0, "more rows wait for packet ids to come free");
+}
