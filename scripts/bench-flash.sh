@@ -38,23 +38,15 @@ data="$(mktemp -d -p "${BENCH_DIR:-$PWD/target}" flash.XXXXXX)"
 trap 'cleanup; rm -rf "$data"' EXIT
 echo "binary $bin; queue on $(df -T "$data" | awk 'NR == 2 {print $2}') ($data); ${secs} s per phase"
 
-slave_port=$(free_port)
 python3 - "$work/image.json" <<'EOF'
 import json, sys
 units = {str(u): {"holding": {"0": [u * 100 + i for i in range(100)]}} for u in range(1, 11)}
 json.dump({"units": units}, open(sys.argv[1], "w"))
 EOF
-python3 tests/fixtures/modbus_slave.py --tcp "$slave_port" --image "@$work/image.json" >"$work/slave.log" 2>&1 &
-pids+=($!)
-wait_port "$slave_port"
+start_slave "$work/image.json"
 
 up_port=$(free_port)
-cat >"$work/mosquitto.conf" <<EOF
-listener $up_port 127.0.0.1
-allow_anonymous true
-max_queued_messages 0
-EOF
-[ "$(id -u)" -eq 0 ] && echo "user root" >>"$work/mosquitto.conf"
+upstream_conf "$up_port" "$work/mosquitto.conf"
 upstream=""
 start_upstream() {
     mosquitto -c "$work/mosquitto.conf" >>"$work/mosquitto.log" 2>&1 &

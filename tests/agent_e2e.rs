@@ -77,6 +77,15 @@ fn queued_counter_values(db: &Path) -> Vec<u64> {
         .collect()
 }
 
+/// The counter values `up` received on `topic`, in arrival order.
+fn counter_values(up: &Subscriber, topic: &str) -> Vec<u64> {
+    up.messages()
+        .iter()
+        .filter(|m| m.topic == topic)
+        .filter_map(|m| value_of(&m.payload)?.as_u64())
+        .collect()
+}
+
 fn counter_slave() -> Slave {
     Slave::tcp(&json!({
         "units": {"1": {
@@ -478,13 +487,7 @@ fn no_loss_under_kill_9(qos: u8) {
         }),
     );
 
-    let values = |up: &Subscriber| -> Vec<u64> {
-        up.messages()
-            .iter()
-            .filter(|m| m.topic == counter)
-            .filter_map(|m| value_of(&m.payload)?.as_u64())
-            .collect()
-    };
+    let values = |up: &Subscriber| counter_values(up, &counter);
     let mut kill_boundaries = BTreeSet::new();
     // Values the test read at upstream restarts: markers in the sequence, not holes.
     let mut restart_marks = BTreeSet::new();
@@ -641,13 +644,7 @@ fn fast_path_qos2_flows_cut_by_kill_9_are_released_not_reused() {
     let mut agent = Agent::start(dir.path(), &text);
     wait_for_port(broker_port, START);
     let local = Sub::start(broker_port, &["-v", "-t", &counter]);
-    let values = |up: &Subscriber| -> Vec<u64> {
-        up.messages()
-            .iter()
-            .filter(|m| m.topic == counter)
-            .filter_map(|m| value_of(&m.payload)?.as_u64())
-            .collect()
-    };
+    let values = |up: &Subscriber| counter_values(up, &counter);
     let polled = || -> Vec<u64> {
         payloads(&local.messages(), &counter)
             .iter()
