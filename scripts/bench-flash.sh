@@ -14,10 +14,17 @@
 # the agent's local broker, which gets every reading in process). Prints a table row
 # per phase: bytes per reading and MiB per hour.
 #
+# The load has the shape of the store benchmark's wear rows (BENCHMARKS.md, Store):
+# RATE/10 readings every 100 ms (one device polled every 100 ms).
+#
 # Usage: scripts/bench-flash.sh [SECONDS per phase, default 20] [RATES, default "10 100 1000"]
 #   FIELDBRIDGE_BIN  an already built binary (skips the release build)
 #   QOS              the QoS levels, default "1 2"
 #   MODES            default "off on"
+#   HEALTHY_SECS     the healthy phase with the fast path on, default 120: its few
+#                    writes (an id reservation every 16,384 readings, counters every
+#                    10 minutes) need a longer look than a phase that writes every row
+#   COMMIT_MS        store.commit_interval_ms, default 100
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . scripts/lib.sh
@@ -27,6 +34,8 @@ secs="${1:-20}"
 rates="${2:-10 100 1000}"
 qos_levels="${QOS:-1 2}"
 modes="${MODES:-off on}"
+healthy_secs="${HEALTHY_SECS:-120}"
+commit_ms="${COMMIT_MS:-100}"
 
 bin="${FIELDBRIDGE_BIN:-}"
 if [ -z "$bin" ]; then
@@ -36,7 +45,7 @@ fi
 # The queue must live on a disk filesystem: on tmpfs nothing reaches a block device.
 data="$(mktemp -d -p "${BENCH_DIR:-$PWD/target}" flash.XXXXXX)"
 trap 'cleanup; rm -rf "$data"' EXIT
-echo "binary $bin; queue on $(df -T "$data" | awk 'NR == 2 {print $2}') ($data); ${secs} s per phase"
+echo "binary $bin; queue on $(df -T "$data" | awk 'NR == 2 {print $2}') ($data); ${secs} s per phase (healthy with the fast path: ${healthy_secs} s); commit_interval_ms = $commit_ms"
 
 python3 - "$work/image.json" <<'EOF'
 import json, sys
@@ -60,11 +69,11 @@ stop_upstream() {
 }
 
 local_port=$(free_port)
-# write_config RATE QOS FAST: RATE readings/s as devices of up to 100 points polled
-# every second (1000/s: 10 devices x 100 points).
+# write_config RATE QOS FAST: RATE readings/s as RATE/10 points of one device polled
+# every 100 ms.
 write_config() {
     local rate=$1 qos=$2 fast=$3
-    local devices=$(((rate + 99) / 100)) points=$((rate < 100 ? rate : 100))
+    local devices=1 points=$(((rate + 9) / 10))
     cat >"$work/fieldbridge.toml" <<EOF
 [agent]
 prefix = "bench"
@@ -80,6 +89,7 @@ bind = "127.0.0.1:$local_port"
 [store]
 path = "$data/queue.db"
 fast_path = $fast
+commit_interval_ms = $commit_ms
 
 [upstream]
 url = "mqtt://127.0.0.1:$up_port"
@@ -94,7 +104,7 @@ host = "127.0.0.1"
 port = $slave_port
 EOF
     for unit in $(seq 1 "$devices"); do
-        printf '\n[[bus.device]]\nname = "dev%s"\nunit_id = %s\npoll_interval_ms = 1000\nprofile = "p%s"\n' \
+        printf '\n[[bus.device]]\nname = "dev%s"\nunit_id = %s\npoll_interval_ms = 100\nprofile = "p%s"\n' \
             "$unit" "$unit" "$points" >>"$work/fieldbridge.toml"
     done
     printf '\n[profile.p%s]\n' "$points" >>"$work/fieldbridge.toml"
@@ -107,10 +117,10 @@ EOF
 written() { awk '/^write_bytes/ {w = $2} /^cancelled_write_bytes/ {c = $2} END {print w - c}' "/proc/$1/io"; }
 files() { stat -c %s "$data"/queue.db "$data"/queue.db-wal 2>/dev/null | awk '{s += $1} END {print s + 0}'; }
 
-# phase NAME: measures $secs seconds of the running agent and prints a row.
+# phase NAME [SECONDS]: measures the running agent ($secs by default), prints a row.
 phase() {
-    local w0 f0 w1 f1 n
-    timeout "$secs" mosquitto_sub -h 127.0.0.1 -p "$local_port" -t 'bench/+/+' >"$work/readings" 2>/dev/null &
+    local w0 f0 w1 f1 n len=${2:-$secs}
+    timeout "$len" mosquitto_sub -h 127.0.0.1 -p "$local_port" -t 'bench/+/+' >"$work/readings" 2>/dev/null &
     local counter=$!
     w0=$(written "$agent")
     f0=$(files)
@@ -122,7 +132,7 @@ phase() {
     printf '| %5s/s | QoS %s | %-3s | %-7s | %8d | %9.1f | %9.2f | %9.1f |\n' \
         "$rate" "$qos" "$fast_word" "$1" "$n" \
         "$(echo "($w1 - $w0) / $n" | bc -l)" \
-        "$(echo "($w1 - $w0) * 3600 / $secs / 1048576" | bc -l)" \
+        "$(echo "($w1 - $w0) * 3600 / $len / 1048576" | bc -l)" \
         "$(echo "($f1 - $f0) / $n" | bc -l)"
 }
 
@@ -142,7 +152,7 @@ for rate in $rates; do
             pids+=("$agent")
             wait_port "$local_port"
             sleep 5 # warm-up: first polls, connection, the store's first checkpoint
-            phase healthy
+            if [ "$mode" = on ]; then phase healthy "$healthy_secs"; else phase healthy; fi
             stop_upstream
             phase down
             start_upstream
