@@ -3,9 +3,10 @@
 //! Invariants:
 //! - A reading is published to the local broker as soon as it arrives (in-process,
 //!   never blocking) and handed to the store in batches; it counts as accepted only
-//!   once the store has committed it (the store calls back, see
-//!   [`Queue::submit`]). Without a store (LAN-only) a reading is accepted once handed
-//!   to the local broker.
+//!   once it is durable: committed by the store, or acknowledged by the upstream
+//!   broker while the store still held it in memory (the fast path; the store calls
+//!   back on the earlier of the two, see [`Queue::submit`]). Without a store
+//!   (LAN-only) a reading is accepted once handed to the local broker.
 //! - The pipeline never waits for a commit: a batch is handed to the store thread as
 //!   soon as the previous one is queued there, so a full or read-only disk never stops
 //!   it reading (the store keeps what it cannot write in its bounded memory buffer and
@@ -14,7 +15,7 @@
 //! - Everything is bounded: the input channel, and the pending batch (at most
 //!   `batch_max`; only while the store thread has a full request channel, i.e. is
 //!   stuck in one disk call, does the pipeline stop reading).
-//! - Every reading handed to the store is counted once: `accepted` when committed,
+//! - Every reading handed to the store is counted once: `accepted` when durable,
 //!   `store_failed` when refused or dropped before it was stored.
 //! - Readings are marked and corrected by the time keeper ([`TimeKeeper`]) as they
 //!   enter; when the clock's sync arrives (looked at every heartbeat tick) the pending
@@ -51,7 +52,8 @@ const HANDOVER_STALL: Duration = Duration::from_secs(20);
 /// Figures the health report and the tests read.
 #[derive(Debug, Default)]
 pub struct Counters {
-    /// Readings accepted: committed to the store, or published locally when LAN-only.
+    /// Readings accepted: committed to the store or acknowledged upstream before that,
+    /// or published locally when LAN-only.
     pub accepted: AtomicU64,
     /// Readings the store refused or dropped before storing them (the store logs why
     /// and counts them by reason); they reached the local broker.

@@ -4,6 +4,9 @@
 //! Invariants:
 //! - The marks live in memory only: after a restart or crash every stored row is pending
 //!   again. `next` reads the file and writes nothing.
+//! - `in_flight` also holds the rows the fast path handed out from the memory buffer
+//!   ([`Cursor::handed_from_memory`]): when their batch commits they are stored rows in
+//!   flight like any other, so `next` never reads them again.
 //! - A row id in `in_flight` or `acking` is never handed out by `next` and never chosen
 //!   by a retention drop ([`Cursor::is_taken`]); `acking` rows are deleted by the next
 //!   commit, which then calls [`Cursor::acks_committed`].
@@ -74,6 +77,16 @@ impl Cursor {
         for id in ids {
             self.acking.remove(id);
         }
+    }
+
+    /// Rows handed out from the memory buffer are in flight.
+    pub fn handed_from_memory(&mut self, ids: impl IntoIterator<Item = i64>) {
+        self.in_flight.extend(ids);
+    }
+
+    /// An acknowledged row that was never stored: it is no longer in flight.
+    pub fn acked_in_memory(&mut self, id: i64) {
+        self.in_flight.remove(&id);
     }
 
     pub fn ack(&mut self, ids: Vec<i64>) {

@@ -10,7 +10,7 @@ use rusqlite::{params, Connection, ErrorCode, OpenFlags, OptionalExtension, Row}
 
 use super::config::Synchronous;
 use super::error::Error;
-use super::message::{Message, Priority, Stored};
+use super::message::{pkid_for_row, Message, Priority, Stored};
 use super::space::Space;
 use super::stats::{DiskState, DropCounts, Stats};
 use crate::clock::Stamp;
@@ -66,12 +66,17 @@ pub(super) struct Counters {
     pub commits: u64,
     pub commit_failures: u64,
     pub bytes_written: u64,
-    /// The next row id to hand out, so ids keep growing across restarts.
+    /// Every id below this may have been given out (stored, or handed out from memory
+    /// by the fast path): ids keep growing across restarts and crashes.
     pub next_id: i64,
+    /// Ids from here up to `next_id` that are not stored may be QoS 2 flows of rows
+    /// that lived in memory only, open at the upstream broker when the process
+    /// stopped: the uplink releases their packet ids after a crash (see `store/mod.rs`).
+    pub unswept_from: i64,
 }
 
 impl Counters {
-    fn pairs(&self) -> [(&'static str, i64); 12] {
+    fn pairs(&self) -> [(&'static str, i64); 13] {
         let c = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
         [
             ("appended", c(self.appended)),
@@ -85,6 +90,7 @@ impl Counters {
             ("commit_failures", c(self.commit_failures)),
             ("bytes_written", c(self.bytes_written)),
             ("next_id", self.next_id),
+            ("unswept_from", self.unswept_from),
             ("format", FORMAT_VERSION),
         ]
     }
@@ -103,6 +109,7 @@ impl Counters {
             "commit_failures" => self.commit_failures = v,
             "bytes_written" => self.bytes_written = v,
             "next_id" => self.next_id = value,
+            "unswept_from" => self.unswept_from = value,
             _ => {}
         }
     }
@@ -504,6 +511,51 @@ pub(super) fn priority_from_db(value: i64) -> Priority {
         2 => Priority::Alarm,
         _ => Priority::Periodic,
     }
+}
+
+/// Most ids a sweep covers (the newest): a few thousand packet ids always stay free for
+/// the uplink's own use.
+const SWEEP_MAX: i64 = 65_535 - 4_096;
+
+/// The packet ids of QoS 2 flows that rows held only in memory may have left open at
+/// the upstream broker: those of the ids in `from..to` that are not stored, less every
+/// packet id a stored QoS 2 row may be open under (its own flow resumes it, and a
+/// PUBREL sent for it would release the message before its resumed PUBLISH).
+pub(super) fn unswept_flows(
+    conn: &Connection,
+    from: i64,
+    to: i64,
+) -> Result<Vec<u16>, rusqlite::Error> {
+    let from = from.max(1).max(to.saturating_sub(SWEEP_MAX));
+    if from >= to {
+        return Ok(Vec::new());
+    }
+    let mut candidates = vec![false; 65_536];
+    {
+        let mut stored = conn.prepare("SELECT id FROM message WHERE id >= ?1 AND id < ?2")?;
+        let stored: std::collections::HashSet<i64> = stored
+            .query_map(params![from, to], |r| r.get(0))?
+            .collect::<Result<_, _>>()?;
+        for id in from..to {
+            if !stored.contains(&id) {
+                candidates[usize::from(pkid_for_row(id))] = true;
+            }
+        }
+    }
+    let mut open = conn.prepare("SELECT id, pkid FROM message WHERE qos = 2")?;
+    let mut rows = open.query([])?;
+    while let Some(row) = rows.next()? {
+        let id: i64 = row.get(0)?;
+        let pkid: Option<i64> = row.get(1)?;
+        let pkid = pkid
+            .and_then(|p| u16::try_from(p).ok())
+            .filter(|&p| p != 0)
+            .unwrap_or_else(|| pkid_for_row(id));
+        candidates[usize::from(pkid)] = false;
+    }
+    Ok((1..=u16::MAX)
+        .filter(|&p| candidates[usize::from(p)])
+        .collect())
 }
 
 /// Maps a row selected with [`STORED_COLUMNS`]. Out-of-range values (a file written by

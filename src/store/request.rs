@@ -56,6 +56,14 @@ pub(super) enum Command {
     Hold {
         held: bool,
     },
+    /// The packet ids to release after a crash (`Queue::unswept_flows`).
+    Unswept {
+        reply: Reply<Vec<u16>>,
+    },
+    /// The uplink released them (`Queue::flows_swept`).
+    Swept {
+        reply: Reply<()>,
+    },
     Stats {
         reply: Reply<Stats>,
     },

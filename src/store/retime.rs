@@ -12,7 +12,8 @@
 //! - Stored rows are rewritten in transactions of [`ROWS_PER_TRANSACTION`] ([`step`]),
 //!   checkpointed between by the store thread; a failed one changes nothing (the caller
 //!   retries the whole correction, which finds only the rows still stamped). Buffered
-//!   messages ([`buffered`]) are corrected after the stored rows.
+//!   messages ([`buffered`]) are corrected after the stored rows, except those the fast
+//!   path has handed out from memory (in flight too).
 
 use rusqlite::{params, Connection, TransactionBehavior};
 
@@ -27,7 +28,7 @@ const ROWS_PER_TRANSACTION: usize = 1024;
 /// Corrects the buffered messages; returns how many.
 pub(super) fn buffered(retime: &Retime, buffer: &mut Buffer) -> u64 {
     let mut corrected = 0;
-    for message in buffer.messages_mut() {
+    for message in buffer.unhanded_messages_mut() {
         let Some(stamp) = message.unsynced.filter(|s| s.boot == retime.boot) else {
             continue;
         };

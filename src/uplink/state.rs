@@ -20,6 +20,13 @@
 //!   the broker deduplicates it. PUBREL goes out only after the store has persisted
 //!   `pubrec` ([`Effect::PersistFlow`] then [`Session::flow_persisted`]); that record is
 //!   what makes QoS 2 exactly-once across a restart of the process.
+//! - Packet ids the store reports as possibly open after a crash ([`Session::sweep`]:
+//!   QoS 2 flows of rows that lived in memory only, see `store/mod.rs`) get a PUBREL
+//!   first thing on the first connection that resumes the broker session, and stay in
+//!   use until their PUBCOMP; then [`Effect::Swept`]. A broker that holds such a flow
+//!   delivers it and forgets the id, one that does not answers PUBCOMP; either way no
+//!   new PUBLISH under that id can be taken for a duplicate. Without the session
+//!   (`session present = 0`) there is nothing to release.
 //! - Persisted flow state is trusted only while the broker session it was recorded in
 //!   lives: after `session present = 0` a row that comes back with `pubrec` is first reset
 //!   in the store, then published afresh (never released into a session that forgot it).
@@ -51,7 +58,7 @@ use crate::mqtt::{
     self, Ack, ConnAck, Connect, Disconnect, Packet, Properties, Protocol, Publish, QoS,
     ReasonCode, Subscribe, Subscription, SubscriptionOptions, Will,
 };
-use crate::store::Stored;
+use crate::store::{pkid_for_row, Stored};
 
 use super::config::{Password, MAX_WINDOW};
 use super::error::SessionError;
@@ -143,6 +150,8 @@ pub enum Effect {
     PersistFlow { id: i64, pkid: u16, pubrec: bool },
     /// A message on one of the configured subscriptions.
     Incoming(Box<Publish>),
+    /// The packet ids given to [`Session::sweep`] are released: tell the store.
+    Swept,
 }
 
 /// The message a slot carries.
@@ -252,11 +261,8 @@ impl Keepalive {
     }
 }
 
-/// The packet id a QoS 2 row is published under unless the store holds another one.
-pub fn pkid_for_row(id: i64) -> u16 {
-    // Row ids start at 1; packet ids run 1..=65535.
-    u16::try_from((id - 1).rem_euclid(65_535) + 1).unwrap_or(1)
-}
+/// Packet ids [`Session::room`] leaves free for status messages and SUBSCRIBE.
+const FREE_PKIDS_KEPT: usize = 16;
 
 /// A refusal that says "not now" rather than "never": 0x97 (quota exceeded) or 0x91
 /// (packet identifier in use).
@@ -306,6 +312,8 @@ pub struct Session {
     throttled_through: Option<u64>,
     /// Incoming QoS 2 packet ids whose PUBREL has not arrived.
     incoming_rel: HashSet<u16>,
+    /// Packet ids to release after a crash, until their PUBCOMP ([`Session::sweep`]).
+    sweeping: BTreeSet<u16>,
     aliases: TopicAliases,
     keepalive: Option<Keepalive>,
     next_status_pkid: u16,
@@ -337,6 +345,7 @@ impl Session {
             held_releases: BTreeMap::new(),
             throttled_through: None,
             incoming_rel: HashSet::new(),
+            sweeping: BTreeSet::new(),
             aliases: TopicAliases::default(),
             keepalive: None,
             next_status_pkid: u16::MAX,
@@ -345,6 +354,14 @@ impl Session {
             outbox: Vec::new(),
             effects: VecDeque::new(),
         }
+    }
+
+    /// Packet ids that QoS 2 flows cut by a crash may hold at the broker: released
+    /// (PUBREL) on the first connection that resumes the session, before anything else.
+    /// At most all ids but a few (the store gives far fewer), so some stay free.
+    pub fn sweep(&mut self, mut pkids: Vec<u16>) {
+        pkids.truncate(usize::from(u16::MAX) - 2 * FREE_PKIDS_KEPT);
+        self.sweeping.extend(pkids);
     }
 
     /// The CONNECT packet for a new connection: persistent session, will, credentials.
@@ -473,12 +490,36 @@ impl Session {
         }
         self.slots
             .retain(|_, slot| matches!(slot.origin, Origin::Row(_)));
+        self.release_swept(ack.session_present, now);
         self.resume_slots(ack.session_present);
         self.transmit_waiting(now);
         self.publish_status(Origin::Birth, now);
         self.subscribe(now);
         self.retry_deferred(now);
         Ok(())
+    }
+
+    /// PUBREL for every packet id a crash may have left open, ahead of every other
+    /// packet: the broker takes them in order, so each open flow is released before a
+    /// PUBLISH could reuse its id. Without the session there is nothing to release.
+    fn release_swept(&mut self, session_present: bool, now: Instant) {
+        if self.sweeping.is_empty() {
+            return;
+        }
+        if !session_present {
+            self.sweeping.clear();
+            self.effects.push_back(Effect::Swept);
+            return;
+        }
+        tracing::info!(
+            packet_ids = self.sweeping.len(),
+            "releasing the QoS 2 flows the agent may have left open upstream when it stopped \
+             without a shutdown"
+        );
+        let pkids: Vec<u16> = self.sweeping.iter().copied().collect();
+        for pkid in pkids {
+            self.send(Packet::PubRel(Ack::new(pkid)), now);
+        }
     }
 
     /// Queues every slot for the new connection, oldest first. With the session
@@ -593,7 +634,12 @@ impl Session {
                 .min(self.limits.receive_maximum)
                 .min(MAX_WINDOW),
         );
-        window.saturating_sub(self.slots.len() + self.deferred.len())
+        let held = self.slots.len() + self.deferred.len();
+        // Packet ids stay free for the status messages and SUBSCRIBE whatever is
+        // being swept, so `free_pkid` always finds one.
+        let ids_left =
+            usize::from(u16::MAX).saturating_sub(held + self.sweeping.len() + FREE_PKIDS_KEPT);
+        window.saturating_sub(held).min(ids_left)
     }
 
     /// Rows the session holds (in the window or deferred), for release on shutdown.
@@ -832,7 +878,9 @@ impl Session {
     }
 
     fn pkid_in_use(&self, pkid: u16) -> bool {
-        self.slots.contains_key(&pkid) || self.subscribe_pkid == Some(pkid)
+        self.slots.contains_key(&pkid)
+            || self.subscribe_pkid == Some(pkid)
+            || self.sweeping.contains(&pkid)
     }
 
     /// A packet id nothing uses, for colliding QoS 1 rows, status messages and
@@ -1092,6 +1140,13 @@ impl Session {
     }
 
     fn on_pubcomp(&mut self, ack: Ack, now: Instant) {
+        if self.sweeping.remove(&ack.pkid) {
+            if self.sweeping.is_empty() {
+                self.effects.push_back(Effect::Swept);
+            }
+            self.retry_deferred(now);
+            return;
+        }
         let expected = self
             .slots
             .get(&ack.pkid)
