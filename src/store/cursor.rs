@@ -52,6 +52,11 @@ impl Cursor {
         self.held = held;
     }
 
+    /// Whether rows are held back from `next` (from memory too, on the fast path).
+    pub fn held(&self) -> bool {
+        self.held
+    }
+
     /// Whether the row is in flight or acknowledged: not to be handed out or dropped.
     pub fn is_taken(&self, id: &i64) -> bool {
         self.in_flight.contains(id) || self.acking.contains(id)

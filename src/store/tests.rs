@@ -1050,3 +1050,23 @@ async fn fast_path_backlog_goes_before_fresh_rows_oldest_first_and_after_newest_
     assert_eq!(numbers(&newest), vec![2, 3, 4, 5]);
     queue.close().await.expect("close");
 }
+
+#[tokio::test]
+async fn fast_path_a_hold_keeps_buffered_rows_back_too() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let queue = Queue::open(slow_commit(&dir.path().join("q.db"), 60_000)).expect("open");
+    queue.hold(true).await;
+    let _accepted = submit(&queue, batch("a", 0..3)).await;
+    assert!(
+        queue
+            .next(10, DrainOrder::OldestFirst)
+            .await
+            .expect("next")
+            .is_empty(),
+        "held (time.require_sync before the first sync): nothing leaves, from memory either"
+    );
+    queue.hold(false).await;
+    let fresh = queue.next(10, DrainOrder::OldestFirst).await.expect("next");
+    assert_eq!(numbers(&fresh), vec![0, 1, 2]);
+    queue.close().await.expect("close");
+}

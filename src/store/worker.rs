@@ -316,9 +316,10 @@ impl Worker {
     }
 
     /// Stored rows first (oldest first: the backlog before fresh rows; newest first:
-    /// fresh rows before the backlog), then, on the fast path, buffered rows.
+    /// fresh rows before the backlog), then, on the fast path, buffered rows. Nothing
+    /// while the cursor is held.
     fn next(&mut self, max: usize, order: DrainOrder) -> Result<Vec<Stored>, rusqlite::Error> {
-        if !self.config.fast_path || self.buffer.unhanded() == 0 {
+        if !self.config.fast_path || self.buffer.unhanded() == 0 || self.cursor.held() {
             return self.cursor.next(&self.db.conn, max, order);
         }
         match order {
