@@ -4,7 +4,7 @@
 //! bus tasks ──(bounded mpsc)──► pipeline ─┬─► local broker (in-process publish)
 //!  (supervised)                           └─► store ◄── uplink drains it
 //! health ──► local broker + store        signals ──► reload / shutdown
-//! http (/metrics) ◄── the same counters the health report reads
+//! http (/metrics, /, /api/status) ◄── the health report's counters + recent (per point)
 //! ```
 //!
 //! Invariants:
@@ -28,7 +28,9 @@ pub mod discovery;
 mod health;
 mod metrics;
 mod pipeline;
+mod recent;
 pub mod signals;
+mod status;
 mod supervisor;
 pub mod systemd;
 
@@ -162,7 +164,9 @@ impl Agent {
             counters: Arc::default(),
             devices: Arc::default(),
             commands: Arc::default(),
+            recent: Arc::default(),
         };
+        outputs.recent.configure(&resolved);
 
         let (events, events_rx) = mpsc::channel(config.agent.channel_capacity);
         let pipeline_beat = Heartbeat::new("pipeline");
@@ -186,7 +190,7 @@ impl Agent {
         let health = tokio::spawn(report.clone().run(background.clone(), health_beat.clone()));
         let http = match &config.http {
             Some(http_config) => {
-                let routes = routes(report, &config)?;
+                let routes = routes(report, outputs.recent.clone(), &config)?;
                 let handle = http::start(http_config, routes, background.clone()).await?;
                 tracing::info!(addr = %handle.local_addr(), "http endpoint listening");
                 Some(handle)
@@ -286,6 +290,7 @@ impl Agent {
                 if let Ok(mut map) = self.bus_map.lock() {
                     map.clone_from(&resolved);
                 }
+                self.outputs.recent.configure(&resolved);
                 if let (Some(announcer), Some(ha)) = (&self.discovery, &self.config.homeassistant) {
                     announcer.update(discovery::announcements(
                         ha,
@@ -450,6 +455,8 @@ struct Outputs {
     counters: Arc<Counters>,
     devices: pipeline::DeviceStates,
     commands: Arc<commands::CommandCounters>,
+    /// Every point's last readings, for the status page and `/metrics`.
+    recent: Arc<recent::Recent>,
 }
 
 impl Outputs {
@@ -523,6 +530,7 @@ impl Outputs {
             queue: self.queue.clone(),
             counters: self.counters.clone(),
             devices: self.devices.clone(),
+            recent: self.recent.clone(),
         }
     }
 
@@ -556,16 +564,31 @@ impl Outputs {
     }
 }
 
-/// The HTTP endpoint's pages: `/metrics` from the health report's sources.
+/// The HTTP endpoint's pages: `/metrics`, the status page `/` and its `/api/status`,
+/// from the health report's sources and the points' recent readings.
 ///
 /// A bind outside loopback asks for the users of the broker's password file (the
 /// config refuses such a bind without one); the file is read at start.
-fn routes(health: Arc<health::Health>, config: &Config) -> Result<http::Routes, Error> {
-    let metrics = Arc::new(metrics::Metrics { health });
-    let routes = http::Routes::default().get("/metrics", move || {
-        let metrics = metrics.clone();
-        async move { metrics.page().await }
+fn routes(
+    health: Arc<health::Health>,
+    recent: Arc<recent::Recent>,
+    config: &Config,
+) -> Result<http::Routes, Error> {
+    let metrics = Arc::new(metrics::Metrics {
+        health: health.clone(),
+        recent: recent.clone(),
     });
+    let status = Arc::new(status::Status { health, recent });
+    let routes = http::Routes::default()
+        .get("/metrics", move || {
+            let metrics = metrics.clone();
+            async move { metrics.page().await }
+        })
+        .get("/", || async { status::Status::html() })
+        .get("/api/status", move || {
+            let status = status.clone();
+            async move { status.page().await }
+        });
     let needs_login = config
         .http
         .as_ref()

@@ -31,6 +31,7 @@ use bytes::Bytes;
 use tokio::sync::{mpsc, Notify};
 use tokio::time::Instant;
 
+use super::recent::Recent;
 use super::systemd::{Heartbeat, BEAT_PERIOD};
 use crate::broker::BrokerHandle;
 use crate::field::{DeviceState, FieldEvent};
@@ -102,6 +103,8 @@ pub struct Pipeline {
     pub queue: Option<Queue>,
     pub counters: Arc<Counters>,
     pub devices: DeviceStates,
+    /// Every reading is noted here for the status page.
+    pub recent: Arc<Recent>,
 }
 
 type Handover = Pin<Box<dyn Future<Output = ()> + Send>>;
@@ -185,17 +188,22 @@ impl Pipeline {
     /// report.
     fn outgoing(&self, event: FieldEvent) -> Outgoing {
         match event {
-            FieldEvent::Reading(reading) => Outgoing {
-                topic: self
-                    .topics
-                    .point(&reading.device, &reading.point, reading.topic.as_deref()),
-                payload: reading.payload_json(),
-                retain: self.retain,
-                retain_upstream: self.retain_upstream,
-                priority: Priority::Periodic,
-                created_ms: reading.ts_ms,
-                readings: 1,
-            },
+            FieldEvent::Reading(reading) => {
+                self.recent.record(&reading);
+                Outgoing {
+                    topic: self.topics.point(
+                        &reading.device,
+                        &reading.point,
+                        reading.topic.as_deref(),
+                    ),
+                    payload: reading.payload_json(),
+                    retain: self.retain,
+                    retain_upstream: self.retain_upstream,
+                    priority: Priority::Periodic,
+                    created_ms: reading.ts_ms,
+                    readings: 1,
+                }
+            }
             FieldEvent::Batch {
                 device,
                 payload_json,
@@ -273,6 +281,7 @@ mod tests {
             queue: Some(queue.clone()),
             counters: counters.clone(),
             devices: DeviceStates::default(),
+            recent: Arc::default(),
         }
     }
 
