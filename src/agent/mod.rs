@@ -17,8 +17,9 @@
 //! - A reload (SIGHUP) replaces the bus tasks and re-reads the broker's password and
 //!   ACL files; the store, the upstream session and the pipeline are never touched. A
 //!   new config that fails validation is rejected and the running one stays.
-//! - With `[homeassistant]`, the discovery messages go out once the broker runs and
-//!   follow each reload of the device maps ([`discovery`]).
+//! - With `[homeassistant]`, the discovery messages go out once the broker runs (and
+//!   the store is open, with `upstream = true`) and follow each reload of the device
+//!   maps ([`discovery`]).
 //! - A panicking bus task is restarted with backoff by [`supervisor`]; it never ends
 //!   the agent.
 
@@ -181,7 +182,9 @@ impl Agent {
         let buses = start_buses(resolved, events.clone(), supervisor_beat.clone());
 
         let background = CancellationToken::new();
-        let discovery = outputs.start_discovery(&config, &bus_map, &background);
+        let discovery = outputs
+            .start_discovery(&config, &bus_map, &background)
+            .await;
         if writable {
             outputs.start_commands(&config, &bus_map, &events, upstream_commands, &background);
         }
@@ -292,11 +295,13 @@ impl Agent {
                 }
                 self.outputs.recent.configure(&resolved);
                 if let (Some(announcer), Some(ha)) = (&self.discovery, &self.config.homeassistant) {
-                    announcer.update(discovery::announcements(
-                        ha,
-                        &self.outputs.topics,
-                        &resolved,
-                    ));
+                    announcer
+                        .update(discovery::announcements(
+                            ha,
+                            &self.outputs.topics,
+                            &resolved,
+                        ))
+                        .await;
                 }
                 let count = resolved.len();
                 self.buses = Some(start_buses(
@@ -494,26 +499,41 @@ impl Outputs {
         tokio::spawn(router.run(lan, upstream, stop.clone()));
     }
 
-    /// Announces the devices of `buses` to Home Assistant on the LAN broker, when
-    /// there is a `[homeassistant]` (validation makes it come with a `[broker]`).
-    fn start_discovery(
+    /// Announces the devices of `buses` to Home Assistant on the LAN broker and, with
+    /// `upstream = true`, upstream, when there is a `[homeassistant]` (validation makes
+    /// it come with the parts it announces on).
+    async fn start_discovery(
         &self,
         config: &Config,
         buses: &health::BusMap,
         stop: &CancellationToken,
     ) -> Option<discovery::Announcer> {
-        let (ha, broker) = (config.homeassistant.as_ref()?, self.broker.as_ref()?);
+        let ha = config.homeassistant.as_ref()?;
+        let upstream = match (&self.queue, ha.upstream) {
+            (Some(queue), true) => Some(discovery::Upstream {
+                queue: queue.clone(),
+                qos: config.agent.qos(),
+            }),
+            _ => None,
+        };
+        if self.broker.is_none() && upstream.is_none() {
+            return None;
+        }
         let announcements = match buses.lock() {
             Ok(buses) => discovery::announcements(ha, &self.topics, &buses),
             Err(_) => return None,
         };
-        Some(discovery::Announcer::start(
-            broker.clone(),
-            ha,
-            &discovery::node_id(ha, &self.topics),
-            announcements,
-            stop.clone(),
-        ))
+        Some(
+            discovery::Announcer::start(
+                self.broker.clone(),
+                upstream,
+                ha,
+                &discovery::node_id(ha, &self.topics),
+                announcements,
+                stop.clone(),
+            )
+            .await,
+        )
     }
 
     /// The pipeline, sending to these outputs.
