@@ -6,8 +6,9 @@
 //! - Bounded by the configuration, not by traffic: one entry per configured point, made
 //!   when the buses are configured ([`Recent::configure`], at start and at each reload
 //!   of the device maps); a reading of a point without an entry is ignored. Each entry's
-//!   trend is a fixed ring of [`TREND_LEN`] `f32` values (128 bytes), so 500 points hold
-//!   about 64 KiB of trend.
+//!   trend is a fixed ring of [`TREND_LEN`] `f32` values (128 bytes); an entry is at
+//!   most 256 bytes with it (a test holds this), plus its name twice (entry and index)
+//!   and its unit: 10 devices × 50 points take well under 200 KiB.
 //! - Nothing is written to disk: a restart starts every trend and count over.
 //! - Recording a reading takes one short lock and two lookups by name; it allocates
 //!   nothing (a text value's last copy is the only clone), so the pipeline never waits
@@ -25,13 +26,16 @@ use crate::field::{Quality, Reading, ResolvedBus, Value};
 
 /// Values kept per point for its trend.
 pub const TREND_LEN: usize = 32;
+const _: () = assert!(TREND_LEN <= u8::MAX as usize, "the ring's indices are u8");
 
 /// The last [`TREND_LEN`] values of a point, oldest overwritten first.
 #[derive(Debug, Clone)]
 struct Trend {
     values: [f32; TREND_LEN],
-    len: usize,
-    next: usize,
+    /// Values held, at most `TREND_LEN` (which fits a `u8`).
+    len: u8,
+    /// Where the next value goes.
+    next: u8,
 }
 
 impl Default for Trend {
@@ -46,15 +50,17 @@ impl Default for Trend {
 
 impl Trend {
     fn push(&mut self, value: f32) {
-        self.values[self.next] = value;
-        self.next = (self.next + 1) % TREND_LEN;
-        self.len = (self.len + 1).min(TREND_LEN);
+        let next = usize::from(self.next);
+        self.values[next] = value;
+        self.next = ((next + 1) % TREND_LEN) as u8;
+        self.len = (usize::from(self.len) + 1).min(TREND_LEN) as u8;
     }
 
     /// Oldest first.
     fn to_vec(&self) -> Vec<f32> {
-        let start = (self.next + TREND_LEN - self.len) % TREND_LEN;
-        (0..self.len)
+        let len = usize::from(self.len);
+        let start = (usize::from(self.next) + TREND_LEN - len) % TREND_LEN;
+        (0..len)
             .map(|i| self.values[(start + i) % TREND_LEN])
             .collect()
     }
@@ -286,6 +292,14 @@ mod tests {
             recent.readings_by_kind("meter"),
             vec![("input", 0), ("coil", 2)]
         );
+    }
+
+    /// The memory bound the module docs promise: a point's entry (trend included) is
+    /// a few hundred bytes beside its name and unit.
+    #[test]
+    fn a_point_entry_stays_small() {
+        let entry = std::mem::size_of::<PointLog>();
+        assert!(entry <= 256, "a point's entry is {entry} bytes");
     }
 
     #[test]
