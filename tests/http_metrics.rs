@@ -317,4 +317,10 @@ fn a_bind_outside_loopback_asks_for_a_user_of_the_broker_password_file() {
     let (status, text) = http_with(http_port, "GET", "/metrics", &basic("scraper:s3cret"));
     assert_eq!(status, 200, "{text}");
     assert!(parse(dir.path(), &text).contains_key("fieldbridge_lan_clients"));
+    // The status page and its JSON sit behind the same login.
+    for path in ["/", "/api/status"] {
+        assert_eq!(http(http_port, "GET", path).0, 401, "{path}");
+        let (status, body) = http_with(http_port, "GET", path, &basic("scraper:s3cret"));
+        assert_eq!(status, 200, "{path}: {body}");
+    }
 }
