@@ -181,3 +181,66 @@ fn the_status_json_shows_every_device_point_value_and_a_bounded_trend() {
         (value > first).then_some(())
     });
 }
+
+#[test]
+fn a_reload_drops_removed_points_from_the_status_and_keeps_the_trend_of_the_others() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let slave = Slave::tcp(&json!({"units": {"1": {
+        "holding": {"0": [230, 7]},
+        "counter": [{"kind": "holding", "address": 2}],
+    }}}));
+    let (lan_port, http_port) = (free_port(), free_port());
+    let config = |points: &[(&str, u16)]| {
+        let mut config = format!(
+            "[broker]\n[[broker.listeners]]\nbind = \"127.0.0.1:{lan_port}\"\n\n\
+             [http]\nbind = \"127.0.0.1:{http_port}\"\n\n\
+             [[bus]]\nname = \"plant\"\nkind = \"tcp\"\nhost = \"127.0.0.1\"\nport = {}\n\n\
+             [[bus.device]]\nname = \"meter\"\nunit_id = 1\npoll_interval_ms = 50\n",
+            slave.port()
+        );
+        for (name, address) in points {
+            config.push_str(&format!(
+                "[[bus.device.point]]\nname = \"{name}\"\nkind = \"holding\"\naddress = {address}\ntype = \"u16\"\n"
+            ));
+        }
+        config
+    };
+    let agent = Agent::start(dir.path(), &config(&[("polls", 2), ("old", 1)]));
+    wait_for_port(http_port, START);
+    let before = wait_for("a few polls", ARRIVE, || {
+        let status = status(http_port);
+        let polls = point(device(&status, "plant", "meter"), "polls")["readings"].as_u64()?;
+        (polls >= 3).then_some(polls)
+    });
+
+    std::fs::write(agent.config(), config(&[("polls", 2), ("new", 0)])).expect("rewrite config");
+    agent.signal("HUP");
+    agent.wait_log("device maps reloaded", 1);
+    let status = wait_for("the new point polled", ARRIVE, || {
+        let status = status(http_port);
+        let polled = device(&status, "plant", "meter")["points"]
+            .as_array()?
+            .iter()
+            .any(|p| p["name"] == "new" && p["value"] == 230);
+        polled.then_some(status)
+    });
+    let meter = device(&status, "plant", "meter");
+    let names: Vec<&str> = meter["points"]
+        .as_array()
+        .expect("points")
+        .iter()
+        .filter_map(|p| p["name"].as_str())
+        .collect();
+    assert_eq!(names, ["polls", "new"], "{meter}");
+    let polls = point(meter, "polls");
+    assert!(
+        polls["readings"].as_u64().is_some_and(|n| n > before),
+        "the kept point keeps counting: {polls}"
+    );
+    assert!(
+        polls["trend"]
+            .as_array()
+            .is_some_and(|t| t.len() as u64 >= before.min(TREND_LEN as u64)),
+        "and keeps its trend: {polls}"
+    );
+}
