@@ -62,7 +62,7 @@ pub struct Config {
     pub upstream: Option<UplinkConfig>,
     /// `[http]`: the `/metrics` endpoint. Absent: no HTTP endpoint.
     pub http: Option<HttpConfig>,
-    /// `[homeassistant]`: discovery on the LAN broker. Absent: no discovery.
+    /// `[homeassistant]`: discovery on the LAN broker (and upstream). Absent: no discovery.
     pub homeassistant: Option<HomeAssistantConfig>,
     /// `[time]`: how far the wall clock is trusted; every key has a default.
     pub time: TimeConfig,
@@ -192,8 +192,8 @@ impl AgentConfig {
     }
 }
 
-/// `[homeassistant]`: Home Assistant MQTT discovery messages on the LAN broker (see
-/// `agent/discovery.rs` for what is announced).
+/// `[homeassistant]`: Home Assistant MQTT discovery messages on the LAN broker and
+/// optionally upstream (see `agent/discovery.rs` for what is announced).
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct HomeAssistantConfig {
@@ -206,6 +206,9 @@ pub struct HomeAssistantConfig {
     /// A reading older than this many poll intervals (or heartbeats, with a deadband)
     /// shows as unavailable. Default 3; 0: never.
     pub expire_after_polls: u32,
+    /// Also announce on the upstream broker (retained, through the store). Default
+    /// false.
+    pub upstream: bool,
 }
 
 impl Default for HomeAssistantConfig {
@@ -214,6 +217,7 @@ impl Default for HomeAssistantConfig {
             discovery_prefix: "homeassistant".into(),
             node_id: None,
             expire_after_polls: 3,
+            upstream: false,
         }
     }
 }
@@ -272,11 +276,17 @@ impl Config {
                 .iter()
                 .flat_map(HomeAssistantConfig::validate),
         );
-        if self.homeassistant.is_some() && self.broker.is_none() {
-            problems.at("homeassistant").report(
-                "",
-                "discovery is announced on the LAN broker: configure a [broker] too",
-            );
+        if let Some(ha) = &self.homeassistant {
+            if ha.upstream && self.upstream.is_none() {
+                problems
+                    .at("homeassistant")
+                    .report("upstream", "discovery upstream needs an [upstream] section");
+            } else if !ha.upstream && self.broker.is_none() {
+                problems.at("homeassistant").report(
+                    "",
+                    "discovery is announced on the LAN broker: configure a [broker] too, or set upstream = true",
+                );
+            }
         }
         problems.extend(self.field.validate());
         if self.broker.is_none() && self.upstream.is_none() {

@@ -4,7 +4,7 @@
 //! bus tasks ──(bounded mpsc)──► pipeline ─┬─► local broker (in-process publish)
 //!  (supervised)                           └─► store ◄── uplink drains it
 //! health ──► local broker + store        signals ──► reload / shutdown
-//! http (/metrics) ◄── the same counters the health report reads
+//! http (/metrics, /, /api/status) ◄── the health report's counters + recent (per point)
 //! ```
 //!
 //! Invariants:
@@ -17,8 +17,9 @@
 //! - A reload (SIGHUP) replaces the bus tasks and re-reads the broker's password and
 //!   ACL files; the store, the upstream session and the pipeline are never touched. A
 //!   new config that fails validation is rejected and the running one stays.
-//! - With `[homeassistant]`, the discovery messages go out once the broker runs and
-//!   follow each reload of the device maps ([`discovery`]).
+//! - With `[homeassistant]`, the discovery messages go out once the broker runs (and
+//!   the store is open, with `upstream = true`) and follow each reload of the device
+//!   maps ([`discovery`]).
 //! - A panicking bus task is restarted with backoff by [`supervisor`]; it never ends
 //!   the agent.
 
@@ -28,7 +29,9 @@ pub mod discovery;
 mod health;
 mod metrics;
 mod pipeline;
+mod recent;
 pub mod signals;
+mod status;
 mod supervisor;
 pub mod systemd;
 
@@ -170,7 +173,9 @@ impl Agent {
             devices: Arc::default(),
             commands: Arc::default(),
             time: time.counters().clone(),
+            recent: Arc::default(),
         };
+        outputs.recent.configure(&resolved);
 
         let (events, events_rx) = mpsc::channel(config.agent.channel_capacity);
         let pipeline_beat = Heartbeat::new("pipeline");
@@ -185,7 +190,9 @@ impl Agent {
         let buses = start_buses(resolved, events.clone(), supervisor_beat.clone());
 
         let background = CancellationToken::new();
-        let discovery = outputs.start_discovery(&config, &bus_map, &background);
+        let discovery = outputs
+            .start_discovery(&config, &bus_map, &background)
+            .await;
         if writable {
             outputs.start_commands(&config, &bus_map, &events, upstream_commands, &background);
         }
@@ -194,7 +201,7 @@ impl Agent {
         let health = tokio::spawn(report.clone().run(background.clone(), health_beat.clone()));
         let http = match &config.http {
             Some(http_config) => {
-                let routes = routes(report, &config)?;
+                let routes = routes(report, outputs.recent.clone(), &config)?;
                 let handle = http::start(http_config, routes, background.clone()).await?;
                 tracing::info!(addr = %handle.local_addr(), "http endpoint listening");
                 Some(handle)
@@ -301,12 +308,15 @@ impl Agent {
                 if let Ok(mut map) = self.bus_map.lock() {
                     map.clone_from(&resolved);
                 }
+                self.outputs.recent.configure(&resolved);
                 if let (Some(announcer), Some(ha)) = (&self.discovery, &self.config.homeassistant) {
-                    announcer.update(discovery::announcements(
-                        ha,
-                        &self.outputs.topics,
-                        &resolved,
-                    ));
+                    announcer
+                        .update(discovery::announcements(
+                            ha,
+                            &self.outputs.topics,
+                            &resolved,
+                        ))
+                        .await;
                 }
                 let count = resolved.len();
                 self.buses = Some(start_buses(
@@ -478,6 +488,8 @@ struct Outputs {
     devices: pipeline::DeviceStates,
     commands: Arc<commands::CommandCounters>,
     time: Arc<TimeCounters>,
+    /// Every point's last readings, for the status page and `/metrics`.
+    recent: Arc<recent::Recent>,
 }
 
 impl Outputs {
@@ -515,26 +527,41 @@ impl Outputs {
         tokio::spawn(router.run(lan, upstream, stop.clone()));
     }
 
-    /// Announces the devices of `buses` to Home Assistant on the LAN broker, when
-    /// there is a `[homeassistant]` (validation makes it come with a `[broker]`).
-    fn start_discovery(
+    /// Announces the devices of `buses` to Home Assistant on the LAN broker and, with
+    /// `upstream = true`, upstream, when there is a `[homeassistant]` (validation makes
+    /// it come with the parts it announces on).
+    async fn start_discovery(
         &self,
         config: &Config,
         buses: &health::BusMap,
         stop: &CancellationToken,
     ) -> Option<discovery::Announcer> {
-        let (ha, broker) = (config.homeassistant.as_ref()?, self.broker.as_ref()?);
+        let ha = config.homeassistant.as_ref()?;
+        let upstream = match (&self.queue, ha.upstream) {
+            (Some(queue), true) => Some(discovery::Upstream {
+                queue: queue.clone(),
+                qos: config.agent.qos(),
+            }),
+            _ => None,
+        };
+        if self.broker.is_none() && upstream.is_none() {
+            return None;
+        }
         let announcements = match buses.lock() {
             Ok(buses) => discovery::announcements(ha, &self.topics, &buses),
             Err(_) => return None,
         };
-        Some(discovery::Announcer::start(
-            broker.clone(),
-            ha,
-            &discovery::node_id(ha, &self.topics),
-            announcements,
-            stop.clone(),
-        ))
+        Some(
+            discovery::Announcer::start(
+                self.broker.clone(),
+                upstream,
+                ha,
+                &discovery::node_id(ha, &self.topics),
+                announcements,
+                stop.clone(),
+            )
+            .await,
+        )
     }
 
     /// The pipeline, sending to these outputs.
@@ -552,6 +579,7 @@ impl Outputs {
             counters: self.counters.clone(),
             devices: self.devices.clone(),
             time,
+            recent: self.recent.clone(),
         }
     }
 
@@ -586,16 +614,31 @@ impl Outputs {
     }
 }
 
-/// The HTTP endpoint's pages: `/metrics` from the health report's sources.
+/// The HTTP endpoint's pages: `/metrics`, the status page `/` and its `/api/status`,
+/// from the health report's sources and the points' recent readings.
 ///
 /// A bind outside loopback asks for the users of the broker's password file (the
 /// config refuses such a bind without one); the file is read at start.
-fn routes(health: Arc<health::Health>, config: &Config) -> Result<http::Routes, Error> {
-    let metrics = Arc::new(metrics::Metrics { health });
-    let routes = http::Routes::default().get("/metrics", move || {
-        let metrics = metrics.clone();
-        async move { metrics.page().await }
+fn routes(
+    health: Arc<health::Health>,
+    recent: Arc<recent::Recent>,
+    config: &Config,
+) -> Result<http::Routes, Error> {
+    let metrics = Arc::new(metrics::Metrics {
+        health: health.clone(),
+        recent: recent.clone(),
     });
+    let status = Arc::new(status::Status { health, recent });
+    let routes = http::Routes::default()
+        .get("/metrics", move || {
+            let metrics = metrics.clone();
+            async move { metrics.page().await }
+        })
+        .get("/", || async { status::Status::html() })
+        .get("/api/status", move || {
+            let status = status.clone();
+            async move { status.page().await }
+        });
     let needs_login = config
         .http
         .as_ref()

@@ -36,6 +36,7 @@ use bytes::Bytes;
 use tokio::sync::{mpsc, Notify};
 use tokio::time::Instant;
 
+use super::recent::Recent;
 use super::systemd::{Heartbeat, BEAT_PERIOD};
 use crate::broker::BrokerHandle;
 use crate::field::{DeviceState, FieldEvent};
@@ -110,6 +111,8 @@ pub struct Pipeline {
     pub counters: Arc<Counters>,
     pub devices: DeviceStates,
     pub time: TimeKeeper,
+    /// Every reading is noted here for the status page.
+    pub recent: Arc<Recent>,
 }
 
 type Handover = Pin<Box<dyn Future<Output = ()> + Send>>;
@@ -204,17 +207,22 @@ impl Pipeline {
     /// report.
     fn outgoing(&self, event: FieldEvent) -> Outgoing {
         match event {
-            FieldEvent::Reading(reading) => Outgoing {
-                topic: self
-                    .topics
-                    .point(&reading.device, &reading.point, reading.topic.as_deref()),
-                payload: reading.payload_json(),
-                retain: self.retain,
-                retain_upstream: self.retain_upstream,
-                priority: Priority::Periodic,
-                created_ms: reading.ts_ms,
-                readings: 1,
-            },
+            FieldEvent::Reading(reading) => {
+                self.recent.record(&reading);
+                Outgoing {
+                    topic: self.topics.point(
+                        &reading.device,
+                        &reading.point,
+                        reading.topic.as_deref(),
+                    ),
+                    payload: reading.payload_json(),
+                    retain: self.retain,
+                    retain_upstream: self.retain_upstream,
+                    priority: Priority::Periodic,
+                    created_ms: reading.ts_ms,
+                    readings: 1,
+                }
+            }
             FieldEvent::Batch {
                 device,
                 payload_json,
@@ -296,6 +304,7 @@ mod tests {
             counters: counters.clone(),
             devices: DeviceStates::default(),
             time: TimeKeeper::new(Arc::new(crate::clock::TrustedClock), false, Arc::default()),
+            recent: Arc::default(),
         }
     }
 
