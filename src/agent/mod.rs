@@ -29,6 +29,7 @@ mod health;
 mod metrics;
 mod pipeline;
 pub mod signals;
+mod sparkplug;
 mod supervisor;
 pub mod systemd;
 
@@ -153,12 +154,14 @@ impl Agent {
         let resolved = field::resolve(&config.field)?;
         let writable = resolved.iter().any(ResolvedBus::has_writable_points);
         let broker = start_broker(&config, &topics).await?;
-        let (queue, uplink, upstream_commands) = open_upstream(&config, &topics, writable)?;
+        let (queue, uplink, upstream_commands, sparkplug) =
+            open_upstream(&config, &topics, writable, &resolved)?;
         let outputs = Outputs {
             topics,
             broker,
             queue,
             uplink,
+            sparkplug,
             counters: Arc::default(),
             devices: Arc::default(),
             commands: Arc::default(),
@@ -416,29 +419,48 @@ async fn start_broker(config: &Config, topics: &Topics) -> Result<Option<BrokerH
 /// `[upstream]`; LAN-only there is neither.
 /// With `writable` points the uplink also subscribes to the command topics, and their
 /// messages are returned for the command router.
+/// With `format = "sparkplug"` the edge node is returned too, for the pipeline, and
+/// DCMD writes reach the router as set commands.
 type UpstreamParts = (
     Option<Queue>,
     Option<Arc<UplinkHandle>>,
     Option<mpsc::Receiver<crate::mqtt::Publish>>,
+    Option<sparkplug::Node>,
 );
 
-fn open_upstream(config: &Config, topics: &Topics, writable: bool) -> Result<UpstreamParts, Error> {
+fn open_upstream(
+    config: &Config,
+    topics: &Topics,
+    writable: bool,
+    buses: &[ResolvedBus],
+) -> Result<UpstreamParts, Error> {
     let Some(upstream) = &config.upstream else {
         tracing::info!("no [upstream]: LAN-only, no store");
-        return Ok((None, None, None));
+        return Ok((None, None, None, None));
     };
     let queue = Queue::open(config.store.clone())?;
     let mut upstream = upstream.clone();
     if writable {
         upstream.subscribe.push(topics.command("+", "+"));
     }
-    let mut uplink = Uplink::spawn(upstream, topics.prefix().to_string(), queue.clone())?;
+    let node = (upstream.format == uplink::PayloadFormat::Sparkplug)
+        .then(|| sparkplug::Node::new(&upstream, buses));
+    let format = node.as_ref().map(|node| {
+        let bd_seq = crate::sparkplug::BdSeqFile::beside(&config.store.path);
+        node.format(&upstream, bd_seq, writable)
+    });
+    let mut uplink =
+        Uplink::spawn_with_format(upstream, topics.prefix().to_string(), queue.clone(), format)?;
     let incoming = if writable {
         uplink.take_incoming()
     } else {
         None
     };
-    Ok((Some(queue), Some(Arc::new(uplink)), incoming))
+    let incoming = match (&node, incoming) {
+        (Some(node), Some(incoming)) => Some(node.commands(incoming, topics.clone())),
+        (_, incoming) => incoming,
+    };
+    Ok((Some(queue), Some(Arc::new(uplink)), incoming, node))
 }
 
 /// Where the pipeline and the health report send things, and the figures they share.
@@ -447,6 +469,8 @@ struct Outputs {
     broker: Option<BrokerHandle>,
     queue: Option<Queue>,
     uplink: Option<Arc<UplinkHandle>>,
+    /// The Sparkplug edge node, with `[upstream] format = "sparkplug"`.
+    sparkplug: Option<sparkplug::Node>,
     counters: Arc<Counters>,
     devices: pipeline::DeviceStates,
     commands: Arc<commands::CommandCounters>,
@@ -523,6 +547,7 @@ impl Outputs {
             queue: self.queue.clone(),
             counters: self.counters.clone(),
             devices: self.devices.clone(),
+            sparkplug: self.sparkplug.clone(),
         }
     }
 

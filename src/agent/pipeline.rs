@@ -102,6 +102,9 @@ pub struct Pipeline {
     pub queue: Option<Queue>,
     pub counters: Arc<Counters>,
     pub devices: DeviceStates,
+    /// With `[upstream] format = "sparkplug"`: what the store gets instead of the JSON
+    /// message (the local broker keeps JSON).
+    pub sparkplug: Option<super::sparkplug::Node>,
 }
 
 type Handover = Pin<Box<dyn Future<Output = ()> + Send>>;
@@ -158,6 +161,10 @@ impl Pipeline {
     /// Publishes one event locally and queues it for the store; returns how many
     /// readings now wait for a commit (0 or 1).
     fn handle(&self, event: FieldEvent, pending: &mut Vec<Message>) -> u64 {
+        let upstream = self
+            .sparkplug
+            .as_ref()
+            .map(|node| node.row(&event, self.qos));
         let out = self.outgoing(event);
         let payload = Bytes::from(out.payload);
         if let Some(broker) = &self.broker {
@@ -170,14 +177,20 @@ impl Pipeline {
                 .fetch_add(out.readings, Ordering::Relaxed);
             return 0;
         }
-        pending.push(Message {
-            topic: out.topic,
-            payload,
-            qos: self.qos,
-            retain: out.retain_upstream,
-            created_ms: out.created_ms,
-            priority: out.priority,
-        });
+        let message = match upstream {
+            None => Message {
+                topic: out.topic,
+                payload,
+                qos: self.qos,
+                retain: out.retain_upstream,
+                created_ms: out.created_ms,
+                priority: out.priority,
+            },
+            Some(Some(row)) => row,
+            // Nothing of it goes upstream (a batch summary in Sparkplug).
+            Some(None) => return 0,
+        };
+        pending.push(message);
         out.readings
     }
 
@@ -273,6 +286,7 @@ mod tests {
             queue: Some(queue.clone()),
             counters: counters.clone(),
             devices: DeviceStates::default(),
+            sparkplug: None,
         }
     }
 

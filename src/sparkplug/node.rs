@@ -11,11 +11,17 @@
 //!   name becomes the alias of the current birth when the row is sent, so a backlog
 //!   recorded under an older config still lands on the right metric (or is left out when
 //!   the metric is gone).
-//! - A row created before the births of the current session goes out with every metric
-//!   `is_historical = true` and its original timestamps, in the store's order, with the
-//!   session's next `seq` like any other message.
+//! - A stored value goes out `is_historical = true` when it is not news to a host that
+//!   saw this session's births: no newer than the value the DBIRTH announced for its
+//!   metric, or stored by an earlier run of the agent. It keeps its original
+//!   timestamps and the store's order, and takes the session's next `seq` like any
+//!   other message. A value newer than the birth's (or the first of a metric that was
+//!   born null in this run) is live.
 //! - DBIRTH always describes every configured metric of the device, with the last value
-//!   recorded (or `is_null` when none is known yet) and its quality.
+//!   recorded (or `is_null` when none is known yet) and its quality. Births describe the
+//!   present: a device recorded offline gets DDEATH right after its DBIRTH, and a stored
+//!   state change replayed later goes out as the DDEATH or DBIRTH it was without
+//!   changing what the node knows of the device now.
 
 use std::collections::HashMap;
 
@@ -97,6 +103,8 @@ struct Device {
     first_alias: u64,
     by_metric: HashMap<String, usize>,
     values: Vec<Option<Sample>>,
+    /// Per metric: the timestamp of the value the last DBIRTH announced (0: none).
+    born: Vec<u64>,
     online: bool,
 }
 
@@ -116,12 +124,14 @@ pub struct EdgeNode {
     bd_seq: u8,
     /// The `seq` of the next message.
     seq: u8,
-    /// Wall clock of the last births: rows created before are historical.
-    births_at_ms: u64,
+    /// Wall clock when this run of the agent made the node: rows stored before are
+    /// historical.
+    started_ms: u64,
 }
 
 impl EdgeNode {
-    pub fn new(config: NodeConfig) -> EdgeNode {
+    /// The node of `config`, made at `now_ms` (wall clock).
+    pub fn new(config: NodeConfig, now_ms: u64) -> EdgeNode {
         // Alias 0 is left unused: some hosts read 0 as "no alias".
         let mut next_alias = 1;
         let mut by_name = HashMap::new();
@@ -141,6 +151,7 @@ impl EdgeNode {
                     .collect();
                 Device {
                     values: vec![None; spec.metrics.len()],
+                    born: vec![0; spec.metrics.len()],
                     spec,
                     first_alias,
                     by_metric,
@@ -155,7 +166,7 @@ impl EdgeNode {
             by_name,
             bd_seq: 0,
             seq: 0,
-            births_at_ms: 0,
+            started_ms: now_ms,
         }
     }
 
@@ -202,7 +213,6 @@ impl EdgeNode {
     /// each followed by DDEATH when the device is known to be offline.
     pub fn births(&mut self, now_ms: u64) -> Vec<Outgoing> {
         self.seq = 0;
-        self.births_at_ms = now_ms;
         let mut out = Vec::with_capacity(1 + self.devices.len());
         let seq = self.next_seq();
         let nbirth = Payload {
@@ -231,6 +241,10 @@ impl EdgeNode {
     }
 
     fn device_birth(&mut self, index: usize, now_ms: u64) -> Outgoing {
+        let device = &mut self.devices[index];
+        for (born, value) in device.born.iter_mut().zip(&device.values) {
+            *born = value.as_ref().map_or(0, |s| s.ts_ms);
+        }
         let device = &self.devices[index];
         let metrics = device
             .spec
@@ -291,10 +305,12 @@ impl EdgeNode {
         }
     }
 
-    /// Notes whether a device answers, for the next births.
-    pub fn set_online(&mut self, device: &str, online: bool) {
-        if let Some(&d) = self.by_name.get(device) {
-            self.devices[d].online = online;
+    /// Notes whether a device answers, for the next births; true when that changed
+    /// (devices count as online until told otherwise: their birth has null values).
+    pub fn set_online(&mut self, device: &str, online: bool) -> bool {
+        match self.by_name.get(device) {
+            Some(&d) => std::mem::replace(&mut self.devices[d].online, online) != online,
+            None => false,
         }
     }
 
@@ -360,17 +376,13 @@ impl EdgeNode {
             return Ok(None);
         };
         match kind {
-            "DBIRTH" => {
-                self.devices[index].online = true;
-                Ok(Some(self.device_birth(index, now_ms)))
-            }
-            "DDEATH" => {
-                self.devices[index].online = false;
-                Ok(Some(self.device_death(index, now_ms)))
-            }
+            // The state recorded by `set_online` is the device's current one; a row
+            // replays a change that may be older, so it does not overwrite it.
+            "DBIRTH" => Ok(Some(self.device_birth(index, now_ms))),
+            "DDEATH" => Ok(Some(self.device_death(index, now_ms))),
             "DDATA" => {
                 let mut data = Payload::decode(payload)?;
-                let historical = created_ms < self.births_at_ms;
+                let earlier_run = created_ms < self.started_ms;
                 let device = &self.devices[index];
                 data.metrics.retain_mut(|metric| {
                     let Some(j) = metric
@@ -382,7 +394,8 @@ impl EdgeNode {
                     };
                     metric.alias = Some(device.alias(j));
                     metric.datatype = None;
-                    if historical {
+                    let ts = metric.timestamp.unwrap_or(created_ms);
+                    if earlier_run || ts <= device.born[j] {
                         metric.is_historical = Some(true);
                     }
                     true

@@ -4,35 +4,38 @@ use super::*;
 use crate::sparkplug::payload::PropertyKind;
 
 fn node() -> EdgeNode {
-    EdgeNode::new(NodeConfig {
-        group_id: "plant".into(),
-        edge_node_id: "gw1".into(),
-        devices: vec![
-            DeviceSpec {
-                name: "meter".into(),
-                metrics: vec![
-                    MetricSpec {
-                        name: "power".into(),
-                        datatype: datatype::FLOAT,
-                        unit: Some("kW".into()),
-                    },
-                    MetricSpec {
-                        name: "count".into(),
-                        datatype: datatype::UINT32,
+    EdgeNode::new(
+        NodeConfig {
+            group_id: "plant".into(),
+            edge_node_id: "gw1".into(),
+            devices: vec![
+                DeviceSpec {
+                    name: "meter".into(),
+                    metrics: vec![
+                        MetricSpec {
+                            name: "power".into(),
+                            datatype: datatype::FLOAT,
+                            unit: Some("kW".into()),
+                        },
+                        MetricSpec {
+                            name: "count".into(),
+                            datatype: datatype::UINT32,
+                            unit: None,
+                        },
+                    ],
+                },
+                DeviceSpec {
+                    name: "pump".into(),
+                    metrics: vec![MetricSpec {
+                        name: "running".into(),
+                        datatype: datatype::BOOLEAN,
                         unit: None,
-                    },
-                ],
-            },
-            DeviceSpec {
-                name: "pump".into(),
-                metrics: vec![MetricSpec {
-                    name: "running".into(),
-                    datatype: datatype::BOOLEAN,
-                    unit: None,
-                }],
-            },
-        ],
-    })
+                    }],
+                },
+            ],
+        },
+        100,
+    )
 }
 
 fn decode(out: &Outgoing) -> Payload {
@@ -113,6 +116,7 @@ fn dbirth_declares_every_metric_with_alias_type_unit_and_quality() {
 fn a_stored_reading_goes_out_by_alias_with_the_next_seq_and_historical_when_older() {
     let mut node = node();
     let old = node.data_row("meter", "count", &good(Value::IntValue(5), 500));
+    node.record("meter", "count", good(Value::IntValue(5), 500));
     node.births(1_000);
     let sent = node
         .send_row(&old.0, &old.1, 500, 1_100)
@@ -137,6 +141,27 @@ fn a_stored_reading_goes_out_by_alias_with_the_next_seq_and_historical_when_olde
     );
     assert_eq!(data.seq, Some(4));
     assert_eq!(data.metrics[0].is_historical, None);
+}
+
+/// Regression: the first readings of a fresh start, taken just before the births (so
+/// not in the DBIRTH, which was null), went out historical, and a host kept the metric
+/// null until the next poll.
+#[test]
+fn the_first_value_of_a_metric_born_null_is_live_but_a_value_of_an_earlier_run_is_not() {
+    let mut node = node();
+    node.births(1_000);
+    let first = node.data_row("meter", "power", &good(Value::FloatValue(1.0), 990));
+    let sent = node
+        .send_row(&first.0, &first.1, 990, 1_010)
+        .expect("row")
+        .expect("sent");
+    assert_eq!(decode(&sent).metrics[0].is_historical, None);
+    let earlier = node.data_row("meter", "power", &good(Value::FloatValue(1.0), 50));
+    let sent = node
+        .send_row(&earlier.0, &earlier.1, 50, 1_010)
+        .expect("row")
+        .expect("sent");
+    assert_eq!(decode(&sent).metrics[0].is_historical, Some(true));
 }
 
 #[test]
@@ -168,6 +193,13 @@ fn device_states_become_ddeath_and_dbirth_and_offline_devices_die_after_their_bi
         .expect("sent");
     assert_eq!(sent.0, "spBv1.0/plant/DDEATH/gw1/pump");
     assert_eq!(decode(&sent).seq, Some(3));
+    assert_eq!(
+        node.births(15).len(),
+        3,
+        "a replayed change is not the present state"
+    );
+    assert!(node.set_online("pump", false));
+    assert!(!node.set_online("pump", false), "no change");
     let births = node.births(20);
     let topics: Vec<&str> = births.iter().map(|b| b.0.as_str()).collect();
     assert_eq!(
