@@ -24,6 +24,7 @@
 //! | `payloads-metric-is-historical`: stored data goes out `is_historical`, original timestamps, in order, with the session's seq | `readings_stored…` |
 //! | `operational-behavior-edge-node-intentional-offline`: NDEATH before a graceful DISCONNECT | `kill_9_…` (SIGTERM part) |
 //! | `operational-behavior-edge-node-birth-sequence-wait` (primary host STATE) | `births_wait_for_the_primary_host…` |
+//! | `payloads-dcmd-*`, `operational-behavior-data-commands`: DCMD writes the device's metric | `dcmd_writes_through…` |
 //!
 //! Not implemented: DDATA at QoS 0 (`topics-ddata-mqtt`): rows are sent at the configured
 //! QoS (default 1) so the store deletes them only on acknowledgement; NDATA (the node has
@@ -38,7 +39,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use common::agent::Agent;
-use common::mosquitto::{Mosquitto, Options};
+use common::mosquitto::{Mosquitto, Options, SubOptions, Subscriber};
 use common::slave::Slave;
 use common::util::{poll_until, wait_for};
 use serde_json::{json, Value};
@@ -80,14 +81,25 @@ impl Host {
                 sink.lock().expect("lines").push(value);
             }
         });
-        let host = Host {
+        let mut host = Host {
             child,
             stdin,
             lines,
         };
-        host.wait("the host to subscribe", |all| {
-            all.iter().any(|l| l["ready"] == true).then_some(())
+        let ready = poll_until(ARRIVE, || {
+            if let Ok(Some(status)) = host.child.try_wait() {
+                panic!(
+                    "the Sparkplug host fixture exited ({status}): it needs paho-mqtt 2, protobuf \
+                     and pysparkplug (scripts/test.sh installs scripts/requirements-test*.txt)"
+                );
+            }
+            host.all().iter().any(|l| l["ready"] == true).then_some(())
         });
+        assert!(
+            ready.is_some(),
+            "the host did not subscribe: {:?}",
+            host.all()
+        );
         host
     }
 
@@ -602,5 +614,45 @@ fn births_wait_for_the_primary_host_and_its_offline_state_closes_the_connection(
         all.iter().any(|m| m["type"] == "NDEATH").then_some(())
     });
     agent.wait_log("primary host application went offline", 1);
+    agent.stop();
+}
+
+#[test]
+fn dcmd_writes_through_the_write_rules_and_reads_back() {
+    let broker = broker();
+    let mut host = Host::start(&broker, "host-dcmd");
+    let results = Subscriber::start(&broker, &["fb/+/+/set/result"], SubOptions::default());
+    let slave = Slave::tcp(&json!({"units": {"1": {
+        "holding": {"0": [230, 215, 200]},
+        "coil": {"0": [1]},
+        "counter": [{"kind": "holding", "address": 50}]
+    }}}));
+    let dir = tempfile::tempdir().expect("temp dir");
+    let setpoint = "[[bus.device.point]]\nname = \"setpoint\"\nunit = \"°C\"\nkind = \"holding\"\naddress = 2\n\
+                    type = \"i16\"\nscale = 0.1\nwritable = true\nmin = 5.0\nmax = 30.0\n";
+    let text = config(&dir.path().join("q.db"), &broker, slave.port(), "") + setpoint;
+    let mut agent = Agent::start(dir.path(), &text);
+    let birth = host.wait("DBIRTH with the setpoint", |all| {
+        all.iter().find(|m| m["type"] == "DBIRTH").cloned()
+    });
+    assert_eq!(metric(&birth, "setpoint")["datatype"], "DOUBLE");
+
+    host.send(&format!("dcmd {NODE} meter setpoint 22.5"));
+    host.wait("the read-back 22.5 in DDATA", |all| {
+        all.iter()
+            .filter(|m| m["type"] == "DDATA")
+            .flat_map(|m| m["metrics"].as_array().cloned().unwrap_or_default())
+            .any(|m| m["name"] == "setpoint" && m["value"] == 22.5)
+            .then_some(())
+    });
+    let ok = results.wait_for_count(1, ARRIVE);
+    let result: Value = serde_json::from_str(&ok[0].payload).expect("result JSON");
+    assert_eq!(result["ok"], true, "{result}");
+    assert_eq!(result["readback"], 22.5, "{result}");
+
+    host.send(&format!("dcmd {NODE} meter setpoint 99.0"));
+    let refused = results.wait_for_count(2, ARRIVE);
+    let result: Value = serde_json::from_str(&refused[1].payload).expect("result JSON");
+    assert_eq!(result["ok"], false, "above max is refused: {result}");
     agent.stop();
 }

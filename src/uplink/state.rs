@@ -1282,3 +1282,7 @@ impl Session {
 #[cfg(test)]
 #[path = "state_tests.rs"]
 mod tests;
+
+#[cfg(test)]
+#[path = "format_tests.rs"]
+mod format_tests;
