@@ -245,6 +245,13 @@ impl Agent {
         } else {
             None
         };
+        if maps_changed && self.outputs.sparkplug.is_some() {
+            tracing::warn!(
+                "devices or points changed: Sparkplug births keep the devices and metrics \
+                 of the start until the next restart (readings of new points are not sent \
+                 upstream until then)"
+            );
+        }
         for section in ["agent", "store", "upstream", "http", "homeassistant"] {
             if self.config.section_changed(&new, section) {
                 tracing::warn!(

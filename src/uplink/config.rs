@@ -664,6 +664,30 @@ mod tests {
     }
 
     #[test]
+    fn sparkplug_ids_are_one_topic_level_and_only_for_that_format() {
+        let mut config: UplinkConfig = toml::from_str(
+            "url = \"mqtt://h\"\nformat = \"sparkplug\"\nedge_node_id = \"gw/1\"\nprimary_host_id = \"\"",
+        )
+        .expect("parses");
+        assert_eq!(config.format, PayloadFormat::Sparkplug);
+        assert_eq!(
+            keys(&config),
+            [
+                "upstream.group_id",
+                "upstream.edge_node_id",
+                "upstream.primary_host_id"
+            ]
+        );
+        config.group_id = Some("plant".into());
+        config.edge_node_id = None;
+        config.primary_host_id = None;
+        assert!(keys(&config).is_empty());
+        assert!(!config.edge_node_id().contains('/'));
+        config.format = PayloadFormat::Json;
+        assert_eq!(keys(&config), ["upstream.group_id"], "only for Sparkplug");
+    }
+
+    #[test]
     fn every_problem_is_reported_with_its_key() {
         let mut config = UplinkConfig::new("mqtt://host");
         config.client_id = Some(String::new());

@@ -110,6 +110,13 @@ fn incoming(topic: &str, payload: &'static str) -> Packet {
     })
 }
 
+/// CONNECT and a CONNACK without a session.
+fn accept(s: &mut Session, now: Instant) {
+    s.connect(None);
+    s.handle(Packet::ConnAck(ConnAck::default()), now)
+        .expect("connack");
+}
+
 /// `topic payload` of each PUBLISH, `SUBSCRIBE` for a subscription.
 fn wire(session: &mut Session) -> Vec<String> {
     session
@@ -150,9 +157,7 @@ fn a_format_makes_the_session_clean_and_subscribes_then_births_before_any_row() 
 fn unacknowledged_rows_are_formatted_again_behind_the_births_of_a_new_connection() {
     let now = Instant::now();
     let mut s = session(Protocol::V311, Numbered::default());
-    s.connect(None);
-    s.handle(Packet::ConnAck(ConnAck::default()), now)
-        .expect("connack");
+    accept(&mut s, now);
     s.offer(row(1, "a"), now);
     s.offer(row(2, "b"), now);
     wire(&mut s);
@@ -185,9 +190,7 @@ fn unacknowledged_rows_are_formatted_again_behind_the_births_of_a_new_connection
 fn a_rebirth_starts_the_numbers_over_for_the_rows_after_it() {
     let now = Instant::now();
     let mut s = session(Protocol::V311, Numbered::default());
-    s.connect(None);
-    s.handle(Packet::ConnAck(ConnAck::default()), now)
-        .expect("connack");
+    accept(&mut s, now);
     s.offer(row(1, "a"), now);
     wire(&mut s);
     s.handle(incoming("node/cmd", "rebirth"), now)
@@ -210,9 +213,7 @@ fn nothing_is_published_until_the_host_is_online_and_its_offline_state_ends_the_
             ..Numbered::default()
         },
     );
-    s.connect(None);
-    s.handle(Packet::ConnAck(ConnAck::default()), now)
-        .expect("connack");
+    accept(&mut s, now);
     assert_eq!(wire(&mut s), ["SUBSCRIBE"]);
     assert_eq!(s.room(), 0, "rows wait for the host");
     s.handle(incoming("host/state", "online"), now)
@@ -229,9 +230,7 @@ fn nothing_is_published_until_the_host_is_online_and_its_offline_state_ends_the_
 fn a_row_with_nothing_left_to_send_is_deleted_unpublished_and_the_farewell_is_the_formats() {
     let now = Instant::now();
     let mut s = session(Protocol::V311, Numbered::default());
-    s.connect(None);
-    s.handle(Packet::ConnAck(ConnAck::default()), now)
-        .expect("connack");
+    accept(&mut s, now);
     wire(&mut s);
     s.offer(row(7, "drop"), now);
     assert!(wire(&mut s).is_empty());
