@@ -216,6 +216,11 @@ fn nothing_is_published_until_the_host_is_online_and_its_offline_state_ends_the_
     accept(&mut s, now);
     assert_eq!(wire(&mut s), ["SUBSCRIBE"]);
     assert_eq!(s.room(), 0, "rows wait for the host");
+    s.handle(incoming("host/state", "offline"), now)
+        .expect("a host still offline (its retained STATE) is waited out");
+    s.handle(incoming("node/cmd", "rebirth"), now)
+        .expect("no births on request either");
+    assert!(wire(&mut s).is_empty());
     s.handle(incoming("host/state", "online"), now)
         .expect("online");
     assert_eq!(wire(&mut s), ["node/birth seq 0"]);

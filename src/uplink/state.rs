@@ -1265,6 +1265,9 @@ impl Session {
         match action {
             Incoming::Forward => self.effects.push_back(Effect::Incoming(Box::new(publish))),
             Incoming::Consumed => {}
+            // While waiting for the host nothing is born, not even on request; an
+            // offline host (its retained STATE) is what the session waits out.
+            Incoming::Rebirth | Incoming::HostOffline if self.awaiting_host => {}
             Incoming::Rebirth => self.births(now),
             Incoming::HostOnline => {
                 if self.awaiting_host {
