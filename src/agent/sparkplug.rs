@@ -141,6 +141,7 @@ impl Node {
                 .map(|id| format!("{}/STATE/{id}", sparkplug::NAMESPACE)),
             writable,
             refused_logged: false,
+            unknown_logged: false,
         })
     }
 
@@ -220,6 +221,7 @@ struct SparkplugFormat {
     host_state: Option<String>,
     writable: bool,
     refused_logged: bool,
+    unknown_logged: bool,
 }
 
 impl Format for SparkplugFormat {
@@ -274,6 +276,17 @@ impl Format for SparkplugFormat {
             .lock()
             .send_row(topic, payload, wall(created_ms), now)
         {
+            Ok(None) => {
+                if !self.unknown_logged {
+                    self.unknown_logged = true;
+                    tracing::warn!(
+                        topic,
+                        "stored readings of a device or point no longer configured are \
+                         dropped (further ones are not logged)"
+                    );
+                }
+                None
+            }
             Ok(row) => row,
             // Rows of another kind (command results) go out as they are.
             Err(sparkplug::Error::Topic(_)) => Some((topic.to_owned(), payload.clone())),
