@@ -301,3 +301,16 @@ fn host_state_payloads() {
     );
     assert_eq!(host_online(b"ONLINE"), None);
 }
+
+/// Regression: a device's first `online` state, right after the births that had
+/// already born it, made a second DBIRTH (hosts see a rebirth of every device at
+/// every start).
+#[test]
+fn a_device_reported_online_after_its_birth_changes_nothing() {
+    let mut node = node();
+    node.births(0);
+    assert!(!node.set_online("meter", true), "born online already");
+    assert!(node.set_online("meter", false));
+    assert!(node.set_online("meter", true));
+    assert!(!node.set_online("boiler", false), "not configured");
+}

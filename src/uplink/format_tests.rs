@@ -216,11 +216,6 @@ fn nothing_is_published_until_the_host_is_online_and_its_offline_state_ends_the_
     accept(&mut s, now);
     assert_eq!(wire(&mut s), ["SUBSCRIBE"]);
     assert_eq!(s.room(), 0, "rows wait for the host");
-    s.handle(incoming("host/state", "offline"), now)
-        .expect("a host still offline (its retained STATE) is waited out");
-    s.handle(incoming("node/cmd", "rebirth"), now)
-        .expect("no births on request either");
-    assert!(wire(&mut s).is_empty());
     s.handle(incoming("host/state", "online"), now)
         .expect("online");
     assert_eq!(wire(&mut s), ["node/birth seq 0"]);
@@ -242,4 +237,29 @@ fn a_row_with_nothing_left_to_send_is_deleted_unpublished_and_the_farewell_is_th
     assert_eq!(s.take_effects().collect::<Vec<_>>(), [Effect::Delete(7)]);
     s.publish_offline(now).expect("farewell");
     assert_eq!(wire(&mut s), ["node/death bye"]);
+}
+
+/// Regression: the retained offline STATE of a host that is down arrives at every
+/// connect; it ended the connection, so the gateway reconnected in a loop instead of
+/// waiting, connected, for the host to come back.
+#[test]
+fn a_retained_offline_state_while_waiting_for_the_host_keeps_the_connection() {
+    let now = Instant::now();
+    let mut s = session(
+        Protocol::V311,
+        Numbered {
+            wait: true,
+            ..Numbered::default()
+        },
+    );
+    accept(&mut s, now);
+    wire(&mut s);
+    s.handle(incoming("host/state", "offline"), now)
+        .expect("a host still offline is waited out");
+    s.handle(incoming("node/cmd", "rebirth"), now)
+        .expect("no births on request either");
+    assert!(wire(&mut s).is_empty());
+    s.handle(incoming("host/state", "online"), now)
+        .expect("online");
+    assert_eq!(wire(&mut s), ["node/birth seq 0"]);
 }
