@@ -9,6 +9,7 @@
 //! | [`uplink`] | the upstream MQTT client: connection state machine, inflight window, reconnect, TLS |
 //! | [`store`] | the SQLite store-and-forward queue |
 //! | [`field`] | Modbus RTU/TCP and serial-line buses, read plans, decoding, scheduling, writes |
+//! | [`sparkplug`] | Sparkplug B 3.0: the payload schema (prost), the edge node's births, deaths, data, `seq` and `bdSeq`; no network I/O |
 //! | [`problem`] | config problems with key paths and the collector validators write rules into (a leaf) |
 //! | [`config`] | composes the sections' schemas and validation; spans for `file:line:column` |
 //! | [`agent`] | wiring, lifecycle, shutdown, reload, systemd notify, the command router |
@@ -32,6 +33,7 @@ pub mod future;
 pub mod http;
 pub mod mqtt;
 pub mod problem;
+pub mod sparkplug;
 pub mod store;
 pub mod time;
 pub mod topics;

@@ -31,6 +31,7 @@ mod metrics;
 mod pipeline;
 mod recent;
 pub mod signals;
+mod sparkplug;
 mod status;
 mod supervisor;
 pub mod systemd;
@@ -162,13 +163,14 @@ impl Agent {
             config.time.require_sync,
             Arc::default(),
         );
-        let (queue, uplink, upstream_commands) =
-            open_upstream(&config, &topics, writable, time.holds_upstream()).await?;
+        let (queue, uplink, upstream_commands, sparkplug) =
+            open_upstream(&config, &topics, writable, &resolved, time.holds_upstream()).await?;
         let outputs = Outputs {
             topics,
             broker,
             queue,
             uplink,
+            sparkplug,
             counters: Arc::default(),
             devices: Arc::default(),
             commands: Arc::default(),
@@ -257,6 +259,13 @@ impl Agent {
         } else {
             None
         };
+        if maps_changed && self.outputs.sparkplug.is_some() {
+            tracing::warn!(
+                "devices or points changed: Sparkplug births keep the devices and metrics \
+                 of the start until the next restart (readings of new points are not sent \
+                 upstream until then)"
+            );
+        }
         for section in [
             "agent",
             "store",
@@ -442,21 +451,25 @@ async fn start_broker(config: &Config, topics: &Topics) -> Result<Option<BrokerH
 /// the sync) the store holds its rows back from the uplink from the start.
 /// With `writable` points the uplink also subscribes to the command topics, and their
 /// messages are returned for the command router.
+/// With `format = "sparkplug"` the edge node is returned too, for the pipeline, and
+/// DCMD writes reach the router as set commands.
 type UpstreamParts = (
     Option<Queue>,
     Option<Arc<UplinkHandle>>,
     Option<mpsc::Receiver<crate::mqtt::Publish>>,
+    Option<sparkplug::Node>,
 );
 
 async fn open_upstream(
     config: &Config,
     topics: &Topics,
     writable: bool,
+    buses: &[ResolvedBus],
     hold: bool,
 ) -> Result<UpstreamParts, Error> {
     let Some(upstream) = &config.upstream else {
         tracing::info!("no [upstream]: LAN-only, no store");
-        return Ok((None, None, None));
+        return Ok((None, None, None, None));
     };
     let queue = Queue::open(config.store.clone())?;
     if hold {
@@ -469,13 +482,24 @@ async fn open_upstream(
     if writable {
         upstream.subscribe.push(topics.command("+", "+"));
     }
-    let mut uplink = Uplink::spawn(upstream, topics.prefix().to_string(), queue.clone())?;
+    let node = (upstream.format == uplink::PayloadFormat::Sparkplug)
+        .then(|| sparkplug::Node::new(&upstream, buses));
+    let format = node.as_ref().map(|node| {
+        let bd_seq = crate::sparkplug::BdSeqFile::beside(&config.store.path);
+        node.format(&upstream, bd_seq, writable)
+    });
+    let mut uplink =
+        Uplink::spawn_with_format(upstream, topics.prefix().to_string(), queue.clone(), format)?;
     let incoming = if writable {
         uplink.take_incoming()
     } else {
         None
     };
-    Ok((Some(queue), Some(Arc::new(uplink)), incoming))
+    let incoming = match (&node, incoming) {
+        (Some(node), Some(incoming)) => Some(node.commands(incoming, topics.clone())),
+        (_, incoming) => incoming,
+    };
+    Ok((Some(queue), Some(Arc::new(uplink)), incoming, node))
 }
 
 /// Where the pipeline and the health report send things, and the figures they share.
@@ -484,6 +508,8 @@ struct Outputs {
     broker: Option<BrokerHandle>,
     queue: Option<Queue>,
     uplink: Option<Arc<UplinkHandle>>,
+    /// The Sparkplug edge node, with `[upstream] format = "sparkplug"`.
+    sparkplug: Option<sparkplug::Node>,
     counters: Arc<Counters>,
     devices: pipeline::DeviceStates,
     commands: Arc<commands::CommandCounters>,
@@ -580,6 +606,7 @@ impl Outputs {
             devices: self.devices.clone(),
             time,
             recent: self.recent.clone(),
+            sparkplug: self.sparkplug.clone(),
         }
     }
 

@@ -113,6 +113,9 @@ pub struct Pipeline {
     pub time: TimeKeeper,
     /// Every reading is noted here for the status page.
     pub recent: Arc<Recent>,
+    /// With `[upstream] format = "sparkplug"`: what the store gets instead of the JSON
+    /// message (the local broker keeps JSON).
+    pub sparkplug: Option<super::sparkplug::Node>,
 }
 
 type Handover = Pin<Box<dyn Future<Output = ()> + Send>>;
@@ -179,6 +182,10 @@ impl Pipeline {
     /// readings now wait for a commit (0 or 1).
     fn handle(&self, mut event: FieldEvent, pending: &mut Vec<Message>) -> u64 {
         let unsynced = self.time.mark(&mut event);
+        let upstream = self
+            .sparkplug
+            .as_ref()
+            .map(|node| node.row(&event, self.qos));
         let out = self.outgoing(event);
         let payload = Bytes::from(out.payload);
         if let Some(broker) = &self.broker {
@@ -191,15 +198,23 @@ impl Pipeline {
                 .fetch_add(out.readings, Ordering::Relaxed);
             return 0;
         }
-        pending.push(Message {
-            topic: out.topic,
-            payload,
-            qos: self.qos,
-            retain: out.retain_upstream,
-            created_ms: out.created_ms,
-            priority: out.priority,
-            unsynced,
-        });
+        let message = match upstream {
+            None => Message {
+                topic: out.topic,
+                payload,
+                qos: self.qos,
+                retain: out.retain_upstream,
+                created_ms: out.created_ms,
+                priority: out.priority,
+                unsynced,
+            },
+            // The boot-clock stamp decides its age; a correction leaves the edge node's
+            // rows as they are (not JSON), marked.
+            Some(Some(row)) => Message { unsynced, ..row },
+            // Nothing of it goes upstream (a batch summary in Sparkplug).
+            Some(None) => return 0,
+        };
+        pending.push(message);
         out.readings
     }
 
@@ -305,6 +320,7 @@ mod tests {
             devices: DeviceStates::default(),
             time: TimeKeeper::new(Arc::new(crate::clock::TrustedClock), false, Arc::default()),
             recent: Arc::default(),
+            sparkplug: None,
         }
     }
 
