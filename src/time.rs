@@ -197,9 +197,10 @@ impl TimeKeeper {
             keeper.synchronized();
         } else {
             keeper.holding = require_sync;
-            tracing::warn!(
+            // Normal at boot on a gateway without RTC: not a warning.
+            tracing::info!(
                 held_upstream = require_sync,
-                "the wall clock is not synchronized: readings are marked \"unsynced\" \
+                "the wall clock is not synchronized yet: readings are marked \"unsynced\" \
                  until it is, then corrected"
             );
         }
