@@ -28,8 +28,8 @@
 //!   `unsynced`. After that first sync a later loss of sync marks readings again but
 //!   holds nothing (the clock then runs on from a good time).
 //! - Correction faults (disk full, read-only disk) are logged once per state change,
-//!   counted (`correction_failures`) and retried with backoff ([`RETRY_MIN`] doubling
-//!   to [`RETRY_MAX`]).
+//!   counted (`correction_failures`) and retried with backoff (1 s doubling to
+//!   60 s).
 
 use std::future::Future;
 use std::path::PathBuf;
@@ -197,9 +197,10 @@ impl TimeKeeper {
             keeper.synchronized();
         } else {
             keeper.holding = require_sync;
-            tracing::warn!(
+            // Normal at boot on a gateway without RTC: not a warning.
+            tracing::info!(
                 held_upstream = require_sync,
-                "the wall clock is not synchronized: readings are marked \"unsynced\" \
+                "the wall clock is not synchronized yet: readings are marked \"unsynced\" \
                  until it is, then corrected"
             );
         }
