@@ -162,7 +162,7 @@ for rate in $rates; do
         done
     done
 done
-if grep -qiE "error|panic" "$work/agent.log"; then
+if grep -qE "ERROR|panicked" "$work/agent.log"; then
     echo "agent log:" >&2
-    grep -iE "error|panic" "$work/agent.log" | head >&2
+    grep -E "ERROR|panicked" "$work/agent.log" | head >&2
 fi
