@@ -507,7 +507,10 @@ impl Config {
             for (key, path) in &files {
                 all_read &= readable(&mut at, key, path);
             }
-            let uses_tls = crate::uplink::BrokerUrl::parse(&upstream.url).is_ok_and(|u| u.tls);
+            let uses_tls = upstream
+                .server_urls()
+                .into_iter()
+                .any(|url| crate::uplink::BrokerUrl::parse(url).is_ok_and(|u| u.tls));
             if all_read && uses_tls {
                 if let Err(err) = crate::uplink::tls::client_config(tls) {
                     report_at_file(&mut at, &files, crate::problem::each_cause_once(&err));

@@ -255,7 +255,7 @@ fn check_config(path: &Path) -> anyhow::Result<()> {
     );
     match &config.upstream {
         Some(upstream) => {
-            println!("upstream: {}", upstream.url);
+            println!("upstream: {}", upstream.server_urls().join(", "));
             println!("store: {}", config.store.path.display());
         }
         None => println!("upstream: none (LAN-only, no store)"),

@@ -13,8 +13,12 @@
 //!   an acknowledgement frees a slot and the next row goes out in the same turn.
 //! - Writes are batched: everything the session queued after one event is encoded into
 //!   one buffer and written with one call, bounded by the keepalive interval.
-//! - One log line per state change (connected, lost, each backoff step), never one per
-//!   message.
+//! - One log line per state change (connected, lost, each backoff step, each switch of
+//!   server), never one per message.
+//! - With several servers, the one to try is [`Failover`]'s choice; a switch to a server
+//!   that does not share sessions asks the session for a clean start before the next
+//!   CONNECT, and so does the first connection of the process (the store's flow records
+//!   may come from any of them).
 
 use std::collections::VecDeque;
 use std::future::Future;
@@ -39,6 +43,7 @@ use crate::store::{self, DrainOrder, Queue, Stored};
 use super::backoff::Backoff;
 use super::config::{BrokerUrl, UplinkConfig};
 use super::error::Error;
+use super::failover::{Failover, Switch, SwitchReason};
 use super::state::{DropReason, Effect, Session};
 use super::status::{
     duration_words, thousands, Counters, LinkState, OutageLog, OutageNote, OUTAGE_SUMMARY_EVERY,
@@ -84,6 +89,16 @@ enum End {
     Lost(Error),
     /// The store is closed: the uplink cannot go on.
     Store(store::Error),
+    /// Failback: the first server answers again; leave this one for it.
+    Failback,
+}
+
+/// One configured upstream server: where it is and how to talk TLS to it.
+pub(super) struct Server {
+    /// The URL as configured, for log lines, health and metrics.
+    pub text: String,
+    pub url: BrokerUrl,
+    pub tls: Option<(TlsConnector, ServerName<'static>)>,
 }
 
 /// Token bucket for backlog replay.
@@ -283,9 +298,11 @@ impl StoreWork {
 /// Everything the connection task owns.
 pub(super) struct Client {
     pub config: UplinkConfig,
-    pub url: BrokerUrl,
+    pub servers: Vec<Server>,
+    failover: Failover,
+    /// The TCP check of the first server before failback, while it runs.
+    failback_check: Option<BoxFuture<bool>>,
     pub protocol: Protocol,
-    pub tls: Option<(TlsConnector, ServerName<'static>)>,
     pub session: Session,
     pub counters: Arc<Counters>,
     pub state: watch::Sender<LinkState>,
@@ -305,9 +322,8 @@ impl Client {
     #[allow(clippy::too_many_arguments)] // the parts of the uplink, each owned once
     pub fn new(
         config: UplinkConfig,
-        url: BrokerUrl,
-        tls: Option<(TlsConnector, ServerName<'static>)>,
-        session: Session,
+        servers: Vec<Server>,
+        mut session: Session,
         counters: Arc<Counters>,
         state: watch::Sender<LinkState>,
         incoming: mpsc::Sender<Publish>,
@@ -318,7 +334,19 @@ impl Client {
             Duration::from_millis(config.backoff_max_ms),
         );
         let pending = queue.pending();
+        let failover = Failover::new(
+            servers.len(),
+            config
+                .failback
+                .then(|| Duration::from_secs(config.failback_after_secs)),
+        );
+        if failover.is_multi() && !config.shared_sessions {
+            // The flows the store recorded may belong to any of the servers.
+            session.new_broker();
+        }
         Client {
+            failover,
+            failback_check: None,
             protocol: config.protocol.into(),
             store: StoreWork {
                 queue,
@@ -340,8 +368,7 @@ impl Client {
             too_large_logged: false,
             incoming_drop_logged: false,
             config,
-            url,
-            tls,
+            servers,
             session,
             counters,
             state,
@@ -379,6 +406,13 @@ impl Client {
                             tracing::error!(%error, "the store failed; the uplink stops");
                             break Stop::Abandoned;
                         }
+                        End::Failback => {
+                            if let Some(switch) = self.failover.fail_back() {
+                                self.switched(switch);
+                            }
+                            self.backoff.reset();
+                            continue;
+                        }
                         End::Lost(error) => {
                             if since.elapsed() >= STABLE_CONNECTION {
                                 self.backoff.reset();
@@ -401,6 +435,9 @@ impl Client {
             let delay = self.backoff.next_delay();
             let attempt = self.backoff.attempt();
             self.log_failure(&error, lost, attempt, delay);
+            if let Some(switch) = self.failover.failed() {
+                self.switched(switch);
+            }
             self.set_state(LinkState::Backoff {
                 attempt,
                 delay,
@@ -412,6 +449,30 @@ impl Client {
             }
         };
         self.finish(stop).await;
+    }
+
+    /// A move to another server: one log line, the counters, and a clean session on a
+    /// server that does not share ours.
+    fn switched(&mut self, switch: Switch) {
+        let from = &self.servers[switch.from].text;
+        let to = &self.servers[switch.to].text;
+        match switch.why {
+            SwitchReason::Failure => {
+                tracing::warn!(from = %from, to = %to, "upstream server {from} failed; switching to {to}")
+            }
+            SwitchReason::Failback => {
+                tracing::info!(from = %from, to = %to, "first upstream server {to} answers again; switching back from {from}")
+            }
+        }
+        self.counters
+            .server_switches
+            .fetch_add(1, Ordering::Relaxed);
+        self.counters
+            .active_server
+            .store(switch.to as u64, Ordering::Relaxed);
+        if !self.config.shared_sessions {
+            self.session.new_broker();
+        }
     }
 
     /// One line when an outage starts, a summary every few minutes while it lasts;
@@ -497,8 +558,9 @@ impl Client {
 
     /// DNS, TCP, TLS, CONNECT, CONNACK.
     async fn establish(&mut self) -> Result<(Box<dyn Transport>, BytesMut), Error> {
-        let host = self.url.host.as_str();
-        let addrs: Vec<_> = tokio::net::lookup_host((host, self.url.port))
+        let server = &self.servers[self.failover.active()];
+        let host = server.url.host.as_str();
+        let addrs: Vec<_> = tokio::net::lookup_host((host, server.url.port))
             .await
             .map_err(|source| Error::Resolve {
                 host: host.to_owned(),
@@ -527,7 +589,7 @@ impl Client {
             }
         };
         tcp.set_nodelay(true)?;
-        let mut stream: Box<dyn Transport> = match &self.tls {
+        let mut stream: Box<dyn Transport> = match &server.tls {
             Some((connector, name)) => Box::new(
                 connector
                     .connect(name.clone(), tcp)
@@ -591,13 +653,21 @@ impl Client {
             retain_available = limits.retain_available,
             topic_alias_maximum = limits.topic_alias_maximum,
             keep_alive = limits.keep_alive,
+            server = %self.servers[self.failover.active()].text,
             "upstream connected"
         );
+        self.failover.connected(Instant::now());
+        self.failback_check = None;
         let end = self.serve_loop(&mut stream, &mut rbuf, stop).await;
         let end = match end {
             End::Stop(Stop::Graceful(timeout)) => {
                 self.graceful(&mut stream, &mut rbuf, timeout).await;
                 End::Stop(Stop::Graceful(timeout))
+            }
+            End::Failback => {
+                let timeout = Duration::from_secs(self.config.connect_timeout_secs);
+                self.graceful(&mut stream, &mut rbuf, timeout).await;
+                End::Failback
             }
             other => other,
         };
@@ -701,6 +771,19 @@ impl Client {
                     }
                 }
                 () = sleep_until_opt(throttled_until) => {}
+                () = sleep_until_opt(self.failover.failback_due()), if self.failback_check.is_none() => {
+                    self.failback_check = Some(Box::pin(answers(
+                        self.servers[0].url.clone(),
+                        Duration::from_secs(self.config.connect_timeout_secs),
+                    )));
+                }
+                answered = maybe(&mut self.failback_check) => {
+                    self.failback_check = None;
+                    if answered {
+                        return End::Failback;
+                    }
+                    self.failover.failback_refused(Instant::now());
+                }
             }
         }
     }
@@ -896,6 +979,19 @@ impl Client {
             .await;
         }
     }
+}
+
+/// Whether `url` accepts a TCP connection within `timeout` (the check before failback).
+async fn answers(url: BrokerUrl, timeout: Duration) -> bool {
+    let connect = async {
+        for addr in tokio::net::lookup_host((url.host.as_str(), url.port)).await? {
+            if TcpStream::connect(addr).await.is_ok() {
+                return Ok(true);
+            }
+        }
+        Ok::<bool, std::io::Error>(false)
+    };
+    matches!(tokio::time::timeout(timeout, connect).await, Ok(Ok(true)))
 }
 
 fn stop_kind(received: Result<Duration, oneshot::error::RecvError>) -> Stop {

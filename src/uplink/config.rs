@@ -1,6 +1,9 @@
-//! The `[upstream]` section of the config file, the broker URL and the password source.
+//! The `[upstream]` section of the config file, the broker URLs and the password source.
 //!
 //! Invariants:
+//! - The section names its broker either with `url` (one server) or with `servers` (a
+//!   list tried in order, see `failover.rs`), never both: [`UplinkConfig::server_urls`]
+//!   is the one place that reads them.
 //! - Deserialization only checks shapes; [`UplinkConfig::validate`] reports every semantic
 //!   problem at once, each with its dotted key path (`upstream.tls.key_file`).
 //! - The password is read from its file or environment variable at each connection
@@ -29,8 +32,28 @@ pub struct UplinkConfig {
     /// Broker URL: `mqtt://host:1883` or `mqtts://host:8883` (`tcp://` and `ssl://`, as
     /// Paho and Telegraf write them, are the same). The port defaults to 1883 for
     /// `mqtt://` and 8883 for `mqtts://`. The host is resolved again at every
-    /// connection attempt. Required.
-    pub url: String,
+    /// connection attempt. This or `servers` is required.
+    #[serde(default)]
+    pub url: Option<String>,
+    /// Several broker URLs, tried in order: on a failure the uplink moves to the next
+    /// one (after the usual backoff delay). Default: none (`url` names the one server).
+    #[serde(default)]
+    pub servers: Vec<String>,
+    /// Return to the first server of `servers` once the connection to another one has
+    /// lasted `failback_after_secs` and the first one accepts TCP connections again.
+    /// Default: false (stay where the connection works).
+    #[serde(default)]
+    pub failback: bool,
+    /// How long a connection to a later server must have lasted before failback is
+    /// tried, in seconds. Default: 300.
+    #[serde(default = "default_failback_after_secs")]
+    pub failback_after_secs: u64,
+    /// The servers are nodes of one cluster that shares sessions (EMQX, HiveMQ,
+    /// VerneMQ): a switch resumes the session and QoS 2 stays exactly once. When false,
+    /// a switch starts a clean session on the new server and QoS 2 flows cut by it are
+    /// sent again as new flows (at least once, counted). Default: false.
+    #[serde(default)]
+    pub shared_sessions: bool,
     /// Client identifier. It must be stable across restarts: the broker keeps the
     /// persistent session (and the QoS 2 flows in it) under this name.
     /// Default: `fieldbridge-<hostname>`.
@@ -183,6 +206,9 @@ enum DrainOrderDef {
     NewestFirst,
 }
 
+fn default_failback_after_secs() -> u64 {
+    300
+}
 fn default_keep_alive_secs() -> u16 {
     30
 }
@@ -212,7 +238,11 @@ impl UplinkConfig {
     /// A config with every default and the given URL.
     pub fn new(url: impl Into<String>) -> UplinkConfig {
         UplinkConfig {
-            url: url.into(),
+            url: Some(url.into()),
+            servers: Vec::new(),
+            failback: false,
+            failback_after_secs: default_failback_after_secs(),
+            shared_sessions: false,
             client_id: None,
             protocol: ProtocolVersion::default(),
             username: None,
@@ -245,19 +275,9 @@ impl UplinkConfig {
         problems.into_vec()
     }
 
-    /// Where to connect and as whom: URL, client id, user name and password source.
+    /// Where to connect and as whom: URLs, client id, user name and password source.
     fn validate_identity(&self, up: &mut Scope<'_>) {
-        match BrokerUrl::parse(&self.url) {
-            Ok(url) => {
-                up.check(
-                    url.tls || !self.tls.is_set(),
-                    "tls",
-                    "TLS settings are given but the URL is not a TLS one; use mqtts:// \
-                     (or ssl://) to connect with TLS",
-                );
-            }
-            Err(reason) => up.report("url", reason),
-        }
+        self.validate_servers(up);
         if let Some(id) = &self.client_id {
             let named = up.check(
                 !id.is_empty(),
@@ -289,6 +309,66 @@ impl UplinkConfig {
                 "password_env",
                 format!("{name:?} is not an environment variable name"),
             );
+        }
+    }
+
+    /// `url` or `servers`, each a broker URL, TLS ones when TLS settings are given;
+    /// failback only with a list to fall back in.
+    fn validate_servers(&self, up: &mut Scope<'_>) {
+        match (&self.url, self.servers.is_empty()) {
+            (Some(_), false) => {
+                up.report(
+                    "servers",
+                    "set either url (one server) or servers (a list), not both; \
+                     put the url first in servers",
+                );
+                return;
+            }
+            (None, true) => {
+                up.report(
+                    "url",
+                    "the upstream broker is missing: set url = \"mqtt://host:1883\" \
+                     (or servers = [...] for several)",
+                );
+                return;
+            }
+            _ => {}
+        }
+        let many = self.url.is_none();
+        for (i, text) in self.server_urls().into_iter().enumerate() {
+            let key = if many {
+                format!("servers[{i}]")
+            } else {
+                "url".to_owned()
+            };
+            match BrokerUrl::parse(text) {
+                Ok(url) => {
+                    up.check(
+                        url.tls || !self.tls.is_set(),
+                        if many { &key } else { "tls" },
+                        "TLS settings are given but the URL is not a TLS one; use mqtts:// \
+                         (or ssl://) to connect with TLS",
+                    );
+                }
+                Err(reason) => up.report(&key, reason),
+            }
+            if many && self.servers[..i].contains(&self.servers[i]) {
+                up.report(&key, format!("{text:?} is listed twice"));
+            }
+        }
+        up.check(
+            !self.failback || self.servers.len() > 1,
+            "failback",
+            "failback returns to the first of several servers: list them in servers",
+        );
+        up.at_least("failback_after_secs", self.failback_after_secs, 1);
+    }
+
+    /// The broker URLs in the order they are tried: `url`, or `servers`.
+    pub fn server_urls(&self) -> Vec<&str> {
+        match &self.url {
+            Some(url) => vec![url.as_str()],
+            None => self.servers.iter().map(String::as_str).collect(),
         }
     }
 
@@ -638,8 +718,48 @@ mod tests {
         let mut config = UplinkConfig::new("ssl://broker.example.com");
         config.tls.server_name = Some("broker.example.com".into());
         assert!(config.validate().is_empty(), "{:?}", config.validate());
-        config.url = "tcp://broker.example.com".into();
+        config.url = Some("tcp://broker.example.com".into());
         assert_eq!(keys(&config), ["upstream.tls"]);
+    }
+
+    #[test]
+    fn servers_replace_url_and_both_or_neither_is_refused() {
+        let config: UplinkConfig = toml::from_str(
+            r#"
+            servers = ["mqtt://a:1883", "mqtts://b"]
+            failback = true
+            failback_after_secs = 60
+            "#,
+        )
+        .unwrap();
+        assert_eq!(config.server_urls(), ["mqtt://a:1883", "mqtts://b"]);
+        assert!(config.validate().is_empty(), "{:?}", config.validate());
+        assert!(!config.shared_sessions);
+
+        let both: UplinkConfig =
+            toml::from_str("url = \"mqtt://a\"\nservers = [\"mqtt://b\"]").unwrap();
+        let problems = both.validate();
+        assert_eq!(problems[0].key, "upstream.servers");
+        assert!(problems[0].message.contains("not both"), "{problems:?}");
+
+        let neither: UplinkConfig = toml::from_str("client_id = \"gw\"").unwrap();
+        assert_eq!(keys(&neither), ["upstream.url"]);
+
+        let mut config = UplinkConfig::new("mqtt://a");
+        config.failback = true;
+        assert_eq!(keys(&config), ["upstream.failback"]);
+        config.url = None;
+        config.servers = vec!["mqtt://a".into(), "http://b".into(), "mqtt://a".into()];
+        config.tls.alpn = vec!["x".into()];
+        assert_eq!(
+            keys(&config),
+            [
+                "upstream.servers[0]",
+                "upstream.servers[1]",
+                "upstream.servers[2]",
+                "upstream.servers[2]",
+            ]
+        );
     }
 
     #[test]

@@ -7,6 +7,7 @@
 //! | `config.rs` | `[upstream]` settings, the broker URL, the password source |
 //! | `state.rs` | the session state with no I/O: CONNECT/CONNACK, inflight window, QoS 1/2 flows, resume, topic aliases, keepalive |
 //! | `backoff.rs` | reconnect delays with jitter and a cap |
+//! | `failover.rs` | which of the configured servers to use: next on failure, failback |
 //! | `tls.rs` | the rustls client configuration |
 //! | `client.rs` | the connection task: connect, serve, reconnect; store requests |
 //! | `error.rs` | `Error`: what ends a connection or stops the start |
@@ -29,10 +30,12 @@ pub mod backoff;
 mod client;
 pub mod config;
 mod error;
+pub mod failover;
 pub mod state;
 mod status;
 pub mod tls;
 
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -73,14 +76,29 @@ impl Uplink {
         if let Some(text) = crate::problem::Invalid::summary(&config.validate()) {
             return Err(Error::Config(text));
         }
-        let url = BrokerUrl::parse(&config.url).map_err(Error::Url)?;
-        let tls = if url.tls {
-            let client_config = tls::client_config(&config.tls)?;
-            let name = tls::server_name(&config.tls, &url.host)?;
-            Some((tokio_rustls::TlsConnector::from(client_config), name))
-        } else {
-            None
-        };
+        let mut servers = Vec::new();
+        let mut client_config = None;
+        for text in config.server_urls() {
+            let url = BrokerUrl::parse(text).map_err(Error::Url)?;
+            let tls = if url.tls {
+                let client_config = match &client_config {
+                    Some(made) => std::sync::Arc::clone(made),
+                    None => client_config
+                        .insert(tls::client_config(&config.tls)?)
+                        .clone(),
+                };
+                let name = tls::server_name(&config.tls, &url.host)?;
+                Some((tokio_rustls::TlsConnector::from(client_config), name))
+            } else {
+                None
+            };
+            servers.push(client::Server {
+                text: text.to_owned(),
+                url,
+                tls,
+            });
+        }
+        let server_urls: Arc<[String]> = servers.iter().map(|s| s.text.clone()).collect();
         config.password()?;
         let session_config = state::SessionConfig {
             protocol: config.protocol.into(),
@@ -100,16 +118,11 @@ impl Uplink {
         let (state_tx, state_rx) = watch::channel(LinkState::Connecting { attempt: 1 });
         let (incoming_tx, incoming_rx) = mpsc::channel(usize::from(client::INCOMING_CAPACITY));
         let (stop_tx, stop_rx) = oneshot::channel();
-        let span = tracing::info_span!(
-            "uplink",
-            url = %config.url,
-            client_id = %session_config.client_id
-        );
+        let span = tracing::info_span!("uplink", client_id = %session_config.client_id);
         let session = state::Session::new(session_config, counters.clone());
         let client = client::Client::new(
             config,
-            url,
-            tls,
+            servers,
             session,
             counters.clone(),
             state_tx,
@@ -120,6 +133,7 @@ impl Uplink {
         Ok(UplinkHandle {
             state: state_rx,
             counters,
+            servers: server_urls,
             incoming: Some(incoming_rx),
             stop: stop_tx,
             task,
@@ -133,6 +147,7 @@ impl Uplink {
 pub struct UplinkHandle {
     state: watch::Receiver<LinkState>,
     counters: Arc<Counters>,
+    servers: Arc<[String]>,
     incoming: Option<mpsc::Receiver<Publish>>,
     stop: oneshot::Sender<Duration>,
     task: JoinHandle<()>,
@@ -147,6 +162,16 @@ impl UplinkHandle {
     /// Counters since the uplink started.
     pub fn stats(&self) -> UplinkStats {
         self.counters.snapshot()
+    }
+
+    /// The URL of the server in use (or being tried), as configured.
+    pub fn server(&self) -> &str {
+        let index = self.counters.active_server.load(Ordering::Relaxed);
+        let index = usize::try_from(index).unwrap_or(0);
+        self.servers
+            .get(index)
+            .or_else(|| self.servers.first())
+            .map_or("", String::as_str)
     }
 
     /// Messages received on the configured subscriptions; `Some` once. When nobody

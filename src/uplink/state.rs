@@ -286,6 +286,9 @@ pub struct Session {
     session_continuous: bool,
     /// What the last CONNACK said.
     session_present: bool,
+    /// The next CONNECT goes to a broker that does not hold our session (another
+    /// server that does not share sessions): ask for a clean one.
+    clean_next: bool,
     /// Will flags the broker refused (0x9A / 0x9B), remembered for the next CONNECT.
     will_retain: bool,
     will_qos: QoS,
@@ -326,6 +329,7 @@ impl Session {
             limits,
             session_continuous: true,
             session_present: false,
+            clean_next: false,
             will_retain: true,
             will_qos: QoS::AtLeastOnce,
             slots: HashMap::new(),
@@ -359,7 +363,7 @@ impl Session {
         }
         Packet::Connect(Connect {
             protocol: self.config.protocol,
-            clean_start: false,
+            clean_start: self.clean_next,
             keep_alive: self.config.keep_alive,
             client_id: self.config.client_id.clone(),
             will: Some(Will {
@@ -466,14 +470,15 @@ impl Session {
         self.keepalive =
             (keep_alive > 0).then(|| Keepalive::new(Duration::from_secs(keep_alive.into()), now));
         self.on_wire = 0;
-        self.session_present = ack.session_present;
-        if !ack.session_present {
+        self.session_present = ack.session_present && !self.clean_next;
+        self.clean_next = false;
+        if !self.session_present {
             self.session_continuous = false;
             self.incoming_rel.clear();
         }
         self.slots
             .retain(|_, slot| matches!(slot.origin, Origin::Row(_)));
-        self.resume_slots(ack.session_present);
+        self.resume_slots(self.session_present);
         self.transmit_waiting(now);
         self.publish_status(Origin::Birth, now);
         self.subscribe(now);
@@ -505,6 +510,7 @@ impl Session {
                 }
                 (true, _, _) => {}
                 (false, Stage::Release | Stage::Persisting, Origin::Row(id)) => {
+                    self.stats.qos2_restarted.fetch_add(1, Ordering::Relaxed);
                     slot.sent_before = false;
                     slot.stage = Stage::Resetting;
                     self.effects.push_back(Effect::PersistFlow {
@@ -513,7 +519,12 @@ impl Session {
                         pubrec: false,
                     });
                 }
-                (false, _, _) => slot.sent_before = false,
+                (false, _, _) => {
+                    if slot.sent_before && slot.message.qos == QoS::ExactlyOnce {
+                        self.stats.qos2_restarted.fetch_add(1, Ordering::Relaxed);
+                    }
+                    slot.sent_before = false;
+                }
             }
             self.waiting.push_back(pkid);
         }
@@ -565,6 +576,14 @@ impl Session {
             }
             slot.on_wire = false;
         }
+    }
+
+    /// The next connection goes to a broker that does not hold this session (a switch
+    /// to a server that does not share sessions): its CONNECT asks for a clean session,
+    /// and every flow in the window starts over as a new one, QoS 2 flows past PUBLISH
+    /// counted in `qos2_restarted` (at least once across the switch, not exactly once).
+    pub fn new_broker(&mut self) {
+        self.clean_next = true;
     }
 
     /// True between a successful CONNACK and the loss of the connection.
@@ -654,6 +673,9 @@ impl Session {
             (true, false) => Stage::Resetting,
             (false, _) => Stage::Publish,
         };
+        if stage == Stage::Resetting {
+            self.stats.qos2_restarted.fetch_add(1, Ordering::Relaxed);
+        }
         self.seq += 1;
         self.slots.insert(
             pkid,

@@ -983,3 +983,59 @@ fn a_resumed_pubrel_waits_for_an_older_flow_still_persisting() {
     s.flow_persisted(2, true, now());
     assert_eq!(pkids(&out(&mut s)), [("pubrel", 2), ("pubrel", 4)]);
 }
+
+/// Regression: a switch to another server that also held a session for our client id
+/// (it said `session present = 1`) released QoS 2 flows begun on the first server into
+/// a session that never saw their PUBLISH; the new server answers such a PUBREL with
+/// PUBCOMP, the row was deleted and the reading never delivered.
+#[test]
+fn a_switch_to_a_server_that_does_not_share_sessions_restarts_qos2_flows_as_new() {
+    let mut s = session(Protocol::V311);
+    connect(&mut s, connack(false));
+    s.offer(row(1, QoS::ExactlyOnce, "t"), now());
+    s.offer(row(2, QoS::ExactlyOnce, "t"), now());
+    s.offer(row(3, QoS::AtLeastOnce, "t"), now());
+    s.handle(Packet::PubRec(Ack::new(1)), now()).unwrap();
+    s.flow_persisted(1, true, now());
+    out(&mut s);
+    effects(&mut s);
+    s.disconnected();
+
+    s.new_broker();
+    let Packet::Connect(c) = s.connect(None) else {
+        panic!("not CONNECT");
+    };
+    assert!(c.clean_start, "a clean session on the new server");
+    // Even a server that answers `session present` holds nothing of these flows.
+    s.handle(connack(true), now()).unwrap();
+    assert!(!s.session_present());
+    let packets = out(&mut s);
+    assert!(
+        !packets.iter().any(|p| matches!(p, Packet::PubRel(_))),
+        "no PUBREL into a session that never saw the PUBLISH: {packets:?}"
+    );
+    assert!(publishes(&packets)
+        .iter()
+        .any(|(pkid, dup, _)| (*pkid, *dup) == (2, false)));
+    assert_eq!(
+        effects(&mut s),
+        [Effect::PersistFlow {
+            id: 1,
+            pkid: 1,
+            pubrec: false
+        }]
+    );
+    s.flow_persisted(1, false, now());
+    assert_eq!(
+        publishes(&out(&mut s)),
+        [(1, false, "payload 1".to_owned())]
+    );
+    assert_eq!(s.stats.qos2_restarted.load(Ordering::Relaxed), 2);
+
+    // The next connection to the same server keeps its session again.
+    s.disconnected();
+    let Packet::Connect(c) = s.connect(None) else {
+        panic!("not CONNECT");
+    };
+    assert!(!c.clean_start);
+}
