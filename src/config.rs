@@ -280,6 +280,20 @@ impl Config {
             };
             problems.at("").report("", message);
         }
+        if let Some(upstream) = &self.upstream {
+            let topics = Topics::new(&self.agent.resolved_prefix(&hostname()));
+            let claimed: Vec<(String, String)> = self
+                .claims(&topics)
+                .into_iter()
+                .map(|claim| (claim.key, claim.topic))
+                .collect();
+            upstream.profile.validate_agent(
+                self.agent.qos(),
+                self.agent.retain_upstream,
+                &claimed,
+                &mut problems.at(""),
+            );
+        }
         // Duplicate device or point names are reported by their sections; their topics
         // would only repeat that.
         if problems.is_empty() {

@@ -44,6 +44,7 @@ use super::backoff::Backoff;
 use super::config::{BrokerUrl, UplinkConfig};
 use super::error::Error;
 use super::failover::{Failover, Switch, SwitchReason};
+use super::profile::Pacer;
 use super::state::{DropReason, Effect, Session};
 use super::status::{
     duration_words, thousands, Counters, LinkState, OutageLog, OutageNote, OUTAGE_SUMMARY_EVERY,
@@ -91,6 +92,8 @@ enum End {
     Store(store::Error),
     /// Failback: the first server answers again; leave this one for it.
     Failback,
+    /// The password (a SAS token) expires soon: reconnect with a new one.
+    Renew,
 }
 
 /// One configured upstream server: where it is and how to talk TLS to it.
@@ -302,6 +305,13 @@ pub(super) struct Client {
     failover: Failover,
     /// The TCP check of the first server before failback, while it runs.
     failback_check: Option<BoxFuture<bool>>,
+    /// The service's pace (publishes and bytes per second), when its profile has one.
+    pub pacer: Option<Pacer>,
+    /// Azure IoT Hub: `(device id, agent prefix)` to map each row's topic to the
+    /// device's events topic.
+    pub azure_events: Option<(String, String)>,
+    /// When the password of this connection (a SAS token) is due for renewal.
+    renew_at: Option<Instant>,
     pub protocol: Protocol,
     pub session: Session,
     pub counters: Arc<Counters>,
@@ -347,6 +357,9 @@ impl Client {
         Client {
             failover,
             failback_check: None,
+            pacer: None,
+            azure_events: None,
+            renew_at: None,
             protocol: config.protocol.into(),
             store: StoreWork {
                 queue,
@@ -411,6 +424,12 @@ impl Client {
                                 self.switched(switch);
                             }
                             self.backoff.reset();
+                            continue;
+                        }
+                        End::Renew => {
+                            tracing::info!(
+                                "reconnecting with a new SAS token before the current one expires"
+                            );
                             continue;
                         }
                         End::Lost(error) => {
@@ -598,7 +617,9 @@ impl Client {
             ),
             None => Box::new(tcp),
         };
-        let password = self.config.password()?;
+        let now_secs = u64::try_from(wall_ms() / 1000).unwrap_or(0);
+        let (password, ttl) = self.config.password_at(host, now_secs)?;
+        self.renew_at = ttl.map(|secs| Instant::now() + Duration::from_secs(secs * 4 / 5));
         let connect = self.session.connect(password);
         let mut wbuf = BytesMut::new();
         mqtt::encode(&connect, self.protocol, &mut wbuf)?;
@@ -664,10 +685,10 @@ impl Client {
                 self.graceful(&mut stream, &mut rbuf, timeout).await;
                 End::Stop(Stop::Graceful(timeout))
             }
-            End::Failback => {
+            End::Failback | End::Renew => {
                 let timeout = Duration::from_secs(self.config.connect_timeout_secs);
                 self.graceful(&mut stream, &mut rbuf, timeout).await;
-                End::Failback
+                end
             }
             other => other,
         };
@@ -777,6 +798,7 @@ impl Client {
                         Duration::from_secs(self.config.connect_timeout_secs),
                     )));
                 }
+                () = sleep_until_opt(self.renew_at) => return End::Renew,
                 answered = maybe(&mut self.failback_check) => {
                     self.failback_check = None;
                     if answered {
@@ -824,7 +846,18 @@ impl Client {
                     limiter.spend();
                 }
             }
-            if let Some(row) = self.store.ready.pop_front() {
+            if let Some(pacer) = &mut self.pacer {
+                let size = row.message.topic.len() + row.message.payload.len();
+                if let Err(at) = pacer.take(now, size) {
+                    return Some(at);
+                }
+            }
+            if let Some(mut row) = self.store.ready.pop_front() {
+                if let Some((device, prefix)) = &self.azure_events {
+                    row.message.topic =
+                        super::azure::event_topic(device, prefix, &row.message.topic);
+                    row.message.retain = false;
+                }
                 self.session.offer(row, now);
             }
         }

@@ -21,6 +21,7 @@ use crate::problem::{Invalid, Problems, Scope};
 use crate::store::DrainOrder;
 
 use super::error::Error;
+use super::profile::{Facts, Profile};
 
 /// Largest inflight window: packet ids left over serve status messages and SUBSCRIBE.
 pub const MAX_WINDOW: u16 = 65_000;
@@ -54,6 +55,15 @@ pub struct UplinkConfig {
     /// sent again as new flows (at least once, counted). Default: false.
     #[serde(default)]
     pub shared_sessions: bool,
+    /// The service behind the URL: `"generic"`, `"aws-iot-core"` or `"azure-iot-hub"`.
+    /// A cloud profile adds the service's rules to `check-config` and paces the uplink
+    /// to its limits. Default: `"generic"`.
+    #[serde(default)]
+    pub profile: Profile,
+    /// Azure IoT Hub device settings (`[upstream.azure]`), with `profile =
+    /// "azure-iot-hub"`.
+    #[serde(default)]
+    pub azure: Option<AzureConfig>,
     /// Client identifier. It must be stable across restarts: the broker keeps the
     /// persistent session (and the QoS 2 flows in it) under this name.
     /// Default: `fieldbridge-<hostname>`.
@@ -120,6 +130,26 @@ pub struct UplinkConfig {
     /// handed to the agent. Default: none.
     #[serde(default)]
     pub subscribe: Vec<String>,
+}
+
+/// The device on Azure IoT Hub (`[upstream.azure]`).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AzureConfig {
+    /// The device id registered in the hub; it is the MQTT client id. Required.
+    pub device_id: String,
+    /// File with the device's base64 symmetric key (primary key), from which each
+    /// connection's SAS token is made. Leave it out for X.509 (`tls.cert_file`).
+    #[serde(default)]
+    pub device_key_file: Option<PathBuf>,
+    /// Lifetime of a SAS token in seconds; the uplink reconnects with a new one after
+    /// four fifths of it. Default: 3600.
+    #[serde(default = "default_token_ttl_secs")]
+    pub token_ttl_secs: u64,
+}
+
+fn default_token_ttl_secs() -> u64 {
+    3_600
 }
 
 /// TLS settings of the upstream connection (`[upstream.tls]`).
@@ -243,6 +273,8 @@ impl UplinkConfig {
             failback: false,
             failback_after_secs: default_failback_after_secs(),
             shared_sessions: false,
+            profile: Profile::default(),
+            azure: None,
             client_id: None,
             protocol: ProtocolVersion::default(),
             username: None,
@@ -272,6 +304,11 @@ impl UplinkConfig {
         self.tls.validate(&mut up.at("tls"));
         self.validate_limits(&mut up);
         self.validate_topics(&mut up);
+        if let Some(azure) = &self.azure {
+            up.at("azure")
+                .at_least("token_ttl_secs", azure.token_ttl_secs, 60);
+        }
+        self.profile.validate(&self.facts(), &mut up);
         problems.into_vec()
     }
 
@@ -364,6 +401,44 @@ impl UplinkConfig {
         up.at_least("failback_after_secs", self.failback_after_secs, 1);
     }
 
+    /// What the profile rules look at.
+    fn facts(&self) -> Facts<'_> {
+        let many = self.url.is_none();
+        let servers = self
+            .server_urls()
+            .into_iter()
+            .enumerate()
+            .filter_map(|(i, text)| {
+                let url = BrokerUrl::parse(text).ok()?;
+                let key = if many {
+                    format!("servers[{i}]")
+                } else {
+                    "url".to_owned()
+                };
+                Some((key, url.tls, url.port))
+            })
+            .collect();
+        Facts {
+            servers,
+            v5: self.protocol == ProtocolVersion::V5,
+            client_id: self.client_id.clone().unwrap_or_else(|| self.client_id()),
+            client_id_set: self.client_id.is_some(),
+            inflight: self.inflight,
+            keep_alive_secs: self.keep_alive_secs,
+            client_certificate: self.tls.cert_file.is_some(),
+            alpn: &self.tls.alpn,
+            username: self.username.is_some(),
+            password: self.password_file.is_some() || self.password_env.is_some(),
+            subscribe: &self.subscribe,
+            status_topic: self.status_topic.as_deref(),
+            azure_device: self.azure.as_ref().map(|a| a.device_id.as_str()),
+            azure_key: self
+                .azure
+                .as_ref()
+                .is_some_and(|a| a.device_key_file.is_some()),
+        }
+    }
+
     /// The broker URLs in the order they are tried: `url`, or `servers`.
     pub fn server_urls(&self) -> Vec<&str> {
         match &self.url {
@@ -416,11 +491,13 @@ impl UplinkConfig {
         }
     }
 
-    /// The client identifier: the configured one or `fieldbridge-<hostname>`.
+    /// The client identifier: the configured one, the Azure device id, or
+    /// `fieldbridge-<hostname>`.
     pub fn client_id(&self) -> String {
-        match &self.client_id {
-            Some(id) => id.clone(),
-            None => {
+        match (&self.client_id, &self.azure) {
+            (Some(id), _) => id.clone(),
+            (None, Some(azure)) => azure.device_id.clone(),
+            (None, None) => {
                 let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
                     .map(|h| h.trim().to_owned())
                     .unwrap_or_default();
@@ -439,6 +516,114 @@ impl UplinkConfig {
             Some(topic) => topic.clone(),
             None => crate::topics::Topics::new(prefix).status(),
         }
+    }
+
+    /// What `check-config` says of the upstream: the servers, the profile and its rules,
+    /// and where each of `topics` (what the agent publishes, under `prefix`) goes.
+    pub fn describe(&self, prefix: &str, topics: &[String]) -> String {
+        use super::profile as p;
+        let mut out = format!("upstream: {}\n", self.server_urls().join(", "));
+        if self.servers.len() > 1 {
+            out.push_str(&format!(
+                "failover: next server on each failure; failback {}; sessions {}\n",
+                if self.failback {
+                    format!("after {} s", self.failback_after_secs)
+                } else {
+                    "off".to_owned()
+                },
+                if self.shared_sessions {
+                    "shared (QoS 2 exactly once across a switch)"
+                } else {
+                    "not shared (QoS 2 at least once across a switch)"
+                }
+            ));
+        }
+        let rules = match self.profile {
+            Profile::Generic => "no service rules".to_owned(),
+            Profile::AwsIotCore => format!(
+                "QoS 0/1, mutual TLS, at most {} unacknowledged, paced to {} publishes/s and \
+                 {} KiB/s, topics of at most {} bytes and {} slashes",
+                p::AWS_INFLIGHT_MAX,
+                p::AWS_PUBLISHES_PER_SEC,
+                p::AWS_BYTES_PER_SEC / 1024,
+                p::AWS_TOPIC_MAX,
+                p::AWS_TOPIC_SLASHES_MAX
+            ),
+            Profile::AzureIotHub => format!(
+                "MQTT 3.1.1 over TLS on 8883, QoS 0/1, no retained messages, user {}, {}",
+                self.username().unwrap_or_default(),
+                match &self.azure {
+                    Some(AzureConfig {
+                        device_key_file: Some(_),
+                        token_ttl_secs,
+                        ..
+                    }) => format!(
+                        "SAS token valid {token_ttl_secs} s, renewed after {} s",
+                        token_ttl_secs * 4 / 5
+                    ),
+                    _ => "X.509 client certificate".to_owned(),
+                }
+            ),
+        };
+        out.push_str(&format!(
+            "upstream profile: {} ({rules})\n",
+            self.profile.name()
+        ));
+        if let (Profile::AzureIotHub, Some(azure)) = (self.profile, &self.azure) {
+            out.push_str("upstream topics (agent topic -> IoT Hub topic):\n");
+            for topic in topics {
+                out.push_str(&format!(
+                    "  {topic} -> {}\n",
+                    super::azure::event_topic(&azure.device_id, prefix, topic)
+                ));
+            }
+        } else {
+            out.push_str("upstream topics: the agent's topics, unchanged\n");
+        }
+        out
+    }
+
+    /// The user name sent in CONNECT: the configured one, or for Azure IoT Hub the one
+    /// made from the hub (the first server's host) and the device id.
+    pub fn username(&self) -> Option<String> {
+        if let (Profile::AzureIotHub, Some(azure)) = (self.profile, &self.azure) {
+            let url = BrokerUrl::parse(self.server_urls().first()?).ok()?;
+            return Some(super::azure::username(&url.host, &azure.device_id));
+        }
+        self.username.clone()
+    }
+
+    /// The password for a connection attempt to `host` at `now_secs` (Unix time): a
+    /// fresh SAS token with `[upstream.azure]` and a device key, else what
+    /// [`UplinkConfig::password`] reads. With a token, also when it expires.
+    ///
+    /// # Errors
+    /// [`Error::Password`] when the key or password cannot be read or used.
+    pub fn password_at(
+        &self,
+        host: &str,
+        now_secs: u64,
+    ) -> Result<(Option<Password>, Option<u64>), Error> {
+        let Some((azure, path)) = self
+            .azure
+            .as_ref()
+            .and_then(|a| Some((a, a.device_key_file.as_ref()?)))
+        else {
+            return Ok((self.password()?, None));
+        };
+        let source_name = format!("device key file {}", path.display());
+        let key = std::fs::read_to_string(path).map_err(|e| Error::Password {
+            source_name: source_name.clone(),
+            reason: e.to_string(),
+        })?;
+        let expiry = now_secs.saturating_add(azure.token_ttl_secs);
+        let token = super::azure::sas_token(host, &azure.device_id, &key, expiry).map_err(|e| {
+            Error::Password {
+                source_name,
+                reason: e.to_string(),
+            }
+        })?;
+        Ok((Some(Password::new(token)), Some(azure.token_ttl_secs)))
     }
 
     /// Reads the password from its file or environment variable, if one is configured.

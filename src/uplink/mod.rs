@@ -7,6 +7,8 @@
 //! | `config.rs` | `[upstream]` settings, the broker URL, the password source |
 //! | `state.rs` | the session state with no I/O: CONNECT/CONNACK, inflight window, QoS 1/2 flows, resume, topic aliases, keepalive |
 //! | `backoff.rs` | reconnect delays with jitter and a cap |
+//! | `profile.rs` | cloud profiles: the service's rules for `check-config`, its pace |
+//! | `azure.rs` | Azure IoT Hub: user name, SAS token, events topic with properties |
 //! | `failover.rs` | which of the configured servers to use: next on failure, failback |
 //! | `tls.rs` | the rustls client configuration |
 //! | `client.rs` | the connection task: connect, serve, reconnect; store requests |
@@ -26,11 +28,13 @@
 //! - Everything is bounded: the inflight window, the incoming channel, the packet sizes
 //!   read from the broker.
 
+pub mod azure;
 pub mod backoff;
 mod client;
 pub mod config;
 mod error;
 pub mod failover;
+pub mod profile;
 pub mod state;
 mod status;
 pub mod tls;
@@ -99,15 +103,20 @@ impl Uplink {
             });
         }
         let server_urls: Arc<[String]> = servers.iter().map(|s| s.text.clone()).collect();
-        config.password()?;
+        config.password_at("", 0)?;
         let session_config = state::SessionConfig {
             protocol: config.protocol.into(),
             client_id: config.client_id(),
-            username: config.username.clone(),
+            username: config.username(),
             keep_alive: config.keep_alive_secs,
             session_expiry: config.session_expiry_secs,
             inflight: config.inflight,
-            status_topic: config.status_topic(&prefix),
+            status_topic: match (config.profile, &config.azure) {
+                (profile::Profile::AzureIotHub, Some(azure)) => {
+                    azure::event_topic(&azure.device_id, &prefix, &config.status_topic(&prefix))
+                }
+                _ => config.status_topic(&prefix),
+            },
             online_payload: Bytes::from(config.online_payload.clone()),
             offline_payload: Bytes::from(config.offline_payload.clone()),
             subscribe: config.subscribe.clone(),
@@ -120,7 +129,14 @@ impl Uplink {
         let (stop_tx, stop_rx) = oneshot::channel();
         let span = tracing::info_span!("uplink", client_id = %session_config.client_id);
         let session = state::Session::new(session_config, counters.clone());
-        let client = client::Client::new(
+        let pacer = config.profile.pacing();
+        let azure_events = match (config.profile, &config.azure) {
+            (profile::Profile::AzureIotHub, Some(azure)) => {
+                Some((azure.device_id.clone(), prefix.clone()))
+            }
+            _ => None,
+        };
+        let mut client = client::Client::new(
             config,
             servers,
             session,
@@ -129,6 +145,8 @@ impl Uplink {
             incoming_tx,
             queue,
         );
+        client.pacer = pacer;
+        client.azure_events = azure_events;
         let task = tokio::spawn(client.run(stop_rx).instrument(span));
         Ok(UplinkHandle {
             state: state_rx,
