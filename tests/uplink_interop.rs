@@ -121,12 +121,22 @@ async fn drained(queue: &Queue) {
     assert!(empty.is_some(), "store not drained");
 }
 
+/// Readings accepted (in the store), delivered (distinct), duplicated and lost.
 #[derive(Debug)]
 struct Tally {
     accepted: usize,
     delivered: usize,
     duplicated: usize,
     lost: usize,
+}
+
+impl Tally {
+    fn words(&self) -> String {
+        format!(
+            "accepted={} delivered={} duplicated={} lost={}",
+            self.accepted, self.delivered, self.duplicated, self.lost
+        )
+    }
 }
 
 fn tally(sub: &Subscriber, topic: &str, accepted: usize) -> Tally {
@@ -154,7 +164,7 @@ async fn judged(name: &str, sub: &Subscriber, n: usize, qos2_exactly_once: bool)
     .await;
     let q1 = tally(sub, "interop/q1", n);
     let q2 = tally(sub, "interop/q2", n);
-    println!("INTEROP {name} qos1={q1:?} qos2={q2:?}");
+    println!("INTEROP {name} qos1 {} qos2 {}", q1.words(), q2.words());
     assert_eq!(q1.lost, 0, "QoS 1 readings lost: {q1:?}");
     assert_eq!(q2.lost, 0, "QoS 2 readings lost: {q2:?}");
     if qos2_exactly_once {
