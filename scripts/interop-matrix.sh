@@ -50,11 +50,14 @@ EOF
 }
 
 start_aedes() {
-    cat >"$2/aedes.js" <<EOF
-const aedes = require('$cache/aedes/node_modules/aedes')();
-require('net').createServer(aedes.handle).listen($3, '127.0.0.1');
+    # aedes 1.x is an ES module: createBroker() (in-memory persistence by default).
+    cat >"$2/aedes.mjs" <<EOF
+import net from 'node:net'
+import { Aedes } from '$cache/aedes/node_modules/aedes/aedes.js'
+const aedes = await Aedes.createBroker()
+net.createServer(aedes.handle).listen($3, '127.0.0.1')
 EOF
-    setsid node "$2/aedes.js" >"$2/broker.log" 2>&1 &
+    setsid node "$2/aedes.mjs" >"$2/broker.log" 2>&1 &
     echo $! >"$2/pid"
 }
 
@@ -108,6 +111,9 @@ loopback_users = none
 management.tcp.port = $((port + 3))
 EOF
     echo '[rabbitmq_mqtt].' >"$dir/enabled_plugins"
+    # Debian's wrapper runs the node as the rabbitmq user: it needs its own directory.
+    chmod 755 "$(dirname "$dir")"
+    chown -R rabbitmq:rabbitmq "$dir" 2>/dev/null || true
     RABBITMQ_NODENAME="$node@localhost" RABBITMQ_NODE_IP_ADDRESS=127.0.0.1 \
         RABBITMQ_NODE_PORT=$((port + 1)) RABBITMQ_DIST_PORT=$((port + 2)) \
         RABBITMQ_CONFIG_FILE="$dir/rabbitmq" RABBITMQ_ENABLED_PLUGINS_FILE="$dir/enabled_plugins" \
@@ -148,7 +154,7 @@ wait_gone() { # PORT
     done
 }
 
-start_timeout() { case "$1" in rabbitmq*) echo 60 ;; *) echo 15 ;; esac; }
+start_timeout() { case "$1" in rabbitmq*) echo 120 ;; *) echo 15 ;; esac; }
 
 if [ "${1:-}" = "--restart" ]; then # --restart NAME DIR PORT
     stop_broker "$3"
@@ -260,11 +266,11 @@ echo "cluster (RabbitMQ, two nodes, the uplink given both):"
 d1="$work/fbi1"; d2="$work/fbi2"
 p1="$(free_port)"; p2="$(free_port)"
 start_rabbitmq_node fbi1 "$d1" "$p1"; start_rabbitmq_node fbi2 "$d2" "$p2"
-if wait_port "$p1" 60 && wait_port "$p2" 60; then
+if wait_port "$p1" 120 && wait_port "$p2" 120; then
     rabbitmqctl -n fbi2@localhost stop_app >/dev/null &&
         rabbitmqctl -n fbi2@localhost join_cluster fbi1@localhost >/dev/null &&
         rabbitmqctl -n fbi2@localhost start_app >/dev/null &&
-        wait_port "$p2" 60
+        wait_port "$p2" 120
     log="$work/cluster.log"
     INTEROP_PORT="$p1" INTEROP_SUB_PORT="$p2" \
         INTEROP_SERVERS="mqtt://127.0.0.1:$p1,mqtt://127.0.0.1:$p2" \
