@@ -11,17 +11,15 @@
 
 mod common;
 
-use std::collections::HashMap;
 use std::future::ready;
 use std::os::unix::process::CommandExt;
-use std::path::Path;
 use std::process::{Child, Command, Stdio};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
-use bytes::Bytes;
-use fieldbridge::mqtt::QoS;
-use fieldbridge::store::{Message, Priority, Queue, StoreConfig};
+use fieldbridge::store::{Message, Queue};
 use fieldbridge::uplink::{LinkState, Uplink, UplinkConfig, UplinkHandle};
+
+use common::delivery::{open_store, tally, Tally};
 
 use common::mosquitto::{Mosquitto, SubOptions, Subscriber};
 use common::util::{free_port, poll_until_async, tool, wait_for_async, wait_for_port};
@@ -29,46 +27,6 @@ use common::util::{free_port, poll_until_async, tool, wait_for_async, wait_for_p
 const PREFIX: &str = "site/gw";
 const LONG: Duration = Duration::from_secs(30);
 const N: usize = 600;
-
-fn message(i: usize, qos: QoS, topic: &str) -> Message {
-    Message {
-        topic: topic.to_owned(),
-        payload: Bytes::from(i.to_string()),
-        qos,
-        retain: false,
-        created_ms: SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map_or(0, |d| d.as_millis() as i64),
-        priority: Priority::Periodic,
-    }
-}
-
-/// Readings `from..from + n` at QoS 1 on `data/q1` and at QoS 2 on `data/q2`.
-fn readings(from: usize, n: usize) -> Vec<Message> {
-    (from..from + n)
-        .flat_map(|i| {
-            [
-                message(i, QoS::AtLeastOnce, "data/q1"),
-                message(i, QoS::ExactlyOnce, "data/q2"),
-            ]
-        })
-        .collect()
-}
-
-fn open_store(path: &Path) -> Queue {
-    if std::env::var_os("RUST_LOG").is_some() {
-        let _ = tracing_subscriber::fmt()
-            .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
-            .with_test_writer()
-            .try_init();
-    }
-    Queue::open(StoreConfig {
-        path: path.to_owned(),
-        commit_interval_ms: 5,
-        ..StoreConfig::default()
-    })
-    .expect("open the store")
-}
 
 fn config(servers: Vec<String>, client_id: &str) -> UplinkConfig {
     let mut config = UplinkConfig::new("unused");
@@ -126,36 +84,8 @@ async fn drained(queue: &Queue) {
     assert!(empty.is_some(), "store not drained");
 }
 
-/// Deliveries per reading number on `topic`, over every subscriber.
-fn counts(subs: &[&Subscriber], topic: &str) -> HashMap<usize, usize> {
-    let mut counts = HashMap::new();
-    for sub in subs {
-        for m in sub.messages().iter().filter(|m| m.topic == topic) {
-            if let Ok(n) = m.payload.parse() {
-                *counts.entry(n).or_insert(0) += 1;
-            }
-        }
-    }
-    counts
-}
-
-/// Accepted, delivered (distinct), duplicated and lost readings on `topic`.
-#[derive(Debug, PartialEq, Eq)]
-struct Tally {
-    accepted: usize,
-    delivered: usize,
-    duplicated: usize,
-    lost: usize,
-}
-
-fn tally(subs: &[&Subscriber], topic: &str, accepted: usize) -> Tally {
-    let counts = counts(subs, topic);
-    Tally {
-        accepted,
-        delivered: (0..accepted).filter(|i| counts.contains_key(i)).count(),
-        duplicated: counts.values().map(|c| c.saturating_sub(1)).sum(),
-        lost: (0..accepted).filter(|i| !counts.contains_key(i)).count(),
-    }
+fn readings(from: usize, n: usize) -> Vec<Message> {
+    common::delivery::readings("data", from, n)
 }
 
 async fn all_delivered(subs: &[&Subscriber], n: usize) {

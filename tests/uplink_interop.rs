@@ -13,17 +13,14 @@
 
 mod common;
 
-use std::collections::HashMap;
 use std::future::ready;
-use std::path::Path;
 use std::process::Command;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
-use bytes::Bytes;
-use fieldbridge::mqtt::QoS;
-use fieldbridge::store::{Message, Priority, Queue, StoreConfig};
+use fieldbridge::store::{Message, Queue};
 use fieldbridge::uplink::{LinkState, ProtocolVersion, Uplink, UplinkConfig, UplinkHandle};
 
+use common::delivery::{open_store, tally};
 use common::mosquitto::{retained_on, SubOptions, Subscriber};
 use common::util::{poll_until_async, wait_for_async};
 
@@ -44,37 +41,8 @@ fn url() -> String {
     format!("mqtt://127.0.0.1:{}", port())
 }
 
-fn message(i: usize, qos: QoS, topic: &str) -> Message {
-    Message {
-        topic: topic.to_owned(),
-        payload: Bytes::from(i.to_string()),
-        qos,
-        retain: false,
-        created_ms: SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map_or(0, |d| d.as_millis() as i64),
-        priority: Priority::Periodic,
-    }
-}
-
 fn readings(from: usize, n: usize) -> Vec<Message> {
-    (from..from + n)
-        .flat_map(|i| {
-            [
-                message(i, QoS::AtLeastOnce, "interop/q1"),
-                message(i, QoS::ExactlyOnce, "interop/q2"),
-            ]
-        })
-        .collect()
-}
-
-fn open_store(path: &Path) -> Queue {
-    Queue::open(StoreConfig {
-        path: path.to_owned(),
-        commit_interval_ms: 5,
-        ..StoreConfig::default()
-    })
-    .expect("open the store")
+    common::delivery::readings("interop", from, n)
 }
 
 fn config(client_id: &str) -> UplinkConfig {
@@ -121,49 +89,17 @@ async fn drained(queue: &Queue) {
     assert!(empty.is_some(), "store not drained");
 }
 
-/// Readings accepted (in the store), delivered (distinct), duplicated and lost.
-#[derive(Debug)]
-struct Tally {
-    accepted: usize,
-    delivered: usize,
-    duplicated: usize,
-    lost: usize,
-}
-
-impl Tally {
-    fn words(&self) -> String {
-        format!(
-            "accepted={} delivered={} duplicated={} lost={}",
-            self.accepted, self.delivered, self.duplicated, self.lost
-        )
-    }
-}
-
-fn tally(sub: &Subscriber, topic: &str, accepted: usize) -> Tally {
-    let mut counts: HashMap<usize, usize> = HashMap::new();
-    for m in sub.messages().iter().filter(|m| m.topic == topic) {
-        if let Ok(n) = m.payload.parse() {
-            *counts.entry(n).or_insert(0) += 1;
-        }
-    }
-    Tally {
-        accepted,
-        delivered: (0..accepted).filter(|i| counts.contains_key(i)).count(),
-        duplicated: counts.values().map(|c| c.saturating_sub(1)).sum(),
-        lost: (0..accepted).filter(|i| !counts.contains_key(i)).count(),
-    }
-}
-
 /// Waits (bounded) for every reading, then reports and checks QoS 1 at least once and
 /// QoS 2 exactly once.
 async fn judged(name: &str, sub: &Subscriber, n: usize, qos2_exactly_once: bool) {
     let _ = poll_until_async(LONG, || {
-        let done = tally(sub, "interop/q1", n).lost == 0 && tally(sub, "interop/q2", n).lost == 0;
+        let done =
+            tally(&[sub], "interop/q1", n).lost == 0 && tally(&[sub], "interop/q2", n).lost == 0;
         ready(done.then_some(()))
     })
     .await;
-    let q1 = tally(sub, "interop/q1", n);
-    let q2 = tally(sub, "interop/q2", n);
+    let q1 = tally(&[sub], "interop/q1", n);
+    let q2 = tally(&[sub], "interop/q2", n);
     println!("INTEROP {name} qos1 {} qos2 {}", q1.words(), q2.words());
     assert_eq!(q1.lost, 0, "QoS 1 readings lost: {q1:?}");
     assert_eq!(q2.lost, 0, "QoS 2 readings lost: {q2:?}");

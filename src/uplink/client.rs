@@ -41,6 +41,7 @@ use crate::mqtt::{self, Protocol, Publish};
 use crate::store::{self, DrainOrder, Queue, Stored};
 
 use super::backoff::Backoff;
+use super::bucket::TokenBucket;
 use super::config::{BrokerUrl, UplinkConfig};
 use super::error::Error;
 use super::failover::{Failover, Switch, SwitchReason};
@@ -102,52 +103,6 @@ pub(super) struct Server {
     pub text: String,
     pub url: BrokerUrl,
     pub tls: Option<(TlsConnector, ServerName<'static>)>,
-}
-
-/// Token bucket for backlog replay.
-#[derive(Debug)]
-struct ReplayLimiter {
-    per_sec: f64,
-    burst: f64,
-    tokens: f64,
-    last: Instant,
-}
-
-impl ReplayLimiter {
-    fn new(per_sec: u32, now: Instant) -> ReplayLimiter {
-        let per_sec = f64::from(per_sec.max(1));
-        // A tenth of a second's worth, at least one message.
-        let burst = (per_sec / 10.0).max(1.0);
-        ReplayLimiter {
-            per_sec,
-            burst,
-            tokens: burst,
-            last: now,
-        }
-    }
-
-    fn refill(&mut self, now: Instant) {
-        let elapsed = now.saturating_duration_since(self.last).as_secs_f64();
-        self.tokens = (self.tokens + elapsed * self.per_sec).min(self.burst);
-        self.last = now;
-    }
-
-    /// Whether one message may go now.
-    fn allows(&mut self, now: Instant) -> bool {
-        self.refill(now);
-        self.tokens >= 1.0
-    }
-
-    /// Spends one message.
-    fn spend(&mut self) {
-        self.tokens -= 1.0;
-    }
-
-    /// When one message may go again.
-    fn ready_at(&self) -> Instant {
-        let missing = (1.0 - self.tokens).max(0.0);
-        self.last + Duration::from_secs_f64(missing / self.per_sec)
-    }
 }
 
 /// Completes with the first of `futures` to finish (the oldest when several are
@@ -319,7 +274,8 @@ pub(super) struct Client {
     pub incoming: mpsc::Sender<Publish>,
     pub backoff: Backoff,
     store: StoreWork,
-    limiter: Option<ReplayLimiter>,
+    /// The backlog replay limit (`replay_rate_limit`), per connection.
+    limiter: Option<TokenBucket>,
     /// What is worth logging about outages and backlogs.
     outage: OutageLog,
     /// Wall clock at the last CONNACK: rows created before it are backlog.
@@ -651,10 +607,7 @@ impl Client {
         let limits = self.session.limits();
         self.connected_at_ms = wall_ms();
         self.too_large_logged = false;
-        self.limiter = self
-            .config
-            .replay_rate_limit
-            .map(|rate| ReplayLimiter::new(rate, Instant::now()));
+        self.limiter = self.config.replay_rate_limit.map(TokenBucket::new);
         self.store.drained = false;
         let waiting = *self.store.pending.borrow();
         if let Some(OutageNote::Recovered { down_for, rows }) =
@@ -840,10 +793,9 @@ impl Client {
             };
             if let Some(limiter) = &mut self.limiter {
                 if row.message.created_ms < self.connected_at_ms {
-                    if !limiter.allows(now) {
-                        return Some(limiter.ready_at());
+                    if let Err(at) = limiter.take(now, 1.0) {
+                        return Some(at);
                     }
-                    limiter.spend();
                 }
             }
             if let Some(pacer) = &mut self.pacer {

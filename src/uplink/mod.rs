@@ -7,6 +7,7 @@
 //! | `config.rs` | `[upstream]` settings, the broker URL, the password source |
 //! | `state.rs` | the session state with no I/O: CONNECT/CONNACK, inflight window, QoS 1/2 flows, resume, topic aliases, keepalive |
 //! | `backoff.rs` | reconnect delays with jitter and a cap |
+//! | `bucket.rs` | a token bucket: the replay limit and the profiles' pace |
 //! | `profile.rs` | cloud profiles: the service's rules for `check-config`, its pace |
 //! | `azure.rs` | Azure IoT Hub: user name, SAS token, events topic with properties |
 //! | `failover.rs` | which of the configured servers to use: next on failure, failback |
@@ -30,6 +31,7 @@
 
 pub mod azure;
 pub mod backoff;
+mod bucket;
 mod client;
 pub mod config;
 mod error;

@@ -5,19 +5,19 @@
 //! Invariants:
 //! - A config the service would refuse or degrade is refused with the reason; nothing
 //!   is downgraded in silence (a QoS 2 config stays an error, it does not become QoS 1).
-//! - A leaf of `uplink/`: it imports no other file of it. `config.rs` hands it the
+//! - Low in `uplink/`: it imports only `azure.rs` and `bucket.rs`. `config.rs` hands it the
 //!   [`Facts`] of the `[upstream]` section, `config.rs` of the crate the agent's QoS,
 //!   retain setting and topics.
 //! - The limits and their sources are in the README's upstream section; each number
 //!   here is one of them.
-
-use std::time::Duration;
 
 use serde::Deserialize;
 use tokio::time::Instant;
 
 use crate::mqtt::QoS;
 use crate::problem::Scope;
+
+use super::bucket::TokenBucket;
 
 /// Which service the upstream is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
@@ -272,63 +272,25 @@ fn azure(facts: &Facts<'_>, up: &mut Scope<'_>) {
     }
 }
 
-/// Token buckets for publishes and bytes per second on one connection: a burst of a
-/// tenth of a second, then the rate.
+/// Publishes and bytes per second on one connection (two token buckets, a tenth of a
+/// second's burst each).
 #[derive(Debug, Clone)]
 pub struct Pacer {
-    publishes: Bucket,
-    bytes: Bucket,
-}
-
-#[derive(Debug, Clone)]
-struct Bucket {
-    per_sec: f64,
-    burst: f64,
-    tokens: f64,
-    last: Option<Instant>,
-}
-
-impl Bucket {
-    fn new(per_sec: u32) -> Bucket {
-        let per_sec = f64::from(per_sec.max(1));
-        let burst = (per_sec / 10.0).max(1.0);
-        Bucket {
-            per_sec,
-            burst,
-            tokens: burst,
-            last: None,
-        }
-    }
-
-    fn refill(&mut self, now: Instant) {
-        if let Some(last) = self.last {
-            let elapsed = now.saturating_duration_since(last).as_secs_f64();
-            self.tokens = (self.tokens + elapsed * self.per_sec).min(self.burst);
-        }
-        self.last = Some(now);
-    }
-
-    /// When `cost` may be spent (a cost above the burst waits for a full bucket).
-    fn ready_at(&self, now: Instant, cost: f64) -> Option<Instant> {
-        let need = cost.min(self.burst);
-        (self.tokens < need)
-            .then(|| now + Duration::from_secs_f64((need - self.tokens) / self.per_sec))
-    }
+    publishes: TokenBucket,
+    bytes: TokenBucket,
 }
 
 impl Pacer {
     pub fn new(publishes_per_sec: u32, bytes_per_sec: u32) -> Pacer {
         Pacer {
-            publishes: Bucket::new(publishes_per_sec),
-            bytes: Bucket::new(bytes_per_sec),
+            publishes: TokenBucket::new(publishes_per_sec),
+            bytes: TokenBucket::new(bytes_per_sec),
         }
     }
 
     /// Spends one publish of `bytes` if the pace allows it now; otherwise when to try
     /// again.
     pub fn take(&mut self, now: Instant, bytes: usize) -> Result<(), Instant> {
-        self.publishes.refill(now);
-        self.bytes.refill(now);
         let bytes = bytes as f64;
         let wait = [
             self.publishes.ready_at(now, 1.0),
@@ -340,8 +302,8 @@ impl Pacer {
         match wait {
             Some(at) => Err(at),
             None => {
-                self.publishes.tokens -= 1.0;
-                self.bytes.tokens -= bytes;
+                self.publishes.spend(1.0);
+                self.bytes.spend(bytes);
                 Ok(())
             }
         }
@@ -352,6 +314,7 @@ impl Pacer {
 mod tests {
     use super::*;
     use crate::problem::Problems;
+    use std::time::Duration;
 
     fn facts() -> Facts<'static> {
         Facts {
