@@ -108,6 +108,17 @@ async fn judged(name: &str, sub: &Subscriber, n: usize, qos2_exactly_once: bool)
     }
 }
 
+/// Whether QoS 2 must have been exactly once: unless the broker took QoS 2 at QoS 1
+/// (PUBACK) or lost the session the flows were in (both counted, both at least once).
+fn exactly_once_expected(handle: &UplinkHandle) -> bool {
+    let stats = handle.stats();
+    println!(
+        "INTEROP stats qos2_downgraded={} qos2_restarted={} resent={} connects={}",
+        stats.qos2_downgraded, stats.qos2_restarted, stats.resent, stats.connects
+    );
+    stats.qos2_downgraded == 0 && stats.qos2_restarted == 0
+}
+
 fn shell(command: &str, arg: &str) {
     let status = Command::new("sh")
         .args(["-c", command, "sh", arg])
@@ -126,7 +137,7 @@ async fn interop_qos1_and_qos2() {
     let handle = Uplink::spawn(config("interop-qos"), PREFIX.to_owned(), queue.clone()).unwrap();
     assert!(connected(&handle).await, "no connection");
     drained(&queue).await;
-    judged("qos", &sub, 200, true).await;
+    judged("qos", &sub, 200, exactly_once_expected(&handle)).await;
     handle.shutdown(Duration::from_secs(5)).await.unwrap();
 }
 
@@ -149,9 +160,7 @@ async fn interop_broker_restart() {
     sub.wait_ready();
     queue.append(readings(150, 150)).await.unwrap();
     drained(&queue).await;
-    let stats = handle.stats();
-    println!("INTEROP restart-stats {stats:?}");
-    judged("restart", &sub, 300, true).await;
+    judged("restart", &sub, 300, exactly_once_expected(&handle)).await;
     handle.shutdown(Duration::from_secs(5)).await.unwrap();
 }
 
@@ -181,7 +190,8 @@ async fn interop_agent_restart_without_disconnect() {
         Uplink::spawn(config("interop-abandon"), PREFIX.to_owned(), queue.clone()).unwrap();
     assert!(connected(&handle).await, "no connection after the restart");
     drained(&queue).await;
-    judged("abandon", &sub, 200, true).await;
+    // The first uplink's counters are gone with it; the broker's answers are the same.
+    judged("abandon", &sub, 200, exactly_once_expected(&handle)).await;
     handle.shutdown(Duration::from_secs(5)).await.unwrap();
 }
 

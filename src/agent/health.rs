@@ -166,6 +166,7 @@ impl Health {
                     "server": uplink.server(),
                     "server_switches": stats.server_switches,
                     "qos2_restarted": stats.qos2_restarted,
+                    "qos2_downgraded": stats.qos2_downgraded,
                     "connects": stats.connects,
                     "connect_failures": stats.connect_failures,
                     "published": stats.published,

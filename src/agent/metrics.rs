@@ -390,6 +390,11 @@ impl Metrics {
                 "QoS 2 flows sent again as new flows because the broker's session did not hold them (a switch to a server that does not share sessions): at least once for these.",
                 stats.qos2_restarted,
             ),
+            (
+                "fieldbridge_uplink_qos2_downgraded_total",
+                "QoS 2 messages the upstream broker answered with PUBACK (it took them at QoS 1): at least once for these.",
+                stats.qos2_downgraded,
+            ),
         ];
         out.singles("counter", &counters);
         let name = "fieldbridge_uplink_server_info";

@@ -1055,10 +1055,27 @@ impl Session {
     }
 
     fn on_puback(&mut self, ack: Ack, now: Instant) -> Result<(), SessionError> {
-        let expected = self.slots.get(&ack.pkid).is_some_and(|slot| {
-            slot.on_wire && slot.stage == Stage::Publish && slot.message.qos == QoS::AtLeastOnce
-        });
-        if !expected {
+        let publish_on_wire = |slot: &Slot| slot.on_wire && slot.stage == Stage::Publish;
+        let downgraded = self
+            .slots
+            .get(&ack.pkid)
+            .is_some_and(|slot| publish_on_wire(slot) && slot.message.qos == QoS::ExactlyOnce);
+        if downgraded {
+            // RabbitMQ 3.x answers a QoS 2 PUBLISH with PUBACK: it took the message at
+            // QoS 1. Waiting for a PUBREC that never comes would wedge the window.
+            if self.stats.qos2_downgraded.fetch_add(1, Ordering::Relaxed) == 0 {
+                tracing::warn!(
+                    "the upstream broker answers QoS 2 messages with PUBACK (it takes them \
+                     at QoS 1): delivery is at least once there; set agent.qos = 1 for it \
+                     (further ones are only counted)"
+                );
+            }
+        }
+        let expected = self
+            .slots
+            .get(&ack.pkid)
+            .is_some_and(|slot| publish_on_wire(slot) && slot.message.qos == QoS::AtLeastOnce);
+        if !expected && !downgraded {
             tracing::debug!(pkid = ack.pkid, "PUBACK for no QoS 1 publish in flight");
             return Ok(());
         }

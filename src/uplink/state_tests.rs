@@ -1039,3 +1039,30 @@ fn a_switch_to_a_server_that_does_not_share_sessions_restarts_qos2_flows_as_new(
     };
     assert!(!c.clean_start);
 }
+
+/// Regression: RabbitMQ 3.10 answers a QoS 2 PUBLISH with PUBACK. The PUBACK was
+/// ignored (no QoS 1 flow under that id), the slot waited for a PUBREC that never came,
+/// and once the window was full of such slots nothing more was sent.
+#[test]
+fn a_broker_that_answers_qos2_with_puback_does_not_wedge_the_window() {
+    let mut s = session(Protocol::V311);
+    connect(&mut s, connack(false));
+    for id in 1..=10 {
+        s.offer(row(id, QoS::ExactlyOnce, "t"), now());
+    }
+    out(&mut s);
+    assert_eq!(s.room(), 0);
+    for id in 1..=10 {
+        s.handle(Packet::PubAck(Ack::new(pkid_for_row(id))), now())
+            .unwrap();
+    }
+    let deleted: Vec<Effect> = effects(&mut s)
+        .into_iter()
+        .filter(|e| matches!(e, Effect::Delete(_)))
+        .collect();
+    assert_eq!(deleted, (1..=10).map(Effect::Delete).collect::<Vec<_>>());
+    assert_eq!(s.room(), 10, "the window is free again");
+    assert_eq!(s.stats.qos2_downgraded.load(Ordering::Relaxed), 10);
+    s.offer(row(11, QoS::ExactlyOnce, "t"), now());
+    assert_eq!(publishes(&out(&mut s)).len(), 1);
+}

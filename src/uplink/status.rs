@@ -62,6 +62,7 @@ pub struct Counters {
     pub incoming: AtomicU64,
     pub incoming_dropped: AtomicU64,
     pub qos2_restarted: AtomicU64,
+    pub qos2_downgraded: AtomicU64,
     pub server_switches: AtomicU64,
     /// Index of the server in use, in the configured list.
     pub active_server: AtomicU64,
@@ -85,6 +86,7 @@ impl Counters {
             incoming: get(&self.incoming),
             incoming_dropped: get(&self.incoming_dropped),
             qos2_restarted: get(&self.qos2_restarted),
+            qos2_downgraded: get(&self.qos2_downgraded),
             server_switches: get(&self.server_switches),
             active_server: get(&self.active_server),
         }
@@ -123,6 +125,9 @@ pub struct UplinkStats {
     /// does not share sessions, or a broker that lost the session) and that were sent
     /// again as new flows: at least once for these, not exactly once.
     pub qos2_restarted: u64,
+    /// QoS 2 messages the broker answered with PUBACK (taken at QoS 1, RabbitMQ 3.x
+    /// does): each was deleted as delivered, at least once.
+    pub qos2_downgraded: u64,
     /// Moves from one upstream server to another (failover and failback).
     pub server_switches: u64,
     /// Index of the server in use, in the configured list (`url` is index 0).
