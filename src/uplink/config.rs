@@ -948,6 +948,70 @@ mod tests {
     }
 
     #[test]
+    fn check_config_shows_the_profile_and_the_azure_topic_mapping() {
+        let config: UplinkConfig = toml::from_str(
+            r#"
+            url = "mqtts://plant-7.azure-devices.net:8883"
+            profile = "azure-iot-hub"
+            [azure]
+            device_id = "gw-17"
+            device_key_file = "/etc/fieldbridge/azure.key"
+            "#,
+        )
+        .unwrap();
+        assert!(config.validate().is_empty(), "{:?}", config.validate());
+        assert_eq!(config.client_id(), "gw-17");
+        let text = config.describe("site/gw", &["site/gw/meter1/voltage".to_owned()]);
+        assert!(text.contains("upstream profile: azure-iot-hub"), "{text}");
+        assert!(
+            text.contains("user plant-7.azure-devices.net/gw-17/?api-version=2021-04-12"),
+            "{text}"
+        );
+        assert!(
+            text.contains(
+                "  site/gw/meter1/voltage -> devices/gw-17/messages/events/\
+                 topic=site%2Fgw%2Fmeter1%2Fvoltage&device=meter1&point=voltage"
+            ),
+            "{text}"
+        );
+
+        // Each attempt's password is a fresh token from the key file (the vector of
+        // azure.rs, made by Python's hmac).
+        let dir = tempfile::tempdir().unwrap();
+        let key = dir.path().join("azure.key");
+        std::fs::write(&key, "c2VjcmV0LWRldmljZS1rZXktZm9yLXRlc3Rz\n").unwrap();
+        let mut config = config;
+        if let Some(azure) = &mut config.azure {
+            azure.device_key_file = Some(key);
+        }
+        let (password, ttl) = config
+            .password_at("plant-7.azure-devices.net", 1_800_000_000 - 3_600)
+            .unwrap();
+        assert_eq!(ttl, Some(3_600));
+        assert_eq!(
+            password.unwrap().into_bytes(),
+            Bytes::from_static(
+                b"SharedAccessSignature sr=plant-7.azure-devices.net%2Fdevices%2Fgw-17\
+                  &sig=P0gC991LfUT6rG8XBNJRrHf4WcXhcOz%2FQo1vgnCrSQI%3D&se=1800000000"
+            )
+        );
+
+        let mut aws = UplinkConfig::new("mqtts://a1b2-ats.iot.eu-west-1.amazonaws.com:443");
+        aws.profile = Profile::AwsIotCore;
+        aws.tls.cert_file = Some("/c.pem".into());
+        aws.tls.key_file = Some("/k.pem".into());
+        assert_eq!(keys(&aws), ["upstream.tls.alpn"]);
+        aws.tls.alpn = vec!["x-amzn-mqtt-ca".into()];
+        assert!(aws.validate().is_empty(), "{:?}", aws.validate());
+        let text = aws.describe("site/gw", &[]);
+        assert!(
+            text.contains("paced to 100 publishes/s and 512 KiB/s"),
+            "{text}"
+        );
+        assert!(text.contains("the agent's topics, unchanged"), "{text}");
+    }
+
+    #[test]
     fn password_from_file_and_env_is_never_printed() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("pw");
