@@ -16,6 +16,7 @@ use std::os::unix::process::CommandExt;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
+use fieldbridge::mqtt::QoS;
 use fieldbridge::store::{Message, Queue};
 use fieldbridge::uplink::{LinkState, Uplink, UplinkConfig, UplinkHandle};
 
@@ -262,6 +263,97 @@ async fn servers_that_share_sessions_keep_qos2_exactly_once_across_a_switch() {
     );
     assert_eq!(stats.qos2_restarted, 0, "{stats:?}");
     assert_eq!(tally(&[&sub], "data/q1", N).lost, 0);
+    handle.shutdown(Duration::from_secs(5)).await.unwrap();
+    queue.close().await.unwrap();
+}
+
+/// An in-process double of a broker that cannot resume sessions (rumqttd 0.20 closes
+/// the connection right after a CONNACK with `session present = 1` once the session
+/// holds flows): it answers a persistent CONNECT with `session present = 1` and closes
+/// at once; a clean CONNECT gets a working session that acknowledges everything.
+/// Returns its port and how many connections it refused.
+async fn broker_that_cannot_resume() -> (u16, std::sync::Arc<std::sync::atomic::AtomicU64>) {
+    use bytes::BytesMut;
+    use fieldbridge::mqtt::{self, Ack, ConnAck, Packet, Protocol};
+    use std::sync::atomic::Ordering;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let refused = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let counter = refused.clone();
+    tokio::spawn(async move {
+        while let Ok((mut socket, _)) = listener.accept().await {
+            let refused = counter.clone();
+            tokio::spawn(async move {
+                let mut rbuf = BytesMut::new();
+                loop {
+                    while let Ok(Some(packet)) = mqtt::decode(&mut rbuf, Protocol::V311, 1 << 20) {
+                        let reply = match packet {
+                            Packet::Connect(connect) => {
+                                let ack = Packet::ConnAck(ConnAck {
+                                    session_present: !connect.clean_start,
+                                    ..ConnAck::default()
+                                });
+                                if !connect.clean_start {
+                                    refused.fetch_add(1, Ordering::Relaxed);
+                                    let mut out = BytesMut::new();
+                                    mqtt::encode(&ack, Protocol::V311, &mut out).unwrap();
+                                    let _ = socket.write_all(&out).await;
+                                    return;
+                                }
+                                ack
+                            }
+                            Packet::Publish(p) if p.qos == QoS::AtLeastOnce => {
+                                Packet::PubAck(Ack::new(p.pkid))
+                            }
+                            Packet::Publish(p) if p.qos == QoS::ExactlyOnce => {
+                                Packet::PubRec(Ack::new(p.pkid))
+                            }
+                            Packet::PubRel(ack) => Packet::PubComp(Ack::new(ack.pkid)),
+                            Packet::PingReq => Packet::PingResp,
+                            _ => continue,
+                        };
+                        let mut out = BytesMut::new();
+                        mqtt::encode(&reply, Protocol::V311, &mut out).unwrap();
+                        if socket.write_all(&out).await.is_err() {
+                            return;
+                        }
+                    }
+                    match socket.read_buf(&mut rbuf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(_) => {}
+                    }
+                }
+            });
+        }
+    });
+    (port, refused)
+}
+
+/// Regression (found by scripts/interop-matrix.sh against rumqttd 0.20): a broker that
+/// ends every connection resuming our session kept the uplink reconnecting forever,
+/// and nothing was delivered. After three such connections in a row the uplink asks for
+/// a clean session.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_broker_that_ends_every_resumed_session_gets_a_clean_one() {
+    let (port, refused) = broker_that_cannot_resume().await;
+    let dir = tempfile::tempdir().unwrap();
+    let queue = open_store(&dir.path().join("queue.db"));
+    queue.append(readings(0, 20)).await.unwrap();
+    let mut config = UplinkConfig::new(format!("mqtt://127.0.0.1:{port}"));
+    config.client_id = Some("resume-refused".to_owned());
+    config.backoff_min_ms = 10;
+    config.backoff_max_ms = 50;
+    let handle = Uplink::spawn(config, PREFIX.to_owned(), queue.clone()).unwrap();
+    drained(&queue).await;
+    let stats = handle.stats();
+    assert_eq!(
+        refused.load(std::sync::atomic::Ordering::Relaxed),
+        3,
+        "three resumed sessions ended, then a clean one: {stats:?}"
+    );
+    assert_eq!(stats.acked, 40, "{stats:?}");
     handle.shutdown(Duration::from_secs(5)).await.unwrap();
     queue.close().await.unwrap();
 }

@@ -68,6 +68,11 @@ const READ_AHEAD_MIN: usize = 256;
 /// A connection that lasted this long resets the backoff; a broker that accepts and
 /// then drops us at once (two gateways sharing a client id) keeps backing off.
 const STABLE_CONNECTION: Duration = Duration::from_secs(10);
+/// A resumed session whose connection ends this soon, this many times in a row, is one
+/// the broker cannot resume (rumqttd 0.20 closes such a connection at once): the next
+/// CONNECT asks for a clean session.
+const RESUME_REFUSED_WITHIN: Duration = Duration::from_secs(1);
+const RESUME_REFUSED_TIMES: u32 = 3;
 
 type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
 /// Packet id and `pubrec` of each flow a persist request wrote, in request order.
@@ -267,6 +272,8 @@ pub(super) struct Client {
     pub azure_events: Option<(String, String)>,
     /// When the password of this connection (a SAS token) is due for renewal.
     renew_at: Option<Instant>,
+    /// Resumed sessions in a row whose connection the broker ended at once.
+    resume_refusals: u32,
     pub protocol: Protocol,
     pub session: Session,
     pub counters: Arc<Counters>,
@@ -316,6 +323,7 @@ impl Client {
             pacer: None,
             azure_events: None,
             renew_at: None,
+            resume_refusals: 0,
             protocol: config.protocol.into(),
             store: StoreWork {
                 queue,
@@ -392,6 +400,7 @@ impl Client {
                             if since.elapsed() >= STABLE_CONNECTION {
                                 self.backoff.reset();
                             }
+                            self.resume_refused(since.elapsed());
                             (error, true)
                         }
                     }
@@ -424,6 +433,26 @@ impl Client {
             }
         };
         self.finish(stop).await;
+    }
+
+    /// Counts connections that resumed the session and ended within
+    /// [`RESUME_REFUSED_WITHIN`]; after [`RESUME_REFUSED_TIMES`] in a row the next
+    /// CONNECT asks for a clean session, and the flows start over as new ones.
+    fn resume_refused(&mut self, lasted: Duration) {
+        if !(self.session.session_present() && lasted < RESUME_REFUSED_WITHIN) {
+            self.resume_refusals = 0;
+            return;
+        }
+        self.resume_refusals += 1;
+        if self.resume_refusals >= RESUME_REFUSED_TIMES {
+            self.resume_refusals = 0;
+            tracing::warn!(
+                "the upstream broker ends every connection that resumes our session; \
+                 starting a clean session (QoS 2 messages in flight are sent again as new, \
+                 at least once, counted in qos2_restarted)"
+            );
+            self.session.new_broker();
+        }
     }
 
     /// A move to another server: one log line, the counters, and a clean session on a
