@@ -297,6 +297,20 @@ impl Config {
             };
             problems.at("").report("", message);
         }
+        if let Some(upstream) = &self.upstream {
+            let topics = Topics::new(&self.agent.resolved_prefix(&hostname()));
+            let claimed: Vec<(String, String)> = self
+                .claims(&topics)
+                .into_iter()
+                .map(|claim| (claim.key, claim.topic))
+                .collect();
+            upstream.profile.validate_agent(
+                self.agent.qos(),
+                self.agent.retain_upstream,
+                &claimed,
+                &mut problems.at(""),
+            );
+        }
         // Duplicate device or point names are reported by their sections; their topics
         // would only repeat that.
         if problems.is_empty() {
@@ -524,7 +538,10 @@ impl Config {
             for (key, path) in &files {
                 all_read &= readable(&mut at, key, path);
             }
-            let uses_tls = crate::uplink::BrokerUrl::parse(&upstream.url).is_ok_and(|u| u.tls);
+            let uses_tls = upstream
+                .server_urls()
+                .into_iter()
+                .any(|url| crate::uplink::BrokerUrl::parse(url).is_ok_and(|u| u.tls));
             if all_read && uses_tls {
                 if let Err(err) = crate::uplink::tls::client_config(tls) {
                     report_at_file(&mut at, &files, crate::problem::each_cause_once(&err));

@@ -255,7 +255,12 @@ fn check_config(path: &Path) -> anyhow::Result<()> {
     );
     match &config.upstream {
         Some(upstream) => {
-            println!("upstream: {}", upstream.url);
+            let published: Vec<String> = config
+                .claims(&topics)
+                .into_iter()
+                .map(|claim| claim.topic)
+                .collect();
+            print!("{}", upstream.describe(topics.prefix(), &published));
             println!("store: {}", config.store.path.display());
         }
         None => println!("upstream: none (LAN-only, no store)"),

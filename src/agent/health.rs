@@ -28,7 +28,9 @@
 //! without a local broker. A device that has not reported a state yet is `"starting"`.
 //! `upstream.state` is one word (`connecting`, `connected`, `backoff`, `stopped`) and
 //! `upstream.last_error` why it backs off (`null` otherwise), so a dashboard can
-//! match the state without parsing an error text.
+//! match the state without parsing an error text. `upstream.server` is the URL in use
+//! (or being tried) of the configured servers, `server_switches` how often the uplink
+//! moved between them, `qos2_restarted` the QoS 2 flows such a move sent again as new.
 //!
 //! The report is retained on the local broker, so a new subscriber gets the last one
 //! at once instead of waiting up to an interval. Upstream it is not retained: a
@@ -176,6 +178,10 @@ impl Health {
                 json!({
                     "state": state,
                     "last_error": last_error,
+                    "server": uplink.server(),
+                    "server_switches": stats.server_switches,
+                    "qos2_restarted": stats.qos2_restarted,
+                    "qos2_downgraded": stats.qos2_downgraded,
                     "connects": stats.connects,
                     "connect_failures": stats.connect_failures,
                     "published": stats.published,

@@ -427,8 +427,30 @@ impl Metrics {
                 "Messages the upstream broker refused for now (quota); each was sent again.",
                 stats.throttled,
             ),
+            (
+                "fieldbridge_uplink_server_switches_total",
+                "Moves from one upstream server to another (failover and failback).",
+                stats.server_switches,
+            ),
+            (
+                "fieldbridge_uplink_qos2_restarted_total",
+                "QoS 2 flows sent again as new flows because the broker's session did not hold them (a switch to a server that does not share sessions): at least once for these.",
+                stats.qos2_restarted,
+            ),
+            (
+                "fieldbridge_uplink_qos2_downgraded_total",
+                "QoS 2 messages the upstream broker answered with PUBACK (it took them at QoS 1): at least once for these.",
+                stats.qos2_downgraded,
+            ),
         ];
         out.singles("counter", &counters);
+        let name = "fieldbridge_uplink_server_info";
+        out.family(
+            name,
+            "gauge",
+            "1 for the upstream server in use (or being tried), labelled with its URL.",
+        );
+        out.sample(name, &[("url", uplink.server())], 1.0);
         out.by_label(
             "fieldbridge_uplink_dropped_total",
             "counter",

@@ -13,8 +13,12 @@
 //!   an acknowledgement frees a slot and the next row goes out in the same turn.
 //! - Writes are batched: everything the session queued after one event is encoded into
 //!   one buffer and written with one call, bounded by the keepalive interval.
-//! - One log line per state change (connected, lost, each backoff step), never one per
-//!   message.
+//! - One log line per state change (connected, lost, each backoff step, each switch of
+//!   server), never one per message.
+//! - With several servers, the one to try is [`Failover`]'s choice; a switch to a server
+//!   that does not share sessions asks the session for a clean start before the next
+//!   CONNECT, and so does the first connection of the process (the store's flow records
+//!   may come from any of them).
 
 use std::collections::VecDeque;
 use std::future::Future;
@@ -37,8 +41,11 @@ use crate::mqtt::{self, Protocol, Publish};
 use crate::store::{self, DrainOrder, Queue, Stored};
 
 use super::backoff::Backoff;
+use super::bucket::TokenBucket;
 use super::config::{BrokerUrl, UplinkConfig};
 use super::error::Error;
+use super::failover::{Failover, Switch, SwitchReason};
+use super::profile::Pacer;
 use super::state::{DropReason, Effect, Session};
 use super::status::{
     duration_words, thousands, Counters, LinkState, OutageLog, OutageNote, OUTAGE_SUMMARY_EVERY,
@@ -61,6 +68,11 @@ const READ_AHEAD_MIN: usize = 256;
 /// A connection that lasted this long resets the backoff; a broker that accepts and
 /// then drops us at once (two gateways sharing a client id) keeps backing off.
 const STABLE_CONNECTION: Duration = Duration::from_secs(10);
+/// A resumed session whose connection ends this soon, this many times in a row, is one
+/// the broker cannot resume (rumqttd 0.20 closes such a connection at once): the next
+/// CONNECT asks for a clean session.
+const RESUME_REFUSED_WITHIN: Duration = Duration::from_secs(1);
+const RESUME_REFUSED_TIMES: u32 = 3;
 
 type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
 /// Packet id and `pubrec` of each flow a persist request wrote, in request order.
@@ -84,52 +96,18 @@ enum End {
     Lost(Error),
     /// The store is closed: the uplink cannot go on.
     Store(store::Error),
+    /// Failback: the first server answers again; leave this one for it.
+    Failback,
+    /// The password (a SAS token) expires soon: reconnect with a new one.
+    Renew,
 }
 
-/// Token bucket for backlog replay.
-#[derive(Debug)]
-struct ReplayLimiter {
-    per_sec: f64,
-    burst: f64,
-    tokens: f64,
-    last: Instant,
-}
-
-impl ReplayLimiter {
-    fn new(per_sec: u32, now: Instant) -> ReplayLimiter {
-        let per_sec = f64::from(per_sec.max(1));
-        // A tenth of a second's worth, at least one message.
-        let burst = (per_sec / 10.0).max(1.0);
-        ReplayLimiter {
-            per_sec,
-            burst,
-            tokens: burst,
-            last: now,
-        }
-    }
-
-    fn refill(&mut self, now: Instant) {
-        let elapsed = now.saturating_duration_since(self.last).as_secs_f64();
-        self.tokens = (self.tokens + elapsed * self.per_sec).min(self.burst);
-        self.last = now;
-    }
-
-    /// Whether one message may go now.
-    fn allows(&mut self, now: Instant) -> bool {
-        self.refill(now);
-        self.tokens >= 1.0
-    }
-
-    /// Spends one message.
-    fn spend(&mut self) {
-        self.tokens -= 1.0;
-    }
-
-    /// When one message may go again.
-    fn ready_at(&self) -> Instant {
-        let missing = (1.0 - self.tokens).max(0.0);
-        self.last + Duration::from_secs_f64(missing / self.per_sec)
-    }
+/// One configured upstream server: where it is and how to talk TLS to it.
+pub(super) struct Server {
+    /// The URL as configured, for log lines, health and metrics.
+    pub text: String,
+    pub url: BrokerUrl,
+    pub tls: Option<(TlsConnector, ServerName<'static>)>,
 }
 
 /// Completes with the first of `futures` to finish (the oldest when several are
@@ -283,16 +261,28 @@ impl StoreWork {
 /// Everything the connection task owns.
 pub(super) struct Client {
     pub config: UplinkConfig,
-    pub url: BrokerUrl,
+    pub servers: Vec<Server>,
+    failover: Failover,
+    /// The TCP check of the first server before failback, while it runs.
+    failback_check: Option<BoxFuture<bool>>,
+    /// The service's pace (publishes and bytes per second), when its profile has one.
+    pub pacer: Option<Pacer>,
+    /// Azure IoT Hub: `(device id, agent prefix)` to map each row's topic to the
+    /// device's events topic.
+    pub azure_events: Option<(String, String)>,
+    /// When the password of this connection (a SAS token) is due for renewal.
+    renew_at: Option<Instant>,
+    /// Resumed sessions in a row whose connection the broker ended at once.
+    resume_refusals: u32,
     pub protocol: Protocol,
-    pub tls: Option<(TlsConnector, ServerName<'static>)>,
     pub session: Session,
     pub counters: Arc<Counters>,
     pub state: watch::Sender<LinkState>,
     pub incoming: mpsc::Sender<Publish>,
     pub backoff: Backoff,
     store: StoreWork,
-    limiter: Option<ReplayLimiter>,
+    /// The backlog replay limit (`replay_rate_limit`), per connection.
+    limiter: Option<TokenBucket>,
     /// What is worth logging about outages and backlogs.
     outage: OutageLog,
     /// Wall clock at the last CONNACK: rows created before it are backlog.
@@ -305,9 +295,8 @@ impl Client {
     #[allow(clippy::too_many_arguments)] // the parts of the uplink, each owned once
     pub fn new(
         config: UplinkConfig,
-        url: BrokerUrl,
-        tls: Option<(TlsConnector, ServerName<'static>)>,
-        session: Session,
+        servers: Vec<Server>,
+        mut session: Session,
         counters: Arc<Counters>,
         state: watch::Sender<LinkState>,
         incoming: mpsc::Sender<Publish>,
@@ -318,7 +307,23 @@ impl Client {
             Duration::from_millis(config.backoff_max_ms),
         );
         let pending = queue.pending();
+        let failover = Failover::new(
+            servers.len(),
+            config
+                .failback
+                .then(|| Duration::from_secs(config.failback_after_secs)),
+        );
+        if failover.is_multi() && !config.shared_sessions {
+            // The flows the store recorded may belong to any of the servers.
+            session.new_broker();
+        }
         Client {
+            failover,
+            failback_check: None,
+            pacer: None,
+            azure_events: None,
+            renew_at: None,
+            resume_refusals: 0,
             protocol: config.protocol.into(),
             store: StoreWork {
                 queue,
@@ -340,8 +345,7 @@ impl Client {
             too_large_logged: false,
             incoming_drop_logged: false,
             config,
-            url,
-            tls,
+            servers,
             session,
             counters,
             state,
@@ -387,10 +391,24 @@ impl Client {
                             tracing::error!(%error, "the store failed; the uplink stops");
                             break Stop::Abandoned;
                         }
+                        End::Failback => {
+                            if let Some(switch) = self.failover.fail_back() {
+                                self.switched(switch);
+                            }
+                            self.backoff.reset();
+                            continue;
+                        }
+                        End::Renew => {
+                            tracing::info!(
+                                "reconnecting with a new SAS token before the current one expires"
+                            );
+                            continue;
+                        }
                         End::Lost(error) => {
                             if since.elapsed() >= STABLE_CONNECTION {
                                 self.backoff.reset();
                             }
+                            self.resume_refused(since.elapsed());
                             (error, true)
                         }
                     }
@@ -409,6 +427,9 @@ impl Client {
             let delay = self.backoff.next_delay();
             let attempt = self.backoff.attempt();
             self.log_failure(&error, lost, attempt, delay);
+            if let Some(switch) = self.failover.failed() {
+                self.switched(switch);
+            }
             self.set_state(LinkState::Backoff {
                 attempt,
                 delay,
@@ -420,6 +441,50 @@ impl Client {
             }
         };
         self.finish(stop).await;
+    }
+
+    /// Counts connections that resumed the session and ended within
+    /// [`RESUME_REFUSED_WITHIN`]; after [`RESUME_REFUSED_TIMES`] in a row the next
+    /// CONNECT asks for a clean session, and the flows start over as new ones.
+    fn resume_refused(&mut self, lasted: Duration) {
+        if !(self.session.session_present() && lasted < RESUME_REFUSED_WITHIN) {
+            self.resume_refusals = 0;
+            return;
+        }
+        self.resume_refusals += 1;
+        if self.resume_refusals >= RESUME_REFUSED_TIMES {
+            self.resume_refusals = 0;
+            tracing::warn!(
+                "the upstream broker ends every connection that resumes our session; \
+                 starting a clean session (QoS 2 messages in flight are sent again as new, \
+                 at least once, counted in qos2_restarted)"
+            );
+            self.session.new_broker();
+        }
+    }
+
+    /// A move to another server: one log line, the counters, and a clean session on a
+    /// server that does not share ours.
+    fn switched(&mut self, switch: Switch) {
+        let from = &self.servers[switch.from].text;
+        let to = &self.servers[switch.to].text;
+        match switch.why {
+            SwitchReason::Failure => {
+                tracing::warn!(from = %from, to = %to, "upstream server {from} failed; switching to {to}")
+            }
+            SwitchReason::Failback => {
+                tracing::info!(from = %from, to = %to, "first upstream server {to} answers again; switching back from {from}")
+            }
+        }
+        self.counters
+            .server_switches
+            .fetch_add(1, Ordering::Relaxed);
+        self.counters
+            .active_server
+            .store(switch.to as u64, Ordering::Relaxed);
+        if !self.config.shared_sessions {
+            self.session.new_broker();
+        }
     }
 
     /// One line when an outage starts, a summary every few minutes while it lasts;
@@ -505,8 +570,9 @@ impl Client {
 
     /// DNS, TCP, TLS, CONNECT, CONNACK.
     async fn establish(&mut self) -> Result<(Box<dyn Transport>, BytesMut), Error> {
-        let host = self.url.host.as_str();
-        let addrs: Vec<_> = tokio::net::lookup_host((host, self.url.port))
+        let server = &self.servers[self.failover.active()];
+        let host = server.url.host.as_str();
+        let addrs: Vec<_> = tokio::net::lookup_host((host, server.url.port))
             .await
             .map_err(|source| Error::Resolve {
                 host: host.to_owned(),
@@ -535,7 +601,7 @@ impl Client {
             }
         };
         tcp.set_nodelay(true)?;
-        let mut stream: Box<dyn Transport> = match &self.tls {
+        let mut stream: Box<dyn Transport> = match &server.tls {
             Some((connector, name)) => Box::new(
                 connector
                     .connect(name.clone(), tcp)
@@ -544,7 +610,9 @@ impl Client {
             ),
             None => Box::new(tcp),
         };
-        let password = self.config.password()?;
+        let now_secs = u64::try_from(wall_ms() / 1000).unwrap_or(0);
+        let (password, ttl) = self.config.password_at(host, now_secs)?;
+        self.renew_at = ttl.map(|secs| Instant::now() + Duration::from_secs(secs * 4 / 5));
         let connect = self.session.connect(password);
         let mut wbuf = BytesMut::new();
         mqtt::encode(&connect, self.protocol, &mut wbuf)?;
@@ -576,10 +644,7 @@ impl Client {
         let limits = self.session.limits();
         self.connected_at_ms = wall_ms();
         self.too_large_logged = false;
-        self.limiter = self
-            .config
-            .replay_rate_limit
-            .map(|rate| ReplayLimiter::new(rate, Instant::now()));
+        self.limiter = self.config.replay_rate_limit.map(TokenBucket::new);
         self.store.drained = false;
         let waiting = *self.store.pending.borrow();
         if let Some(OutageNote::Recovered { down_for, rows }) =
@@ -599,13 +664,21 @@ impl Client {
             retain_available = limits.retain_available,
             topic_alias_maximum = limits.topic_alias_maximum,
             keep_alive = limits.keep_alive,
+            server = %self.servers[self.failover.active()].text,
             "upstream connected"
         );
+        self.failover.connected(Instant::now());
+        self.failback_check = None;
         let end = self.serve_loop(&mut stream, &mut rbuf, stop).await;
         let end = match end {
             End::Stop(Stop::Graceful(timeout)) => {
                 self.graceful(&mut stream, &mut rbuf, timeout).await;
                 End::Stop(Stop::Graceful(timeout))
+            }
+            End::Failback | End::Renew => {
+                let timeout = Duration::from_secs(self.config.connect_timeout_secs);
+                self.graceful(&mut stream, &mut rbuf, timeout).await;
+                end
             }
             other => other,
         };
@@ -709,6 +782,20 @@ impl Client {
                     }
                 }
                 () = sleep_until_opt(throttled_until) => {}
+                () = sleep_until_opt(self.failover.failback_due()), if self.failback_check.is_none() => {
+                    self.failback_check = Some(Box::pin(answers(
+                        self.servers[0].url.clone(),
+                        Duration::from_secs(self.config.connect_timeout_secs),
+                    )));
+                }
+                () = sleep_until_opt(self.renew_at) => return End::Renew,
+                answered = maybe(&mut self.failback_check) => {
+                    self.failback_check = None;
+                    if answered {
+                        return End::Failback;
+                    }
+                    self.failover.failback_refused(Instant::now());
+                }
             }
         }
     }
@@ -743,13 +830,23 @@ impl Client {
             };
             if let Some(limiter) = &mut self.limiter {
                 if row.message.created_ms < self.connected_at_ms {
-                    if !limiter.allows(now) {
-                        return Some(limiter.ready_at());
+                    if let Err(at) = limiter.take(now, 1.0) {
+                        return Some(at);
                     }
-                    limiter.spend();
                 }
             }
-            if let Some(row) = self.store.ready.pop_front() {
+            if let Some(pacer) = &mut self.pacer {
+                let size = row.message.topic.len() + row.message.payload.len();
+                if let Err(at) = pacer.take(now, size) {
+                    return Some(at);
+                }
+            }
+            if let Some(mut row) = self.store.ready.pop_front() {
+                if let Some((device, prefix)) = &self.azure_events {
+                    row.message.topic =
+                        super::azure::event_topic(device, prefix, &row.message.topic);
+                    row.message.retain = false;
+                }
                 self.session.offer(row, now);
             }
         }
@@ -912,6 +1009,19 @@ impl Client {
             .await;
         }
     }
+}
+
+/// Whether `url` accepts a TCP connection within `timeout` (the check before failback).
+async fn answers(url: BrokerUrl, timeout: Duration) -> bool {
+    let connect = async {
+        for addr in tokio::net::lookup_host((url.host.as_str(), url.port)).await? {
+            if TcpStream::connect(addr).await.is_ok() {
+                return Ok(true);
+            }
+        }
+        Ok::<bool, std::io::Error>(false)
+    };
+    matches!(tokio::time::timeout(timeout, connect).await, Ok(Ok(true)))
 }
 
 fn stop_kind(received: Result<Duration, oneshot::error::RecvError>) -> Stop {

@@ -1,6 +1,9 @@
-//! The `[upstream]` section of the config file, the broker URL and the password source.
+//! The `[upstream]` section of the config file, the broker URLs and the password source.
 //!
 //! Invariants:
+//! - The section names its broker either with `url` (one server) or with `servers` (a
+//!   list tried in order, see `failover.rs`), never both: [`UplinkConfig::server_urls`]
+//!   is the one place that reads them.
 //! - Deserialization only checks shapes; [`UplinkConfig::validate`] reports every semantic
 //!   problem at once, each with its dotted key path (`upstream.tls.key_file`).
 //! - The password is read from its file or environment variable at each connection
@@ -18,6 +21,7 @@ use crate::problem::{Invalid, Problems, Scope};
 use crate::store::DrainOrder;
 
 use super::error::Error;
+use super::profile::{Facts, Profile};
 
 /// Largest inflight window: packet ids left over serve status messages and SUBSCRIBE.
 pub const MAX_WINDOW: u16 = 65_000;
@@ -29,8 +33,37 @@ pub struct UplinkConfig {
     /// Broker URL: `mqtt://host:1883` or `mqtts://host:8883` (`tcp://` and `ssl://`, as
     /// Paho and Telegraf write them, are the same). The port defaults to 1883 for
     /// `mqtt://` and 8883 for `mqtts://`. The host is resolved again at every
-    /// connection attempt. Required.
-    pub url: String,
+    /// connection attempt. This or `servers` is required.
+    #[serde(default)]
+    pub url: Option<String>,
+    /// Several broker URLs, tried in order: on a failure the uplink moves to the next
+    /// one (after the usual backoff delay). Default: none (`url` names the one server).
+    #[serde(default)]
+    pub servers: Vec<String>,
+    /// Return to the first server of `servers` once the connection to another one has
+    /// lasted `failback_after_secs` and the first one accepts TCP connections again.
+    /// Default: false (stay where the connection works).
+    #[serde(default)]
+    pub failback: bool,
+    /// How long a connection to a later server must have lasted before failback is
+    /// tried, in seconds. Default: 300.
+    #[serde(default = "default_failback_after_secs")]
+    pub failback_after_secs: u64,
+    /// The servers are nodes of one cluster that shares sessions (EMQX, HiveMQ,
+    /// VerneMQ): a switch resumes the session and QoS 2 stays exactly once. When false,
+    /// a switch starts a clean session on the new server and QoS 2 flows cut by it are
+    /// sent again as new flows (at least once, counted). Default: false.
+    #[serde(default)]
+    pub shared_sessions: bool,
+    /// The service behind the URL: `"generic"`, `"aws-iot-core"` or `"azure-iot-hub"`.
+    /// A cloud profile adds the service's rules to `check-config` and paces the uplink
+    /// to its limits. Default: `"generic"`.
+    #[serde(default)]
+    pub profile: Profile,
+    /// Azure IoT Hub device settings (`[upstream.azure]`), with `profile =
+    /// "azure-iot-hub"`.
+    #[serde(default)]
+    pub azure: Option<AzureConfig>,
     /// Client identifier. It must be stable across restarts: the broker keeps the
     /// persistent session (and the QoS 2 flows in it) under this name.
     /// Default: `fieldbridge-<hostname>`.
@@ -131,6 +164,26 @@ pub enum PayloadFormat {
     Sparkplug,
 }
 
+/// The device on Azure IoT Hub (`[upstream.azure]`).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AzureConfig {
+    /// The device id registered in the hub; it is the MQTT client id. Required.
+    pub device_id: String,
+    /// File with the device's base64 symmetric key (primary key), from which each
+    /// connection's SAS token is made. Leave it out for X.509 (`tls.cert_file`).
+    #[serde(default)]
+    pub device_key_file: Option<PathBuf>,
+    /// Lifetime of a SAS token in seconds; the uplink reconnects with a new one after
+    /// four fifths of it. Default: 3600.
+    #[serde(default = "default_token_ttl_secs")]
+    pub token_ttl_secs: u64,
+}
+
+fn default_token_ttl_secs() -> u64 {
+    3_600
+}
+
 /// TLS settings of the upstream connection (`[upstream.tls]`).
 #[derive(Debug, Clone, PartialEq, Eq, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -215,6 +268,9 @@ enum DrainOrderDef {
     NewestFirst,
 }
 
+fn default_failback_after_secs() -> u64 {
+    300
+}
 fn default_keep_alive_secs() -> u16 {
     30
 }
@@ -244,7 +300,13 @@ impl UplinkConfig {
     /// A config with every default and the given URL.
     pub fn new(url: impl Into<String>) -> UplinkConfig {
         UplinkConfig {
-            url: url.into(),
+            url: Some(url.into()),
+            servers: Vec::new(),
+            failback: false,
+            failback_after_secs: default_failback_after_secs(),
+            shared_sessions: false,
+            profile: Profile::default(),
+            azure: None,
             client_id: None,
             protocol: ProtocolVersion::default(),
             username: None,
@@ -279,6 +341,11 @@ impl UplinkConfig {
         self.validate_limits(&mut up);
         self.validate_topics(&mut up);
         self.validate_sparkplug(&mut up);
+        if let Some(azure) = &self.azure {
+            up.at("azure")
+                .at_least("token_ttl_secs", azure.token_ttl_secs, 60);
+        }
+        self.profile.validate(&self.facts(), &mut up);
         problems.into_vec()
     }
 
@@ -299,6 +366,13 @@ impl UplinkConfig {
             self.group_id.is_some(),
             "group_id",
             "is required with format = \"sparkplug\": the Sparkplug group of this gateway",
+        );
+        up.check(
+            self.profile != Profile::AzureIotHub,
+            "format",
+            "Azure IoT Hub takes device messages only on devices/{id}/messages/events/, so \
+             Sparkplug's spBv1.0/... topics would be refused; use format = \"json\" with \
+             this profile",
         );
         for (key, value) in ids {
             if let Some(id) = value {
@@ -328,19 +402,9 @@ impl UplinkConfig {
         }
     }
 
-    /// Where to connect and as whom: URL, client id, user name and password source.
+    /// Where to connect and as whom: URLs, client id, user name and password source.
     fn validate_identity(&self, up: &mut Scope<'_>) {
-        match BrokerUrl::parse(&self.url) {
-            Ok(url) => {
-                up.check(
-                    url.tls || !self.tls.is_set(),
-                    "tls",
-                    "TLS settings are given but the URL is not a TLS one; use mqtts:// \
-                     (or ssl://) to connect with TLS",
-                );
-            }
-            Err(reason) => up.report("url", reason),
-        }
+        self.validate_servers(up);
         if let Some(id) = &self.client_id {
             let named = up.check(
                 !id.is_empty(),
@@ -372,6 +436,104 @@ impl UplinkConfig {
                 "password_env",
                 format!("{name:?} is not an environment variable name"),
             );
+        }
+    }
+
+    /// `url` or `servers`, each a broker URL, TLS ones when TLS settings are given;
+    /// failback only with a list to fall back in.
+    fn validate_servers(&self, up: &mut Scope<'_>) {
+        match (&self.url, self.servers.is_empty()) {
+            (Some(_), false) => {
+                up.report(
+                    "servers",
+                    "set either url (one server) or servers (a list), not both; \
+                     put the url first in servers",
+                );
+                return;
+            }
+            (None, true) => {
+                up.report(
+                    "url",
+                    "the upstream broker is missing: set url = \"mqtt://host:1883\" \
+                     (or servers = [...] for several)",
+                );
+                return;
+            }
+            _ => {}
+        }
+        let many = self.url.is_none();
+        for (i, text) in self.server_urls().into_iter().enumerate() {
+            let key = if many {
+                format!("servers[{i}]")
+            } else {
+                "url".to_owned()
+            };
+            match BrokerUrl::parse(text) {
+                Ok(url) => {
+                    up.check(
+                        url.tls || !self.tls.is_set(),
+                        if many { &key } else { "tls" },
+                        "TLS settings are given but the URL is not a TLS one; use mqtts:// \
+                         (or ssl://) to connect with TLS",
+                    );
+                }
+                Err(reason) => up.report(&key, reason),
+            }
+            if many && self.servers[..i].contains(&self.servers[i]) {
+                up.report(&key, format!("{text:?} is listed twice"));
+            }
+        }
+        up.check(
+            !self.failback || self.servers.len() > 1,
+            "failback",
+            "failback returns to the first of several servers: list them in servers",
+        );
+        up.at_least("failback_after_secs", self.failback_after_secs, 1);
+    }
+
+    /// What the profile rules look at.
+    fn facts(&self) -> Facts<'_> {
+        let many = self.url.is_none();
+        let servers = self
+            .server_urls()
+            .into_iter()
+            .enumerate()
+            .filter_map(|(i, text)| {
+                let url = BrokerUrl::parse(text).ok()?;
+                let key = if many {
+                    format!("servers[{i}]")
+                } else {
+                    "url".to_owned()
+                };
+                Some((key, url.tls, url.port))
+            })
+            .collect();
+        Facts {
+            servers,
+            v5: self.protocol == ProtocolVersion::V5,
+            client_id: self.client_id.clone().unwrap_or_else(|| self.client_id()),
+            client_id_set: self.client_id.is_some(),
+            inflight: self.inflight,
+            keep_alive_secs: self.keep_alive_secs,
+            client_certificate: self.tls.cert_file.is_some(),
+            alpn: &self.tls.alpn,
+            username: self.username.is_some(),
+            password: self.password_file.is_some() || self.password_env.is_some(),
+            subscribe: &self.subscribe,
+            status_topic: self.status_topic.as_deref(),
+            azure_device: self.azure.as_ref().map(|a| a.device_id.as_str()),
+            azure_key: self
+                .azure
+                .as_ref()
+                .is_some_and(|a| a.device_key_file.is_some()),
+        }
+    }
+
+    /// The broker URLs in the order they are tried: `url`, or `servers`.
+    pub fn server_urls(&self) -> Vec<&str> {
+        match &self.url {
+            Some(url) => vec![url.as_str()],
+            None => self.servers.iter().map(String::as_str).collect(),
         }
     }
 
@@ -419,11 +581,13 @@ impl UplinkConfig {
         }
     }
 
-    /// The client identifier: the configured one or `fieldbridge-<hostname>`.
+    /// The client identifier: the configured one, the Azure device id, or
+    /// `fieldbridge-<hostname>`.
     pub fn client_id(&self) -> String {
-        match &self.client_id {
-            Some(id) => id.clone(),
-            None => {
+        match (&self.client_id, &self.azure) {
+            (Some(id), _) => id.clone(),
+            (None, Some(azure)) => azure.device_id.clone(),
+            (None, None) => {
                 let host = host_name();
                 if host.is_empty() {
                     "fieldbridge".to_owned()
@@ -440,6 +604,114 @@ impl UplinkConfig {
             Some(topic) => topic.clone(),
             None => crate::topics::Topics::new(prefix).status(),
         }
+    }
+
+    /// What `check-config` says of the upstream: the servers, the profile and its rules,
+    /// and where each of `topics` (what the agent publishes, under `prefix`) goes.
+    pub fn describe(&self, prefix: &str, topics: &[String]) -> String {
+        use super::profile as p;
+        let mut out = format!("upstream: {}\n", self.server_urls().join(", "));
+        if self.servers.len() > 1 {
+            out.push_str(&format!(
+                "failover: next server on each failure; failback {}; sessions {}\n",
+                if self.failback {
+                    format!("after {} s", self.failback_after_secs)
+                } else {
+                    "off".to_owned()
+                },
+                if self.shared_sessions {
+                    "shared (QoS 2 exactly once across a switch)"
+                } else {
+                    "not shared (QoS 2 at least once across a switch)"
+                }
+            ));
+        }
+        let rules = match self.profile {
+            Profile::Generic => "no service rules".to_owned(),
+            Profile::AwsIotCore => format!(
+                "QoS 0/1, mutual TLS, at most {} unacknowledged, paced to {} publishes/s and \
+                 {} KiB/s, topics of at most {} bytes and {} slashes",
+                p::AWS_INFLIGHT_MAX,
+                p::AWS_PUBLISHES_PER_SEC,
+                p::AWS_BYTES_PER_SEC / 1024,
+                p::AWS_TOPIC_MAX,
+                p::AWS_TOPIC_SLASHES_MAX
+            ),
+            Profile::AzureIotHub => format!(
+                "MQTT 3.1.1 over TLS on 8883, QoS 0/1, no retained messages, user {}, {}",
+                self.username().unwrap_or_default(),
+                match &self.azure {
+                    Some(AzureConfig {
+                        device_key_file: Some(_),
+                        token_ttl_secs,
+                        ..
+                    }) => format!(
+                        "SAS token valid {token_ttl_secs} s, renewed after {} s",
+                        token_ttl_secs * 4 / 5
+                    ),
+                    _ => "X.509 client certificate".to_owned(),
+                }
+            ),
+        };
+        out.push_str(&format!(
+            "upstream profile: {} ({rules})\n",
+            self.profile.name()
+        ));
+        if let (Profile::AzureIotHub, Some(azure)) = (self.profile, &self.azure) {
+            out.push_str("upstream topics (agent topic -> IoT Hub topic):\n");
+            for topic in topics {
+                out.push_str(&format!(
+                    "  {topic} -> {}\n",
+                    super::azure::event_topic(&azure.device_id, prefix, topic)
+                ));
+            }
+        } else {
+            out.push_str("upstream topics: the agent's topics, unchanged\n");
+        }
+        out
+    }
+
+    /// The user name sent in CONNECT: the configured one, or for Azure IoT Hub the one
+    /// made from the hub (the first server's host) and the device id.
+    pub fn username(&self) -> Option<String> {
+        if let (Profile::AzureIotHub, Some(azure)) = (self.profile, &self.azure) {
+            let url = BrokerUrl::parse(self.server_urls().first()?).ok()?;
+            return Some(super::azure::username(&url.host, &azure.device_id));
+        }
+        self.username.clone()
+    }
+
+    /// The password for a connection attempt to `host` at `now_secs` (Unix time): a
+    /// fresh SAS token with `[upstream.azure]` and a device key, else what
+    /// [`UplinkConfig::password`] reads. With a token, also when it expires.
+    ///
+    /// # Errors
+    /// [`Error::Password`] when the key or password cannot be read or used.
+    pub fn password_at(
+        &self,
+        host: &str,
+        now_secs: u64,
+    ) -> Result<(Option<Password>, Option<u64>), Error> {
+        let Some((azure, path)) = self
+            .azure
+            .as_ref()
+            .and_then(|a| Some((a, a.device_key_file.as_ref()?)))
+        else {
+            return Ok((self.password()?, None));
+        };
+        let source_name = format!("device key file {}", path.display());
+        let key = std::fs::read_to_string(path).map_err(|e| Error::Password {
+            source_name: source_name.clone(),
+            reason: e.to_string(),
+        })?;
+        let expiry = now_secs.saturating_add(azure.token_ttl_secs);
+        let token = super::azure::sas_token(host, &azure.device_id, &key, expiry).map_err(|e| {
+            Error::Password {
+                source_name,
+                reason: e.to_string(),
+            }
+        })?;
+        Ok((Some(Password::new(token)), Some(azure.token_ttl_secs)))
     }
 
     /// Reads the password from its file or environment variable, if one is configured.
@@ -743,8 +1015,112 @@ mod tests {
         let mut config = UplinkConfig::new("ssl://broker.example.com");
         config.tls.server_name = Some("broker.example.com".into());
         assert!(config.validate().is_empty(), "{:?}", config.validate());
-        config.url = "tcp://broker.example.com".into();
+        config.url = Some("tcp://broker.example.com".into());
         assert_eq!(keys(&config), ["upstream.tls"]);
+    }
+
+    #[test]
+    fn servers_replace_url_and_both_or_neither_is_refused() {
+        let config: UplinkConfig = toml::from_str(
+            r#"
+            servers = ["mqtt://a:1883", "mqtts://b"]
+            failback = true
+            failback_after_secs = 60
+            "#,
+        )
+        .unwrap();
+        assert_eq!(config.server_urls(), ["mqtt://a:1883", "mqtts://b"]);
+        assert!(config.validate().is_empty(), "{:?}", config.validate());
+        assert!(!config.shared_sessions);
+
+        let both: UplinkConfig =
+            toml::from_str("url = \"mqtt://a\"\nservers = [\"mqtt://b\"]").unwrap();
+        let problems = both.validate();
+        assert_eq!(problems[0].key, "upstream.servers");
+        assert!(problems[0].message.contains("not both"), "{problems:?}");
+
+        let neither: UplinkConfig = toml::from_str("client_id = \"gw\"").unwrap();
+        assert_eq!(keys(&neither), ["upstream.url"]);
+
+        let mut config = UplinkConfig::new("mqtt://a");
+        config.failback = true;
+        assert_eq!(keys(&config), ["upstream.failback"]);
+        config.url = None;
+        config.servers = vec!["mqtt://a".into(), "http://b".into(), "mqtt://a".into()];
+        config.tls.alpn = vec!["x".into()];
+        assert_eq!(
+            keys(&config),
+            [
+                "upstream.servers[0]",
+                "upstream.servers[1]",
+                "upstream.servers[2]",
+                "upstream.servers[2]",
+            ]
+        );
+    }
+
+    #[test]
+    fn check_config_shows_the_profile_and_the_azure_topic_mapping() {
+        let config: UplinkConfig = toml::from_str(
+            r#"
+            url = "mqtts://plant-7.azure-devices.net:8883"
+            profile = "azure-iot-hub"
+            [azure]
+            device_id = "gw-17"
+            device_key_file = "/etc/fieldbridge/azure.key"
+            "#,
+        )
+        .unwrap();
+        assert!(config.validate().is_empty(), "{:?}", config.validate());
+        assert_eq!(config.client_id(), "gw-17");
+        let text = config.describe("site/gw", &["site/gw/meter1/voltage".to_owned()]);
+        assert!(text.contains("upstream profile: azure-iot-hub"), "{text}");
+        assert!(
+            text.contains("user plant-7.azure-devices.net/gw-17/?api-version=2021-04-12"),
+            "{text}"
+        );
+        assert!(
+            text.contains(
+                "  site/gw/meter1/voltage -> devices/gw-17/messages/events/\
+                 topic=site%2Fgw%2Fmeter1%2Fvoltage&device=meter1&point=voltage"
+            ),
+            "{text}"
+        );
+
+        // Each attempt's password is a fresh token from the key file (the vector of
+        // azure.rs, made by Python's hmac).
+        let dir = tempfile::tempdir().unwrap();
+        let key = dir.path().join("azure.key");
+        std::fs::write(&key, "c2VjcmV0LWRldmljZS1rZXktZm9yLXRlc3Rz\n").unwrap();
+        let mut config = config;
+        if let Some(azure) = &mut config.azure {
+            azure.device_key_file = Some(key);
+        }
+        let (password, ttl) = config
+            .password_at("plant-7.azure-devices.net", 1_800_000_000 - 3_600)
+            .unwrap();
+        assert_eq!(ttl, Some(3_600));
+        assert_eq!(
+            password.unwrap().into_bytes(),
+            Bytes::from_static(
+                b"SharedAccessSignature sr=plant-7.azure-devices.net%2Fdevices%2Fgw-17\
+                  &sig=P0gC991LfUT6rG8XBNJRrHf4WcXhcOz%2FQo1vgnCrSQI%3D&se=1800000000"
+            )
+        );
+
+        let mut aws = UplinkConfig::new("mqtts://a1b2-ats.iot.eu-west-1.amazonaws.com:443");
+        aws.profile = Profile::AwsIotCore;
+        aws.tls.cert_file = Some("/c.pem".into());
+        aws.tls.key_file = Some("/k.pem".into());
+        assert_eq!(keys(&aws), ["upstream.tls.alpn"]);
+        aws.tls.alpn = vec!["x-amzn-mqtt-ca".into()];
+        assert!(aws.validate().is_empty(), "{:?}", aws.validate());
+        let text = aws.describe("site/gw", &[]);
+        assert!(
+            text.contains("paced to 100 publishes/s and 512 KiB/s"),
+            "{text}"
+        );
+        assert!(text.contains("the agent's topics, unchanged"), "{text}");
     }
 
     #[test]

@@ -7,6 +7,10 @@
 //! | `config.rs` | `[upstream]` settings, the broker URL, the password source |
 //! | `state.rs` | the session state with no I/O: CONNECT/CONNACK, inflight window, QoS 1/2 flows, resume, topic aliases, keepalive |
 //! | `backoff.rs` | reconnect delays with jitter and a cap |
+//! | `bucket.rs` | a token bucket: the replay limit and the profiles' pace |
+//! | `profile.rs` | cloud profiles: the service's rules for `check-config`, its pace |
+//! | `azure.rs` | Azure IoT Hub: user name, SAS token, events topic with properties |
+//! | `failover.rs` | which of the configured servers to use: next on failure, failback |
 //! | `tls.rs` | the rustls client configuration |
 //! | `format.rs` | the hook of a payload format other than JSON (Sparkplug B): will, births, rows at send time, incoming commands |
 //! | `client.rs` | the connection task: connect, serve, reconnect; store requests |
@@ -26,15 +30,20 @@
 //! - Everything is bounded: the inflight window, the incoming channel, the packet sizes
 //!   read from the broker.
 
+pub mod azure;
 pub mod backoff;
+mod bucket;
 mod client;
 pub mod config;
 mod error;
+pub mod failover;
 pub mod format;
+pub mod profile;
 pub mod state;
 mod status;
 pub mod tls;
 
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -93,23 +102,43 @@ impl Uplink {
         if let Some(text) = crate::problem::Invalid::summary(&config.validate()) {
             return Err(Error::Config(text));
         }
-        let url = BrokerUrl::parse(&config.url).map_err(Error::Url)?;
-        let tls = if url.tls {
-            let client_config = tls::client_config(&config.tls)?;
-            let name = tls::server_name(&config.tls, &url.host)?;
-            Some((tokio_rustls::TlsConnector::from(client_config), name))
-        } else {
-            None
-        };
-        config.password()?;
+        let mut servers = Vec::new();
+        let mut client_config = None;
+        for text in config.server_urls() {
+            let url = BrokerUrl::parse(text).map_err(Error::Url)?;
+            let tls = if url.tls {
+                let client_config = match &client_config {
+                    Some(made) => std::sync::Arc::clone(made),
+                    None => client_config
+                        .insert(tls::client_config(&config.tls)?)
+                        .clone(),
+                };
+                let name = tls::server_name(&config.tls, &url.host)?;
+                Some((tokio_rustls::TlsConnector::from(client_config), name))
+            } else {
+                None
+            };
+            servers.push(client::Server {
+                text: text.to_owned(),
+                url,
+                tls,
+            });
+        }
+        let server_urls: Arc<[String]> = servers.iter().map(|s| s.text.clone()).collect();
+        config.password_at("", 0)?;
         let session_config = state::SessionConfig {
             protocol: config.protocol.into(),
             client_id: config.client_id(),
-            username: config.username.clone(),
+            username: config.username(),
             keep_alive: config.keep_alive_secs,
             session_expiry: config.session_expiry_secs,
             inflight: config.inflight,
-            status_topic: config.status_topic(&prefix),
+            status_topic: match (config.profile, &config.azure) {
+                (profile::Profile::AzureIotHub, Some(azure)) => {
+                    azure::event_topic(&azure.device_id, &prefix, &config.status_topic(&prefix))
+                }
+                _ => config.status_topic(&prefix),
+            },
             online_payload: Bytes::from(config.online_payload.clone()),
             offline_payload: Bytes::from(config.offline_payload.clone()),
             subscribe: config
@@ -125,29 +154,34 @@ impl Uplink {
         let (state_tx, state_rx) = watch::channel(LinkState::Connecting { attempt: 1 });
         let (incoming_tx, incoming_rx) = mpsc::channel(usize::from(client::INCOMING_CAPACITY));
         let (stop_tx, stop_rx) = oneshot::channel();
-        let span = tracing::info_span!(
-            "uplink",
-            url = %config.url,
-            client_id = %session_config.client_id
-        );
+        let span = tracing::info_span!("uplink", client_id = %session_config.client_id);
         let mut session = state::Session::new(session_config, counters.clone());
         if let Some(format) = format {
             session.set_format(format);
         }
-        let client = client::Client::new(
+        let pacer = config.profile.pacing();
+        let azure_events = match (config.profile, &config.azure) {
+            (profile::Profile::AzureIotHub, Some(azure)) => {
+                Some((azure.device_id.clone(), prefix.clone()))
+            }
+            _ => None,
+        };
+        let mut client = client::Client::new(
             config,
-            url,
-            tls,
+            servers,
             session,
             counters.clone(),
             state_tx,
             incoming_tx,
             queue,
         );
+        client.pacer = pacer;
+        client.azure_events = azure_events;
         let task = tokio::spawn(client.run(stop_rx).instrument(span));
         Ok(UplinkHandle {
             state: state_rx,
             counters,
+            servers: server_urls,
             incoming: Some(incoming_rx),
             stop: stop_tx,
             task,
@@ -161,6 +195,7 @@ impl Uplink {
 pub struct UplinkHandle {
     state: watch::Receiver<LinkState>,
     counters: Arc<Counters>,
+    servers: Arc<[String]>,
     incoming: Option<mpsc::Receiver<Publish>>,
     stop: oneshot::Sender<Duration>,
     task: JoinHandle<()>,
@@ -175,6 +210,16 @@ impl UplinkHandle {
     /// Counters since the uplink started.
     pub fn stats(&self) -> UplinkStats {
         self.counters.snapshot()
+    }
+
+    /// The URL of the server in use (or being tried), as configured.
+    pub fn server(&self) -> &str {
+        let index = self.counters.active_server.load(Ordering::Relaxed);
+        let index = usize::try_from(index).unwrap_or(0);
+        self.servers
+            .get(index)
+            .or_else(|| self.servers.first())
+            .map_or("", String::as_str)
     }
 
     /// Messages received on the configured subscriptions; `Some` once. When nobody

@@ -309,6 +309,9 @@ pub struct Session {
     session_continuous: bool,
     /// What the last CONNACK said.
     session_present: bool,
+    /// The next CONNECT goes to a broker that does not hold our session (another
+    /// server that does not share sessions): ask for a clean one.
+    clean_next: bool,
     /// Will flags the broker refused (0x9A / 0x9B), remembered for the next CONNECT.
     will_retain: bool,
     will_qos: QoS,
@@ -355,6 +358,7 @@ impl Session {
             limits,
             session_continuous: true,
             session_present: false,
+            clean_next: false,
             will_retain: true,
             will_qos: QoS::AtLeastOnce,
             slots: HashMap::new(),
@@ -396,7 +400,9 @@ impl Session {
     pub fn connect(&mut self, password: Option<Password>) -> Packet {
         self.phase = Phase::AwaitConnAck;
         let v5 = self.config.protocol == Protocol::V5;
-        let clean = self.format.is_some();
+        // A payload format (Sparkplug) asks for a clean session each time; failover asks
+        // for one after a switch to a broker that does not share sessions.
+        let clean = self.clean_next || self.format.is_some();
         let mut properties = Properties::default();
         if v5 {
             properties.session_expiry_interval =
@@ -517,15 +523,16 @@ impl Session {
         self.keepalive =
             (keep_alive > 0).then(|| Keepalive::new(Duration::from_secs(keep_alive.into()), now));
         self.on_wire = 0;
-        self.session_present = ack.session_present;
-        if !ack.session_present {
+        self.session_present = ack.session_present && !self.clean_next;
+        self.clean_next = false;
+        if !self.session_present {
             self.session_continuous = false;
             self.incoming_rel.clear();
         }
         self.slots
             .retain(|_, slot| matches!(slot.origin, Origin::Row(_)));
-        self.release_swept(ack.session_present, now);
-        self.resume_slots(ack.session_present);
+        self.release_swept(self.session_present, now);
+        self.resume_slots(self.session_present);
         if let Some(format) = &self.format {
             self.awaiting_host = format.waits_for_host();
             self.subscribe(now);
@@ -631,6 +638,7 @@ impl Session {
                 }
                 (true, _, _) => {}
                 (false, Stage::Release | Stage::Persisting, Origin::Row(id)) => {
+                    self.stats.qos2_restarted.fetch_add(1, Ordering::Relaxed);
                     slot.sent_before = false;
                     slot.stage = Stage::Resetting;
                     self.effects.push_back(Effect::PersistFlow {
@@ -639,7 +647,12 @@ impl Session {
                         pubrec: false,
                     });
                 }
-                (false, _, _) => slot.sent_before = false,
+                (false, _, _) => {
+                    if slot.sent_before && slot.message.qos == QoS::ExactlyOnce {
+                        self.stats.qos2_restarted.fetch_add(1, Ordering::Relaxed);
+                    }
+                    slot.sent_before = false;
+                }
             }
             self.waiting.push_back(pkid);
         }
@@ -692,6 +705,14 @@ impl Session {
             }
             slot.on_wire = false;
         }
+    }
+
+    /// The next connection goes to a broker that does not hold this session (a switch
+    /// to a server that does not share sessions): its CONNECT asks for a clean session,
+    /// and every flow in the window starts over as a new one, QoS 2 flows past PUBLISH
+    /// counted in `qos2_restarted` (at least once across the switch, not exactly once).
+    pub fn new_broker(&mut self) {
+        self.clean_next = true;
     }
 
     /// True between a successful CONNACK and the loss of the connection.
@@ -807,6 +828,9 @@ impl Session {
             (true, false) => Stage::Resetting,
             (false, _) => Stage::Publish,
         };
+        if stage == Stage::Resetting {
+            self.stats.qos2_restarted.fetch_add(1, Ordering::Relaxed);
+        }
         self.seq += 1;
         self.slots.insert(
             pkid,
@@ -1197,10 +1221,27 @@ impl Session {
     }
 
     fn on_puback(&mut self, ack: Ack, now: Instant) -> Result<(), SessionError> {
-        let expected = self.slots.get(&ack.pkid).is_some_and(|slot| {
-            slot.on_wire && slot.stage == Stage::Publish && slot.message.qos == QoS::AtLeastOnce
-        });
-        if !expected {
+        let publish_on_wire = |slot: &Slot| slot.on_wire && slot.stage == Stage::Publish;
+        let downgraded = self
+            .slots
+            .get(&ack.pkid)
+            .is_some_and(|slot| publish_on_wire(slot) && slot.message.qos == QoS::ExactlyOnce);
+        if downgraded {
+            // RabbitMQ 3.x answers a QoS 2 PUBLISH with PUBACK: it took the message at
+            // QoS 1. Waiting for a PUBREC that never comes would wedge the window.
+            if self.stats.qos2_downgraded.fetch_add(1, Ordering::Relaxed) == 0 {
+                tracing::warn!(
+                    "the upstream broker answers QoS 2 messages with PUBACK (it takes them \
+                     at QoS 1): delivery is at least once there; set agent.qos = 1 for it \
+                     (further ones are only counted)"
+                );
+            }
+        }
+        let expected = self
+            .slots
+            .get(&ack.pkid)
+            .is_some_and(|slot| publish_on_wire(slot) && slot.message.qos == QoS::AtLeastOnce);
+        if !expected && !downgraded {
             tracing::debug!(pkid = ack.pkid, "PUBACK for no QoS 1 publish in flight");
             return Ok(());
         }

@@ -1058,3 +1058,86 @@ fn a_sweep_of_every_packet_id_still_leaves_ids_for_the_birth_and_new_rows() {
     assert_eq!(publishes(&out(&mut s)).len(), room);
     assert_eq!(s.room(), 0, "more rows wait for packet ids to come free");
 }
+
+/// Regression: a switch to another server that also held a session for our client id
+/// (it said `session present = 1`) released QoS 2 flows begun on the first server into
+/// a session that never saw their PUBLISH; the new server answers such a PUBREL with
+/// PUBCOMP, the row was deleted and the reading never delivered.
+#[test]
+fn a_switch_to_a_server_that_does_not_share_sessions_restarts_qos2_flows_as_new() {
+    let mut s = session(Protocol::V311);
+    connect(&mut s, connack(false));
+    s.offer(row(1, QoS::ExactlyOnce, "t"), now());
+    s.offer(row(2, QoS::ExactlyOnce, "t"), now());
+    s.offer(row(3, QoS::AtLeastOnce, "t"), now());
+    s.handle(Packet::PubRec(Ack::new(1)), now()).unwrap();
+    s.flow_persisted(1, true, now());
+    out(&mut s);
+    effects(&mut s);
+    s.disconnected();
+
+    s.new_broker();
+    let Packet::Connect(c) = s.connect(None) else {
+        panic!("not CONNECT");
+    };
+    assert!(c.clean_start, "a clean session on the new server");
+    // Even a server that answers `session present` holds nothing of these flows.
+    s.handle(connack(true), now()).unwrap();
+    assert!(!s.session_present());
+    let packets = out(&mut s);
+    assert!(
+        !packets.iter().any(|p| matches!(p, Packet::PubRel(_))),
+        "no PUBREL into a session that never saw the PUBLISH: {packets:?}"
+    );
+    assert!(publishes(&packets)
+        .iter()
+        .any(|(pkid, dup, _)| (*pkid, *dup) == (2, false)));
+    assert_eq!(
+        effects(&mut s),
+        [Effect::PersistFlow {
+            id: 1,
+            pkid: 1,
+            pubrec: false
+        }]
+    );
+    s.flow_persisted(1, false, now());
+    assert_eq!(
+        publishes(&out(&mut s)),
+        [(1, false, "payload 1".to_owned())]
+    );
+    assert_eq!(s.stats.qos2_restarted.load(Ordering::Relaxed), 2);
+
+    // The next connection to the same server keeps its session again.
+    s.disconnected();
+    let Packet::Connect(c) = s.connect(None) else {
+        panic!("not CONNECT");
+    };
+    assert!(!c.clean_start);
+}
+
+/// Regression: RabbitMQ 3.10 answers a QoS 2 PUBLISH with PUBACK. The PUBACK was
+/// ignored (no QoS 1 flow under that id), the slot waited for a PUBREC that never came,
+/// and once the window was full of such slots nothing more was sent.
+#[test]
+fn a_broker_that_answers_qos2_with_puback_does_not_wedge_the_window() {
+    let mut s = session(Protocol::V311);
+    connect(&mut s, connack(false));
+    for id in 1..=10 {
+        s.offer(row(id, QoS::ExactlyOnce, "t"), now());
+    }
+    out(&mut s);
+    assert_eq!(s.room(), 0);
+    for id in 1..=10 {
+        s.handle(Packet::PubAck(Ack::new(pkid_for_row(id))), now())
+            .unwrap();
+    }
+    let deleted: Vec<Effect> = effects(&mut s)
+        .into_iter()
+        .filter(|e| matches!(e, Effect::Delete(_)))
+        .collect();
+    assert_eq!(deleted, (1..=10).map(Effect::Delete).collect::<Vec<_>>());
+    assert_eq!(s.room(), 10, "the window is free again");
+    assert_eq!(s.stats.qos2_downgraded.load(Ordering::Relaxed), 10);
+    s.offer(row(11, QoS::ExactlyOnce, "t"), now());
+    assert_eq!(publishes(&out(&mut s)).len(), 1);
+}

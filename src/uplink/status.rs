@@ -61,6 +61,11 @@ pub struct Counters {
     pub throttled: AtomicU64,
     pub incoming: AtomicU64,
     pub incoming_dropped: AtomicU64,
+    pub qos2_restarted: AtomicU64,
+    pub qos2_downgraded: AtomicU64,
+    pub server_switches: AtomicU64,
+    /// Index of the server in use, in the configured list.
+    pub active_server: AtomicU64,
 }
 
 impl Counters {
@@ -80,6 +85,10 @@ impl Counters {
             throttled: get(&self.throttled),
             incoming: get(&self.incoming),
             incoming_dropped: get(&self.incoming_dropped),
+            qos2_restarted: get(&self.qos2_restarted),
+            qos2_downgraded: get(&self.qos2_downgraded),
+            server_switches: get(&self.server_switches),
+            active_server: get(&self.active_server),
         }
     }
 }
@@ -112,6 +121,17 @@ pub struct UplinkStats {
     pub incoming: u64,
     /// Of those, dropped because the consumer's channel was full.
     pub incoming_dropped: u64,
+    /// QoS 2 flows a broker's session did not hold any more (a switch to a server that
+    /// does not share sessions, or a broker that lost the session) and that were sent
+    /// again as new flows: at least once for these, not exactly once.
+    pub qos2_restarted: u64,
+    /// QoS 2 messages the broker answered with PUBACK (taken at QoS 1, RabbitMQ 3.x
+    /// does): each was deleted as delivered, at least once.
+    pub qos2_downgraded: u64,
+    /// Moves from one upstream server to another (failover and failback).
+    pub server_switches: u64,
+    /// Index of the server in use, in the configured list (`url` is index 0).
+    pub active_server: u64,
 }
 
 /// How often a continuing outage is summarised in the log.

@@ -271,9 +271,14 @@ impl Subscriber {
     /// Subscribes to `filters` on the plain listener and waits until it receives. It
     /// reconnects by itself after a broker restart.
     pub fn start(broker: &Mosquitto, filters: &[&str], options: SubOptions) -> Subscriber {
+        Subscriber::start_on(broker.port, filters, options)
+    }
+
+    /// As [`Subscriber::start`], on any broker listening on 127.0.0.1:`port`.
+    pub fn start_on(port: u16, filters: &[&str], options: SubOptions) -> Subscriber {
         let mut command = Command::new(tool("mosquitto_sub", "mosquitto-clients"));
         command
-            .args(["-h", "127.0.0.1", "-p", &broker.port.to_string()])
+            .args(["-h", "127.0.0.1", "-p", &port.to_string()])
             .args(["-q", &options.qos.to_string()])
             .args(["-F", "MSG %r %q %t %p", "-t", PROBE_TOPIC]);
         for filter in filters {
@@ -323,7 +328,7 @@ impl Subscriber {
         });
         let subscriber = Subscriber {
             child,
-            port: broker.port,
+            port,
             output,
         };
         subscriber.wait_ready();
