@@ -24,6 +24,7 @@
 //! | `payloads-metric-is-historical`: stored data goes out `is_historical`, original timestamps, in order, with the session's seq | `readings_stored…` |
 //! | `operational-behavior-edge-node-intentional-offline`: NDEATH before a graceful DISCONNECT | `kill_9_…` (SIGTERM part) |
 //! | `operational-behavior-edge-node-birth-sequence-wait` (primary host STATE) | `births_wait_for_the_primary_host…` |
+//! | `operational-behavior-edge-node-terminate-session-offline-host` (host offline: disconnect, next server) | `the_primary_host_going_offline…` |
 //! | `payloads-dcmd-*`, `operational-behavior-data-commands`: DCMD writes the device's metric | `dcmd_writes_through…` |
 //!
 //! Not implemented: DDATA at QoS 0 (`topics-ddata-mqtt`): rows are sent at the configured
@@ -626,6 +627,47 @@ fn births_wait_for_the_primary_host_and_its_offline_state_closes_the_connection(
         all.iter().any(|m| m["type"] == "NDEATH").then_some(())
     });
     agent.wait_log("primary host application went offline", 1);
+    agent.stop();
+}
+
+/// The primary host going offline on the server in use moves the edge node to the next
+/// server of `servers` (failover), where it is born again once the host says online there.
+#[test]
+fn the_primary_host_going_offline_moves_the_edge_node_to_the_next_server() {
+    let first = broker();
+    let second = broker();
+    let mut host_first = Host::start(&first, "host-first");
+    let mut host_second = Host::start(&second, "host-second");
+    let slave = Slave::tcp(&slave_image());
+    let dir = tempfile::tempdir().expect("temp dir");
+    let config = config(
+        &dir.path().join("q.db"),
+        &first,
+        slave.port(),
+        "primary_host_id = \"scada\"\n",
+    )
+    .replace(
+        &format!("url = {:?}", first.url()),
+        &format!("servers = [{:?}, {:?}]", first.url(), second.url()),
+    );
+    let mut agent = Agent::start(dir.path(), &config);
+    host_first.send("state scada online");
+    host_first.wait("NBIRTH on the first server", |all| {
+        all.iter().any(|m| m["type"] == "NBIRTH").then_some(())
+    });
+    host_first.send("state scada offline");
+    agent.wait_log("primary host application went offline", 1);
+    agent.wait_log("switching to", 1);
+    host_second.send("state scada online");
+    host_second.wait("NBIRTH and DBIRTH on the second server", |all| {
+        let born = |kind: &str| all.iter().any(|m| m["type"] == kind);
+        (born("NBIRTH") && born("DBIRTH")).then_some(())
+    });
+    assert!(
+        agent.log().contains(&second.url()),
+        "the switch names the second server: {}",
+        agent.log()
+    );
     agent.stop();
 }
 
