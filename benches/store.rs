@@ -39,6 +39,7 @@ fn reading(i: u64) -> Message {
         retain: false,
         created_ms: now_ms(),
         priority: Priority::Periodic,
+        unsynced: None,
     }
 }
 
@@ -220,7 +221,7 @@ async fn wear(dir: &Path, name: &str, config: StoreConfig, secs: u64, qos2: bool
 }
 
 fn mib(bytes: f64) -> String {
-    format!("{:.0} MiB", bytes / (1024.0 * 1024.0))
+    format!("{:.2} MiB", bytes / (1024.0 * 1024.0))
 }
 
 fn main() {
@@ -254,26 +255,32 @@ fn main() {
             let rate = drain_throughput(dir.path(), 200_000 / scale as u64, max).await;
             println!("| drain, next({max}) + ack | {rate:.0} messages/s |");
         }
+        // Fast path off: every reading committed, then read back (as before issue 14).
+        let before = StoreConfig {
+            fast_path: false,
+            ..StoreConfig::default()
+        };
         let runs = [
-            ("100 ms, normal", StoreConfig::default(), secs, false),
-            ("100 ms, normal, QoS 2 flows", StoreConfig::default(), secs.div_ceil(2), true),
-            (
-                "100 ms, normal, QoS 2 flows, flow_commit_ms 0",
-                StoreConfig { flow_commit_ms: 0, ..StoreConfig::default() },
-                secs.div_ceil(2),
-                true,
-            ),
+            ("100 ms, normal", before.clone(), secs, false),
+            ("100 ms, normal, QoS 2 flows", before.clone(), secs.div_ceil(2), true),
             (
                 "1000 ms, normal",
-                StoreConfig { commit_interval_ms: 1000, ..StoreConfig::default() },
+                StoreConfig { commit_interval_ms: 1000, ..before.clone() },
                 secs.div_ceil(2),
                 false,
             ),
             (
                 "100 ms, full",
-                StoreConfig { synchronous: Synchronous::Full, ..StoreConfig::default() },
+                StoreConfig { synchronous: Synchronous::Full, ..before.clone() },
                 secs.div_ceil(2),
                 false,
+            ),
+            ("100 ms, normal, fast path", StoreConfig::default(), secs, false),
+            (
+                "100 ms, normal, QoS 2 flows, fast path",
+                StoreConfig::default(),
+                secs,
+                true,
             ),
         ];
         for (name, config, secs, qos2) in runs {

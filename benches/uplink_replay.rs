@@ -78,6 +78,7 @@ async fn uplink_replay(
                 retain: false,
                 created_ms,
                 priority: Priority::Periodic,
+                unsynced: None,
             })
             .collect();
         queue.append(batch).await.expect("append");

@@ -1,6 +1,7 @@
 # Helpers the benchmark and fault scripts source (`. scripts/lib.sh`): a scratch
 # directory with the processes to stop at exit, free loopback ports, waiting for a
-# listener, a process's RSS and CPU time.
+# listener, the pymodbus slave, an upstream mosquitto config, a process's RSS and CPU
+# time.
 
 # A scratch directory in $work; every pid appended to $pids is killed at exit, and
 # the directory removed.
@@ -30,3 +31,18 @@ rss_kib() { awk '/^VmRSS:/ {print $2}' "/proc/$1/status"; }
 
 # User plus system CPU time of a process, in clock ticks.
 cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
+
+# start_slave IMAGE: the independent Modbus TCP slave (tests/fixtures/modbus_slave.py)
+# serving the JSON register image in file IMAGE, on a free port it sets as $slave_port.
+start_slave() {
+    slave_port=$(free_port)
+    python3 tests/fixtures/modbus_slave.py --tcp "$slave_port" --image "@$1" >"$work/slave.log" 2>&1 &
+    pids+=($!)
+    wait_port "$slave_port"
+}
+
+# upstream_conf PORT FILE: a plain loopback mosquitto (anonymous, queues unbounded).
+upstream_conf() {
+    printf 'listener %s 127.0.0.1\nallow_anonymous true\nmax_queued_messages 0\n' "$1" >"$2"
+    if [ "$(id -u)" -eq 0 ]; then echo "user root" >>"$2"; fi
+}

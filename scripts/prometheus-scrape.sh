@@ -22,15 +22,6 @@ if [ -z "$BIN" ]; then
     BIN=target/debug/fieldbridge
 fi
 
-work=$(mktemp -d)
-pids=()
-cleanup() {
-    for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done
-    wait 2>/dev/null || true
-    rm -rf "$work"
-}
-trap cleanup EXIT
-
 slave_port=$(free_port)
 echo '{"units": {"1": {"holding": {"0": [230, 1500]}}}}' > "$work/image.json"
 python3 tests/fixtures/modbus_slave.py --tcp "$slave_port" --image "@$work/image.json" \

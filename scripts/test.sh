@@ -17,9 +17,16 @@ if [ ${#need_apt[@]} -gt 0 ]; then
     DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${need_apt[@]}" >/dev/null
 fi
 
-if ! python3 -c 'import pymodbus, paho.mqtt, serial, prometheus_client, jinja2' >/dev/null 2>&1; then
-    echo "installing Python packages: pymodbus paho-mqtt pyserial prometheus-client jinja2"
+if ! python3 -c 'import pymodbus, paho.mqtt, serial, prometheus_client, jinja2, google.protobuf' >/dev/null 2>&1; then
+    echo "installing Python packages: pymodbus paho-mqtt pyserial prometheus-client jinja2 protobuf"
     python3 -m pip install -q -r scripts/requirements-test.txt
+fi
+# pysparkplug (the independent Sparkplug host of tests/sparkplug.rs) pins paho-mqtt < 2,
+# which would replace the paho-mqtt 2 the other tests use; the test host uses only its
+# payload classes (protobuf) and brings its own paho client, so it goes in without deps.
+if ! python3 -c 'import pysparkplug' >/dev/null 2>&1; then
+    echo "installing Python packages: pysparkplug (without its paho-mqtt pin)"
+    python3 -m pip install -q --no-deps -r scripts/requirements-test-nodeps.txt
 fi
 
 # mosquitto lives in /usr/sbin, which is not on every user's PATH.

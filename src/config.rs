@@ -7,6 +7,7 @@
 //! [upstream]       # uplink::UplinkConfig   (optional: no section, LAN-only)
 //! [http]           # http::HttpConfig       (optional: no section, no HTTP endpoint)
 //! [homeassistant]  # this module: MQTT discovery (optional: no section, no discovery)
+//! [time]           # time::TimeConfig       (how far the wall clock is trusted)
 //! [[bus]]          # field::FieldConfig buses
 //! [profile.NAME]   # field::FieldConfig profiles
 //! ```
@@ -42,6 +43,7 @@ use crate::field::{BusConfig, FieldConfig, ProfileConfig};
 use crate::http::HttpConfig;
 use crate::mqtt::QoS;
 use crate::store::StoreConfig;
+use crate::time::TimeConfig;
 use crate::topics::{Claim, Topics};
 use crate::uplink::UplinkConfig;
 
@@ -60,8 +62,10 @@ pub struct Config {
     pub upstream: Option<UplinkConfig>,
     /// `[http]`: the `/metrics` endpoint. Absent: no HTTP endpoint.
     pub http: Option<HttpConfig>,
-    /// `[homeassistant]`: discovery on the LAN broker. Absent: no discovery.
+    /// `[homeassistant]`: discovery on the LAN broker (and upstream). Absent: no discovery.
     pub homeassistant: Option<HomeAssistantConfig>,
+    /// `[time]`: how far the wall clock is trusted; every key has a default.
+    pub time: TimeConfig,
     /// `[[bus]]` and `[profile.NAME]`: the field devices.
     pub field: FieldConfig,
     /// The document as parsed, to tell which sections a reload changed.
@@ -83,6 +87,8 @@ struct File {
     #[serde(default)]
     http: Option<HttpConfig>,
     homeassistant: Option<HomeAssistantConfig>,
+    #[serde(default)]
+    time: TimeConfig,
     #[serde(default)]
     bus: Vec<BusConfig>,
     #[serde(default)]
@@ -189,8 +195,8 @@ impl AgentConfig {
     }
 }
 
-/// `[homeassistant]`: Home Assistant MQTT discovery messages on the LAN broker (see
-/// `agent/discovery.rs` for what is announced).
+/// `[homeassistant]`: Home Assistant MQTT discovery messages on the LAN broker and
+/// optionally upstream (see `agent/discovery.rs` for what is announced).
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct HomeAssistantConfig {
@@ -203,6 +209,9 @@ pub struct HomeAssistantConfig {
     /// A reading older than this many poll intervals (or heartbeats, with a deadband)
     /// shows as unavailable. Default 3; 0: never.
     pub expire_after_polls: u32,
+    /// Also announce on the upstream broker (retained, through the store). Default
+    /// false.
+    pub upstream: bool,
 }
 
 impl Default for HomeAssistantConfig {
@@ -211,6 +220,7 @@ impl Default for HomeAssistantConfig {
             discovery_prefix: "homeassistant".into(),
             node_id: None,
             expire_after_polls: 3,
+            upstream: false,
         }
     }
 }
@@ -253,6 +263,7 @@ impl Config {
         problems.extend(self.store.validate());
         problems.extend(self.upstream.iter().flat_map(UplinkConfig::validate));
         problems.extend(self.http.iter().flat_map(HttpConfig::validate));
+        problems.extend(self.time.validate());
         let has_users = self
             .broker
             .as_ref()
@@ -268,11 +279,17 @@ impl Config {
                 .iter()
                 .flat_map(HomeAssistantConfig::validate),
         );
-        if self.homeassistant.is_some() && self.broker.is_none() {
-            problems.at("homeassistant").report(
-                "",
-                "discovery is announced on the LAN broker: configure a [broker] too",
-            );
+        if let Some(ha) = &self.homeassistant {
+            if ha.upstream && self.upstream.is_none() {
+                problems
+                    .at("homeassistant")
+                    .report("upstream", "discovery upstream needs an [upstream] section");
+            } else if !ha.upstream && self.broker.is_none() {
+                problems.at("homeassistant").report(
+                    "",
+                    "discovery is announced on the LAN broker: configure a [broker] too, or set upstream = true",
+                );
+            }
         }
         problems.extend(self.field.validate());
         if self.broker.is_none() && self.upstream.is_none() {
@@ -757,6 +774,7 @@ pub fn parse(file: &str, text: &str) -> Result<Config, Error> {
         upstream: parsed.upstream,
         http: parsed.http,
         homeassistant: parsed.homeassistant,
+        time: parsed.time,
         field: FieldConfig {
             buses: parsed.bus,
             profiles: parsed.profile,
@@ -781,13 +799,14 @@ pub fn parse(file: &str, text: &str) -> Result<Config, Error> {
 }
 
 /// The sections a file may have, in the order serde names them.
-const SECTIONS: [&str; 8] = [
+const SECTIONS: [&str; 9] = [
     "agent",
     "broker",
     "store",
     "upstream",
     "http",
     "homeassistant",
+    "time",
     "bus",
     "profile",
 ];
@@ -821,6 +840,7 @@ fn section_type_errors(doc: &toml_edit::ImDocument<&str>) -> Vec<(Range<usize>, 
             ("upstream", _) => found.extend(type_error::<UplinkConfig>(item)),
             ("http", _) => found.extend(type_error::<HttpConfig>(item)),
             ("homeassistant", _) => found.extend(type_error::<HomeAssistantConfig>(item)),
+            ("time", _) => found.extend(type_error::<TimeConfig>(item)),
             ("bus", toml_edit::Item::ArrayOfTables(buses)) => {
                 for bus in buses {
                     let bus = toml_edit::Item::Table(bus.clone());
@@ -1262,5 +1282,29 @@ mod tests {
             ..AgentConfig::default()
         };
         assert_eq!(agent.resolved_prefix("x"), "plant");
+    }
+
+    #[test]
+    fn the_time_section_has_defaults_and_its_rules_point_at_the_value() {
+        let config = parse("test.toml", "[broker]\n").expect("valid");
+        assert_eq!(config.time, TimeConfig::default());
+        let text =
+            "[broker]\n[time]\ntrust = \"always\"\nrequire_sync = true\nsync_file = \"run/flag\"\n";
+        let found = problems(text);
+        assert_eq!(found.len(), 2, "{found:?}");
+        assert!(
+            found[0].starts_with("test.toml:5:13: time.sync_file: must be an absolute path"),
+            "{found:?}"
+        );
+        assert!(
+            found[1].starts_with("test.toml:4:16: time.require_sync: "),
+            "{found:?}"
+        );
+        let found = problems("[broker]\n[time]\ntrust = \"gps\"\n");
+        assert_eq!(found.len(), 1, "{found:?}");
+        assert!(
+            found[0].starts_with("test.toml:3:9: time.trust: unknown variant `gps`"),
+            "{found:?}"
+        );
     }
 }

@@ -1,5 +1,5 @@
-//! The `[http]` endpoint: a small read-only HTTP/1.1 server for `/metrics` (and later a
-//! status page), on hyper's server with HTTP/1 only.
+//! The `[http]` endpoint: a small read-only HTTP/1.1 server for `/metrics` and the
+//! status page, on hyper's server with HTTP/1 only.
 //!
 //! Invariants:
 //! - The server knows nothing of what it serves: the agent hands it [`Routes`], one

@@ -9,10 +9,12 @@
 //! | [`uplink`] | the upstream MQTT client: connection state machine, inflight window, reconnect, TLS |
 //! | [`store`] | the SQLite store-and-forward queue |
 //! | [`field`] | Modbus RTU/TCP and serial-line buses, read plans, decoding, scheduling, writes |
+//! | [`sparkplug`] | Sparkplug B 3.0: the payload schema (prost), the edge node's births, deaths, data, `seq` and `bdSeq`; no network I/O |
 //! | [`problem`] | config problems with key paths and the collector validators write rules into (a leaf) |
 //! | [`config`] | composes the sections' schemas and validation; spans for `file:line:column` |
 //! | [`agent`] | wiring, lifecycle, shutdown, reload, systemd notify, the command router |
-//! | [`clock`] | the wall clock (ms since the epoch), one copy for every module |
+//! | [`clock`] | the clocks: wall (ms since the epoch), boot clock, sync status behind the `ClockSource` trait (a leaf) |
+//! | [`time`] | the `[time]` section and the time keeper: `unsynced` and `corrected` readings |
 //! | [`future`] | small future helpers for `select!` loops (an optional future as a disabled arm) |
 //! | [`http`] | the `[http]` endpoint: a small read-only HTTP/1.1 server serving the routes the agent gives it |
 //! | [`topics`] | the topic namespace: every topic the agent publishes or subscribes to |
@@ -31,6 +33,8 @@ pub mod future;
 pub mod http;
 pub mod mqtt;
 pub mod problem;
+pub mod sparkplug;
 pub mod store;
+pub mod time;
 pub mod topics;
 pub mod uplink;

@@ -435,6 +435,7 @@ fn queue_stats_reads_a_real_store_without_the_agent() {
                 retain: false,
                 created_ms: now_ms,
                 priority: Priority::Periodic,
+                unsynced: None,
             })
             .collect();
         queue.append(messages).await.expect("append");

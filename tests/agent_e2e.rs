@@ -77,6 +77,15 @@ fn queued_counter_values(db: &Path) -> Vec<u64> {
         .collect()
 }
 
+/// The counter values `up` received on `topic`, in arrival order.
+fn counter_values(up: &Subscriber, topic: &str) -> Vec<u64> {
+    up.messages()
+        .iter()
+        .filter(|m| m.topic == topic)
+        .filter_map(|m| value_of(&m.payload)?.as_u64())
+        .collect()
+}
+
 fn counter_slave() -> Slave {
     Slave::tcp(&json!({
         "units": {"1": {
@@ -478,13 +487,7 @@ fn no_loss_under_kill_9(qos: u8) {
         }),
     );
 
-    let values = |up: &Subscriber| -> Vec<u64> {
-        up.messages()
-            .iter()
-            .filter(|m| m.topic == counter)
-            .filter_map(|m| value_of(&m.payload)?.as_u64())
-            .collect()
-    };
+    let values = |up: &Subscriber| counter_values(up, &counter);
     let mut kill_boundaries = BTreeSet::new();
     // Values the test read at upstream restarts: markers in the sequence, not holes.
     let mut restart_marks = BTreeSet::new();
@@ -596,6 +599,101 @@ fn no_loss_under_kill_9(qos: u8) {
         received.len(),
         kill_boundaries.len()
     );
+    agent.signal("TERM");
+    assert!(agent.wait_exit(Duration::from_secs(10)).success());
+}
+
+/// The fast path at QoS 2 (issue 14), with a commit window of a minute so every reading
+/// lives in memory only: acknowledged readings never reach the store file; QoS 2 flows
+/// whose PUBLISH the broker took and that kill -9 cut before PUBREL are released by the
+/// next process (PUBREL for their packet ids before anything new), so the broker
+/// delivers them, once, and never sees one of those packet ids reused for another
+/// reading (which a broker that does not compare payloads would take for a duplicate).
+/// Fails before the fast path (nothing reaches the broker within the minute) and
+/// without the release (no cut flow ever arrives).
+#[test]
+fn fast_path_qos2_flows_cut_by_kill_9_are_released_not_reused() {
+    let slave = counter_slave();
+    let upstream = Mosquitto::start();
+    let dir = tempfile::tempdir().expect("temp dir");
+    let db = dir.path().join("queue.db");
+    let broker_port = free_port();
+    let prefix = "e2e/fast2";
+    let counter = format!("{prefix}/meter/counter");
+    let up = Subscriber::start(
+        &upstream,
+        &[&counter],
+        SubOptions {
+            qos: 2,
+            client_id: Some("e2e-fast-sub".to_owned()),
+            v5: false,
+        },
+    );
+    let text = config(&Setup {
+        prefix,
+        broker_port: Some(broker_port),
+        upstream: Some(&upstream.url()),
+        store: &db,
+        slave_port: slave.port(),
+        poll_ms: 50,
+        qos: 2,
+        retain_upstream: false,
+        points: COUNTER_POINT,
+    })
+    .replace("commit_interval_ms = 20", "commit_interval_ms = 60000");
+    let mut agent = Agent::start(dir.path(), &text);
+    wait_for_port(broker_port, START);
+    let local = Sub::start(broker_port, &["-v", "-t", &counter]);
+    let values = |up: &Subscriber| counter_values(up, &counter);
+    let polled = || -> Vec<u64> {
+        payloads(&local.messages(), &counter)
+            .iter()
+            .filter_map(|p| value_of(p)?.as_u64())
+            .collect()
+    };
+    wait_for("readings upstream from memory", ARRIVE, || {
+        (values(&up).len() >= 10).then_some(())
+    });
+    assert!(
+        queued_counter_values(&db).is_empty(),
+        "acknowledged readings must never be written to the store"
+    );
+
+    // The broker stops answering: PUBLISHes pile up in its socket, unanswered.
+    upstream.pause();
+    let before = polled().len();
+    let cut: Vec<u64> = wait_for("readings polled while upstream is paused", ARRIVE, || {
+        let polled = polled();
+        (polled.len() >= before + 8).then(|| polled[before..before + 8].to_vec())
+    });
+    agent.kill9();
+    // Now the broker takes those PUBLISHes and answers PUBREC into a closed socket.
+    upstream.resume();
+    agent.launch();
+    // mosquitto reads the PUBLISHes in its socket until its first PUBREC finds the
+    // socket closed: the first of them at least. Without the release none would ever
+    // arrive (no stored row resends them).
+    let received = wait_for("a cut flow delivered", ARRIVE, || {
+        let received = values(&up);
+        cut.iter().any(|v| received.contains(v)).then_some(received)
+    });
+    let mut counts = BTreeMap::new();
+    for value in &received {
+        *counts.entry(*value).or_insert(0u32) += 1;
+    }
+    let duplicates: Vec<_> = counts.iter().filter(|(_, n)| **n > 1).collect();
+    assert!(duplicates.is_empty(), "QoS 2 duplicates: {duplicates:?}");
+    // New readings flow on, and none of them was taken for a duplicate of a cut flow.
+    let after = values(&up).len();
+    wait_for("readings after the restart", ARRIVE, || {
+        (values(&up).len() > after + 5).then_some(())
+    });
+    assert!(
+        !upstream.log().contains("Reused message ID"),
+        "{}",
+        upstream.log()
+    );
+    assert_eq!(agent.count("releasing the QoS 2 flows"), 1);
     agent.signal("TERM");
     assert!(agent.wait_exit(Duration::from_secs(10)).success());
 }

@@ -288,3 +288,42 @@ fn a_point_removed_while_stopped_is_cleared_at_the_next_start() {
     );
     discovery(port, TEMP);
 }
+
+/// Upstream only (no LAN broker), with `[homeassistant] upstream = true`.
+fn upstream_config(url: &str, store: &Path, slave_port: u16, points: &str) -> String {
+    format!(
+        "[agent]\nprefix = \"ha/gw\"\n\n\
+         [store]\npath = {store:?}\ncommit_interval_ms = 20\n\n\
+         [upstream]\nurl = {url:?}\nclient_id = \"fieldbridge-ha-upstream\"\n\n\
+         [homeassistant]\nupstream = true\n\n\
+         [[bus]]\nname = \"plant\"\nkind = \"tcp\"\nhost = \"127.0.0.1\"\nport = {slave_port}\n\n\
+         [[bus.device]]\nname = \"meter\"\npoll_interval_ms = 200\ntimeout_ms = 300\n\n{points}",
+        store = store.display().to_string(),
+    )
+}
+
+#[test]
+fn discovery_upstream_is_retained_on_the_upstream_broker_and_cleared_at_reload() {
+    let slave = slave();
+    let upstream = common::mosquitto::Mosquitto::start();
+    let dir = tempfile::tempdir().expect("temp dir");
+    let store = dir.path().join("queue.db");
+    let config = |points: &str| upstream_config(&upstream.url(), &store, slave.port(), points);
+    let agent = Running::start(dir.path(), &config(&format!("{TEMP_POINT}{PUMP_POINT}")));
+
+    let temp = discovery(upstream.port, TEMP);
+    assert_eq!(temp["state_topic"], "ha/gw/meter/temp");
+    // The device's availability topic is retained upstream too.
+    wait_for("the device online upstream", ARRIVE, || {
+        retained_on(upstream.port, "ha/gw/meter/status").filter(|m| m.payload == "online")
+    });
+    let pump = discovery(upstream.port, PUMP);
+    assert_eq!(pump["command_topic"], "ha/gw/meter/pump/set");
+
+    agent.reload(dir.path(), &config(TEMP_POINT));
+    agent.wait_log("Home Assistant discovery updated");
+    wait_for("the pump's discovery cleared upstream", ARRIVE, || {
+        retained_on(upstream.port, PUMP).is_none().then_some(())
+    });
+    discovery(upstream.port, TEMP);
+}

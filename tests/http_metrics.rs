@@ -4,13 +4,13 @@
 
 mod common;
 
-use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use common::clients::python;
+use common::http::{http, http_with};
 use common::mosquitto::Mosquitto;
 use common::slave::Slave;
 use common::util::{free_port, poll_until, wait_for, wait_for_port};
@@ -41,33 +41,6 @@ fn start_agent(dir: &Path, config: &str) -> Agent {
         .spawn()
         .expect("spawn fieldbridge");
     Agent(child)
-}
-
-/// One HTTP/1.1 request; the status code and the body.
-fn http(port: u16, method: &str, path: &str) -> (u16, String) {
-    http_with(port, method, path, "")
-}
-
-/// One HTTP/1.1 request with extra header lines (each ending in `\r\n`).
-fn http_with(port: u16, method: &str, path: &str, headers: &str) -> (u16, String) {
-    let mut stream = TcpStream::connect(("127.0.0.1", port)).expect("connect to /metrics");
-    stream
-        .set_read_timeout(Some(Duration::from_secs(10)))
-        .expect("read timeout");
-    write!(
-        stream,
-        "{method} {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n{headers}\r\n"
-    )
-    .expect("send request");
-    let mut response = String::new();
-    stream.read_to_string(&mut response).expect("read response");
-    let (head, body) = response.split_once("\r\n\r\n").expect("a response head");
-    let status = head
-        .split_whitespace()
-        .nth(1)
-        .and_then(|code| code.parse().ok())
-        .expect("a status code");
-    (status, body.to_string())
 }
 
 /// The families prometheus_client parsed from `text`.
@@ -155,6 +128,7 @@ fn metrics_parse_with_prometheus_client_and_follow_the_agent() {
         ("fieldbridge_build_info", "gauge"),
         ("fieldbridge_uptime_seconds", "gauge"),
         ("fieldbridge_readings_accepted", "counter"),
+        ("fieldbridge_readings", "counter"),
         ("fieldbridge_bus_requests", "counter"),
         ("fieldbridge_bus_request_failures", "counter"),
         ("fieldbridge_bus_readings", "counter"),
@@ -240,6 +214,14 @@ fn metrics_parse_with_prometheus_client_and_follow_the_agent() {
     .expect("plant +Inf bucket");
     assert_eq!(histogram_count, inf);
     assert!(histogram_count >= 1.0, "{text}");
+    // Readings per device and point kind: the meter's holding registers.
+    let meter = sample(
+        &families,
+        "fieldbridge_readings_total",
+        &json!({"bus": "plant", "device": "meter", "kind": "holding"}),
+    )
+    .unwrap_or_else(|| panic!("no readings of the meter by kind in\n{text}"));
+    assert!(meter >= 2.0, "{text}");
     let rss = sample(&families, "process_resident_memory_bytes", &json!({})).expect("rss");
     assert!(rss > 1_000_000.0, "RSS {rss} is in bytes");
 
@@ -335,4 +317,10 @@ fn a_bind_outside_loopback_asks_for_a_user_of_the_broker_password_file() {
     let (status, text) = http_with(http_port, "GET", "/metrics", &basic("scraper:s3cret"));
     assert_eq!(status, 200, "{text}");
     assert!(parse(dir.path(), &text).contains_key("fieldbridge_lan_clients"));
+    // The status page and its JSON sit behind the same login.
+    for path in ["/", "/api/status"] {
+        assert_eq!(http(http_port, "GET", path).0, 401, "{path}");
+        let (status, body) = http_with(http_port, "GET", path, &basic("scraper:s3cret"));
+        assert_eq!(status, 200, "{path}: {body}");
+    }
 }

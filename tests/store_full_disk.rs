@@ -123,6 +123,7 @@ fn message(serial: u64) -> Message {
         retain: false,
         created_ms: fieldbridge::clock::now_ms(),
         priority: Priority::Periodic,
+        unsynced: None,
     }
 }
 

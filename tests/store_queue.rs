@@ -49,6 +49,7 @@ fn message(topic: &str, serial: u64, priority: Priority) -> Message {
         retain: false,
         created_ms: now_ms(),
         priority,
+        unsynced: None,
     }
 }
 

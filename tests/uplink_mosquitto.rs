@@ -41,6 +41,7 @@ fn message(payload: impl Into<String>, qos: QoS, topic: &str) -> Message {
         retain: false,
         created_ms: now_ms(),
         priority: Priority::Periodic,
+        unsynced: None,
     }
 }
 

@@ -655,6 +655,7 @@ impl Router {
             retain: false,
             created_ms: now_ms(),
             priority: Priority::Event,
+            unsynced: None,
         };
         upstream.push(message(topic));
         if let Some(response) = &inbound.response_topic {

@@ -1,5 +1,6 @@
 //! Home Assistant MQTT discovery: the messages that make every configured device and
-//! point appear in Home Assistant, on the LAN broker.
+//! point appear in Home Assistant, on the LAN broker and, with `upstream = true`, on
+//! the upstream broker.
 //!
 //! One discovery topic per entity, `{ha}/{component}/{node}/{device}__{point}/config`
 //! (per-entity discovery, which every Home Assistant version with MQTT discovery reads),
@@ -24,9 +25,18 @@
 //!   interval at which the point publishes (its heartbeat with a deadband; none with a
 //!   deadband and no heartbeat, since an unchanged value is then never repeated).
 //!
+//! Upstream, the messages go through the store like the readings (retained, priority
+//! `event`), so they wait out an outage and the uplink sends them retained when the
+//! broker allows retained messages. The topics they name (states, statuses, commands)
+//! are the same upstream as on the LAN broker. Upstream there is no answer to Home
+//! Assistant's birth (the agent does not subscribe to `{ha}/status` there; the
+//! upstream broker keeps the retained messages) and no clearing at start of what an
+//! earlier run left retained (the agent cannot list the upstream broker's retained
+//! topics); a reload clears what it removes on both.
+//!
 //! Invariants:
-//! - Every message is retained; all of them are published again when Home Assistant
-//!   announces `online` on `{ha}/status`.
+//! - Every message is retained; all of them are published again on the LAN broker
+//!   when Home Assistant announces `online` there on `{ha}/status`.
 //! - `unique_id` is `{node}_{device}__{point}` (as ids), so it survives restarts and
 //!   reloads; only renaming the device or point (or `node_id`) makes a new entity.
 //! - A reload that drops a device or point publishes an empty retained message on each
@@ -43,11 +53,13 @@ use serde_json::{json, Map, Value as Json};
 use tokio_util::sync::CancellationToken;
 
 use crate::broker::BrokerHandle;
+use crate::clock::now_ms;
 use crate::config::HomeAssistantConfig;
 use crate::field::schedule::Band;
 use crate::field::{BusKind, DataType, HaComponent, ResolvedBus, StateClass};
 use crate::field::{ResolvedDevice, ResolvedPoint};
 use crate::mqtt::QoS;
+use crate::store::{Done, Message, Priority, Queue};
 use crate::topics::{discovery_id, discovery_object_id, Discovery, Topics};
 
 /// Discovery topic → its JSON payload.
@@ -323,68 +335,89 @@ fn expire_after(every: Option<Duration>, polls: u32) -> Option<u64> {
     Some(secs.max(1))
 }
 
-/// Publishes the discovery messages on the LAN broker and keeps them current.
+/// The upstream broker as a destination of discovery messages: through the store,
+/// like the readings, so they wait out an outage.
+#[derive(Clone)]
+pub struct Upstream {
+    pub queue: Queue,
+    pub qos: QoS,
+}
+
+/// Publishes the discovery messages on the LAN broker and (optionally) upstream, and
+/// keeps them current.
 #[derive(Clone)]
 pub struct Announcer {
-    broker: BrokerHandle,
+    lan: Option<BrokerHandle>,
+    upstream: Option<Upstream>,
     announced: Arc<Mutex<Announcements>>,
 }
 
 impl Announcer {
     /// Clears what an earlier run announced for `node` (retained on the LAN broker)
-    /// that `initial` no longer has, publishes `initial`, and answers Home Assistant's
-    /// `online` on `{ha}/status` with all messages again, until `stop`.
-    pub fn start(
-        broker: BrokerHandle,
+    /// that `initial` no longer has, publishes `initial` on the LAN broker and
+    /// upstream, and answers Home Assistant's `online` on the LAN broker's
+    /// `{ha}/status` with all messages again (there), until `stop`.
+    pub async fn start(
+        lan: Option<BrokerHandle>,
+        upstream: Option<Upstream>,
         config: &HomeAssistantConfig,
         node: &str,
         initial: Announcements,
         stop: CancellationToken,
     ) -> Announcer {
         let ha = Discovery::new(&config.discovery_prefix);
-        let stale: Vec<String> = broker
-            .retained_topics(&ha.node_filter(node))
-            .into_iter()
-            .filter(|topic| !initial.contains_key(topic))
-            .collect();
-        for topic in &stale {
-            broker.publish(topic, Bytes::new(), QoS::AtLeastOnce, true);
+        let stale: Vec<String> = lan.as_ref().map_or_else(Vec::new, |broker| {
+            broker
+                .retained_topics(&ha.node_filter(node))
+                .into_iter()
+                .filter(|topic| !initial.contains_key(topic))
+                .collect()
+        });
+        if let Some(broker) = &lan {
+            for topic in &stale {
+                broker.publish(topic, Bytes::new(), QoS::AtLeastOnce, true);
+            }
         }
         let announcer = Announcer {
-            broker,
+            lan,
+            upstream,
             announced: Arc::new(Mutex::new(initial)),
         };
-        announcer.publish_all();
+        announcer.publish_lan();
+        announcer.publish_upstream(Vec::new()).await;
         tracing::info!(
             entities = announcer.count(),
             removed = stale.len(),
             prefix = %config.discovery_prefix,
+            lan = announcer.lan.is_some(),
+            upstream = announcer.upstream.is_some(),
             "Home Assistant discovery announced"
         );
-        let status = ha.status();
-        let mut births = announcer.broker.tap(&status, 8);
-        let again = announcer.clone();
-        tokio::spawn(async move {
-            loop {
-                tokio::select! {
-                    () = stop.cancelled() => break,
-                    tapped = births.recv() => match tapped {
-                        Some(t) if t.payload.as_ref() == b"online" => {
-                            again.publish_all();
-                            tracing::info!(entities = again.count(), "Home Assistant came online: discovery announced again");
-                        }
-                        Some(_) => {}
-                        None => break,
-                    },
+        if let Some(broker) = &announcer.lan {
+            let mut births = broker.tap(&ha.status(), 8);
+            let again = announcer.clone();
+            tokio::spawn(async move {
+                loop {
+                    tokio::select! {
+                        () = stop.cancelled() => break,
+                        tapped = births.recv() => match tapped {
+                            Some(t) if t.payload.as_ref() == b"online" => {
+                                again.publish_lan();
+                                tracing::info!(entities = again.count(), "Home Assistant came online: discovery announced again");
+                            }
+                            Some(_) => {}
+                            None => break,
+                        },
+                    }
                 }
-            }
-        });
+            });
+        }
         announcer
     }
 
     /// Replaces the announced set: an empty retained message for each topic `new` no
-    /// longer has, then every message of `new`.
-    pub fn update(&self, new: Announcements) {
+    /// longer has, then every message of `new`, on the LAN broker and upstream.
+    pub async fn update(&self, new: Announcements) {
         let removed: Vec<String> = {
             let Ok(mut announced) = self.announced.lock() else {
                 return;
@@ -397,26 +430,63 @@ impl Announcer {
             *announced = new;
             removed
         };
-        for topic in &removed {
-            self.broker
-                .publish(topic, Bytes::new(), QoS::AtLeastOnce, true);
+        if let Some(broker) = &self.lan {
+            for topic in &removed {
+                broker.publish(topic, Bytes::new(), QoS::AtLeastOnce, true);
+            }
         }
-        self.publish_all();
+        self.publish_lan();
+        let count = removed.len();
+        self.publish_upstream(removed).await;
         tracing::info!(
-            removed = removed.len(),
+            removed = count,
             entities = self.count(),
             "Home Assistant discovery updated"
         );
     }
 
-    fn publish_all(&self) {
-        let Ok(announced) = self.announced.lock() else {
+    fn publish_lan(&self) {
+        let (Some(broker), Ok(announced)) = (&self.lan, self.announced.lock()) else {
             return;
         };
         for (topic, payload) in announced.iter() {
-            self.broker
-                .publish(topic, Bytes::from(payload.clone()), QoS::AtLeastOnce, true);
+            broker.publish(topic, Bytes::from(payload.clone()), QoS::AtLeastOnce, true);
         }
+    }
+
+    /// Queues an empty retained message for each of `removed`, then every announced
+    /// message, retained, for the upstream broker.
+    async fn publish_upstream(&self, removed: Vec<String>) {
+        let Some(upstream) = &self.upstream else {
+            return;
+        };
+        let created_ms = now_ms();
+        let message = |topic: String, payload: Bytes| Message {
+            topic,
+            payload,
+            qos: upstream.qos,
+            retain: true,
+            created_ms,
+            priority: Priority::Event,
+            unsynced: None,
+        };
+        let mut messages: Vec<Message> = removed
+            .into_iter()
+            .map(|topic| message(topic, Bytes::new()))
+            .collect();
+        if let Ok(announced) = self.announced.lock() {
+            messages.extend(
+                announced
+                    .iter()
+                    .map(|(topic, payload)| message(topic.clone(), Bytes::from(payload.clone()))),
+            );
+        }
+        let done: Done = Box::new(|result| {
+            if let Err(err) = result {
+                tracing::warn!(error = %err, "Home Assistant discovery not queued for the upstream broker");
+            }
+        });
+        upstream.queue.submit(messages, done).await;
     }
 
     fn count(&self) -> usize {
@@ -665,12 +735,29 @@ ha_component = "sensor"
     }
 
     #[test]
-    fn discovery_needs_the_lan_broker_and_id_characters() {
+    fn discovery_needs_the_broker_it_announces_on_and_id_characters() {
         let err = crate::config::parse("test.toml", &FILE.replace("[broker]\n", ""))
             .unwrap_err()
             .to_string();
         assert!(
             err.contains("homeassistant: discovery is announced on the LAN broker"),
+            "{err}"
+        );
+        let upstream_only = FILE
+            .replace(
+                "[broker]\n",
+                "[upstream]\nurl = \"mqtt://127.0.0.1:1883\"\n",
+            )
+            .replace("[homeassistant]\n", "[homeassistant]\nupstream = true\n");
+        assert!(crate::config::parse("test.toml", &upstream_only).is_ok());
+        let err = crate::config::parse(
+            "test.toml",
+            &FILE.replace("[homeassistant]\n", "[homeassistant]\nupstream = true\n"),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.contains("homeassistant.upstream: discovery upstream needs an [upstream]"),
             "{err}"
         );
         let file = FILE.replace("[homeassistant]\n", "[homeassistant]\nnode_id = \"gw/1\"\n");

@@ -12,11 +12,15 @@
 //!  "upstream":{"state":"connected","last_error":null,"connects":1,"published":36000,...},
 //!  "lan":{"clients":3,"messages_sent":108000,"denied":0},
 //!  "commands":{"ok":12,"failed":0,"duplicates":1,"refused":{"out_of_range":2}},
+//!  "time":{"synced":true,"unsynced":0,"corrected":0,"correction_failures":0},
 //!  "dropped":{"store_refused":0,"queue":0,"upstream":0,"lan":0},
 //!  "buses":{"rs485":{"requests":7200,"failed_requests":0,"readings":36000,
 //!           "garbage_lines":0,"devices":{"meter1":"online","meter2":"quarantined"}}}}
 //! ```
 //!
+//! `time.synced` is whether the wall clock is synchronized now; `unsynced` counts the
+//! readings sent with `"time":"unsynced"`, `corrected` those corrected after the sync
+//! (see `crate::time`).
 //! `disk` is the store's filesystem: `state` is `writable`, `full` (readings wait in
 //! the memory buffer, `buffered`), `read_only` or `failing`; `free_bytes` what is free
 //! on that filesystem, `store_bytes` the queue file with its WAL.
@@ -48,6 +52,7 @@ use crate::clock::now_ms;
 use crate::field::{ResolvedBus, StatsSnapshot};
 use crate::mqtt::QoS;
 use crate::store::{Done, Message, Priority, Queue};
+use crate::time::TimeCounters;
 use crate::topics::Topics;
 use crate::uplink::UplinkHandle;
 
@@ -70,6 +75,7 @@ pub struct Health {
     pub devices: DeviceStates,
     pub buses: BusMap,
     pub commands: Arc<CommandCounters>,
+    pub time: Arc<TimeCounters>,
 }
 
 impl Health {
@@ -118,6 +124,15 @@ impl Health {
             }),
         );
         report.insert("commands".into(), self.commands.json());
+        report.insert(
+            "time".into(),
+            json!({
+                "synced": self.time.synced.load(Ordering::Relaxed),
+                "unsynced": self.time.unsynced.load(Ordering::Relaxed),
+                "corrected": self.time.corrected.load(Ordering::Relaxed),
+                "correction_failures": self.time.correction_failures.load(Ordering::Relaxed),
+            }),
+        );
         let mut dropped = Map::new();
         dropped.insert(
             "store_refused".into(),
@@ -220,6 +235,7 @@ impl Health {
                 retain: false,
                 created_ms: now_ms(),
                 priority: Priority::Periodic,
+                unsynced: None,
             };
             // Handed over without waiting for the commit: a full disk must not stop the
             // report.

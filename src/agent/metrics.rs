@@ -18,6 +18,7 @@ use std::sync::Arc;
 use bytes::Bytes;
 
 use super::health::{bus_snapshots, Health};
+use super::recent::Recent;
 use crate::field::{StatsSnapshot, FAILURE_QUALITIES, LATENCY_BUCKETS};
 use crate::http::Page;
 use crate::store::DiskState;
@@ -36,9 +37,10 @@ const USER_HZ: f64 = 100.0;
 /// One counter of a bus's stats.
 type BusFigure = fn(&StatsSnapshot) -> u64;
 
-/// The figures' sources: the health report's own.
+/// The figures' sources: the health report's own, and the points' readings.
 pub struct Metrics {
     pub health: Arc<Health>,
+    pub recent: Arc<Recent>,
 }
 
 impl Metrics {
@@ -92,6 +94,33 @@ impl Metrics {
             "counter",
             "Readings the store refused (they reached the LAN broker only).",
             self.health.counters.store_failed.load(Relaxed) as f64,
+        );
+        let time = &self.health.time;
+        out.single(
+            "fieldbridge_clock_synchronized",
+            "gauge",
+            "1 while the wall clock is synchronized to a time source, 0 while readings are marked unsynced.",
+            f64::from(u8::from(time.synced.load(Relaxed))),
+        );
+        out.singles(
+            "counter",
+            &[
+                (
+                    "fieldbridge_readings_unsynced_total",
+                    "Readings sent while the wall clock was not synchronized (marked \"time\":\"unsynced\").",
+                    time.unsynced.load(Relaxed),
+                ),
+                (
+                    "fieldbridge_readings_corrected_total",
+                    "Readings taken before the clock's sync whose time was corrected from the boot clock (marked \"time\":\"corrected\").",
+                    time.corrected.load(Relaxed),
+                ),
+                (
+                    "fieldbridge_clock_correction_failures_total",
+                    "Corrections of the stored readings' times that failed and were retried.",
+                    time.correction_failures.load(Relaxed),
+                ),
+            ],
         );
     }
 
@@ -184,6 +213,24 @@ impl Metrics {
                         name,
                         &[("bus", &bus.name), ("device", device), ("state", candidate)],
                         f64::from(u8::from(state == candidate)),
+                    );
+                }
+            }
+        }
+        let name = "fieldbridge_readings_total";
+        out.family(
+            name,
+            "counter",
+            "Readings published per device and point kind (holding, input, coil, discrete, line), \
+             after deadband filtering, bad quality included; since the agent started.",
+        );
+        for bus in &buses {
+            for (device, _) in &bus.devices {
+                for (kind, count) in self.recent.readings_by_kind(device) {
+                    out.sample(
+                        name,
+                        &[("bus", &bus.name), ("device", device), ("kind", kind)],
+                        count as f64,
                     );
                 }
             }

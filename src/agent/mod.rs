@@ -4,7 +4,7 @@
 //! bus tasks ──(bounded mpsc)──► pipeline ─┬─► local broker (in-process publish)
 //!  (supervised)                           └─► store ◄── uplink drains it
 //! health ──► local broker + store        signals ──► reload / shutdown
-//! http (/metrics) ◄── the same counters the health report reads
+//! http (/metrics, /, /api/status) ◄── the health report's counters + recent (per point)
 //! ```
 //!
 //! Invariants:
@@ -17,8 +17,9 @@
 //! - A reload (SIGHUP) replaces the bus tasks and re-reads the broker's password and
 //!   ACL files; the store, the upstream session and the pipeline are never touched. A
 //!   new config that fails validation is rejected and the running one stays.
-//! - With `[homeassistant]`, the discovery messages go out once the broker runs and
-//!   follow each reload of the device maps ([`discovery`]).
+//! - With `[homeassistant]`, the discovery messages go out once the broker runs (and
+//!   the store is open, with `upstream = true`) and follow each reload of the device
+//!   maps ([`discovery`]).
 //! - A panicking bus task is restarted with backoff by [`supervisor`]; it never ends
 //!   the agent.
 
@@ -28,7 +29,10 @@ pub mod discovery;
 mod health;
 mod metrics;
 mod pipeline;
+mod recent;
 pub mod signals;
+mod sparkplug;
+mod status;
 mod supervisor;
 pub mod systemd;
 
@@ -49,6 +53,7 @@ use crate::field::{self, FieldEvent, ResolvedBus};
 use crate::http::{self, HttpHandle};
 use crate::mqtt::QoS;
 use crate::store::{self, Queue};
+use crate::time::{TimeCounters, TimeKeeper};
 use crate::topics::Topics;
 use crate::uplink::{self, Uplink, UplinkHandle};
 
@@ -153,22 +158,32 @@ impl Agent {
         let resolved = field::resolve(&config.field)?;
         let writable = resolved.iter().any(ResolvedBus::has_writable_points);
         let broker = start_broker(&config, &topics).await?;
-        let (queue, uplink, upstream_commands) = open_upstream(&config, &topics, writable)?;
+        let time = TimeKeeper::new(
+            config.time.source(),
+            config.time.require_sync,
+            Arc::default(),
+        );
+        let (queue, uplink, upstream_commands, sparkplug) =
+            open_upstream(&config, &topics, writable, &resolved, time.holds_upstream()).await?;
         let outputs = Outputs {
             topics,
             broker,
             queue,
             uplink,
+            sparkplug,
             counters: Arc::default(),
             devices: Arc::default(),
             commands: Arc::default(),
+            time: time.counters().clone(),
+            recent: Arc::default(),
         };
+        outputs.recent.configure(&resolved);
 
         let (events, events_rx) = mpsc::channel(config.agent.channel_capacity);
         let pipeline_beat = Heartbeat::new("pipeline");
         let pipeline = tokio::spawn(
             outputs
-                .pipeline(&config)
+                .pipeline(&config, time)
                 .run(events_rx, pipeline_beat.clone()),
         );
 
@@ -177,7 +192,9 @@ impl Agent {
         let buses = start_buses(resolved, events.clone(), supervisor_beat.clone());
 
         let background = CancellationToken::new();
-        let discovery = outputs.start_discovery(&config, &bus_map, &background);
+        let discovery = outputs
+            .start_discovery(&config, &bus_map, &background)
+            .await;
         if writable {
             outputs.start_commands(&config, &bus_map, &events, upstream_commands, &background);
         }
@@ -186,7 +203,7 @@ impl Agent {
         let health = tokio::spawn(report.clone().run(background.clone(), health_beat.clone()));
         let http = match &config.http {
             Some(http_config) => {
-                let routes = routes(report, &config)?;
+                let routes = routes(report, outputs.recent.clone(), &config)?;
                 let handle = http::start(http_config, routes, background.clone()).await?;
                 tracing::info!(addr = %handle.local_addr(), "http endpoint listening");
                 Some(handle)
@@ -242,7 +259,21 @@ impl Agent {
         } else {
             None
         };
-        for section in ["agent", "store", "upstream", "http", "homeassistant"] {
+        if maps_changed && self.outputs.sparkplug.is_some() {
+            tracing::warn!(
+                "devices or points changed: Sparkplug births keep the devices and metrics \
+                 of the start until the next restart (readings of new points are not sent \
+                 upstream until then)"
+            );
+        }
+        for section in [
+            "agent",
+            "store",
+            "upstream",
+            "http",
+            "homeassistant",
+            "time",
+        ] {
             if self.config.section_changed(&new, section) {
                 tracing::warn!(
                     section,
@@ -286,12 +317,15 @@ impl Agent {
                 if let Ok(mut map) = self.bus_map.lock() {
                     map.clone_from(&resolved);
                 }
+                self.outputs.recent.configure(&resolved);
                 if let (Some(announcer), Some(ha)) = (&self.discovery, &self.config.homeassistant) {
-                    announcer.update(discovery::announcements(
-                        ha,
-                        &self.outputs.topics,
-                        &resolved,
-                    ));
+                    announcer
+                        .update(discovery::announcements(
+                            ha,
+                            &self.outputs.topics,
+                            &resolved,
+                        ))
+                        .await;
                 }
                 let count = resolved.len();
                 self.buses = Some(start_buses(
@@ -413,32 +447,59 @@ async fn start_broker(config: &Config, topics: &Topics) -> Result<Option<BrokerH
 }
 
 /// Opens the store and spawns the uplink that drains it, when there is an
-/// `[upstream]`; LAN-only there is neither.
+/// `[upstream]`; LAN-only there is neither. With `hold` (`time.require_sync` before
+/// the sync) the store holds its rows back from the uplink from the start.
 /// With `writable` points the uplink also subscribes to the command topics, and their
 /// messages are returned for the command router.
+/// With `format = "sparkplug"` the edge node is returned too, for the pipeline, and
+/// DCMD writes reach the router as set commands.
 type UpstreamParts = (
     Option<Queue>,
     Option<Arc<UplinkHandle>>,
     Option<mpsc::Receiver<crate::mqtt::Publish>>,
+    Option<sparkplug::Node>,
 );
 
-fn open_upstream(config: &Config, topics: &Topics, writable: bool) -> Result<UpstreamParts, Error> {
+async fn open_upstream(
+    config: &Config,
+    topics: &Topics,
+    writable: bool,
+    buses: &[ResolvedBus],
+    hold: bool,
+) -> Result<UpstreamParts, Error> {
     let Some(upstream) = &config.upstream else {
         tracing::info!("no [upstream]: LAN-only, no store");
-        return Ok((None, None, None));
+        return Ok((None, None, None, None));
     };
     let queue = Queue::open(config.store.clone())?;
+    if hold {
+        queue.hold(true).await;
+        tracing::info!(
+            "time.require_sync: readings wait in the store until the clock is synchronized"
+        );
+    }
     let mut upstream = upstream.clone();
     if writable {
         upstream.subscribe.push(topics.command("+", "+"));
     }
-    let mut uplink = Uplink::spawn(upstream, topics.prefix().to_string(), queue.clone())?;
+    let node = (upstream.format == uplink::PayloadFormat::Sparkplug)
+        .then(|| sparkplug::Node::new(&upstream, buses));
+    let format = node.as_ref().map(|node| {
+        let bd_seq = crate::sparkplug::BdSeqFile::beside(&config.store.path);
+        node.format(&upstream, bd_seq, writable)
+    });
+    let mut uplink =
+        Uplink::spawn_with_format(upstream, topics.prefix().to_string(), queue.clone(), format)?;
     let incoming = if writable {
         uplink.take_incoming()
     } else {
         None
     };
-    Ok((Some(queue), Some(Arc::new(uplink)), incoming))
+    let incoming = match (&node, incoming) {
+        (Some(node), Some(incoming)) => Some(node.commands(incoming, topics.clone())),
+        (_, incoming) => incoming,
+    };
+    Ok((Some(queue), Some(Arc::new(uplink)), incoming, node))
 }
 
 /// Where the pipeline and the health report send things, and the figures they share.
@@ -447,9 +508,14 @@ struct Outputs {
     broker: Option<BrokerHandle>,
     queue: Option<Queue>,
     uplink: Option<Arc<UplinkHandle>>,
+    /// The Sparkplug edge node, with `[upstream] format = "sparkplug"`.
+    sparkplug: Option<sparkplug::Node>,
     counters: Arc<Counters>,
     devices: pipeline::DeviceStates,
     commands: Arc<commands::CommandCounters>,
+    time: Arc<TimeCounters>,
+    /// Every point's last readings, for the status page and `/metrics`.
+    recent: Arc<recent::Recent>,
 }
 
 impl Outputs {
@@ -487,30 +553,45 @@ impl Outputs {
         tokio::spawn(router.run(lan, upstream, stop.clone()));
     }
 
-    /// Announces the devices of `buses` to Home Assistant on the LAN broker, when
-    /// there is a `[homeassistant]` (validation makes it come with a `[broker]`).
-    fn start_discovery(
+    /// Announces the devices of `buses` to Home Assistant on the LAN broker and, with
+    /// `upstream = true`, upstream, when there is a `[homeassistant]` (validation makes
+    /// it come with the parts it announces on).
+    async fn start_discovery(
         &self,
         config: &Config,
         buses: &health::BusMap,
         stop: &CancellationToken,
     ) -> Option<discovery::Announcer> {
-        let (ha, broker) = (config.homeassistant.as_ref()?, self.broker.as_ref()?);
+        let ha = config.homeassistant.as_ref()?;
+        let upstream = match (&self.queue, ha.upstream) {
+            (Some(queue), true) => Some(discovery::Upstream {
+                queue: queue.clone(),
+                qos: config.agent.qos(),
+            }),
+            _ => None,
+        };
+        if self.broker.is_none() && upstream.is_none() {
+            return None;
+        }
         let announcements = match buses.lock() {
             Ok(buses) => discovery::announcements(ha, &self.topics, &buses),
             Err(_) => return None,
         };
-        Some(discovery::Announcer::start(
-            broker.clone(),
-            ha,
-            &discovery::node_id(ha, &self.topics),
-            announcements,
-            stop.clone(),
-        ))
+        Some(
+            discovery::Announcer::start(
+                self.broker.clone(),
+                upstream,
+                ha,
+                &discovery::node_id(ha, &self.topics),
+                announcements,
+                stop.clone(),
+            )
+            .await,
+        )
     }
 
     /// The pipeline, sending to these outputs.
-    fn pipeline(&self, config: &Config) -> pipeline::Pipeline {
+    fn pipeline(&self, config: &Config, time: TimeKeeper) -> pipeline::Pipeline {
         pipeline::Pipeline {
             topics: self.topics.clone(),
             qos: config.agent.qos(),
@@ -523,6 +604,9 @@ impl Outputs {
             queue: self.queue.clone(),
             counters: self.counters.clone(),
             devices: self.devices.clone(),
+            time,
+            recent: self.recent.clone(),
+            sparkplug: self.sparkplug.clone(),
         }
     }
 
@@ -540,6 +624,7 @@ impl Outputs {
             devices: self.devices.clone(),
             buses,
             commands: self.commands.clone(),
+            time: self.time.clone(),
         }
     }
 
@@ -556,16 +641,31 @@ impl Outputs {
     }
 }
 
-/// The HTTP endpoint's pages: `/metrics` from the health report's sources.
+/// The HTTP endpoint's pages: `/metrics`, the status page `/` and its `/api/status`,
+/// from the health report's sources and the points' recent readings.
 ///
 /// A bind outside loopback asks for the users of the broker's password file (the
 /// config refuses such a bind without one); the file is read at start.
-fn routes(health: Arc<health::Health>, config: &Config) -> Result<http::Routes, Error> {
-    let metrics = Arc::new(metrics::Metrics { health });
-    let routes = http::Routes::default().get("/metrics", move || {
-        let metrics = metrics.clone();
-        async move { metrics.page().await }
+fn routes(
+    health: Arc<health::Health>,
+    recent: Arc<recent::Recent>,
+    config: &Config,
+) -> Result<http::Routes, Error> {
+    let metrics = Arc::new(metrics::Metrics {
+        health: health.clone(),
+        recent: recent.clone(),
     });
+    let status = Arc::new(status::Status { health, recent });
+    let routes = http::Routes::default()
+        .get("/metrics", move || {
+            let metrics = metrics.clone();
+            async move { metrics.page().await }
+        })
+        .get("/", || async { status::Status::html() })
+        .get("/api/status", move || {
+            let status = status.clone();
+            async move { status.page().await }
+        });
     let needs_login = config
         .http
         .as_ref()

@@ -3,9 +3,10 @@
 //! Invariants:
 //! - A reading is published to the local broker as soon as it arrives (in-process,
 //!   never blocking) and handed to the store in batches; it counts as accepted only
-//!   once the store has committed it (the store calls back, see
-//!   [`Queue::submit`]). Without a store (LAN-only) a reading is accepted once handed
-//!   to the local broker.
+//!   once it is durable: committed by the store, or acknowledged by the upstream
+//!   broker while the store still held it in memory (the fast path; the store calls
+//!   back on the earlier of the two, see [`Queue::submit`]). Without a store
+//!   (LAN-only) a reading is accepted once handed to the local broker.
 //! - The pipeline never waits for a commit: a batch is handed to the store thread as
 //!   soon as the previous one is queued there, so a full or read-only disk never stops
 //!   it reading (the store keeps what it cannot write in its bounded memory buffer and
@@ -14,8 +15,12 @@
 //! - Everything is bounded: the input channel, and the pending batch (at most
 //!   `batch_max`; only while the store thread has a full request channel, i.e. is
 //!   stuck in one disk call, does the pipeline stop reading).
-//! - Every reading handed to the store is counted once: `accepted` when committed,
+//! - Every reading handed to the store is counted once: `accepted` when durable,
 //!   `store_failed` when refused or dropped before it was stored.
+//! - Readings are marked and corrected by the time keeper ([`TimeKeeper`]) as they
+//!   enter; when the clock's sync arrives (looked at every heartbeat tick) the pending
+//!   batch is corrected at once and the store's correction is handed over like a
+//!   batch, behind the batches handed over before it.
 //! - When every sender is gone, [`Pipeline::run`] hands over what is pending, waits
 //!   until the store has answered every batch and returns: this is the "commit the
 //!   pipeline" step of a shutdown (bounded by the agent's shutdown timeout).
@@ -31,12 +36,14 @@ use bytes::Bytes;
 use tokio::sync::{mpsc, Notify};
 use tokio::time::Instant;
 
+use super::recent::Recent;
 use super::systemd::{Heartbeat, BEAT_PERIOD};
 use crate::broker::BrokerHandle;
 use crate::field::{DeviceState, FieldEvent};
 use crate::future::maybe;
 use crate::mqtt::QoS;
 use crate::store::{Done, Message, Priority, Queue};
+use crate::time::TimeKeeper;
 use crate::topics::Topics;
 
 /// Handing a batch to the store thread that takes longer than this counts as a
@@ -46,7 +53,8 @@ const HANDOVER_STALL: Duration = Duration::from_secs(20);
 /// Figures the health report and the tests read.
 #[derive(Debug, Default)]
 pub struct Counters {
-    /// Readings accepted: committed to the store, or published locally when LAN-only.
+    /// Readings accepted: committed to the store or acknowledged upstream before that,
+    /// or published locally when LAN-only.
     pub accepted: AtomicU64,
     /// Readings the store refused or dropped before storing them (the store logs why
     /// and counts them by reason); they reached the local broker.
@@ -102,13 +110,19 @@ pub struct Pipeline {
     pub queue: Option<Queue>,
     pub counters: Arc<Counters>,
     pub devices: DeviceStates,
+    pub time: TimeKeeper,
+    /// Every reading is noted here for the status page.
+    pub recent: Arc<Recent>,
+    /// With `[upstream] format = "sparkplug"`: what the store gets instead of the JSON
+    /// message (the local broker keeps JSON).
+    pub sparkplug: Option<super::sparkplug::Node>,
 }
 
 type Handover = Pin<Box<dyn Future<Output = ()> + Send>>;
 
 impl Pipeline {
     /// Runs until every sender of `events` is gone and the store answered every batch.
-    pub async fn run(self, mut events: mpsc::Receiver<FieldEvent>, heartbeat: Heartbeat) {
+    pub async fn run(mut self, mut events: mpsc::Receiver<FieldEvent>, heartbeat: Heartbeat) {
         let mut pending: Vec<Message> = Vec::new();
         let mut pending_readings = 0u64;
         let mut handover: Option<Handover> = None;
@@ -119,6 +133,12 @@ impl Pipeline {
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
 
         loop {
+            if let (None, Some(queue)) = (&handover, &self.queue) {
+                if let Some(work) = self.time.store_work(queue) {
+                    handover = Some(work);
+                    handover_since = Instant::now();
+                }
+            }
             if handover.is_none() && !pending.is_empty() {
                 if let Some(queue) = &self.queue {
                     let batch = std::mem::take(&mut pending);
@@ -145,6 +165,9 @@ impl Pipeline {
                 }
                 () = maybe(&mut handover) => handover = None,
                 _ = ticker.tick() => {
+                    if self.time.check() {
+                        self.time.correct_pending(&mut pending);
+                    }
                     let stalled = handover.is_some() && handover_since.elapsed() > HANDOVER_STALL;
                     if !stalled {
                         heartbeat.beat();
@@ -157,7 +180,12 @@ impl Pipeline {
 
     /// Publishes one event locally and queues it for the store; returns how many
     /// readings now wait for a commit (0 or 1).
-    fn handle(&self, event: FieldEvent, pending: &mut Vec<Message>) -> u64 {
+    fn handle(&self, mut event: FieldEvent, pending: &mut Vec<Message>) -> u64 {
+        let unsynced = self.time.mark(&mut event);
+        let upstream = self
+            .sparkplug
+            .as_ref()
+            .map(|node| node.row(&event, self.qos));
         let out = self.outgoing(event);
         let payload = Bytes::from(out.payload);
         if let Some(broker) = &self.broker {
@@ -170,14 +198,23 @@ impl Pipeline {
                 .fetch_add(out.readings, Ordering::Relaxed);
             return 0;
         }
-        pending.push(Message {
-            topic: out.topic,
-            payload,
-            qos: self.qos,
-            retain: out.retain_upstream,
-            created_ms: out.created_ms,
-            priority: out.priority,
-        });
+        let message = match upstream {
+            None => Message {
+                topic: out.topic,
+                payload,
+                qos: self.qos,
+                retain: out.retain_upstream,
+                created_ms: out.created_ms,
+                priority: out.priority,
+                unsynced,
+            },
+            // The boot-clock stamp decides its age; a correction leaves the edge node's
+            // rows as they are (not JSON), marked.
+            Some(Some(row)) => Message { unsynced, ..row },
+            // Nothing of it goes upstream (a batch summary in Sparkplug).
+            Some(None) => return 0,
+        };
+        pending.push(message);
         out.readings
     }
 
@@ -185,21 +222,27 @@ impl Pipeline {
     /// report.
     fn outgoing(&self, event: FieldEvent) -> Outgoing {
         match event {
-            FieldEvent::Reading(reading) => Outgoing {
-                topic: self
-                    .topics
-                    .point(&reading.device, &reading.point, reading.topic.as_deref()),
-                payload: reading.payload_json(),
-                retain: self.retain,
-                retain_upstream: self.retain_upstream,
-                priority: Priority::Periodic,
-                created_ms: reading.ts_ms,
-                readings: 1,
-            },
+            FieldEvent::Reading(reading) => {
+                self.recent.record(&reading);
+                Outgoing {
+                    topic: self.topics.point(
+                        &reading.device,
+                        &reading.point,
+                        reading.topic.as_deref(),
+                    ),
+                    payload: reading.payload_json(),
+                    retain: self.retain,
+                    retain_upstream: self.retain_upstream,
+                    priority: Priority::Periodic,
+                    created_ms: reading.ts_ms,
+                    readings: 1,
+                }
+            }
             FieldEvent::Batch {
                 device,
                 payload_json,
                 ts_ms,
+                ..
             } => Outgoing {
                 topic: self.topics.device_batch(&device),
                 payload: payload_json,
@@ -258,6 +301,8 @@ mod tests {
             value: Some(Value::UInt(n)),
             unit: None,
             ts_ms: crate::clock::now_ms(),
+            mono_ms: crate::clock::mono_ms(),
+            time: crate::field::TimeMark::Synced,
             quality: Quality::Good,
         })
     }
@@ -273,6 +318,9 @@ mod tests {
             queue: Some(queue.clone()),
             counters: counters.clone(),
             devices: DeviceStates::default(),
+            time: TimeKeeper::new(Arc::new(crate::clock::TrustedClock), false, Arc::default()),
+            recent: Arc::default(),
+            sparkplug: None,
         }
     }
 

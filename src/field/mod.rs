@@ -66,7 +66,7 @@ pub use config::{
 pub use decode::{ByteOrder, DataType, RegisterKind};
 pub use link::{Disconnect, ReadError};
 pub use probe::{probe, ProbeError, ProbeTarget, ProbeTransport};
-pub use reading::{DeviceState, FieldEvent, Quality, Reading, Value};
+pub use reading::{retime_payload, DeviceState, FieldEvent, Quality, Reading, TimeMark, Value};
 pub use resolve::{PlannedWrite, ResolvedBus, StatsSnapshot, FAILURE_QUALITIES, LATENCY_BUCKETS};
 pub(crate) use resolve::{ResolvedDevice, ResolvedPoint};
 pub use write::{Refusal, Requested, WriteOp};

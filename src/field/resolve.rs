@@ -25,7 +25,7 @@ use super::config::{
 use super::decode::{ByteOrder, Codec};
 use super::link::ReadError;
 use super::plan::{Limits, PointSpan, ReadPlan};
-use super::reading::{Quality, Reading, Value};
+use super::reading::{Quality, Reading, TimeMark, Value};
 use super::schedule::Band;
 use super::write::{encode, Refusal, Requested, WriteOp, WriteSpec};
 
@@ -250,6 +250,8 @@ impl ResolvedDevice {
             value,
             unit: p.unit.clone(),
             ts_ms,
+            mono_ms: crate::clock::mono_at(ts_ms),
+            time: TimeMark::Synced,
             quality,
         }
     }

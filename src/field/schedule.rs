@@ -13,6 +13,9 @@
 //! - Without a deadband every reading is published. With one, a reading is published when
 //!   it is the first, its quality changed, its value moved beyond the band since the last
 //!   published value, or the heartbeat would be late by the next chance to publish.
+//! - Every time here is tokio's monotonic `Instant`, never the wall clock: a wall clock
+//!   set back or forward (NTP after a boot without RTC) moves no poll, no backoff and no
+//!   heartbeat. Readings take their timestamps elsewhere (`crate::clock`).
 
 use std::time::Duration;
 

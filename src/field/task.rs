@@ -175,6 +175,7 @@ impl DeviceRun {
                 device: self.spec.name.clone(),
                 payload_json,
                 ts_ms: started_ms,
+                mono_ms: crate::clock::mono_at(started_ms),
             });
         }
         if let Some(state) = self.health.record(outcome) {

@@ -7,8 +7,12 @@
 //!   what the transaction did ([`Written`]); the worker applies it only after the
 //!   commit (`Worker::applied`). A failed transaction thus leaves every buffer as it
 //!   was, for the retry.
-//! - Ids are handed out in buffer order from `next_id` and saturate at `i64::MAX`; an
-//!   insert with a taken id fails and is retried like a full disk.
+//! - Rows are inserted under the ids the buffer gave them at append (saturating at
+//!   `i64::MAX`; an insert with a taken id fails and is retried like a full disk), with
+//!   the flow state recorded for them in memory; acknowledged buffered rows are not
+//!   written at all.
+//! - The persisted `next_id` is the worker's reservation (`Counters::next_id`), never
+//!   lowered here.
 //! - Sizes read back from the file may have been written by something else: a negative
 //!   one counts as 0, and totals saturate.
 
@@ -60,6 +64,17 @@ impl Work {
         }
     }
 
+    /// Counters alone (with the acks and flow updates that wait): a new reservation of
+    /// ids for rows handed out from memory.
+    pub fn reserve() -> Work {
+        Work {
+            inserts: false,
+            retention: false,
+            counters: true,
+            deletes: usize::MAX,
+        }
+    }
+
     /// The periodic sweep: retention (age) and counters, no inserts.
     pub fn sweep() -> Work {
         Work {
@@ -74,8 +89,8 @@ impl Work {
 /// What a committed transaction did, applied to the in-memory state after the commit.
 #[derive(Default)]
 pub(super) struct Written {
-    /// Ids per inserted batch, in buffer order (the first `ids.len()` batches).
-    pub ids: Vec<Vec<i64>>,
+    /// How many batches from the front of the buffer this transaction inserted.
+    pub batches: usize,
     /// Acknowledged ids whose delete this transaction holds.
     pub acked: Vec<i64>,
     pub added_rows: u64,
@@ -95,7 +110,6 @@ pub(super) struct State<'a> {
     pub flows: &'a [Flow],
     pub rows: u64,
     pub bytes: u64,
-    pub next_id: i64,
     pub counters: Counters,
     pub scan_from: [i64; 3],
 }
@@ -111,10 +125,9 @@ pub(super) fn write(
         ..Written::default()
     };
     let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-    let mut next_id = state.next_id;
     if work.inserts {
         let batches = state.buffer.prefix(state.config.commit_max_rows);
-        insert_batches(&tx, state.buffer, batches, &mut next_id, &mut written)?;
+        insert_batches(&tx, state.buffer, batches, &mut written)?;
     }
     if !state.cursor.acking().is_empty() {
         delete_acked(&tx, state.cursor, work.deletes, &mut written)?;
@@ -127,7 +140,6 @@ pub(super) fn write(
     }
     written.counters.appended += written.added_rows;
     written.counters.commits += 1;
-    written.counters.next_id = next_id;
     if work.counters {
         written.counters.store(&tx)?;
     }
@@ -139,19 +151,19 @@ fn insert_batches(
     tx: &Transaction<'_>,
     buffer: &Buffer,
     batches: usize,
-    next_id: &mut i64,
     written: &mut Written,
 ) -> Result<(), rusqlite::Error> {
     let mut insert = tx.prepare_cached(
-        "INSERT INTO message (id, topic, payload, qos, retain, created_ms, priority, size) \
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+        "INSERT INTO message \
+         (id, topic, payload, qos, retain, created_ms, priority, size, pkid, pubrec, boot, \
+         mono_ms) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)",
     )?;
     for batch in buffer.batches().take(batches) {
-        let mut ids = Vec::with_capacity(batch.messages.len());
-        for m in &batch.messages {
+        for (id, row) in batch.live() {
+            let m = &row.message;
             let size = m.stored_size();
             insert.execute(params![
-                *next_id,
+                id,
                 m.topic,
                 m.payload.as_ref(),
                 m.qos as u8,
@@ -159,14 +171,17 @@ fn insert_batches(
                 m.created_ms,
                 m.priority as u8,
                 i64::try_from(size).unwrap_or(i64::MAX),
+                row.flow.map(|(pkid, _)| pkid),
+                row.flow.is_some_and(|(_, pubrec)| pubrec),
+                m.unsynced.map(|s| s.boot),
+                m.unsynced
+                    .map(|s| i64::try_from(s.mono_ms).unwrap_or(i64::MAX)),
             ])?;
-            ids.push(*next_id);
-            *next_id = next_id.saturating_add(1);
             written.added_rows += 1;
             written.added_bytes += size;
         }
-        written.ids.push(ids);
     }
+    written.batches = batches;
     Ok(())
 }
 

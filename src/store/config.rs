@@ -49,8 +49,15 @@ pub struct StoreConfig {
     pub path: PathBuf,
     /// Group commit: appended readings are written in one transaction at most this many
     /// milliseconds after the first of them arrived. Bounds commits per second, hence
-    /// flash wear. Default 100.
+    /// flash wear. With the fast path it is also how long a fresh reading may wait in
+    /// memory for the upstream broker's acknowledgement before it is written (and what
+    /// kill -9 may lose of readings not yet acknowledged). Default 100.
     pub commit_interval_ms: u64,
+    /// The fast path: a fresh reading is offered to the uplink at once, from memory,
+    /// and one the upstream broker acknowledges (PUBACK at QoS 1, PUBCOMP at QoS 2)
+    /// within `commit_interval_ms` is never written to the disk. `false`: every
+    /// reading is committed first and read back from the store. Default `true`.
+    pub fast_path: bool,
     /// Group commit: a transaction is written at once when this many rows are waiting.
     /// Default 1000.
     pub commit_max_rows: usize,
@@ -92,6 +99,7 @@ impl Default for StoreConfig {
         StoreConfig {
             path: PathBuf::from("/var/lib/fieldbridge/queue.db"),
             commit_interval_ms: 100,
+            fast_path: true,
             commit_max_rows: 1000,
             flow_commit_ms: 0,
             synchronous: Synchronous::Normal,

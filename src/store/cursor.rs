@@ -4,6 +4,9 @@
 //! Invariants:
 //! - The marks live in memory only: after a restart or crash every stored row is pending
 //!   again. `next` reads the file and writes nothing.
+//! - `in_flight` also holds the rows the fast path handed out from the memory buffer
+//!   ([`Cursor::handed_from_memory`]): when their batch commits they are stored rows in
+//!   flight like any other, so `next` never reads them again.
 //! - A row id in `in_flight` or `acking` is never handed out by `next` and never chosen
 //!   by a retention drop ([`Cursor::is_taken`]); `acking` rows are deleted by the next
 //!   commit, which then calls [`Cursor::acks_committed`].
@@ -12,6 +15,8 @@
 //!   the rows after `position`, never the in-flight and acknowledged rows in front. New
 //!   rows get ids above every stored id, hence above `position`.
 //! - A `next` that fails hands nothing out: what it took is put back.
+//! - While held ([`Cursor::hold`], `time.require_sync` before the first sync) `next`
+//!   hands nothing out and moves nothing.
 
 use std::collections::{BTreeSet, HashSet};
 
@@ -28,6 +33,7 @@ pub(super) struct Cursor {
     position: i64,
     /// Released rows at or below `position`: `next` hands them out first.
     released: BTreeSet<i64>,
+    held: bool,
 }
 
 impl Cursor {
@@ -37,7 +43,18 @@ impl Cursor {
             acking: HashSet::new(),
             position: i64::MIN,
             released: BTreeSet::new(),
+            held: false,
         }
+    }
+
+    /// Holds every row back from `next` (true) or hands them out again (false).
+    pub fn hold(&mut self, held: bool) {
+        self.held = held;
+    }
+
+    /// Whether rows are held back from `next` (from memory too, on the fast path).
+    pub fn held(&self) -> bool {
+        self.held
     }
 
     /// Whether the row is in flight or acknowledged: not to be handed out or dropped.
@@ -65,6 +82,16 @@ impl Cursor {
         for id in ids {
             self.acking.remove(id);
         }
+    }
+
+    /// Rows handed out from the memory buffer are in flight.
+    pub fn handed_from_memory(&mut self, ids: impl IntoIterator<Item = i64>) {
+        self.in_flight.extend(ids);
+    }
+
+    /// An acknowledged row that was never stored: it is no longer in flight.
+    pub fn acked_in_memory(&mut self, id: i64) {
+        self.in_flight.remove(&id);
     }
 
     pub fn ack(&mut self, ids: Vec<i64>) {
@@ -97,7 +124,7 @@ impl Cursor {
         order: DrainOrder,
     ) -> Result<Vec<Stored>, rusqlite::Error> {
         let mut out = Vec::with_capacity(max.min(1024));
-        if max == 0 {
+        if max == 0 || self.held {
             return Ok(out);
         }
         match order {

@@ -10,9 +10,10 @@ use rusqlite::{params, Connection, ErrorCode, OpenFlags, OptionalExtension, Row}
 
 use super::config::Synchronous;
 use super::error::Error;
-use super::message::{Message, Priority, Stored};
+use super::message::{pkid_for_row, Message, Priority, Stored};
 use super::space::Space;
 use super::stats::{DiskState, DropCounts, Stats};
+use crate::clock::Stamp;
 use crate::mqtt::QoS;
 
 /// `PRAGMA user_version` of the format this build writes.
@@ -29,17 +30,28 @@ CREATE TABLE IF NOT EXISTS message (
     priority INTEGER NOT NULL,
     size INTEGER NOT NULL,
     pkid INTEGER,
-    pubrec INTEGER NOT NULL DEFAULT 0
+    pubrec INTEGER NOT NULL DEFAULT 0,
+    boot INTEGER,
+    mono_ms INTEGER
 );
+CREATE INDEX IF NOT EXISTS message_unsynced ON message (boot) WHERE mono_ms IS NOT NULL;
 CREATE TABLE IF NOT EXISTS counter (
     name TEXT PRIMARY KEY,
     value INTEGER NOT NULL
 ) WITHOUT ROWID;
 ";
 
+/// Columns of a file written before readings carried a boot-clock stamp, added at open:
+/// older builds of the same format read such a file as before (they name their columns).
+const STAMP_COLUMNS: &str = "
+ALTER TABLE message ADD COLUMN boot INTEGER;
+ALTER TABLE message ADD COLUMN mono_ms INTEGER;
+CREATE INDEX IF NOT EXISTS message_unsynced ON message (boot) WHERE mono_ms IS NOT NULL;
+";
+
 /// Columns read by [`stored_from_row`], in order.
 pub(super) const STORED_COLUMNS: &str =
-    "id, topic, payload, qos, retain, created_ms, priority, pkid, pubrec";
+    "id, topic, payload, qos, retain, created_ms, priority, pkid, pubrec, boot, mono_ms";
 
 /// How long a statement waits for a lock held by another connection (a `read_stats`
 /// reader, or a second agent started by mistake).
@@ -54,12 +66,17 @@ pub(super) struct Counters {
     pub commits: u64,
     pub commit_failures: u64,
     pub bytes_written: u64,
-    /// The next row id to hand out, so ids keep growing across restarts.
+    /// Every id below this may have been given out (stored, or handed out from memory
+    /// by the fast path): ids keep growing across restarts and crashes.
     pub next_id: i64,
+    /// Ids from here up to `next_id` that are not stored may be QoS 2 flows of rows
+    /// that lived in memory only, open at the upstream broker when the process
+    /// stopped: the uplink releases their packet ids after a crash (see `store/mod.rs`).
+    pub unswept_from: i64,
 }
 
 impl Counters {
-    fn pairs(&self) -> [(&'static str, i64); 12] {
+    fn pairs(&self) -> [(&'static str, i64); 13] {
         let c = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
         [
             ("appended", c(self.appended)),
@@ -73,6 +90,7 @@ impl Counters {
             ("commit_failures", c(self.commit_failures)),
             ("bytes_written", c(self.bytes_written)),
             ("next_id", self.next_id),
+            ("unswept_from", self.unswept_from),
             ("format", FORMAT_VERSION),
         ]
     }
@@ -91,6 +109,7 @@ impl Counters {
             "commit_failures" => self.commit_failures = v,
             "bytes_written" => self.bytes_written = v,
             "next_id" => self.next_id = value,
+            "unswept_from" => self.unswept_from = value,
             _ => {}
         }
     }
@@ -278,6 +297,14 @@ impl Db {
         )?;
         if tables < 2 {
             conn.execute_batch(SCHEMA)?;
+        }
+        let stamped: i64 = conn.query_row(
+            "SELECT COUNT(*) FROM pragma_table_info('message') WHERE name = 'mono_ms'",
+            [],
+            |r| r.get(0),
+        )?;
+        if stamped == 0 {
+            conn.execute_batch(STAMP_COLUMNS)?;
         }
         if version != FORMAT_VERSION {
             conn.execute_batch(&format!("PRAGMA user_version = {FORMAT_VERSION}"))?;
@@ -486,11 +513,58 @@ pub(super) fn priority_from_db(value: i64) -> Priority {
     }
 }
 
+/// Most ids a sweep covers (the newest): a few thousand packet ids always stay free for
+/// the uplink's own use.
+const SWEEP_MAX: i64 = 65_535 - 4_096;
+
+/// The packet ids of QoS 2 flows that rows held only in memory may have left open at
+/// the upstream broker: those of the ids in `from..to` that are not stored, less every
+/// packet id a stored QoS 2 row may be open under (its own flow resumes it, and a
+/// PUBREL sent for it would release the message before its resumed PUBLISH).
+pub(super) fn unswept_flows(
+    conn: &Connection,
+    from: i64,
+    to: i64,
+) -> Result<Vec<u16>, rusqlite::Error> {
+    let from = from.max(1).max(to.saturating_sub(SWEEP_MAX));
+    if from >= to {
+        return Ok(Vec::new());
+    }
+    let mut candidates = vec![false; 65_536];
+    {
+        let mut stored = conn.prepare("SELECT id FROM message WHERE id >= ?1 AND id < ?2")?;
+        let stored: std::collections::HashSet<i64> = stored
+            .query_map(params![from, to], |r| r.get(0))?
+            .collect::<Result<_, _>>()?;
+        for id in from..to {
+            if !stored.contains(&id) {
+                candidates[usize::from(pkid_for_row(id))] = true;
+            }
+        }
+    }
+    let mut open = conn.prepare("SELECT id, pkid FROM message WHERE qos = 2")?;
+    let mut rows = open.query([])?;
+    while let Some(row) = rows.next()? {
+        let id: i64 = row.get(0)?;
+        let pkid: Option<i64> = row.get(1)?;
+        let pkid = pkid
+            .and_then(|p| u16::try_from(p).ok())
+            .filter(|&p| p != 0)
+            .unwrap_or_else(|| pkid_for_row(id));
+        candidates[usize::from(pkid)] = false;
+    }
+    Ok((1..=u16::MAX)
+        .filter(|&p| candidates[usize::from(p)])
+        .collect())
+}
+
 /// Maps a row selected with [`STORED_COLUMNS`]. Out-of-range values (a file written by
 /// something else) are clamped rather than blocking the queue.
 pub(super) fn stored_from_row(row: &Row<'_>) -> Result<Stored, rusqlite::Error> {
     let qos: i64 = row.get(3)?;
     let pkid: Option<i64> = row.get(7)?;
+    let boot: Option<i64> = row.get(9)?;
+    let mono_ms: Option<i64> = row.get(10)?;
     Ok(Stored {
         id: row.get(0)?,
         message: Message {
@@ -503,6 +577,10 @@ pub(super) fn stored_from_row(row: &Row<'_>) -> Result<Stored, rusqlite::Error> 
             retain: row.get(4)?,
             created_ms: row.get(5)?,
             priority: priority_from_db(row.get(6)?),
+            unsynced: boot.zip(mono_ms).map(|(boot, mono)| Stamp {
+                boot,
+                mono_ms: u64::try_from(mono).unwrap_or(0),
+            }),
         },
         pkid: pkid.and_then(|p| u16::try_from(p).ok()),
         pubrec: row.get(8)?,

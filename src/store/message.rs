@@ -1,12 +1,14 @@
 //! What the queue stores: a reading encoded as an MQTT message, its drop class, and the
 //! stored row `next` hands out.
 //!
-//! Invariants: a message counts [`Message::stored_size`] bytes for `max_bytes` and
+//! Invariants: a QoS 2 row is published under [`pkid_for_row`] of its id unless it
+//! carries another packet id; a message counts [`Message::stored_size`] bytes for `max_bytes` and
 //! [`super::Stats::bytes`], the same when it is appended as when it is dropped or
 //! delivered; priorities order as drop classes (periodic < event < alarm).
 
 use bytes::Bytes;
 
+use crate::clock::Stamp;
 use crate::mqtt::QoS;
 
 /// Bytes counted per row on top of topic and payload, for `max_bytes` and
@@ -33,6 +35,10 @@ pub struct Message {
     /// Wall clock, milliseconds since the Unix epoch.
     pub created_ms: i64,
     pub priority: Priority,
+    /// Set when the message was made while the wall clock was not synchronized: the
+    /// boot and boot-clock time of its reading, so a later sync can correct
+    /// `created_ms` and the payload ([`super::Queue::retime`]).
+    pub unsynced: Option<Stamp>,
 }
 
 impl Message {
@@ -51,6 +57,14 @@ pub struct Stored {
     pub pkid: Option<u16>,
     /// QoS 2: PUBREC was received, so the flow resumes at PUBREL.
     pub pubrec: bool,
+}
+
+/// The packet id a QoS 2 row is published under unless the store holds another one
+/// (the uplink's rule, here because the store also needs it: the packet ids of flows
+/// cut by a crash, see `store/mod.rs`).
+pub fn pkid_for_row(id: i64) -> u16 {
+    // Row ids start at 1; packet ids run 1..=65535.
+    u16::try_from((id - 1).rem_euclid(65_535) + 1).unwrap_or(1)
 }
 
 /// Which end of the backlog `next` hands out first.

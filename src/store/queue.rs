@@ -17,10 +17,12 @@ use std::thread::JoinHandle;
 use tokio::sync::{oneshot, watch, Semaphore};
 
 use super::config::StoreConfig;
-use super::db::{Counters, Db};
+use super::db::{self, Counters, Db};
 use super::error::Error;
 use super::message::{DrainOrder, Message, Stored};
-use super::request::{Command, Done, Flow, Reply, Request, CHANNEL_CAPACITY};
+use super::request::{
+    Command, Done, Flow, Reply, Request, Retime, Retimed, Rewrite, CHANNEL_CAPACITY,
+};
 use super::space::Space;
 use super::stats::Stats;
 use super::worker::Worker;
@@ -68,6 +70,18 @@ impl Queue {
         let db = Db::open(&config.path, config.synchronous, &mut space)?;
         let counters = Counters::load(&db.conn)?;
         let (rows, bytes, max_id) = db.totals()?;
+        let unswept = if counters.unswept_from > 0 {
+            db::unswept_flows(&db.conn, counters.unswept_from, counters.next_id)?
+        } else {
+            Vec::new()
+        };
+        if !unswept.is_empty() {
+            tracing::info!(
+                packet_ids = unswept.len(),
+                "the agent stopped without closing the store: QoS 2 flows of readings held \
+                 in memory may be open at the upstream broker, the uplink releases them"
+            );
+        }
         tracing::info!(path = %config.path.display(), rows, bytes, "store opened");
         let (pending_tx, pending_rx) = watch::channel(rows);
         let (requests, inbox) = std_mpsc::channel();
@@ -102,6 +116,7 @@ impl Queue {
             rows,
             bytes,
             max_id,
+            unswept,
             pending_tx,
         );
         let thread = std::thread::Builder::new()
@@ -237,6 +252,59 @@ impl Queue {
             })
         })
         .await
+    }
+
+    /// Corrects the times of the rows and buffered messages stamped in boot `boot`
+    /// ([`Message::unsynced`]) once the wall clock is synchronized: `created_ms`
+    /// becomes `offset_ms + mono_ms`, the payload is what `rewrite` makes of it for
+    /// that change (`None` leaves the row as it is), and the stamp goes. Rows in flight
+    /// are not touched. Like [`Queue::submit`] it resolves once the thread has the
+    /// request, behind every batch submitted before it; `done` gets the outcome on the
+    /// store thread.
+    pub async fn retime(
+        &self,
+        boot: i64,
+        offset_ms: i64,
+        rewrite: Rewrite,
+        done: Box<dyn FnOnce(Result<Retimed, Error>) + Send>,
+    ) {
+        let retime = Retime {
+            boot,
+            offset_ms,
+            rewrite,
+        };
+        if let Err(Command::Retime { done, .. }) = self.send(Command::Retime { retime, done }).await
+        {
+            done(Err(Error::Closed(Vec::new())));
+        }
+    }
+
+    /// Holds every row back from [`Queue::next`] (`true`: it hands out nothing) or
+    /// hands them out again (`false`, and the `pending` watch fires). Resolves once
+    /// the thread has the request; requests after it see it in force.
+    pub async fn hold(&self, held: bool) {
+        let _ = self.send(Command::Hold { held }).await;
+    }
+
+    /// The packet ids of QoS 2 flows that rows held only in memory may have left open at
+    /// the upstream broker when the process before this one stopped without closing the
+    /// store (kill -9, power cut). The uplink sends PUBREL for each on its first
+    /// connection that resumes the broker session, before any new packet id, then calls
+    /// [`Queue::flows_swept`]. Stored rows' packet ids are never among them.
+    ///
+    /// # Errors
+    /// [`Error::Closed`].
+    pub async fn unswept_flows(&self) -> Result<Vec<u16>, Error> {
+        self.call(|reply| Command::Unswept { reply }).await
+    }
+
+    /// The flows [`Queue::unswept_flows`] gave are released (or the broker session that
+    /// held them is gone); recorded with the next counters write.
+    ///
+    /// # Errors
+    /// [`Error::Closed`].
+    pub async fn flows_swept(&self) -> Result<(), Error> {
+        self.call(|reply| Command::Swept { reply }).await
     }
 
     /// A snapshot of depth, bytes, ages and counters.

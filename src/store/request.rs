@@ -14,6 +14,7 @@ use tokio::sync::{oneshot, OwnedSemaphorePermit};
 
 use super::error::Error;
 use super::message::{DrainOrder, Message, Stored};
+
 use super::stats::Stats;
 
 /// Requests waiting for the store thread; callers beyond it wait for a slot. The thread
@@ -46,6 +47,23 @@ pub(super) enum Command {
         reply: Reply<()>,
     },
     SetFlow(Flow),
+    /// A clock correction (see [`super::Queue::retime`]); answered through `done`.
+    Retime {
+        retime: Retime,
+        done: Box<dyn FnOnce(Result<Retimed, Error>) + Send>,
+    },
+    /// Holds rows back from `next`, or hands them out again; not answered.
+    Hold {
+        held: bool,
+    },
+    /// The packet ids to release after a crash (`Queue::unswept_flows`).
+    Unswept {
+        reply: Reply<Vec<u16>>,
+    },
+    /// The uplink released them (`Queue::flows_swept`).
+    Swept {
+        reply: Reply<()>,
+    },
     Stats {
         reply: Reply<Stats>,
     },
@@ -73,6 +91,28 @@ pub(super) struct Flow {
     pub pkid: u16,
     pub pubrec: bool,
     pub reply: Reply<()>,
+}
+
+/// Rewrites a payload for a correction of `delta_ms`; `None` leaves it as it is.
+pub type Rewrite = fn(&[u8], i64) -> Option<Vec<u8>>;
+
+/// What a correction asks for.
+pub struct Retime {
+    pub boot: i64,
+    /// The true wall time at boot-clock zero.
+    pub offset_ms: i64,
+    pub rewrite: Rewrite,
+}
+
+/// What a correction did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Retimed {
+    /// Messages corrected (stored rows and buffered messages).
+    pub rows: u64,
+    /// Stamped rows left as they were because they are in flight upstream.
+    pub in_flight: u64,
+    /// How the stored bytes changed (payloads change length).
+    pub bytes_delta: i64,
 }
 
 pub(super) struct Request {

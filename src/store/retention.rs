@@ -10,6 +10,12 @@
 //!   and are by age only.
 //! - A creation time before 2020 ([`CLOCK_SET_MS`]) comes from a gateway whose clock was
 //!   not set: such rows are exempt from `max_age_secs`.
+//! - Each age is measured on the clock it can be trusted on: a row stamped while the wall
+//!   clock was not synchronized (`mono_ms` set) by the boot clock when it is of this
+//!   boot, and not at all when it is of an earlier boot (its true age is unknown; it
+//!   gives way to `max_rows`/`max_bytes` only); every other row by the wall clock. A
+//!   wall clock set back makes rows look younger, never older: they are kept longer,
+//!   never dropped early. Queue order is id order, whatever the clocks do.
 //! - Each choice costs about the rows it drops: the age sweep stops at the first young
 //!   row and looks at no more than [`AGE_SCAN_ROWS`]; `drop_oldest` resumes each class
 //!   where its previous drop ended (`scan_from`).
@@ -101,11 +107,25 @@ fn by_age(
     choice: &mut Choice,
 ) -> Result<(), rusqlite::Error> {
     let cutoff = age_cutoff(config);
-    let mut by_age =
-        tx.prepare_cached("SELECT id, size, created_ms FROM message ORDER BY id LIMIT ?1")?;
+    let boot = crate::clock::boot_id();
+    let max_age_ms = config.max_age_secs.saturating_mul(1000);
+    let now_mono = crate::clock::mono_ms();
+    let mut by_age = tx.prepare_cached(
+        "SELECT id, size, created_ms, boot, mono_ms FROM message ORDER BY id LIMIT ?1",
+    )?;
     let mut cursor = by_age.query([AGE_SCAN_ROWS])?;
     while let Some(row) = cursor.next()? {
         let (id, size, created): (i64, i64, i64) = (row.get(0)?, row.get(1)?, row.get(2)?);
+        let stamp: (Option<i64>, Option<i64>) = (row.get(3)?, row.get(4)?);
+        if let (row_boot, Some(mono)) = stamp {
+            let age = now_mono.saturating_sub(u64::try_from(mono).unwrap_or(u64::MAX));
+            let this_boot = row_boot.is_some() && row_boot == boot;
+            if this_boot && age > max_age_ms && !skip(&id) {
+                choice.take(id, u64::try_from(size).unwrap_or(0), DropReason::MaxAge);
+                choice.chosen.insert(id);
+            }
+            continue;
+        }
         if created >= cutoff {
             break;
         }

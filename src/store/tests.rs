@@ -28,6 +28,7 @@ fn message(topic: &str, n: u32, priority: Priority) -> Message {
         retain: false,
         created_ms: crate::clock::now_ms(),
         priority,
+        unsynced: None,
     }
 }
 
@@ -835,4 +836,237 @@ mod model {
                 .block_on(run(ops));
         }
     }
+}
+
+/// A store whose group commit waits long enough for a test to act inside the window.
+fn slow_commit(path: &Path, commit_interval_ms: u64) -> StoreConfig {
+    StoreConfig {
+        commit_interval_ms,
+        ..config(path)
+    }
+}
+
+/// Submits a batch; the receiver gets its answer (the earlier of commit and ack).
+async fn submit(queue: &Queue, batch: Vec<Message>) -> tokio::sync::oneshot::Receiver<Vec<i64>> {
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    queue
+        .submit(
+            batch,
+            Box::new(move |result| {
+                let _ = tx.send(result.expect("accepted"));
+            }),
+        )
+        .await;
+    rx
+}
+
+fn qos2(mut batch: Vec<Message>) -> Vec<Message> {
+    for m in &mut batch {
+        m.qos = QoS::ExactlyOnce;
+    }
+    batch
+}
+
+#[tokio::test]
+async fn fast_path_a_reading_acked_within_the_window_is_accepted_and_never_written() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("q.db");
+    let queue = Queue::open(slow_commit(&path, 60_000)).expect("open");
+    let accepted = submit(&queue, batch("a", 0..5)).await;
+    let fresh = queue.next(10, DrainOrder::OldestFirst).await.expect("next");
+    assert_eq!(
+        numbers(&fresh),
+        vec![0, 1, 2, 3, 4],
+        "offered before any commit"
+    );
+    queue
+        .ack(fresh.iter().map(|s| s.id).collect())
+        .await
+        .expect("ack");
+    let ids = tokio::time::timeout(Duration::from_secs(5), accepted)
+        .await
+        .expect("accepted on the ack, not at a commit a minute later")
+        .expect("answer");
+    assert_eq!(ids, fresh.iter().map(|s| s.id).collect::<Vec<_>>());
+    let stats = queue.stats().await.expect("stats");
+    assert_eq!((stats.depth, stats.buffered, stats.in_flight), (0, 0, 0));
+    assert_eq!((stats.appended, stats.delivered), (5, 5));
+    // A crash now: had the rows been written, their deletes (not committed) would bring
+    // them back.
+    queue.crash().await;
+    let queue = Queue::open(config(&path)).expect("reopen");
+    assert!(queue
+        .next(10, DrainOrder::OldestFirst)
+        .await
+        .expect("next")
+        .is_empty());
+    queue.close().await.expect("close");
+}
+
+#[tokio::test]
+async fn fast_path_an_unacknowledged_reading_is_committed_after_the_window_with_its_flow() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("q.db");
+    let queue = Queue::open(slow_commit(&path, 200)).expect("open");
+    let accepted = submit(&queue, qos2(batch("a", 0..3))).await;
+    let fresh = queue.next(10, DrainOrder::OldestFirst).await.expect("next");
+    assert_eq!(fresh.len(), 3);
+    // PUBREC of the first one while it is in memory: recorded at once, no commit.
+    queue
+        .set_flow(fresh[0].id, 42, true)
+        .await
+        .expect("set_flow");
+    assert_eq!(queue.stats().await.expect("stats").depth, 0);
+    queue.ack(vec![fresh[2].id]).await.expect("ack");
+    tokio::time::timeout(Duration::from_secs(5), accepted)
+        .await
+        .expect("committed within the window")
+        .expect("answer");
+    let stats = queue.stats().await.expect("stats");
+    assert_eq!((stats.depth, stats.in_flight), (2, 2));
+    assert!(
+        queue
+            .next(10, DrainOrder::OldestFirst)
+            .await
+            .expect("next")
+            .is_empty(),
+        "committed rows stay in flight, never handed out twice"
+    );
+    queue.crash().await;
+    let queue = Queue::open(config(&path)).expect("reopen");
+    let back = queue.next(10, DrainOrder::OldestFirst).await.expect("next");
+    assert_eq!(
+        numbers(&back),
+        vec![0, 1],
+        "the acked one was never written"
+    );
+    assert_eq!((back[0].pkid, back[0].pubrec), (Some(42), true));
+    assert_eq!((back[1].pkid, back[1].pubrec), (None, false));
+    queue.close().await.expect("close");
+}
+
+#[tokio::test]
+async fn fast_path_a_crash_reports_the_packet_ids_of_flows_held_only_in_memory() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("q.db");
+    // A stored QoS 2 row, in flight: its packet id is its own flow's, never swept.
+    let queue = Queue::open(config(&path)).expect("open");
+    let stored = queue.append(qos2(batch("a", 0..1))).await.expect("append");
+    queue.close().await.expect("close");
+    let queue = Queue::open(slow_commit(&path, 60_000)).expect("open");
+    let _accepted = submit(&queue, qos2(batch("a", 1..4))).await;
+    let out = queue.next(10, DrainOrder::OldestFirst).await.expect("next");
+    assert_eq!(out.len(), 4);
+    assert_eq!(out[0].id, stored[0]);
+    queue.ack(vec![out[1].id]).await.expect("ack");
+    queue.crash().await;
+
+    let queue = Queue::open(config(&path)).expect("reopen");
+    let unswept = queue.unswept_flows().await.expect("unswept");
+    for row in &out[1..] {
+        assert!(
+            unswept.contains(&pkid_for_row(row.id)),
+            "memory row {} may hold its packet id at the broker",
+            row.id
+        );
+    }
+    assert!(!unswept.contains(&pkid_for_row(stored[0])));
+    // New rows never reuse an id (hence a packet id) a memory row may have had.
+    let new = queue.append(batch("b", 0..1)).await.expect("append");
+    assert!(
+        new[0] > out[3].id + 1000,
+        "ids restart above the reservation"
+    );
+    assert!(!unswept.contains(&pkid_for_row(new[0])));
+    queue.flows_swept().await.expect("swept");
+    queue.close().await.expect("close");
+    let queue = Queue::open(config(&path)).expect("reopen");
+    assert!(queue.unswept_flows().await.expect("unswept").is_empty());
+    queue.close().await.expect("close");
+}
+
+#[tokio::test]
+async fn fast_path_a_graceful_close_stores_rows_held_in_memory_and_leaves_nothing_to_sweep() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("q.db");
+    let queue = Queue::open(slow_commit(&path, 60_000)).expect("open");
+    let _accepted = submit(&queue, qos2(batch("a", 0..3))).await;
+    let out = queue.next(10, DrainOrder::OldestFirst).await.expect("next");
+    queue
+        .set_flow(out[1].id, out[1].id as u16, true)
+        .await
+        .expect("set_flow");
+    queue.close().await.expect("close");
+    let queue = Queue::open(config(&path)).expect("reopen");
+    assert!(queue.unswept_flows().await.expect("unswept").is_empty());
+    let back = queue.next(10, DrainOrder::OldestFirst).await.expect("next");
+    assert_eq!(numbers(&back), vec![0, 1, 2]);
+    assert!(back[1].pubrec);
+    queue.close().await.expect("close");
+}
+
+#[tokio::test]
+async fn fast_path_off_hands_out_only_committed_rows() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let queue = Queue::open(StoreConfig {
+        fast_path: false,
+        ..slow_commit(&dir.path().join("q.db"), 300)
+    })
+    .expect("open");
+    let accepted = submit(&queue, batch("a", 0..2)).await;
+    assert!(queue
+        .next(10, DrainOrder::OldestFirst)
+        .await
+        .expect("next")
+        .is_empty());
+    accepted.await.expect("committed");
+    assert_eq!(
+        queue
+            .next(10, DrainOrder::OldestFirst)
+            .await
+            .expect("next")
+            .len(),
+        2
+    );
+    queue.close().await.expect("close");
+}
+
+#[tokio::test]
+async fn fast_path_backlog_goes_before_fresh_rows_oldest_first_and_after_newest_first() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("q.db");
+    let queue = Queue::open(config(&path)).expect("open");
+    queue.append(batch("old", 0..3)).await.expect("append");
+    queue.close().await.expect("close");
+    let queue = Queue::open(slow_commit(&path, 60_000)).expect("open");
+    let _accepted = submit(&queue, batch("new", 3..6)).await;
+    let first = queue.next(4, DrainOrder::OldestFirst).await.expect("next");
+    assert_eq!(numbers(&first), vec![0, 1, 2, 3]);
+    queue
+        .release(first.iter().map(|s| s.id).collect())
+        .await
+        .expect("release");
+    let newest = queue.next(4, DrainOrder::NewestFirst).await.expect("next");
+    assert_eq!(numbers(&newest), vec![2, 3, 4, 5]);
+    queue.close().await.expect("close");
+}
+
+#[tokio::test]
+async fn fast_path_a_hold_keeps_buffered_rows_back_too() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let queue = Queue::open(slow_commit(&dir.path().join("q.db"), 60_000)).expect("open");
+    queue.hold(true).await;
+    let _accepted = submit(&queue, batch("a", 0..3)).await;
+    assert!(
+        queue
+            .next(10, DrainOrder::OldestFirst)
+            .await
+            .expect("next")
+            .is_empty(),
+        "held (time.require_sync before the first sync): nothing leaves, from memory either"
+    );
+    queue.hold(false).await;
+    let fresh = queue.next(10, DrainOrder::OldestFirst).await.expect("next");
+    assert_eq!(numbers(&fresh), vec![0, 1, 2]);
+    queue.close().await.expect("close");
 }

@@ -6,6 +6,13 @@
 //! - Only this thread touches the connection.
 //! - Memory changes only after a transaction committed ([`Worker::applied`]); a failed
 //!   transaction leaves every buffer as it was, for the retry.
+//! - A buffered batch is committed at most `commit_interval_ms` after it arrived
+//!   (unless every row of it was acknowledged first, then never); acks of stored rows
+//!   at most that long after the first of them.
+//! - Fast path: a buffered row is handed out only under an id below `reserved`, a value
+//!   of `next_id` already committed, so after a crash no new row reuses the id (hence
+//!   the QoS 2 packet id) of a row that lived in memory only; `unswept_from` is written
+//!   with every counters write so the next start knows which ids those may have been.
 //! - Flow updates are committed at most `flow_commit_ms` after the previous commit;
 //!   the thread takes every request already queued (up to [`CHANNEL_CAPACITY`], and
 //!   until a full group of rows waits) before it decides to commit, so one commit serves
@@ -28,18 +35,26 @@ use super::config::{DropPolicy, StoreConfig};
 use super::cursor::Cursor;
 use super::db::{self, Counters, Db};
 use super::error::Error;
-use super::message::Message;
-use super::request::{Command, Done, Flow, Request, CHANNEL_CAPACITY};
+use super::message::{DrainOrder, Message, Stored};
+use super::request::{Command, Done, Flow, Request, Retime, Retimed, CHANNEL_CAPACITY};
 use super::retention;
+use super::retime;
 use super::space::Space;
 use super::stats::{DiskState, DropReason, Stats};
 
 /// A checkpoint runs at least this often while there are commits, or once the WAL has
 /// grown by half the reserve ([`Space::checkpoint_bytes`]).
 const CHECKPOINT_INTERVAL: Duration = Duration::from_secs(10);
-/// Counters are persisted at most this often (and on close): writing them with every
-/// commit would add a page write per commit.
+/// Counters are persisted with a group commit at most this often (and on close):
+/// writing them with every commit would add a page write per commit.
 const COUNTERS_INTERVAL: Duration = Duration::from_secs(10);
+/// Without group commits (the fast path delivers everything from memory), counters are
+/// written alone at most this often: each such write costs two pages on the medium.
+const COUNTERS_IDLE_INTERVAL: Duration = Duration::from_secs(600);
+/// Ids reserved for rows handed out from memory by one counters write: at 100
+/// readings/s one write every ~3 minutes, and after a crash at most this many packet
+/// ids (plus the rows buffered then) to release.
+const RESERVE_IDS: i64 = 16_384;
 /// Idle queues are checked for rows past `max_age_secs` this often.
 const AGE_SWEEP_INTERVAL: Duration = Duration::from_secs(10);
 /// While the file is held at its size, this often the store looks whether a drain
@@ -62,14 +77,21 @@ pub(super) struct Worker {
     buffer: Buffer,
     cursor: Cursor,
     flows: Vec<Flow>,
-    /// When the oldest uncommitted request arrived.
+    /// When the oldest uncommitted ack or flow update arrived (buffered batches keep
+    /// their own arrival time).
     first_dirty: Option<Instant>,
     /// When the last transaction committed; flow updates wait `flow_spacing` after it.
     last_commit: Instant,
     flow_spacing: Duration,
     rows: u64,
     bytes: u64,
+    /// The id of the next appended row.
     next_id: i64,
+    /// The `next_id` last committed: rows below it may be handed out from memory.
+    reserved: i64,
+    /// Packet ids of QoS 2 flows that a crash may have left open at the upstream
+    /// broker, until the uplink released them ([`Command::Swept`]).
+    unswept: Option<Vec<u16>>,
     counters: Counters,
     counters_saved: Instant,
     counters_dirty: bool,
@@ -104,6 +126,7 @@ impl Worker {
         rows: u64,
         bytes: u64,
         max_id: i64,
+        unswept: Vec<u16>,
         pending: watch::Sender<u64>,
     ) -> Worker {
         let now = Instant::now();
@@ -122,6 +145,8 @@ impl Worker {
             // Ids come from the file: a row id of i64::MAX must not overflow here. Ids
             // saturate, and an insert with a taken id fails and is retried like a full disk.
             next_id: max_id.saturating_add(1).max(counters.next_id).max(1),
+            reserved: counters.next_id,
+            unswept: (!unswept.is_empty()).then_some(unswept),
             counters,
             counters_saved: now,
             counters_dirty: false,
@@ -200,23 +225,52 @@ impl Worker {
         match command {
             Command::Append { batch, done } => self.append(batch, done),
             Command::Next { max, order, reply } => {
-                let out = self.cursor.next(&self.db.conn, max, order);
+                let out = self.next(max, order);
                 let _ = reply.send(out.map_err(Error::from));
             }
             Command::Ack { ids, reply } => {
-                self.cursor.ack(ids);
-                self.mark_dirty();
+                self.ack(ids);
                 let _ = reply.send(Ok(()));
             }
             Command::Release { ids, reply } => {
+                for &id in &ids {
+                    self.buffer.release(id);
+                }
                 if self.cursor.release(ids) > 0 {
                     self.pending.send_replace(self.pending_rows());
                 }
                 let _ = reply.send(Ok(()));
             }
             Command::SetFlow(flow) => {
-                self.flows.push(flow);
-                self.mark_dirty();
+                if self.buffer.set_flow(flow.id, flow.pkid, flow.pubrec) {
+                    // Written with the row's insert if it ever is; until then a crash
+                    // loses the row and its flow together.
+                    let _ = flow.reply.send(Ok(()));
+                } else {
+                    self.flows.push(flow);
+                    self.mark_dirty();
+                }
+            }
+            Command::Unswept { reply } => {
+                let _ = reply.send(Ok(self.unswept.clone().unwrap_or_default()));
+            }
+            Command::Swept { reply } => {
+                if self.unswept.take().is_some() {
+                    // Promptly: until it is written, every later crash adds a
+                    // reservation's worth of ids to the next sweep.
+                    self.counters_dirty = true;
+                    if self.failing.is_none() {
+                        self.write_counters();
+                    }
+                }
+                let _ = reply.send(Ok(()));
+            }
+            Command::Retime { retime, done } => done(self.retime(&retime)),
+            Command::Hold { held } => {
+                self.cursor.hold(held);
+                if !held {
+                    self.pending.send_replace(self.pending_rows());
+                }
             }
             Command::Stats { reply } => {
                 let _ = reply.send(self.stats());
@@ -232,11 +286,117 @@ impl Worker {
         }
     }
 
+    /// A clock correction: the stored rows in steps, each counted towards the next
+    /// checkpoint like a commit, then the buffered messages.
+    fn retime(&mut self, retime: &Retime) -> Result<Retimed, Error> {
+        let mut total = Retimed::default();
+        let mut after = i64::MIN;
+        while let Some(step) = retime::step(retime, &mut self.db.conn, &self.cursor, &mut after)? {
+            self.bytes = self.bytes.saturating_add_signed(step.retimed.bytes_delta);
+            total.rows += step.retimed.rows;
+            total.in_flight += step.retimed.in_flight;
+            total.bytes_delta += step.retimed.bytes_delta;
+            self.wal_estimate += step.written_bytes + 2 * self.db.page_size;
+            if self.wal_estimate >= self.space.checkpoint_bytes() {
+                self.checkpoint();
+            }
+        }
+        total.rows += retime::buffered(retime, &mut self.buffer);
+        Ok(total)
+    }
+
     fn append(&mut self, batch: Vec<Message>, done: Done) {
-        self.buffer.push(batch, done);
-        self.mark_dirty();
+        self.next_id = self.buffer.push(batch, self.next_id, done);
+        if self.config.fast_path {
+            self.pending.send_replace(self.pending_rows());
+        }
         if self.failing.is_some() {
             self.enforce_memory_bound();
+        }
+    }
+
+    /// Stored rows first (oldest first: the backlog before fresh rows; newest first:
+    /// fresh rows before the backlog), then, on the fast path, buffered rows. Nothing
+    /// while the cursor is held.
+    fn next(&mut self, max: usize, order: DrainOrder) -> Result<Vec<Stored>, rusqlite::Error> {
+        if !self.config.fast_path || self.buffer.unhanded() == 0 || self.cursor.held() {
+            return self.cursor.next(&self.db.conn, max, order);
+        }
+        match order {
+            DrainOrder::OldestFirst => {
+                let mut out = self.cursor.next(&self.db.conn, max, order)?;
+                if out.len() < max {
+                    out.extend(self.hand_out_buffered(max - out.len(), order));
+                }
+                Ok(out)
+            }
+            DrainOrder::NewestFirst => {
+                let fresh = self.hand_out_buffered(max, order);
+                match self.cursor.next(&self.db.conn, max - fresh.len(), order) {
+                    Ok(mut out) => {
+                        out.extend(fresh);
+                        Ok(out)
+                    }
+                    Err(error) => {
+                        let ids: Vec<i64> = fresh.iter().map(|s| s.id).collect();
+                        for &id in &ids {
+                            self.buffer.release(id);
+                        }
+                        self.cursor.release(ids);
+                        Err(error)
+                    }
+                }
+            }
+        }
+    }
+
+    /// Hands out buffered rows, under ids already reserved (a reservation is committed
+    /// first when the buffered rows are past it and the disk may be written).
+    fn hand_out_buffered(&mut self, max: usize, order: DrainOrder) -> Vec<Stored> {
+        let retry_due = self
+            .failing
+            .as_ref()
+            .map_or(true, |f| Instant::now() >= f.next_retry);
+        if self.next_id > self.reserved && retry_due {
+            self.reserve();
+        }
+        let rows = self.buffer.hand_out(max, order, self.reserved);
+        self.cursor.handed_from_memory(rows.iter().map(|s| s.id));
+        rows
+    }
+
+    /// Commits a new reservation of ids for rows handed out from memory.
+    fn reserve(&mut self) {
+        self.counters.next_id = self.next_id.saturating_add(RESERVE_IDS);
+        self.write_counters();
+    }
+
+    /// Commits the counters (with the acks and flow updates that wait).
+    fn write_counters(&mut self) {
+        let work = Work::reserve();
+        match self.write(work) {
+            Ok(written) => self.applied(written, work),
+            Err(error) => self.failed(&error),
+        }
+    }
+
+    /// Acknowledged rows: buffered ones are resolved without being written (and counted
+    /// as appended and delivered); stored ones are deleted by the next commit.
+    fn ack(&mut self, ids: Vec<i64>) {
+        let mut stored = Vec::with_capacity(ids.len());
+        for id in ids {
+            if self.buffer.ack(id).is_some() {
+                self.cursor.acked_in_memory(id);
+                self.counters.appended += 1;
+                self.counters.delivered += 1;
+                self.counters_dirty = true;
+            } else {
+                stored.push(id);
+            }
+        }
+        if !stored.is_empty() {
+            self.cursor.ack(stored);
+            self.mark_dirty();
         }
     }
 
@@ -248,8 +408,16 @@ impl Worker {
         self.buffer.rows() > 0 || !self.cursor.acking().is_empty() || !self.flows.is_empty()
     }
 
+    /// Stored rows not taken, and on the fast path buffered rows not handed out.
     fn pending_rows(&self) -> u64 {
-        self.rows.saturating_sub(self.cursor.taken() as u64)
+        let handed = self.buffer.rows().saturating_sub(self.buffer.unhanded());
+        let stored_taken = self.cursor.taken().saturating_sub(handed) as u64;
+        let fresh = if self.config.fast_path {
+            self.buffer.unhanded() as u64
+        } else {
+            0
+        };
+        self.rows.saturating_sub(stored_taken) + fresh
     }
 
     fn next_wake(&self, now: Instant) -> Instant {
@@ -264,10 +432,14 @@ impl Worker {
         }
     }
 
-    /// When the next commit is due by time: the group-commit interval after the first
-    /// uncommitted request, or sooner for flow updates; never before a retry is due.
+    /// When the next commit is due by time: the group-commit interval after the oldest
+    /// buffered batch or the first uncommitted ack, or sooner for flow updates; never
+    /// before a retry is due.
     fn commit_at(&self) -> Option<Instant> {
-        let first = self.first_dirty?;
+        let first = match (self.buffer.oldest(), self.first_dirty) {
+            (Some(a), Some(b)) => a.min(b),
+            (a, b) => a.or(b)?,
+        };
         let mut due = first + self.interval;
         if !self.flows.is_empty() {
             due = due.min(self.last_commit + self.flow_spacing);
@@ -293,6 +465,10 @@ impl Worker {
     /// on (and free pages) while appends cannot be written. On a full filesystem the
     /// file is first held at its size ([`Worker::hold_size`]).
     fn commit(&mut self) {
+        if !self.dirty() {
+            self.first_dirty = None;
+            return;
+        }
         if self.pinned {
             self.try_unpin();
         }
@@ -415,6 +591,11 @@ impl Worker {
     /// Runs one transaction ([`commit::write`]); nothing in memory changes until
     /// [`Worker::applied`].
     fn write(&mut self, work: Work) -> Result<Written, rusqlite::Error> {
+        self.counters.next_id = self.counters.next_id.max(self.next_id);
+        if self.unswept.is_none() {
+            // Rows below the oldest buffered one are stored or finished.
+            self.counters.unswept_from = self.buffer.first_id().unwrap_or(self.next_id);
+        }
         let state = commit::State {
             config: &self.config,
             buffer: &self.buffer,
@@ -422,7 +603,6 @@ impl Worker {
             flows: &self.flows,
             rows: self.rows,
             bytes: self.bytes,
-            next_id: self.next_id,
             counters: self.counters,
             scan_from: self.scan_from,
         };
@@ -432,21 +612,20 @@ impl Worker {
     /// Brings memory in line with a committed transaction and answers its waiters.
     /// The `pending` watch is updated before any waiter hears of the commit, so a
     /// caller whose append resolved sees the new count.
-    fn applied(&mut self, mut written: Written, work: Work) {
+    fn applied(&mut self, written: Written, work: Work) {
         let batches = if work.inserts {
-            self.buffer.take_front(written.ids.len())
+            self.buffer.take_front(written.batches)
         } else {
             VecDeque::new()
         };
         let flows = std::mem::take(&mut self.flows);
-        let ids = std::mem::take(&mut written.ids);
         self.cursor.acks_committed(&written.acked);
         self.take_totals(&written, work);
         self.log_state_changes(&written, work);
         if written.added_rows > 0 {
             self.pending.send_replace(self.pending_rows());
         }
-        buffer::committed(batches, ids);
+        buffer::committed(batches);
         for flow in flows {
             let _ = flow.reply.send(Ok(()));
         }
@@ -462,7 +641,6 @@ impl Worker {
     fn take_totals(&mut self, written: &Written, work: Work) {
         self.rows = (self.rows + written.added_rows).saturating_sub(written.removed_rows);
         self.bytes = (self.bytes + written.added_bytes).saturating_sub(written.removed_bytes);
-        self.next_id = written.counters.next_id;
         self.counters = written.counters;
         if let Some(scan_from) = written.scan_from {
             self.scan_from = scan_from;
@@ -470,10 +648,11 @@ impl Worker {
         if work.counters {
             self.counters_saved = Instant::now();
             self.counters_dirty = false;
+            self.reserved = written.counters.next_id;
         } else {
             self.counters_dirty = true;
         }
-        self.first_dirty = if self.dirty() {
+        self.first_dirty = if !self.cursor.acking().is_empty() || !self.flows.is_empty() {
             Some(Instant::now())
         } else {
             None
@@ -666,7 +845,9 @@ impl Worker {
                 // A reserve that did not fit at open, or was released and not restored.
                 self.space.restore();
             }
-            let sweep = (self.counters_dirty && self.counters_due()) || self.has_expired_rows();
+            let sweep = (self.counters_dirty
+                && self.counters_saved.elapsed() >= COUNTERS_IDLE_INTERVAL)
+                || self.has_expired_rows();
             if sweep && self.failing.is_none() {
                 let work = Work::sweep();
                 match self.write(work) {
@@ -741,6 +922,11 @@ impl Worker {
         let result = match self.write(work) {
             Ok(written) => {
                 self.applied(written, work);
+                if self.unswept.is_none() && self.buffer.rows() == 0 {
+                    // Every row of this process is stored or delivered: no flow of a
+                    // row in memory only is left open (stored rows resume their own).
+                    self.counters.unswept_from = self.counters.next_id;
+                }
                 Ok(())
             }
             Err(error) => self.abandon_buffered(&error),

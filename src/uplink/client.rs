@@ -356,6 +356,14 @@ impl Client {
 
     /// The task: connect, serve, back off, until stopped.
     pub async fn run(mut self, mut stop: oneshot::Receiver<Duration>) {
+        match self.store.queue.unswept_flows().await {
+            Ok(pkids) => self.session.sweep(pkids),
+            Err(error) => {
+                tracing::error!(%error, "the store failed; the uplink stops");
+                self.finish(Stop::Abandoned).await;
+                return;
+            }
+        }
         let connect_timeout = Duration::from_secs(self.config.connect_timeout_secs);
         let stop = loop {
             let attempt = self.backoff.attempt() + 1;
@@ -825,6 +833,14 @@ impl Client {
                 }
                 Effect::PersistFlow { id, pkid, pubrec } => {
                     self.store.flows.push((id, pkid, pubrec))
+                }
+                Effect::Swept => {
+                    // Answered in order with the flow persists; it persists nothing.
+                    let queue = self.store.queue.clone();
+                    self.store.persisting.push(Box::pin(async move {
+                        queue.flows_swept().await?;
+                        Ok(Vec::new())
+                    }));
                 }
                 Effect::Incoming(publish) => {
                     self.counters.incoming.fetch_add(1, Ordering::Relaxed);

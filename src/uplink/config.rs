@@ -97,6 +97,38 @@ pub struct UplinkConfig {
     /// handed to the agent. Default: none.
     #[serde(default)]
     pub subscribe: Vec<String>,
+    /// Payload format upstream: `"json"` (one topic per point, as on the LAN broker) or
+    /// `"sparkplug"` (Sparkplug B 3.0: an edge node with births, deaths and commands;
+    /// see the README). Default: `"json"`.
+    #[serde(default)]
+    pub format: PayloadFormat,
+    /// Sparkplug: the group the edge node belongs to. Required with `format = "sparkplug"`.
+    #[serde(default)]
+    pub group_id: Option<String>,
+    /// Sparkplug: the edge node's name. Default: the host name.
+    #[serde(default)]
+    pub edge_node_id: Option<String>,
+    /// Sparkplug: the primary host application whose `spBv1.0/STATE/<id>` must say
+    /// online before births are sent; when it goes offline the connection is closed.
+    /// Default: none (births right after connecting).
+    #[serde(default)]
+    pub primary_host_id: Option<String>,
+}
+
+/// The gateway's host name, empty when unknown.
+fn host_name() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_owned())
+        .unwrap_or_default()
+}
+
+/// The payload format of `[upstream]`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PayloadFormat {
+    #[default]
+    Json,
+    Sparkplug,
 }
 
 /// TLS settings of the upstream connection (`[upstream.tls]`).
@@ -231,6 +263,10 @@ impl UplinkConfig {
             online_payload: default_online_payload(),
             offline_payload: default_offline_payload(),
             subscribe: Vec::new(),
+            format: PayloadFormat::default(),
+            group_id: None,
+            edge_node_id: None,
+            primary_host_id: None,
         }
     }
 
@@ -242,7 +278,54 @@ impl UplinkConfig {
         self.tls.validate(&mut up.at("tls"));
         self.validate_limits(&mut up);
         self.validate_topics(&mut up);
+        self.validate_sparkplug(&mut up);
         problems.into_vec()
+    }
+
+    /// Sparkplug's ids: set only for that format, each one topic level.
+    fn validate_sparkplug(&self, up: &mut Scope<'_>) {
+        let ids = [
+            ("group_id", &self.group_id),
+            ("edge_node_id", &self.edge_node_id),
+            ("primary_host_id", &self.primary_host_id),
+        ];
+        if self.format != PayloadFormat::Sparkplug {
+            for (key, value) in ids {
+                up.only_for(key, value.is_some(), "format = \"sparkplug\"");
+            }
+            return;
+        }
+        up.check(
+            self.group_id.is_some(),
+            "group_id",
+            "is required with format = \"sparkplug\": the Sparkplug group of this gateway",
+        );
+        for (key, value) in ids {
+            if let Some(id) = value {
+                if up.non_empty(key, id) {
+                    up.check(
+                        !id.contains(['/', '+', '#']),
+                        key,
+                        format!("{id:?} must be one topic level: no '/', '+' or '#'"),
+                    );
+                }
+            }
+        }
+    }
+
+    /// Sparkplug's edge node id: the configured one, or the host name.
+    pub fn edge_node_id(&self) -> String {
+        match &self.edge_node_id {
+            Some(id) => id.clone(),
+            None => {
+                let host = host_name().replace(['/', '+', '#'], "_");
+                if host.is_empty() {
+                    "fieldbridge".to_owned()
+                } else {
+                    host
+                }
+            }
+        }
     }
 
     /// Where to connect and as whom: URL, client id, user name and password source.
@@ -341,9 +424,7 @@ impl UplinkConfig {
         match &self.client_id {
             Some(id) => id.clone(),
             None => {
-                let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
-                    .map(|h| h.trim().to_owned())
-                    .unwrap_or_default();
+                let host = host_name();
                 if host.is_empty() {
                     "fieldbridge".to_owned()
                 } else {
@@ -580,6 +661,30 @@ mod tests {
         assert!(toml::from_str::<UplinkConfig>("url = \"mqtt://h\"\nkeepalive = 5").is_err());
         assert!(toml::from_str::<UplinkConfig>("url = \"mqtt://h\"\n[tls]\nca = \"x\"").is_err());
         assert!(toml::from_str::<UplinkConfig>("url = \"mqtt://h\"\nprotocol = \"4\"").is_err());
+    }
+
+    #[test]
+    fn sparkplug_ids_are_one_topic_level_and_only_for_that_format() {
+        let mut config: UplinkConfig = toml::from_str(
+            "url = \"mqtt://h\"\nformat = \"sparkplug\"\nedge_node_id = \"gw/1\"\nprimary_host_id = \"\"",
+        )
+        .expect("parses");
+        assert_eq!(config.format, PayloadFormat::Sparkplug);
+        assert_eq!(
+            keys(&config),
+            [
+                "upstream.group_id",
+                "upstream.edge_node_id",
+                "upstream.primary_host_id"
+            ]
+        );
+        config.group_id = Some("plant".into());
+        config.edge_node_id = None;
+        config.primary_host_id = None;
+        assert!(keys(&config).is_empty());
+        assert!(!config.edge_node_id().contains('/'));
+        config.format = PayloadFormat::Json;
+        assert_eq!(keys(&config), ["upstream.group_id"], "only for Sparkplug");
     }
 
     #[test]

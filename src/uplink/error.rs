@@ -74,6 +74,9 @@ pub enum SessionError {
     PingTimeout(Duration),
     #[error("protocol violation by the upstream broker: {0}")]
     Protocol(&'static str),
+    /// The host application the Sparkplug edge node works for said it went offline.
+    #[error("the primary host application went offline; reconnecting")]
+    HostOffline,
 }
 
 impl SessionError {

@@ -8,6 +8,7 @@
 //! | `state.rs` | the session state with no I/O: CONNECT/CONNACK, inflight window, QoS 1/2 flows, resume, topic aliases, keepalive |
 //! | `backoff.rs` | reconnect delays with jitter and a cap |
 //! | `tls.rs` | the rustls client configuration |
+//! | `format.rs` | the hook of a payload format other than JSON (Sparkplug B): will, births, rows at send time, incoming commands |
 //! | `client.rs` | the connection task: connect, serve, reconnect; store requests |
 //! | `error.rs` | `Error`: what ends a connection or stops the start |
 //! | `status.rs` | `LinkState`, the counters and their `UplinkStats` snapshot |
@@ -29,6 +30,7 @@ pub mod backoff;
 mod client;
 pub mod config;
 mod error;
+pub mod format;
 pub mod state;
 mod status;
 pub mod tls;
@@ -44,8 +46,9 @@ use tracing::Instrument;
 use crate::mqtt::Publish;
 use crate::store::Queue;
 
-pub use config::{BrokerUrl, Password, ProtocolVersion, TlsConfig, UplinkConfig};
+pub use config::{BrokerUrl, Password, PayloadFormat, ProtocolVersion, TlsConfig, UplinkConfig};
 pub use error::{Error, SessionError};
+pub use format::{Format, Incoming};
 pub use status::{Counters, LinkState, UplinkStats};
 
 /// Time the task gets beyond the shutdown timeout to return rows to the store.
@@ -70,6 +73,23 @@ impl Uplink {
         prefix: String,
         queue: Queue,
     ) -> Result<UplinkHandle, Error> {
+        Uplink::spawn_with_format(config, prefix, queue, None)
+    }
+
+    /// [`Uplink::spawn`], sending rows in `format` (Sparkplug B) instead of as stored;
+    /// the format's subscriptions are added to the configured ones.
+    ///
+    /// # Errors
+    /// As [`Uplink::spawn`].
+    ///
+    /// # Panics
+    /// Outside a tokio runtime.
+    pub fn spawn_with_format(
+        config: UplinkConfig,
+        prefix: String,
+        queue: Queue,
+        format: Option<Box<dyn Format>>,
+    ) -> Result<UplinkHandle, Error> {
         if let Some(text) = crate::problem::Invalid::summary(&config.validate()) {
             return Err(Error::Config(text));
         }
@@ -92,7 +112,12 @@ impl Uplink {
             status_topic: config.status_topic(&prefix),
             online_payload: Bytes::from(config.online_payload.clone()),
             offline_payload: Bytes::from(config.offline_payload.clone()),
-            subscribe: config.subscribe.clone(),
+            subscribe: config
+                .subscribe
+                .iter()
+                .cloned()
+                .chain(format.iter().flat_map(|f| f.subscriptions()))
+                .collect(),
             max_incoming_packet: client::MAX_INCOMING_PACKET,
             incoming_receive_maximum: client::INCOMING_CAPACITY,
         };
@@ -105,7 +130,10 @@ impl Uplink {
             url = %config.url,
             client_id = %session_config.client_id
         );
-        let session = state::Session::new(session_config, counters.clone());
+        let mut session = state::Session::new(session_config, counters.clone());
+        if let Some(format) = format {
+            session.set_format(format);
+        }
         let client = client::Client::new(
             config,
             url,

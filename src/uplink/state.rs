@@ -20,6 +20,13 @@
 //!   the broker deduplicates it. PUBREL goes out only after the store has persisted
 //!   `pubrec` ([`Effect::PersistFlow`] then [`Session::flow_persisted`]); that record is
 //!   what makes QoS 2 exactly-once across a restart of the process.
+//! - Packet ids the store reports as possibly open after a crash ([`Session::sweep`]:
+//!   QoS 2 flows of rows that lived in memory only, see `store/mod.rs`) get a PUBREL
+//!   first thing on the first connection that resumes the broker session, and stay in
+//!   use until their PUBCOMP; then [`Effect::Swept`]. A broker that holds such a flow
+//!   delivers it and forgets the id, one that does not answers PUBCOMP; either way no
+//!   new PUBLISH under that id can be taken for a duplicate. Without the session
+//!   (`session present = 0`) there is nothing to release.
 //! - Persisted flow state is trusted only while the broker session it was recorded in
 //!   lives: after `session present = 0` a row that comes back with `pubrec` is first reset
 //!   in the store, then published afresh (never released into a session that forgot it).
@@ -38,6 +45,11 @@
 //!   everything younger.
 //! - Topic aliases (5.0) live for one network connection and are handed out first come,
 //!   up to the broker's topic alias maximum.
+//! - With a payload format ([`Format`], Sparkplug B) the session is clean, the format's
+//!   will replaces the status will, its subscriptions go out first and its opening
+//!   messages next (once its host is online, when it waits for one), before any row;
+//!   each row is formatted when it enters the window and again for each new connection
+//!   or rebirth before it is sent, in window order.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
 use std::sync::atomic::Ordering;
@@ -51,10 +63,11 @@ use crate::mqtt::{
     self, Ack, ConnAck, Connect, Disconnect, Packet, Properties, Protocol, Publish, QoS,
     ReasonCode, Subscribe, Subscription, SubscriptionOptions, Will,
 };
-use crate::store::Stored;
+use crate::store::{pkid_for_row, Stored};
 
 use super::config::{Password, MAX_WINDOW};
 use super::error::SessionError;
+use super::format::{Format, Incoming};
 use super::status::Counters;
 
 /// Settings of the session, fixed for the life of the uplink.
@@ -143,6 +156,8 @@ pub enum Effect {
     PersistFlow { id: i64, pkid: u16, pubrec: bool },
     /// A message on one of the configured subscriptions.
     Incoming(Box<Publish>),
+    /// The packet ids given to [`Session::sweep`] are released: tell the store.
+    Swept,
 }
 
 /// The message a slot carries.
@@ -152,6 +167,15 @@ struct Outgoing {
     payload: Bytes,
     qos: QoS,
     retain: bool,
+}
+
+/// A row as stored, kept beside its formatted message so a payload format can format
+/// it again for another connection.
+#[derive(Debug, Clone)]
+struct Raw {
+    topic: String,
+    payload: Bytes,
+    created_ms: i64,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -179,6 +203,8 @@ struct Slot {
     seq: u64,
     origin: Origin,
     message: Outgoing,
+    /// With a payload format: the row as stored.
+    raw: Option<Raw>,
     stage: Stage,
     /// Sent (or resent) on the current connection, so it counts against the broker's
     /// receive maximum.
@@ -252,11 +278,8 @@ impl Keepalive {
     }
 }
 
-/// The packet id a QoS 2 row is published under unless the store holds another one.
-pub fn pkid_for_row(id: i64) -> u16 {
-    // Row ids start at 1; packet ids run 1..=65535.
-    u16::try_from((id - 1).rem_euclid(65_535) + 1).unwrap_or(1)
-}
+/// Packet ids [`Session::room`] leaves free for status messages and SUBSCRIBE.
+const FREE_PKIDS_KEPT: usize = 16;
 
 /// A refusal that says "not now" rather than "never": 0x97 (quota exceeded) or 0x91
 /// (packet identifier in use).
@@ -306,6 +329,8 @@ pub struct Session {
     throttled_through: Option<u64>,
     /// Incoming QoS 2 packet ids whose PUBREL has not arrived.
     incoming_rel: HashSet<u16>,
+    /// Packet ids to release after a crash, until their PUBCOMP ([`Session::sweep`]).
+    sweeping: BTreeSet<u16>,
     aliases: TopicAliases,
     keepalive: Option<Keepalive>,
     next_status_pkid: u16,
@@ -314,6 +339,10 @@ pub struct Session {
     logged_rejections: HashSet<u8>,
     outbox: Vec<Packet>,
     effects: VecDeque<Effect>,
+    /// A payload format other than JSON (Sparkplug B).
+    format: Option<Box<dyn Format>>,
+    /// Connected, the format's host not online yet: nothing is published.
+    awaiting_host: bool,
 }
 
 impl Session {
@@ -337,6 +366,7 @@ impl Session {
             held_releases: BTreeMap::new(),
             throttled_through: None,
             incoming_rel: HashSet::new(),
+            sweeping: BTreeSet::new(),
             aliases: TopicAliases::default(),
             keepalive: None,
             next_status_pkid: u16::MAX,
@@ -344,31 +374,52 @@ impl Session {
             logged_rejections: HashSet::new(),
             outbox: Vec::new(),
             effects: VecDeque::new(),
+            format: None,
+            awaiting_host: false,
         }
+    }
+
+    /// Packet ids that QoS 2 flows cut by a crash may hold at the broker: released
+    /// (PUBREL) on the first connection that resumes the session, before anything else.
+    /// At most all ids but a few (the store gives far fewer), so some stay free.
+    pub fn sweep(&mut self, mut pkids: Vec<u16>) {
+        pkids.truncate(usize::from(u16::MAX) - 2 * FREE_PKIDS_KEPT);
+        self.sweeping.extend(pkids);
+    }
+
+    /// Sends rows in `format` instead of as stored (see the module invariants).
+    pub fn set_format(&mut self, format: Box<dyn Format>) {
+        self.format = Some(format);
     }
 
     /// The CONNECT packet for a new connection: persistent session, will, credentials.
     pub fn connect(&mut self, password: Option<Password>) -> Packet {
         self.phase = Phase::AwaitConnAck;
         let v5 = self.config.protocol == Protocol::V5;
+        let clean = self.format.is_some();
         let mut properties = Properties::default();
         if v5 {
-            properties.session_expiry_interval = Some(self.config.session_expiry);
+            properties.session_expiry_interval =
+                Some(if clean { 0 } else { self.config.session_expiry });
             properties.receive_maximum = Some(self.config.incoming_receive_maximum);
             properties.maximum_packet_size = Some(self.config.max_incoming_packet);
         }
-        Packet::Connect(Connect {
-            protocol: self.config.protocol,
-            clean_start: false,
-            keep_alive: self.config.keep_alive,
-            client_id: self.config.client_id.clone(),
-            will: Some(Will {
+        let will = match &mut self.format {
+            Some(format) => format.will(),
+            None => Will {
                 topic: self.config.status_topic.clone(),
                 payload: self.config.offline_payload.clone(),
                 qos: self.will_qos,
                 retain: self.will_retain,
                 properties: Properties::default(),
-            }),
+            },
+        };
+        Packet::Connect(Connect {
+            protocol: self.config.protocol,
+            clean_start: clean,
+            keep_alive: self.config.keep_alive,
+            client_id: self.config.client_id.clone(),
+            will: Some(will),
             username: self.config.username.clone(),
             password: password.map(Password::into_bytes),
             properties,
@@ -473,12 +524,87 @@ impl Session {
         }
         self.slots
             .retain(|_, slot| matches!(slot.origin, Origin::Row(_)));
+        self.release_swept(ack.session_present, now);
         self.resume_slots(ack.session_present);
-        self.transmit_waiting(now);
-        self.publish_status(Origin::Birth, now);
-        self.subscribe(now);
+        if let Some(format) = &self.format {
+            self.awaiting_host = format.waits_for_host();
+            self.subscribe(now);
+            if !self.awaiting_host {
+                self.births(now);
+            }
+        } else {
+            self.transmit_waiting(now);
+            self.publish_status(Origin::Birth, now);
+            self.subscribe(now);
+        }
         self.retry_deferred(now);
         Ok(())
+    }
+
+    /// PUBREL for every packet id a crash may have left open, ahead of every other
+    /// packet: the broker takes them in order, so each open flow is released before a
+    /// PUBLISH could reuse its id. Without the session there is nothing to release.
+    fn release_swept(&mut self, session_present: bool, now: Instant) {
+        if self.sweeping.is_empty() {
+            return;
+        }
+        if !session_present {
+            self.sweeping.clear();
+            self.effects.push_back(Effect::Swept);
+            return;
+        }
+        tracing::info!(
+            packet_ids = self.sweeping.len(),
+            "releasing the QoS 2 flows the agent may have left open upstream when it stopped \
+             without a shutdown"
+        );
+        let pkids: Vec<u16> = self.sweeping.iter().copied().collect();
+        for pkid in pkids {
+            self.send(Packet::PubRel(Ack::new(pkid)), now);
+        }
+    }
+
+    /// The format's opening messages (QoS 0), then the waiting rows formatted for them.
+    fn births(&mut self, now: Instant) {
+        let Some(format) = &mut self.format else {
+            return;
+        };
+        for (topic, payload) in format.births() {
+            let message = Outgoing {
+                topic,
+                payload,
+                qos: QoS::AtMostOnce,
+                retain: false,
+            };
+            self.publish_now(&message, 0, false, None, now);
+        }
+        self.reformat_waiting();
+        self.transmit_waiting(now);
+    }
+
+    /// Formats the rows not on the wire again, in the order they will go out.
+    fn reformat_waiting(&mut self) {
+        let Some(format) = &mut self.format else {
+            return;
+        };
+        for &pkid in &self.waiting {
+            let Some(slot) = self.slots.get_mut(&pkid) else {
+                continue;
+            };
+            let (Origin::Row(id), Some(raw)) = (slot.origin, &slot.raw) else {
+                continue;
+            };
+            match format.row(&raw.topic, &raw.payload, raw.created_ms) {
+                Some((topic, payload)) => {
+                    slot.message.topic = topic;
+                    slot.message.payload = payload;
+                }
+                None => {
+                    self.slots.remove(&pkid);
+                    self.effects.push_back(Effect::Delete(id));
+                }
+            }
+        }
     }
 
     /// Queues every slot for the new connection, oldest first. With the session
@@ -552,6 +678,7 @@ impl Session {
     /// keepalive die with this one.
     pub fn disconnected(&mut self) {
         self.phase = Phase::Disconnected;
+        self.awaiting_host = false;
         self.keepalive = None;
         self.on_wire = 0;
         self.subscribe_pkid = None;
@@ -584,7 +711,7 @@ impl Session {
 
     /// How many more rows [`Session::offer`] may take now.
     pub fn room(&self) -> usize {
-        if self.phase != Phase::Connected {
+        if self.phase != Phase::Connected || self.awaiting_host {
             return 0;
         }
         let window = usize::from(
@@ -593,7 +720,12 @@ impl Session {
                 .min(self.limits.receive_maximum)
                 .min(MAX_WINDOW),
         );
-        window.saturating_sub(self.slots.len() + self.deferred.len())
+        let held = self.slots.len() + self.deferred.len();
+        // Packet ids stay free for the status messages and SUBSCRIBE whatever is
+        // being swept, so `free_pkid` always finds one.
+        let ids_left =
+            usize::from(u16::MAX).saturating_sub(held + self.sweeping.len() + FREE_PKIDS_KEPT);
+        window.saturating_sub(held).min(ids_left)
     }
 
     /// Rows the session holds (in the window or deferred), for release on shutdown.
@@ -624,11 +756,32 @@ impl Session {
             return;
         }
         let qos = row.message.qos.min(self.limits.maximum_qos);
-        let message = Outgoing {
+        let mut message = Outgoing {
             topic: row.message.topic.clone(),
             payload: row.message.payload.clone(),
             qos,
             retain: row.message.retain && self.limits.retain_available,
+        };
+        let raw = match &mut self.format {
+            None => None,
+            Some(format) => {
+                let stored = &row.message;
+                match format.row(&stored.topic, &stored.payload, stored.created_ms) {
+                    Some((topic, payload)) => {
+                        message.topic = topic;
+                        message.payload = payload;
+                    }
+                    None => {
+                        self.effects.push_back(Effect::Delete(row.id));
+                        return;
+                    }
+                }
+                Some(Raw {
+                    topic: stored.topic.clone(),
+                    payload: stored.payload.clone(),
+                    created_ms: stored.created_ms,
+                })
+            }
         };
         let resumable = self.session_continuous && row.pkid.is_some_and(|p| p != 0);
         if qos == QoS::AtMostOnce && !(row.pubrec && resumable) {
@@ -661,6 +814,7 @@ impl Session {
                 seq: self.seq,
                 origin: Origin::Row(row.id),
                 message,
+                raw,
                 stage,
                 on_wire: false,
                 sent_before: resumable,
@@ -797,6 +951,9 @@ impl Session {
     }
 
     fn can_transmit(&self) -> bool {
+        if self.awaiting_host {
+            return false;
+        }
         let limit = if self.throttled_through.is_some() {
             1
         } else {
@@ -832,7 +989,9 @@ impl Session {
     }
 
     fn pkid_in_use(&self, pkid: u16) -> bool {
-        self.slots.contains_key(&pkid) || self.subscribe_pkid == Some(pkid)
+        self.slots.contains_key(&pkid)
+            || self.subscribe_pkid == Some(pkid)
+            || self.sweeping.contains(&pkid)
     }
 
     /// A packet id nothing uses, for colliding QoS 1 rows, status messages and
@@ -856,12 +1015,16 @@ impl Session {
             Origin::Offline => self.config.offline_payload.clone(),
             _ => self.config.online_payload.clone(),
         };
-        let message = Outgoing {
+        let mut message = Outgoing {
             topic: self.config.status_topic.clone(),
             payload,
             qos: QoS::AtLeastOnce.min(self.limits.maximum_qos),
             retain: self.limits.retain_available,
         };
+        if let Some(format) = &mut self.format {
+            (message.topic, message.payload) = format.farewell();
+            message.retain = false;
+        }
         if message.qos == QoS::AtMostOnce {
             self.publish_now(&message, 0, false, None, now);
             return None;
@@ -874,6 +1037,7 @@ impl Session {
                 seq: self.seq,
                 origin,
                 message,
+                raw: None,
                 stage: Stage::Publish,
                 on_wire: false,
                 sent_before: false,
@@ -1092,6 +1256,13 @@ impl Session {
     }
 
     fn on_pubcomp(&mut self, ack: Ack, now: Instant) {
+        if self.sweeping.remove(&ack.pkid) {
+            if self.sweeping.is_empty() {
+                self.effects.push_back(Effect::Swept);
+            }
+            self.retry_deferred(now);
+            return;
+        }
         let expected = self
             .slots
             .get(&ack.pkid)
@@ -1117,27 +1288,50 @@ impl Session {
     }
 
     fn on_publish(&mut self, publish: Publish, now: Instant) -> Result<(), SessionError> {
-        match publish.qos {
-            QoS::AtMostOnce => self.effects.push_back(Effect::Incoming(Box::new(publish))),
-            QoS::AtLeastOnce => {
-                let pkid = publish.pkid;
-                self.effects.push_back(Effect::Incoming(Box::new(publish)));
-                self.send(Packet::PubAck(Ack::new(pkid)), now);
+        let (pkid, qos) = (publish.pkid, publish.qos);
+        let fresh = qos != QoS::ExactlyOnce || !self.incoming_rel.contains(&pkid);
+        if qos == QoS::ExactlyOnce && fresh {
+            if self.incoming_rel.len() >= usize::from(self.config.incoming_receive_maximum) {
+                return Err(SessionError::Protocol(
+                    "the broker exceeded our receive maximum",
+                ));
             }
-            QoS::ExactlyOnce => {
-                let pkid = publish.pkid;
-                if !self.incoming_rel.contains(&pkid) {
-                    if self.incoming_rel.len() >= usize::from(self.config.incoming_receive_maximum)
-                    {
-                        return Err(SessionError::Protocol(
-                            "the broker exceeded our receive maximum",
-                        ));
-                    }
-                    self.incoming_rel.insert(pkid);
-                    self.effects.push_back(Effect::Incoming(Box::new(publish)));
+            self.incoming_rel.insert(pkid);
+        }
+        let delivered = if fresh {
+            self.deliver(publish, now)
+        } else {
+            Ok(())
+        };
+        match qos {
+            QoS::AtMostOnce => {}
+            QoS::AtLeastOnce => self.send(Packet::PubAck(Ack::new(pkid)), now),
+            QoS::ExactlyOnce => self.send(Packet::PubRec(Ack::new(pkid)), now),
+        }
+        delivered
+    }
+
+    /// Hands a new incoming message to the agent, or to the format when it is one of its.
+    fn deliver(&mut self, publish: Publish, now: Instant) -> Result<(), SessionError> {
+        let action = match &mut self.format {
+            Some(format) => format.incoming(&publish),
+            None => Incoming::Forward,
+        };
+        match action {
+            Incoming::Forward => self.effects.push_back(Effect::Incoming(Box::new(publish))),
+            Incoming::Consumed => {}
+            // While waiting for the host nothing is born, not even on request; an
+            // offline host (its retained STATE) is what the session waits out.
+            Incoming::Rebirth | Incoming::HostOffline if self.awaiting_host => {}
+            Incoming::Rebirth => self.births(now),
+            Incoming::HostOnline => {
+                if self.awaiting_host {
+                    self.awaiting_host = false;
+                    self.births(now);
+                    self.retry_deferred(now);
                 }
-                self.send(Packet::PubRec(Ack::new(pkid)), now);
             }
+            Incoming::HostOffline => return Err(SessionError::HostOffline),
         }
         Ok(())
     }
@@ -1146,3 +1340,7 @@ impl Session {
 #[cfg(test)]
 #[path = "state_tests.rs"]
 mod tests;
+
+#[cfg(test)]
+#[path = "format_tests.rs"]
+mod format_tests;

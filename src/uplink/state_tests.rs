@@ -44,6 +44,7 @@ fn row(id: i64, qos: QoS, topic: &str) -> Stored {
             retain: false,
             created_ms: 0,
             priority: Priority::Periodic,
+            unsynced: None,
         },
         pkid: None,
         pubrec: false,
@@ -982,4 +983,78 @@ fn a_resumed_pubrel_waits_for_an_older_flow_still_persisting() {
     assert_eq!(out(&mut s), [], "nor does the reconnect let it jump ahead");
     s.flow_persisted(2, true, now());
     assert_eq!(pkids(&out(&mut s)), [("pubrel", 2), ("pubrel", 4)]);
+}
+
+#[test]
+fn flows_cut_by_a_crash_are_released_first_and_their_ids_wait_for_pubcomp() {
+    let mut s = session(Protocol::V311);
+    s.sweep(vec![7, 9]);
+    connect(&mut s, connack(true));
+    let packets = out(&mut s);
+    assert_eq!(
+        pkids(&packets),
+        vec![("pubrel", 7), ("pubrel", 9)],
+        "the sweep goes before anything new"
+    );
+    // A QoS 2 row whose packet id is still being released waits for its PUBCOMP; a
+    // QoS 1 row takes another id.
+    s.offer(row(7, QoS::ExactlyOnce, "t/a"), now());
+    s.offer(row(9, QoS::AtLeastOnce, "t/b"), now());
+    let packets = out(&mut s);
+    let sent = publishes(&packets);
+    assert_eq!(sent.len(), 1, "{packets:?}");
+    assert_ne!(sent[0].0, 9);
+    assert_eq!(sent[0].2, "payload 9");
+    s.handle(Packet::PubComp(Ack::new(7)), now()).unwrap();
+    assert_eq!(
+        publishes(&out(&mut s)),
+        vec![(7, false, "payload 7".into())]
+    );
+    assert!(!effects(&mut s).contains(&Effect::Swept));
+    s.handle(Packet::PubComp(Ack::new(9)), now()).unwrap();
+    assert!(effects(&mut s).contains(&Effect::Swept));
+}
+
+#[test]
+fn a_sweep_cut_by_a_lost_connection_is_resent_on_the_next_resumed_session() {
+    let mut s = session(Protocol::V5);
+    s.sweep(vec![3, 4]);
+    connect(&mut s, connack(true));
+    out(&mut s);
+    s.handle(Packet::PubComp(Ack::new(3)), now()).unwrap();
+    s.disconnected();
+    connect(&mut s, connack(true));
+    assert_eq!(pkids(&out(&mut s)), vec![("pubrel", 4)]);
+}
+
+#[test]
+fn no_sweep_when_the_broker_session_is_gone() {
+    let mut s = session(Protocol::V311);
+    s.sweep(vec![5]);
+    connect(&mut s, connack(false));
+    assert!(pkids(&out(&mut s)).is_empty());
+    assert!(effects(&mut s).contains(&Effect::Swept));
+    s.offer(row(5, QoS::ExactlyOnce, "t/a"), now());
+    assert_eq!(
+        publishes(&out(&mut s)),
+        vec![(5, false, "payload 5".into())]
+    );
+}
+
+/// Regression: a sweep of every packet id (four crashes in a row before a sweep was
+/// recorded) left `free_pkid` no id to find, and the birth message spun forever.
+#[test]
+fn a_sweep_of_every_packet_id_still_leaves_ids_for_the_birth_and_new_rows() {
+    let mut s = session(Protocol::V311);
+    s.sweep((1..=u16::MAX).collect());
+    connect(&mut s, connack(true));
+    let released = out(&mut s).len();
+    assert!(released > 60_000, "{released}");
+    let room = s.room();
+    assert!(room > 0 && room <= 16, "{room}");
+    for id in 0..room {
+        s.offer(row(id as i64 + 1, QoS::AtLeastOnce, "t/a"), now());
+    }
+    assert_eq!(publishes(&out(&mut s)).len(), room);
+    assert_eq!(s.room(), 0, "more rows wait for packet ids to come free");
 }

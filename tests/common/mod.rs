@@ -7,6 +7,7 @@
 
 pub mod agent;
 pub mod clients;
+pub mod http;
 pub mod mosquitto;
 pub mod slave;
 pub mod util;
