@@ -163,7 +163,10 @@ impl AgentConfig {
             "prefix",
             "must not start with `$` (reserved for broker topics)",
         );
-        if let Err(err) = tracing_subscriber::EnvFilter::builder().parse(&self.log_level) {
+        if let Err(err) = self
+            .log_level
+            .parse::<tracing_subscriber::filter::Targets>()
+        {
             agent.report(
                 "log_level",
                 format!("not a level or filter directive: {err}"),

@@ -200,23 +200,37 @@ fn write_stdout(args: std::fmt::Arguments<'_>) {
 }
 
 /// Logs to stderr; under systemd (JOURNAL_STREAM set) without timestamps or colours,
-/// since the journal stamps every line itself. `RUST_LOG` overrides `level`.
+/// since the journal stamps every line itself. `RUST_LOG` overrides `level`. Both are
+/// `Targets` directives (`info,fieldbridge::field=debug`): they need no regex engine,
+/// which `EnvFilter` would add to the binary.
 fn init_logging(level: &str) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+    use tracing_subscriber::filter::{LevelFilter, Targets};
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
+
+    let from_env = std::env::var("RUST_LOG")
+        .ok()
+        .and_then(|directives| directives.parse::<Targets>().ok());
+    let filter = from_env
+        .or_else(|| level.parse().ok())
+        .unwrap_or_else(|| Targets::new().with_default(LevelFilter::INFO));
+    let layer = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
+    let registry = tracing_subscriber::registry().with(filter);
     if std::env::var_os("JOURNAL_STREAM").is_some() {
-        builder.without_time().with_ansi(false).init();
+        registry.with(layer.without_time().with_ansi(false)).init();
     } else {
-        builder.with_ansi(std::io::stderr().is_terminal()).init();
+        registry
+            .with(layer.with_ansi(std::io::stderr().is_terminal()))
+            .init();
     }
 }
 
+/// The agent's runtime: one thread. A gateway's work (a few buses, the LAN broker, the
+/// uplink) is mostly waiting, and the store and the broker's persistence have threads
+/// of their own for their blocking I/O; every worker thread would cost a stack and a
+/// malloc arena of its own (measured in BENCHMARKS.md, "Footprint").
 fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
+    tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .context("cannot start the async runtime")

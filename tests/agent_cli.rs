@@ -985,3 +985,59 @@ fn check_config_refuses_silent_mistakes_and_accepts_common_spellings() {
         text(&output)
     );
 }
+
+/// `agent.log_level` is a list of `target=level` directives: a target set louder than the
+/// default is heard, every other target stays at the default (the filter is tracing's
+/// `Targets`, not `EnvFilter`: no regex engine in the binary). A level that is not one
+/// is a config problem at its key.
+#[test]
+fn log_directives_set_the_level_per_target() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let port = free_port();
+    let path = dir.path().join("log.toml");
+    std::fs::write(
+        &path,
+        format!(
+            "[agent]\nlog_level = \"warn,fieldbridge::broker=info\"\n[broker]\n\
+             allow_anonymous = true\n[[broker.listeners]]\nbind = \"127.0.0.1:{port}\"\n"
+        ),
+    )
+    .expect("write config");
+    let log = dir.path().join("log.log");
+    let mut child = fieldbridge()
+        .args(["run", "--config"])
+        .arg(&path)
+        .env_remove("RUST_LOG")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log).expect("create log"))
+        .spawn()
+        .expect("spawn fieldbridge run");
+    // The broker listens after the signal handlers are in: SIGTERM is a clean stop.
+    wait_for_port(port, Duration::from_secs(15));
+    let status = Command::new("kill")
+        .arg("-TERM")
+        .arg(child.id().to_string())
+        .status()
+        .expect("run kill");
+    assert!(status.success());
+    let exit = wait_for("the agent to exit", Duration::from_secs(15), || {
+        child.try_wait().ok().flatten()
+    });
+    let logged = std::fs::read_to_string(&log).unwrap_or_default();
+    assert!(exit.success(), "exit {exit}:\n{logged}");
+    assert!(logged.contains("broker listening"), "{logged}");
+    assert!(
+        !logged.contains("fieldbridge running") && !logged.contains("starting"),
+        "info lines of other targets were logged:\n{logged}"
+    );
+
+    std::fs::write(&path, "[agent]\nlog_level = \"fieldbridge=loud\"\n").expect("write");
+    let output = check_config(&path);
+    assert!(!output.status.success(), "{}", text(&output));
+    assert!(
+        String::from_utf8_lossy(&output.stderr).contains("agent.log_level"),
+        "{}",
+        text(&output)
+    );
+}
