@@ -95,6 +95,9 @@ struct File {
     profile: BTreeMap<String, ProfileConfig>,
 }
 
+/// Most runtime threads `agent.worker_threads` may ask for.
+pub const MAX_WORKER_THREADS: usize = 64;
+
 /// `[agent]`: how the parts are wired together.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -128,6 +131,12 @@ pub struct AgentConfig {
     /// Commands older than this (from arrival, unless the command says more) are
     /// refused as stale, in milliseconds. Default 5000.
     pub command_max_age_ms: u64,
+    /// Threads of the async runtime that runs polling, the LAN broker and the uplink
+    /// (the store and the broker's persistence have threads of their own). 1, the
+    /// default, suits a gateway: the least memory (each worker costs a stack and a
+    /// malloc arena). More spread a busy LAN broker over the cores; 0 means one per
+    /// core. Read at start.
+    pub worker_threads: usize,
 }
 
 impl Default for AgentConfig {
@@ -143,6 +152,7 @@ impl Default for AgentConfig {
             batch_max: 1024,
             shutdown_timeout_ms: 4000,
             command_max_age_ms: 5000,
+            worker_threads: 1,
         }
     }
 }
@@ -178,6 +188,15 @@ impl AgentConfig {
         agent.at_least("channel_capacity", self.channel_capacity, 1);
         agent.at_least("batch_max", self.batch_max, 1);
         agent.at_least("shutdown_timeout_ms", self.shutdown_timeout_ms, 1);
+        agent.check(
+            self.worker_threads <= MAX_WORKER_THREADS,
+            "worker_threads",
+            format!(
+                "{} is more threads than a gateway can use; at most {MAX_WORKER_THREADS} \
+                 (0 = one per core)",
+                self.worker_threads
+            ),
+        );
         problems.into_vec()
     }
 
@@ -1108,6 +1127,20 @@ mod tests {
             vec![
                 "test.toml:4:10: agent.prefix: must not contain MQTT wildcards (`+`, `#`) or NUL",
                 "test.toml:5:7: agent.qos: must be 0, 1 or 2",
+            ]
+        );
+    }
+
+    #[test]
+    fn worker_threads_default_to_one_and_are_bounded() {
+        let config = parse("test.toml", "[broker]\n").expect("valid");
+        assert_eq!(config.agent.worker_threads, 1, "a gateway runs on one thread");
+        assert!(problems("[broker]\n[agent]\nworker_threads = 0\n").is_empty());
+        assert_eq!(
+            problems("[broker]\n[agent]\nworker_threads = 65\n"),
+            vec![
+                "test.toml:3:18: agent.worker_threads: 65 is more threads than a gateway can \
+                 use; at most 64 (0 = one per core)"
             ]
         );
     }

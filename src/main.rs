@@ -225,12 +225,22 @@ fn init_logging(level: &str) {
     }
 }
 
-/// The agent's runtime: one thread. A gateway's work (a few buses, the LAN broker, the
-/// uplink) is mostly waiting, and the store and the broker's persistence have threads
-/// of their own for their blocking I/O; every worker thread would cost a stack and a
-/// malloc arena of its own (measured in BENCHMARKS.md, "Footprint").
-fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
-    tokio::runtime::Builder::new_current_thread()
+/// The agent's runtime: one thread unless `agent.worker_threads` asks for more. A
+/// gateway's work (a few buses, the LAN broker, the uplink) is mostly waiting, and the
+/// store and the broker's persistence have threads of their own for their blocking
+/// I/O; every worker thread would cost a stack and a malloc arena of its own (measured
+/// in BENCHMARKS.md, "Footprint"). 0 is one worker per core.
+fn runtime(worker_threads: usize) -> anyhow::Result<tokio::runtime::Runtime> {
+    let mut builder = match worker_threads {
+        1 => tokio::runtime::Builder::new_current_thread(),
+        0 => tokio::runtime::Builder::new_multi_thread(),
+        n => {
+            let mut builder = tokio::runtime::Builder::new_multi_thread();
+            builder.worker_threads(n);
+            builder
+        }
+    };
+    builder
         .enable_all()
         .build()
         .context("cannot start the async runtime")
@@ -240,13 +250,13 @@ fn run(path: &Path) -> anyhow::Result<()> {
     let config = config::load(path)?;
     init_logging(&config.agent.log_level);
     tracing::info!(config = %path.display(), "starting");
-    runtime()?.block_on(agent::run(config, Some(path.to_path_buf())))?;
+    runtime(config.agent.worker_threads)?.block_on(agent::run(config, Some(path.to_path_buf())))?;
     Ok(())
 }
 
 fn demo(upstream: Option<String>, port: u16) -> anyhow::Result<()> {
     init_logging("info");
-    runtime()?.block_on(agent::demo::run(upstream, port))?;
+    runtime(1)?.block_on(agent::demo::run(upstream, port))?;
     Ok(())
 }
 

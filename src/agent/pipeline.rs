@@ -128,7 +128,10 @@ impl Pipeline {
         let mut handover: Option<Handover> = None;
         let mut handover_since = Instant::now();
         let mut open = true;
-        let mut received = Vec::with_capacity(self.batch_max);
+        // Grows to the largest burst seen (`recv_many` reserves as it needs), not to
+        // `batch_max` up front: a gateway's bursts are a few readings, and 1,024 events
+        // reserved would be ~136 KiB of resident memory for nothing.
+        let mut received = Vec::new();
         let mut ticker = tokio::time::interval(BEAT_PERIOD);
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
 
