@@ -1134,7 +1134,10 @@ mod tests {
     #[test]
     fn worker_threads_default_to_one_and_are_bounded() {
         let config = parse("test.toml", "[broker]\n").expect("valid");
-        assert_eq!(config.agent.worker_threads, 1, "a gateway runs on one thread");
+        assert_eq!(
+            config.agent.worker_threads, 1,
+            "a gateway runs on one thread"
+        );
         assert!(problems("[broker]\n[agent]\nworker_threads = 0\n").is_empty());
         assert_eq!(
             problems("[broker]\n[agent]\nworker_threads = 65\n"),
