@@ -2,12 +2,30 @@
 //!
 //! Usage: `broker [PORT] [--config FILE]`. Without a config file: one plain listener on
 //! 127.0.0.1:PORT (default 1883) with the default limits. Stops on Ctrl-C (or SIGTERM),
-//! writing the persistence snapshot if one is configured.
+//! writing the persistence snapshot if one is configured. `WORKER_THREADS` sets the
+//! runtime's threads as `agent.worker_threads` does for the agent: 1 (the default, as
+//! the agent's) one thread, 0 one per core, N that many.
 
 use fieldbridge::broker::{Broker, BrokerConfig, ListenerConfig};
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
+fn main() -> anyhow::Result<()> {
+    let threads: usize = match std::env::var("WORKER_THREADS") {
+        Ok(n) => n.parse()?,
+        Err(_) => 1,
+    };
+    let mut builder = match threads {
+        1 => tokio::runtime::Builder::new_current_thread(),
+        0 => tokio::runtime::Builder::new_multi_thread(),
+        n => {
+            let mut builder = tokio::runtime::Builder::new_multi_thread();
+            builder.worker_threads(n);
+            builder
+        }
+    };
+    builder.enable_all().build()?.block_on(serve())
+}
+
+async fn serve() -> anyhow::Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()

@@ -12,6 +12,8 @@
 #
 # Usage: scripts/bench-broker.sh            (ROUNDS=3 by default)
 #        ROUNDS=5 scripts/bench-broker.sh
+#        WORKER_THREADS=2 scripts/bench-broker.sh   (fieldbridge's runtime threads, as
+#        agent.worker_threads; default 1, the agent's default)
 #        PROFILE=bench scripts/bench-broker.sh  (quicker build without LTO, for iterating)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -56,12 +58,12 @@ EOF
 "$MOSQUITTO" -c "$work/mosquitto.conf" >"$work/mosquitto.log" 2>&1 &
 pid_m=$!
 pids+=("$pid_m")
-"$BROKER" --config "$work/fieldbridge.toml" >"$work/fieldbridge.log" 2>&1 &
+WORKER_THREADS=${WORKER_THREADS:-1} "$BROKER" --config "$work/fieldbridge.toml" >"$work/fieldbridge.log" 2>&1 &
 pid_f=$!
 pids+=("$pid_f")
 wait_port "$port_m"
 wait_port "$port_f"
-echo "mosquitto $("$MOSQUITTO" -h 2>&1 | head -1 | awk '{print $3}') on :$port_m (pid $pid_m), fieldbridge on :$port_f (pid $pid_f), $(nproc) cores, $ROUNDS rounds"
+echo "mosquitto $("$MOSQUITTO" -h 2>&1 | head -1 | awk '{print $3}') on :$port_m (pid $pid_m), fieldbridge on :$port_f (pid $pid_f, ${WORKER_THREADS:-1} runtime threads), $(nproc) cores, $ROUNDS rounds"
 
 # --- memory: idle, then with IDLE_CONNS idle subscribed connections --------------------
 declare -A rss_idle rss_conns
