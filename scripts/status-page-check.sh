@@ -128,7 +128,7 @@ browser() {
 browser --dump-dom > "$work/first.html"
 sleep 1.5
 browser --dump-dom > "$work/second.html"
-browser --window-size=1000,380 --screenshot="$work/shot.png" >/dev/null
+browser --window-size=1200,380 --screenshot="$work/shot.png" >/dev/null
 mkdir -p "$(dirname "$shot")"
 cp "$work/shot.png" "$shot"
 
@@ -151,6 +151,7 @@ if [ -z "$first" ] || [ -z "$second" ] || [ "$first" = "$second" ]; then
     echo "the value did not change between two loads"; ok=1
 fi
 grep -q "<polyline" "$work/second.html" && echo "trend drawn" || { echo "no trend drawn"; ok=1; }
+grep -q "<h3>Clock</h3>" "$work/second.html" && echo "clock state shown" || { echo "no clock card"; ok=1; }
 echo "screenshot: $shot ($(stat -c %s "$shot") bytes)"
 if [ "$ok" -eq 0 ]; then
     echo "status-page-check: OK"

@@ -127,6 +127,10 @@ fn the_status_json_shows_every_device_point_value_and_a_bounded_trend() {
     assert!(settled["queue"].get("oldest_age_ms").is_some(), "{settled}");
     assert_eq!(settled["upstream"]["last_error"], Value::Null, "{settled}");
     assert!(settled["lan"]["clients"].as_u64().is_some(), "{settled}");
+    assert!(
+        settled["time"]["synced"].is_boolean(),
+        "the page's Clock card: {settled}"
+    );
 
     let meter = device(&settled, "plant", "meter");
     assert_eq!(meter["state"], "online", "{meter}");
