@@ -15,7 +15,7 @@
 //! Invariants:
 //! - Every problem is reported as `file:line:column: key: message`. Syntax and type
 //!   errors come with a span from the parser; semantic problems come from each
-//!   section's `validate()` as [`Invalid`](crate::problem::Invalid) with a dotted key
+//!   section's `validate()` as [`Invalid`] with a dotted key
 //!   path, which is looked up in the parsed document to find its position.
 //! - This module composes; the rules of a section live with the section, and the
 //!   problem type in the leaf [`crate::problem`], so no section imports this module.

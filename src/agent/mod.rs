@@ -20,7 +20,7 @@
 //! - With `[homeassistant]`, the discovery messages go out once the broker runs (and
 //!   the store is open, with `upstream = true`) and follow each reload of the device
 //!   maps ([`discovery`]).
-//! - A panicking bus task is restarted with backoff by [`supervisor`]; it never ends
+//! - A panicking bus task is restarted with backoff by `supervisor`; it never ends
 //!   the agent.
 
 mod commands;

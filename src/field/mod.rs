@@ -21,7 +21,7 @@
 //!
 //! Data flows one way: `resolve` ← `task` ← (`modbus`, `lines`). The skeleton knows no
 //! protocol and the resolved model knows no task.
-//! | [`probe`] | `fieldbridge probe` |
+//! | [`probe`](mod@probe) | `fieldbridge probe` |
 //! | [`reading`] | readings, qualities, events, JSON payloads |
 //!
 //! # Invariants

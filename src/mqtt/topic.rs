@@ -5,7 +5,7 @@
 //! - A valid topic filter is 1..=65535 bytes of UTF-8 with no U+0000, where `#` is only
 //!   ever a whole last level and `+` only ever a whole level. A `$share/{group}/{filter}`
 //!   filter additionally needs a non-empty group without wildcards and a valid `filter`.
-//! - [`matches`] takes a plain filter (the broker strips the `$share/{group}/` part with
+//! - [`matches()`] takes a plain filter (the broker strips the `$share/{group}/` part with
 //!   [`parse_shared`] first). A topic starting with `$` is never matched by a filter whose
 //!   first level is a wildcard.
 

@@ -188,7 +188,7 @@ impl Queue {
 
     /// Hands a batch to the store thread without waiting for its commit: resolves as
     /// soon as the thread has the request queued (it waits only while
-    /// [`CHANNEL_CAPACITY`] requests are already queued). `done` is called later, once,
+    /// `CHANNEL_CAPACITY` requests are already queued). `done` is called later, once,
     /// on the store thread, with what [`Queue::append`] would have returned; at once
     /// with [`Error::Closed`] when the queue is closed. While the disk cannot be
     /// written, submitted batches wait in the memory buffer (`memory_buffer_rows`) and
