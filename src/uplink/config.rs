@@ -960,6 +960,20 @@ mod tests {
     }
 
     #[test]
+    fn sparkplug_is_refused_with_the_azure_profile() {
+        let mut config: UplinkConfig =
+            toml::from_str("url = \"mqtt://h\"\nformat = \"sparkplug\"\ngroup_id = \"plant\"")
+                .expect("parses");
+        assert!(!keys(&config).contains(&"upstream.format".to_string()));
+        config.profile = Profile::AzureIotHub;
+        assert!(
+            keys(&config).contains(&"upstream.format".to_string()),
+            "{:?}",
+            config.validate()
+        );
+    }
+
+    #[test]
     fn every_problem_is_reported_with_its_key() {
         let mut config = UplinkConfig::new("mqtt://host");
         config.client_id = Some(String::new());
