@@ -13,16 +13,7 @@ fn main() -> anyhow::Result<()> {
         Ok(n) => n.parse()?,
         Err(_) => 1,
     };
-    let mut builder = match threads {
-        1 => tokio::runtime::Builder::new_current_thread(),
-        0 => tokio::runtime::Builder::new_multi_thread(),
-        n => {
-            let mut builder = tokio::runtime::Builder::new_multi_thread();
-            builder.worker_threads(n);
-            builder
-        }
-    };
-    builder.enable_all().build()?.block_on(serve())
+    fieldbridge::agent::runtime(threads)?.block_on(serve())
 }
 
 async fn serve() -> anyhow::Result<()> {

@@ -225,25 +225,9 @@ fn init_logging(level: &str) {
     }
 }
 
-/// The agent's runtime: one thread unless `agent.worker_threads` asks for more. A
-/// gateway's work (a few buses, the LAN broker, the uplink) is mostly waiting, and the
-/// store and the broker's persistence have threads of their own for their blocking
-/// I/O; every worker thread would cost a stack and a malloc arena of its own (measured
-/// in BENCHMARKS.md, "Footprint"). 0 is one worker per core.
+/// The agent's runtime ([`agent::runtime`]).
 fn runtime(worker_threads: usize) -> anyhow::Result<tokio::runtime::Runtime> {
-    let mut builder = match worker_threads {
-        1 => tokio::runtime::Builder::new_current_thread(),
-        0 => tokio::runtime::Builder::new_multi_thread(),
-        n => {
-            let mut builder = tokio::runtime::Builder::new_multi_thread();
-            builder.worker_threads(n);
-            builder
-        }
-    };
-    builder
-        .enable_all()
-        .build()
-        .context("cannot start the async runtime")
+    agent::runtime(worker_threads).context("cannot start the async runtime")
 }
 
 fn run(path: &Path) -> anyhow::Result<()> {

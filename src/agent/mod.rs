@@ -85,6 +85,28 @@ pub enum Error {
     Signals(#[source] std::io::Error),
 }
 
+/// The runtime the agent runs on: `agent.worker_threads` threads (1: tokio's
+/// `current_thread`; 0: one worker per core). A gateway's work (a few buses, the LAN
+/// broker, the uplink) is mostly waiting, and the store and the broker's persistence
+/// have threads of their own for their blocking I/O; every worker thread would cost a
+/// stack and a malloc arena of its own (measured in BENCHMARKS.md, "Footprint"), so the
+/// default is 1. Nothing on it may block.
+///
+/// # Errors
+/// The runtime cannot be built (no threads or no epoll for this process).
+pub fn runtime(worker_threads: usize) -> std::io::Result<tokio::runtime::Runtime> {
+    let mut builder = match worker_threads {
+        1 => tokio::runtime::Builder::new_current_thread(),
+        0 => tokio::runtime::Builder::new_multi_thread(),
+        n => {
+            let mut builder = tokio::runtime::Builder::new_multi_thread();
+            builder.worker_threads(n);
+            builder
+        }
+    };
+    builder.enable_all().build()
+}
+
 /// Runs the agent on `config` until SIGTERM or SIGINT. `config_path` is re-read on
 /// SIGHUP; without one (the demo) SIGHUP only logs.
 ///
