@@ -645,12 +645,7 @@ fn denied_hint(err: &std::io::Error, path: &Path) -> Option<String> {
 
 /// The machine's host name, as used in `{hostname}`; `localhost` if it cannot be read.
 pub fn hostname() -> String {
-    std::fs::read_to_string("/proc/sys/kernel/hostname")
-        .or_else(|_| std::fs::read_to_string("/etc/hostname"))
-        .map(|name| name.trim().to_string())
-        .ok()
-        .filter(|name| !name.is_empty())
-        .unwrap_or_else(|| "localhost".to_string())
+    crate::files::host_name().unwrap_or_else(|| "localhost".to_string())
 }
 
 /// A configuration file that could not be used.

@@ -9,11 +9,22 @@
 //! - [`why_denied`] names the path component that refuses access (the file, or the
 //!   directory above it that cannot be searched) with its owner, group and mode, and says
 //!   who may read it; it reads only metadata and `/etc/passwd`, `/etc/group`.
+//! - [`host_name`] is the one place the machine's host name is read.
 //! - This module is a leaf: it imports nothing from the crate.
 
 use std::io;
 use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
+
+/// The machine's host name (`/proc/sys/kernel/hostname`, else `/etc/hostname`), trimmed;
+/// `None` when neither can be read or it is empty. Callers choose their fallback.
+pub fn host_name() -> Option<String> {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .or_else(|_| std::fs::read_to_string("/etc/hostname"))
+        .map(|name| name.trim().to_string())
+        .ok()
+        .filter(|name| !name.is_empty())
+}
 
 /// Mode of files created for the agent's data: the owner writes, the group reads.
 pub const PRIVATE_MODE: u32 = 0o640;

@@ -148,13 +148,6 @@ pub struct UplinkConfig {
     pub primary_host_id: Option<String>,
 }
 
-/// The gateway's host name, empty when unknown.
-fn host_name() -> String {
-    std::fs::read_to_string("/proc/sys/kernel/hostname")
-        .map(|h| h.trim().to_owned())
-        .unwrap_or_default()
-}
-
 /// The payload format of `[upstream]`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -391,14 +384,10 @@ impl UplinkConfig {
     pub fn edge_node_id(&self) -> String {
         match &self.edge_node_id {
             Some(id) => id.clone(),
-            None => {
-                let host = host_name().replace(['/', '+', '#'], "_");
-                if host.is_empty() {
-                    "fieldbridge".to_owned()
-                } else {
-                    host
-                }
-            }
+            None => crate::files::host_name().map_or_else(
+                || "fieldbridge".to_owned(),
+                |host| host.replace(['/', '+', '#'], "_"),
+            ),
         }
     }
 
@@ -587,14 +576,10 @@ impl UplinkConfig {
         match (&self.client_id, &self.azure) {
             (Some(id), _) => id.clone(),
             (None, Some(azure)) => azure.device_id.clone(),
-            (None, None) => {
-                let host = host_name();
-                if host.is_empty() {
-                    "fieldbridge".to_owned()
-                } else {
-                    format!("fieldbridge-{host}")
-                }
-            }
+            (None, None) => crate::files::host_name().map_or_else(
+                || "fieldbridge".to_owned(),
+                |host| format!("fieldbridge-{host}"),
+            ),
         }
     }
 
